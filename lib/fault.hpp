@@ -1,0 +1,44 @@
+// One fault, from the handler's point of view: the kernel's struct vm_fault and vm_fault_t.
+#pragma once
+
+#include <cstdint>
+
+#include "raw_log.hpp"
+#include "vma.hpp"
+
+namespace usermm::detail {
+
+enum class Access : std::uint8_t { Read, Write, Exec, Unknown };
+
+enum class FaultResult : std::uint8_t {
+    Resolved,     // the page now allows the access; return and let the instruction run again
+    Spurious,     // another thread had resolved it already
+    Foreign,      // the address belongs to no arena: someone else's fault
+    AccessError,  // in an arena, but a hole or an access the VMA forbids
+    Fatal,        // usermm cannot resolve a fault it owns (the kernel refused); never loop on it
+};
+
+// What kind of resolution a fault got, for accounting.
+enum class FaultKind : std::uint8_t { None, Anonymous, Upgrade, Degraded };
+
+struct vm_fault {
+    // In: from decode.
+    std::uintptr_t address = 0;
+    Access access = Access::Unknown;
+    int signo = 0;
+    // Filled by find_vma.
+    ArenaCore* arena = nullptr;
+    Vma* vma = nullptr;
+    // Filled by the handlers.
+    FaultKind kind = FaultKind::None;
+    Prot granted = Prot::None;      // what the faulting page allows afterwards
+    std::uint32_t pages = 0;        // pages whose protection this fault changed
+    int error = 0;                  // errno of a refused kernel call (Fatal)
+    std::uint64_t start_ns = 0;     // when the handler was entered, for the latency counters
+    RawLine* diag = nullptr;        // why a fault is passed on; written only if it kills the process
+};
+
+// The whole fault world behind the signal entry: find the VMA, check the access, resolve, count.
+FaultResult handle_mm_fault(vm_fault& vmf);
+
+}  // namespace usermm::detail

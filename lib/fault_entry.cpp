@@ -1,0 +1,111 @@
+// Signal entry: the only code that sees siginfo_t and the hardware context. It saves errno, hands
+// the fault to handle_mm_fault, and returns to retry the instruction when the fault was ours.
+// Everything else leaves the way the kernel would have treated it: to the handler that was
+// installed before usermm's, or to the signal's default action (death, with a one-line reason).
+#include "fault_entry.hpp"
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
+
+#include "account.hpp"
+#include "decode.hpp"
+#include "fault.hpp"
+#include "fault_world.hpp"
+#include "raw_log.hpp"
+
+namespace usermm::detail {
+
+namespace {
+
+// The handlers usermm replaced, written once before its own are installed.
+struct sigaction g_previous_segv;
+struct sigaction g_previous_bus;
+std::atomic<bool> g_installed{false};
+
+const struct sigaction& previous(int sig) { return sig == SIGBUS ? g_previous_bus : g_previous_segv; }
+
+const char* signal_name(int sig) { return sig == SIGBUS ? "SIGBUS" : "SIGSEGV"; }
+
+// The kernel's default action for SIGSEGV and SIGBUS: terminate with a core dump. A fault comes back
+// when the instruction is retried and then meets SIG_DFL; a signal someone sent is sent again, and
+// stays pending until this handler returns.
+void die_by(int sig, const siginfo_t* info) {
+    struct sigaction dfl {};
+    dfl.sa_handler = SIG_DFL;
+    sigemptyset(&dfl.sa_mask);
+    sigaction(sig, &dfl, nullptr);
+    if (info->si_code <= 0) raise(sig);
+}
+
+// Passes a fault usermm does not resolve to whoever would have had it without usermm.
+void pass_on(int sig, siginfo_t* info, void* ucontext, RawLine& reason) {
+    const struct sigaction& prev = previous(sig);
+    const bool sent = info->si_code <= 0;  // kill(2), sigqueue(3), tgkill(2): not a fault
+    if (prev.sa_flags & SA_SIGINFO) {
+        if (reinterpret_cast<void*>(prev.sa_sigaction) != reinterpret_cast<void*>(SIG_DFL)) {
+            prev.sa_sigaction(sig, info, ucontext);
+            return;
+        }
+    } else if (prev.sa_handler == SIG_IGN) {
+        if (sent) return;  // an ignored signal that was sent is dropped; a fault cannot be ignored
+    } else if (prev.sa_handler != SIG_DFL) {
+        prev.sa_handler(sig);
+        return;
+    }
+    reason.emit();
+    die_by(sig, info);
+}
+
+extern "C" void usermm_fault_handler(int sig, siginfo_t* info, void* ucontext) {
+    ErrnoSaver saved_errno;
+    RawLine reason;
+    vm_fault vmf;
+    vmf.signo = sig;
+    vmf.address = reinterpret_cast<std::uintptr_t>(info->si_addr);
+    if (info->si_code <= 0) {
+        account_fault(vmf, FaultResult::Foreign);
+        reason.str("usermm: ").str(signal_name(sig)).str(" sent by pid ").dec(std::uint64_t(info->si_pid));
+        pass_on(sig, info, ucontext, reason);
+        return;
+    }
+    vmf.start_ns = now_ns();
+    vmf.access = decode_access(ucontext);
+    vmf.diag = &reason;
+    switch (handle_mm_fault(vmf)) {
+        case FaultResult::Resolved:
+        case FaultResult::Spurious:
+            return;
+        case FaultResult::Foreign:
+            reason.str("usermm: ").str(signal_name(sig)).str(" at ").hex(vmf.address).str(": not in any arena");
+            pass_on(sig, info, ucontext, reason);
+            return;
+        case FaultResult::AccessError:
+            pass_on(sig, info, ucontext, reason);
+            return;
+        case FaultResult::Fatal:
+            // A fault usermm owns but cannot resolve: retrying would loop forever.
+            reason.emit();
+            die_by(sig, info);
+            return;
+    }
+}
+
+}  // namespace
+
+int install_fault_handlers() {
+    if (g_installed.exchange(true)) return 0;
+    struct sigaction sa {};
+    sa.sa_sigaction = usermm_fault_handler;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGSEGV, &sa, &g_previous_segv) != 0 || sigaction(SIGBUS, &sa, &g_previous_bus) != 0) {
+        const int err = errno;
+        g_installed.store(false);
+        return err;
+    }
+    return 0;
+}
+
+}  // namespace usermm::detail

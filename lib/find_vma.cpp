@@ -1,0 +1,45 @@
+#include "find_vma.hpp"
+
+namespace usermm::detail {
+
+namespace {
+constinit ArenaRegistry g_registry;
+}
+
+ArenaRegistry& arena_registry() { return g_registry; }
+
+ArenaCore* find_arena_lock_shared(std::uintptr_t addr, bool* self_deadlock) {
+    *self_deadlock = false;
+    SharedGuard registry_guard(g_registry.lock);
+    // Binary search for the last arena whose base is at or below addr.
+    std::size_t lo = 0, hi = g_registry.count;
+    while (lo < hi) {
+        const std::size_t mid = (lo + hi) / 2;
+        if (g_registry.arenas[mid]->base <= addr)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo == 0) return nullptr;
+    ArenaCore* arena = g_registry.arenas[lo - 1];
+    if (addr >= arena->end) return nullptr;
+    if (arena->lock.held_by_me()) {
+        *self_deadlock = true;
+        return arena;
+    }
+    // Hand over hand: once the arena's read lock is held, it cannot be destroyed under us.
+    arena->lock.lock_shared();
+    return arena;
+}
+
+Vma* find_vma(ArenaCore& arena, std::uintptr_t addr) {
+    Vma* hit = arena.last_hit.load(std::memory_order_relaxed);
+    if (hit && hit->start <= addr && addr < hit->end) return hit;
+    auto it = arena.tree.upper_bound(addr);
+    if (it == arena.tree.end()) return nullptr;
+    Vma* vma = &*it;
+    if (vma->start <= addr) arena.last_hit.store(vma, std::memory_order_relaxed);
+    return vma;
+}
+
+}  // namespace usermm::detail

@@ -1,0 +1,283 @@
+// From a decoded fault to a resolved page: find the VMA, check the access, then one small handler
+// per kind of resolution, in the manner of mm/memory.c's handle_pte_fault and its do_* functions.
+//
+// Every handler is entered with the arena's read lock held and the faulting page's PTE locked
+// (kPteLocked set by handle_pte_fault's CAS); it either publishes the page's new protection (which
+// unlocks it) or restores the PTE it found.
+#include <algorithm>
+#include <signal.h>
+
+#include <cerrno>
+
+#include "account.hpp"
+#include "fault.hpp"
+#include "find_vma.hpp"
+#include "map_budget.hpp"
+#include "page_ops.hpp"
+
+namespace usermm::detail {
+
+namespace {
+
+constexpr auto kAcquire = std::memory_order_acquire;
+constexpr auto kRelease = std::memory_order_release;
+constexpr auto kRelaxed = std::memory_order_relaxed;
+
+// The rights an access needs from the page.
+Prot needed(Access a) {
+    switch (a) {
+        case Access::Write:
+            return Prot::Read | Prot::Write;
+        case Access::Exec:
+            return Prot::Exec;
+        default:
+            return Prot::Read;
+    }
+}
+
+// What a fault grants: a write gets everything the VMA allows; a read or an instruction fetch
+// everything but write, so that the first write to the page is still seen (the kernel maps its
+// zero page read-only for the same reason).
+Prot grant_for(Access a, Prot vma_prot) {
+    return a == Access::Write ? vma_prot : (vma_prot & ~Prot::Write);
+}
+
+// When the hardware did not say which access faulted: the weakest right the page lacks and the VMA
+// has. Guessing low is safe: if the access needed more, it faults again and the guess moves up.
+Access infer_access(pte_t cur, Prot vma_prot) {
+    const Prot have = pte_to_prot(cur);
+    if (!allows(have, Prot::Read)) return Access::Read;
+    if (allows(vma_prot, Prot::Write) && !allows(have, Prot::Write)) return Access::Write;
+    if (allows(vma_prot, Prot::Exec) && !allows(have, Prot::Exec)) return Access::Exec;
+    return Access::Write;  // nothing left the VMA allows: an access error
+}
+
+const char* access_name(Access a) {
+    switch (a) {
+        case Access::Read:
+            return "read";
+        case Access::Write:
+            return "write";
+        case Access::Exec:
+            return "exec";
+        default:
+            return "access";
+    }
+}
+
+void backoff(unsigned spins) {
+    if (spins < 64)
+        cpu_relax();
+    else
+        sched_yield();
+}
+
+struct PageRange {
+    std::size_t first;  // page indices in the arena, [first, last)
+    std::size_t last;
+};
+
+std::uintptr_t page_addr(const ArenaCore& arena, std::size_t index) {
+    return arena.base + (std::uintptr_t(index) << g_page_shift);
+}
+
+// Publishes `prot` for [first, last): the kernel already has it, so the PTEs may say so.
+void publish(ArenaCore& arena, PageRange r, Prot prot) {
+    for (std::size_t i = r.first; i < r.last; ++i) arena.pte[i].store(to_pte(prot), kRelease);
+}
+
+// Unlocks PTEs that were locked from value `was` and not changed.
+void unlock_unchanged(ArenaCore& arena, PageRange r, pte_t was) {
+    for (std::size_t i = r.first; i < r.last; ++i) arena.pte[i].store(was, kRelease);
+}
+
+// Extends a locked range over neighbours whose PTE is exactly `state`, locking each, without
+// crossing `limit`. Stops at the first page another thread holds or that is in another state.
+PageRange lock_neighbours(ArenaCore& arena, PageRange r, PageRange limit, pte_t state) {
+    while (r.first > limit.first) {
+        pte_t expected = state;
+        if (!arena.pte[r.first - 1].compare_exchange_strong(expected, state | kPteLocked, kAcquire, kRelaxed))
+            break;
+        --r.first;
+    }
+    while (r.last < limit.last) {
+        pte_t expected = state;
+        if (!arena.pte[r.last].compare_exchange_strong(expected, state | kPteLocked, kAcquire, kRelaxed)) break;
+        ++r.last;
+    }
+    return r;
+}
+
+PageRange vma_pages(const ArenaCore& arena, const Vma& vma) {
+    return {arena.page_index(vma.start), arena.page_index(vma.end)};
+}
+
+// Asks the kernel for `prot` on the locked range and publishes it. The map budget was charged by
+// the caller; it is given back if the kernel refuses.
+int install(vm_fault& vmf, PageRange r, Prot prot, long delta) {
+    ArenaCore& arena = *vmf.arena;
+    const int err = page_protect(page_addr(arena, r.first), (r.last - r.first) << g_page_shift, prot);
+    if (err) {
+        map_budget_charge(arena, -delta);
+        return err;
+    }
+    publish(arena, r, prot);
+    vmf.granted = prot;
+    vmf.pages = std::uint32_t(std::min<std::size_t>(r.last - r.first, UINT32_MAX));
+    return 0;
+}
+
+FaultResult fatal(vm_fault& vmf, const char* what, int err) {
+    vmf.error = err;
+    if (vmf.diag)
+        vmf.diag->str("usermm: cannot resolve ")
+            .str(access_name(vmf.access))
+            .str(" fault at ")
+            .hex(vmf.address)
+            .str(": ")
+            .str(what)
+            .str(" failed with errno ")
+            .dec(std::uint64_t(err));
+    return FaultResult::Fatal;
+}
+
+// The kernel's mapping budget is spent: resolve the fault by granting the VMA's full protection to
+// the whole run of pages around the fault that are in the same state as the faulting page. The
+// run's neighbours are in other states, so the change merges kernel VMAs (or keeps their number)
+// instead of splitting them; the price is that the kernel, not usermm, sees the first touch of the
+// other pages of the run. Stats say how often this happened (degraded_faults, degraded_pages).
+//
+// Entered with the faulting page locked from state `cur`; returns with it published.
+FaultResult do_degraded_fault(vm_fault& vmf, pte_t cur) {
+    ArenaCore& arena = *vmf.arena;
+    const std::size_t page = arena.page_index(vmf.address);
+    const PageRange run = lock_neighbours(arena, {page, page + 1}, vma_pages(arena, *vmf.vma), cur);
+    const Prot prot = vmf.vma->prot;
+    const long delta = map_count_delta(arena, run.first, run.last, prot);
+    map_budget_charge(arena, delta);
+    if (const int err = install(vmf, run, prot, delta)) {
+        unlock_unchanged(arena, run, cur);
+        return fatal(vmf, "mprotect", err);
+    }
+    vmf.kind = FaultKind::Degraded;
+    return FaultResult::Resolved;
+}
+
+// Tries the normal resolution of `r` with `prot` within the map budget. On failure the range is
+// unlocked back to `cur` except the faulting page, which stays locked for the fallback.
+bool try_install(vm_fault& vmf, PageRange r, Prot prot, pte_t cur) {
+    ArenaCore& arena = *vmf.arena;
+    const long delta = map_count_delta(arena, r.first, r.last, prot);
+    if (map_budget_try_charge(arena, delta) && install(vmf, r, prot, delta) == 0) return true;
+    const std::size_t page = arena.page_index(vmf.address);
+    unlock_unchanged(arena, {r.first, page}, cur);
+    unlock_unchanged(arena, {page + 1, r.last}, cur);
+    return false;
+}
+
+// The first access to an untouched page of an anonymous VMA (the kernel's do_anonymous_page): a
+// read makes it readable, so the kernel maps its shared zero page and commits nothing; a write
+// makes it writable, so the kernel gives it a zeroed private page. Fault-around grants the same to
+// the untouched pages of the aligned window around the fault, in the same mprotect.
+FaultResult do_anonymous_fault(vm_fault& vmf) {
+    ArenaCore& arena = *vmf.arena;
+    const Vma& vma = *vmf.vma;
+    const std::size_t page = arena.page_index(vmf.address);
+    const Prot prot = grant_for(vmf.access, vma.prot);
+
+    PageRange r{page, page + 1};
+    if (const std::size_t window = vma.fault_around_pages; window > 1) {
+        const std::size_t first = page - page % window;
+        const PageRange vma_range = vma_pages(arena, vma);
+        const PageRange limit{std::max(first, vma_range.first), std::min(first + window, vma_range.last)};
+        r = lock_neighbours(arena, r, limit, 0);
+    }
+    // Within budget: the window, else the page alone, else the degraded path.
+    if (!try_install(vmf, r, prot, 0) && (r.last - r.first == 1 || !try_install(vmf, {page, page + 1}, prot, 0)))
+        return do_degraded_fault(vmf, 0);
+    vmf.kind = FaultKind::Anonymous;
+    return FaultResult::Resolved;
+}
+
+// The page is mapped, with fewer rights than the access needs and the VMA allows: a write to a page
+// that was read first (the kernel's do_wp_page breaking its zero page into a private one), or an
+// instruction fetch from a page so far only read.
+FaultResult do_upgrade_fault(vm_fault& vmf, pte_t cur) {
+    const Prot prot = pte_to_prot(cur) | grant_for(vmf.access, vmf.vma->prot);
+    const std::size_t page = vmf.arena->page_index(vmf.address);
+    if (!try_install(vmf, {page, page + 1}, prot, cur)) return do_degraded_fault(vmf, cur);
+    vmf.kind = FaultKind::Upgrade;
+    return FaultResult::Resolved;
+}
+
+// Locks the faulting page's PTE and dispatches on its state. Another thread resolving the same
+// page holds the lock only for one mprotect, so waiting beats faulting again through the kernel.
+FaultResult handle_pte_fault(vm_fault& vmf) {
+    Pte& pte = vmf.arena->pte_of(vmf.address);
+    const bool decoded = vmf.access != Access::Unknown;
+    for (unsigned spins = 0;; ++spins) {
+        pte_t cur = pte.load(kAcquire);
+        if (cur & kPteLocked) {
+            backoff(spins);
+            continue;
+        }
+        if (!decoded) vmf.access = infer_access(cur, vmf.vma->prot);
+        if (!allows(vmf.vma->prot, needed(vmf.access))) return FaultResult::AccessError;
+        if (allows(pte_to_prot(cur), needed(vmf.access))) return FaultResult::Spurious;
+        if (!pte.compare_exchange_weak(cur, cur | kPteLocked, kAcquire, kRelaxed)) continue;
+        return pte_prot(cur) == 0 ? do_anonymous_fault(vmf) : do_upgrade_fault(vmf, cur);
+    }
+}
+
+void describe_access_error(const vm_fault& vmf) {
+    if (!vmf.diag) return;
+    RawLine& d = *vmf.diag;
+    d.str("usermm: ").str(vmf.signo == SIGBUS ? "SIGBUS" : "SIGSEGV").str(": ").str(access_name(vmf.access));
+    d.str(" at ").hex(vmf.address).str(" in arena [").hex(vmf.arena->base).str(", ").hex(vmf.arena->end).str(")");
+    if (!vmf.vma) {
+        d.str(": no VMA there");
+        return;
+    }
+    const Prot p = vmf.vma->prot;
+    const char rwx[4] = {allows(p, Prot::Read) ? 'r' : '-', allows(p, Prot::Write) ? 'w' : '-',
+                         allows(p, Prot::Exec) ? 'x' : '-', 0};
+    d.str(": VMA '").str(vmf.vma->name).str("' [").hex(vmf.vma->start).str(", ").hex(vmf.vma->end);
+    d.str(") ").str(rwx).str(" does not allow it");
+}
+
+// Under the arena's read lock.
+FaultResult handle_arena_fault(vm_fault& vmf) {
+    Vma* vma = find_vma(*vmf.arena, vmf.address);
+    if (vma && vma->start <= vmf.address) vmf.vma = vma;
+    // Only an arena fault can be resolved; a SIGBUS is the kernel's verdict on a mapping that
+    // exists, which demand-zero memory never earns.
+    const FaultResult r = vmf.vma && vmf.signo == SIGSEGV ? handle_pte_fault(vmf) : FaultResult::AccessError;
+    if (r == FaultResult::AccessError) describe_access_error(vmf);
+    return r;
+}
+
+}  // namespace
+
+FaultResult handle_mm_fault(vm_fault& vmf) {
+    bool self_deadlock = false;
+    vmf.arena = find_arena_lock_shared(vmf.address, &self_deadlock);
+    if (!vmf.arena) {
+        account_fault(vmf, FaultResult::Foreign);
+        return FaultResult::Foreign;
+    }
+    if (self_deadlock) {
+        vmf.arena = nullptr;  // not locked: do not count into it
+        if (vmf.diag)
+            vmf.diag->str("usermm: fault at ")
+                .hex(vmf.address)
+                .str(" by the thread that holds its arena's write lock (arena memory touched inside an API call)");
+        account_fault(vmf, FaultResult::Fatal);
+        return FaultResult::Fatal;
+    }
+    const FaultResult r = handle_arena_fault(vmf);
+    account_fault(vmf, r);
+    vmf.arena->lock.unlock_shared();
+    return r;
+}
+
+}  // namespace usermm::detail

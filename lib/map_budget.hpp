@@ -1,0 +1,31 @@
+// The kernel's mapping budget (invariant 4).
+//
+// Every mprotect of part of a mapping splits a kernel VMA, and a process may hold vm.max_map_count
+// of them. usermm counts the kernel VMAs its arenas consist of, from the per-page state alone: in
+// an arena, a kernel VMA boundary lies wherever two neighbouring pages have different protections.
+// A fault that would take the count past the budget is resolved coarsely instead (see
+// do_degraded_fault), which merges kernel VMAs rather than splitting them.
+#pragma once
+
+#include <cstdint>
+
+#include "vma.hpp"
+
+namespace usermm::detail {
+
+// API world: set the limit once, from vm.max_map_count less what the process already uses and a
+// reserve for the program's own mappings (thread stacks, malloc, libraries).
+void map_budget_set_limit(long limit);
+long map_budget_limit();
+long map_budget_used();
+
+// How many kernel VMAs the arena gains (or loses, negative) when pages [first, last) all get
+// `prot`, judged from the PTEs of those pages and of their two neighbours.
+long map_count_delta(const ArenaCore& arena, std::size_t first, std::size_t last, Prot prot);
+
+// Records `delta` if it keeps the count within the limit (a negative delta always fits).
+bool map_budget_try_charge(ArenaCore& arena, long delta);
+// Records `delta` whatever the limit: for changes the program asked for, and for degraded faults.
+void map_budget_charge(ArenaCore& arena, long delta);
+
+}  // namespace usermm::detail

@@ -1,0 +1,48 @@
+#include "raw_log.hpp"
+
+#include <unistd.h>
+
+namespace usermm::detail {
+
+RawLine& RawLine::str(const char* s) {
+    while (*s && len_ < sizeof buf_ - 1) buf_[len_++] = *s++;
+    return *this;
+}
+
+RawLine& RawLine::hex(std::uintptr_t v) {
+    char tmp[2 + 2 * sizeof v];
+    std::size_t n = 0;
+    do {
+        tmp[n++] = "0123456789abcdef"[v & 0xf];
+        v >>= 4;
+    } while (v);
+    str("0x");
+    while (n && len_ < sizeof buf_ - 1) buf_[len_++] = tmp[--n];
+    return *this;
+}
+
+RawLine& RawLine::dec(std::uint64_t v) {
+    char tmp[20];
+    std::size_t n = 0;
+    do {
+        tmp[n++] = char('0' + v % 10);
+        v /= 10;
+    } while (v);
+    while (n && len_ < sizeof buf_ - 1) buf_[len_++] = tmp[--n];
+    return *this;
+}
+
+void RawLine::emit() {
+    buf_[len_++] = '\n';
+    const char* p = buf_;
+    std::size_t left = len_;
+    while (left) {
+        ssize_t n = write(2, p, left);
+        if (n <= 0) return;  // EINTR included: a diagnostic is not worth a loop in a dying process
+        p += n;
+        left -= std::size_t(n);
+    }
+    len_ = 0;
+}
+
+}  // namespace usermm::detail

@@ -1,0 +1,64 @@
+// VMAs, arenas and the tree that connects them.
+#pragma once
+
+#include <boost/intrusive/set.hpp>
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+
+#include "counters.hpp"
+#include "pte.hpp"
+#include "rwspin.hpp"
+
+namespace usermm::detail {
+
+namespace bi = boost::intrusive;
+
+inline constexpr std::size_t kVmaNameMax = 40;
+
+// One mapped range of an arena, like the kernel's vm_area_struct. Created, split, merged and freed
+// only by the API world under the arena's write lock; the fault path reads it under the read lock.
+struct Vma : bi::set_base_hook<bi::link_mode<bi::normal_link>, bi::optimize_size<true>> {
+    std::uintptr_t start = 0;  // page-aligned
+    std::uintptr_t end = 0;    // exclusive, page-aligned
+    Prot prot = Prot::None;
+    std::uint32_t fault_around_pages = 0;
+    char name[kVmaNameMax] = {};
+    Counters stats;
+};
+
+// The tree is keyed by end, so that "the first VMA whose end is above addr" (the kernel's find_vma)
+// is a single upper_bound.
+struct VmaEndKey {
+    using type = std::uintptr_t;
+    type operator()(const Vma& v) const { return v.end; }
+};
+using VmaTree = bi::set<Vma, bi::key_of_value<VmaEndKey>, bi::constant_time_size<true>>;
+
+struct ArenaCore {
+    std::uintptr_t base = 0;
+    std::uintptr_t end = 0;
+    Pte* pte = nullptr;  // one per page of [base, end)
+    std::size_t pte_bytes = 0;
+
+    RwSpinLock lock;  // write side: API calls that change the tree or protections
+    VmaTree tree;
+    std::atomic<Vma*> last_hit{nullptr};  // find_vma's cache; reset by every tree change
+    std::atomic<long> kernel_maps{0};     // kernel VMAs this arena consists of (see map_budget)
+    Counters stats;
+    std::uintptr_t next_hint = 0;  // API world only: where map() looks for room first
+
+    std::size_t page_index(std::uintptr_t addr) const;
+    Pte& pte_of(std::uintptr_t addr) const { return pte[page_index(addr)]; }
+};
+
+// Set once, before the first arena exists, from sysconf(_SC_PAGESIZE).
+inline std::size_t g_page_shift = 12;
+inline std::size_t g_page_size = 4096;
+
+inline std::size_t ArenaCore::page_index(std::uintptr_t addr) const { return (addr - base) >> g_page_shift; }
+
+inline std::uintptr_t page_down(std::uintptr_t a) { return a & ~(std::uintptr_t(g_page_size) - 1); }
+
+}  // namespace usermm::detail
