@@ -1,0 +1,77 @@
+// Helpers shared by the tests: deaths in forked children, volatile accesses the compiler cannot
+// drop, and the kernel's own fault counters.
+#pragma once
+
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <string>
+
+namespace usermm_test {
+
+// How a forked child ended, with everything it wrote to stderr.
+struct ChildEnd {
+    bool exited = false;
+    int exit_code = -1;
+    int signal = 0;  // the signal that killed it, or 0
+    std::string err;
+};
+
+// Runs `body` in a forked child whose stderr is captured. The child exits 0 if `body` returns;
+// SIGALRM after `seconds` turns a hang into a death the test can tell from the expected one.
+inline ChildEnd run_in_child(const std::function<void()>& body, unsigned seconds = 20) {
+    int fds[2];
+    if (pipe(fds) != 0) std::abort();
+    const pid_t pid = fork();
+    if (pid < 0) std::abort();
+    if (pid == 0) {
+        close(fds[0]);
+        dup2(fds[1], 2);
+        alarm(seconds);
+        body();
+        _exit(0);
+    }
+    close(fds[1]);
+    ChildEnd end;
+    char buf[4096];
+    for (ssize_t n; (n = read(fds[0], buf, sizeof buf)) > 0;) end.err.append(buf, std::size_t(n));
+    close(fds[0]);
+    int status = 0;
+    while (waitpid(pid, &status, 0) < 0) {
+    }
+    end.exited = WIFEXITED(status);
+    if (end.exited) end.exit_code = WEXITSTATUS(status);
+    if (WIFSIGNALED(status)) end.signal = WTERMSIG(status);
+    return end;
+}
+
+inline std::uint8_t read_byte(const void* p) { return *static_cast<const volatile std::uint8_t*>(p); }
+inline void write_byte(void* p, std::uint8_t v) { *static_cast<volatile std::uint8_t*>(p) = v; }
+inline std::uint64_t read_u64(const void* p) { return *static_cast<const volatile std::uint64_t*>(p); }
+inline void write_u64(void* p, std::uint64_t v) { *static_cast<volatile std::uint64_t*>(p) = v; }
+
+inline void* at(void* base, std::size_t offset) { return static_cast<char*>(base) + offset; }
+
+// Minor page faults the kernel counted for this thread (getrusage(RUSAGE_THREAD)).
+inline long kernel_minor_faults() {
+    rusage ru{};
+    getrusage(RUSAGE_THREAD, &ru);
+    return ru.ru_minflt;
+}
+
+// Kernel mappings of the process (lines of /proc/self/maps).
+inline long process_mappings() {
+    FILE* f = std::fopen("/proc/self/maps", "r");
+    long n = 0;
+    for (int c; (c = std::fgetc(f)) != EOF;) n += c == '\n';
+    std::fclose(f);
+    return n;
+}
+
+}  // namespace usermm_test
