@@ -59,6 +59,11 @@ inline std::size_t g_page_size = 4096;
 
 inline std::size_t ArenaCore::page_index(std::uintptr_t addr) const { return (addr - base) >> g_page_shift; }
 
+// For usermm's own tests and benchmarks, which look inside an arena.
+struct ArenaAccess {
+    static ArenaCore& core(const Arena& a) { return *a.core_; }
+};
+
 inline std::uintptr_t page_down(std::uintptr_t a) { return a & ~(std::uintptr_t(g_page_size) - 1); }
 
 }  // namespace usermm::detail

@@ -25,6 +25,7 @@ namespace usermm {
 
 namespace detail {
 struct ArenaCore;
+struct ArenaAccess;
 }
 
 // Access rights of a VMA, with mmap(2)'s meaning. As on x86-64, Write implies Read.
@@ -141,6 +142,7 @@ public:
     void verify() const;
 
 private:
+    friend struct detail::ArenaAccess;
     std::unique_ptr<detail::ArenaCore> core_;
 };
 
