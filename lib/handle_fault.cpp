@@ -49,7 +49,11 @@ Access infer_access(pte_t cur, Prot vma_prot) {
     if (!allows(have, Prot::Read)) return Access::Read;
     if (allows(vma_prot, Prot::Write) && !allows(have, Prot::Write)) return Access::Write;
     if (allows(vma_prot, Prot::Exec) && !allows(have, Prot::Exec)) return Access::Exec;
-    return Access::Write;  // nothing left the VMA allows: an access error
+    // The page has everything the VMA allows, so the access was one the VMA forbids (or none, if
+    // the VMA allows everything and another thread resolved the page meanwhile).
+    if (!allows(vma_prot, Prot::Write)) return Access::Write;
+    if (!allows(vma_prot, Prot::Exec)) return Access::Exec;
+    return Access::Read;
 }
 
 const char* access_name(Access a) {
