@@ -1,0 +1,227 @@
+// The core benchmark: first-touch cost of demand-zero memory against the kernel and against the
+// cheapest possible SIGSEGV handler, and find_vma's cost with few and many VMAs.
+//
+// Every variant runs once per round, interleaved with the others, and the median of the rounds is
+// reported, so that the noise of a shared VM hits all of them alike; the figures that matter are
+// the ratios.
+#include <signal.h>
+#include <sys/mman.h>
+#include <time.h>
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <usermm/usermm.hpp>
+
+#include "find_vma.hpp"
+
+using usermm::Prot;
+
+namespace {
+
+constexpr std::size_t kPages = 32768;  // 128 MiB per pass
+constexpr int kRounds = 9;
+const std::size_t kPage = 4096;
+
+std::uint64_t now_ns() {
+    timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return std::uint64_t(ts.tv_sec) * 1000000000u + std::uint64_t(ts.tv_nsec);
+}
+
+double median(std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+}
+
+// Touches one byte of each page in order; returns ns per page.
+double touch(char* p, std::size_t pages, bool write) {
+    const std::uint64_t t0 = now_ns();
+    if (write) {
+        for (std::size_t i = 0; i < pages; ++i) *reinterpret_cast<volatile char*>(p + i * kPage) = 1;
+    } else {
+        for (std::size_t i = 0; i < pages; ++i) (void)*reinterpret_cast<volatile char*>(p + i * kPage);
+    }
+    return double(now_ns() - t0) / double(pages);
+}
+
+// (a) The kernel's own demand paging.
+double kernel_anonymous(bool write) {
+    void* p = mmap(nullptr, kPages * kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    const double ns = touch(static_cast<char*>(p), kPages, write);
+    munmap(p, kPages * kPage);
+    return ns;
+}
+
+// (b) The floor for any SIGSEGV-based runtime: a handler that does nothing but mprotect the page.
+void floor_handler(int, siginfo_t* si, void*) {
+    const auto page = reinterpret_cast<std::uintptr_t>(si->si_addr) & ~std::uintptr_t(kPage - 1);
+    mprotect(reinterpret_cast<void*>(page), kPage, PROT_READ | PROT_WRITE);
+}
+
+double minimal_handler(bool write) {
+    struct sigaction sa {}, saved {};
+    sa.sa_sigaction = floor_handler;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &saved);
+    void* p = mmap(nullptr, kPages * kPage, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    const double ns = touch(static_cast<char*>(p), kPages, write);
+    munmap(p, kPages * kPage);
+    sigaction(SIGSEGV, &saved, nullptr);
+    return ns;
+}
+
+// (c), (d) usermm.
+double usermm_touch(usermm::Arena& arena, std::size_t fault_around, bool write) {
+    void* p = arena.map(kPages * kPage, Prot::ReadWrite, {.fault_around_pages = fault_around});
+    const double ns = touch(static_cast<char*>(p), kPages, write);
+    arena.unmap(p, kPages * kPage);
+    return ns;
+}
+
+// The VM backs guest memory lazily; touch more than any pass uses so that no variant pays for it.
+void warm_up() {
+    const std::size_t len = 1ull << 30;
+    void* p = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    std::memset(p, 1, len);
+    munmap(p, len);
+}
+
+struct Row {
+    std::string name;
+    std::function<double()> run;
+    std::vector<double> samples;
+};
+
+std::vector<double> run_interleaved(std::vector<Row>& rows) {
+    for (int r = 0; r < kRounds; ++r)
+        for (auto& row : rows) row.samples.push_back(row.run());
+    std::vector<double> out;
+    for (auto& row : rows) out.push_back(median(row.samples));
+    return out;
+}
+
+const char* verdict(double ratio, double target) { return ratio <= target ? "met" : "MISSED"; }
+
+void first_touch(usermm::Arena& arena, bool write) {
+    std::vector<Row> rows = {
+        {"(a) kernel anonymous memory", [=] { return kernel_anonymous(write); }, {}},
+        {"(b) SIGSEGV + mprotect floor", [=] { return minimal_handler(write); }, {}},
+        {"(c) usermm, fault-around off", [&arena, write] { return usermm_touch(arena, 1, write); }, {}},
+        {"(d) usermm, fault-around 16", [&arena, write] { return usermm_touch(arena, 16, write); }, {}},
+    };
+    const auto m = run_interleaved(rows);
+    fmt::print("\nfirst touch, sequential {} of {} pages           ns/page\n", write ? "writes" : "reads", kPages);
+    for (std::size_t i = 0; i < rows.size(); ++i) fmt::print("  {:<40} {:>8.0f}\n", rows[i].name, m[i]);
+    fmt::print("  (c)/(b) = {:.2f}   target <= 1.15   {}\n", m[2] / m[1], verdict(m[2] / m[1], 1.15));
+    fmt::print("  (d)/(a) = {:.2f}   target <= 1.50   {}\n", m[3] / m[0], verdict(m[3] / m[0], 1.5));
+}
+
+// An arena holding `count` one-page VMAs, each followed by a one-page hole so that none merge.
+struct ManyVmas {
+    usermm::Arena arena;
+    std::vector<char*> starts;
+    explicit ManyVmas(std::size_t count, std::size_t pages_each)
+        : arena((count * (pages_each + 1) + 1) * kPage) {
+        char* base = static_cast<char*>(arena.base());
+        for (std::size_t i = 0; i < count; ++i) {
+            char* at = base + i * (pages_each + 1) * kPage;
+            starts.push_back(static_cast<char*>(
+                arena.map(pages_each * kPage, Prot::ReadWrite, {.address = at, .fault_around_pages = 1})));
+        }
+    }
+};
+
+// ns per find_vma over `addrs`, as the fault path does it: under the arena's read lock.
+double lookups(ManyVmas& m, const std::vector<std::uintptr_t>& addrs) {
+    auto& core = usermm::detail::ArenaAccess::core(m.arena);
+    std::uintptr_t sum = 0;
+    const std::uint64_t t0 = now_ns();
+    for (std::uintptr_t a : addrs) {
+        core.lock.lock_shared();
+        sum += usermm::detail::find_vma(core, a)->start;
+        core.lock.unlock_shared();
+    }
+    const std::uint64_t t = now_ns() - t0;
+    if (sum == 0) std::abort();
+    return double(t) / double(addrs.size());
+}
+
+void vma_lookup() {
+    constexpr std::size_t kFew = 10, kMany = 100000, kLookups = 1 << 20, kFaults = 10000;
+    ManyVmas few(kFew, 1), many(kMany, 1);
+    std::mt19937_64 rng(1);
+    auto random_addrs = [&](const ManyVmas& vmas) {
+        std::vector<std::uintptr_t> v(kLookups);
+        for (auto& a : v) a = reinterpret_cast<std::uintptr_t>(vmas.starts[rng() % vmas.starts.size()]) + 100;
+        return v;
+    };
+    // Each lookup in the VMA after the previous one's, as a scan through memory faults.
+    auto ordered_addrs = [&](const ManyVmas& vmas) {
+        std::vector<std::uintptr_t> v(kLookups);
+        for (std::size_t i = 0; i < kLookups; ++i)
+            v[i] = reinterpret_cast<std::uintptr_t>(vmas.starts[i % vmas.starts.size()]) + 100;
+        return v;
+    };
+    const auto few_random = random_addrs(few), many_random = random_addrs(many);
+    const auto few_ordered = ordered_addrs(few), many_ordered = ordered_addrs(many);
+    std::vector<Row> rows = {
+        {"10 VMAs, random", [&] { return lookups(few, few_random); }, {}},
+        {"100,000 VMAs, random", [&] { return lookups(many, many_random); }, {}},
+        {"10 VMAs, in address order", [&] { return lookups(few, few_ordered); }, {}},
+        {"100,000 VMAs, in address order", [&] { return lookups(many, many_ordered); }, {}},
+    };
+    const auto m = run_interleaved(rows);
+    fmt::print("\nfind_vma (under the read lock, last-hit cache included)   ns/lookup\n");
+    for (std::size_t i = 0; i < rows.size(); ++i) fmt::print("  {:<40} {:>8.1f}\n", rows[i].name, m[i]);
+    fmt::print("  random:   100,000 / 10 = {:.2f}   target <= 2.00   {}\n", m[1] / m[0], verdict(m[1] / m[0], 2.0));
+    fmt::print("  in order: 100,000 / 10 = {:.2f}   target <= 2.00   {}\n", m[3] / m[2], verdict(m[3] / m[2], 2.0));
+
+    // The same lookup inside whole faults: first writes to 10,000 random pages spread over 10 big
+    // VMAs, or one page in each of 10,000 of the 100,000 one-page VMAs.
+    auto fault_pass = [&](std::size_t count) {
+        const std::size_t pages_each = count == kFew ? kFaults : 1;
+        ManyVmas vmas(count, pages_each);
+        std::vector<char*> targets;
+        for (std::size_t i = 0; i < kFaults; ++i)
+            targets.push_back(count == kFew ? vmas.starts[i % kFew] + (i / kFew) * kPage
+                                            : vmas.starts[(i * 7919) % count]);
+        std::shuffle(targets.begin(), targets.end(), rng);
+        const std::uint64_t t0 = now_ns();
+        for (char* t : targets) *reinterpret_cast<volatile char*>(t) = 1;
+        return double(now_ns() - t0) / double(kFaults);
+    };
+    std::vector<Row> fault_rows = {
+        {"10 VMAs, 10,000 random first writes", [&] { return fault_pass(kFew); }, {}},
+        {"100,000 VMAs, 10,000 random first writes", [&] { return fault_pass(kMany); }, {}},
+    };
+    const auto f = run_interleaved(fault_rows);
+    fmt::print("\nwhole fault, random pages (fault-around off)               ns/fault\n");
+    for (std::size_t i = 0; i < fault_rows.size(); ++i) fmt::print("  {:<40} {:>8.0f}\n", fault_rows[i].name, f[i]);
+    fmt::print("  100,000 / 10 = {:.2f}\n", f[1] / f[0]);
+}
+
+}  // namespace
+
+int main() {
+    if (usermm::page_size() != kPage) {
+        fmt::print(stderr, "this benchmark assumes 4 KiB pages\n");
+        return 1;
+    }
+    usermm::Arena arena(64ull << 30);
+    warm_up();
+    fmt::print("usermm core benchmark: median of {} interleaved rounds\n", kRounds);
+    first_touch(arena, true);
+    first_touch(arena, false);
+    vma_lookup();
+    return 0;
+}
