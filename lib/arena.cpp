@@ -208,7 +208,7 @@ void clear_ptes(ArenaCore& a, Range r) {
 
 void set_name(Vma& v, std::string_view name) {
     const std::size_t n = std::min(name.size(), kVmaNameMax - 1);
-    std::memcpy(v.name, name.data(), n);
+    if (n) std::memcpy(v.name, name.data(), n);  // an empty view may have no data pointer
     v.name[n] = 0;
 }
 

@@ -43,15 +43,14 @@ void die_by(int sig, const siginfo_t* info) {
 void pass_on(int sig, siginfo_t* info, void* ucontext, RawLine& reason) {
     const struct sigaction& prev = previous(sig);
     const bool sent = info->si_code <= 0;  // kill(2), sigqueue(3), tgkill(2): not a fault
-    if (prev.sa_flags & SA_SIGINFO) {
-        if (reinterpret_cast<void*>(prev.sa_sigaction) != reinterpret_cast<void*>(SIG_DFL)) {
-            prev.sa_sigaction(sig, info, ucontext);
-            return;
-        }
-    } else if (prev.sa_handler == SIG_IGN) {
+    // sa_handler and sa_sigaction share storage: SIG_DFL and SIG_IGN mean the same whatever the flags.
+    if (prev.sa_handler == SIG_IGN) {
         if (sent) return;  // an ignored signal that was sent is dropped; a fault cannot be ignored
     } else if (prev.sa_handler != SIG_DFL) {
-        prev.sa_handler(sig);
+        if (prev.sa_flags & SA_SIGINFO)
+            prev.sa_sigaction(sig, info, ucontext);
+        else
+            prev.sa_handler(sig);
         return;
     }
     reason.emit();

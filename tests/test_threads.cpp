@@ -106,22 +106,27 @@ TEST_CASE("fork() while other threads are mid-fault: the child can still fault")
             for (std::size_t p = t; p < kPages / 2 && !stop.load(); p += 2) write_byte(data + p * ps, 1);
         });
 
-    int forks = 0;
-    for (; forks < 20; ++forks) {
+    std::vector<ChildEnd> ends;
+    for (int forks = 0; forks < 20; ++forks) {
         // The child touches pages no thread of the parent touches, and both pages it was given and
         // pages in flight in the parent at the moment of the fork.
-        const ChildEnd end = run_in_child(
+        ChildEnd end = run_in_child(
             [&] {
                 for (std::size_t p = kPages / 2; p < kPages / 2 + 256; ++p) write_byte(data + p * ps, 2);
                 for (std::size_t p = 0; p < 256; ++p) (void)read_byte(data + p * ps);
                 arena.verify();
             },
             10);
-        REQUIRE(end.exited);
-        REQUIRE(end.exit_code == 0);
+        ends.push_back(end);
+        if (!end.exited || end.exit_code != 0) break;
     }
     stop = true;
     for (auto& t : faulters) t.join();
+    for (const ChildEnd& end : ends) {
+        INFO(end.err);
+        REQUIRE(end.exited);
+        REQUIRE(end.exit_code == 0);
+    }
     // The child's writes stayed in the child.
     for (std::size_t p = kPages / 2; p < kPages / 2 + 256; ++p) REQUIRE(read_byte(data + p * ps) == 0);
     arena.verify();

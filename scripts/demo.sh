@@ -1,0 +1,9 @@
+#!/bin/bash
+# Installs what is missing, builds usermm and runs its demo.
+# Usage: scripts/demo.sh [lazy]
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+"$root/scripts/install-deps.sh"
+cmake -S "$root" -B "$root/build" -DCMAKE_BUILD_TYPE=Release -DUSERMM_BUILD_TESTS=OFF -DUSERMM_BUILD_PERF=OFF >/dev/null
+cmake --build "$root/build" -j"$(nproc)" --target usermm-demo >/dev/null
+"$root/build/demo/usermm-demo" "${1:-lazy}"
