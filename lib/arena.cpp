@@ -9,6 +9,7 @@
 // and kernel in agreement), then change the tree.
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <fmt/format.h>
@@ -86,6 +87,29 @@ void fork_release() {
     reg.lock.unlock();
 }
 
+// Kernel mappings inside [lo, hi) now.
+long count_mappings_within(std::uintptr_t lo, std::uintptr_t hi) {
+    std::ifstream in("/proc/self/maps");
+    long n = 0;
+    for (std::string line; std::getline(in, line);) {
+        unsigned long from = 0, to = 0;
+        if (std::sscanf(line.c_str(), "%lx-%lx", &from, &to) == 2 && from < hi && to > lo) ++n;
+    }
+    return n;
+}
+
+// The child's copy of every arena is complete (no fault was in flight); what changes is how the
+// kernel will merge its pieces (see map_budget_after_fork). glibc makes malloc usable in the child
+// before this runs.
+void fork_child() {
+    ArenaRegistry& reg = arena_registry();
+    for (std::size_t i = 0; i < reg.count; ++i) {
+        ArenaCore& a = *reg.arenas[i];
+        map_budget_after_fork(a, count_mappings_within(a.base, a.end) + 1);  // + its PTE table
+    }
+    fork_release();
+}
+
 void print_stats_at_exit() {
     const std::string table = format_stats(process_stats());
     std::fprintf(stderr, "usermm process stats\n%s", table.c_str());
@@ -99,11 +123,47 @@ void init_process() {
         g_page_shift = std::size_t(std::countr_zero(std::size_t(ps)));
         map_budget_set_limit(initial_map_budget());
         if (const int err = install_fault_handlers()) fail(err, "usermm: cannot install the SIGSEGV/SIGBUS handlers");
-        pthread_atfork(fork_prepare, fork_release, fork_release);
+        pthread_atfork(fork_prepare, fork_release, fork_child);
         if (const char* env = std::getenv("USERMM_STATS"); env && std::strcmp(env, "1") == 0)
             std::atexit(print_stats_at_exit);
     });
 }
+
+// Holds one of usermm's locks with the asynchronous signals blocked. A signal handler that touched
+// arena memory while this thread holds the write side would fault into a lock its own thread holds;
+// the kernel, likewise, never runs a handler while it holds mmap_lock. Synchronous signals stay
+// deliverable: blocking them would not stop them, only make the kernel kill the process.
+template <typename Guard>
+class ApiGuard {
+public:
+    explicit ApiGuard(RwSpinLock& lock) : mask_(block_async_signals()), guard_(lock) {}
+    ~ApiGuard() = default;
+    ApiGuard(const ApiGuard&) = delete;
+    ApiGuard& operator=(const ApiGuard&) = delete;
+
+private:
+    class SavedMask {
+    public:
+        explicit SavedMask(const sigset_t& saved) : saved_(saved) {}
+        ~SavedMask() { pthread_sigmask(SIG_SETMASK, &saved_, nullptr); }
+        SavedMask(const SavedMask&) = delete;
+        SavedMask& operator=(const SavedMask&) = delete;
+
+    private:
+        sigset_t saved_;
+    };
+
+    static sigset_t block_async_signals() {
+        sigset_t all, saved;
+        sigfillset(&all);
+        for (int sig : {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGTRAP, SIGSYS}) sigdelset(&all, sig);
+        pthread_sigmask(SIG_BLOCK, &all, &saved);
+        return saved;
+    }
+
+    SavedMask mask_;  // declared first: restored after the lock is released
+    Guard guard_;
+};
 
 // --- arguments -------------------------------------------------------------------------------
 
@@ -157,8 +217,29 @@ std::uintptr_t page_address(const ArenaCore& a, std::size_t index) {
     return a.base + (std::uintptr_t(index) << g_page_shift);
 }
 
+Prot parse_perms(const char* perms) {
+    return (perms[0] == 'r' ? Prot::Read : Prot::None) | (perms[1] == 'w' ? Prot::Write : Prot::None) |
+           (perms[2] == 'x' ? Prot::Exec : Prot::None);
+}
+
+// After a refused mprotect, which may have changed a prefix of its range: the PTEs of pages
+// [first, last) take whatever protection the kernel now has for them.
+void resync_ptes(ArenaCore& a, std::size_t first, std::size_t last) {
+    const std::uintptr_t lo = page_address(a, first), hi = page_address(a, last);
+    std::ifstream maps("/proc/self/maps");
+    for (std::string line; std::getline(maps, line);) {
+        unsigned long from = 0, to = 0;
+        char perms[5] = {};
+        if (std::sscanf(line.c_str(), "%lx-%lx %4s", &from, &to, perms) != 3 || to <= lo || from >= hi) continue;
+        const pte_t v = to_pte(parse_perms(perms));
+        for (std::size_t i = a.page_index(std::max<std::uintptr_t>(from, lo)), end = a.page_index(std::min<std::uintptr_t>(to, hi)); i < end; ++i)
+            a.pte[i].store(v, std::memory_order_relaxed);
+    }
+}
+
 // Gives every page of [r.start, r.end) the protection change(old) and records it, one mprotect per
-// run of pages that share their old protection. Under the write lock, so no PTE is locked.
+// run of pages that share their old protection. Under the write lock, so no PTE is locked. If the
+// kernel refuses partway, the PTEs are re-read from the kernel before the error is thrown.
 template <typename Change>
 std::size_t change_pages(ArenaCore& a, const char* call, Range r, Change change) {
     std::size_t changed = 0;
@@ -170,9 +251,12 @@ std::size_t change_pages(ArenaCore& a, const char* call, Range r, Change change)
         const Prot next = change(pte_to_prot(old));
         if (next != pte_to_prot(old)) {
             const long delta = map_count_delta(a, i, j, next);
-            if (const int err = page_protect(page_address(a, i), (j - i) << g_page_shift, next))
+            if (const int err = page_protect(page_address(a, i), (j - i) << g_page_shift, next)) {
+                resync_ptes(a, i, j);
+                map_budget_charge(a, count_mappings_within(a.base, a.end) + 1 - a.kernel_maps.load());
                 fail(err, "{}: mprotect of [{:#x}, {:#x}) to {} failed", call, page_address(a, i), page_address(a, j),
                      to_string(next));
+            }
             map_budget_charge(a, delta);
             for (std::size_t k = i; k < j; ++k) a.pte[k].store(to_pte(next), std::memory_order_relaxed);
             changed += j - i;
@@ -303,7 +387,7 @@ Arena::Arena(std::size_t size) {
 
     ArenaRegistry& reg = arena_registry();
     {
-        ExclusiveGuard guard(reg.lock);
+        ApiGuard<ExclusiveGuard<RwSpinLock>> guard(reg.lock);
         if (reg.count == kMaxArenas) {
             page_release(core->base, len);
             page_release(addr_of(table), core->pte_bytes);
@@ -326,7 +410,7 @@ Arena::~Arena() {
     ArenaCore& a = *core_;
     {
         ArenaRegistry& reg = arena_registry();
-        ExclusiveGuard guard(reg.lock);
+        ApiGuard<ExclusiveGuard<RwSpinLock>> guard(reg.lock);
         std::size_t i = 0;
         while (reg.arenas[i] != &a) ++i;
         std::copy(reg.arenas + i + 1, reg.arenas + reg.count, reg.arenas + i);
@@ -369,7 +453,7 @@ void* Arena::map(std::size_t length, Prot prot, const MapOptions& options) {
     vma->fault_around_pages = std::uint32_t(options.fault_around_pages);
     set_name(*vma, options.name);
 
-    ExclusiveGuard guard(a.lock);
+    ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
     std::uintptr_t start = want;
     if (want) {
         if (!range_free(a, want, len))
@@ -395,7 +479,7 @@ void Arena::protect(void* addr, std::size_t length, Prot prot) {
     auto lower_spare = std::make_unique<Vma>();
     auto upper_spare = std::make_unique<Vma>();
 
-    ExclusiveGuard guard(a.lock);
+    ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
     covering_vmas(a, call, r);
     change_pages(a, call, r, [prot](Prot old) { return old & prot; });
     split_at(a, r.start, lower_spare);
@@ -412,7 +496,7 @@ void Arena::unmap(void* addr, std::size_t length) {
     auto lower_spare = std::make_unique<Vma>();
     auto upper_spare = std::make_unique<Vma>();
 
-    ExclusiveGuard guard(a.lock);
+    ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
     covering_vmas(a, call, r);
     change_pages(a, call, r, [](Prot) { return Prot::None; });
     page_discard(r.start, r.end - r.start);
@@ -431,7 +515,7 @@ void Arena::prefault(void* addr, std::size_t length, Prot access) {
     ArenaCore& a = *core_;
     const Range r = check_range(a, call, addr, length);
     access = check_prot(call, access, r.start);
-    ExclusiveGuard guard(a.lock);
+    ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
     const std::vector<Vma*> vmas = covering_vmas(a, call, r);
     for (const Vma* v : vmas)
         if (!allows(v->prot, access))
@@ -450,7 +534,7 @@ Stats Arena::stats() const { return core_->stats.load(); }
 std::vector<VmaInfo> Arena::vmas() const {
     ArenaCore& a = *core_;
     std::vector<VmaInfo> out;
-    SharedGuard guard(a.lock);
+    ApiGuard<SharedGuard<RwSpinLock>> guard(a.lock);
     out.reserve(a.tree.size());
     for (const Vma& v : a.tree)
         out.push_back({ptr_of(v.start), v.end - v.start, v.prot, v.name, v.fault_around_pages, v.stats.load()});
@@ -460,7 +544,7 @@ std::vector<VmaInfo> Arena::vmas() const {
 void Arena::verify() const {
     static constexpr const char* call = "usermm::Arena::verify";
     ArenaCore& a = *core_;
-    ExclusiveGuard guard(a.lock);
+    ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
 
     // The tree: ordered, disjoint, page-aligned, inside the arena.
     std::uintptr_t prev_end = a.base;
@@ -498,8 +582,7 @@ void Arena::verify() const {
         if (hi <= a.base || lo >= a.end) continue;
         const std::uintptr_t from = std::max<std::uintptr_t>(lo, a.base), to = std::min<std::uintptr_t>(hi, a.end);
         if (from != covered) fail(EFAULT, "{}: the kernel has no mapping at {:#x} inside the arena", call, covered);
-        const Prot kernel = (perms[0] == 'r' ? Prot::Read : Prot::None) | (perms[1] == 'w' ? Prot::Write : Prot::None) |
-                            (perms[2] == 'x' ? Prot::Exec : Prot::None);
+        const Prot kernel = parse_perms(perms);
         for (std::size_t i = a.page_index(from), last = a.page_index(to); i < last; ++i) {
             const Prot mine = pte_to_prot(a.pte[i].load(std::memory_order_relaxed));
             if (mine != kernel)

@@ -4,7 +4,9 @@
 // installed before usermm's, or to the signal's default action (death, with a one-line reason).
 #include "fault_entry.hpp"
 
+#include <pthread.h>
 #include <signal.h>
+#include <ucontext.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -28,15 +30,42 @@ const struct sigaction& previous(int sig) { return sig == SIGBUS ? g_previous_bu
 
 const char* signal_name(int sig) { return sig == SIGBUS ? "SIGBUS" : "SIGSEGV"; }
 
-// The kernel's default action for SIGSEGV and SIGBUS: terminate with a core dump. A fault comes back
-// when the instruction is retried and then meets SIG_DFL; a signal someone sent is sent again, and
-// stays pending until this handler returns.
-void die_by(int sig, const siginfo_t* info) {
+struct sigaction& previous_mut(int sig) { return sig == SIGBUS ? g_previous_bus : g_previous_segv; }
+
+// The kernel's default action for SIGSEGV and SIGBUS: terminate with a core dump. The signal is sent
+// again and stays pending until this handler returns; it is then delivered at the interrupted
+// instruction, whether or not that instruction would fault again.
+void die_by(int sig) {
     struct sigaction dfl {};
     dfl.sa_handler = SIG_DFL;
     sigemptyset(&dfl.sa_mask);
     sigaction(sig, &dfl, nullptr);
-    if (info->si_code <= 0) raise(sig);
+    raise(sig);
+}
+
+// Runs the previous handler as the kernel would have: with the interrupted code's mask plus the
+// handler's sa_mask plus the signal itself (unless SA_NODEFER), and reset to SIG_DFL first if it
+// asked for SA_RESETHAND.
+void call_previous(int sig, siginfo_t* info, void* ucontext) {
+    struct sigaction& prev = previous_mut(sig);
+    const struct sigaction handler = prev;
+    if (handler.sa_flags & SA_RESETHAND) {
+        prev.sa_handler = SIG_DFL;
+        prev.sa_flags &= ~SA_SIGINFO;
+    }
+    sigset_t mask = static_cast<const ucontext_t*>(ucontext)->uc_sigmask, ours;
+    for (int s = 1; s < NSIG; ++s)
+        if (sigismember(&handler.sa_mask, s) == 1) sigaddset(&mask, s);
+    if (handler.sa_flags & SA_NODEFER)
+        sigdelset(&mask, sig);
+    else
+        sigaddset(&mask, sig);
+    pthread_sigmask(SIG_SETMASK, &mask, &ours);
+    if (handler.sa_flags & SA_SIGINFO)
+        handler.sa_sigaction(sig, info, ucontext);
+    else
+        handler.sa_handler(sig);
+    pthread_sigmask(SIG_SETMASK, &ours, nullptr);
 }
 
 // Passes a fault usermm does not resolve to whoever would have had it without usermm.
@@ -47,14 +76,11 @@ void pass_on(int sig, siginfo_t* info, void* ucontext, RawLine& reason) {
     if (prev.sa_handler == SIG_IGN) {
         if (sent) return;  // an ignored signal that was sent is dropped; a fault cannot be ignored
     } else if (prev.sa_handler != SIG_DFL) {
-        if (prev.sa_flags & SA_SIGINFO)
-            prev.sa_sigaction(sig, info, ucontext);
-        else
-            prev.sa_handler(sig);
+        call_previous(sig, info, ucontext);
         return;
     }
     reason.emit();
-    die_by(sig, info);
+    die_by(sig);
 }
 
 extern "C" void usermm_fault_handler(int sig, siginfo_t* info, void* ucontext) {
@@ -86,7 +112,7 @@ extern "C" void usermm_fault_handler(int sig, siginfo_t* info, void* ucontext) {
         case FaultResult::Fatal:
             // A fault usermm owns but cannot resolve: retrying would loop forever.
             reason.emit();
-            die_by(sig, info);
+            die_by(sig);
             return;
     }
 }
@@ -98,7 +124,9 @@ int install_fault_handlers() {
     struct sigaction sa {};
     sa.sa_sigaction = usermm_fault_handler;
     sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESTART;
-    sigemptyset(&sa.sa_mask);
+    // Nothing asynchronous may interrupt a resolution: a handler that touched arena memory would
+    // find the page locked by its own thread, or the read lock behind a waiting writer.
+    sigfillset(&sa.sa_mask);
     if (sigaction(SIGSEGV, &sa, &g_previous_segv) != 0 || sigaction(SIGBUS, &sa, &g_previous_bus) != 0) {
         const int err = errno;
         g_installed.store(false);

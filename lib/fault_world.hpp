@@ -14,6 +14,8 @@
 // The API world creates every piece of metadata a fault could need before a fault can need it.
 #pragma once
 
+#include <sched.h>
+
 #include <cerrno>
 
 namespace usermm::detail {
@@ -35,6 +37,15 @@ inline void cpu_relax() {
 #elif defined(__aarch64__)
     asm volatile("yield" ::: "memory");
 #endif
+}
+
+// Waiting in the fault world: spin briefly, then yield, since the thread we wait for may be
+// preempted on our core (there are only two).
+inline void spin_backoff(unsigned spins) {
+    if (spins < 64)
+        cpu_relax();
+    else
+        sched_yield();
 }
 
 }  // namespace usermm::detail

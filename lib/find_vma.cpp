@@ -1,5 +1,7 @@
 #include "find_vma.hpp"
 
+#include <iterator>
+
 namespace usermm::detail {
 
 namespace {
@@ -10,6 +12,10 @@ ArenaRegistry& arena_registry() { return g_registry; }
 
 ArenaCore* find_arena_lock_shared(std::uintptr_t addr, bool* self_deadlock) {
     *self_deadlock = false;
+    if (g_registry.lock.held_by_me()) {  // an arena is being created or destroyed by this thread
+        *self_deadlock = true;
+        return nullptr;
+    }
     SharedGuard registry_guard(g_registry.lock);
     // Binary search for the last arena whose base is at or below addr.
     std::size_t lo = 0, hi = g_registry.count;
@@ -34,7 +40,18 @@ ArenaCore* find_arena_lock_shared(std::uintptr_t addr, bool* self_deadlock) {
 
 Vma* find_vma(ArenaCore& arena, std::uintptr_t addr) {
     Vma* hit = arena.last_hit.load(std::memory_order_relaxed);
-    if (hit && hit->start <= addr && addr < hit->end) return hit;
+    if (hit) {
+        if (hit->start <= addr && addr < hit->end) return hit;
+        // A scan through memory faults its way from one VMA into the next: try the successor
+        // before a walk from the root.
+        if (addr >= hit->end) {
+            auto next = std::next(VmaTree::s_iterator_to(*hit));
+            if (next != arena.tree.end() && next->start <= addr && addr < next->end) {
+                arena.last_hit.store(&*next, std::memory_order_relaxed);
+                return &*next;
+            }
+        }
+    }
     auto it = arena.tree.upper_bound(addr);
     if (it == arena.tree.end()) return nullptr;
     Vma* vma = &*it;

@@ -69,13 +69,6 @@ const char* access_name(Access a) {
     }
 }
 
-void backoff(unsigned spins) {
-    if (spins < 64)
-        cpu_relax();
-    else
-        sched_yield();
-}
-
 struct PageRange {
     std::size_t first;  // page indices in the arena, [first, last)
     std::size_t last;
@@ -116,14 +109,33 @@ PageRange vma_pages(const ArenaCore& arena, const Vma& vma) {
     return {arena.page_index(vma.start), arena.page_index(vma.end)};
 }
 
-// Asks the kernel for `prot` on the locked range and publishes it. The map budget was charged by
-// the caller; it is given back if the kernel refuses.
-int install(vm_fault& vmf, PageRange r, Prot prot, long delta) {
+enum class Budget : std::uint8_t { Enforce, Exceed };
+
+// install()'s answers besides 0 and an errno value.
+constexpr int kOverBudget = -1;
+constexpr int kStateUnknown = -2;  // the kernel refused, and so did the attempt to undo a partial change
+
+// Gives the locked range `prot` in the kernel and publishes it. All of the range was locked from
+// PTE value `was`. Counting the kernel VMAs the change makes, making it and publishing it happen
+// under the arena's install lock: two neighbouring faults counting at once would both count the
+// boundary between them. The kernel serialises mprotect on its mmap_lock anyway.
+//
+// mprotect is not all-or-nothing: across several kernel VMAs it can change a prefix of the range
+// and then fail (ENOMEM at vm.max_map_count). A refusal is therefore undone by putting the whole
+// range back to `was`, so that the PTEs stay what the kernel has.
+int install(vm_fault& vmf, PageRange r, Prot prot, pte_t was, Budget budget) {
     ArenaCore& arena = *vmf.arena;
-    const int err = page_protect(page_addr(arena, r.first), (r.last - r.first) << g_page_shift, prot);
-    if (err) {
+    const std::uintptr_t addr = page_addr(arena, r.first);
+    const std::size_t len = (r.last - r.first) << g_page_shift;
+    ExclusiveGuard guard(arena.install_lock);
+    const long delta = map_count_delta(arena, r.first, r.last, prot);
+    if (budget == Budget::Exceed)
+        map_budget_charge(arena, delta);
+    else if (!map_budget_try_charge(arena, delta))
+        return kOverBudget;
+    if (const int err = page_protect(addr, len, prot)) {
         map_budget_charge(arena, -delta);
-        return err;
+        return page_protect(addr, len, pte_to_prot(was)) == 0 ? err : kStateUnknown;
     }
     publish(arena, r, prot);
     vmf.granted = prot;
@@ -131,18 +143,21 @@ int install(vm_fault& vmf, PageRange r, Prot prot, long delta) {
     return 0;
 }
 
+// Gives up on a fault usermm owns. The caller's locked PTEs stay locked: the process is about to be
+// killed, and other threads must not act on pages whose kernel state is unknown.
 FaultResult fatal(vm_fault& vmf, const char* what, int err) {
     vmf.error = err;
-    if (vmf.diag)
-        vmf.diag->str("usermm: cannot resolve ")
-            .str(access_name(vmf.access))
-            .str(" fault at ")
-            .hex(vmf.address)
-            .str(": ")
-            .str(what)
-            .str(" failed with errno ")
-            .dec(std::uint64_t(err));
+    if (vmf.diag) {
+        vmf.diag->str("usermm: cannot resolve ").str(access_name(vmf.access)).str(" fault at ").hex(vmf.address);
+        vmf.diag->str(": ").str(what);
+        if (err > 0) vmf.diag->str(" failed with errno ").dec(std::uint64_t(err));
+    }
     return FaultResult::Fatal;
+}
+
+FaultResult install_failed(vm_fault& vmf, int err) {
+    return err == kStateUnknown ? fatal(vmf, "mprotect failed and could not be undone", 0)
+                                : fatal(vmf, "mprotect", err);
 }
 
 // The kernel's mapping budget is spent: resolve the fault by granting the VMA's full protection to
@@ -156,27 +171,31 @@ FaultResult do_degraded_fault(vm_fault& vmf, pte_t cur) {
     ArenaCore& arena = *vmf.arena;
     const std::size_t page = arena.page_index(vmf.address);
     const PageRange run = lock_neighbours(arena, {page, page + 1}, vma_pages(arena, *vmf.vma), cur);
-    const Prot prot = vmf.vma->prot;
-    const long delta = map_count_delta(arena, run.first, run.last, prot);
-    map_budget_charge(arena, delta);
-    if (const int err = install(vmf, run, prot, delta)) {
-        unlock_unchanged(arena, run, cur);
-        return fatal(vmf, "mprotect", err);
+    if (const int err = install(vmf, run, vmf.vma->prot, cur, Budget::Exceed)) {
+        if (err != kStateUnknown) unlock_unchanged(arena, run, cur);
+        return install_failed(vmf, err);
     }
     vmf.kind = FaultKind::Degraded;
     return FaultResult::Resolved;
 }
 
-// Tries the normal resolution of `r` with `prot` within the map budget. On failure the range is
-// unlocked back to `cur` except the faulting page, which stays locked for the fallback.
-bool try_install(vm_fault& vmf, PageRange r, Prot prot, pte_t cur) {
+// Resolves `r` (all locked from `cur`) with `prot` within the map budget, else falls back: to the
+// faulting page alone, then to the degraded path.
+FaultResult install_or_degrade(vm_fault& vmf, PageRange r, Prot prot, pte_t cur, FaultKind kind) {
     ArenaCore& arena = *vmf.arena;
-    const long delta = map_count_delta(arena, r.first, r.last, prot);
-    if (map_budget_try_charge(arena, delta) && install(vmf, r, prot, delta) == 0) return true;
     const std::size_t page = arena.page_index(vmf.address);
-    unlock_unchanged(arena, {r.first, page}, cur);
-    unlock_unchanged(arena, {page + 1, r.last}, cur);
-    return false;
+    for (;;) {
+        const int err = install(vmf, r, prot, cur, Budget::Enforce);
+        if (err == 0) {
+            vmf.kind = kind;
+            return FaultResult::Resolved;
+        }
+        if (err == kStateUnknown) return install_failed(vmf, err);
+        unlock_unchanged(arena, {r.first, page}, cur);
+        unlock_unchanged(arena, {page + 1, r.last}, cur);
+        if (r.last - r.first == 1) return do_degraded_fault(vmf, cur);
+        r = {page, page + 1};
+    }
 }
 
 // The first access to an untouched page of an anonymous VMA (the kernel's do_anonymous_page): a
@@ -196,11 +215,7 @@ FaultResult do_anonymous_fault(vm_fault& vmf) {
         const PageRange limit{std::max(first, vma_range.first), std::min(first + window, vma_range.last)};
         r = lock_neighbours(arena, r, limit, 0);
     }
-    // Within budget: the window, else the page alone, else the degraded path.
-    if (!try_install(vmf, r, prot, 0) && (r.last - r.first == 1 || !try_install(vmf, {page, page + 1}, prot, 0)))
-        return do_degraded_fault(vmf, 0);
-    vmf.kind = FaultKind::Anonymous;
-    return FaultResult::Resolved;
+    return install_or_degrade(vmf, r, prot, 0, FaultKind::Anonymous);
 }
 
 // The page is mapped, with fewer rights than the access needs and the VMA allows: a write to a page
@@ -209,9 +224,7 @@ FaultResult do_anonymous_fault(vm_fault& vmf) {
 FaultResult do_upgrade_fault(vm_fault& vmf, pte_t cur) {
     const Prot prot = pte_to_prot(cur) | grant_for(vmf.access, vmf.vma->prot);
     const std::size_t page = vmf.arena->page_index(vmf.address);
-    if (!try_install(vmf, {page, page + 1}, prot, cur)) return do_degraded_fault(vmf, cur);
-    vmf.kind = FaultKind::Upgrade;
-    return FaultResult::Resolved;
+    return install_or_degrade(vmf, {page, page + 1}, prot, cur, FaultKind::Upgrade);
 }
 
 // Locks the faulting page's PTE and dispatches on its state. Another thread resolving the same
@@ -222,7 +235,7 @@ FaultResult handle_pte_fault(vm_fault& vmf) {
     for (unsigned spins = 0;; ++spins) {
         pte_t cur = pte.load(kAcquire);
         if (cur & kPteLocked) {
-            backoff(spins);
+            spin_backoff(spins);
             continue;
         }
         if (!decoded) vmf.access = infer_access(cur, vmf.vma->prot);

@@ -7,6 +7,7 @@ namespace usermm::detail {
 namespace {
 constinit std::atomic<long> g_used{0};
 constinit std::atomic<long> g_limit{1L << 62};
+constinit std::atomic<bool> g_kernel_merges{true};
 
 // A value no PTE holds, for the pages beyond the arena: another mapping is always a boundary.
 constexpr unsigned kOutside = 0x100;
@@ -33,6 +34,12 @@ long map_count_delta(const ArenaCore& arena, std::size_t first, std::size_t last
         prev = cur;
     }
     const unsigned right = prev;
+    if (!g_kernel_merges.load(std::memory_order_relaxed)) {
+        // Existing boundaries stay; a new one appears where a neighbour equal to the range's old
+        // protection differs from the new one.
+        return long(left == prot_at(arena, first, npages) && left != p) +
+               long(right == prot_at(arena, last - 1, npages) && right != p);
+    }
     const long after = long(left != p) + long(right != p);
     return after - before;
 }
@@ -48,6 +55,11 @@ bool map_budget_try_charge(ArenaCore& arena, long delta) {
     } while (!g_used.compare_exchange_weak(used, used + delta, std::memory_order_relaxed));
     arena.kernel_maps.fetch_add(delta, std::memory_order_relaxed);
     return true;
+}
+
+void map_budget_after_fork(ArenaCore& arena, long kernel_maps) {
+    g_kernel_merges.store(false, std::memory_order_relaxed);
+    map_budget_charge(arena, kernel_maps - arena.kernel_maps.load(std::memory_order_relaxed));
 }
 
 void map_budget_charge(ArenaCore& arena, long delta) {

@@ -28,4 +28,9 @@ bool map_budget_try_charge(ArenaCore& arena, long delta);
 // Records `delta` whatever the limit: for changes the program asked for, and for degraded faults.
 void map_budget_charge(ArenaCore& arena, long delta);
 
+// API world, in a forked child: the kernel gives each of the child's VMAs an anon_vma of its own, so
+// the pieces the child inherited never merge again. From then on only the boundaries a change
+// creates are counted, and the arena's count restarts from what the kernel really has.
+void map_budget_after_fork(ArenaCore& arena, long kernel_maps);
+
 }  // namespace usermm::detail

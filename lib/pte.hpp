@@ -32,7 +32,9 @@ inline constexpr int to_mmap_prot(Prot p) {
            (allows(p, Prot::Exec) ? PROT_EXEC : 0);
 }
 
-// Write implies read on every MMU usermm runs on; keeping them together keeps the PTE exact.
-inline constexpr Prot normalize(Prot p) { return allows(p, Prot::Write) ? (p | Prot::Read) : p; }
+// Write and exec imply read on x86-64 (without protection keys, which usermm does not use): the MMU
+// lets a PROT_EXEC or PROT_WRITE page be read whatever /proc/self/maps says. Keeping the rights
+// together keeps the PTE exact and makes "a read the VMA forbids" mean the same as for the kernel.
+inline constexpr Prot normalize(Prot p) { return p == Prot::None ? p : (p | Prot::Read); }
 
 }  // namespace usermm::detail

@@ -24,7 +24,7 @@ public:
             std::uint32_t s = state_.load(std::memory_order_relaxed);
             if (!(s & kWriter) && state_.compare_exchange_weak(s, s + 1, std::memory_order_acquire))
                 return;
-            backoff(spins);
+            spin_backoff(spins);
         }
     }
     void unlock_shared() { state_.fetch_sub(1, std::memory_order_release); }
@@ -34,38 +34,43 @@ public:
             std::uint32_t s = state_.load(std::memory_order_relaxed);
             if (!(s & kWriter) && state_.compare_exchange_weak(s, s | kWriter, std::memory_order_acquire))
                 break;
-            backoff(spins);
+            spin_backoff(spins);
         }
         // New readers now wait; the ones inside finish their fault.
-        for (unsigned spins = 0; state_.load(std::memory_order_acquire) & kReaders; ++spins) backoff(spins);
+        for (unsigned spins = 0; state_.load(std::memory_order_acquire) & kReaders; ++spins) spin_backoff(spins);
         owner_.store(pthread_self(), std::memory_order_relaxed);
-        owned_.store(true, std::memory_order_relaxed);
     }
     void unlock() {
-        owned_.store(false, std::memory_order_relaxed);
+        owner_.store(kNoOwner, std::memory_order_relaxed);
         state_.fetch_and(~kWriter, std::memory_order_release);
     }
 
-    // True when the calling thread holds the write side.
-    bool held_by_me() const {
-        return owned_.load(std::memory_order_relaxed) &&
-               pthread_equal(owner_.load(std::memory_order_relaxed), pthread_self());
-    }
+    // True when the calling thread holds the write side. Only the owner ever stores its own id and
+    // it clears it before unlocking, so a thread reads its own id here only while it is the owner.
+    bool held_by_me() const { return owner_.load(std::memory_order_relaxed) == pthread_self(); }
 
 private:
     static constexpr std::uint32_t kWriter = 1u << 31;
     static constexpr std::uint32_t kReaders = kWriter - 1;
 
-    static void backoff(unsigned spins) {
-        if (spins < 64)
-            cpu_relax();
-        else
-            sched_yield();  // the other side may be preempted on our core
-    }
+    static constexpr pthread_t kNoOwner = 0;  // glibc's pthread_t is a pointer, never 0 for a thread
 
     std::atomic<std::uint32_t> state_{0};
-    std::atomic<pthread_t> owner_{};
-    std::atomic<bool> owned_{false};
+    std::atomic<pthread_t> owner_{kNoOwner};
+};
+
+// A plain spin lock for short sections of the fault path that must not interleave.
+class SpinLock {
+public:
+    void lock() {
+        unsigned spins = 0;
+        while (locked_.exchange(true, std::memory_order_acquire))
+            while (locked_.load(std::memory_order_relaxed)) spin_backoff(spins++);
+    }
+    void unlock() { locked_.store(false, std::memory_order_release); }
+
+private:
+    std::atomic<bool> locked_{false};
 };
 
 template <class Lock>

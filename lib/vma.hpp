@@ -46,6 +46,9 @@ struct ArenaCore {
     VmaTree tree;
     std::atomic<Vma*> last_hit{nullptr};  // find_vma's cache; reset by every tree change
     std::atomic<long> kernel_maps{0};     // kernel VMAs this arena consists of (see map_budget)
+    // Held by a fault from counting the kernel VMAs its change makes until it is published, so that
+    // neighbouring faults never count against the same stale neighbour (see install()).
+    SpinLock install_lock;
     Counters stats;
     std::uintptr_t next_hint = 0;  // API world only: where map() looks for room first
 

@@ -22,6 +22,7 @@
 
 #include <usermm/usermm.hpp>
 
+#include "map_budget.hpp"
 #include "test_util.hpp"
 
 namespace {
@@ -94,7 +95,8 @@ public:
           pages_(config.pages),
           rng_(config.seed) {}
 
-    void run() {
+    // Returns the arena's counters, for walks that must have taken a particular path.
+    usermm::Stats run() {
         // Deaths cost a fork each, so there are a fixed number of them, spread over the walk.
         const int death_every = cfg_.steps / 20;
         for (int step = 0; step < cfg_.steps; ++step) {
@@ -128,6 +130,7 @@ public:
             if (pages_[i].mapped) unmap_span(run_of(i));
         check_agrees();
         CHECK(arena_.vmas().empty());
+        return arena_.stats();
     }
 
 private:
@@ -436,4 +439,18 @@ TEST_CASE("model: 64 pages, calls of up to 3 pages, fragmented") {
 TEST_CASE("model: 12328 pages, calls of up to the whole arena") {
     for (std::uint64_t seed = 5; seed < 10; ++seed)
         Walk({.seed = seed, .pages = 3 * 4096 + 40, .max_run = 3 * 4096 + 40, .steps = 300}).run();
+}
+
+// Past the kernel's mapping budget, faults are resolved coarsely: a whole run of untouched pages
+// gets its VMA's full rights at once (do_degraded_fault). Nothing the model can see may change.
+TEST_CASE("model: 256 pages, with the kernel's mapping budget spent") {
+    namespace detail = usermm::detail;
+    usermm::page_size();  // the first arena sets the budget; it must not overwrite this one
+    struct RestoreLimit {
+        long limit = detail::map_budget_limit();
+        ~RestoreLimit() { detail::map_budget_set_limit(limit); }
+    } restore;
+    detail::map_budget_set_limit(detail::map_budget_used() + 16);
+    const usermm::Stats s = Walk({.seed = 6, .pages = 256, .max_run = 16, .steps = 1500}).run();
+    CHECK(s.degraded_faults > 0);
 }

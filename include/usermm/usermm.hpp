@@ -28,7 +28,8 @@ struct ArenaCore;
 struct ArenaAccess;
 }
 
-// Access rights of a VMA, with mmap(2)'s meaning. As on x86-64, Write implies Read.
+// Access rights of a VMA, with mmap(2)'s meaning. As on x86-64, Write and Exec imply Read: a VMA
+// mapped Exec or Write alone is readable, and vmas() reports it with Read added.
 enum class Prot : unsigned {
     None = 0,
     Read = 1,
