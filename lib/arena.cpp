@@ -176,10 +176,10 @@ struct Range {
     std::uintptr_t end;
 };
 
-std::size_t round_up_length(const char* call, std::size_t length, std::uintptr_t addr) {
-    if (length == 0) fail(EINVAL, "{}: length is zero (addr {:#x})", call, addr);
+std::size_t round_up_length(const char* call, std::size_t length, std::uintptr_t addr, const char* name = "length") {
+    if (length == 0) fail(EINVAL, "{}: {} is zero (addr {:#x})", call, name, addr);
     if (length > std::numeric_limits<std::size_t>::max() - g_page_size)
-        fail(EINVAL, "{}: length {:#x} overflows (addr {:#x})", call, length, addr);
+        fail(EINVAL, "{}: {} {:#x} overflows (addr {:#x})", call, name, length, addr);
     return (length + g_page_size - 1) & ~(g_page_size - 1);
 }
 
@@ -370,7 +370,7 @@ Stats process_stats() { return process_counters().load(); }
 
 Arena::Arena(std::size_t size) {
     init_process();
-    const std::size_t len = round_up_length("usermm::Arena", size, 0);
+    const std::size_t len = round_up_length("usermm::Arena", size, 0, "size");
     auto core = std::make_unique<ArenaCore>();
     void* base = nullptr;
     if (const int err = page_reserve(len, &base))
@@ -443,7 +443,8 @@ void* Arena::map(std::size_t length, Prot prot, const MapOptions& options) {
     const std::uintptr_t want = addr_of(options.address);
     prot = check_prot(call, prot, want);
     const std::size_t len = round_up_length(call, length, want);
-    if (len > a.end - a.base) fail(ENOMEM, "{}: length {:#x} exceeds the arena's size {:#x}", call, length, a.end - a.base);
+    if (len > a.end - a.base)
+        fail(ENOMEM, "{}: length {:#x} exceeds the arena's size {:#x} (addr {:#x})", call, length, a.end - a.base, want);
     if (options.fault_around_pages > (std::size_t(1) << 20))
         fail(EINVAL, "{}: fault_around_pages {} is above 2^20 (addr {:#x})", call, options.fault_around_pages, want);
     if (want) check_range(a, call, options.address, length);

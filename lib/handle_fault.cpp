@@ -210,7 +210,8 @@ FaultResult do_anonymous_fault(vm_fault& vmf) {
 
     PageRange r{page, page + 1};
     if (const std::size_t window = vma.fault_around_pages; window > 1) {
-        const std::size_t first = page - page % window;
+        // Aligned in the address space, like the kernel's window, not relative to the arena.
+        const std::size_t first = page - (vmf.address >> g_page_shift) % window;
         const PageRange vma_range = vma_pages(arena, vma);
         const PageRange limit{std::max(first, vma_range.first), std::min(first + window, vma_range.last)};
         r = lock_neighbours(arena, r, limit, 0);

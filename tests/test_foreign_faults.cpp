@@ -139,6 +139,25 @@ void old_plain_handler(int sig) {
     siglongjmp(g_escape, 1);
 }
 
+std::atomic<int> g_usr1_blocked{-1};
+
+void old_mask_probing_handler(int) {
+    sigset_t now;
+    pthread_sigmask(SIG_BLOCK, nullptr, &now);
+    g_usr1_blocked.store(sigismember(&now, SIGUSR1));
+    siglongjmp(g_escape, 1);
+}
+
+char* volatile g_untouched_arena_page = nullptr;
+
+// A handler that itself touches arena memory no one has touched yet, as a crash reporter writing
+// into an arena-backed buffer would.
+void old_arena_touching_handler(int) {
+    write_byte(g_untouched_arena_page, 0x77);
+    g_old_calls.fetch_add(1);
+    siglongjmp(g_escape, 1);
+}
+
 // Touches `p` in a way that must reach the program's handler, which escapes back here; false if the
 // access completed instead.
 bool escapes_to_old_handler(void (*access)(char*), char* p) {
@@ -387,9 +406,7 @@ TEST_CASE("SIG_IGN installed with SA_SIGINFO before usermm still drops a sent SI
     check_survived_quietly(end);
 }
 
-// Known library bug: pass_on() ignores the previous action's SA_RESETHAND, so a one-shot handler runs
-// on every later fault instead of leaving it to the default action. Remove should_fail once fixed.
-TEST_CASE("a one-shot handler installed before usermm runs once, then a fault kills" * doctest::should_fail()) {
+TEST_CASE("a one-shot (SA_RESETHAND) handler installed before usermm runs once, then a fault kills") {
     const ChildEnd end = run_in_child(
         [] {
             no_core_dump();
@@ -410,6 +427,46 @@ TEST_CASE("a one-shot handler installed before usermm runs once, then a fault ki
     CHECK(end.err.find("first fault handled") != std::string::npos);
     CHECK(end.err.find("second fault handled") == std::string::npos);
     CHECK(end.signal == SIGSEGV);
+}
+
+TEST_CASE("a handler installed before usermm runs with its sa_mask blocked") {
+    const ChildEnd end = run_in_child(
+        [] {
+            CHILD_CHECK(sigsegv_is_default());
+            struct sigaction sa {};
+            sa.sa_handler = old_mask_probing_handler;
+            sigemptyset(&sa.sa_mask);
+            sigaddset(&sa.sa_mask, SIGUSR1);
+            CHILD_CHECK(sigaction(SIGSEGV, &sa, nullptr) == 0);
+            Arena arena(kArenaSize);
+            CHILD_CHECK(escapes_to_old_handler(read_at, g_null));
+            CHILD_CHECK(g_usr1_blocked.load() == 1);
+        },
+        kChildSeconds);
+    check_survived_quietly(end);
+}
+
+// With SA_NODEFER the kernel leaves SIGSEGV open inside the handler, so a fault the handler itself
+// takes in an arena is usermm's to resolve like any other.
+TEST_CASE("an SA_NODEFER handler installed before usermm can fault in arena memory itself") {
+    const ChildEnd end = run_in_child(
+        [] {
+            CHILD_CHECK(sigsegv_is_default());
+            struct sigaction sa {};
+            sa.sa_handler = old_arena_touching_handler;
+            sa.sa_flags = SA_NODEFER;
+            sigemptyset(&sa.sa_mask);
+            CHILD_CHECK(sigaction(SIGSEGV, &sa, nullptr) == 0);
+            Arena arena(kArenaSize);
+            char* p = static_cast<char*>(arena.map(page(), Prot::ReadWrite, {.name = "report"}));
+            g_untouched_arena_page = p;
+            CHILD_CHECK(escapes_to_old_handler(read_at, g_null));
+            CHILD_CHECK(g_old_calls.load() == 1);
+            CHILD_CHECK(read_byte(p) == 0x77);
+            CHILD_CHECK(arena.stats().write_faults == 1);
+        },
+        kChildSeconds);
+    check_survived_quietly(end);
 }
 
 TEST_CASE("SIGSEGV ignored before usermm: a sent one is dropped, a real fault still kills") {

@@ -28,6 +28,7 @@ struct ChildEnd {
 inline ChildEnd run_in_child(const std::function<void()>& body, unsigned seconds = 20) {
     int fds[2];
     if (pipe(fds) != 0) std::abort();
+    std::fflush(nullptr);  // or the child would write the parent's buffered output again
     const pid_t pid = fork();
     if (pid < 0) std::abort();
     if (pid == 0) {
