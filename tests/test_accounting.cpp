@@ -13,9 +13,10 @@ using usermm::Prot;
 
 namespace {
 
-// Under ThreadSanitizer every access also writes shadow memory, whose first touches the kernel
-// counts as minor faults of the same thread: there the kernel's count can only bound ours below.
-#if defined(__SANITIZE_THREAD__)
+// Under AddressSanitizer and ThreadSanitizer every access also touches shadow memory, whose first
+// touches the kernel counts as minor faults of the same thread: there the kernel's count can only
+// bound ours below.
+#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
 constexpr bool kKernelSeesOnlyUs = false;
 #else
 constexpr bool kKernelSeesOnlyUs = true;

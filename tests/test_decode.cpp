@@ -4,6 +4,7 @@
 
 #include <signal.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -32,7 +33,7 @@ constexpr std::uint32_t kFpsimdMagic = 0x46508001;
 
 void put_record(std::vector<unsigned char>& buf, std::uint32_t magic, std::uint32_t size, std::uint64_t payload) {
     const std::size_t off = buf.size();
-    buf.resize(off + size);
+    buf.resize(off + std::max<std::size_t>(size, 8));  // the terminating record is {0, 0}, 8 bytes
     std::memcpy(&buf[off], &magic, 4);
     std::memcpy(&buf[off + 4], &size, 4);
     if (size >= 16) std::memcpy(&buf[off + 8], &payload, 8);
