@@ -34,6 +34,10 @@ void count(Counters& c, const vm_fault& vmf, FaultResult result, std::uint64_t n
                 c.degraded_faults.fetch_add(1, kRelaxed);
                 c.degraded_pages.fetch_add(vmf.pages, kRelaxed);
             }
+            if (vmf.copies) {
+                c.cow_faults.fetch_add(1, kRelaxed);
+                c.cow_bytes_copied.fetch_add(std::uint64_t(vmf.copies) << g_page_shift, kRelaxed);
+            }
             break;
         case FaultResult::Spurious:
             c.spurious_faults.fetch_add(1, kRelaxed);

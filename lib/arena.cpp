@@ -29,6 +29,7 @@
 #include "find_vma.hpp"
 #include "map_budget.hpp"
 #include "page_ops.hpp"
+#include "snapshot.hpp"
 
 namespace usermm {
 
@@ -231,25 +232,34 @@ void resync_ptes(ArenaCore& a, std::size_t first, std::size_t last) {
         unsigned long from = 0, to = 0;
         char perms[5] = {};
         if (std::sscanf(line.c_str(), "%lx-%lx %4s", &from, &to, perms) != 3 || to <= lo || from >= hi) continue;
-        const pte_t v = to_pte(parse_perms(perms));
-        for (std::size_t i = a.page_index(std::max<std::uintptr_t>(from, lo)), end = a.page_index(std::min<std::uintptr_t>(to, hi)); i < end; ++i)
-            a.pte[i].store(v, std::memory_order_relaxed);
+        const Prot kernel = parse_perms(perms);
+        for (std::size_t i = a.page_index(std::max<std::uintptr_t>(from, lo)), end = a.page_index(std::min<std::uintptr_t>(to, hi));
+             i < end; ++i)
+            a.pte[i].store(pte_with_prot(a.pte[i].load(std::memory_order_relaxed), kernel), std::memory_order_relaxed);
     }
 }
 
 // Gives every page of [r.start, r.end) the protection change(old) and records it, one mprotect per
-// run of pages that share their old protection. Under the write lock, so no PTE is locked. If the
-// kernel refuses partway, the PTEs are re-read from the kernel before the error is thrown.
+// run of pages that share their old protection; pages that change also get `flags`. Pages that
+// gain write access first give live snapshots what they need. Under the write lock, so no PTE is
+// locked. If the kernel refuses partway, the PTEs are re-read from the kernel before the error is
+// thrown.
 template <typename Change>
-std::size_t change_pages(ArenaCore& a, const char* call, Range r, Change change) {
+std::size_t change_pages(ArenaCore& a, const char* call, Range r, Change change, pte_t flags = 0) {
     std::size_t changed = 0;
     const std::size_t last = a.page_index(r.end);
     for (std::size_t i = a.page_index(r.start); i < last;) {
-        const pte_t old = a.pte[i].load(std::memory_order_relaxed);
+        const pte_t old_prot = pte_prot(a.pte[i].load(std::memory_order_relaxed));
         std::size_t j = i + 1;
-        while (j < last && a.pte[j].load(std::memory_order_relaxed) == old) ++j;
-        const Prot next = change(pte_to_prot(old));
-        if (next != pte_to_prot(old)) {
+        while (j < last && pte_prot(a.pte[j].load(std::memory_order_relaxed)) == old_prot) ++j;
+        const Prot next = change(pte_to_prot(old_prot));
+        if (next != pte_to_prot(old_prot)) {
+            if (allows(next, Prot::Write) && a.snapshot_count) {
+                std::uint32_t copies = 0;
+                for (std::size_t k = i; k < j; ++k)
+                    if (const int err = preserve_for_snapshots(a, k, a.pte[k].load(std::memory_order_relaxed), &copies))
+                        fail(err, "{}: cannot save page {:#x} for a snapshot", call, page_address(a, k));
+            }
             const long delta = map_count_delta(a, i, j, next);
             if (const int err = page_protect(page_address(a, i), (j - i) << g_page_shift, next)) {
                 resync_ptes(a, i, j);
@@ -258,7 +268,10 @@ std::size_t change_pages(ArenaCore& a, const char* call, Range r, Change change)
                      to_string(next));
             }
             map_budget_charge(a, delta);
-            for (std::size_t k = i; k < j; ++k) a.pte[k].store(to_pte(next), std::memory_order_relaxed);
+            for (std::size_t k = i; k < j; ++k) {
+                const pte_t old = a.pte[k].load(std::memory_order_relaxed);
+                a.pte[k].store(pte_with_prot(old, next) | flags, std::memory_order_relaxed);
+            }
             changed += j - i;
         }
         i = j;
@@ -266,26 +279,38 @@ std::size_t change_pages(ArenaCore& a, const char* call, Range r, Change change)
     return changed;
 }
 
-// Forgets the PTEs of a range that is PROT_NONE in the kernel again. Whole pages of the table are
-// handed back to the kernel (they read as zero again); the edges are cleared byte by byte, and only
-// where non-zero, so that clearing never makes an untouched part of the table resident.
+// What a PTE keeps when its page's content is discarded: a page that held data has changed.
+pte_t discarded(pte_t v) { return pte_t((v & kPteDirty) | ((v & kPtePopulated) ? kPteDirty : 0)); }
+
+// Forgets the PTEs of a range that is PROT_NONE and empty in the kernel again. A page of the table
+// that ends up all zero goes back to the kernel; reading the untouched parts of the table maps the
+// kernel's zero page, so clearing never makes the table resident.
 void clear_ptes(ArenaCore& a, Range r) {
-    std::size_t i = a.page_index(r.start);
     const std::size_t last = a.page_index(r.end);
-    const std::uintptr_t table = addr_of(a.pte);
-    const std::uintptr_t inner_first = (table + i + g_page_size - 1) & ~(g_page_size - 1);
-    const std::uintptr_t inner_last = (table + last) & ~(g_page_size - 1);
-    if (inner_first < inner_last) {
-        page_discard(inner_first, inner_last - inner_first);
-    }
-    for (; i < last; ++i) {
-        const std::uintptr_t at = table + i;
-        if (at >= inner_first && at < inner_last) {
-            i = inner_last - table - 1;
-            continue;
+    const std::size_t per_table_page = g_page_size;
+    for (std::size_t i = a.page_index(r.start); i < last;) {
+        const std::size_t block_end = std::min(last, (i / per_table_page + 1) * per_table_page);
+        bool kept = false;
+        for (std::size_t k = i; k < block_end; ++k) {
+            const pte_t v = a.pte[k].load(std::memory_order_relaxed);
+            if (!v) continue;
+            const pte_t n = discarded(v);
+            kept |= n != 0;
+            a.pte[k].store(n, std::memory_order_relaxed);
         }
-        if (a.pte[i].load(std::memory_order_relaxed)) a.pte[i].store(0, std::memory_order_relaxed);
+        if (!kept && i % per_table_page == 0 && block_end - i == per_table_page)
+            page_discard(addr_of(&a.pte[i]), g_page_size);
+        i = block_end;
     }
+}
+
+// Before pages of `r` lose their content: live snapshots take what they still read from them.
+void preserve_range(ArenaCore& a, const char* call, Range r) {
+    if (!a.snapshot_count) return;
+    std::uint32_t copies = 0;
+    for (std::size_t i = a.page_index(r.start), last = a.page_index(r.end); i < last; ++i)
+        if (const int err = preserve_for_snapshots(a, i, a.pte[i].load(std::memory_order_relaxed), &copies))
+            fail(err, "{}: cannot save page {:#x} for a snapshot", call, page_address(a, i));
 }
 
 // --- the tree ----------------------------------------------------------------------------------
@@ -499,6 +524,7 @@ void Arena::unmap(void* addr, std::size_t length) {
 
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
     covering_vmas(a, call, r);
+    preserve_range(a, call, r);
     change_pages(a, call, r, [](Prot) { return Prot::None; });
     page_discard(r.start, r.end - r.start);
     clear_ptes(a, r);
@@ -561,7 +587,7 @@ void Arena::verify() const {
     const std::size_t npages = a.page_index(a.end);
     for (std::size_t i = 0; i < npages; ++i) {
         const pte_t v = a.pte[i].load(std::memory_order_relaxed);
-        if (v == 0) continue;
+        if (pte_prot(v) == 0 && !(v & kPteLocked)) continue;
         const std::uintptr_t at = page_address(a, i);
         while (it != a.tree.end() && it->end <= at) ++it;
         const bool inside = it != a.tree.end() && it->start <= at;

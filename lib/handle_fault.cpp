@@ -14,6 +14,7 @@
 #include "find_vma.hpp"
 #include "map_budget.hpp"
 #include "page_ops.hpp"
+#include "snapshot.hpp"
 
 namespace usermm::detail {
 
@@ -78,14 +79,17 @@ std::uintptr_t page_addr(const ArenaCore& arena, std::size_t index) {
     return arena.base + (std::uintptr_t(index) << g_page_shift);
 }
 
-// Publishes `prot` for [first, last): the kernel already has it, so the PTEs may say so.
+// Publishes `prot` for the locked range: the kernel already has it, so the PTEs may say so.
 void publish(ArenaCore& arena, PageRange r, Prot prot) {
-    for (std::size_t i = r.first; i < r.last; ++i) arena.pte[i].store(to_pte(prot), kRelease);
+    for (std::size_t i = r.first; i < r.last; ++i) {
+        const pte_t old = arena.pte[i].load(kRelaxed) & ~kPteLocked;
+        arena.pte[i].store(pte_with_prot(old, prot), kRelease);
+    }
 }
 
-// Unlocks PTEs that were locked from value `was` and not changed.
-void unlock_unchanged(ArenaCore& arena, PageRange r, pte_t was) {
-    for (std::size_t i = r.first; i < r.last; ++i) arena.pte[i].store(was, kRelease);
+// Unlocks PTEs of the range as they were.
+void unlock_unchanged(ArenaCore& arena, PageRange r) {
+    for (std::size_t i = r.first; i < r.last; ++i) arena.pte[i].fetch_and(pte_t(~kPteLocked), kRelease);
 }
 
 // Extends a locked range over neighbours whose PTE is exactly `state`, locking each, without
@@ -127,6 +131,11 @@ int install(vm_fault& vmf, PageRange r, Prot prot, pte_t was, Budget budget) {
     ArenaCore& arena = *vmf.arena;
     const std::uintptr_t addr = page_addr(arena, r.first);
     const std::size_t len = (r.last - r.first) << g_page_shift;
+    // Nobody can write the locked pages yet; snapshots take what they need before anyone can.
+    if (allows(prot, Prot::Write) && arena.snapshot_count)
+        for (std::size_t i = r.first; i < r.last; ++i)
+            if (const int err = preserve_for_snapshots(arena, i, arena.pte[i].load(kRelaxed), &vmf.copies))
+                return err;
     ExclusiveGuard guard(arena.install_lock);
     const long delta = map_count_delta(arena, r.first, r.last, prot);
     if (budget == Budget::Exceed)
@@ -172,7 +181,7 @@ FaultResult do_degraded_fault(vm_fault& vmf, pte_t cur) {
     const std::size_t page = arena.page_index(vmf.address);
     const PageRange run = lock_neighbours(arena, {page, page + 1}, vma_pages(arena, *vmf.vma), cur);
     if (const int err = install(vmf, run, vmf.vma->prot, cur, Budget::Exceed)) {
-        if (err != kStateUnknown) unlock_unchanged(arena, run, cur);
+        if (err != kStateUnknown) unlock_unchanged(arena, run);
         return install_failed(vmf, err);
     }
     vmf.kind = FaultKind::Degraded;
@@ -191,8 +200,8 @@ FaultResult install_or_degrade(vm_fault& vmf, PageRange r, Prot prot, pte_t cur,
             return FaultResult::Resolved;
         }
         if (err == kStateUnknown) return install_failed(vmf, err);
-        unlock_unchanged(arena, {r.first, page}, cur);
-        unlock_unchanged(arena, {page + 1, r.last}, cur);
+        unlock_unchanged(arena, {r.first, page});
+        unlock_unchanged(arena, {page + 1, r.last});
         if (r.last - r.first == 1) return do_degraded_fault(vmf, cur);
         r = {page, page + 1};
     }

@@ -1,7 +1,10 @@
 #include "page_ops.hpp"
 
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 
 #include "pte.hpp"
@@ -45,6 +48,43 @@ int page_protect(std::uintptr_t addr, std::size_t len, Prot prot) {
 
 int page_discard(std::uintptr_t addr, std::size_t len) {
     return result(madvise(reinterpret_cast<void*>(addr), len, MADV_DONTNEED));
+}
+
+namespace {
+constinit std::atomic<int> g_self_mem{-1};
+
+// pread/pwrite until done; a short transfer means part of the range is not mapped.
+template <typename Io, typename Buf>
+int transfer(Io io, std::uintptr_t addr, Buf buf, std::size_t len) {
+    const int fd = g_self_mem.load(std::memory_order_relaxed);
+    if (fd < 0) return EBADF;
+    while (len) {
+        const ssize_t n = io(fd, buf, len, off_t(addr));
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) return errno;
+        if (n == 0) return EFAULT;
+        addr += std::size_t(n);
+        buf += n;
+        len -= std::size_t(n);
+    }
+    return 0;
+}
+}  // namespace
+
+int page_open_self_mem() {
+    const int fd = open("/proc/self/mem", O_RDWR | O_CLOEXEC);
+    if (fd < 0) return errno;
+    const int old = g_self_mem.exchange(fd);
+    if (old >= 0) close(old);
+    return 0;
+}
+
+int page_read_raw(std::uintptr_t addr, void* dst, std::size_t len) {
+    return transfer(pread, addr, static_cast<char*>(dst), len);
+}
+
+int page_write_raw(std::uintptr_t addr, const void* src, std::size_t len) {
+    return transfer(pwrite, addr, static_cast<const char*>(src), len);
 }
 
 }  // namespace usermm::detail

@@ -6,6 +6,14 @@
 // that of several threads faulting the same page one resolves it and the others wait and then find
 // it resolved; the new protection and the unlock are published by one release store, after the
 // kernel call that made them true.
+//
+// The other bits remember what the protection alone does not say:
+//  - populated: write access was granted since the page was last discarded, so the kernel may hold
+//    data for it (a page without it reads as zeros, whatever its protection);
+//  - write-tracked: write access is withheld only so that the next write is seen (a snapshot needs
+//    the old content first, or collect_dirty() wants to know);
+//  - dirty-snapshot / dirty-collect: write access was granted (or the content discarded) since the
+//    arena's last snapshot / since the last collect_dirty() that covered the page.
 #pragma once
 
 #include <sys/mman.h>
@@ -20,12 +28,26 @@ namespace usermm::detail {
 using pte_t = std::uint8_t;
 using Pte = std::atomic<pte_t>;
 
-inline constexpr pte_t kPteProt = 0x7;   // Prot bits the kernel grants now
-inline constexpr pte_t kPteLocked = 0x80;  // a fault is installing this page
+inline constexpr pte_t kPteProt = 0x7;           // Prot bits the kernel grants now
+inline constexpr pte_t kPtePopulated = 0x08;
+inline constexpr pte_t kPteWriteTracked = 0x10;
+inline constexpr pte_t kPteDirtySnapshot = 0x20;
+inline constexpr pte_t kPteDirtyCollect = 0x40;
+inline constexpr pte_t kPteDirty = kPteDirtySnapshot | kPteDirtyCollect;
+inline constexpr pte_t kPteLocked = 0x80;        // a fault is installing this page
+inline constexpr pte_t kPteFlags = pte_t(~kPteProt & ~kPteLocked);
 
 inline constexpr pte_t pte_prot(pte_t v) { return v & kPteProt; }
 inline constexpr pte_t to_pte(Prot p) { return pte_t(unsigned(p) & kPteProt); }
 inline constexpr Prot pte_to_prot(pte_t v) { return Prot(v & kPteProt); }
+
+// The PTE of a page whose kernel protection became `prot`, from its value `old` (lock bit clear).
+// Granting write makes the page populated and dirty and ends write tracking.
+inline constexpr pte_t pte_with_prot(pte_t old, Prot prot) {
+    const pte_t flags = old & kPteFlags;
+    if (!allows(prot, Prot::Write)) return flags | to_pte(prot);
+    return pte_t((flags & ~kPteWriteTracked) | kPtePopulated | kPteDirty | to_pte(prot));
+}
 
 inline constexpr int to_mmap_prot(Prot p) {
     return (allows(p, Prot::Read) ? PROT_READ : 0) | (allows(p, Prot::Write) ? PROT_WRITE : 0) |

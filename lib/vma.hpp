@@ -36,6 +36,9 @@ struct VmaEndKey {
 };
 using VmaTree = bi::set<Vma, bi::key_of_value<VmaEndKey>, bi::constant_time_size<true>>;
 
+struct SnapshotCore;
+inline constexpr std::size_t kMaxSnapshots = 64;
+
 struct ArenaCore {
     std::uintptr_t base = 0;
     std::uintptr_t end = 0;
@@ -50,6 +53,9 @@ struct ArenaCore {
     // neighbouring faults never count against the same stale neighbour (see install()).
     SpinLock install_lock;
     Counters stats;
+    // Live snapshots, changed only under the write lock; faults read them under the read lock.
+    SnapshotCore* snapshots[kMaxSnapshots] = {};
+    std::size_t snapshot_count = 0;
     std::uintptr_t next_hint = 0;  // API world only: where map() looks for room first
 
     std::size_t page_index(std::uintptr_t addr) const;

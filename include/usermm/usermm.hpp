@@ -65,6 +65,10 @@ std::string to_string(Prot p);
     X(degraded_faults, "faults resolved coarsely to stay within the kernel's mapping budget")  \
     X(degraded_pages, "pages handed to the kernel's own demand paging by degraded faults")     \
     X(prefault_pages, "pages made accessible ahead of time by prefault()")                     \
+    X(cow_faults, "writes that first copied a page into snapshots (copy-before-write)")        \
+    X(cow_bytes_copied, "bytes copied into snapshots before writes")                           \
+    X(pages_restored, "pages written back into the arena by restore()")                        \
+    X(dirty_pages_collected, "pages reported by collect_dirty()")                              \
     X(handler_ns, "nanoseconds spent in the fault handler")
 
 inline constexpr std::size_t kLatencyBuckets = 16;

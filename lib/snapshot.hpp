@@ -1,0 +1,54 @@
+// Snapshots: the state a fault needs to keep a point-in-time view of arena pages.
+//
+// A snapshot covers pages [first, last) of its arena. For each of them a slot says where the
+// snapshot's content of that page is now:
+//  - kSlotInArena: the arena page has not changed since the snapshot; read it there. Write access
+//    to such a page is withheld (write-tracked) until the slot changes.
+//  - kSlotCopied: the old content was copied into the snapshot's store (copy-before-write).
+//  - kSlotZero: the page held nothing at the snapshot (never written, or discarded since).
+// A slot is locked (kSlotBusy) while its content moves, by a fault copying it or by a reader
+// copying from the arena, so that a reader never sees half a write.
+//
+// The store is address space reserved with MAP_NORESERVE, one page per covered page: only pages
+// actually copied cost memory. Store and slots exist before the snapshot is visible to any fault.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+
+#include "counters.hpp"
+#include "vma.hpp"
+
+namespace usermm::detail {
+
+using slot_t = std::uint8_t;
+inline constexpr slot_t kSlotInArena = 0;
+inline constexpr slot_t kSlotCopied = 1;
+inline constexpr slot_t kSlotZero = 2;
+inline constexpr slot_t kSlotBusy = 0x80;
+
+struct SnapshotCore {
+    ArenaCore* arena = nullptr;  // nullptr once the arena is gone (every slot then holds its content)
+    std::size_t first = 0;       // arena page indices
+    std::size_t last = 0;
+    std::uint64_t sequence = 0;  // 1, 2, ... per arena, in the order snapshots were taken
+    std::byte* store = nullptr;  // (last - first) pages, MAP_NORESERVE
+    std::atomic<slot_t>* slots = nullptr;
+    // Pages changed between the arena's previous snapshot and this one (bit per page), for
+    // incremental images.
+    std::uint64_t* changed = nullptr;
+    Counters stats;  // cow_faults, cow_bytes_copied, pages_restored of this snapshot
+
+    bool covers(std::size_t page) const { return page >= first && page < last; }
+    std::atomic<slot_t>& slot(std::size_t page) const { return slots[page - first]; }
+    std::byte* stored(std::size_t page) const { return store + ((page - first) << g_page_shift); }
+};
+
+// Fault world (also used by the API under the write lock). Before arena page `page`, whose PTE is
+// `pte`, can change (write access, discard, restore; the caller holds the PTE lock or the write
+// lock): every live snapshot that still reads the page from the arena gets its content now.
+// Adds the number of copies made to *copies; returns 0 or the errno of a failed read of the page.
+int preserve_for_snapshots(ArenaCore& arena, std::size_t page, pte_t pte, std::uint32_t* copies);
+
+}  // namespace usermm::detail

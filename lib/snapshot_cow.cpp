@@ -1,0 +1,58 @@
+// Copy-before-write: the part of the kernel's do_wp_page that a snapshot needs. Runs in the fault
+// world, and in the API world under the arena's write lock.
+#include <cstring>
+
+#include "page_ops.hpp"
+#include "snapshot.hpp"
+
+namespace usermm::detail {
+
+namespace {
+
+// A readable page is copied directly; one whose protection forbids reading (it was protected
+// None, or reset by restore) is read through the kernel, since touching it here would fault
+// inside the fault handler.
+int copy_page(std::uintptr_t addr, pte_t pte, std::byte* dst) {
+    if (allows(pte_to_prot(pte), Prot::Read)) {
+        std::memcpy(dst, reinterpret_cast<const void*>(addr), g_page_size);
+        return 0;
+    }
+    return page_read_raw(addr, dst, g_page_size);
+}
+
+}  // namespace
+
+int preserve_for_snapshots(ArenaCore& arena, std::size_t page, pte_t pte, std::uint32_t* copies) {
+    const std::uintptr_t addr = arena.base + (std::uintptr_t(page) << g_page_shift);
+    for (std::size_t i = 0; i < arena.snapshot_count; ++i) {
+        SnapshotCore& snap = *arena.snapshots[i];
+        if (!snap.covers(page)) continue;
+        std::atomic<slot_t>& slot = snap.slot(page);
+        for (unsigned spins = 0;; ++spins) {
+            slot_t v = slot.load(std::memory_order_acquire);
+            if (v == kSlotCopied || v == kSlotZero) break;
+            if (v & kSlotBusy) {  // a reader is copying the page out of the arena; it does not fault
+                spin_backoff(spins);
+                continue;
+            }
+            if (!slot.compare_exchange_weak(v, kSlotBusy, std::memory_order_acquire, std::memory_order_relaxed))
+                continue;
+            if (!(pte & kPtePopulated)) {
+                slot.store(kSlotZero, std::memory_order_release);
+                break;
+            }
+            if (const int err = copy_page(addr, pte, snap.stored(page))) {
+                slot.store(kSlotInArena, std::memory_order_release);
+                return err;
+            }
+            slot.store(kSlotCopied, std::memory_order_release);
+            snap.stats.cow_faults.fetch_add(1, std::memory_order_relaxed);
+            snap.stats.cow_bytes_copied.fetch_add(g_page_size, std::memory_order_relaxed);
+            ++*copies;
+            break;
+        }
+    }
+    return 0;
+}
+
+}  // namespace usermm::detail
