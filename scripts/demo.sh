@@ -4,6 +4,6 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 "$root/scripts/install-deps.sh"
-cmake -S "$root" -B "$root/build" -DCMAKE_BUILD_TYPE=Release -DUSERMM_BUILD_TESTS=OFF -DUSERMM_BUILD_PERF=OFF >/dev/null
-cmake --build "$root/build" -j"$(nproc)" --target usermm-demo >/dev/null
-"$root/build/demo/usermm-demo" "${1:-lazy}"
+cmake -S "$root" -B "$root/build-demo" -DCMAKE_BUILD_TYPE=Release -DUSERMM_BUILD_TESTS=OFF -DUSERMM_BUILD_PERF=OFF >/dev/null
+cmake --build "$root/build-demo" -j"$(nproc)" --target usermm-demo >/dev/null
+"$root/build-demo/demo/usermm-demo" "${1:-lazy}"
