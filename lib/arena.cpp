@@ -25,6 +25,7 @@
 #include <string>
 
 #include "account.hpp"
+#include "arena_ops.hpp"
 #include "fault_entry.hpp"
 #include "find_vma.hpp"
 #include "map_budget.hpp"
@@ -36,11 +37,6 @@ namespace usermm {
 using namespace detail;
 
 namespace {
-
-template <typename... Args>
-[[noreturn]] void fail(int err, fmt::format_string<Args...> format, Args&&... args) {
-    throw Error(err, fmt::format(format, std::forward<Args>(args)...));
-}
 
 // --- process-wide set-up ---------------------------------------------------------------------
 
@@ -88,16 +84,6 @@ void fork_release() {
     reg.lock.unlock();
 }
 
-// Kernel mappings inside [lo, hi) now.
-long count_mappings_within(std::uintptr_t lo, std::uintptr_t hi) {
-    std::ifstream in("/proc/self/maps");
-    long n = 0;
-    for (std::string line; std::getline(in, line);) {
-        unsigned long from = 0, to = 0;
-        if (std::sscanf(line.c_str(), "%lx-%lx", &from, &to) == 2 && from < hi && to > lo) ++n;
-    }
-    return n;
-}
 
 // The child's copy of every arena is complete (no fault was in flight); what changes is how the
 // kernel will merge its pieces (see map_budget_after_fork). glibc makes malloc usable in the child
@@ -116,7 +102,9 @@ void print_stats_at_exit() {
     std::fprintf(stderr, "usermm process stats\n%s", table.c_str());
 }
 
-void init_process() {
+}  // namespace
+
+void detail::init_process() {
     static std::once_flag once;
     std::call_once(once, [] {
         const long ps = sysconf(_SC_PAGESIZE);
@@ -129,256 +117,6 @@ void init_process() {
             std::atexit(print_stats_at_exit);
     });
 }
-
-// Holds one of usermm's locks with the asynchronous signals blocked. A signal handler that touched
-// arena memory while this thread holds the write side would fault into a lock its own thread holds;
-// the kernel, likewise, never runs a handler while it holds mmap_lock. Synchronous signals stay
-// deliverable: blocking them would not stop them, only make the kernel kill the process.
-template <typename Guard>
-class ApiGuard {
-public:
-    explicit ApiGuard(RwSpinLock& lock) : mask_(block_async_signals()), guard_(lock) {}
-    ~ApiGuard() = default;
-    ApiGuard(const ApiGuard&) = delete;
-    ApiGuard& operator=(const ApiGuard&) = delete;
-
-private:
-    class SavedMask {
-    public:
-        explicit SavedMask(const sigset_t& saved) : saved_(saved) {}
-        ~SavedMask() { pthread_sigmask(SIG_SETMASK, &saved_, nullptr); }
-        SavedMask(const SavedMask&) = delete;
-        SavedMask& operator=(const SavedMask&) = delete;
-
-    private:
-        sigset_t saved_;
-    };
-
-    static sigset_t block_async_signals() {
-        sigset_t all, saved;
-        sigfillset(&all);
-        for (int sig : {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGTRAP, SIGSYS}) sigdelset(&all, sig);
-        pthread_sigmask(SIG_BLOCK, &all, &saved);
-        return saved;
-    }
-
-    SavedMask mask_;  // declared first: restored after the lock is released
-    Guard guard_;
-};
-
-// --- arguments -------------------------------------------------------------------------------
-
-std::uintptr_t addr_of(const void* p) { return reinterpret_cast<std::uintptr_t>(p); }
-void* ptr_of(std::uintptr_t a) { return reinterpret_cast<void*>(a); }
-
-// A validated, page-rounded byte range inside the arena.
-struct Range {
-    std::uintptr_t start;
-    std::uintptr_t end;
-};
-
-std::size_t round_up_length(const char* call, std::size_t length, std::uintptr_t addr, const char* name = "length") {
-    if (length == 0) fail(EINVAL, "{}: {} is zero (addr {:#x})", call, name, addr);
-    if (length > std::numeric_limits<std::size_t>::max() - g_page_size)
-        fail(EINVAL, "{}: {} {:#x} overflows (addr {:#x})", call, name, length, addr);
-    return (length + g_page_size - 1) & ~(g_page_size - 1);
-}
-
-Range check_range(const ArenaCore& a, const char* call, const void* addr, std::size_t length) {
-    const std::uintptr_t start = addr_of(addr);
-    if (start & (g_page_size - 1)) fail(EINVAL, "{}: addr {:#x} is not page-aligned", call, start);
-    const std::size_t len = round_up_length(call, length, start);
-    if (start < a.base || start >= a.end || len > a.end - start)
-        fail(EINVAL, "{}: range addr {:#x} + length {:#x} is outside the arena [{:#x}, {:#x})", call, start, length,
-             a.base, a.end);
-    return {start, start + len};
-}
-
-Prot check_prot(const char* call, Prot prot, std::uintptr_t addr) {
-    if (unsigned(prot) & ~7u) fail(EINVAL, "{}: prot {:#x} has unknown bits (addr {:#x})", call, unsigned(prot), addr);
-    return normalize(prot);
-}
-
-// The VMAs covering [r.start, r.end) in order; throws if any byte of it is not mapped.
-std::vector<Vma*> covering_vmas(ArenaCore& a, const char* call, Range r) {
-    std::vector<Vma*> out;
-    std::uintptr_t at = r.start;
-    for (auto it = a.tree.upper_bound(r.start); at < r.end; ++it) {
-        if (it == a.tree.end() || it->start > at)
-            fail(ENOMEM, "{}: address {:#x} in range [{:#x}, {:#x}) is not mapped", call, at, r.start, r.end);
-        out.push_back(&*it);
-        at = it->end;
-    }
-    return out;
-}
-
-// --- pages -------------------------------------------------------------------------------------
-
-std::uintptr_t page_address(const ArenaCore& a, std::size_t index) {
-    return a.base + (std::uintptr_t(index) << g_page_shift);
-}
-
-Prot parse_perms(const char* perms) {
-    return (perms[0] == 'r' ? Prot::Read : Prot::None) | (perms[1] == 'w' ? Prot::Write : Prot::None) |
-           (perms[2] == 'x' ? Prot::Exec : Prot::None);
-}
-
-// After a refused mprotect, which may have changed a prefix of its range: the PTEs of pages
-// [first, last) take whatever protection the kernel now has for them.
-void resync_ptes(ArenaCore& a, std::size_t first, std::size_t last) {
-    const std::uintptr_t lo = page_address(a, first), hi = page_address(a, last);
-    std::ifstream maps("/proc/self/maps");
-    for (std::string line; std::getline(maps, line);) {
-        unsigned long from = 0, to = 0;
-        char perms[5] = {};
-        if (std::sscanf(line.c_str(), "%lx-%lx %4s", &from, &to, perms) != 3 || to <= lo || from >= hi) continue;
-        const Prot kernel = parse_perms(perms);
-        for (std::size_t i = a.page_index(std::max<std::uintptr_t>(from, lo)), end = a.page_index(std::min<std::uintptr_t>(to, hi));
-             i < end; ++i)
-            a.pte[i].store(pte_with_prot(a.pte[i].load(std::memory_order_relaxed), kernel), std::memory_order_relaxed);
-    }
-}
-
-// Gives every page of [r.start, r.end) the protection change(old) and records it, one mprotect per
-// run of pages that share their old protection; pages that change also get `flags`. Pages that
-// gain write access first give live snapshots what they need. Under the write lock, so no PTE is
-// locked. If the kernel refuses partway, the PTEs are re-read from the kernel before the error is
-// thrown.
-template <typename Change>
-std::size_t change_pages(ArenaCore& a, const char* call, Range r, Change change, pte_t flags = 0) {
-    std::size_t changed = 0;
-    const std::size_t last = a.page_index(r.end);
-    for (std::size_t i = a.page_index(r.start); i < last;) {
-        const pte_t old_prot = pte_prot(a.pte[i].load(std::memory_order_relaxed));
-        std::size_t j = i + 1;
-        while (j < last && pte_prot(a.pte[j].load(std::memory_order_relaxed)) == old_prot) ++j;
-        const Prot next = change(pte_to_prot(old_prot));
-        if (next != pte_to_prot(old_prot)) {
-            if (allows(next, Prot::Write) && a.snapshot_count) {
-                std::uint32_t copies = 0;
-                for (std::size_t k = i; k < j; ++k)
-                    if (const int err = preserve_for_snapshots(a, k, a.pte[k].load(std::memory_order_relaxed), &copies))
-                        fail(err, "{}: cannot save page {:#x} for a snapshot", call, page_address(a, k));
-            }
-            const long delta = map_count_delta(a, i, j, next);
-            if (const int err = page_protect(page_address(a, i), (j - i) << g_page_shift, next)) {
-                resync_ptes(a, i, j);
-                map_budget_charge(a, count_mappings_within(a.base, a.end) + 1 - a.kernel_maps.load());
-                fail(err, "{}: mprotect of [{:#x}, {:#x}) to {} failed", call, page_address(a, i), page_address(a, j),
-                     to_string(next));
-            }
-            map_budget_charge(a, delta);
-            for (std::size_t k = i; k < j; ++k) {
-                const pte_t old = a.pte[k].load(std::memory_order_relaxed);
-                a.pte[k].store(pte_with_prot(old, next) | flags, std::memory_order_relaxed);
-            }
-            changed += j - i;
-        }
-        i = j;
-    }
-    return changed;
-}
-
-// What a PTE keeps when its page's content is discarded: a page that held data has changed.
-pte_t discarded(pte_t v) { return pte_t((v & kPteDirty) | ((v & kPtePopulated) ? kPteDirty : 0)); }
-
-// Forgets the PTEs of a range that is PROT_NONE and empty in the kernel again. A page of the table
-// that ends up all zero goes back to the kernel; reading the untouched parts of the table maps the
-// kernel's zero page, so clearing never makes the table resident.
-void clear_ptes(ArenaCore& a, Range r) {
-    const std::size_t last = a.page_index(r.end);
-    const std::size_t per_table_page = g_page_size;
-    for (std::size_t i = a.page_index(r.start); i < last;) {
-        const std::size_t block_end = std::min(last, (i / per_table_page + 1) * per_table_page);
-        bool kept = false;
-        for (std::size_t k = i; k < block_end; ++k) {
-            const pte_t v = a.pte[k].load(std::memory_order_relaxed);
-            if (!v) continue;
-            const pte_t n = discarded(v);
-            kept |= n != 0;
-            a.pte[k].store(n, std::memory_order_relaxed);
-        }
-        if (!kept && i % per_table_page == 0 && block_end - i == per_table_page)
-            page_discard(addr_of(&a.pte[i]), g_page_size);
-        i = block_end;
-    }
-}
-
-// Before pages of `r` lose their content: live snapshots take what they still read from them.
-void preserve_range(ArenaCore& a, const char* call, Range r) {
-    if (!a.snapshot_count) return;
-    std::uint32_t copies = 0;
-    for (std::size_t i = a.page_index(r.start), last = a.page_index(r.end); i < last; ++i)
-        if (const int err = preserve_for_snapshots(a, i, a.pte[i].load(std::memory_order_relaxed), &copies))
-            fail(err, "{}: cannot save page {:#x} for a snapshot", call, page_address(a, i));
-}
-
-// --- the tree ----------------------------------------------------------------------------------
-
-void set_name(Vma& v, std::string_view name) {
-    const std::size_t n = std::min(name.size(), kVmaNameMax - 1);
-    if (n) std::memcpy(v.name, name.data(), n);  // an empty view may have no data pointer
-    v.name[n] = 0;
-}
-
-bool mergeable(const Vma& lo, const Vma& hi) {
-    return lo.end == hi.start && lo.prot == hi.prot && lo.fault_around_pages == hi.fault_around_pages &&
-           std::strcmp(lo.name, hi.name) == 0;
-}
-
-// Splits the VMA containing `at` (if `at` is inside it, not at its start) into [start, at) and
-// [at, end). The upper part keeps the node, its key and its counters; `spare` becomes the lower.
-void split_at(ArenaCore& a, std::uintptr_t at, std::unique_ptr<Vma>& spare) {
-    auto it = a.tree.upper_bound(at);
-    if (it == a.tree.end() || it->start >= at) return;
-    Vma* lower = spare.release();
-    lower->start = it->start;
-    lower->end = at;
-    lower->prot = it->prot;
-    lower->fault_around_pages = it->fault_around_pages;
-    std::memcpy(lower->name, it->name, kVmaNameMax);
-    it->start = at;
-    a.tree.insert(*lower);
-}
-
-// Merges neighbouring VMAs in and around [start, end) where the kernel would (same protection, name
-// and fault-around). The upper node survives, so no key changes; it keeps the sum of the counters.
-void merge_range(ArenaCore& a, std::uintptr_t start, std::uintptr_t end) {
-    auto it = a.tree.upper_bound(start);
-    if (it != a.tree.begin()) --it;
-    while (it != a.tree.end() && it->start <= end) {
-        auto next = std::next(it);
-        if (next == a.tree.end()) break;
-        if (mergeable(*it, *next)) {
-            next->start = it->start;
-            next->stats.add(it->stats.load());
-            Vma* dead = &*it;
-            it = a.tree.erase(it);
-            delete dead;
-        } else {
-            it = next;
-        }
-    }
-}
-
-bool range_free(ArenaCore& a, std::uintptr_t start, std::size_t len) {
-    const Vma* v = find_vma(a, start);
-    return !v || v->start >= start + len;
-}
-
-// First fit above the last placement, then from the arena's base.
-std::uintptr_t find_free(ArenaCore& a, std::uintptr_t hint, std::size_t len) {
-    if (hint >= a.base && hint <= a.end && len <= a.end - hint && range_free(a, hint, len)) return hint;
-    std::uintptr_t gap = a.base;
-    for (const Vma& v : a.tree) {
-        if (v.start - gap >= len) return gap;
-        gap = v.end;
-    }
-    if (a.end - gap >= len) return gap;
-    return 0;
-}
-
-}  // namespace
 
 std::size_t page_size() {
     init_process();

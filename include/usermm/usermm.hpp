@@ -15,7 +15,9 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <span>
 #include <string>
 #include <string_view>
 #include <system_error>
@@ -26,6 +28,7 @@ namespace usermm {
 namespace detail {
 struct ArenaCore;
 struct ArenaAccess;
+struct SnapshotCore;
 }
 
 // Access rights of a VMA, with mmap(2)'s meaning. As on x86-64, Write and Exec imply Read: a VMA
@@ -114,6 +117,56 @@ struct VmaInfo {
     Stats stats;
 };
 
+class Arena;
+
+// A point-in-time view of a range of an arena, taken without fork(): at snapshot() the pages that
+// could be written without a fault lose write access; the first write to a page afterwards copies
+// its old content into the snapshot (copy-before-write) and then goes on. A snapshot costs the pages
+// written after it, plus one byte per covered page. Several may be live at once. The destructor
+// releases the copies and gives write access back where no other snapshot needs it.
+class Snapshot {
+public:
+    Snapshot(Snapshot&&) noexcept;
+    Snapshot& operator=(Snapshot&&) noexcept;
+    Snapshot(const Snapshot&) = delete;
+    Snapshot& operator=(const Snapshot&) = delete;
+    ~Snapshot();
+
+    void* start() const;
+    std::size_t length() const;
+    // 1, 2, ... in the order snapshots of the same arena were taken.
+    std::uint64_t sequence() const;
+
+    // Copies the content [addr, addr + length) had when the snapshot was taken, whatever has been
+    // written since. The range must lie inside the snapshot.
+    void read(const void* addr, void* buffer, std::size_t length) const;
+    // Calls fn(page address, page content as of the snapshot) for every page of the snapshot that
+    // was not all zeros (pages never written are skipped), in address order. The span is valid
+    // only during the call.
+    void for_each_page(const std::function<void(const void* addr, std::span<const std::byte> page)>& fn) const;
+    // Writes a checkpoint image (format: README, "Snapshot images") of the snapshot to `fd`, while
+    // other threads keep writing the arena. With `previous` (an earlier snapshot of the same range,
+    // still live), writes an increment holding only the pages changed between the two.
+    void write_to(int fd) const;
+    void write_to(int fd, const Snapshot& previous) const;
+
+    // cow_faults (pages copied into this snapshot), cow_bytes_copied, pages_restored.
+    Stats stats() const;
+
+private:
+    friend class Arena;
+    explicit Snapshot(std::shared_ptr<detail::SnapshotCore> core);
+    std::shared_ptr<detail::SnapshotCore> core_;
+};
+
+// Pages written since the previous collect_dirty() of the range (or since they were mapped).
+struct DirtySet {
+    std::vector<void*> pages;  // page addresses, ascending
+    std::size_t size() const { return pages.size(); }
+    bool empty() const { return pages.empty(); }
+    bool contains(const void* page_addr) const;
+};
+
 class Arena {
 public:
     // Reserves `size` bytes (rounded up to pages) of PROT_NONE address space.
@@ -140,6 +193,20 @@ public:
     // VMAs must allow `access`. Memory is still committed by the kernel only when touched.
     void prefault(void* addr, std::size_t length, Prot access);
 
+    // A snapshot of the whole arena, or of [addr, addr + length).
+    Snapshot snapshot();
+    Snapshot snapshot(void* addr, std::size_t length);
+    // Makes the snapshot's range equal to the snapshot again (VMAs and content). Only pages changed
+    // since the snapshot are written; threads touching the range meanwhile wait in the fault path
+    // and see either the old or the restored content of a page. The snapshot stays valid.
+    void restore(const Snapshot& snapshot);
+    // Pages of [addr, addr + length) written since the last collection; re-arms tracking, so the
+    // next write to each of them is seen again (Boehm GC's dirty bits, the kernel's soft-dirty).
+    DirtySet collect_dirty(void* addr, std::size_t length);
+    // A new arena from a full image and the increments after it, in order (files written by
+    // Snapshot::write_to). Throws if an image is truncated, corrupted or out of order.
+    static Arena load(std::span<const int> image_fds);
+
     Stats stats() const;
     std::vector<VmaInfo> vmas() const;
     // Checks that the VMA tree, the per-page state and the kernel's mappings (/proc/self/maps)
@@ -148,6 +215,7 @@ public:
 
 private:
     friend struct detail::ArenaAccess;
+    friend class Snapshot;
     std::unique_ptr<detail::ArenaCore> core_;
 };
 

@@ -1,0 +1,186 @@
+#include "arena_ops.hpp"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <limits>
+#include <string>
+
+#include "find_vma.hpp"
+
+namespace usermm::detail {
+
+// Kernel mappings inside [lo, hi) now.
+long count_mappings_within(std::uintptr_t lo, std::uintptr_t hi) {
+    std::ifstream in("/proc/self/maps");
+    long n = 0;
+    for (std::string line; std::getline(in, line);) {
+        unsigned long from = 0, to = 0;
+        if (std::sscanf(line.c_str(), "%lx-%lx", &from, &to) == 2 && from < hi && to > lo) ++n;
+    }
+    return n;
+}
+
+
+
+
+std::size_t round_up_length(const char* call, std::size_t length, std::uintptr_t addr, const char* name) {
+    if (length == 0) fail(EINVAL, "{}: {} is zero (addr {:#x})", call, name, addr);
+    if (length > std::numeric_limits<std::size_t>::max() - g_page_size)
+        fail(EINVAL, "{}: {} {:#x} overflows (addr {:#x})", call, name, length, addr);
+    return (length + g_page_size - 1) & ~(g_page_size - 1);
+}
+
+Range check_range(const ArenaCore& a, const char* call, const void* addr, std::size_t length) {
+    const std::uintptr_t start = addr_of(addr);
+    if (start & (g_page_size - 1)) fail(EINVAL, "{}: addr {:#x} is not page-aligned", call, start);
+    const std::size_t len = round_up_length(call, length, start);
+    if (start < a.base || start >= a.end || len > a.end - start)
+        fail(EINVAL, "{}: range addr {:#x} + length {:#x} is outside the arena [{:#x}, {:#x})", call, start, length,
+             a.base, a.end);
+    return {start, start + len};
+}
+
+Prot check_prot(const char* call, Prot prot, std::uintptr_t addr) {
+    if (unsigned(prot) & ~7u) fail(EINVAL, "{}: prot {:#x} has unknown bits (addr {:#x})", call, unsigned(prot), addr);
+    return normalize(prot);
+}
+
+// The VMAs covering [r.start, r.end) in order; throws if any byte of it is not mapped.
+std::vector<Vma*> covering_vmas(ArenaCore& a, const char* call, Range r) {
+    std::vector<Vma*> out;
+    std::uintptr_t at = r.start;
+    for (auto it = a.tree.upper_bound(r.start); at < r.end; ++it) {
+        if (it == a.tree.end() || it->start > at)
+            fail(ENOMEM, "{}: address {:#x} in range [{:#x}, {:#x}) is not mapped", call, at, r.start, r.end);
+        out.push_back(&*it);
+        at = it->end;
+    }
+    return out;
+}
+
+// --- pages -------------------------------------------------------------------------------------
+
+
+Prot parse_perms(const char* perms) {
+    return (perms[0] == 'r' ? Prot::Read : Prot::None) | (perms[1] == 'w' ? Prot::Write : Prot::None) |
+           (perms[2] == 'x' ? Prot::Exec : Prot::None);
+}
+
+// After a refused mprotect, which may have changed a prefix of its range: the PTEs of pages
+// [first, last) take whatever protection the kernel now has for them.
+void resync_ptes(ArenaCore& a, std::size_t first, std::size_t last) {
+    const std::uintptr_t lo = page_address(a, first), hi = page_address(a, last);
+    std::ifstream maps("/proc/self/maps");
+    for (std::string line; std::getline(maps, line);) {
+        unsigned long from = 0, to = 0;
+        char perms[5] = {};
+        if (std::sscanf(line.c_str(), "%lx-%lx %4s", &from, &to, perms) != 3 || to <= lo || from >= hi) continue;
+        const Prot kernel = parse_perms(perms);
+        for (std::size_t i = a.page_index(std::max<std::uintptr_t>(from, lo)), end = a.page_index(std::min<std::uintptr_t>(to, hi));
+             i < end; ++i)
+            a.pte[i].store(pte_with_prot(a.pte[i].load(std::memory_order_relaxed), kernel), std::memory_order_relaxed);
+    }
+}
+
+// What a PTE keeps when its page's content is discarded: a page that held data has changed.
+pte_t discarded(pte_t v) { return pte_t((v & kPteDirty) | ((v & kPtePopulated) ? kPteDirty : 0)); }
+
+// Forgets the PTEs of a range that is PROT_NONE and empty in the kernel again. A page of the table
+// that ends up all zero goes back to the kernel; reading the untouched parts of the table maps the
+// kernel's zero page, so clearing never makes the table resident.
+void clear_ptes(ArenaCore& a, Range r) {
+    const std::size_t last = a.page_index(r.end);
+    const std::size_t per_table_page = g_page_size;
+    for (std::size_t i = a.page_index(r.start); i < last;) {
+        const std::size_t block_end = std::min(last, (i / per_table_page + 1) * per_table_page);
+        bool kept = false;
+        for (std::size_t k = i; k < block_end; ++k) {
+            const pte_t v = a.pte[k].load(std::memory_order_relaxed);
+            if (!v) continue;
+            const pte_t n = discarded(v);
+            kept |= n != 0;
+            a.pte[k].store(n, std::memory_order_relaxed);
+        }
+        if (!kept && i % per_table_page == 0 && block_end - i == per_table_page)
+            page_discard(addr_of(&a.pte[i]), g_page_size);
+        i = block_end;
+    }
+}
+
+// Before pages of `r` lose their content: live snapshots take what they still read from them.
+void preserve_range(ArenaCore& a, const char* call, Range r) {
+    if (!a.snapshot_count) return;
+    std::uint32_t copies = 0;
+    for (std::size_t i = a.page_index(r.start), last = a.page_index(r.end); i < last; ++i)
+        if (const int err = preserve_for_snapshots(a, i, a.pte[i].load(std::memory_order_relaxed), &copies))
+            fail(err, "{}: cannot save page {:#x} for a snapshot", call, page_address(a, i));
+}
+
+// --- the tree ----------------------------------------------------------------------------------
+
+void set_name(Vma& v, std::string_view name) {
+    const std::size_t n = std::min(name.size(), kVmaNameMax - 1);
+    if (n) std::memcpy(v.name, name.data(), n);  // an empty view may have no data pointer
+    v.name[n] = 0;
+}
+
+bool mergeable(const Vma& lo, const Vma& hi) {
+    return lo.end == hi.start && lo.prot == hi.prot && lo.fault_around_pages == hi.fault_around_pages &&
+           std::strcmp(lo.name, hi.name) == 0;
+}
+
+// Splits the VMA containing `at` (if `at` is inside it, not at its start) into [start, at) and
+// [at, end). The upper part keeps the node, its key and its counters; `spare` becomes the lower.
+void split_at(ArenaCore& a, std::uintptr_t at, std::unique_ptr<Vma>& spare) {
+    auto it = a.tree.upper_bound(at);
+    if (it == a.tree.end() || it->start >= at) return;
+    Vma* lower = spare.release();
+    lower->start = it->start;
+    lower->end = at;
+    lower->prot = it->prot;
+    lower->fault_around_pages = it->fault_around_pages;
+    std::memcpy(lower->name, it->name, kVmaNameMax);
+    it->start = at;
+    a.tree.insert(*lower);
+}
+
+// Merges neighbouring VMAs in and around [start, end) where the kernel would (same protection, name
+// and fault-around). The upper node survives, so no key changes; it keeps the sum of the counters.
+void merge_range(ArenaCore& a, std::uintptr_t start, std::uintptr_t end) {
+    auto it = a.tree.upper_bound(start);
+    if (it != a.tree.begin()) --it;
+    while (it != a.tree.end() && it->start <= end) {
+        auto next = std::next(it);
+        if (next == a.tree.end()) break;
+        if (mergeable(*it, *next)) {
+            next->start = it->start;
+            next->stats.add(it->stats.load());
+            Vma* dead = &*it;
+            it = a.tree.erase(it);
+            delete dead;
+        } else {
+            it = next;
+        }
+    }
+}
+
+bool range_free(ArenaCore& a, std::uintptr_t start, std::size_t len) {
+    const Vma* v = find_vma(a, start);
+    return !v || v->start >= start + len;
+}
+
+// First fit above the last placement, then from the arena's base.
+std::uintptr_t find_free(ArenaCore& a, std::uintptr_t hint, std::size_t len) {
+    if (hint >= a.base && hint <= a.end && len <= a.end - hint && range_free(a, hint, len)) return hint;
+    std::uintptr_t gap = a.base;
+    for (const Vma& v : a.tree) {
+        if (v.start - gap >= len) return gap;
+        gap = v.end;
+    }
+    if (a.end - gap >= len) return gap;
+    return 0;
+}
+
+}  // namespace usermm::detail

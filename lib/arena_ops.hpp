@@ -1,0 +1,138 @@
+// Building blocks of the API world, shared by arena.cpp and snapshot.cpp: argument checks, page
+// protection changes and VMA tree surgery. Unless a comment says otherwise they run with the
+// arena's write lock held, so no fault is in flight and no PTE is locked.
+#pragma once
+
+#include <pthread.h>
+#include <signal.h>
+
+#include <fmt/format.h>
+
+#include <cstdint>
+#include <memory>
+#include <string_view>
+#include <vector>
+
+#include "map_budget.hpp"
+#include "page_ops.hpp"
+#include "snapshot.hpp"
+#include "vma.hpp"
+
+namespace usermm::detail {
+
+template <typename... Args>
+[[noreturn]] void fail(int err, fmt::format_string<Args...> format, Args&&... args) {
+    throw Error(err, fmt::format(format, std::forward<Args>(args)...));
+}
+
+// Holds one of usermm's locks with the asynchronous signals blocked. A signal handler that touched
+// arena memory while this thread holds the write side would fault into a lock its own thread holds;
+// the kernel, likewise, never runs a handler while it holds mmap_lock. Synchronous signals stay
+// deliverable: blocking them would not stop them, only make the kernel kill the process.
+template <typename Guard>
+class ApiGuard {
+public:
+    explicit ApiGuard(RwSpinLock& lock) : mask_(block_async_signals()), guard_(lock) {}
+    ~ApiGuard() = default;
+    ApiGuard(const ApiGuard&) = delete;
+    ApiGuard& operator=(const ApiGuard&) = delete;
+
+private:
+    class SavedMask {
+    public:
+        explicit SavedMask(const sigset_t& saved) : saved_(saved) {}
+        ~SavedMask() { pthread_sigmask(SIG_SETMASK, &saved_, nullptr); }
+        SavedMask(const SavedMask&) = delete;
+        SavedMask& operator=(const SavedMask&) = delete;
+
+    private:
+        sigset_t saved_;
+    };
+
+    static sigset_t block_async_signals() {
+        sigset_t all, saved;
+        sigfillset(&all);
+        for (int sig : {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGTRAP, SIGSYS}) sigdelset(&all, sig);
+        pthread_sigmask(SIG_BLOCK, &all, &saved);
+        return saved;
+    }
+
+    SavedMask mask_;  // declared first: restored after the lock is released
+    Guard guard_;
+};
+
+// Once per process: page size, handlers, map budget, fork handlers, USERMM_STATS.
+void init_process();
+
+inline std::uintptr_t addr_of(const void* p) { return reinterpret_cast<std::uintptr_t>(p); }
+inline void* ptr_of(std::uintptr_t a) { return reinterpret_cast<void*>(a); }
+inline std::uintptr_t page_address(const ArenaCore& a, std::size_t index) {
+    return a.base + (std::uintptr_t(index) << g_page_shift);
+}
+
+// A validated, page-rounded byte range inside the arena.
+struct Range {
+    std::uintptr_t start;
+    std::uintptr_t end;
+};
+
+std::size_t round_up_length(const char* call, std::size_t length, std::uintptr_t addr, const char* name = "length");
+Range check_range(const ArenaCore& a, const char* call, const void* addr, std::size_t length);
+Prot check_prot(const char* call, Prot prot, std::uintptr_t addr);
+// The VMAs covering r in order; throws if any byte of it is not mapped.
+std::vector<Vma*> covering_vmas(ArenaCore& a, const char* call, Range r);
+
+Prot parse_perms(const char* perms);
+// Kernel mappings inside [lo, hi) now (reads /proc/self/maps).
+long count_mappings_within(std::uintptr_t lo, std::uintptr_t hi);
+void resync_ptes(ArenaCore& a, std::size_t first, std::size_t last);
+void clear_ptes(ArenaCore& a, Range r);
+void preserve_range(ArenaCore& a, const char* call, Range r);
+
+void set_name(Vma& v, std::string_view name);
+void split_at(ArenaCore& a, std::uintptr_t at, std::unique_ptr<Vma>& spare);
+void merge_range(ArenaCore& a, std::uintptr_t start, std::uintptr_t end);
+bool range_free(ArenaCore& a, std::uintptr_t start, std::size_t len);
+std::uintptr_t find_free(ArenaCore& a, std::uintptr_t hint, std::size_t len);
+
+// Gives every page of [r.start, r.end) the protection change(old) and records it, one mprotect per
+// run of pages that share their old protection; pages that change also get `flags`. Pages that
+// gain write access first give live snapshots what they need. Under the write lock, so no PTE is
+// locked. If the kernel refuses partway, the PTEs are re-read from the kernel before the error is
+// thrown.
+template <typename Change>
+std::size_t change_pages(ArenaCore& a, const char* call, Range r, Change change, pte_t flags = 0) {
+    std::size_t changed = 0;
+    const std::size_t last = a.page_index(r.end);
+    for (std::size_t i = a.page_index(r.start); i < last;) {
+        const pte_t old_prot = pte_prot(a.pte[i].load(std::memory_order_relaxed));
+        std::size_t j = i + 1;
+        while (j < last && pte_prot(a.pte[j].load(std::memory_order_relaxed)) == old_prot) ++j;
+        const Prot next = change(pte_to_prot(old_prot));
+        if (next != pte_to_prot(old_prot)) {
+            if (allows(next, Prot::Write) && a.snapshot_count) {
+                std::uint32_t copies = 0;
+                for (std::size_t k = i; k < j; ++k)
+                    if (const int err = preserve_for_snapshots(a, k, a.pte[k].load(std::memory_order_relaxed), &copies))
+                        fail(err, "{}: cannot save page {:#x} for a snapshot", call, page_address(a, k));
+            }
+            const long delta = map_count_delta(a, i, j, next);
+            if (const int err = page_protect(page_address(a, i), (j - i) << g_page_shift, next)) {
+                resync_ptes(a, i, j);
+                map_budget_charge(a, count_mappings_within(a.base, a.end) + 1 - a.kernel_maps.load());
+                fail(err, "{}: mprotect of [{:#x}, {:#x}) to {} failed", call, page_address(a, i), page_address(a, j),
+                     to_string(next));
+            }
+            map_budget_charge(a, delta);
+            for (std::size_t k = i; k < j; ++k) {
+                const pte_t old = a.pte[k].load(std::memory_order_relaxed);
+                a.pte[k].store(pte_with_prot(old, next) | flags, std::memory_order_relaxed);
+            }
+            changed += j - i;
+        }
+        i = j;
+    }
+    return changed;
+}
+
+}  // namespace usermm::detail
