@@ -89,6 +89,7 @@ void fork_release() {
 // kernel will merge its pieces (see map_budget_after_fork). glibc makes malloc usable in the child
 // before this runs.
 void fork_child() {
+    page_open_self_mem();  // the inherited descriptor reads the parent's memory
     ArenaRegistry& reg = arena_registry();
     for (std::size_t i = 0; i < reg.count; ++i) {
         ArenaCore& a = *reg.arenas[i];
@@ -112,6 +113,7 @@ void detail::init_process() {
         g_page_shift = std::size_t(std::countr_zero(std::size_t(ps)));
         map_budget_set_limit(initial_map_budget());
         if (const int err = install_fault_handlers()) fail(err, "usermm: cannot install the SIGSEGV/SIGBUS handlers");
+        if (const int err = page_open_self_mem()) fail(err, "usermm: cannot open /proc/self/mem");
         pthread_atfork(fork_prepare, fork_release, fork_child);
         if (const char* env = std::getenv("USERMM_STATS"); env && std::strcmp(env, "1") == 0)
             std::atexit(print_stats_at_exit);
@@ -180,6 +182,15 @@ Arena::~Arena() {
         --reg.count;
     }
     a.lock.lock();  // faults already inside the arena finish first
+    // Snapshots outlive their arena: they take every page they still read from it.
+    for (std::size_t i = 0; i < a.snapshot_count; ++i) {
+        SnapshotCore& s = *a.snapshots[i];
+        std::uint32_t copies = 0;
+        for (std::size_t page = s.first; page < s.last; ++page)
+            if (s.slot(page).load(std::memory_order_acquire) == kSlotInArena)
+                preserve_for_snapshots(a, page, a.pte[page].load(std::memory_order_relaxed), &copies);
+        s.arena = nullptr;
+    }
     map_budget_charge(a, -a.kernel_maps.load());
     page_release(a.base, a.end - a.base);
     page_release(addr_of(a.pte), a.pte_bytes);

@@ -30,19 +30,27 @@ inline constexpr slot_t kSlotBusy = 0x80;
 
 struct SnapshotCore {
     ArenaCore* arena = nullptr;  // nullptr once the arena is gone (every slot then holds its content)
+    std::uintptr_t arena_base = 0;
     std::size_t first = 0;       // arena page indices
     std::size_t last = 0;
     std::uint64_t sequence = 0;  // 1, 2, ... per arena, in the order snapshots were taken
     std::byte* store = nullptr;  // (last - first) pages, MAP_NORESERVE
     std::atomic<slot_t>* slots = nullptr;
-    // Pages changed between the arena's previous snapshot and this one (bit per page), for
-    // incremental images.
-    std::uint64_t* changed = nullptr;
     Counters stats;  // cow_faults, cow_bytes_copied, pages_restored of this snapshot
+    // API world only: the VMAs of the range when the snapshot was taken, for restore and images.
+    struct VmaRecord {
+        std::uintptr_t start;
+        std::uintptr_t end;
+        Prot prot;
+        std::uint32_t fault_around_pages;
+        char name[kVmaNameMax];
+    };
+    std::vector<VmaRecord> vmas;
 
     bool covers(std::size_t page) const { return page >= first && page < last; }
     std::atomic<slot_t>& slot(std::size_t page) const { return slots[page - first]; }
     std::byte* stored(std::size_t page) const { return store + ((page - first) << g_page_shift); }
+    std::uintptr_t page_addr(std::size_t page) const { return arena_base + (std::uintptr_t(page) << g_page_shift); }
 };
 
 // Fault world (also used by the API under the write lock). Before arena page `page`, whose PTE is

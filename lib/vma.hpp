@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "counters.hpp"
 #include "pte.hpp"
@@ -39,6 +40,19 @@ using VmaTree = bi::set<Vma, bi::key_of_value<VmaEndKey>, bi::constant_time_size
 struct SnapshotCore;
 inline constexpr std::size_t kMaxSnapshots = 64;
 
+// Which pages changed between the arena's previous snapshot (of any range) and snapshot
+// `sequence`: one bit per page of [first, last). Kept from the oldest live snapshot on, so that an
+// increment between two live snapshots is the union of the records after the older one.
+struct ChangeRecord {
+    std::uint64_t sequence = 0;
+    std::size_t first = 0;
+    std::size_t last = 0;
+    std::vector<std::uint64_t> bits;
+    bool changed(std::size_t page) const {
+        return page >= first && page < last && (bits[(page - first) / 64] >> ((page - first) % 64) & 1);
+    }
+};
+
 struct ArenaCore {
     std::uintptr_t base = 0;
     std::uintptr_t end = 0;
@@ -56,7 +70,12 @@ struct ArenaCore {
     // Live snapshots, changed only under the write lock; faults read them under the read lock.
     SnapshotCore* snapshots[kMaxSnapshots] = {};
     std::size_t snapshot_count = 0;
-    std::uintptr_t next_hint = 0;  // API world only: where map() looks for room first
+    // API world only.
+    std::uintptr_t next_hint = 0;  // where map() looks for room first
+    std::uint64_t snapshot_sequence = 0;
+    std::atomic<bool> restoring{false};
+    bool collect_armed = false;  // collect_dirty() has been used: write tracking matters to it
+    std::vector<ChangeRecord> history;
 
     std::size_t page_index(std::uintptr_t addr) const;
     Pte& pte_of(std::uintptr_t addr) const { return pte[page_index(addr)]; }

@@ -1,0 +1,365 @@
+// Snapshots, restore and dirty tracking: the API side of copy-before-write (snapshot_cow.cpp is the
+// fault side).
+//
+// Taking a snapshot withholds write access from every page of its range that has it (write
+// tracking), so that the next write to any of them faults, and the fault gives the snapshot the
+// old content before it grants the write. Pages that had no write access fault anyway. Reading a
+// snapshot takes each page from the snapshot's store if it was copied, or from the arena if it has
+// not changed, holding the page's slot meanwhile so that no write can start under the copy.
+#include <algorithm>
+#include <cstring>
+
+#include "account.hpp"
+#include "arena_ops.hpp"
+#include "find_vma.hpp"
+
+namespace usermm {
+
+using namespace detail;
+
+namespace {
+
+constexpr auto kRelaxed = std::memory_order_relaxed;
+constexpr auto kAcquire = std::memory_order_acquire;
+constexpr auto kRelease = std::memory_order_release;
+
+// Frees a snapshot: unlinks it from its arena, gives write access back where nothing needs it
+// tracked any more, and releases its store.
+void give_back_write_access(ArenaCore& a, std::size_t first, std::size_t last);
+
+void release_snapshot(SnapshotCore* s) {
+    if (ArenaCore* a = s->arena) {
+        ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a->lock);
+        auto* end = a->snapshots + a->snapshot_count;
+        std::remove(a->snapshots, end, s);
+        a->snapshots[--a->snapshot_count] = nullptr;
+        // Change records older than every live snapshot can never be asked for again.
+        std::uint64_t oldest = a->snapshot_sequence + 1;
+        for (std::size_t i = 0; i < a->snapshot_count; ++i) oldest = std::min(oldest, a->snapshots[i]->sequence);
+        std::erase_if(a->history, [oldest](const ChangeRecord& r) { return r.sequence <= oldest; });
+        give_back_write_access(*a, s->first, s->last);
+    }
+    page_release(addr_of(s->store), (s->last - s->first) << g_page_shift);
+    page_release(addr_of(s->slots), s->last - s->first);
+    delete s;
+}
+
+bool needed_by_a_snapshot(const ArenaCore& a, std::size_t page) {
+    for (std::size_t i = 0; i < a.snapshot_count; ++i) {
+        const SnapshotCore& s = *a.snapshots[i];
+        if (s.covers(page) && s.slot(page).load(kAcquire) == kSlotInArena) return true;
+    }
+    return false;
+}
+
+// Pages of [first, last) whose write access is withheld only for tracking that nobody needs now
+// get it back, one mprotect per run. Best effort: a page left tracked merely faults once more.
+void give_back_write_access(ArenaCore& a, std::size_t first, std::size_t last) {
+    auto eligible = [&](std::size_t i) {
+        const pte_t v = a.pte[i].load(kRelaxed);
+        if (!(v & kPteWriteTracked) || (a.collect_armed && !(v & kPteDirtyCollect)) || needed_by_a_snapshot(a, i))
+            return false;
+        const Vma* vma = find_vma(a, page_address(a, i));  // its protection may have changed since
+        return vma && vma->start <= page_address(a, i) && allows(vma->prot, Prot::Write);
+    };
+    for (std::size_t i = first; i < last;) {
+        if (!eligible(i)) {
+            ++i;
+            continue;
+        }
+        const pte_t prot = pte_prot(a.pte[i].load(kRelaxed));
+        std::size_t j = i + 1;
+        while (j < last && pte_prot(a.pte[j].load(kRelaxed)) == prot && eligible(j)) ++j;
+        const Prot next = pte_to_prot(prot) | Prot::Write;
+        const long delta = map_count_delta(a, i, j, next);
+        if (page_protect(page_address(a, i), (j - i) << g_page_shift, next) == 0) {
+            map_budget_charge(a, delta);
+            for (std::size_t k = i; k < j; ++k) {
+                const pte_t v = a.pte[k].load(kRelaxed);
+                a.pte[k].store(pte_t((v & ~kPteWriteTracked & ~kPteProt) | to_pte(next)), kRelaxed);
+            }
+        } else {
+            resync_ptes(a, i, j);
+        }
+        i = j;
+    }
+}
+
+std::shared_ptr<SnapshotCore> new_snapshot_core(ArenaCore& a, Range r) {
+    static constexpr const char* call = "usermm::Arena::snapshot";
+    const std::size_t pages = (r.end - r.start) >> g_page_shift;
+    void* store = nullptr;
+    void* slots = nullptr;
+    if (const int err = page_alloc_table(pages << g_page_shift, &store))
+        fail(err, "{}: cannot reserve {:#x} bytes of store for addr {:#x}", call, pages << g_page_shift, r.start);
+    if (const int err = page_alloc_table(pages, &slots)) {
+        page_release(addr_of(store), pages << g_page_shift);
+        fail(err, "{}: cannot reserve the slot table for addr {:#x}", call, r.start);
+    }
+    auto* s = new SnapshotCore;
+    s->arena_base = a.base;
+    s->first = a.page_index(r.start);
+    s->last = a.page_index(r.end);
+    s->store = static_cast<std::byte*>(store);
+    s->slots = static_cast<std::atomic<slot_t>*>(slots);
+    return std::shared_ptr<SnapshotCore>(s, release_snapshot);
+}
+
+// Withholds write access from the pages of r that have it, so that the next write to each is seen.
+void arm_write_tracking(ArenaCore& a, const char* call, Range r) {
+    change_pages(a, call, r, [](Prot p) { return p & ~Prot::Write; }, kPteWriteTracked);
+}
+
+// Locks the slot of `page` if the page's snapshot content is still in the arena. Returns the slot's
+// settled state otherwise (copied or zero).
+slot_t lock_slot_if_in_arena(const SnapshotCore& s, std::size_t page) {
+    std::atomic<slot_t>& slot = s.slot(page);
+    for (unsigned spins = 0;; ++spins) {
+        slot_t v = slot.load(kAcquire);
+        if (v == kSlotCopied || v == kSlotZero) return v;
+        if (v & kSlotBusy) {
+            spin_backoff(spins);
+            continue;
+        }
+        if (slot.compare_exchange_weak(v, kSlotBusy, kAcquire, kRelaxed)) return kSlotBusy;
+    }
+}
+
+const char* kReadCall = "usermm::Snapshot::read";
+
+// Copies pages [first, first + n) of the snapshot, whose slots the caller locked, out of the arena,
+// and says which were empty. While a slot is locked no write to its page can start, nor a discard:
+// every writer gives the snapshot the page first, and waits for the slot to do so.
+void read_locked_from_arena(const SnapshotCore& s, std::size_t first, std::size_t n, std::byte* dst, bool* zero) {
+    const ArenaCore& a = *s.arena;
+    for (std::size_t k = 0; k < n; ++k) zero[k] = !(a.pte[first + k].load(kAcquire) & kPtePopulated);
+    for (std::size_t k = 0; k < n; ++k) {
+        const std::size_t page = first + k;
+        std::byte* out = dst + (k << g_page_shift);
+        if (zero[k]) {
+            std::memset(out, 0, g_page_size);
+            continue;
+        }
+        std::size_t run = 1;  // populated neighbours come in one read
+        while (k + run < n && !zero[k + run]) ++run;
+        if (const int err = page_read_raw(page_address(a, page), out, run << g_page_shift)) {
+            for (std::size_t u = 0; u < n; ++u) s.slot(first + u).store(kSlotInArena, kRelease);
+            fail(err, "{}: cannot read arena page {:#x}", kReadCall, page_address(a, page));
+        }
+        k += run - 1;
+    }
+    for (std::size_t k = 0; k < n; ++k) s.slot(first + k).store(kSlotInArena, kRelease);
+}
+
+// Visits the snapshot's pages [first, last) in order with their content: fn(page, bytes, zero).
+// Pages still in the arena are read in batches of up to kBatch with their slots locked.
+template <typename Fn>
+void visit_pages(const SnapshotCore& s, std::size_t first, std::size_t last, Fn fn) {
+    constexpr std::size_t kBatch = 64;
+    std::vector<std::byte> buffer(kBatch << g_page_shift);
+    for (std::size_t page = first; page < last;) {
+        const slot_t state = lock_slot_if_in_arena(s, page);
+        if (state == kSlotCopied) {
+            fn(page, s.stored(page), false);
+            ++page;
+            continue;
+        }
+        if (state == kSlotZero) {
+            fn(page, nullptr, true);
+            ++page;
+            continue;
+        }
+        std::size_t n = 1;
+        while (n < kBatch && page + n < last && lock_slot_if_in_arena(s, page + n) == kSlotBusy) ++n;
+        // The loop above stops after a page whose slot was settled; that page is visited next.
+        bool zero[kBatch];
+        read_locked_from_arena(s, page, n, buffer.data(), zero);
+        for (std::size_t k = 0; k < n; ++k) fn(page + k, buffer.data() + (k << g_page_shift), zero[k]);
+        page += n;
+    }
+}
+
+void check_live(const SnapshotCore* s, const char* call) {
+    if (!s) fail(EINVAL, "{}: the snapshot was moved from", call);
+}
+
+}  // namespace
+
+// --- Snapshot ------------------------------------------------------------------------------------
+
+Snapshot::Snapshot(std::shared_ptr<detail::SnapshotCore> core) : core_(std::move(core)) {}
+Snapshot::Snapshot(Snapshot&&) noexcept = default;
+Snapshot& Snapshot::operator=(Snapshot&&) noexcept = default;
+Snapshot::~Snapshot() = default;
+
+void* Snapshot::start() const { return ptr_of(core_->page_addr(core_->first)); }
+std::size_t Snapshot::length() const { return (core_->last - core_->first) << g_page_shift; }
+std::uint64_t Snapshot::sequence() const { return core_->sequence; }
+Stats Snapshot::stats() const { return core_->stats.load(); }
+
+void Snapshot::read(const void* addr, void* buffer, std::size_t length) const {
+    check_live(core_.get(), kReadCall);
+    const SnapshotCore& s = *core_;
+    const std::uintptr_t from = addr_of(addr), lo = s.page_addr(s.first),
+                         hi = s.page_addr(s.last);
+    if (from < lo || from > hi || length > hi - from)
+        fail(EINVAL, "{}: addr {:#x} + length {:#x} is outside the snapshot [{:#x}, {:#x})", kReadCall, from, length,
+             lo, hi);
+    if (length == 0) return;
+    auto* out = static_cast<std::byte*>(buffer);
+    const std::size_t first = (from - s.arena_base) >> g_page_shift;
+    const std::size_t last = (from + length - s.arena_base + g_page_size - 1) >> g_page_shift;
+    visit_pages(s, first, last, [&](std::size_t page, const std::byte* content, bool zero) {
+        const std::uintptr_t page_lo = s.page_addr(page);
+        const std::uintptr_t a = std::max(page_lo, from), b = std::min(page_lo + g_page_size, from + length);
+        if (zero)
+            std::memset(out + (a - from), 0, b - a);
+        else
+            std::memcpy(out + (a - from), content + (a - page_lo), b - a);
+    });
+}
+
+void Snapshot::for_each_page(const std::function<void(const void*, std::span<const std::byte>)>& fn) const {
+    check_live(core_.get(), "usermm::Snapshot::for_each_page");
+    const SnapshotCore& s = *core_;
+    visit_pages(s, s.first, s.last, [&](std::size_t page, const std::byte* content, bool zero) {
+        if (!zero) fn(ptr_of(s.page_addr(page)), std::span<const std::byte>(content, g_page_size));
+    });
+}
+
+bool DirtySet::contains(const void* page_addr) const {
+    return std::binary_search(pages.begin(), pages.end(), const_cast<void*>(page_addr));
+}
+
+// --- Arena ---------------------------------------------------------------------------------------
+
+Snapshot Arena::snapshot() { return snapshot(base(), size()); }
+
+Snapshot Arena::snapshot(void* addr, std::size_t length) {
+    static constexpr const char* call = "usermm::Arena::snapshot";
+    ArenaCore& a = *core_;
+    const Range r = check_range(a, call, addr, length);
+    std::shared_ptr<SnapshotCore> snap = new_snapshot_core(a, r);
+    ChangeRecord record{0, snap->first, snap->last, std::vector<std::uint64_t>((snap->last - snap->first + 63) / 64)};
+    a.history.reserve(a.history.size() + 1);
+
+    ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
+    if (a.snapshot_count == kMaxSnapshots)
+        fail(EMFILE, "{}: the arena already has {} live snapshots (addr {:#x})", call, kMaxSnapshots, r.start);
+    for (auto it = a.tree.upper_bound(r.start); it != a.tree.end() && it->start < r.end; ++it) {
+        SnapshotCore::VmaRecord v{std::max(it->start, r.start), std::min(it->end, r.end), it->prot,
+                                  it->fault_around_pages, {}};
+        std::memcpy(v.name, it->name, kVmaNameMax);
+        snap->vmas.push_back(v);
+    }
+    arm_write_tracking(a, call, r);
+    for (std::size_t i = snap->first; i < snap->last; ++i) {
+        const pte_t v = a.pte[i].load(kRelaxed);
+        if (!(v & kPteDirtySnapshot)) continue;
+        record.bits[(i - snap->first) / 64] |= std::uint64_t(1) << ((i - snap->first) % 64);
+        a.pte[i].store(v & ~kPteDirtySnapshot, kRelaxed);
+    }
+    snap->arena = &a;
+    snap->sequence = record.sequence = ++a.snapshot_sequence;
+    a.history.push_back(std::move(record));
+    a.snapshots[a.snapshot_count++] = snap.get();
+    return Snapshot(std::move(snap));
+}
+
+void Arena::restore(const Snapshot& snapshot) {
+    static constexpr const char* call = "usermm::Arena::restore";
+    ArenaCore& a = *core_;
+    check_live(snapshot.core_.get(), call);
+    SnapshotCore& s = *snapshot.core_;
+    if (s.arena != &a)
+        fail(EINVAL, "{}: snapshot {} of [{:#x}, +{:#x}) belongs to another arena", call, s.sequence,
+             s.page_addr(s.first), (s.last - s.first) << g_page_shift);
+    if (a.restoring.exchange(true)) fail(EBUSY, "{}: another restore of this arena is running", call);
+    struct Done {
+        std::atomic<bool>& flag;
+        ~Done() { flag.store(false); }
+    } done{a.restoring};
+
+    const Range r{page_address(a, s.first), page_address(a, s.last)};
+    std::vector<std::unique_ptr<Vma>> fresh;
+    for (const auto& rec : s.vmas) {
+        auto v = std::make_unique<Vma>();
+        v->start = rec.start;
+        v->end = rec.end;
+        v->prot = rec.prot;
+        v->fault_around_pages = rec.fault_around_pages;
+        std::memcpy(v->name, rec.name, kVmaNameMax);
+        fresh.push_back(std::move(v));
+    }
+    auto lower_spare = std::make_unique<Vma>();
+    auto upper_spare = std::make_unique<Vma>();
+
+    ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
+    // Every page of the range faults from now on: threads that touch it wait for the restore and
+    // then see the restored content.
+    change_pages(a, call, r, [](Prot) { return Prot::None; });
+    // Other snapshots keep what they still read from the pages about to change.
+    for (std::size_t i = s.first; i < s.last; ++i) {
+        if (s.slot(i).load(kAcquire) == kSlotInArena) continue;
+        std::uint32_t copies = 0;
+        if (const int err = preserve_for_snapshots(a, i, a.pte[i].load(kRelaxed), &copies))
+            fail(err, "{}: cannot save page {:#x} for another snapshot", call, page_address(a, i));
+    }
+    // The VMAs as they were.
+    split_at(a, r.start, lower_spare);
+    split_at(a, r.end, upper_spare);
+    for (auto it = a.tree.upper_bound(r.start); it != a.tree.end() && it->start < r.end;) {
+        Vma* dead = &*it;
+        it = a.tree.erase(it);
+        delete dead;
+    }
+    for (auto& v : fresh) a.tree.insert(*v.release());
+    merge_range(a, r.start, r.end);
+    a.last_hit.store(nullptr, kRelaxed);
+    // The content as it was: copied pages are written back in runs, zero pages discarded.
+    std::uint64_t restored = 0;
+    for (std::size_t i = s.first; i < s.last;) {
+        const slot_t state = s.slot(i).load(kAcquire);
+        if (state == kSlotInArena) {
+            ++i;
+            continue;
+        }
+        std::size_t j = i + 1;
+        while (j < s.last && s.slot(j).load(kAcquire) == state) ++j;
+        const std::uintptr_t at = page_address(a, i);
+        const std::size_t len = (j - i) << g_page_shift;
+        const int err = state == kSlotCopied ? page_write_raw(at, s.stored(i), len) : page_discard(at, len);
+        if (err) fail(err, "{}: cannot write back [{:#x}, {:#x})", call, at, at + len);
+        for (std::size_t k = i; k < j; ++k) {
+            const pte_t v = a.pte[k].load(kRelaxed);
+            const pte_t content = state == kSlotCopied ? kPtePopulated : 0;
+            a.pte[k].store(pte_t((v & ~kPtePopulated) | content | kPteDirty), kRelaxed);
+        }
+        restored += j - i;
+        i = j;
+    }
+    s.stats.pages_restored.fetch_add(restored, kRelaxed);
+    a.stats.pages_restored.fetch_add(restored, kRelaxed);
+    process_counters().pages_restored.fetch_add(restored, kRelaxed);
+}
+
+DirtySet Arena::collect_dirty(void* addr, std::size_t length) {
+    static constexpr const char* call = "usermm::Arena::collect_dirty";
+    ArenaCore& a = *core_;
+    const Range r = check_range(a, call, addr, length);
+    DirtySet out;
+    ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
+    a.collect_armed = true;
+    arm_write_tracking(a, call, r);
+    for (std::size_t i = a.page_index(r.start), last = a.page_index(r.end); i < last; ++i) {
+        const pte_t v = a.pte[i].load(kRelaxed);
+        if (!(v & kPteDirtyCollect)) continue;
+        out.pages.push_back(ptr_of(page_address(a, i)));
+        a.pte[i].store(v & ~kPteDirtyCollect, kRelaxed);
+    }
+    a.stats.dirty_pages_collected.fetch_add(out.pages.size(), kRelaxed);
+    process_counters().dirty_pages_collected.fetch_add(out.pages.size(), kRelaxed);
+    return out;
+}
+
+}  // namespace usermm
