@@ -12,6 +12,7 @@
 #include "account.hpp"
 #include "arena_ops.hpp"
 #include "find_vma.hpp"
+#include "snapshot_read.hpp"
 
 namespace usermm {
 
@@ -98,6 +99,7 @@ std::shared_ptr<SnapshotCore> new_snapshot_core(ArenaCore& a, Range r) {
     }
     auto* s = new SnapshotCore;
     s->arena_base = a.base;
+    s->arena_size = a.end - a.base;
     s->first = a.page_index(r.start);
     s->last = a.page_index(r.end);
     s->store = static_cast<std::byte*>(store);
@@ -108,75 +110,6 @@ std::shared_ptr<SnapshotCore> new_snapshot_core(ArenaCore& a, Range r) {
 // Withholds write access from the pages of r that have it, so that the next write to each is seen.
 void arm_write_tracking(ArenaCore& a, const char* call, Range r) {
     change_pages(a, call, r, [](Prot p) { return p & ~Prot::Write; }, kPteWriteTracked);
-}
-
-// Locks the slot of `page` if the page's snapshot content is still in the arena. Returns the slot's
-// settled state otherwise (copied or zero).
-slot_t lock_slot_if_in_arena(const SnapshotCore& s, std::size_t page) {
-    std::atomic<slot_t>& slot = s.slot(page);
-    for (unsigned spins = 0;; ++spins) {
-        slot_t v = slot.load(kAcquire);
-        if (v == kSlotCopied || v == kSlotZero) return v;
-        if (v & kSlotBusy) {
-            spin_backoff(spins);
-            continue;
-        }
-        if (slot.compare_exchange_weak(v, kSlotBusy, kAcquire, kRelaxed)) return kSlotBusy;
-    }
-}
-
-const char* kReadCall = "usermm::Snapshot::read";
-
-// Copies pages [first, first + n) of the snapshot, whose slots the caller locked, out of the arena,
-// and says which were empty. While a slot is locked no write to its page can start, nor a discard:
-// every writer gives the snapshot the page first, and waits for the slot to do so.
-void read_locked_from_arena(const SnapshotCore& s, std::size_t first, std::size_t n, std::byte* dst, bool* zero) {
-    const ArenaCore& a = *s.arena;
-    for (std::size_t k = 0; k < n; ++k) zero[k] = !(a.pte[first + k].load(kAcquire) & kPtePopulated);
-    for (std::size_t k = 0; k < n; ++k) {
-        const std::size_t page = first + k;
-        std::byte* out = dst + (k << g_page_shift);
-        if (zero[k]) {
-            std::memset(out, 0, g_page_size);
-            continue;
-        }
-        std::size_t run = 1;  // populated neighbours come in one read
-        while (k + run < n && !zero[k + run]) ++run;
-        if (const int err = page_read_raw(page_address(a, page), out, run << g_page_shift)) {
-            for (std::size_t u = 0; u < n; ++u) s.slot(first + u).store(kSlotInArena, kRelease);
-            fail(err, "{}: cannot read arena page {:#x}", kReadCall, page_address(a, page));
-        }
-        k += run - 1;
-    }
-    for (std::size_t k = 0; k < n; ++k) s.slot(first + k).store(kSlotInArena, kRelease);
-}
-
-// Visits the snapshot's pages [first, last) in order with their content: fn(page, bytes, zero).
-// Pages still in the arena are read in batches of up to kBatch with their slots locked.
-template <typename Fn>
-void visit_pages(const SnapshotCore& s, std::size_t first, std::size_t last, Fn fn) {
-    constexpr std::size_t kBatch = 64;
-    std::vector<std::byte> buffer(kBatch << g_page_shift);
-    for (std::size_t page = first; page < last;) {
-        const slot_t state = lock_slot_if_in_arena(s, page);
-        if (state == kSlotCopied) {
-            fn(page, s.stored(page), false);
-            ++page;
-            continue;
-        }
-        if (state == kSlotZero) {
-            fn(page, nullptr, true);
-            ++page;
-            continue;
-        }
-        std::size_t n = 1;
-        while (n < kBatch && page + n < last && lock_slot_if_in_arena(s, page + n) == kSlotBusy) ++n;
-        // The loop above stops after a page whose slot was settled; that page is visited next.
-        bool zero[kBatch];
-        read_locked_from_arena(s, page, n, buffer.data(), zero);
-        for (std::size_t k = 0; k < n; ++k) fn(page + k, buffer.data() + (k << g_page_shift), zero[k]);
-        page += n;
-    }
 }
 
 void check_live(const SnapshotCore* s, const char* call) {
@@ -198,6 +131,7 @@ std::uint64_t Snapshot::sequence() const { return core_->sequence; }
 Stats Snapshot::stats() const { return core_->stats.load(); }
 
 void Snapshot::read(const void* addr, void* buffer, std::size_t length) const {
+    static constexpr const char* kReadCall = "usermm::Snapshot::read";
     check_live(core_.get(), kReadCall);
     const SnapshotCore& s = *core_;
     const std::uintptr_t from = addr_of(addr), lo = s.page_addr(s.first),
@@ -209,7 +143,7 @@ void Snapshot::read(const void* addr, void* buffer, std::size_t length) const {
     auto* out = static_cast<std::byte*>(buffer);
     const std::size_t first = (from - s.arena_base) >> g_page_shift;
     const std::size_t last = (from + length - s.arena_base + g_page_size - 1) >> g_page_shift;
-    visit_pages(s, first, last, [&](std::size_t page, const std::byte* content, bool zero) {
+    visit_snapshot_pages(s, first, last, [&](std::size_t page, const std::byte* content, bool zero) {
         const std::uintptr_t page_lo = s.page_addr(page);
         const std::uintptr_t a = std::max(page_lo, from), b = std::min(page_lo + g_page_size, from + length);
         if (zero)
@@ -222,7 +156,7 @@ void Snapshot::read(const void* addr, void* buffer, std::size_t length) const {
 void Snapshot::for_each_page(const std::function<void(const void*, std::span<const std::byte>)>& fn) const {
     check_live(core_.get(), "usermm::Snapshot::for_each_page");
     const SnapshotCore& s = *core_;
-    visit_pages(s, s.first, s.last, [&](std::size_t page, const std::byte* content, bool zero) {
+    visit_snapshot_pages(s, s.first, s.last, [&](std::size_t page, const std::byte* content, bool zero) {
         if (!zero) fn(ptr_of(s.page_addr(page)), std::span<const std::byte>(content, g_page_size));
     });
 }

@@ -31,6 +31,7 @@ inline constexpr slot_t kSlotBusy = 0x80;
 struct SnapshotCore {
     ArenaCore* arena = nullptr;  // nullptr once the arena is gone (every slot then holds its content)
     std::uintptr_t arena_base = 0;
+    std::size_t arena_size = 0;
     std::size_t first = 0;       // arena page indices
     std::size_t last = 0;
     std::uint64_t sequence = 0;  // 1, 2, ... per arena, in the order snapshots were taken

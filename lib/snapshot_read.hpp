@@ -1,0 +1,81 @@
+// Reading a snapshot while the arena keeps changing: each page comes from the snapshot's store if
+// it was copied there, or from the arena if it has not changed, with its slot locked meanwhile.
+// API world; used by Snapshot::read, for_each_page and the image writer.
+#pragma once
+
+#include <cstring>
+#include <vector>
+
+#include "arena_ops.hpp"
+#include "snapshot.hpp"
+
+namespace usermm::detail {
+
+// Locks the slot of `page` if the page's snapshot content is still in the arena. Returns the slot's
+// settled state otherwise (copied or zero).
+inline slot_t lock_slot_if_in_arena(const SnapshotCore& s, std::size_t page) {
+    std::atomic<slot_t>& slot = s.slot(page);
+    for (unsigned spins = 0;; ++spins) {
+        slot_t v = slot.load(std::memory_order_acquire);
+        if (v == kSlotCopied || v == kSlotZero) return v;
+        if (v & kSlotBusy) {
+            spin_backoff(spins);
+            continue;
+        }
+        if (slot.compare_exchange_weak(v, kSlotBusy, std::memory_order_acquire, std::memory_order_relaxed)) return kSlotBusy;
+    }
+}
+
+// Copies pages [first, first + n) of the snapshot, whose slots the caller locked, out of the arena,
+// and says which were empty. While a slot is locked no write to its page can start, nor a discard:
+// every writer gives the snapshot the page first, and waits for the slot to do so.
+inline void read_locked_from_arena(const SnapshotCore& s, std::size_t first, std::size_t n, std::byte* dst, bool* zero) {
+    const ArenaCore& a = *s.arena;
+    for (std::size_t k = 0; k < n; ++k) zero[k] = !(a.pte[first + k].load(std::memory_order_acquire) & kPtePopulated);
+    for (std::size_t k = 0; k < n; ++k) {
+        const std::size_t page = first + k;
+        std::byte* out = dst + (k << g_page_shift);
+        if (zero[k]) {
+            std::memset(out, 0, g_page_size);
+            continue;
+        }
+        std::size_t run = 1;  // populated neighbours come in one read
+        while (k + run < n && !zero[k + run]) ++run;
+        if (const int err = page_read_raw(page_address(a, page), out, run << g_page_shift)) {
+            for (std::size_t u = 0; u < n; ++u) s.slot(first + u).store(kSlotInArena, std::memory_order_release);
+            fail(err, "usermm::Snapshot: cannot read arena page {:#x}", page_address(a, page));
+        }
+        k += run - 1;
+    }
+    for (std::size_t k = 0; k < n; ++k) s.slot(first + k).store(kSlotInArena, std::memory_order_release);
+}
+
+// Visits the snapshot's pages [first, last) in order with their content: fn(page, bytes, zero).
+// Pages still in the arena are read in batches of up to kBatch with their slots locked.
+template <typename Fn>
+void visit_snapshot_pages(const SnapshotCore& s, std::size_t first, std::size_t last, Fn fn) {
+    constexpr std::size_t kBatch = 64;
+    std::vector<std::byte> buffer(kBatch << g_page_shift);
+    for (std::size_t page = first; page < last;) {
+        const slot_t state = lock_slot_if_in_arena(s, page);
+        if (state == kSlotCopied) {
+            fn(page, s.stored(page), false);
+            ++page;
+            continue;
+        }
+        if (state == kSlotZero) {
+            fn(page, nullptr, true);
+            ++page;
+            continue;
+        }
+        std::size_t n = 1;
+        while (n < kBatch && page + n < last && lock_slot_if_in_arena(s, page + n) == kSlotBusy) ++n;
+        // The loop above stops after a page whose slot was settled; that page is visited next.
+        bool zero[kBatch];
+        read_locked_from_arena(s, page, n, buffer.data(), zero);
+        for (std::size_t k = 0; k < n; ++k) fn(page + k, buffer.data() + (k << g_page_shift), zero[k]);
+        page += n;
+    }
+}
+
+}  // namespace usermm::detail
