@@ -68,6 +68,41 @@ long initial_map_budget() {
     return std::max(64L, max - count_process_mappings() - reserve);
 }
 
+// USERMM_ENGINE=mprotect or =uffd forces an engine (uffd fails loudly where the kernel lacks it);
+// otherwise userfaultfd is used where the running kernel offers everything it needs.
+void choose_tracking_engine() {
+    const char* env = std::getenv("USERMM_ENGINE");
+    const std::string_view want = env ? env : "";
+    if (want == "mprotect") return;
+    if (!want.empty() && want != "uffd")
+        fail(EINVAL, "usermm: USERMM_ENGINE is '{}'; it must be 'mprotect' or 'uffd'", want);
+    const int err = uffd_probe();
+    if (err == 0)
+        set_tracking_engine(TrackingEngine::Uffd);
+    else if (want == "uffd")
+        fail(err, "usermm: USERMM_ENGINE=uffd, but userfaultfd write-protect in SIGBUS mode is not available");
+}
+
+// The pages whose write access the uffd engine withheld lost their marks in the child (the kernel
+// drops a child's userfaultfd registrations); the mprotect engine takes them over.
+void convert_tracked_pages_after_fork(ArenaCore& a) {
+    const std::size_t npages = a.page_index(a.end);
+    for (std::size_t i = 0; i < npages;) {
+        const pte_t v = a.pte[i].load(std::memory_order_relaxed);
+        if (!(v & kPteWriteTracked) || !(v & to_pte(Prot::Write))) {
+            ++i;
+            continue;
+        }
+        std::size_t j = i + 1;
+        while (j < npages && a.pte[j].load(std::memory_order_relaxed) == v) ++j;
+        const Prot next = pte_to_prot(v) & ~Prot::Write;
+        map_budget_charge(a, map_count_delta(a, i, j, next));
+        if (page_protect(page_address(a, i), (j - i) << g_page_shift, next) == 0)
+            for (std::size_t k = i; k < j; ++k) a.pte[k].store(pte_t((v & ~kPteProt) | to_pte(next)), std::memory_order_relaxed);
+        i = j;
+    }
+}
+
 // fork(): no fault may be mid-way when the address space is copied, or the child would inherit a
 // locked PTE or a held read lock whose owner does not exist there. So the registry and every arena
 // are write-locked around fork, which waits for faults in flight, as the kernel's dup_mmap holds
@@ -90,9 +125,12 @@ void fork_release() {
 // before this runs.
 void fork_child() {
     page_open_self_mem();  // the inherited descriptor reads the parent's memory
+    const bool was_uffd = tracking_engine() == TrackingEngine::Uffd;
+    uffd_forget();
     ArenaRegistry& reg = arena_registry();
     for (std::size_t i = 0; i < reg.count; ++i) {
         ArenaCore& a = *reg.arenas[i];
+        if (was_uffd) convert_tracked_pages_after_fork(a);
         map_budget_after_fork(a, count_mappings_within(a.base, a.end) + 1);  // + its PTE table
     }
     fork_release();
@@ -114,6 +152,7 @@ void detail::init_process() {
         map_budget_set_limit(initial_map_budget());
         if (const int err = install_fault_handlers()) fail(err, "usermm: cannot install the SIGSEGV/SIGBUS handlers");
         if (const int err = page_open_self_mem()) fail(err, "usermm: cannot open /proc/self/mem");
+        choose_tracking_engine();
         pthread_atfork(fork_prepare, fork_release, fork_child);
         if (const char* env = std::getenv("USERMM_STATS"); env && std::strcmp(env, "1") == 0)
             std::atexit(print_stats_at_exit);
@@ -149,6 +188,13 @@ Arena::Arena(std::size_t size) {
         fail(err, "usermm::Arena: cannot reserve the page table for size {:#x}", size);
     }
     core->pte = static_cast<Pte*>(table);
+    if (tracking_engine() == TrackingEngine::Uffd) {
+        if (const int err = uffd_register(core->base, len)) {
+            page_release(core->base, len);
+            page_release(addr_of(table), core->pte_bytes);
+            fail(err, "usermm::Arena: cannot register size {:#x} with userfaultfd", size);
+        }
+    }
 
     ArenaRegistry& reg = arena_registry();
     {

@@ -19,7 +19,7 @@ enum class FaultResult : std::uint8_t {
 };
 
 // What kind of resolution a fault got, for accounting.
-enum class FaultKind : std::uint8_t { None, Anonymous, Upgrade, Degraded };
+enum class FaultKind : std::uint8_t { None, Anonymous, Upgrade, Degraded, WriteProtect };
 
 struct vm_fault {
     // In: from decode.

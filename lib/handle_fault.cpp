@@ -256,6 +256,41 @@ FaultResult handle_pte_fault(vm_fault& vmf) {
     }
 }
 
+// A write to a page whose write access the uffd engine withholds (userfaultfd write-protection,
+// raised as SIGBUS in the writing thread): the kernel's do_wp_page. Live snapshots take the old
+// content, then the mark goes and the write proceeds. A page not marked as tracked may still carry
+// a stale mark from an earlier tracking (protect() to None and back keeps it in the kernel): it is
+// cleared all the same, or the write would fault forever.
+FaultResult do_wp_page(vm_fault& vmf) {
+    ArenaCore& arena = *vmf.arena;
+    const std::size_t page = arena.page_index(vmf.address);
+    Pte& pte = arena.pte[page];
+    pte_t cur;
+    for (unsigned spins = 0;; ++spins) {
+        cur = pte.load(kAcquire);
+        if (cur & kPteLocked) {
+            spin_backoff(spins);
+            continue;
+        }
+        if (!allows(pte_to_prot(cur), Prot::Write)) return FaultResult::AccessError;
+        if (pte.compare_exchange_weak(cur, cur | kPteLocked, kAcquire, kRelaxed)) break;
+    }
+    const bool tracked = cur & kPteWriteTracked;
+    if (tracked && arena.snapshot_count)
+        if (const int err = preserve_for_snapshots(arena, page, cur, &vmf.copies)) {
+            pte.store(cur, kRelease);
+            return fatal(vmf, "reading the page for a snapshot", err);
+        }
+    if (const int err = uffd_write_protect(page_addr(arena, page), g_page_size, false))
+        return fatal(vmf, "UFFDIO_WRITEPROTECT", err);
+    pte.store(pte_with_prot(cur, pte_to_prot(cur)), kRelease);
+    if (!tracked) return FaultResult::Spurious;
+    vmf.kind = FaultKind::WriteProtect;
+    vmf.granted = pte_to_prot(cur);
+    vmf.pages = 1;
+    return FaultResult::Resolved;
+}
+
 void describe_access_error(const vm_fault& vmf) {
     if (!vmf.diag) return;
     RawLine& d = *vmf.diag;
@@ -276,9 +311,15 @@ void describe_access_error(const vm_fault& vmf) {
 FaultResult handle_arena_fault(vm_fault& vmf) {
     Vma* vma = find_vma(*vmf.arena, vmf.address);
     if (vma && vma->start <= vmf.address) vmf.vma = vma;
-    // Only an arena fault can be resolved; a SIGBUS is the kernel's verdict on a mapping that
-    // exists, which demand-zero memory never earns.
-    const FaultResult r = vmf.vma && vmf.signo == SIGSEGV ? handle_pte_fault(vmf) : FaultResult::AccessError;
+    // A SIGSEGV is a protection usermm set; a SIGBUS in an arena is a userfaultfd write-protect
+    // fault of the uffd engine, or else the kernel's verdict on the mapping, which demand-zero
+    // memory never earns.
+    FaultResult r = FaultResult::AccessError;
+    if (vmf.vma && vmf.signo == SIGSEGV)
+        r = handle_pte_fault(vmf);
+    else if (vmf.vma && vmf.signo == SIGBUS && tracking_engine() == TrackingEngine::Uffd &&
+             allows(vmf.vma->prot, Prot::Write))
+        r = do_wp_page(vmf);
     if (r == FaultResult::AccessError) describe_access_error(vmf);
     return r;
 }

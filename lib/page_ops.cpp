@@ -1,7 +1,10 @@
 #include "page_ops.hpp"
 
 #include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -85,6 +88,56 @@ int page_read_raw(std::uintptr_t addr, void* dst, std::size_t len) {
 
 int page_write_raw(std::uintptr_t addr, const void* src, std::size_t len) {
     return transfer(pwrite, addr, static_cast<const char*>(src), len);
+}
+
+namespace {
+// Debian 12's headers (linux-libc-dev 6.1) predate it; the kernel is asked at run time.
+constexpr std::uint64_t kFeatureWpUnpopulated = 1ull << 13;
+
+constinit std::atomic<int> g_uffd{-1};
+constinit std::atomic<TrackingEngine> g_engine{TrackingEngine::Mprotect};
+
+int ioctl_result(int rc) { return rc == 0 ? 0 : errno; }
+}  // namespace
+
+int uffd_probe() {
+    const int fd = int(syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY));
+    if (fd < 0) return errno;
+    uffdio_api api{};
+    api.api = UFFD_API;
+    api.features = UFFD_FEATURE_SIGBUS | UFFD_FEATURE_PAGEFAULT_FLAG_WP | kFeatureWpUnpopulated;
+    if (ioctl(fd, UFFDIO_API, &api) != 0) {
+        const int err = errno;
+        close(fd);
+        return err == EINVAL ? EOPNOTSUPP : err;  // EINVAL: a feature this kernel lacks
+    }
+    g_uffd.store(fd);
+    return 0;
+}
+
+TrackingEngine tracking_engine() { return g_engine.load(std::memory_order_relaxed); }
+void set_tracking_engine(TrackingEngine e) { g_engine.store(e, std::memory_order_relaxed); }
+
+int uffd_register(std::uintptr_t addr, std::size_t len) {
+    uffdio_register reg{};
+    reg.range.start = addr;
+    reg.range.len = len;
+    reg.mode = UFFDIO_REGISTER_MODE_WP;
+    return ioctl_result(ioctl(g_uffd.load(std::memory_order_relaxed), UFFDIO_REGISTER, &reg));
+}
+
+int uffd_write_protect(std::uintptr_t addr, std::size_t len, bool protect) {
+    uffdio_writeprotect wp{};
+    wp.range.start = addr;
+    wp.range.len = len;
+    wp.mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0;
+    return ioctl_result(ioctl(g_uffd.load(std::memory_order_relaxed), UFFDIO_WRITEPROTECT, &wp));
+}
+
+void uffd_forget() {
+    const int fd = g_uffd.exchange(-1);
+    if (fd >= 0) close(fd);
+    g_engine.store(TrackingEngine::Mprotect, std::memory_order_relaxed);
 }
 
 }  // namespace usermm::detail

@@ -26,4 +26,27 @@ int page_open_self_mem();
 int page_read_raw(std::uintptr_t addr, void* dst, std::size_t len);
 int page_write_raw(std::uintptr_t addr, const void* src, std::size_t len);
 
+// How write access is withheld from pages whose next write must be seen (snapshots, dirty
+// tracking):
+//  - Mprotect: the page's protection loses write; the write faults with SIGSEGV. Portable, but each
+//    page given write back alone splits a kernel VMA, so large sparse sets run into the map budget.
+//  - Uffd: userfaultfd write-protection in SIGBUS mode: the protection stays, the kernel marks the
+//    page table entry, and the write raises SIGBUS in the writing thread. No VMA splits.
+enum class TrackingEngine { Mprotect, Uffd };
+
+// API world, once: opens a userfaultfd and asks the running kernel (not the headers) for SIGBUS
+// mode, write-protect and WP_UNPOPULATED (without which write-protect silently skips pages never
+// touched). Returns 0, or the errno that makes the uffd engine unusable here.
+int uffd_probe();
+TrackingEngine tracking_engine();
+void set_tracking_engine(TrackingEngine e);
+// Registers an arena's reservation for write-protect faults.
+int uffd_register(std::uintptr_t addr, std::size_t len);
+// Sets or clears userfaultfd write-protection on a range.
+int uffd_write_protect(std::uintptr_t addr, std::size_t len, bool protect);
+// In a forked child: the inherited descriptor belongs to the parent's address space, and the
+// kernel dropped the child's registrations and write-protect marks. The child continues with the
+// mprotect engine.
+void uffd_forget();
+
 }  // namespace usermm::detail

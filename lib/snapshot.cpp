@@ -56,10 +56,12 @@ bool needed_by_a_snapshot(const ArenaCore& a, std::size_t page) {
 // Pages of [first, last) whose write access is withheld only for tracking that nobody needs now
 // get it back, one mprotect per run. Best effort: a page left tracked merely faults once more.
 void give_back_write_access(ArenaCore& a, std::size_t first, std::size_t last) {
+    const bool uffd = tracking_engine() == TrackingEngine::Uffd;
     auto eligible = [&](std::size_t i) {
         const pte_t v = a.pte[i].load(kRelaxed);
         if (!(v & kPteWriteTracked) || (a.collect_armed && !(v & kPteDirtyCollect)) || needed_by_a_snapshot(a, i))
             return false;
+        if (uffd) return bool(v & to_pte(Prot::Write));  // a mark on a writable page
         const Vma* vma = find_vma(a, page_address(a, i));  // its protection may have changed since
         return vma && vma->start <= page_address(a, i) && allows(vma->prot, Prot::Write);
     };
@@ -71,6 +73,12 @@ void give_back_write_access(ArenaCore& a, std::size_t first, std::size_t last) {
         const pte_t prot = pte_prot(a.pte[i].load(kRelaxed));
         std::size_t j = i + 1;
         while (j < last && pte_prot(a.pte[j].load(kRelaxed)) == prot && eligible(j)) ++j;
+        if (uffd) {
+            if (uffd_write_protect(page_address(a, i), (j - i) << g_page_shift, false) == 0)
+                for (std::size_t k = i; k < j; ++k) a.pte[k].fetch_and(pte_t(~kPteWriteTracked), kRelaxed);
+            i = j;
+            continue;
+        }
         const Prot next = pte_to_prot(prot) | Prot::Write;
         const long delta = map_count_delta(a, i, j, next);
         if (page_protect(page_address(a, i), (j - i) << g_page_shift, next) == 0) {
@@ -109,7 +117,24 @@ std::shared_ptr<SnapshotCore> new_snapshot_core(ArenaCore& a, Range r) {
 
 // Withholds write access from the pages of r that have it, so that the next write to each is seen.
 void arm_write_tracking(ArenaCore& a, const char* call, Range r) {
-    change_pages(a, call, r, [](Prot p) { return p & ~Prot::Write; }, kPteWriteTracked);
+    if (tracking_engine() == TrackingEngine::Mprotect) {
+        change_pages(a, call, r, [](Prot p) { return p & ~Prot::Write; }, kPteWriteTracked);
+        return;
+    }
+    // Userfaultfd marks the writable runs; protections, and so kernel VMAs, stay as they are.
+    const std::size_t last = a.page_index(r.end);
+    for (std::size_t i = a.page_index(r.start); i < last;) {
+        if (!(a.pte[i].load(kRelaxed) & to_pte(Prot::Write))) {
+            ++i;
+            continue;
+        }
+        std::size_t j = i + 1;
+        while (j < last && (a.pte[j].load(kRelaxed) & to_pte(Prot::Write))) ++j;
+        if (const int err = uffd_write_protect(page_address(a, i), (j - i) << g_page_shift, true))
+            fail(err, "{}: UFFDIO_WRITEPROTECT of [{:#x}, {:#x}) failed", call, page_address(a, i), page_address(a, j));
+        for (std::size_t k = i; k < j; ++k) a.pte[k].fetch_or(kPteWriteTracked, kRelaxed);
+        i = j;
+    }
 }
 
 void check_live(const SnapshotCore* s, const char* call) {
@@ -230,8 +255,14 @@ void Arena::restore(const Snapshot& snapshot) {
 
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
     // Every page of the range faults from now on: threads that touch it wait for the restore and
-    // then see the restored content.
+    // then see the restored content. Userfaultfd marks would make the write-back fail; the pages
+    // need none once they are PROT_NONE, since any write now faults into usermm first.
     change_pages(a, call, r, [](Prot) { return Prot::None; });
+    if (tracking_engine() == TrackingEngine::Uffd) {
+        if (const int err = uffd_write_protect(r.start, r.end - r.start, false))
+            fail(err, "{}: cannot clear write-protection of [{:#x}, {:#x})", call, r.start, r.end);
+        for (std::size_t i = s.first; i < s.last; ++i) a.pte[i].fetch_and(pte_t(~kPteWriteTracked), kRelaxed);
+    }
     // Other snapshots keep what they still read from the pages about to change.
     for (std::size_t i = s.first; i < s.last; ++i) {
         if (s.slot(i).load(kAcquire) == kSlotInArena) continue;
