@@ -42,6 +42,7 @@ void release_snapshot(SnapshotCore* s) {
     }
     page_release(addr_of(s->store), (s->last - s->first) << g_page_shift);
     page_release(addr_of(s->slots), s->last - s->first);
+    page_release(addr_of(s->index), (s->last - s->first) * sizeof(std::uint32_t));
     delete s;
 }
 
@@ -99,11 +100,18 @@ std::shared_ptr<SnapshotCore> new_snapshot_core(ArenaCore& a, Range r) {
     const std::size_t pages = (r.end - r.start) >> g_page_shift;
     void* store = nullptr;
     void* slots = nullptr;
+    void* index = nullptr;
+    if (pages > UINT32_MAX) fail(EINVAL, "{}: length {:#x} at addr {:#x} is above 2^32 pages", call, r.end - r.start, r.start);
     if (const int err = page_alloc_table(pages << g_page_shift, &store))
         fail(err, "{}: cannot reserve {:#x} bytes of store for addr {:#x}", call, pages << g_page_shift, r.start);
     if (const int err = page_alloc_table(pages, &slots)) {
         page_release(addr_of(store), pages << g_page_shift);
         fail(err, "{}: cannot reserve the slot table for addr {:#x}", call, r.start);
+    }
+    if (const int err = page_alloc_table(pages * sizeof(std::uint32_t), &index)) {
+        page_release(addr_of(store), pages << g_page_shift);
+        page_release(addr_of(slots), pages);
+        fail(err, "{}: cannot reserve the store index for addr {:#x}", call, r.start);
     }
     auto* s = new SnapshotCore;
     s->arena_base = a.base;
@@ -112,27 +120,63 @@ std::shared_ptr<SnapshotCore> new_snapshot_core(ArenaCore& a, Range r) {
     s->last = a.page_index(r.end);
     s->store = static_cast<std::byte*>(store);
     s->slots = static_cast<std::atomic<slot_t>*>(slots);
+    s->index = static_cast<std::uint32_t*>(index);
     return std::shared_ptr<SnapshotCore>(s, release_snapshot);
 }
 
 // Withholds write access from the pages of r that have it, so that the next write to each is seen.
+// Pages still tracked since an earlier snapshot need nothing, so a snapshot after one costs in
+// proportion to what changed since. One kernel call per run of such pages; runs separated by a few
+// pages that are tracked already are joined, since re-arming those is harmless and one call over a
+// span costs less than a call per run.
 void arm_write_tracking(ArenaCore& a, const char* call, Range r) {
-    if (tracking_engine() == TrackingEngine::Mprotect) {
-        change_pages(a, call, r, [](Prot p) { return p & ~Prot::Write; }, kPteWriteTracked);
-        return;
-    }
-    // Userfaultfd marks the writable runs; protections, and so kernel VMAs, stay as they are.
+    constexpr std::size_t kMaxBridge = 32;
+    const bool uffd = tracking_engine() == TrackingEngine::Uffd;
+    const pte_t write = to_pte(Prot::Write);
     const std::size_t last = a.page_index(r.end);
+    auto value = [&](std::size_t i) { return a.pte[i].load(kRelaxed); };
+    auto candidate = [&](std::size_t i, pte_t prot) {
+        const pte_t v = value(i);
+        return pte_prot(v) == prot && !(v & kPteWriteTracked);
+    };
+    // A page tracked already, which arming it again (with the same call) leaves as it is.
+    auto bridgeable = [&](std::size_t i, pte_t prot) {
+        const pte_t v = value(i);
+        return (v & kPteWriteTracked) && pte_prot(v) == (uffd ? prot : pte_t(prot & ~write));
+    };
     for (std::size_t i = a.page_index(r.start); i < last;) {
-        if (!(a.pte[i].load(kRelaxed) & to_pte(Prot::Write))) {
+        const pte_t prot = pte_prot(value(i));
+        if (!(prot & write) || !candidate(i, prot)) {
             ++i;
             continue;
         }
         std::size_t j = i + 1;
-        while (j < last && (a.pte[j].load(kRelaxed) & to_pte(Prot::Write))) ++j;
-        if (const int err = uffd_write_protect(page_address(a, i), (j - i) << g_page_shift, true))
-            fail(err, "{}: UFFDIO_WRITEPROTECT of [{:#x}, {:#x}) failed", call, page_address(a, i), page_address(a, j));
-        for (std::size_t k = i; k < j; ++k) a.pte[k].fetch_or(kPteWriteTracked, kRelaxed);
+        for (;;) {
+            while (j < last && candidate(j, prot)) ++j;
+            std::size_t k = j;
+            while (k < last && k - j < kMaxBridge && bridgeable(k, prot)) ++k;
+            if (k == j || k == last || !candidate(k, prot)) break;
+            j = k;
+        }
+        const std::uintptr_t at = page_address(a, i);
+        const std::size_t len = (j - i) << g_page_shift;
+        const Prot next = pte_to_prot(prot) & ~Prot::Write;
+        if (uffd) {
+            if (const int err = uffd_write_protect(at, len, true))
+                fail(err, "{}: UFFDIO_WRITEPROTECT of [{:#x}, {:#x}) failed", call, at, at + len);
+        } else {
+            const long delta = map_count_delta(a, i, j, next);
+            if (const int err = page_protect(at, len, next)) {
+                resync_ptes(a, i, j);
+                fail(err, "{}: mprotect of [{:#x}, {:#x}) to {} failed", call, at, at + len, to_string(next));
+            }
+            map_budget_charge(a, delta);
+        }
+        for (std::size_t k = i; k < j; ++k) {
+            const pte_t v = value(k);
+            const pte_t kept = uffd ? pte_prot(v) : to_pte(next);
+            a.pte[k].store(pte_t((v & kPteFlags) | kPteWriteTracked | kept), kRelaxed);
+        }
         i = j;
     }
 }
@@ -293,7 +337,11 @@ void Arena::restore(const Snapshot& snapshot) {
         while (j < s.last && s.slot(j).load(kAcquire) == state) ++j;
         const std::uintptr_t at = page_address(a, i);
         const std::size_t len = (j - i) << g_page_shift;
-        const int err = state == kSlotCopied ? page_write_raw(at, s.stored(i), len) : page_discard(at, len);
+        int err = 0;
+        if (state == kSlotCopied)
+            for (std::size_t k = i; k < j && !err; ++k) err = page_write_raw(page_address(a, k), s.stored(k), g_page_size);
+        else
+            err = page_discard(at, len);
         if (err) fail(err, "{}: cannot write back [{:#x}, {:#x})", call, at, at + len);
         for (std::size_t k = i; k < j; ++k) {
             const pte_t v = a.pte[k].load(kRelaxed);

@@ -9,8 +9,11 @@
 // A slot is locked (kSlotBusy) while its content moves, by a fault copying it or by a reader
 // copying from the arena, so that a reader never sees half a write.
 //
-// The store is address space reserved with MAP_NORESERVE, one page per covered page: only pages
-// actually copied cost memory. Store and slots exist before the snapshot is visible to any fault.
+// The store is a log: address space reserved with MAP_NORESERVE for one page per covered page,
+// filled from the start in the order pages are copied, so that only pages actually copied cost
+// memory, and so that the log can be populated a chunk ahead of the copies (one kernel call per
+// kStoreChunk copies instead of a page fault each). Store, index and slots exist before the
+// snapshot is visible to any fault.
 #pragma once
 
 #include <atomic>
@@ -28,6 +31,8 @@ inline constexpr slot_t kSlotCopied = 1;
 inline constexpr slot_t kSlotZero = 2;
 inline constexpr slot_t kSlotBusy = 0x80;
 
+inline constexpr std::size_t kStoreChunk = 64;  // store pages populated at once
+
 struct SnapshotCore {
     ArenaCore* arena = nullptr;  // nullptr once the arena is gone (every slot then holds its content)
     std::uintptr_t arena_base = 0;
@@ -36,6 +41,8 @@ struct SnapshotCore {
     std::size_t last = 0;
     std::uint64_t sequence = 0;  // 1, 2, ... per arena, in the order snapshots were taken
     std::byte* store = nullptr;  // (last - first) pages, MAP_NORESERVE
+    std::uint32_t* index = nullptr;  // per covered page: where in the store its copy is
+    std::atomic<std::uint32_t> used{0};  // store pages handed out
     std::atomic<slot_t>* slots = nullptr;
     Counters stats;  // cow_faults, cow_bytes_copied, pages_restored of this snapshot
     // API world only: the VMAs of the range when the snapshot was taken, for restore and images.
@@ -50,7 +57,8 @@ struct SnapshotCore {
 
     bool covers(std::size_t page) const { return page >= first && page < last; }
     std::atomic<slot_t>& slot(std::size_t page) const { return slots[page - first]; }
-    std::byte* stored(std::size_t page) const { return store + ((page - first) << g_page_shift); }
+    // The copy of a page whose slot is kSlotCopied.
+    std::byte* stored(std::size_t page) const { return store + (std::size_t(index[page - first]) << g_page_shift); }
     std::uintptr_t page_addr(std::size_t page) const { return arena_base + (std::uintptr_t(page) << g_page_shift); }
 };
 

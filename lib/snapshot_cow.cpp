@@ -1,5 +1,6 @@
 // Copy-before-write: the part of the kernel's do_wp_page that a snapshot needs. Runs in the fault
 // world, and in the API world under the arena's write lock.
+#include <algorithm>
 #include <cstring>
 
 #include "page_ops.hpp"
@@ -41,10 +42,17 @@ int preserve_for_snapshots(ArenaCore& arena, std::size_t page, pte_t pte, std::u
                 slot.store(kSlotZero, std::memory_order_release);
                 break;
             }
-            if (const int err = copy_page(addr, pte, snap.stored(page))) {
+            const std::uint32_t at = snap.used.fetch_add(1, std::memory_order_relaxed);
+            std::byte* dst = snap.store + (std::size_t(at) << g_page_shift);
+            if (at % kStoreChunk == 0) {
+                const std::size_t n = std::min<std::size_t>(kStoreChunk, snap.last - snap.first - at);
+                page_populate(reinterpret_cast<std::uintptr_t>(dst), n << g_page_shift);  // a miss only costs faults
+            }
+            if (const int err = copy_page(addr, pte, dst)) {
                 slot.store(kSlotInArena, std::memory_order_release);
                 return err;
             }
+            snap.index[page - snap.first] = at;
             slot.store(kSlotCopied, std::memory_order_release);
             snap.stats.cow_faults.fetch_add(1, std::memory_order_relaxed);
             snap.stats.cow_bytes_copied.fetch_add(g_page_size, std::memory_order_relaxed);
