@@ -131,7 +131,7 @@ void fork_child() {
     for (std::size_t i = 0; i < reg.count; ++i) {
         ArenaCore& a = *reg.arenas[i];
         if (was_uffd) convert_tracked_pages_after_fork(a);
-        map_budget_after_fork(a, count_mappings_within(a.base, a.end) + 1);  // + its PTE table
+        map_budget_after_fork(a, count_mappings_within(a.base, a.end) + 2);  // + its two tables
     }
     fork_release();
 }
@@ -176,23 +176,35 @@ Arena::Arena(std::size_t size) {
     init_process();
     const std::size_t len = round_up_length("usermm::Arena", size, 0, "size");
     auto core = std::make_unique<ArenaCore>();
+    ArenaCore& a = *core;
+    // Undoes whatever of the set-up below succeeded, when a later step fails.
+    auto undo = [&a, len] {
+        if (a.base) page_release(a.base, len);
+        if (a.pte) page_release(addr_of(a.pte), a.pte_bytes);
+        if (a.changed_groups) page_release(addr_of(a.changed_groups), a.changed_group_bytes);
+    };
     void* base = nullptr;
     if (const int err = page_reserve(len, &base))
         fail(err, "usermm::Arena: cannot reserve size {:#x} bytes of address space", size);
-    core->base = addr_of(base);
-    core->end = core->base + len;
-    core->pte_bytes = len >> g_page_shift;
+    a.base = addr_of(base);
+    a.end = a.base + len;
+    a.pte_bytes = len >> g_page_shift;
+    const std::size_t groups = (a.pte_bytes + ArenaCore::kGroupPages - 1) / ArenaCore::kGroupPages;
+    a.changed_group_bytes = (groups + 63) / 64 * sizeof(std::uint64_t);
     void* table = nullptr;
-    if (const int err = page_alloc_table(core->pte_bytes, &table)) {
-        page_release(core->base, len);
-        fail(err, "usermm::Arena: cannot reserve the page table for size {:#x}", size);
+    void* summary = nullptr;
+    int err = page_alloc_table(a.pte_bytes, &table);
+    if (!err) a.pte = static_cast<Pte*>(table);
+    if (!err) err = page_alloc_table(a.changed_group_bytes, &summary);
+    if (!err) a.changed_groups = static_cast<std::atomic<std::uint64_t>*>(summary);
+    if (err) {
+        undo();
+        fail(err, "usermm::Arena: cannot reserve the page tables for size {:#x}", size);
     }
-    core->pte = static_cast<Pte*>(table);
     if (tracking_engine() == TrackingEngine::Uffd) {
-        if (const int err = uffd_register(core->base, len)) {
-            page_release(core->base, len);
-            page_release(addr_of(table), core->pte_bytes);
-            fail(err, "usermm::Arena: cannot register size {:#x} with userfaultfd", size);
+        if (const int uerr = uffd_register(a.base, len)) {
+            undo();
+            fail(uerr, "usermm::Arena: cannot register size {:#x} with userfaultfd", size);
         }
     }
 
@@ -200,19 +212,18 @@ Arena::Arena(std::size_t size) {
     {
         ApiGuard<ExclusiveGuard<RwSpinLock>> guard(reg.lock);
         if (reg.count == kMaxArenas) {
-            page_release(core->base, len);
-            page_release(addr_of(table), core->pte_bytes);
+            undo();
             fail(ENOMEM, "usermm::Arena: more than {} arenas", kMaxArenas);
         }
         std::size_t i = reg.count;
-        while (i > 0 && reg.arenas[i - 1]->base > core->base) {
+        while (i > 0 && reg.arenas[i - 1]->base > a.base) {
             reg.arenas[i] = reg.arenas[i - 1];
             --i;
         }
-        reg.arenas[i] = core.get();
+        reg.arenas[i] = &a;
         ++reg.count;
     }
-    map_budget_charge(*core, 2);  // the reservation and its PTE table
+    map_budget_charge(a, 3);  // the reservation and its two tables
     core_ = std::move(core);
 }
 
@@ -240,6 +251,7 @@ Arena::~Arena() {
     map_budget_charge(a, -a.kernel_maps.load());
     page_release(a.base, a.end - a.base);
     page_release(addr_of(a.pte), a.pte_bytes);
+    page_release(addr_of(a.changed_groups), a.changed_group_bytes);
     a.tree.clear_and_dispose([](Vma* v) { delete v; });
     a.lock.unlock();
 }

@@ -80,7 +80,10 @@ void resync_ptes(ArenaCore& a, std::size_t first, std::size_t last) {
         const Prot kernel = parse_perms(perms);
         for (std::size_t i = a.page_index(std::max<std::uintptr_t>(from, lo)), end = a.page_index(std::min<std::uintptr_t>(to, hi));
              i < end; ++i)
+        {
             a.pte[i].store(pte_with_prot(a.pte[i].load(std::memory_order_relaxed), kernel), std::memory_order_relaxed);
+            a.note_changed(i);
+        }
     }
 }
 
@@ -102,6 +105,7 @@ void clear_ptes(ArenaCore& a, Range r) {
             const pte_t n = discarded(v);
             kept |= n != 0;
             a.pte[k].store(n, std::memory_order_relaxed);
+            if (n) a.note_changed(k);
         }
         if (!kept && i % per_table_page == 0 && block_end - i == per_table_page)
             page_discard(addr_of(&a.pte[i]), g_page_size);

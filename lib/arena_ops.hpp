@@ -119,7 +119,7 @@ std::size_t change_pages(ArenaCore& a, const char* call, Range r, Change change,
             const long delta = map_count_delta(a, i, j, next);
             if (const int err = page_protect(page_address(a, i), (j - i) << g_page_shift, next)) {
                 resync_ptes(a, i, j);
-                map_budget_charge(a, count_mappings_within(a.base, a.end) + 1 - a.kernel_maps.load());
+                map_budget_charge(a, count_mappings_within(a.base, a.end) + 2 - a.kernel_maps.load());
                 fail(err, "{}: mprotect of [{:#x}, {:#x}) to {} failed", call, page_address(a, i), page_address(a, j),
                      to_string(next));
             }
@@ -127,6 +127,7 @@ std::size_t change_pages(ArenaCore& a, const char* call, Range r, Change change,
             for (std::size_t k = i; k < j; ++k) {
                 const pte_t old = a.pte[k].load(std::memory_order_relaxed);
                 a.pte[k].store(pte_with_prot(old, next) | flags, std::memory_order_relaxed);
+                a.note_changed(k);
             }
             changed += j - i;
         }

@@ -84,6 +84,7 @@ void publish(ArenaCore& arena, PageRange r, Prot prot) {
     for (std::size_t i = r.first; i < r.last; ++i) {
         const pte_t old = arena.pte[i].load(kRelaxed) & ~kPteLocked;
         arena.pte[i].store(pte_with_prot(old, prot), kRelease);
+        if (allows(prot, Prot::Write)) arena.note_changed(i);
     }
 }
 
@@ -284,6 +285,7 @@ FaultResult do_wp_page(vm_fault& vmf) {
     if (const int err = uffd_write_protect(page_addr(arena, page), g_page_size, false))
         return fatal(vmf, "UFFDIO_WRITEPROTECT", err);
     pte.store(pte_with_prot(cur, pte_to_prot(cur)), kRelease);
+    arena.note_changed(page);
     if (!tracked) return FaultResult::Spurious;
     vmf.kind = FaultKind::WriteProtect;
     vmf.granted = pte_to_prot(cur);

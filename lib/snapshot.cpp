@@ -76,7 +76,10 @@ void give_back_write_access(ArenaCore& a, std::size_t first, std::size_t last) {
         while (j < last && pte_prot(a.pte[j].load(kRelaxed)) == prot && eligible(j)) ++j;
         if (uffd) {
             if (uffd_write_protect(page_address(a, i), (j - i) << g_page_shift, false) == 0)
-                for (std::size_t k = i; k < j; ++k) a.pte[k].fetch_and(pte_t(~kPteWriteTracked), kRelaxed);
+                for (std::size_t k = i; k < j; ++k) {
+                    a.pte[k].fetch_and(pte_t(~kPteWriteTracked), kRelaxed);
+                    a.note_changed(k);
+                }
             i = j;
             continue;
         }
@@ -87,6 +90,7 @@ void give_back_write_access(ArenaCore& a, std::size_t first, std::size_t last) {
             for (std::size_t k = i; k < j; ++k) {
                 const pte_t v = a.pte[k].load(kRelaxed);
                 a.pte[k].store(pte_t((v & ~kPteWriteTracked & ~kPteProt) | to_pte(next)), kRelaxed);
+                a.note_changed(k);
             }
         } else {
             resync_ptes(a, i, j);
@@ -144,7 +148,12 @@ void arm_write_tracking(ArenaCore& a, const char* call, Range r) {
         const pte_t v = value(i);
         return (v & kPteWriteTracked) && pte_prot(v) == (uffd ? prot : pte_t(prot & ~write));
     };
+    constexpr std::size_t kGroup = ArenaCore::kGroupPages;
     for (std::size_t i = a.page_index(r.start); i < last;) {
+        if (!a.group_changed(i / kGroup)) {  // nothing gained write access there since it was armed
+            i = std::min(last, (i / kGroup + 1) * kGroup);
+            continue;
+        }
         const pte_t prot = pte_prot(value(i));
         if (!(prot & write) || !candidate(i, prot)) {
             ++i;
@@ -256,11 +265,22 @@ Snapshot Arena::snapshot(void* addr, std::size_t length) {
         snap->vmas.push_back(v);
     }
     arm_write_tracking(a, call, r);
-    for (std::size_t i = snap->first; i < snap->last; ++i) {
-        const pte_t v = a.pte[i].load(kRelaxed);
-        if (!(v & kPteDirtySnapshot)) continue;
-        record.bits[(i - snap->first) / 64] |= std::uint64_t(1) << ((i - snap->first) % 64);
-        a.pte[i].store(v & ~kPteDirtySnapshot, kRelaxed);
+    constexpr std::size_t kGroup = ArenaCore::kGroupPages;
+    for (std::size_t i = snap->first; i < snap->last;) {
+        const std::size_t group = i / kGroup, group_end = std::min(snap->last, (group + 1) * kGroup);
+        if (!a.group_changed(group)) {
+            i = group_end;
+            continue;
+        }
+        for (; i < group_end; ++i) {
+            const pte_t v = a.pte[i].load(kRelaxed);
+            if (!(v & kPteDirtySnapshot)) continue;
+            record.bits[(i - snap->first) / 64] |= std::uint64_t(1) << ((i - snap->first) % 64);
+            a.pte[i].store(v & ~kPteDirtySnapshot, kRelaxed);
+        }
+        // Armed and recorded: the group has nothing new until a page of it changes again. A group
+        // the range covers only in part keeps its mark for the pages outside.
+        if (group * kGroup >= snap->first && (group + 1) * kGroup <= snap->last) a.clear_group(group);
     }
     snap->arena = &a;
     snap->sequence = record.sequence = ++a.snapshot_sequence;
@@ -347,6 +367,7 @@ void Arena::restore(const Snapshot& snapshot) {
             const pte_t v = a.pte[k].load(kRelaxed);
             const pte_t content = state == kSlotCopied ? kPtePopulated : 0;
             a.pte[k].store(pte_t((v & ~kPtePopulated) | content | kPteDirty), kRelaxed);
+            a.note_changed(k);
         }
         restored += j - i;
         i = j;

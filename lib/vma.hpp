@@ -58,6 +58,11 @@ struct ArenaCore {
     std::uintptr_t end = 0;
     Pte* pte = nullptr;  // one per page of [base, end)
     std::size_t pte_bytes = 0;
+    // One bit per group of kGroupPages pages: set whenever a page of the group gains write access
+    // or becomes dirty, cleared by the snapshot that arms the group again. Lets a snapshot look only
+    // at what changed since the previous one.
+    std::atomic<std::uint64_t>* changed_groups = nullptr;
+    std::size_t changed_group_bytes = 0;
 
     RwSpinLock lock;  // write side: API calls that change the tree or protections
     VmaTree tree;
@@ -79,6 +84,18 @@ struct ArenaCore {
 
     std::size_t page_index(std::uintptr_t addr) const;
     Pte& pte_of(std::uintptr_t addr) const { return pte[page_index(addr)]; }
+
+    static constexpr std::size_t kGroupPages = 64;
+    void note_changed(std::size_t page) const {
+        const std::size_t group = page / kGroupPages;
+        changed_groups[group / 64].fetch_or(std::uint64_t(1) << (group % 64), std::memory_order_relaxed);
+    }
+    bool group_changed(std::size_t group) const {
+        return changed_groups[group / 64].load(std::memory_order_relaxed) >> (group % 64) & 1;
+    }
+    void clear_group(std::size_t group) const {
+        changed_groups[group / 64].fetch_and(~(std::uint64_t(1) << (group % 64)), std::memory_order_relaxed);
+    }
 };
 
 // Set once, before the first arena exists, from sysconf(_SC_PAGESIZE).
