@@ -295,6 +295,13 @@ void* Arena::map(std::size_t length, Prot prot, const MapOptions& options) {
         start = find_free(a, a.next_hint, len);
         if (!start) fail(ENOMEM, "{}: no free range of length {:#x} in the arena [{:#x}, {:#x})", call, length, a.base, a.end);
     }
+    if (options.huge_pages) {
+        if (const int err = page_advise_huge(start, len))
+            fail(err, "{}: MADV_HUGEPAGE on addr {:#x} length {:#x} failed", call, start, length);
+        // The advice is a VMA flag: the kernel splits the reservation at both ends, for good
+        // (no advice returns a range to the default), which the page states cannot show.
+        map_budget_charge(a, 2);
+    }
     vma->start = start;
     vma->end = start + len;
     a.tree.insert(*vma.release());

@@ -15,6 +15,8 @@ int page_reserve(std::size_t len, void** out);
 int page_alloc_table(std::size_t len, void** out);
 int page_release(std::uintptr_t addr, std::size_t len);
 int page_protect(std::uintptr_t addr, std::size_t len, Prot prot);
+// Ask for transparent huge pages in the range (MADV_HUGEPAGE).
+int page_advise_huge(std::uintptr_t addr, std::size_t len);
 // Commit memory for the range now (MADV_POPULATE_WRITE), so that first writes do not fault.
 int page_populate(std::uintptr_t addr, std::size_t len);
 // Drop the content of the range; the next touch sees zeros.

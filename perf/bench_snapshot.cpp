@@ -102,26 +102,53 @@ SnapshotResult snapshot_once(usermm::Arena& arena, char* heap, std::size_t pages
     return {pause, write, repeat, copied};
 }
 
-void heap_row(std::size_t bytes) {
-    const std::size_t pages = bytes / kPage;
-    usermm::Arena arena(bytes + (1ull << 30));
-    char* heap = static_cast<char*>(arena.map(bytes, Prot::ReadWrite, {.name = "heap", .fault_around_pages = 512}));
-    for (std::size_t p = 0; p < pages; ++p) *reinterpret_cast<std::uint64_t*>(heap + p * kPage) = p;
+// A heap of `bytes`, every page written, in a fresh arena (so that huge pages split by an earlier
+// round do not carry over).
+struct Heap {
+    usermm::Arena arena;
+    char* data;
+    Heap(std::size_t bytes, bool huge) : arena(bytes + (1ull << 30)) {
+        constexpr std::size_t kHuge = 2ull << 20;
+        char* at =
+            reinterpret_cast<char*>((reinterpret_cast<std::uintptr_t>(arena.base()) + kHuge - 1) & ~(kHuge - 1));
+        data = static_cast<char*>(arena.map(
+            bytes, Prot::ReadWrite, {.name = "heap", .address = at, .fault_around_pages = 512, .huge_pages = huge}));
+        for (std::size_t p = 0; p < bytes / kPage; ++p) *reinterpret_cast<std::uint64_t*>(data + p * kPage) = p;
+    }
+};
 
+// Resident huge pages of the process, from /proc/self/smaps_rollup.
+std::size_t huge_resident_mib() {
+    FILE* f = std::fopen("/proc/self/smaps_rollup", "r");
+    char line[256];
+    std::size_t kib = 0;
+    while (f && std::fgets(line, sizeof line, f))
+        if (std::sscanf(line, "AnonHugePages: %zu kB", &kib) == 1) break;
+    if (f) std::fclose(f);
+    return kib >> 10;
+}
+
+void heap_row(std::size_t bytes, bool huge) {
+    const std::size_t pages = bytes / kPage;
     std::mt19937_64 rng(bytes);
     std::vector<std::size_t> all(pages);
     std::iota(all.begin(), all.end(), 0);
     std::vector<double> fork_pause, fork_write, snap_pause, snap_write, snap_repeat;
     std::uint64_t copied = 0;
+    std::size_t huge_mib = 0;
     for (int r = 0; r < kRounds; ++r) {
+        {
+            Heap heap(bytes, huge);
+            std::shuffle(all.begin(), all.end(), rng);
+            const ForkResult f = fork_once(heap.data, {all.begin(), all.begin() + std::min(kWrites, pages)});
+            fork_pause.push_back(f.pause_ms);
+            fork_write.push_back(f.first_write_ns);
+        }
+        Heap heap(bytes, huge);
+        huge_mib = huge_resident_mib();
         std::shuffle(all.begin(), all.end(), rng);
-        const std::vector<std::size_t> order(all.begin(), all.begin() + std::min(kWrites, pages));
-        const ForkResult f = fork_once(heap, order);
-        fork_pause.push_back(f.pause_ms);
-        fork_write.push_back(f.first_write_ns);
-        std::shuffle(all.begin(), all.end(), rng);
-        const std::vector<std::size_t> order2(all.begin(), all.begin() + std::min(kWrites, pages));
-        const SnapshotResult s = snapshot_once(arena, heap, pages, order2, rng);
+        const SnapshotResult s =
+            snapshot_once(heap.arena, heap.data, pages, {all.begin(), all.begin() + std::min(kWrites, pages)}, rng);
         snap_pause.push_back(s.pause_ms);
         snap_write.push_back(s.first_write_ns);
         snap_repeat.push_back(s.repeat_pause_ms);
@@ -129,10 +156,11 @@ void heap_row(std::size_t bytes) {
     }
     const double fp = median(fork_pause), fw = median(fork_write), sp = median(snap_pause),
                  sw = median(snap_write), sr = median(snap_repeat);
-    fmt::print("{:>5} MiB  fork pause {:7.2f} ms | snapshot {:7.2f} ms = {:4.2f}x  repeat (1% changed) {:6.2f} ms = "
-               "{:5.3f}x | first write: fork {:5.0f} ns, snapshot {:5.0f} ns = {:4.2f}x | copied {} pages for {} "
-               "written\n",
-               bytes >> 20, fp, sp, sp / fp, sr, sr / fp, fw, sw, sw / fw, copied / kPage, std::min(kWrites, pages));
+    fmt::print("{:>5} MiB {} ({:>4} MiB huge)  fork pause {:7.2f} ms | snapshot {:7.2f} ms = {:4.2f}x  repeat (1% "
+               "changed) {:6.2f} ms = {:5.3f}x | first write: fork {:5.0f} ns, snapshot {:5.0f} ns = {:4.2f}x | copied "
+               "{} pages for {} written\n",
+               bytes >> 20, huge ? "2M" : "4K", huge_mib, fp, sp, sp / fp, sr, sr / fp, fw, sw, sw / fw, copied / kPage,
+               std::min(kWrites, pages));
 }
 
 // The VM backs guest memory lazily; touch more than the largest heap so no variant pays for it.
@@ -153,6 +181,7 @@ int main(int argc, char** argv) {
                kWrites, uffd ? "uffd" : "mprotect");
     fmt::print("targets: snapshot pause <= 0.25x fork's; first write <= 1.5x fork's; copied = pages written\n");
     warm_up(*std::max_element(sizes.begin(), sizes.end()) + (1ull << 30));
-    for (std::size_t s : sizes) heap_row(s);
+    for (bool huge : {false, true})
+        for (std::size_t s : sizes) heap_row(s, huge);
     return 0;
 }
