@@ -131,6 +131,14 @@ void fork_child() {
     for (std::size_t i = 0; i < reg.count; ++i) {
         ArenaCore& a = *reg.arenas[i];
         if (was_uffd) convert_tracked_pages_after_fork(a);
+        // Slots held by readers, and a restore in progress, belong to threads the child does not have.
+        a.restoring.store(false);
+        for (std::size_t k = 0; k < a.snapshot_count; ++k) {
+            SnapshotCore& s = *a.snapshots[k];
+            for (std::size_t page = s.first; page < s.last; ++page)
+                if (s.slot(page).load(std::memory_order_relaxed) & kSlotBusy)
+                    s.slot(page).store(kSlotInArena, std::memory_order_relaxed);
+        }
         map_budget_after_fork(a, count_mappings_within(a.base, a.end) + 2);  // + its two tables
     }
     fork_release();
@@ -188,6 +196,8 @@ Arena::Arena(std::size_t size) {
         fail(err, "usermm::Arena: cannot reserve size {:#x} bytes of address space", size);
     a.base = addr_of(base);
     a.end = a.base + len;
+    static std::atomic<std::uint64_t> next_id{1};
+    a.id = next_id.fetch_add(1);
     a.pte_bytes = len >> g_page_shift;
     const std::size_t groups = (a.pte_bytes + ArenaCore::kGroupPages - 1) / ArenaCore::kGroupPages;
     a.changed_group_bytes = (groups + 63) / 64 * sizeof(std::uint64_t);
@@ -244,8 +254,10 @@ Arena::~Arena() {
         SnapshotCore& s = *a.snapshots[i];
         std::uint32_t copies = 0;
         for (std::size_t page = s.first; page < s.last; ++page)
-            if (s.slot(page).load(std::memory_order_acquire) == kSlotInArena)
-                preserve_for_snapshots(a, page, a.pte[page].load(std::memory_order_relaxed), &copies);
+            if (settled_slot(s, page) == kSlotInArena &&
+                preserve_for_snapshots(a, page, a.pte[page].load(std::memory_order_relaxed), &copies) != 0)
+                std::fprintf(stderr, "usermm: snapshot %llu lost page %#lx when its arena was destroyed\n",
+                             static_cast<unsigned long long>(s.sequence), static_cast<unsigned long>(page_address(a, page)));
         s.arena = nullptr;
     }
     map_budget_charge(a, -a.kernel_maps.load());
@@ -365,7 +377,9 @@ void Arena::prefault(void* addr, std::size_t length, Prot access) {
     for (Vma* v : vmas) {
         const Range part{std::max(v->start, r.start), std::min(v->end, r.end)};
         const Prot grant = allows(access, Prot::Write) ? v->prot : (v->prot & ~Prot::Write);
-        const std::size_t pages = change_pages(a, call, part, [grant](Prot old) { return old | grant; });
+        std::size_t pages = change_pages(a, call, part, [grant](Prot old) { return old | grant; });
+        if (allows(access, Prot::Write) && tracking_engine() == TrackingEngine::Uffd)
+            pages += unmark_tracked(a, call, part);
         account_prefault(a, *v, pages);
     }
 }

@@ -81,7 +81,10 @@ void resync_ptes(ArenaCore& a, std::size_t first, std::size_t last) {
         for (std::size_t i = a.page_index(std::max<std::uintptr_t>(from, lo)), end = a.page_index(std::min<std::uintptr_t>(to, hi));
              i < end; ++i)
         {
-            a.pte[i].store(pte_with_prot(a.pte[i].load(std::memory_order_relaxed), kernel), std::memory_order_relaxed);
+            // /proc/self/maps does not show userfaultfd marks: a tracked page stays tracked.
+            const pte_t old = a.pte[i].load(std::memory_order_relaxed);
+            const pte_t keep = tracking_engine() == TrackingEngine::Uffd ? pte_t(old & kPteWriteTracked) : pte_t(0);
+            a.pte[i].store(pte_with_prot(old, kernel) | keep, std::memory_order_relaxed);
             a.note_changed(i);
         }
     }
@@ -111,6 +114,23 @@ void clear_ptes(ArenaCore& a, Range r) {
             page_discard(addr_of(&a.pte[i]), g_page_size);
         i = block_end;
     }
+}
+
+std::size_t unmark_tracked(ArenaCore& a, const char* call, Range r) {
+    // Write access granted by change_pages() cleared the tracked flag of pages that lacked it, but
+    // not their marks; so the whole range is unmarked, after snapshots took what they need of it.
+    preserve_range(a, call, r);
+    if (const int err = uffd_write_protect(r.start, r.end - r.start, false))
+        fail(err, "{}: cannot clear write-protection of [{:#x}, {:#x})", call, r.start, r.end);
+    std::size_t changed = 0;
+    for (std::size_t i = a.page_index(r.start), last = a.page_index(r.end); i < last; ++i) {
+        const pte_t v = a.pte[i].load(std::memory_order_relaxed);
+        if (!(v & kPteWriteTracked)) continue;
+        a.pte[i].store(pte_with_prot(v, pte_to_prot(v)) & ~kPteWriteTracked, std::memory_order_relaxed);
+        a.note_changed(i);
+        ++changed;
+    }
+    return changed;
 }
 
 // Before pages of `r` lose their content: live snapshots take what they still read from them.

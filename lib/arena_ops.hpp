@@ -25,39 +25,36 @@ template <typename... Args>
     throw Error(err, fmt::format(format, std::forward<Args>(args)...));
 }
 
-// Holds one of usermm's locks with the asynchronous signals blocked. A signal handler that touched
-// arena memory while this thread holds the write side would fault into a lock its own thread holds;
-// the kernel, likewise, never runs a handler while it holds mmap_lock. Synchronous signals stay
-// deliverable: blocking them would not stop them, only make the kernel kill the process.
+// Blocks the asynchronous signals for a scope. A signal handler that touched arena memory while
+// this thread holds an usermm lock or a snapshot slot would fault into something its own thread
+// holds; the kernel, likewise, never runs a handler while it holds mmap_lock. Synchronous signals
+// stay deliverable: blocking them would not stop them, only make the kernel kill the process.
+class AsyncSignalsBlocked {
+public:
+    AsyncSignalsBlocked() {
+        sigset_t all;
+        sigfillset(&all);
+        for (int sig : {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGTRAP, SIGSYS}) sigdelset(&all, sig);
+        pthread_sigmask(SIG_BLOCK, &all, &saved_);
+    }
+    ~AsyncSignalsBlocked() { pthread_sigmask(SIG_SETMASK, &saved_, nullptr); }
+    AsyncSignalsBlocked(const AsyncSignalsBlocked&) = delete;
+    AsyncSignalsBlocked& operator=(const AsyncSignalsBlocked&) = delete;
+
+private:
+    sigset_t saved_;
+};
+
+// Holds one of usermm's locks with the asynchronous signals blocked.
 template <typename Guard>
 class ApiGuard {
 public:
-    explicit ApiGuard(RwSpinLock& lock) : mask_(block_async_signals()), guard_(lock) {}
-    ~ApiGuard() = default;
+    explicit ApiGuard(RwSpinLock& lock) : guard_(lock) {}
     ApiGuard(const ApiGuard&) = delete;
     ApiGuard& operator=(const ApiGuard&) = delete;
 
 private:
-    class SavedMask {
-    public:
-        explicit SavedMask(const sigset_t& saved) : saved_(saved) {}
-        ~SavedMask() { pthread_sigmask(SIG_SETMASK, &saved_, nullptr); }
-        SavedMask(const SavedMask&) = delete;
-        SavedMask& operator=(const SavedMask&) = delete;
-
-    private:
-        sigset_t saved_;
-    };
-
-    static sigset_t block_async_signals() {
-        sigset_t all, saved;
-        sigfillset(&all);
-        for (int sig : {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGTRAP, SIGSYS}) sigdelset(&all, sig);
-        pthread_sigmask(SIG_BLOCK, &all, &saved);
-        return saved;
-    }
-
-    SavedMask mask_;  // declared first: restored after the lock is released
+    AsyncSignalsBlocked blocked_;  // declared first: restored after the lock is released
     Guard guard_;
 };
 
@@ -88,6 +85,10 @@ long count_mappings_within(std::uintptr_t lo, std::uintptr_t hi);
 void resync_ptes(ArenaCore& a, std::size_t first, std::size_t last);
 void clear_ptes(ArenaCore& a, Range r);
 void preserve_range(ArenaCore& a, const char* call, Range r);
+// Uffd engine: pages of r whose write access is withheld by a userfaultfd mark get it back now,
+// after live snapshots took them (system calls writing into a marked page fail with EFAULT).
+// Returns how many pages changed.
+std::size_t unmark_tracked(ArenaCore& a, const char* call, Range r);
 
 void set_name(Vma& v, std::string_view name);
 void split_at(ArenaCore& a, std::uintptr_t at, std::unique_ptr<Vma>& spare);

@@ -273,7 +273,8 @@ FaultResult do_wp_page(vm_fault& vmf) {
             spin_backoff(spins);
             continue;
         }
-        if (!allows(pte_to_prot(cur), Prot::Write)) return FaultResult::AccessError;
+        // protect() or unmap() took write access away meanwhile: the retried access gets its answer.
+        if (!allows(pte_to_prot(cur), Prot::Write)) return FaultResult::Spurious;
         if (pte.compare_exchange_weak(cur, cur | kPteLocked, kAcquire, kRelaxed)) break;
     }
     const bool tracked = cur & kPteWriteTracked;

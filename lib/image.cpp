@@ -236,6 +236,8 @@ LoadedHeader read_header(ImageReader& in) {
     if (std::memcmp(h.magic, kMagic, sizeof kMagic) != 0) in.corrupt("not a usermm snapshot image");
     if (h.version != kVersion) in.corrupt("version {} (this usermm reads version {})", h.version, kVersion);
     if (h.page_size != g_page_size) in.corrupt("page size {} (this machine's is {})", h.page_size, g_page_size);
+    constexpr std::uint64_t kMaxArena = 1ull << 47;  // the user half of an x86-64 address space
+    if (h.arena_size > kMaxArena) in.corrupt("arena size {:#x} is larger than an address space", h.arena_size);
     if (h.arena_size % g_page_size || h.range_offset % g_page_size || h.range_length % g_page_size ||
         h.range_offset > h.arena_size || h.range_length > h.arena_size - h.range_offset || h.range_length == 0)
         in.corrupt("range offset {:#x} length {:#x} does not fit arena size {:#x}", h.range_offset, h.range_length,
@@ -245,8 +247,9 @@ LoadedHeader read_header(ImageReader& in) {
     for (std::uint32_t i = 0; i < h.vma_count; ++i) {
         VmaEntry e{};
         in.get(&e, sizeof e);
-        if (e.offset < prev_end || e.length == 0 || e.offset % g_page_size || e.length % g_page_size ||
-            e.length > h.range_offset + h.range_length - e.offset || (e.prot & ~7u) || e.name[kVmaNameMax - 1])
+        const std::uint64_t range_end = h.range_offset + h.range_length;
+        if (e.offset < prev_end || e.offset >= range_end || e.length == 0 || e.offset % g_page_size ||
+            e.length % g_page_size || e.length > range_end - e.offset || (e.prot & ~7u) || e.name[kVmaNameMax - 1])
             in.corrupt("VMA record {} (offset {:#x}, length {:#x}) is invalid", i, e.offset, e.length);
         prev_end = e.offset + e.length;
         l.vmas.push_back(e);
@@ -299,7 +302,9 @@ void Snapshot::write_to(int fd, const Snapshot& previous) const {
     if (!core_ || !previous.core_) fail(EINVAL, "{}: a snapshot was moved from", call);
     const SnapshotCore& s = *core_;
     const SnapshotCore& p = *previous.core_;
-    if (p.arena_base != s.arena_base || p.first != s.first || p.last != s.last)
+    if (p.arena_id != s.arena_id)
+        fail(EINVAL, "{}: previous snapshot {} belongs to another arena", call, p.sequence);
+    if (p.first != s.first || p.last != s.last)
         fail(EINVAL, "{}: previous snapshot {} covers [{:#x}, {:#x}), not this one's [{:#x}, {:#x})", call,
              p.sequence, p.page_addr(p.first), p.page_addr(p.last), s.page_addr(s.first), s.page_addr(s.last));
     if (p.sequence >= s.sequence)
@@ -386,7 +391,10 @@ Arena Arena::load(std::span<const int> image_fds) {
             const Range r{a.base + e.offset, a.base + e.offset + e.length};
             split_at(a, r.start, spares[spare++]);
             split_at(a, r.end, spares[spare++]);
-            Vma& v = *find_vma(a, r.start);
+            Vma* found = find_vma(a, r.start);
+            if (!found || found->start != r.start || found->end != r.end)
+                fail(EINVAL, "{}: VMA record at offset {:#x} does not fit the image's range", call, e.offset);
+            Vma& v = *found;
             v.prot = normalize(Prot(e.prot));
             v.fault_around_pages = e.fault_around_pages;
             set_name(v, std::string_view(e.name, strnlen(e.name, kVmaNameMax)));

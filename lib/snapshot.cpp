@@ -49,7 +49,7 @@ void release_snapshot(SnapshotCore* s) {
 bool needed_by_a_snapshot(const ArenaCore& a, std::size_t page) {
     for (std::size_t i = 0; i < a.snapshot_count; ++i) {
         const SnapshotCore& s = *a.snapshots[i];
-        if (s.covers(page) && s.slot(page).load(kAcquire) == kSlotInArena) return true;
+        if (s.covers(page) && settled_slot(s, page) == kSlotInArena) return true;
     }
     return false;
 }
@@ -63,8 +63,11 @@ void give_back_write_access(ArenaCore& a, std::size_t first, std::size_t last) {
         if (!(v & kPteWriteTracked) || (a.collect_armed && !(v & kPteDirtyCollect)) || needed_by_a_snapshot(a, i))
             return false;
         if (uffd) return bool(v & to_pte(Prot::Write));  // a mark on a writable page
-        const Vma* vma = find_vma(a, page_address(a, i));  // its protection may have changed since
-        return vma && vma->start <= page_address(a, i) && allows(vma->prot, Prot::Write);
+        // Only a page whose write access alone was withheld: its VMA may have changed since, and
+        // a page reset to PROT_NONE (by restore, or protect) must fault to get anything back.
+        const Vma* vma = find_vma(a, page_address(a, i));
+        return vma && vma->start <= page_address(a, i) && allows(vma->prot, Prot::Write) &&
+               pte_to_prot(v) == (vma->prot & ~Prot::Write);
     };
     for (std::size_t i = first; i < last;) {
         if (!eligible(i)) {
@@ -89,7 +92,7 @@ void give_back_write_access(ArenaCore& a, std::size_t first, std::size_t last) {
             map_budget_charge(a, delta);
             for (std::size_t k = i; k < j; ++k) {
                 const pte_t v = a.pte[k].load(kRelaxed);
-                a.pte[k].store(pte_t((v & ~kPteWriteTracked & ~kPteProt) | to_pte(next)), kRelaxed);
+                a.pte[k].store(pte_t((v & ~kPteWriteTracked & ~kPteProt) | kPtePopulated | to_pte(next)), kRelaxed);
                 a.note_changed(k);
             }
         } else {
@@ -119,6 +122,7 @@ std::shared_ptr<SnapshotCore> new_snapshot_core(ArenaCore& a, Range r) {
     }
     auto* s = new SnapshotCore;
     s->arena_base = a.base;
+    s->arena_id = a.id;
     s->arena_size = a.end - a.base;
     s->first = a.page_index(r.start);
     s->last = a.page_index(r.end);
@@ -322,14 +326,13 @@ void Arena::restore(const Snapshot& snapshot) {
     // then see the restored content. Userfaultfd marks would make the write-back fail; the pages
     // need none once they are PROT_NONE, since any write now faults into usermm first.
     change_pages(a, call, r, [](Prot) { return Prot::None; });
-    if (tracking_engine() == TrackingEngine::Uffd) {
+    if (tracking_engine() == TrackingEngine::Uffd)
         if (const int err = uffd_write_protect(r.start, r.end - r.start, false))
             fail(err, "{}: cannot clear write-protection of [{:#x}, {:#x})", call, r.start, r.end);
-        for (std::size_t i = s.first; i < s.last; ++i) a.pte[i].fetch_and(pte_t(~kPteWriteTracked), kRelaxed);
-    }
+    for (std::size_t i = s.first; i < s.last; ++i) a.pte[i].fetch_and(pte_t(~kPteWriteTracked), kRelaxed);
     // Other snapshots keep what they still read from the pages about to change.
     for (std::size_t i = s.first; i < s.last; ++i) {
-        if (s.slot(i).load(kAcquire) == kSlotInArena) continue;
+        if (settled_slot(s, i) == kSlotInArena) continue;
         std::uint32_t copies = 0;
         if (const int err = preserve_for_snapshots(a, i, a.pte[i].load(kRelaxed), &copies))
             fail(err, "{}: cannot save page {:#x} for another snapshot", call, page_address(a, i));
@@ -348,13 +351,14 @@ void Arena::restore(const Snapshot& snapshot) {
     // The content as it was: copied pages are written back in runs, zero pages discarded.
     std::uint64_t restored = 0;
     for (std::size_t i = s.first; i < s.last;) {
-        const slot_t state = s.slot(i).load(kAcquire);
+        // Readers may still hold slots of pages whose content stays; changed pages are settled.
+        const slot_t state = settled_slot(s, i);
         if (state == kSlotInArena) {
             ++i;
             continue;
         }
         std::size_t j = i + 1;
-        while (j < s.last && s.slot(j).load(kAcquire) == state) ++j;
+        while (j < s.last && settled_slot(s, j) == state) ++j;
         const std::uintptr_t at = page_address(a, i);
         const std::size_t len = (j - i) << g_page_shift;
         int err = 0;

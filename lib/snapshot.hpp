@@ -37,6 +37,7 @@ struct SnapshotCore {
     ArenaCore* arena = nullptr;  // nullptr once the arena is gone (every slot then holds its content)
     std::uintptr_t arena_base = 0;
     std::size_t arena_size = 0;
+    std::uint64_t arena_id = 0;  // which arena, even after it is gone and its addresses reused
     std::size_t first = 0;       // arena page indices
     std::size_t last = 0;
     std::uint64_t sequence = 0;  // 1, 2, ... per arena, in the order snapshots were taken
@@ -61,6 +62,16 @@ struct SnapshotCore {
     std::byte* stored(std::size_t page) const { return store + (std::size_t(index[page - first]) << g_page_shift); }
     std::uintptr_t page_addr(std::size_t page) const { return arena_base + (std::uintptr_t(page) << g_page_shift); }
 };
+
+// The state of a page's slot once nobody holds it: a reader copying the page out of the arena holds
+// it only for that copy, and takes no lock that the caller may hold.
+inline slot_t settled_slot(const SnapshotCore& s, std::size_t page) {
+    for (unsigned spins = 0;; ++spins) {
+        const slot_t v = s.slot(page).load(std::memory_order_acquire);
+        if (!(v & kSlotBusy)) return v;
+        spin_backoff(spins);
+    }
+}
 
 // Fault world (also used by the API under the write lock). Before arena page `page`, whose PTE is
 // `pte`, can change (write access, discard, restore; the caller holds the PTE lock or the write

@@ -43,6 +43,10 @@ int preserve_for_snapshots(ArenaCore& arena, std::size_t page, pte_t pte, std::u
                 break;
             }
             const std::uint32_t at = snap.used.fetch_add(1, std::memory_order_relaxed);
+            if (at >= snap.last - snap.first) {  // only after failed copies, each of which is fatal
+                slot.store(kSlotInArena, std::memory_order_release);
+                return ENOSPC;
+            }
             std::byte* dst = snap.store + (std::size_t(at) << g_page_shift);
             if (at % kStoreChunk == 0) {
                 const std::size_t n = std::min<std::size_t>(kStoreChunk, snap.last - snap.first - at);

@@ -52,8 +52,11 @@ inline void read_locked_from_arena(const SnapshotCore& s, std::size_t first, std
 
 // Visits the snapshot's pages [first, last) in order with their content: fn(page, bytes, zero).
 // Pages still in the arena are read in batches of up to kBatch with their slots locked.
+// Asynchronous signals stay blocked throughout (fn included): a handler that wrote a page whose
+// slot this thread holds would wait for this thread forever.
 template <typename Fn>
 void visit_snapshot_pages(const SnapshotCore& s, std::size_t first, std::size_t last, Fn fn) {
+    AsyncSignalsBlocked blocked;
     constexpr std::size_t kBatch = 64;
     std::vector<std::byte> buffer(kBatch << g_page_shift);
     for (std::size_t page = first; page < last;) {

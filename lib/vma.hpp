@@ -56,6 +56,7 @@ struct ChangeRecord {
 struct ArenaCore {
     std::uintptr_t base = 0;
     std::uintptr_t end = 0;
+    std::uint64_t id = 0;  // unique in the process, never reused
     Pte* pte = nullptr;  // one per page of [base, end)
     std::size_t pte_bytes = 0;
     // One bit per group of kGroupPages pages: set whenever a page of the group gains write access

@@ -146,7 +146,7 @@ public:
     void read(const void* addr, void* buffer, std::size_t length) const;
     // Calls fn(page address, page content as of the snapshot) for every page of the snapshot that
     // was not all zeros (pages never written are skipped), in address order. The span is valid
-    // only during the call.
+    // only during the call; fn runs with asynchronous signals blocked.
     void for_each_page(const std::function<void(const void* addr, std::span<const std::byte> page)>& fn) const;
     // Writes a checkpoint image (format: README, "Snapshot images") of the snapshot to `fd`, while
     // other threads keep writing the arena. With `previous` (an earlier snapshot of the same range,
