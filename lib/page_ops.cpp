@@ -28,7 +28,7 @@ int page_reserve(std::size_t len, void** out) {
     if (p == MAP_FAILED) return errno;
     *static_cast<volatile char*>(p) = 0;
     // Only the first page was touched; discarding just it keeps this O(1) for any size.
-    if (madvise(p, std::size_t(sysconf(_SC_PAGESIZE)), MADV_DONTNEED) != 0 || mprotect(p, len, PROT_NONE) != 0) {
+    if (madvise(p, g_page_size, MADV_DONTNEED) != 0 || mprotect(p, len, PROT_NONE) != 0) {
         const int err = errno;
         munmap(p, len);
         return err;

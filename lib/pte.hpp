@@ -19,11 +19,16 @@
 #include <sys/mman.h>
 
 #include <atomic>
+#include <cstddef>
 #include <cstdint>
 
 #include <usermm/usermm.hpp>
 
 namespace usermm::detail {
+
+// Set once, before the first arena exists, from sysconf(_SC_PAGESIZE).
+inline std::size_t g_page_shift = 12;
+inline std::size_t g_page_size = 4096;
 
 using pte_t = std::uint8_t;
 using Pte = std::atomic<pte_t>;

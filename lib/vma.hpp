@@ -99,9 +99,6 @@ struct ArenaCore {
     }
 };
 
-// Set once, before the first arena exists, from sysconf(_SC_PAGESIZE).
-inline std::size_t g_page_shift = 12;
-inline std::size_t g_page_size = 4096;
 
 inline std::size_t ArenaCore::page_index(std::uintptr_t addr) const { return (addr - base) >> g_page_shift; }
 
