@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
@@ -136,8 +137,8 @@ void check_arena(const usermm::Arena& arena, const Bytes& want, const std::strin
         if (!usermm::allows(v.prot, Prot::Read)) continue;
         Bytes got(v.length);
         std::memcpy(got.data(), v.start, v.length);
-        check_pages(got.data(), want.data() + (static_cast<const char*>(v.start) - base), v.length / usermm::page_size(),
-                    what + ", VMA '" + v.name + "'");
+        check_pages(got.data(), want.data() + (static_cast<const char*>(v.start) - base),
+                    v.length / usermm::page_size(), what + ", VMA '" + v.name + "'");
     }
 }
 
@@ -248,8 +249,10 @@ TEST_CASE("isolation between a snapshot and its arena, for every state a page ca
     now.tag(gone, 4);
     arena.unmap(gone, ps);
     now.zero(gone, 1);
-    char* const late = page(12);  // a hole at the snapshot, mapped after it
-    char* const moved = map_one(14, "moved");  // written, then unmapped and mapped again after the snapshot
+    // A hole at the snapshot, mapped after it.
+    char* const late = page(12);
+    // Written, then unmapped and mapped again after the snapshot.
+    char* const moved = map_one(14, "moved");
     now.tag(moved, 5);
     // Fault-around: a read of the first page of an aligned window makes its neighbours readable zero
     // pages, a write makes them writable; either way the neighbour itself is never touched.
@@ -484,45 +487,51 @@ TEST_CASE("collect_dirty(): pages written since the last collection, with and wi
     const std::size_t ps = usermm::page_size();
     constexpr std::size_t kPages = 64;
     usermm::Arena arena(kPages * ps);
-    char* const base = static_cast<char*>(
-        arena.map(kPages * ps, Prot::ReadWrite, {.name = "dirty", .fault_around_pages = 1}));
+    char* const base =
+        static_cast<char*>(arena.map(kPages * ps, Prot::ReadWrite, {.name = "dirty", .fault_around_pages = 1}));
     auto page = [&](std::size_t i) { return base + i * ps; };
     Model now(base, kPages);
     std::uint64_t next_tag = 1;
     std::uint64_t reported = 0;
+    using Pages = std::vector<std::size_t>;
+    // Page indices as text, so that a failed comparison shows them.
+    auto text = [](const Pages& pages) {
+        std::string out;
+        for (std::size_t i : pages) out += (out.empty() ? "" : " ") + std::to_string(i);
+        return out;
+    };
     auto collect = [&] {
-        usermm::DirtySet d = arena.collect_dirty(base, kPages * ps);
+        const usermm::DirtySet d = arena.collect_dirty(base, kPages * ps);
         reported += d.size();
-        std::vector<std::size_t> pages;
+        Pages pages;
         for (void* p : d.pages) pages.push_back(std::size_t(static_cast<char*>(p) - base) / ps);
         CHECK(std::is_sorted(pages.begin(), pages.end()));
-        return pages;
+        return text(pages);
     };
-    using Pages = std::vector<std::size_t>;
     auto write = [&](const Pages& pages) {
         for (std::size_t i : pages) now.tag(page(i), next_tag++);
     };
 
     write({0, 3, 9, 31, 63});
     (void)read_byte(page(20));
-    CHECK(collect() == Pages{0, 3, 9, 31, 63});
+    CHECK(collect() == text({0, 3, 9, 31, 63}));
     CHECK(collect().empty());
     Pages all(kPages);
     std::iota(all.begin(), all.end(), 0);
     write(all);
-    CHECK(collect() == all);
+    CHECK(collect() == text(all));
     write({3, 17, 40});
-    CHECK(collect() == Pages{3, 17, 40});
+    CHECK(collect() == text({3, 17, 40}));
     CHECK(collect().empty());
 
     // A live snapshot: writes still copy for it, and collection still sees them.
     std::optional<usermm::Snapshot> snap = arena.snapshot();
     const Bytes then = now.bytes;
     write({3, 17, 40});
-    CHECK(collect() == Pages{3, 17, 40});
+    CHECK(collect() == text({3, 17, 40}));
     CHECK(snap->stats().cow_faults == 3);
     write({17, 41});
-    CHECK(collect() == Pages{17, 41});
+    CHECK(collect() == text({17, 41}));
     CHECK(snap->stats().cow_faults == 4);
     check_pages(snapshot_bytes(*snap), then, "snapshot");
     check_for_each_page(*snap, then);
@@ -531,7 +540,7 @@ TEST_CASE("collect_dirty(): pages written since the last collection, with and wi
     snap.reset();
     CHECK(collect().empty());
     write({5, 40});
-    CHECK(collect() == Pages{5, 40});
+    CHECK(collect() == text({5, 40}));
 
     // A collection of part of the range leaves the rest for later.
     write({2, 50});
@@ -540,7 +549,7 @@ TEST_CASE("collect_dirty(): pages written since the last collection, with and wi
     CHECK(upper.pages == std::vector<void*>{page(50)});
     CHECK(upper.contains(page(50)));
     CHECK_FALSE(upper.contains(page(2)));
-    CHECK(collect() == Pages{2});
+    CHECK(collect() == text({2}));
     CHECK(arena.stats().dirty_pages_collected == reported);
 
     Bytes current(now.bytes.size());
@@ -562,6 +571,11 @@ TEST_CASE("memory: a snapshot of a fully written 64 MiB arena costs only the pag
     std::iota(order.begin(), order.end(), 0);
     std::shuffle(order.begin(), order.end(), std::mt19937_64(0x5eed0064));
     const std::size_t written = pages / 10;
+#if defined(__SANITIZE_THREAD__)
+    constexpr bool kResidentExact = false;  // ThreadSanitizer's shadow of the copied pages is resident too
+#else
+    constexpr bool kResidentExact = true;
+#endif
     const std::size_t resident_before = resident_bytes();
     for (std::size_t k = 0; k < written; ++k) write_u64(base + order[k] * ps + 8, order[k] + 1);
     const std::size_t resident_after = resident_bytes();
@@ -571,13 +585,9 @@ TEST_CASE("memory: a snapshot of a fully written 64 MiB arena costs only the pag
     CHECK(snap.stats().cow_bytes_copied == written * ps);
     CHECK(after.cow_faults - before.cow_faults == written);
     CHECK(after.cow_bytes_copied - before.cow_bytes_copied == written * ps);
-#if !defined(__SANITIZE_THREAD__)  // ThreadSanitizer's shadow of the copied pages is resident too
     // The copies are what memory grew by, within the noise of the test itself.
     CHECK(resident_after - resident_before >= written * ps);
-    CHECK(resident_after - resident_before <= written * ps + (2u << 20));
-#endif
-    (void)resident_after;
-    (void)resident_before;
+    if (kResidentExact) CHECK(resident_after - resident_before <= written * ps + (2u << 20));
 
     // Reading the snapshot costs no copy either, and it still holds the old content.
     const Bytes old = snapshot_bytes(snap);
@@ -639,15 +649,15 @@ TEST_CASE("wrong use: another arena's snapshot, reads outside the snapshot, a cl
         CHECK(std::memcmp(buf.data(), now.bytes.data() + 8 * ps, ps) == 0);
     }
     SUBCASE("write_to a closed fd, then to a good one") {
-        // Small enough to fail at the final flush, and big enough (over the 1 MiB buffer) to fail
-        // mid-stream, with pages of the snapshot locked for reading.
+        // One image small enough to fail at the final flush, one big enough (over the 1 MiB
+        // buffer) to fail mid-stream, between batches of pages read out of the arena.
         usermm::Arena big(1024 * ps);
         char* const bbase = static_cast<char*>(big.map(1024 * ps, Prot::ReadWrite, {.name = "big"}));
         Model bnow(bbase, 1024);
         for (std::size_t i = 0; i < 1024; ++i) bnow.tag(bbase + i * ps, i + 7);
         const usermm::Snapshot bsnap = big.snapshot();
         const Bytes bthen = bnow.bytes;
-        for (const auto* s : {&snap, &bsnap}) {
+        for (const usermm::Snapshot* s : std::array<const usermm::Snapshot*, 2>{&snap, &bsnap}) {
             const int fd = memfd_create("closed", MFD_CLOEXEC);
             REQUIRE(fd >= 0);
             close(fd);
@@ -734,21 +744,32 @@ TEST_CASE("images: a full image plus three increments rebuild the arena at each 
     }
     // An increment holds what changed, not the whole range.
     CHECK(inc[0].contents().size() < full.contents().size());
+    // Increments may also span several snapshots.
+    MemFd skip_one, skip_two;
+    snaps[2].write_to(skip_one.get(), snaps[0]);
+    snaps[3].write_to(skip_two.get(), snaps[0]);
 
-    auto check_loaded = [&](const usermm::Arena& loaded, std::size_t k) {
+    auto check_loaded = [&](usermm::Arena loaded, std::size_t k) {
         INFO("as of snapshot ", k + 1);
         CHECK(loaded.size() == arena.size());
         CHECK(layout(loaded) == layouts[k]);
         check_arena(loaded, wants[k], "loaded arena");
-        check_pages(snapshot_bytes(const_cast<usermm::Arena&>(loaded).snapshot()), wants[k],
-                    "snapshot of the loaded arena");
+        check_pages(snapshot_bytes(loaded.snapshot()), wants[k], "snapshot of the loaded arena");
         loaded.verify();
     };
     check_loaded(load({&full}), 0);
     check_loaded(load({&full, &inc[0]}), 1);
     check_loaded(load({&full, &inc[0], &inc[1]}), 2);
+    check_loaded(load({&full, &inc[0], &inc[1], &inc[2]}), 3);
+    check_loaded(load({&full, &skip_one}), 2);
+    check_loaded(load({&full, &skip_two}), 3);
+    check_loaded(load({&full, &skip_one, &inc[2]}), 3);
+    // Releasing the oldest snapshot keeps what increments between the others need.
+    snaps.erase(snaps.begin());
+    MemFd late;
+    snaps[2].write_to(late.get(), snaps[0]);
+    check_loaded(load({&full, &inc[0], &late}), 3);
     usermm::Arena last = load({&full, &inc[0], &inc[1], &inc[2]});
-    check_loaded(last, 3);
     // The loaded arena is an arena like any other.
     char* const lbase = static_cast<char*>(last.base());
     write_u64(lbase + 2 * ps, 77);
@@ -787,7 +808,10 @@ TEST_CASE("images: a full image plus three increments rebuild the arena at each 
             CHECK(error_of([&] { load({&full, &i2, &bad, &i4}); }) == EINVAL);
         }
         check_loaded(load({&full, &i2, &i3, &i4}), 3);
-        CHECK(process_mappings() <= mappings_before + 4);
+        // Failed loads leave nothing mapped: an arena left behind by each of those that got as far
+        // as creating one would show above the margin for the allocator's own mappings (a
+        // sanitizer's allocator maps some).
+        CHECK(process_mappings() <= mappings_before + 16);
     }
 }
 
@@ -823,7 +847,7 @@ TEST_CASE("images: any flipped byte is refused") {
     }
     CHECK(tried > 1000);
     CHECK(accepted == 0);
-    CHECK(process_mappings() <= mappings_before + 4);
+    CHECK(process_mappings() <= mappings_before + 16);
     const usermm::Arena loaded = load({&image});
     check_arena(loaded, now.bytes, "loaded arena");
     CHECK(layout(loaded) == layout(arena));
@@ -851,7 +875,8 @@ TEST_CASE("a snapshot outlives its arena") {
     arena.reset();
 
     // Whatever the address space holds there now must not show through.
-    void* squatter = mmap(base, kPages * ps, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+    void* squatter =
+        mmap(base, kPages * ps, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
     REQUIRE(squatter == base);
     std::memset(squatter, 0xee, kPages * ps);
 
@@ -868,6 +893,72 @@ TEST_CASE("a snapshot outlives its arena") {
     munmap(squatter, kPages * ps);
 }
 
+// The checksum stops a damaged record, not one it covers (a faulty writer, a crafted file): the
+// record checks must hold on their own. A VMA record starting past the range once wrapped the
+// "ends inside the range" check around and crashed load; run in a child, so that a crash fails
+// this test alone.
+TEST_CASE("load refuses a VMA record beyond the image's range, even under a valid checksum") {
+    const std::size_t ps = usermm::page_size();
+    usermm::Arena arena(16 * ps);
+    arena.map(4 * ps, Prot::ReadWrite, {.name = "only", .address = arena.base()});
+    const usermm::Snapshot snap = arena.snapshot();
+    const MemFd image;
+    snap.write_to(image.get());
+    Bytes bytes = image.contents();
+    // The checksum over every 8-byte word before it, as lib/image.cpp computes it.
+    auto checksum = [&] {
+        std::uint64_t h = 0x6a09e667f3bcc908ull;
+        for (std::size_t i = 0; i + 8 < bytes.size(); i += 8) {
+            std::uint64_t w;
+            std::memcpy(&w, bytes.data() + i, 8);
+            h = std::rotl(h ^ w, 29) * 0x9e3779b97f4a7c15ull;
+        }
+        return h;
+    };
+    std::uint64_t stored;
+    std::memcpy(&stored, bytes.data() + bytes.size() - 8, 8);
+    REQUIRE(checksum() == stored);
+    // The one VMA record follows the 64-byte header; it now starts a page past the 16-page range.
+    const std::uint64_t offset = 17 * ps;
+    std::memcpy(bytes.data() + 64, &offset, 8);
+    const std::uint64_t sum = checksum();
+    std::memcpy(bytes.data() + bytes.size() - 8, &sum, 8);
+    const MemFd crafted(bytes);
+    const ChildEnd end = run_in_child([&] {
+        try {
+            load({&crafted});
+        } catch (const usermm::Error&) {
+            _exit(0);
+        }
+        _exit(1);
+    });
+    INFO(end.err);
+    CHECK(end.exited);
+    CHECK(end.exit_code == 0);
+}
+
+// prefault(Write) promises that system calls can write the range. After a snapshot the pages are
+// write-tracked (on the userfaultfd engine with their protection intact, so that prefault once saw
+// nothing to do and read(2) failed with EFAULT), and the snapshot must still get the old content.
+TEST_CASE("a system call writes a page prefaulted for write while a snapshot is live") {
+    const std::size_t ps = usermm::page_size();
+    usermm::Arena arena(16 * ps);
+    char* const base = static_cast<char*>(arena.map(16 * ps, Prot::ReadWrite, {.fault_around_pages = 1}));
+    std::memset(base, 'a', 4 * ps);
+    const usermm::Snapshot snap = arena.snapshot();
+    arena.prefault(base, 4 * ps, Prot::ReadWrite);
+    int fds[2];
+    REQUIRE(pipe(fds) == 0);
+    REQUIRE(write(fds[1], "bbbb", 4) == 4);
+    CHECK(read(fds[0], base + ps, 4) == 4);
+    close(fds[0]);
+    close(fds[1]);
+    CHECK(read_byte(base + ps) == 'b');
+    char old = 0;
+    snap.read(base + ps, &old, 1);
+    CHECK(old == 'a');
+}
+
 // Bugs in the library at the time of writing; each test states the behaviour the API promises.
 
 // Bug: fault-around marks the neighbours of a write as written. A write fault grants write access
@@ -881,7 +972,8 @@ TEST_CASE("collect_dirty() reports only the pages written, not their fault-aroun
     char* const hit = window_start(base, 16);
     write_byte(hit, 1);
     const usermm::DirtySet d = arena.collect_dirty(base, 64 * ps);
-    CHECK(d.pages == std::vector<void*>{hit});
+    CHECK(d.contains(hit));
+    CHECK(d.size() == 1);
 }
 
 // Bug: the same for restore(): the neighbours a write fault made writable get a "zero" slot as if
@@ -898,8 +990,7 @@ TEST_CASE("restore() counts only the pages that changed, not fault-around neighb
 
 // Bug: restore() leaves every slot it restored from as it was (copied or zero), so each later
 // restore of the same snapshot writes back every page ever restored, changed since or not.
-TEST_CASE("a repeated restore() copies back only the pages changed since the previous one" *
-          doctest::should_fail()) {
+TEST_CASE("a repeated restore() copies back only the pages changed since the previous one" * doctest::should_fail()) {
     const std::size_t ps = usermm::page_size();
     usermm::Arena arena(64 * ps);
     char* const base = static_cast<char*>(arena.map(64 * ps, Prot::ReadWrite, {.fault_around_pages = 1}));
@@ -924,28 +1015,6 @@ TEST_CASE("for_each_page() skips pages never written" * doctest::should_fail()) 
     const usermm::Snapshot snap = arena.snapshot();
     std::vector<const void*> visited;
     snap.for_each_page([&](const void* addr, std::span<const std::byte>) { visited.push_back(addr); });
-    CHECK(visited == std::vector<const void*>{hit});
-}
-
-// Bug on the userfaultfd engine (the mprotect engine passes): prefault(Write) sees the page's
-// protection already allows writing and does nothing, but the userfaultfd write-protect mark a
-// snapshot put on it stays, so a system call writing the page fails with EFAULT, which prefault()
-// exists to prevent. May fail rather than should fail, since the suite runs on both engines.
-TEST_CASE("a system call writes a page prefaulted for write while a snapshot is live" * doctest::may_fail()) {
-    const std::size_t ps = usermm::page_size();
-    usermm::Arena arena(16 * ps);
-    char* const base = static_cast<char*>(arena.map(16 * ps, Prot::ReadWrite, {.fault_around_pages = 1}));
-    std::memset(base, 'a', 4 * ps);
-    const usermm::Snapshot snap = arena.snapshot();
-    arena.prefault(base, 4 * ps, Prot::ReadWrite);
-    int fds[2];
-    REQUIRE(pipe(fds) == 0);
-    REQUIRE(write(fds[1], "bbbb", 4) == 4);
-    CHECK(read(fds[0], base + ps, 4) == 4);
-    close(fds[0]);
-    close(fds[1]);
-    CHECK(read_byte(base + ps) == 'b');
-    char old = 0;
-    snap.read(base + ps, &old, 1);
-    CHECK(old == 'a');
+    CHECK(visited.size() == 1);
+    CHECK(visited.front() == hit);
 }
