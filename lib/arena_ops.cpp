@@ -91,12 +91,14 @@ void resync_ptes(ArenaCore& a, std::size_t first, std::size_t last) {
 }
 
 // What a PTE keeps when its page's content is discarded: a page that held data has changed.
-pte_t discarded(pte_t v) { return pte_t((v & kPteDirty) | ((v & kPtePopulated) ? kPteDirty : 0)); }
+// (collect_dirty learns of discarded pages from ArenaCore::discarded instead, see unmap.)
+pte_t discarded(pte_t v) { return pte_t((v & kPteDirty) | ((v & kPtePopulated) ? kPteDirtySnapshot : 0)); }
 
 // Forgets the PTEs of a range that is PROT_NONE and empty in the kernel again. A page of the table
 // that ends up all zero goes back to the kernel; reading the untouched parts of the table maps the
 // kernel's zero page, so clearing never makes the table resident.
 void clear_ptes(ArenaCore& a, Range r) {
+    note_discarded(a, a.page_index(r.start), a.page_index(r.end));
     const std::size_t last = a.page_index(r.end);
     const std::size_t per_table_page = g_page_size;
     for (std::size_t i = a.page_index(r.start); i < last;) {
@@ -131,6 +133,20 @@ std::size_t unmark_tracked(ArenaCore& a, const char* call, Range r) {
         ++changed;
     }
     return changed;
+}
+
+void note_discarded(ArenaCore& a, std::size_t first, std::size_t last) {
+    if (!a.collect_armed) return;  // the first collection reports what was written since mapping
+    for (std::size_t i = first; i < last;) {
+        if (!(a.pte[i].load(std::memory_order_relaxed) & kPtePopulated)) {
+            ++i;
+            continue;
+        }
+        std::size_t j = i + 1;
+        while (j < last && (a.pte[j].load(std::memory_order_relaxed) & kPtePopulated)) ++j;
+        a.discarded.push_back({i, j});
+        i = j;
+    }
 }
 
 // Before pages of `r` lose their content: live snapshots take what they still read from them.

@@ -84,6 +84,9 @@ Prot parse_perms(const char* perms);
 long count_mappings_within(std::uintptr_t lo, std::uintptr_t hi);
 void resync_ptes(ArenaCore& a, std::size_t first, std::size_t last);
 void clear_ptes(ArenaCore& a, Range r);
+// Records that the populated pages of [first, last) are about to lose their content, for the next
+// collect_dirty(): a discarded page has changed, though nothing wrote it.
+void note_discarded(ArenaCore& a, std::size_t first, std::size_t last);
 void preserve_range(ArenaCore& a, const char* call, Range r);
 // Uffd engine: pages of r whose write access is withheld by a userfaultfd mark get it back now,
 // after live snapshots took them (system calls writing into a marked page fail with EFAULT).

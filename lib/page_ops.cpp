@@ -50,6 +50,10 @@ int page_protect(std::uintptr_t addr, std::size_t len, Prot prot) {
     return result(mprotect(reinterpret_cast<void*>(addr), len, to_mmap_prot(prot)));
 }
 
+int page_resident(std::uintptr_t addr, std::size_t len, unsigned char* vec) {
+    return result(mincore(reinterpret_cast<void*>(addr), len, vec));
+}
+
 int page_advise_huge(std::uintptr_t addr, std::size_t len) {
     return result(madvise(reinterpret_cast<void*>(addr), len, MADV_HUGEPAGE));
 }

@@ -348,33 +348,35 @@ void Arena::restore(const Snapshot& snapshot) {
     for (auto& v : fresh) a.tree.insert(*v.release());
     merge_range(a, r.start, r.end);
     a.last_hit.store(nullptr, kRelaxed);
-    // The content as it was: copied pages are written back in runs, zero pages discarded.
+    // The content as it was: copied pages are written back, pages that were zero and hold data now
+    // are discarded. A page whose slot says zero but that holds nothing (granted write access by
+    // fault-around, never written) has not changed. Restored pages hold the snapshot's content in
+    // the arena again, so their slots go back to "in arena": a later restore copies only what
+    // changes after this one.
+    std::vector<unsigned char> resident(s.last - s.first);
+    if (const int err = page_resident(r.start, r.end - r.start, resident.data()))
+        fail(err, "{}: mincore of [{:#x}, {:#x}) failed", call, r.start, r.end);
+    auto holds_data = [&](std::size_t i) {
+        return (a.pte[i].load(kRelaxed) & kPtePopulated) && (resident[i - s.first] & 1);
+    };
     std::uint64_t restored = 0;
-    for (std::size_t i = s.first; i < s.last;) {
-        // Readers may still hold slots of pages whose content stays; changed pages are settled.
+    for (std::size_t i = s.first; i < s.last; ++i) {
         const slot_t state = settled_slot(s, i);
-        if (state == kSlotInArena) {
-            ++i;
-            continue;
-        }
-        std::size_t j = i + 1;
-        while (j < s.last && settled_slot(s, j) == state) ++j;
+        if (state == kSlotInArena || (state == kSlotZero && !holds_data(i))) continue;
         const std::uintptr_t at = page_address(a, i);
-        const std::size_t len = (j - i) << g_page_shift;
-        int err = 0;
-        if (state == kSlotCopied)
-            for (std::size_t k = i; k < j && !err; ++k) err = page_write_raw(page_address(a, k), s.stored(k), g_page_size);
-        else
-            err = page_discard(at, len);
-        if (err) fail(err, "{}: cannot write back [{:#x}, {:#x})", call, at, at + len);
-        for (std::size_t k = i; k < j; ++k) {
-            const pte_t v = a.pte[k].load(kRelaxed);
-            const pte_t content = state == kSlotCopied ? kPtePopulated : 0;
-            a.pte[k].store(pte_t((v & ~kPtePopulated) | content | kPteDirty), kRelaxed);
-            a.note_changed(k);
+        const pte_t v = a.pte[i].load(kRelaxed);
+        if (state == kSlotCopied) {
+            if (const int err = page_write_raw(at, s.stored(i), g_page_size))
+                fail(err, "{}: cannot write back page {:#x}", call, at);
+            a.pte[i].store(pte_t(v | kPtePopulated | kPteDirty), kRelaxed);
+        } else {
+            note_discarded(a, i, i + 1);
+            if (const int err = page_discard(at, g_page_size)) fail(err, "{}: cannot discard page {:#x}", call, at);
+            a.pte[i].store(pte_t((v & ~kPtePopulated) | kPteDirtySnapshot), kRelaxed);
         }
-        restored += j - i;
-        i = j;
+        a.note_changed(i);
+        s.slot(i).store(kSlotInArena, kRelease);
+        ++restored;
     }
     s.stats.pages_restored.fetch_add(restored, kRelaxed);
     a.stats.pages_restored.fetch_add(restored, kRelaxed);
@@ -385,16 +387,33 @@ DirtySet Arena::collect_dirty(void* addr, std::size_t length) {
     static constexpr const char* call = "usermm::Arena::collect_dirty";
     ArenaCore& a = *core_;
     const Range r = check_range(a, call, addr, length);
+    const std::size_t first = a.page_index(r.start), last = a.page_index(r.end);
+    std::vector<unsigned char> resident(last - first);
     DirtySet out;
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
-    a.collect_armed = true;
-    arm_write_tracking(a, call, r);
-    for (std::size_t i = a.page_index(r.start), last = a.page_index(r.end); i < last; ++i) {
+    // Write access granted since the last collection marks a page; it was written if the kernel
+    // holds it (fault-around grants write to neighbours that may never be touched). Discarded
+    // pages changed too, though nothing wrote them.
+    if (const int err = page_resident(r.start, r.end - r.start, resident.data()))
+        fail(err, "{}: mincore of [{:#x}, {:#x}) failed", call, r.start, r.end);
+    std::vector<bool> dirty(last - first);
+    for (std::size_t i = first; i < last; ++i) {
         const pte_t v = a.pte[i].load(kRelaxed);
         if (!(v & kPteDirtyCollect)) continue;
-        out.pages.push_back(ptr_of(page_address(a, i)));
+        dirty[i - first] = (v & kPtePopulated) && (resident[i - first] & 1);
         a.pte[i].store(v & ~kPteDirtyCollect, kRelaxed);
     }
+    std::vector<std::pair<std::size_t, std::size_t>> kept;
+    for (const auto& [lo, hi] : a.discarded) {
+        for (std::size_t i = std::max(lo, first); i < std::min(hi, last); ++i) dirty[i - first] = true;
+        if (lo < first) kept.push_back({lo, std::min(hi, first)});
+        if (hi > last) kept.push_back({std::max(lo, last), hi});
+    }
+    a.discarded = std::move(kept);
+    a.collect_armed = true;
+    arm_write_tracking(a, call, r);
+    for (std::size_t i = first; i < last; ++i)
+        if (dirty[i - first]) out.pages.push_back(ptr_of(page_address(a, i)));
     a.stats.dirty_pages_collected.fetch_add(out.pages.size(), kRelaxed);
     process_counters().dirty_pages_collected.fetch_add(out.pages.size(), kRelaxed);
     return out;

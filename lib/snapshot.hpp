@@ -42,7 +42,9 @@ struct SnapshotCore {
     std::size_t last = 0;
     std::uint64_t sequence = 0;  // 1, 2, ... per arena, in the order snapshots were taken
     std::byte* store = nullptr;  // (last - first) pages, MAP_NORESERVE
-    std::uint32_t* index = nullptr;  // per covered page: where in the store its copy is
+    // Per covered page: 1 + where in the store its copy is, or 0 before its first copy. A page
+    // copied again (after restore() gave its slot back to the arena) reuses its place.
+    std::uint32_t* index = nullptr;
     std::atomic<std::uint32_t> used{0};  // store pages handed out
     std::atomic<slot_t>* slots = nullptr;
     Counters stats;  // cow_faults, cow_bytes_copied, pages_restored of this snapshot
@@ -59,7 +61,7 @@ struct SnapshotCore {
     bool covers(std::size_t page) const { return page >= first && page < last; }
     std::atomic<slot_t>& slot(std::size_t page) const { return slots[page - first]; }
     // The copy of a page whose slot is kSlotCopied.
-    std::byte* stored(std::size_t page) const { return store + (std::size_t(index[page - first]) << g_page_shift); }
+    std::byte* stored(std::size_t page) const { return store + (std::size_t(index[page - first] - 1) << g_page_shift); }
     std::uintptr_t page_addr(std::size_t page) const { return arena_base + (std::uintptr_t(page) << g_page_shift); }
 };
 

@@ -42,13 +42,15 @@ int preserve_for_snapshots(ArenaCore& arena, std::size_t page, pte_t pte, std::u
                 slot.store(kSlotZero, std::memory_order_release);
                 break;
             }
-            const std::uint32_t at = snap.used.fetch_add(1, std::memory_order_relaxed);
+            const std::uint32_t known = snap.index[page - snap.first];
+            const bool fresh = known == 0;
+            const std::uint32_t at = fresh ? snap.used.fetch_add(1, std::memory_order_relaxed) : known - 1;
             if (at >= snap.last - snap.first) {  // only after failed copies, each of which is fatal
                 slot.store(kSlotInArena, std::memory_order_release);
                 return ENOSPC;
             }
             std::byte* dst = snap.store + (std::size_t(at) << g_page_shift);
-            if (at % kStoreChunk == 0) {
+            if (fresh && at % kStoreChunk == 0) {
                 const std::size_t n = std::min<std::size_t>(kStoreChunk, snap.last - snap.first - at);
                 page_populate(reinterpret_cast<std::uintptr_t>(dst), n << g_page_shift);  // a miss only costs faults
             }
@@ -56,7 +58,7 @@ int preserve_for_snapshots(ArenaCore& arena, std::size_t page, pte_t pte, std::u
                 slot.store(kSlotInArena, std::memory_order_release);
                 return err;
             }
-            snap.index[page - snap.first] = at;
+            snap.index[page - snap.first] = at + 1;
             slot.store(kSlotCopied, std::memory_order_release);
             snap.stats.cow_faults.fetch_add(1, std::memory_order_relaxed);
             snap.stats.cow_bytes_copied.fetch_add(g_page_size, std::memory_order_relaxed);

@@ -31,7 +31,12 @@ inline slot_t lock_slot_if_in_arena(const SnapshotCore& s, std::size_t page) {
 // every writer gives the snapshot the page first, and waits for the slot to do so.
 inline void read_locked_from_arena(const SnapshotCore& s, std::size_t first, std::size_t n, std::byte* dst, bool* zero) {
     const ArenaCore& a = *s.arena;
-    for (std::size_t k = 0; k < n; ++k) zero[k] = !(a.pte[first + k].load(std::memory_order_acquire) & kPtePopulated);
+    // Populated means write access was granted; a page granted it by fault-around and never
+    // written is not resident, and reads as zeros.
+    unsigned char resident[64];
+    const bool known = n <= sizeof resident && page_resident(page_address(a, first), n << g_page_shift, resident) == 0;
+    for (std::size_t k = 0; k < n; ++k)
+        zero[k] = !(a.pte[first + k].load(std::memory_order_acquire) & kPtePopulated) || (known && !(resident[k] & 1));
     for (std::size_t k = 0; k < n; ++k) {
         const std::size_t page = first + k;
         std::byte* out = dst + (k << g_page_shift);

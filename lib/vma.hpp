@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "counters.hpp"
@@ -82,6 +83,7 @@ struct ArenaCore {
     std::atomic<bool> restoring{false};
     bool collect_armed = false;  // collect_dirty() has been used: write tracking matters to it
     std::vector<ChangeRecord> history;
+    std::vector<std::pair<std::size_t, std::size_t>> discarded;  // page ranges, since collect_dirty
 
     std::size_t page_index(std::uintptr_t addr) const;
     Pte& pte_of(std::uintptr_t addr) const { return pte[page_index(addr)]; }
