@@ -49,7 +49,9 @@ void release_snapshot(SnapshotCore* s) {
 bool needed_by_a_snapshot(const ArenaCore& a, std::size_t page) {
     for (std::size_t i = 0; i < a.snapshot_count; ++i) {
         const SnapshotCore& s = *a.snapshots[i];
-        if (s.covers(page) && settled_slot(s, page) == kSlotInArena) return true;
+        if (s.covers(page) && (settled_slot(s, page) == kSlotInArena || settled_slot(s, page) == kSlotCopiedSynced ||
+                               settled_slot(s, page) == kSlotZeroSynced))
+            return true;
     }
     return false;
 }
@@ -332,7 +334,8 @@ void Arena::restore(const Snapshot& snapshot) {
     for (std::size_t i = s.first; i < s.last; ++i) a.pte[i].fetch_and(pte_t(~kPteWriteTracked), kRelaxed);
     // Other snapshots keep what they still read from the pages about to change.
     for (std::size_t i = s.first; i < s.last; ++i) {
-        if (settled_slot(s, i) == kSlotInArena) continue;
+        const slot_t state = settled_slot(s, i);
+        if (state == kSlotInArena || state == kSlotCopiedSynced || state == kSlotZeroSynced) continue;
         std::uint32_t copies = 0;
         if (const int err = preserve_for_snapshots(a, i, a.pte[i].load(kRelaxed), &copies))
             fail(err, "{}: cannot save page {:#x} for another snapshot", call, page_address(a, i));
@@ -351,8 +354,8 @@ void Arena::restore(const Snapshot& snapshot) {
     // The content as it was: copied pages are written back, pages that were zero and hold data now
     // are discarded. A page whose slot says zero but that holds nothing (granted write access by
     // fault-around, never written) has not changed. Restored pages hold the snapshot's content in
-    // the arena again, so their slots go back to "in arena": a later restore copies only what
-    // changes after this one.
+    // the arena again, so their slots become "synced": a later restore copies only what changes
+    // after this one.
     std::vector<unsigned char> resident(s.last - s.first);
     if (const int err = page_resident(r.start, r.end - r.start, resident.data()))
         fail(err, "{}: mincore of [{:#x}, {:#x}) failed", call, r.start, r.end);
@@ -362,7 +365,11 @@ void Arena::restore(const Snapshot& snapshot) {
     std::uint64_t restored = 0;
     for (std::size_t i = s.first; i < s.last; ++i) {
         const slot_t state = settled_slot(s, i);
-        if (state == kSlotInArena || (state == kSlotZero && !holds_data(i))) continue;
+        if (state == kSlotInArena || state == kSlotCopiedSynced || state == kSlotZeroSynced) continue;
+        if (state == kSlotZero && !holds_data(i)) {
+            s.slot(i).store(kSlotZeroSynced, kRelease);
+            continue;
+        }
         const std::uintptr_t at = page_address(a, i);
         const pte_t v = a.pte[i].load(kRelaxed);
         if (state == kSlotCopied) {
@@ -375,7 +382,7 @@ void Arena::restore(const Snapshot& snapshot) {
             a.pte[i].store(pte_t((v & ~kPtePopulated) | kPteDirtySnapshot), kRelaxed);
         }
         a.note_changed(i);
-        s.slot(i).store(kSlotInArena, kRelease);
+        s.slot(i).store(state == kSlotCopied ? kSlotCopiedSynced : kSlotZeroSynced, kRelease);
         ++restored;
     }
     s.stats.pages_restored.fetch_add(restored, kRelaxed);

@@ -6,6 +6,10 @@
 //    to such a page is withheld (write-tracked) until the slot changes.
 //  - kSlotCopied: the old content was copied into the snapshot's store (copy-before-write).
 //  - kSlotZero: the page held nothing at the snapshot (never written, or discarded since).
+//  - kSlotCopiedSynced / kSlotZeroSynced: as kSlotCopied / kSlotZero, and restore() has made the
+//    arena page equal to it again. The next change of the page only drops "synced" (nothing to
+//    copy), and a later restore() skips the page. Copies in the store are never rewritten, so a
+//    reader may use one without holding the slot.
 // A slot is locked (kSlotBusy) while its content moves, by a fault copying it or by a reader
 // copying from the arena, so that a reader never sees half a write.
 //
@@ -29,6 +33,13 @@ using slot_t = std::uint8_t;
 inline constexpr slot_t kSlotInArena = 0;
 inline constexpr slot_t kSlotCopied = 1;
 inline constexpr slot_t kSlotZero = 2;
+inline constexpr slot_t kSlotCopiedSynced = 3;
+inline constexpr slot_t kSlotZeroSynced = 4;
+
+// What the snapshot holds for a settled slot: kSlotInArena, kSlotCopied or kSlotZero.
+inline constexpr slot_t slot_content(slot_t v) {
+    return v == kSlotCopiedSynced ? kSlotCopied : v == kSlotZeroSynced ? kSlotZero : v;
+}
 inline constexpr slot_t kSlotBusy = 0x80;
 
 inline constexpr std::size_t kStoreChunk = 64;  // store pages populated at once
@@ -42,9 +53,7 @@ struct SnapshotCore {
     std::size_t last = 0;
     std::uint64_t sequence = 0;  // 1, 2, ... per arena, in the order snapshots were taken
     std::byte* store = nullptr;  // (last - first) pages, MAP_NORESERVE
-    // Per covered page: 1 + where in the store its copy is, or 0 before its first copy. A page
-    // copied again (after restore() gave its slot back to the arena) reuses its place.
-    std::uint32_t* index = nullptr;
+    std::uint32_t* index = nullptr;  // per covered page: where in the store its copy is
     std::atomic<std::uint32_t> used{0};  // store pages handed out
     std::atomic<slot_t>* slots = nullptr;
     Counters stats;  // cow_faults, cow_bytes_copied, pages_restored of this snapshot
@@ -61,7 +70,7 @@ struct SnapshotCore {
     bool covers(std::size_t page) const { return page >= first && page < last; }
     std::atomic<slot_t>& slot(std::size_t page) const { return slots[page - first]; }
     // The copy of a page whose slot is kSlotCopied.
-    std::byte* stored(std::size_t page) const { return store + (std::size_t(index[page - first] - 1) << g_page_shift); }
+    std::byte* stored(std::size_t page) const { return store + (std::size_t(index[page - first]) << g_page_shift); }
     std::uintptr_t page_addr(std::size_t page) const { return arena_base + (std::uintptr_t(page) << g_page_shift); }
 };
 

@@ -32,6 +32,11 @@ int preserve_for_snapshots(ArenaCore& arena, std::size_t page, pte_t pte, std::u
         for (unsigned spins = 0;; ++spins) {
             slot_t v = slot.load(std::memory_order_acquire);
             if (v == kSlotCopied || v == kSlotZero) break;
+            if (v == kSlotCopiedSynced || v == kSlotZeroSynced) {  // the snapshot has it; the arena leaves it
+                if (slot.compare_exchange_weak(v, slot_content(v), std::memory_order_acq_rel, std::memory_order_relaxed))
+                    break;
+                continue;
+            }
             if (v & kSlotBusy) {  // a reader is copying the page out of the arena; it does not fault
                 spin_backoff(spins);
                 continue;
@@ -42,15 +47,13 @@ int preserve_for_snapshots(ArenaCore& arena, std::size_t page, pte_t pte, std::u
                 slot.store(kSlotZero, std::memory_order_release);
                 break;
             }
-            const std::uint32_t known = snap.index[page - snap.first];
-            const bool fresh = known == 0;
-            const std::uint32_t at = fresh ? snap.used.fetch_add(1, std::memory_order_relaxed) : known - 1;
+            const std::uint32_t at = snap.used.fetch_add(1, std::memory_order_relaxed);
             if (at >= snap.last - snap.first) {  // only after failed copies, each of which is fatal
                 slot.store(kSlotInArena, std::memory_order_release);
                 return ENOSPC;
             }
             std::byte* dst = snap.store + (std::size_t(at) << g_page_shift);
-            if (fresh && at % kStoreChunk == 0) {
+            if (at % kStoreChunk == 0) {
                 const std::size_t n = std::min<std::size_t>(kStoreChunk, snap.last - snap.first - at);
                 page_populate(reinterpret_cast<std::uintptr_t>(dst), n << g_page_shift);  // a miss only costs faults
             }
@@ -58,7 +61,7 @@ int preserve_for_snapshots(ArenaCore& arena, std::size_t page, pte_t pte, std::u
                 slot.store(kSlotInArena, std::memory_order_release);
                 return err;
             }
-            snap.index[page - snap.first] = at + 1;
+            snap.index[page - snap.first] = at;
             slot.store(kSlotCopied, std::memory_order_release);
             snap.stats.cow_faults.fetch_add(1, std::memory_order_relaxed);
             snap.stats.cow_bytes_copied.fetch_add(g_page_size, std::memory_order_relaxed);

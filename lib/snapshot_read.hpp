@@ -17,7 +17,7 @@ inline slot_t lock_slot_if_in_arena(const SnapshotCore& s, std::size_t page) {
     std::atomic<slot_t>& slot = s.slot(page);
     for (unsigned spins = 0;; ++spins) {
         slot_t v = slot.load(std::memory_order_acquire);
-        if (v == kSlotCopied || v == kSlotZero) return v;
+        if (v != kSlotInArena && !(v & kSlotBusy)) return slot_content(v);
         if (v & kSlotBusy) {
             spin_backoff(spins);
             continue;
