@@ -21,26 +21,20 @@
 
 #include <usermm/usermm.hpp>
 
+#include "bench_util.hpp"
+
 #include "find_vma.hpp"
 
 using usermm::Prot;
+
+using usermm_bench::median;
+using usermm_bench::now_ns;
 
 namespace {
 
 constexpr std::size_t kPages = 32768;  // 128 MiB per pass
 constexpr int kRounds = 9;
 const std::size_t kPage = 4096;
-
-std::uint64_t now_ns() {
-    timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return std::uint64_t(ts.tv_sec) * 1000000000u + std::uint64_t(ts.tv_nsec);
-}
-
-double median(std::vector<double> v) {
-    std::sort(v.begin(), v.end());
-    return v[v.size() / 2];
-}
 
 // Touches one byte of each page in order; returns ns per page.
 double touch(char* p, std::size_t pages, bool write) {

@@ -21,26 +21,20 @@
 
 #include <usermm/usermm.hpp>
 
+#include "bench_util.hpp"
+
 #include "page_ops.hpp"
 
 using usermm::Prot;
+
+using usermm_bench::median;
+using usermm_bench::now_ns;
 
 namespace {
 
 constexpr std::size_t kPage = 4096;
 constexpr std::size_t kWrites = 20000;  // first writes timed after each snapshot / fork
 constexpr int kRounds = 5;
-
-std::uint64_t now_ns() {
-    timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return std::uint64_t(ts.tv_sec) * 1000000000u + std::uint64_t(ts.tv_nsec);
-}
-
-double median(std::vector<double> v) {
-    std::sort(v.begin(), v.end());
-    return v[v.size() / 2];
-}
 
 // ns per write of one word into each page of `order`.
 double write_pages(char* heap, const std::vector<std::size_t>& order, std::uint64_t value) {

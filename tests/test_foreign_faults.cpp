@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <sstream>
+#include <functional>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -223,38 +224,49 @@ TEST_CASE("a NULL dereference dies by SIGSEGV") {
     check_died_of_fault(end, 0, "not in any arena");
 }
 
-TEST_CASE("a wild pointer into an unmapped region dies by SIGSEGV") {
+// In a child with an arena: `setup` prepares and returns the address to touch; the access must
+// kill the child by SIGSEGV with a diagnostic naming that address and `why`. Returns the child's end.
+enum class Touch { Read, Write };
+ChildEnd expect_death_at(const std::function<char*(Arena&)>& setup, Touch touch, std::string_view why) {
     SharedWord target;
     const ChildEnd end = run_in_child(
         [&] {
             no_core_dump();
             Arena arena(kArenaSize);
+            char* at = setup(arena);
+            *target.word = addr(at);
+            if (touch == Touch::Write)
+                write_byte(at, 1);
+            else
+                (void)read_byte(at);
+        },
+        kChildSeconds);
+    check_died_of_fault(end, *target.word, why);
+    return end;
+}
+
+TEST_CASE("a wild pointer into an unmapped region dies by SIGSEGV") {
+    expect_death_at(
+        [](Arena&) {
             // The lowest page of a large hole: a mapping made meanwhile (a sanitizer's, in the signal
             // path) goes to the top of the highest gap that fits, so it cannot cover this page.
             constexpr std::size_t hole = 16ull << 20;
             char* gone = static_cast<char*>(mmap(nullptr, hole, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
             CHILD_CHECK(gone != MAP_FAILED);
             CHILD_CHECK(munmap(gone, hole) == 0);
-            *target.word = addr(gone + 42);
-            write_byte(gone + 42, 1);
+            return gone + 42;
         },
-        kChildSeconds);
-    check_died_of_fault(end, *target.word, "not in any arena");
+        Touch::Write, "not in any arena");
 }
 
 TEST_CASE("a write to a Read VMA dies by SIGSEGV") {
-    SharedWord target;
-    const ChildEnd end = run_in_child(
-        [&] {
-            no_core_dump();
-            Arena arena(kArenaSize);
+    const ChildEnd end = expect_death_at(
+        [](Arena& arena) {
             char* ro = static_cast<char*>(arena.map(4 * page(), Prot::Read, {.name = "ro"}));
             CHILD_CHECK(read_byte(ro + page()) == 0);
-            *target.word = addr(ro + page() + 7);
-            write_byte(ro + page() + 7, 1);
+            return ro + page() + 7;
         },
-        kChildSeconds);
-    check_died_of_fault(end, *target.word, "write at");
+        Touch::Write, "write at");
     const std::vector<std::string> lines = usermm_lines(end.err);
     REQUIRE(lines.size() == 1);
     CHECK(lines[0].find("VMA 'ro'") != std::string::npos);
@@ -262,12 +274,9 @@ TEST_CASE("a write to a Read VMA dies by SIGSEGV") {
 }
 
 TEST_CASE("a read in the hole between two VMAs of an arena dies by SIGSEGV") {
-    SharedWord target;
-    const ChildEnd end = run_in_child(
-        [&] {
-            no_core_dump();
+    expect_death_at(
+        [](Arena& arena) {
             const std::size_t ps = page();
-            Arena arena(kArenaSize);
             char* base = static_cast<char*>(arena.base());
             CHILD_CHECK(arena.map(2 * ps, Prot::ReadWrite, {.name = "below", .address = base}) == base);
             CHILD_CHECK(arena.map(2 * ps, Prot::ReadWrite, {.name = "above", .address = base + 3 * ps}) ==
@@ -275,44 +284,29 @@ TEST_CASE("a read in the hole between two VMAs of an arena dies by SIGSEGV") {
             // Both edges of the hole belong to VMAs and work.
             write_byte(base + 2 * ps - 1, 1);
             write_byte(base + 3 * ps, 1);
-            *target.word = addr(base + 2 * ps + 5);
-            (void)read_byte(base + 2 * ps + 5);
+            return base + 2 * ps + 5;
         },
-        kChildSeconds);
-    check_died_of_fault(end, *target.word, "no VMA there");
+        Touch::Read, "no VMA there");
 }
 
 TEST_CASE("an access to a PROT_NONE VMA dies by SIGSEGV") {
-    SharedWord target;
-    const ChildEnd end = run_in_child(
-        [&] {
-            no_core_dump();
-            Arena arena(kArenaSize);
-            char* guard = static_cast<char*>(arena.map(2 * page(), Prot::None, {.name = "guard"}));
-            *target.word = addr(guard + 100);
-            (void)read_byte(guard + 100);
-        },
-        kChildSeconds);
-    check_died_of_fault(end, *target.word, "VMA 'guard'");
+    expect_death_at(
+        [](Arena& arena) { return static_cast<char*>(arena.map(2 * page(), Prot::None, {.name = "guard"})) + 100; },
+        Touch::Read, "VMA 'guard'");
 }
 
 TEST_CASE("a range unmapped from an arena and touched again dies by SIGSEGV") {
-    SharedWord target;
-    const ChildEnd end = run_in_child(
-        [&] {
-            no_core_dump();
+    expect_death_at(
+        [](Arena& arena) {
             const std::size_t ps = page();
-            Arena arena(kArenaSize);
             char* p = static_cast<char*>(arena.map(4 * ps, Prot::ReadWrite, {.name = "shrinking"}));
             for (std::size_t i = 0; i < 4; ++i) write_byte(p + i * ps, std::uint8_t(i + 1));
             arena.unmap(p + ps, 2 * ps);
             CHILD_CHECK(read_byte(p) == 1);
             CHILD_CHECK(read_byte(p + 3 * ps) == 4);
-            *target.word = addr(p + 2 * ps + 3);
-            (void)read_byte(p + 2 * ps + 3);
+            return p + 2 * ps + 3;
         },
-        kChildSeconds);
-    check_died_of_fault(end, *target.word, "no VMA there");
+        Touch::Read, "no VMA there");
 }
 
 TEST_CASE("SIGSEGV sent by the process to itself kills it") {

@@ -15,16 +15,6 @@ using usermm::Prot;
 
 namespace {
 
-long max_map_count() {
-    FILE* f = std::fopen("/proc/sys/vm/max_map_count", "r");
-    long v = 65530;
-    if (f) {
-        if (std::fscanf(f, "%ld", &v) != 1) v = 65530;
-        std::fclose(f);
-    }
-    return v;
-}
-
 // Writes `writes` single pages at random offsets of a `vma_bytes` VMA, then reads all of them back.
 void random_writes(usermm::Arena& arena, std::size_t vma_bytes, std::size_t writes, std::uint64_t seed) {
     const std::size_t ps = usermm::page_size();

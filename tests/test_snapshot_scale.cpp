@@ -18,20 +18,6 @@
 using namespace usermm_test;
 using usermm::Prot;
 
-namespace {
-
-long max_map_count() {
-    FILE* f = std::fopen("/proc/sys/vm/max_map_count", "r");
-    long v = 65530;
-    if (f) {
-        if (std::fscanf(f, "%ld", &v) != 1) v = 65530;
-        std::fclose(f);
-    }
-    return v;
-}
-
-}  // namespace
-
 TEST_CASE("1 GiB resident, snapshot, 25% of pages rewritten at random: completes, content right, memory bounded") {
     const std::size_t ps = usermm::page_size();
     const std::size_t pages = (1ull << 30) / ps;

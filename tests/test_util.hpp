@@ -66,6 +66,17 @@ inline long kernel_minor_faults() {
     return ru.ru_minflt;
 }
 
+// vm.max_map_count: how many kernel mappings the process may hold.
+inline long max_map_count() {
+    FILE* f = std::fopen("/proc/sys/vm/max_map_count", "r");
+    long v = 65530;
+    if (f) {
+        if (std::fscanf(f, "%ld", &v) != 1) v = 65530;
+        std::fclose(f);
+    }
+    return v;
+}
+
 // Kernel mappings of the process (lines of /proc/self/maps).
 inline long process_mappings() {
     FILE* f = std::fopen("/proc/self/maps", "r");
