@@ -447,6 +447,31 @@ void Arena::verify() const {
         covered = to;
     }
     if (covered != a.end) fail(EFAULT, "{}: the kernel has no mapping at {:#x} inside the arena", call, covered);
+
+    // The uffd engine withholds write access where the protection shows it: every writable page
+    // usermm tracks must carry the kernel's userfaultfd write-protect bit (/proc/self/pagemap bit
+    // 57), or its next write would go unseen by the snapshots that need it.
+    if (tracking_engine() == TrackingEngine::Uffd) {
+        // pagemap answers only reads of whole 8-byte entries, so no buffered stream.
+        const int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+        if (fd < 0) fail(errno, "{}: cannot open /proc/self/pagemap", call);
+        struct Closer {
+            int fd;
+            ~Closer() { close(fd); }
+        } closer{fd};
+        constexpr std::uint64_t kUffdWp = std::uint64_t(1) << 57;
+        for (std::size_t i = 0; i < npages; ++i) {
+            const pte_t v = a.pte[i].load(std::memory_order_relaxed);
+            if (!(v & kPteWriteTracked) || !(v & to_pte(Prot::Write))) continue;
+            std::uint64_t entry = 0;
+            const off_t at = off_t((page_address(a, i) >> g_page_shift) * sizeof entry);
+            if (pread(fd, &entry, sizeof entry, at) != ssize_t(sizeof entry))
+                fail(errno ? errno : EIO, "{}: cannot read /proc/self/pagemap for page {:#x}", call, page_address(a, i));
+            if (!(entry & kUffdWp))
+                fail(EFAULT, "{}: page {:#x} is write-tracked but the kernel does not write-protect it", call,
+                     page_address(a, i));
+        }
+    }
 }
 
 }  // namespace usermm
