@@ -6,7 +6,8 @@
 //
 // Rules for code that runs with usermm (see README.md for the long form):
 //  - System calls that write into or read from arena memory that has not been faulted in yet fail
-//    with EFAULT instead of faulting. Call Arena::prefault() on the buffer first.
+//    with EFAULT instead of faulting. Call Arena::prefault() on the buffer first; the same after a
+//    snapshot or collect_dirty(), which write-protect the pages until their next write.
 //  - Do not block SIGSEGV in threads that touch arena memory: the kernel then kills the process on
 //    the first fault instead of running the handler.
 //  - fork() is safe: usermm waits for faults in flight and the child inherits the arenas.
