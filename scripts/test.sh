@@ -8,17 +8,26 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 jobs=$(nproc)
 passed=0 failed=0
 
+# Configures, builds and tests one configuration. Any failure (configure, build, a test, no test
+# at all) makes it return 1; `set -e` does not apply inside a function called with `||`.
 run() {
     local name=$1
     shift
     local dir="$root/build-ci/$name"
     echo "=== $name"
-    cmake -S "$root" -B "$dir" -DUSERMM_WERROR=ON "$@" >/dev/null
-    cmake --build "$dir" -j"$jobs" 2>&1 | grep -Ev '^\[ *[0-9]+%\]' || true
+    cmake -S "$root" -B "$dir" -DUSERMM_WERROR=ON "$@" >/dev/null || return 1
+    cmake --build "$dir" -j"$jobs" 2>&1 | grep -Ev '^\[ *[0-9]+%\]'
+    ((PIPESTATUS[0] == 0)) || { echo "build of $name failed"; failed=$((failed + 1)); return 1; }
     local log="$dir/ctest.log" status=0
-    (cd "$dir" && ctest --output-on-failure -j"$jobs" --timeout 600 ${CTEST_ARGS:-}) 2>&1 | tee "$log" || status=1
+    (cd "$dir" && ctest --output-on-failure --no-tests=error -j"$jobs" --timeout 600 ${CTEST_ARGS:-}) 2>&1 |
+        tee "$log" || status=1
     local line
-    line=$(grep -E 'tests passed, [0-9]+ tests failed out of [0-9]+' "$log" | tail -1)
+    line=$(grep -E 'tests passed, [0-9]+ tests failed out of [0-9]+' "$log" | tail -1) || true
+    if [[ -z "$line" ]]; then
+        echo "ctest of $name printed no summary"
+        failed=$((failed + 1))
+        return 1
+    fi
     local total fails
     total=$(sed -E 's/.* out of ([0-9]+).*/\1/' <<<"$line")
     fails=$(sed -E 's/.*tests passed, ([0-9]+) tests failed.*/\1/' <<<"$line")
