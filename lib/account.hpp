@@ -1,4 +1,4 @@
-// Accounting: the one place where a fault is counted (invariant 5), like the kernel's
+// Accounting: the one place where a fault is counted ("each fault is counted once"), like the kernel's
 // mm_account_fault. Every outcome of handle_mm_fault passes through account_fault exactly once.
 #pragma once
 

@@ -9,7 +9,6 @@
 // and kernel in agreement), then change the tree.
 #include <fcntl.h>
 #include <pthread.h>
-#include <signal.h>
 #include <unistd.h>
 
 #include <fmt/format.h>
@@ -20,7 +19,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
-#include <limits>
 #include <mutex>
 #include <string>
 
@@ -96,9 +94,15 @@ void convert_tracked_pages_after_fork(ArenaCore& a) {
         std::size_t j = i + 1;
         while (j < npages && a.pte[j].load(std::memory_order_relaxed) == v) ++j;
         const Prot next = pte_to_prot(v) & ~Prot::Write;
-        map_budget_charge(a, map_count_delta(a, i, j, next));
+        // The caller recounts the arena's kernel mappings afterwards.
         if (page_protect(page_address(a, i), (j - i) << g_page_shift, next) == 0)
             for (std::size_t k = i; k < j; ++k) a.pte[k].store(pte_t((v & ~kPteProt) | to_pte(next)), std::memory_order_relaxed);
+        else {
+            // The pages stay writable, so their snapshots take them now rather than at a write.
+            std::uint32_t copies = 0;
+            for (std::size_t k = i; k < j; ++k) preserve_for_snapshots(a, k, v, &copies);
+            resync_ptes(a, i, j);
+        }
         i = j;
     }
 }
@@ -118,7 +122,6 @@ void fork_release() {
     for (std::size_t i = 0; i < reg.count; ++i) reg.arenas[i]->lock.unlock();
     reg.lock.unlock();
 }
-
 
 // The child's copy of every arena is complete (no fault was in flight); what changes is how the
 // kernel will merge its pieces (see map_budget_after_fork). glibc makes malloc usable in the child
@@ -332,7 +335,7 @@ void Arena::protect(void* addr, std::size_t length, Prot prot) {
     auto upper_spare = std::make_unique<Vma>();
 
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
-    covering_vmas(a, call, r);
+    covering_vmas(a, call, r);  // throws, before anything changes, if part of the range is not mapped
     change_pages(a, call, r, [prot](Prot old) { return old & prot; });
     split_at(a, r.start, lower_spare);
     split_at(a, r.end, upper_spare);
@@ -349,7 +352,7 @@ void Arena::unmap(void* addr, std::size_t length) {
     auto upper_spare = std::make_unique<Vma>();
 
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
-    covering_vmas(a, call, r);
+    covering_vmas(a, call, r);  // throws, before anything changes, if part of the range is not mapped
     preserve_range(a, call, r);
     change_pages(a, call, r, [](Prot) { return Prot::None; });
     page_discard(r.start, r.end - r.start);
@@ -448,9 +451,9 @@ void Arena::verify() const {
     }
     if (covered != a.end) fail(EFAULT, "{}: the kernel has no mapping at {:#x} inside the arena", call, covered);
 
-    // The uffd engine withholds write access where the protection shows it: every writable page
-    // usermm tracks must carry the kernel's userfaultfd write-protect bit (/proc/self/pagemap bit
-    // 57), or its next write would go unseen by the snapshots that need it.
+    // The uffd engine withholds write access without changing the protection; only pagemap bit 57
+    // shows it. Every writable page usermm tracks must carry that bit, or its next write would go
+    // unseen by the snapshots that need it.
     if (tracking_engine() == TrackingEngine::Uffd) {
         // pagemap answers only reads of whole 8-byte entries, so no buffered stream.
         const int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
@@ -465,8 +468,9 @@ void Arena::verify() const {
             if (!(v & kPteWriteTracked) || !(v & to_pte(Prot::Write))) continue;
             std::uint64_t entry = 0;
             const off_t at = off_t((page_address(a, i) >> g_page_shift) * sizeof entry);
-            if (pread(fd, &entry, sizeof entry, at) != ssize_t(sizeof entry))
-                fail(errno ? errno : EIO, "{}: cannot read /proc/self/pagemap for page {:#x}", call, page_address(a, i));
+            const ssize_t n = pread(fd, &entry, sizeof entry, at);
+            if (n != ssize_t(sizeof entry))
+                fail(n < 0 ? errno : EIO, "{}: cannot read /proc/self/pagemap for page {:#x}", call, page_address(a, i));
             if (!(entry & kUffdWp))
                 fail(EFAULT, "{}: page {:#x} is write-tracked but the kernel does not write-protect it", call,
                      page_address(a, i));

@@ -22,9 +22,6 @@ long count_mappings_within(std::uintptr_t lo, std::uintptr_t hi) {
     return n;
 }
 
-
-
-
 std::size_t round_up_length(const char* call, std::size_t length, std::uintptr_t addr, const char* name) {
     if (length == 0) fail(EINVAL, "{}: {} is zero (addr {:#x})", call, name, addr);
     if (length > std::numeric_limits<std::size_t>::max() - g_page_size)
@@ -62,7 +59,6 @@ std::vector<Vma*> covering_vmas(ArenaCore& a, const char* call, Range r) {
 
 // --- pages -------------------------------------------------------------------------------------
 
-
 Prot parse_perms(const char* perms) {
     return (perms[0] == 'r' ? Prot::Read : Prot::None) | (perms[1] == 'w' ? Prot::Write : Prot::None) |
            (perms[2] == 'x' ? Prot::Exec : Prot::None);
@@ -90,9 +86,18 @@ void resync_ptes(ArenaCore& a, std::size_t first, std::size_t last) {
     }
 }
 
-// What a PTE keeps when its page's content is discarded: a page that held data has changed.
-// (collect_dirty learns of discarded pages from ArenaCore::discarded instead, see unmap.)
-pte_t discarded(pte_t v) { return pte_t((v & kPteDirty) | ((v & kPtePopulated) ? kPteDirtySnapshot : 0)); }
+namespace {
+
+// What a PTE keeps when its page's content is discarded: a page that held data has changed for the
+// next snapshot (collect_dirty learns of discarded pages from ArenaCore::discarded instead).
+pte_t pte_after_discard(pte_t v) { return pte_t((v & kPteDirty) | ((v & kPtePopulated) ? kPteDirtySnapshot : 0)); }
+
+bool mergeable(const Vma& lo, const Vma& hi) {
+    return lo.end == hi.start && lo.prot == hi.prot && lo.fault_around_pages == hi.fault_around_pages &&
+           std::strcmp(lo.name, hi.name) == 0;
+}
+
+}  // namespace
 
 // Forgets the PTEs of a range that is PROT_NONE and empty in the kernel again. A page of the table
 // that ends up all zero goes back to the kernel; reading the untouched parts of the table maps the
@@ -107,7 +112,7 @@ void clear_ptes(ArenaCore& a, Range r) {
         for (std::size_t k = i; k < block_end; ++k) {
             const pte_t v = a.pte[k].load(std::memory_order_relaxed);
             if (!v) continue;
-            const pte_t n = discarded(v);
+            const pte_t n = pte_after_discard(v);
             kept |= n != 0;
             a.pte[k].store(n, std::memory_order_relaxed);
             if (n) a.note_changed(k);
@@ -166,11 +171,6 @@ void set_name(Vma& v, std::string_view name) {
     v.name[n] = 0;
 }
 
-bool mergeable(const Vma& lo, const Vma& hi) {
-    return lo.end == hi.start && lo.prot == hi.prot && lo.fault_around_pages == hi.fault_around_pages &&
-           std::strcmp(lo.name, hi.name) == 0;
-}
-
 // Splits the VMA containing `at` (if `at` is inside it, not at its start) into [start, at) and
 // [at, end). The upper part keeps the node, its key and its counters; `spare` becomes the lower.
 void split_at(ArenaCore& a, std::uintptr_t at, std::unique_ptr<Vma>& spare) {
@@ -211,7 +211,7 @@ bool range_free(ArenaCore& a, std::uintptr_t start, std::size_t len) {
     return !v || v->start >= start + len;
 }
 
-// First fit above the last placement, then from the arena's base.
+// The hint if it is free, else first fit from the arena's base.
 std::uintptr_t find_free(ArenaCore& a, std::uintptr_t hint, std::size_t len) {
     if (hint >= a.base && hint <= a.end && len <= a.end - hint && range_free(a, hint, len)) return hint;
     std::uintptr_t gap = a.base;

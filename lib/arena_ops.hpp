@@ -100,12 +100,12 @@ bool range_free(ArenaCore& a, std::uintptr_t start, std::size_t len);
 std::uintptr_t find_free(ArenaCore& a, std::uintptr_t hint, std::size_t len);
 
 // Gives every page of [r.start, r.end) the protection change(old) and records it, one mprotect per
-// run of pages that share their old protection; pages that change also get `flags`. Pages that
-// gain write access first give live snapshots what they need. Under the write lock, so no PTE is
+// run of pages that share their old protection. Pages that gain write access first give live
+// snapshots what they need. Under the write lock, so no PTE is
 // locked. If the kernel refuses partway, the PTEs are re-read from the kernel before the error is
 // thrown.
 template <typename Change>
-std::size_t change_pages(ArenaCore& a, const char* call, Range r, Change change, pte_t flags = 0) {
+std::size_t change_pages(ArenaCore& a, const char* call, Range r, Change change) {
     std::size_t changed = 0;
     const std::size_t last = a.page_index(r.end);
     for (std::size_t i = a.page_index(r.start); i < last;) {
@@ -130,7 +130,7 @@ std::size_t change_pages(ArenaCore& a, const char* call, Range r, Change change,
             map_budget_charge(a, delta);
             for (std::size_t k = i; k < j; ++k) {
                 const pte_t old = a.pte[k].load(std::memory_order_relaxed);
-                a.pte[k].store(pte_with_prot(old, next) | flags, std::memory_order_relaxed);
+                a.pte[k].store(pte_with_prot(old, next), std::memory_order_relaxed);
                 a.note_changed(k);
             }
             changed += j - i;

@@ -1,7 +1,6 @@
 // Decode: which access faulted, from the hardware's own record of it in the signal context.
 #pragma once
 
-#include <signal.h>
 
 #include <cstddef>
 #include <cstdint>

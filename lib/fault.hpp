@@ -31,10 +31,8 @@ struct vm_fault {
     Vma* vma = nullptr;
     // Filled by the handlers.
     FaultKind kind = FaultKind::None;
-    Prot granted = Prot::None;      // what the faulting page allows afterwards
     std::uint32_t pages = 0;        // pages whose protection this fault changed
     std::uint32_t copies = 0;       // page copies made into snapshots before write access
-    int error = 0;                  // errno of a refused kernel call (Fatal)
     std::uint64_t start_ns = 0;     // when the handler was entered, for the latency counters
     RawLine* diag = nullptr;        // why a fault is passed on; written only if it kills the process
 };

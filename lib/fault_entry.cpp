@@ -7,7 +7,6 @@
 #include <pthread.h>
 #include <signal.h>
 #include <ucontext.h>
-#include <unistd.h>
 
 #include <atomic>
 
@@ -26,11 +25,10 @@ struct sigaction g_previous_segv;
 struct sigaction g_previous_bus;
 std::atomic<bool> g_installed{false};
 
-const struct sigaction& previous(int sig) { return sig == SIGBUS ? g_previous_bus : g_previous_segv; }
 
 const char* signal_name(int sig) { return sig == SIGBUS ? "SIGBUS" : "SIGSEGV"; }
 
-struct sigaction& previous_mut(int sig) { return sig == SIGBUS ? g_previous_bus : g_previous_segv; }
+struct sigaction& previous(int sig) { return sig == SIGBUS ? g_previous_bus : g_previous_segv; }
 
 // The kernel's default action for SIGSEGV and SIGBUS: terminate with a core dump. The signal is sent
 // again and stays pending until this handler returns; it is then delivered at the interrupted
@@ -47,7 +45,7 @@ void die_by(int sig) {
 // handler's sa_mask plus the signal itself (unless SA_NODEFER), and reset to SIG_DFL first if it
 // asked for SA_RESETHAND.
 void call_previous(int sig, siginfo_t* info, void* ucontext) {
-    struct sigaction& prev = previous_mut(sig);
+    struct sigaction& prev = previous(sig);
     const struct sigaction handler = prev;
     if (handler.sa_flags & SA_RESETHAND) {
         prev.sa_handler = SIG_DFL;

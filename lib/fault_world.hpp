@@ -40,7 +40,7 @@ inline void cpu_relax() {
 }
 
 // Waiting in the fault world: spin briefly, then yield, since the thread we wait for may be
-// preempted on our core (there are only two).
+// preempted on our core.
 inline void spin_backoff(unsigned spins) {
     if (spins < 64)
         cpu_relax();

@@ -7,8 +7,6 @@
 #include <algorithm>
 #include <signal.h>
 
-#include <cerrno>
-
 #include "account.hpp"
 #include "fault.hpp"
 #include "find_vma.hpp"
@@ -148,7 +146,6 @@ int install(vm_fault& vmf, PageRange r, Prot prot, pte_t was, Budget budget) {
         return page_protect(addr, len, pte_to_prot(was)) == 0 ? err : kStateUnknown;
     }
     publish(arena, r, prot);
-    vmf.granted = prot;
     vmf.pages = std::uint32_t(std::min<std::size_t>(r.last - r.first, UINT32_MAX));
     return 0;
 }
@@ -156,7 +153,6 @@ int install(vm_fault& vmf, PageRange r, Prot prot, pte_t was, Budget budget) {
 // Gives up on a fault usermm owns. The caller's locked PTEs stay locked: the process is about to be
 // killed, and other threads must not act on pages whose kernel state is unknown.
 FaultResult fatal(vm_fault& vmf, const char* what, int err) {
-    vmf.error = err;
     if (vmf.diag) {
         vmf.diag->str("usermm: cannot resolve ").str(access_name(vmf.access)).str(" fault at ").hex(vmf.address);
         vmf.diag->str(": ").str(what);
@@ -220,10 +216,13 @@ FaultResult do_anonymous_fault(vm_fault& vmf) {
 
     PageRange r{page, page + 1};
     if (const std::size_t window = vma.fault_around_pages; window > 1) {
-        // Aligned in the address space, like the kernel's window, not relative to the arena.
-        const std::size_t first = page - (vmf.address >> g_page_shift) % window;
+        // Aligned in the address space, like the kernel's window, not relative to the arena; the
+        // window may begin before the arena's first page.
+        const std::size_t into = (vmf.address >> g_page_shift) % window;
+        const std::size_t first = page >= into ? page - into : 0;
+        const std::size_t last = page + (window - into);
         const PageRange vma_range = vma_pages(arena, vma);
-        const PageRange limit{std::max(first, vma_range.first), std::min(first + window, vma_range.last)};
+        const PageRange limit{std::max(first, vma_range.first), std::min(last, vma_range.last)};
         r = lock_neighbours(arena, r, limit, 0);
     }
     return install_or_degrade(vmf, r, prot, 0, FaultKind::Anonymous);
@@ -289,7 +288,6 @@ FaultResult do_wp_page(vm_fault& vmf) {
     arena.note_changed(page);
     if (!tracked) return FaultResult::Spurious;
     vmf.kind = FaultKind::WriteProtect;
-    vmf.granted = pte_to_prot(cur);
     vmf.pages = 1;
     return FaultResult::Resolved;
 }
@@ -332,18 +330,18 @@ FaultResult handle_arena_fault(vm_fault& vmf) {
 FaultResult handle_mm_fault(vm_fault& vmf) {
     bool self_deadlock = false;
     vmf.arena = find_arena_lock_shared(vmf.address, &self_deadlock);
-    if (!vmf.arena) {
-        account_fault(vmf, FaultResult::Foreign);
-        return FaultResult::Foreign;
-    }
     if (self_deadlock) {
         vmf.arena = nullptr;  // not locked: do not count into it
         if (vmf.diag)
             vmf.diag->str("usermm: fault at ")
                 .hex(vmf.address)
-                .str(" by the thread that holds its arena's write lock (arena memory touched inside an API call)");
+                .str(" by the thread that holds an arena lock (arena memory touched inside an API call)");
         account_fault(vmf, FaultResult::Fatal);
         return FaultResult::Fatal;
+    }
+    if (!vmf.arena) {
+        account_fault(vmf, FaultResult::Foreign);
+        return FaultResult::Foreign;
     }
     const FaultResult r = handle_arena_fault(vmf);
     account_fault(vmf, r);

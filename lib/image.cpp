@@ -216,14 +216,13 @@ void write_header(ImageWriter& out, const SnapshotCore& s, std::uint64_t base_se
     }
 }
 
-void write_page(ImageWriter& out, const SnapshotCore& s, std::size_t page, const std::byte* content, bool zero) {
+void write_page(ImageWriter& out, std::size_t page, const std::byte* content, bool zero) {
     const PageEntry e{std::uint64_t(page) << g_page_shift, zero ? kKindZero : kKindData, 0};
     out.put(&e, sizeof e);
     if (!zero) out.put(content, g_page_size);
-    (void)s;
 }
 
-// The image as read: its header, VMA table, and pages applied to the arena being built.
+// An image's header and VMA table as read.
 struct LoadedHeader {
     Header header;
     std::vector<VmaEntry> vmas;
@@ -291,7 +290,7 @@ void Snapshot::write_to(int fd) const {
     std::uint64_t records = 0;
     visit_snapshot_pages(s, s.first, s.last, [&](std::size_t page, const std::byte* content, bool zero) {
         if (zero) return;
-        write_page(out, s, page, content, false);
+        write_page(out, page, content, false);
         ++records;
     });
     out.finish(records);
@@ -331,7 +330,7 @@ void Snapshot::write_to(int fd, const Snapshot& previous) const {
         std::size_t end = page + 1;
         while (end < s.last && changed[end - s.first]) ++end;
         visit_snapshot_pages(s, page, end, [&](std::size_t at, const std::byte* content, bool zero) {
-            write_page(out, s, at, content, zero);
+            write_page(out, at, content, zero);
             ++records;
         });
         page = end;
@@ -383,7 +382,7 @@ Arena Arena::load(std::span<const int> image_fds) {
     }
     if (at < range.end) holes.push_back({at, range.end});
     std::vector<std::unique_ptr<Vma>> spares;
-    for (std::size_t i = 0; i < 2 * (last.vmas.size() + holes.size()); ++i) spares.push_back(std::make_unique<Vma>());
+    for (std::size_t i = 0; i < 2 * last.vmas.size(); ++i) spares.push_back(std::make_unique<Vma>());
     {
         ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
         std::size_t spare = 0;

@@ -1,4 +1,4 @@
-// The kernel's mapping budget (invariant 4).
+// The kernel's mapping budget ("the kernel's mapping budget holds").
 //
 // Every mprotect of part of a mapping splits a kernel VMA, and a process may hold vm.max_map_count
 // of them. usermm counts the kernel VMAs its arenas consist of, from the per-page state alone: in

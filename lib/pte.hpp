@@ -1,8 +1,8 @@
 // Per-page state, our "PTE": one byte per page of an arena, in a table the kernel itself pages in
 // on demand (an untouched part of the table costs nothing, like the arena it describes).
 //
-// The low bits are exactly the protection the kernel currently has for the page (invariant 3:
-// metadata agrees with the kernel). A fault that resolves a page sets kLocked with a CAS first, so
+// The low bits are exactly the protection the kernel currently has for the page (the invariant
+// "metadata agrees with the kernel"). A fault that resolves a page sets kLocked with a CAS first, so
 // that of several threads faulting the same page one resolves it and the others wait and then find
 // it resolved; the new protection and the unlock are published by one release store, after the
 // kernel call that made them true.

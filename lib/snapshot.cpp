@@ -24,10 +24,10 @@ constexpr auto kRelaxed = std::memory_order_relaxed;
 constexpr auto kAcquire = std::memory_order_acquire;
 constexpr auto kRelease = std::memory_order_release;
 
-// Frees a snapshot: unlinks it from its arena, gives write access back where nothing needs it
-// tracked any more, and releases its store.
 void give_back_write_access(ArenaCore& a, std::size_t first, std::size_t last);
 
+// Frees a snapshot: unlinks it from its arena, gives write access back where nothing needs it
+// tracked any more, and releases its store.
 void release_snapshot(SnapshotCore* s) {
     if (ArenaCore* a = s->arena) {
         ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a->lock);
@@ -49,9 +49,10 @@ void release_snapshot(SnapshotCore* s) {
 bool needed_by_a_snapshot(const ArenaCore& a, std::size_t page) {
     for (std::size_t i = 0; i < a.snapshot_count; ++i) {
         const SnapshotCore& s = *a.snapshots[i];
-        if (s.covers(page) && (settled_slot(s, page) == kSlotInArena || settled_slot(s, page) == kSlotCopiedSynced ||
-                               settled_slot(s, page) == kSlotZeroSynced))
-            return true;
+        if (!s.covers(page)) continue;
+        // Synced pages are tracked too: their next change must drop "synced" for restore().
+        const slot_t state = settled_slot(s, page);
+        if (state == kSlotInArena || state == kSlotCopiedSynced || state == kSlotZeroSynced) return true;
     }
     return false;
 }
@@ -80,6 +81,8 @@ void give_back_write_access(ArenaCore& a, std::size_t first, std::size_t last) {
         std::size_t j = i + 1;
         while (j < last && pte_prot(a.pte[j].load(kRelaxed)) == prot && eligible(j)) ++j;
         if (uffd) {
+            // No dirty bits: the page has not changed. Where collect_dirty() is armed, eligible()
+            // took only pages it already counts as dirty; a snapshot recorded the change earlier.
             if (uffd_write_protect(page_address(a, i), (j - i) << g_page_shift, false) == 0)
                 for (std::size_t k = i; k < j; ++k) {
                     a.pte[k].fetch_and(pte_t(~kPteWriteTracked), kRelaxed);
@@ -209,10 +212,22 @@ Snapshot::Snapshot(Snapshot&&) noexcept = default;
 Snapshot& Snapshot::operator=(Snapshot&&) noexcept = default;
 Snapshot::~Snapshot() = default;
 
-void* Snapshot::start() const { return ptr_of(core_->page_addr(core_->first)); }
-std::size_t Snapshot::length() const { return (core_->last - core_->first) << g_page_shift; }
-std::uint64_t Snapshot::sequence() const { return core_->sequence; }
-Stats Snapshot::stats() const { return core_->stats.load(); }
+void* Snapshot::start() const {
+    check_live(core_.get(), "usermm::Snapshot::start");
+    return ptr_of(core_->page_addr(core_->first));
+}
+std::size_t Snapshot::length() const {
+    check_live(core_.get(), "usermm::Snapshot::length");
+    return (core_->last - core_->first) << g_page_shift;
+}
+std::uint64_t Snapshot::sequence() const {
+    check_live(core_.get(), "usermm::Snapshot::sequence");
+    return core_->sequence;
+}
+Stats Snapshot::stats() const {
+    check_live(core_.get(), "usermm::Snapshot::stats");
+    return core_->stats.load();
+}
 
 void Snapshot::read(const void* addr, void* buffer, std::size_t length) const {
     static constexpr const char* kReadCall = "usermm::Snapshot::read";

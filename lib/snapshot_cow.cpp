@@ -1,6 +1,7 @@
 // Copy-before-write: the part of the kernel's do_wp_page that a snapshot needs. Runs in the fault
 // world, and in the API world under the arena's write lock.
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 
 #include "page_ops.hpp"

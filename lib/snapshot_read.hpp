@@ -11,8 +11,14 @@
 
 namespace usermm::detail {
 
-// Locks the slot of `page` if the page's snapshot content is still in the arena. Returns the slot's
-// settled state otherwise (copied or zero).
+// Pages read out of the arena at once, their slots held meanwhile.
+inline constexpr std::size_t kReadBatch = 64;
+
+// What lock_slot_if_in_arena() returns when it took the slot: the caller holds it now.
+inline constexpr slot_t kSlotTaken = kSlotBusy;
+
+// Locks the slot of `page` if the page's snapshot content is still in the arena (returns
+// kSlotTaken). Returns what the snapshot holds otherwise (kSlotCopied or kSlotZero).
 inline slot_t lock_slot_if_in_arena(const SnapshotCore& s, std::size_t page) {
     std::atomic<slot_t>& slot = s.slot(page);
     for (unsigned spins = 0;; ++spins) {
@@ -22,7 +28,7 @@ inline slot_t lock_slot_if_in_arena(const SnapshotCore& s, std::size_t page) {
             spin_backoff(spins);
             continue;
         }
-        if (slot.compare_exchange_weak(v, kSlotBusy, std::memory_order_acquire, std::memory_order_relaxed)) return kSlotBusy;
+        if (slot.compare_exchange_weak(v, kSlotBusy, std::memory_order_acquire, std::memory_order_relaxed)) return kSlotTaken;
     }
 }
 
@@ -33,7 +39,7 @@ inline void read_locked_from_arena(const SnapshotCore& s, std::size_t first, std
     const ArenaCore& a = *s.arena;
     // Populated means write access was granted; a page granted it by fault-around and never
     // written is not resident, and reads as zeros.
-    unsigned char resident[64];
+    unsigned char resident[kReadBatch];
     const bool known = n <= sizeof resident && page_resident(page_address(a, first), n << g_page_shift, resident) == 0;
     for (std::size_t k = 0; k < n; ++k)
         zero[k] = !(a.pte[first + k].load(std::memory_order_acquire) & kPtePopulated) || (known && !(resident[k] & 1));
@@ -56,14 +62,13 @@ inline void read_locked_from_arena(const SnapshotCore& s, std::size_t first, std
 }
 
 // Visits the snapshot's pages [first, last) in order with their content: fn(page, bytes, zero).
-// Pages still in the arena are read in batches of up to kBatch with their slots locked.
+// Pages still in the arena are read in batches of up to kReadBatch with their slots locked.
 // Asynchronous signals stay blocked throughout (fn included): a handler that wrote a page whose
 // slot this thread holds would wait for this thread forever.
 template <typename Fn>
 void visit_snapshot_pages(const SnapshotCore& s, std::size_t first, std::size_t last, Fn fn) {
     AsyncSignalsBlocked blocked;
-    constexpr std::size_t kBatch = 64;
-    std::vector<std::byte> buffer(kBatch << g_page_shift);
+    std::vector<std::byte> buffer(kReadBatch << g_page_shift);
     for (std::size_t page = first; page < last;) {
         const slot_t state = lock_slot_if_in_arena(s, page);
         if (state == kSlotCopied) {
@@ -77,9 +82,9 @@ void visit_snapshot_pages(const SnapshotCore& s, std::size_t first, std::size_t 
             continue;
         }
         std::size_t n = 1;
-        while (n < kBatch && page + n < last && lock_slot_if_in_arena(s, page + n) == kSlotBusy) ++n;
+        while (n < kReadBatch && page + n < last && lock_slot_if_in_arena(s, page + n) == kSlotTaken) ++n;
         // The loop above stops after a page whose slot was settled; that page is visited next.
-        bool zero[kBatch];
+        bool zero[kReadBatch];
         read_locked_from_arena(s, page, n, buffer.data(), zero);
         for (std::size_t k = 0; k < n; ++k) fn(page + k, buffer.data() + (k << g_page_shift), zero[k]);
         page += n;

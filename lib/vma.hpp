@@ -109,6 +109,4 @@ struct ArenaAccess {
     static ArenaCore& core(const Arena& a) { return *a.core_; }
 };
 
-inline std::uintptr_t page_down(std::uintptr_t a) { return a & ~(std::uintptr_t(g_page_size) - 1); }
-
 }  // namespace usermm::detail

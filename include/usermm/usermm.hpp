@@ -57,19 +57,19 @@ std::string to_string(Prot p);
 // struct, the formatter, the accounting code) sees the same fields in the same order.
 #define USERMM_STATS_FIELDS(X)                                                                  \
     X(minor_faults, "faults resolved without I/O")                                             \
-    X(major_faults, "faults that needed I/O")                                                  \
+    X(major_faults, "faults that needed I/O (none yet: no VMA kind reads a file or store)")   \
     X(read_faults, "resolved faults caused by a read")                                         \
     X(write_faults, "resolved faults caused by a write")                                       \
     X(exec_faults, "resolved faults caused by an instruction fetch")                           \
-    X(zero_page_reads, "untouched pages made readable as zeros, committing no memory")         \
+    X(zero_page_reads, "read faults on untouched pages, answered by the zero page")            \
     X(fault_around_pages, "neighbour pages mapped by fault-around in the same fault")          \
     X(spurious_faults, "faults another thread had already resolved")                           \
-    X(access_errors, "faults in an arena that its VMAs forbid, passed on")                     \
-    X(foreign_faults, "SIGSEGV/SIGBUS outside every arena, passed on")                         \
+    X(access_errors, "faults in an arena that its VMAs forbid (or usermm cannot resolve)")     \
+    X(foreign_faults, "SIGSEGV/SIGBUS outside every arena, or sent by kill, passed on")        \
     X(degraded_faults, "faults resolved coarsely to stay within the kernel's mapping budget")  \
     X(degraded_pages, "pages handed to the kernel's own demand paging by degraded faults")     \
     X(prefault_pages, "pages made accessible ahead of time by prefault()")                     \
-    X(cow_faults, "writes that first copied a page into snapshots (copy-before-write)")        \
+    X(cow_faults, "faults that copied a page into snapshots (per snapshot: pages copied)")     \
     X(cow_bytes_copied, "bytes copied into snapshots before writes")                           \
     X(pages_restored, "pages written back into the arena by restore()")                        \
     X(dirty_pages_collected, "pages reported by collect_dirty()")                              \
@@ -127,7 +127,8 @@ class Arena;
 // A point-in-time view of a range of an arena, taken without fork(): at snapshot() the pages that
 // could be written without a fault lose write access; the first write to a page afterwards copies
 // its old content into the snapshot (copy-before-write) and then goes on. A snapshot costs the pages
-// written after it, plus one byte per covered page. Several may be live at once. The destructor
+// written after it, plus a slot byte and a 4-byte store index per covered page, paged in only where
+// used. Several may be live at once. The destructor
 // releases the copies and gives write access back where no other snapshot needs it.
 class Snapshot {
 public:
