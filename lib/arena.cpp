@@ -95,7 +95,7 @@ void convert_tracked_pages_after_fork(ArenaCore& a) {
         while (j < npages && a.pte[j].load(std::memory_order_relaxed) == v) ++j;
         const Prot next = pte_to_prot(v) & ~Prot::Write;
         // The caller recounts the arena's kernel mappings afterwards.
-        if (page_protect(page_address(a, i), (j - i) << g_page_shift, next) == 0)
+        if (page_protect(a.page_addr(i), (j - i) << g_page_shift, next) == 0)
             for (std::size_t k = i; k < j; ++k) a.pte[k].store(pte_t((v & ~kPteProt) | to_pte(next)), std::memory_order_relaxed);
         else {
             // The pages stay writable, so their snapshots take them now rather than at a write.
@@ -260,7 +260,7 @@ Arena::~Arena() {
             if (settled_slot(s, page) == kSlotInArena &&
                 preserve_for_snapshots(a, page, a.pte[page].load(std::memory_order_relaxed), &copies) != 0)
                 std::fprintf(stderr, "usermm: snapshot %llu lost page %#lx when its arena was destroyed\n",
-                             static_cast<unsigned long long>(s.sequence), static_cast<unsigned long>(page_address(a, page)));
+                             static_cast<unsigned long long>(s.sequence), static_cast<unsigned long>(a.page_addr(page)));
         s.arena = nullptr;
     }
     map_budget_charge(a, -a.kernel_maps.load());
@@ -419,7 +419,7 @@ void Arena::verify() const {
     for (std::size_t i = 0; i < npages; ++i) {
         const pte_t v = a.pte[i].load(std::memory_order_relaxed);
         if (pte_prot(v) == 0 && !(v & kPteLocked)) continue;
-        const std::uintptr_t at = page_address(a, i);
+        const std::uintptr_t at = a.page_addr(i);
         while (it != a.tree.end() && it->end <= at) ++it;
         const bool inside = it != a.tree.end() && it->start <= at;
         if (v & kPteLocked) fail(EFAULT, "{}: page {:#x} is locked with no fault in flight", call, at);
@@ -444,7 +444,7 @@ void Arena::verify() const {
         for (std::size_t i = a.page_index(from), last = a.page_index(to); i < last; ++i) {
             const Prot mine = pte_to_prot(a.pte[i].load(std::memory_order_relaxed));
             if (mine != kernel)
-                fail(EFAULT, "{}: page {:#x} is {} in the kernel but {} in usermm", call, page_address(a, i),
+                fail(EFAULT, "{}: page {:#x} is {} in the kernel but {} in usermm", call, a.page_addr(i),
                      to_string(kernel), to_string(mine));
         }
         covered = to;
@@ -467,13 +467,13 @@ void Arena::verify() const {
             const pte_t v = a.pte[i].load(std::memory_order_relaxed);
             if (!(v & kPteWriteTracked) || !(v & to_pte(Prot::Write))) continue;
             std::uint64_t entry = 0;
-            const off_t at = off_t((page_address(a, i) >> g_page_shift) * sizeof entry);
+            const off_t at = off_t((a.page_addr(i) >> g_page_shift) * sizeof entry);
             const ssize_t n = pread(fd, &entry, sizeof entry, at);
             if (n != ssize_t(sizeof entry))
-                fail(n < 0 ? errno : EIO, "{}: cannot read /proc/self/pagemap for page {:#x}", call, page_address(a, i));
+                fail(n < 0 ? errno : EIO, "{}: cannot read /proc/self/pagemap for page {:#x}", call, a.page_addr(i));
             if (!(entry & kUffdWp))
                 fail(EFAULT, "{}: page {:#x} is write-tracked but the kernel does not write-protect it", call,
-                     page_address(a, i));
+                     a.page_addr(i));
         }
     }
 }

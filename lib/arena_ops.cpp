@@ -67,7 +67,7 @@ Prot parse_perms(const char* perms) {
 // After a refused mprotect, which may have changed a prefix of its range: the PTEs of pages
 // [first, last) take whatever protection the kernel now has for them.
 void resync_ptes(ArenaCore& a, std::size_t first, std::size_t last) {
-    const std::uintptr_t lo = page_address(a, first), hi = page_address(a, last);
+    const std::uintptr_t lo = a.page_addr(first), hi = a.page_addr(last);
     std::ifstream maps("/proc/self/maps");
     for (std::string line; std::getline(maps, line);) {
         unsigned long from = 0, to = 0;
@@ -160,7 +160,7 @@ void preserve_range(ArenaCore& a, const char* call, Range r) {
     std::uint32_t copies = 0;
     for (std::size_t i = a.page_index(r.start), last = a.page_index(r.end); i < last; ++i)
         if (const int err = preserve_for_snapshots(a, i, a.pte[i].load(std::memory_order_relaxed), &copies))
-            fail(err, "{}: cannot save page {:#x} for a snapshot", call, page_address(a, i));
+            fail(err, "{}: cannot save page {:#x} for a snapshot", call, a.page_addr(i));
 }
 
 // --- the tree ----------------------------------------------------------------------------------

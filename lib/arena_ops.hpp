@@ -63,9 +63,6 @@ void init_process();
 
 inline std::uintptr_t addr_of(const void* p) { return reinterpret_cast<std::uintptr_t>(p); }
 inline void* ptr_of(std::uintptr_t a) { return reinterpret_cast<void*>(a); }
-inline std::uintptr_t page_address(const ArenaCore& a, std::size_t index) {
-    return a.base + (std::uintptr_t(index) << g_page_shift);
-}
 
 // A validated, page-rounded byte range inside the arena.
 struct Range {
@@ -118,13 +115,13 @@ std::size_t change_pages(ArenaCore& a, const char* call, Range r, Change change)
                 std::uint32_t copies = 0;
                 for (std::size_t k = i; k < j; ++k)
                     if (const int err = preserve_for_snapshots(a, k, a.pte[k].load(std::memory_order_relaxed), &copies))
-                        fail(err, "{}: cannot save page {:#x} for a snapshot", call, page_address(a, k));
+                        fail(err, "{}: cannot save page {:#x} for a snapshot", call, a.page_addr(k));
             }
             const long delta = map_count_delta(a, i, j, next);
-            if (const int err = page_protect(page_address(a, i), (j - i) << g_page_shift, next)) {
+            if (const int err = page_protect(a.page_addr(i), (j - i) << g_page_shift, next)) {
                 resync_ptes(a, i, j);
                 map_budget_charge(a, count_mappings_within(a.base, a.end) + 2 - a.kernel_maps.load());
-                fail(err, "{}: mprotect of [{:#x}, {:#x}) to {} failed", call, page_address(a, i), page_address(a, j),
+                fail(err, "{}: mprotect of [{:#x}, {:#x}) to {} failed", call, a.page_addr(i), a.page_addr(j),
                      to_string(next));
             }
             map_budget_charge(a, delta);

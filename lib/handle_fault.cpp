@@ -73,10 +73,6 @@ struct PageRange {
     std::size_t last;
 };
 
-std::uintptr_t page_addr(const ArenaCore& arena, std::size_t index) {
-    return arena.base + (std::uintptr_t(index) << g_page_shift);
-}
-
 // Publishes `prot` for the locked range: the kernel already has it, so the PTEs may say so.
 void publish(ArenaCore& arena, PageRange r, Prot prot) {
     for (std::size_t i = r.first; i < r.last; ++i) {
@@ -128,7 +124,7 @@ constexpr int kStateUnknown = -2;  // the kernel refused, and so did the attempt
 // range back to `was`, so that the PTEs stay what the kernel has.
 int install(vm_fault& vmf, PageRange r, Prot prot, pte_t was, Budget budget) {
     ArenaCore& arena = *vmf.arena;
-    const std::uintptr_t addr = page_addr(arena, r.first);
+    const std::uintptr_t addr = arena.page_addr(r.first);
     const std::size_t len = (r.last - r.first) << g_page_shift;
     // Nobody can write the locked pages yet; snapshots take what they need before anyone can.
     if (allows(prot, Prot::Write) && arena.snapshot_count)
@@ -282,7 +278,7 @@ FaultResult do_wp_page(vm_fault& vmf) {
             pte.store(cur, kRelease);
             return fatal(vmf, "reading the page for a snapshot", err);
         }
-    if (const int err = uffd_write_protect(page_addr(arena, page), g_page_size, false))
+    if (const int err = uffd_write_protect(arena.page_addr(page), g_page_size, false))
         return fatal(vmf, "UFFDIO_WRITEPROTECT", err);
     pte.store(pte_with_prot(cur, pte_to_prot(cur)), kRelease);
     arena.note_changed(page);

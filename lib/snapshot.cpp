@@ -68,8 +68,8 @@ void give_back_write_access(ArenaCore& a, std::size_t first, std::size_t last) {
         if (uffd) return bool(v & to_pte(Prot::Write));  // a mark on a writable page
         // Only a page whose write access alone was withheld: its VMA may have changed since, and
         // a page reset to PROT_NONE (by restore, or protect) must fault to get anything back.
-        const Vma* vma = find_vma(a, page_address(a, i));
-        return vma && vma->start <= page_address(a, i) && allows(vma->prot, Prot::Write) &&
+        const Vma* vma = find_vma(a, a.page_addr(i));
+        return vma && vma->start <= a.page_addr(i) && allows(vma->prot, Prot::Write) &&
                pte_to_prot(v) == (vma->prot & ~Prot::Write);
     };
     for (std::size_t i = first; i < last;) {
@@ -83,7 +83,7 @@ void give_back_write_access(ArenaCore& a, std::size_t first, std::size_t last) {
         if (uffd) {
             // No dirty bits: the page has not changed. Where collect_dirty() is armed, eligible()
             // took only pages it already counts as dirty; a snapshot recorded the change earlier.
-            if (uffd_write_protect(page_address(a, i), (j - i) << g_page_shift, false) == 0)
+            if (uffd_write_protect(a.page_addr(i), (j - i) << g_page_shift, false) == 0)
                 for (std::size_t k = i; k < j; ++k) {
                     a.pte[k].fetch_and(pte_t(~kPteWriteTracked), kRelaxed);
                     a.note_changed(k);
@@ -93,7 +93,7 @@ void give_back_write_access(ArenaCore& a, std::size_t first, std::size_t last) {
         }
         const Prot next = pte_to_prot(prot) | Prot::Write;
         const long delta = map_count_delta(a, i, j, next);
-        if (page_protect(page_address(a, i), (j - i) << g_page_shift, next) == 0) {
+        if (page_protect(a.page_addr(i), (j - i) << g_page_shift, next) == 0) {
             map_budget_charge(a, delta);
             for (std::size_t k = i; k < j; ++k) {
                 const pte_t v = a.pte[k].load(kRelaxed);
@@ -176,7 +176,7 @@ void arm_write_tracking(ArenaCore& a, const char* call, Range r) {
             if (k == j || k == last || !candidate(k, prot)) break;
             j = k;
         }
-        const std::uintptr_t at = page_address(a, i);
+        const std::uintptr_t at = a.page_addr(i);
         const std::size_t len = (j - i) << g_page_shift;
         const Prot next = pte_to_prot(prot) & ~Prot::Write;
         if (uffd) {
@@ -324,7 +324,7 @@ void Arena::restore(const Snapshot& snapshot) {
         ~Done() { flag.store(false); }
     } done{a.restoring};
 
-    const Range r{page_address(a, s.first), page_address(a, s.last)};
+    const Range r{a.page_addr(s.first), a.page_addr(s.last)};
     std::vector<std::unique_ptr<Vma>> fresh;
     for (const auto& rec : s.vmas) {
         auto v = std::make_unique<Vma>();
@@ -353,7 +353,7 @@ void Arena::restore(const Snapshot& snapshot) {
         if (state == kSlotInArena || state == kSlotCopiedSynced || state == kSlotZeroSynced) continue;
         std::uint32_t copies = 0;
         if (const int err = preserve_for_snapshots(a, i, a.pte[i].load(kRelaxed), &copies))
-            fail(err, "{}: cannot save page {:#x} for another snapshot", call, page_address(a, i));
+            fail(err, "{}: cannot save page {:#x} for another snapshot", call, a.page_addr(i));
     }
     // The VMAs as they were.
     split_at(a, r.start, lower_spare);
@@ -385,7 +385,7 @@ void Arena::restore(const Snapshot& snapshot) {
             s.slot(i).store(kSlotZeroSynced, kRelease);
             continue;
         }
-        const std::uintptr_t at = page_address(a, i);
+        const std::uintptr_t at = a.page_addr(i);
         const pte_t v = a.pte[i].load(kRelaxed);
         if (state == kSlotCopied) {
             if (const int err = page_write_raw(at, s.stored(i), g_page_size))
@@ -435,7 +435,7 @@ DirtySet Arena::collect_dirty(void* addr, std::size_t length) {
     a.collect_armed = true;
     arm_write_tracking(a, call, r);
     for (std::size_t i = first; i < last; ++i)
-        if (dirty[i - first]) out.pages.push_back(ptr_of(page_address(a, i)));
+        if (dirty[i - first]) out.pages.push_back(ptr_of(a.page_addr(i)));
     a.stats.dirty_pages_collected.fetch_add(out.pages.size(), kRelaxed);
     process_counters().dirty_pages_collected.fetch_add(out.pages.size(), kRelaxed);
     return out;

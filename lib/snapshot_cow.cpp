@@ -25,7 +25,7 @@ int copy_page(std::uintptr_t addr, pte_t pte, std::byte* dst) {
 }  // namespace
 
 int preserve_for_snapshots(ArenaCore& arena, std::size_t page, pte_t pte, std::uint32_t* copies) {
-    const std::uintptr_t addr = arena.base + (std::uintptr_t(page) << g_page_shift);
+    const std::uintptr_t addr = arena.page_addr(page);
     for (std::size_t i = 0; i < arena.snapshot_count; ++i) {
         SnapshotCore& snap = *arena.snapshots[i];
         if (!snap.covers(page)) continue;

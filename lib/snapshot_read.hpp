@@ -40,7 +40,7 @@ inline void read_locked_from_arena(const SnapshotCore& s, std::size_t first, std
     // Populated means write access was granted; a page granted it by fault-around and never
     // written is not resident, and reads as zeros.
     unsigned char resident[kReadBatch];
-    const bool known = n <= sizeof resident && page_resident(page_address(a, first), n << g_page_shift, resident) == 0;
+    const bool known = n <= sizeof resident && page_resident(a.page_addr(first), n << g_page_shift, resident) == 0;
     for (std::size_t k = 0; k < n; ++k)
         zero[k] = !(a.pte[first + k].load(std::memory_order_acquire) & kPtePopulated) || (known && !(resident[k] & 1));
     for (std::size_t k = 0; k < n; ++k) {
@@ -52,9 +52,9 @@ inline void read_locked_from_arena(const SnapshotCore& s, std::size_t first, std
         }
         std::size_t run = 1;  // populated neighbours come in one read
         while (k + run < n && !zero[k + run]) ++run;
-        if (const int err = page_read_raw(page_address(a, page), out, run << g_page_shift)) {
+        if (const int err = page_read_raw(a.page_addr(page), out, run << g_page_shift)) {
             for (std::size_t u = 0; u < n; ++u) s.slot(first + u).store(kSlotInArena, std::memory_order_release);
-            fail(err, "usermm::Snapshot: cannot read arena page {:#x}", page_address(a, page));
+            fail(err, "usermm::Snapshot: cannot read arena page {:#x}", a.page_addr(page));
         }
         k += run - 1;
     }

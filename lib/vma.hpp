@@ -86,6 +86,7 @@ struct ArenaCore {
     std::vector<std::pair<std::size_t, std::size_t>> discarded;  // page ranges, since collect_dirty
 
     std::size_t page_index(std::uintptr_t addr) const;
+    std::uintptr_t page_addr(std::size_t index) const;
     Pte& pte_of(std::uintptr_t addr) const { return pte[page_index(addr)]; }
 
     static constexpr std::size_t kGroupPages = 64;
@@ -103,6 +104,9 @@ struct ArenaCore {
 
 
 inline std::size_t ArenaCore::page_index(std::uintptr_t addr) const { return (addr - base) >> g_page_shift; }
+inline std::uintptr_t ArenaCore::page_addr(std::size_t index) const {
+    return base + (std::uintptr_t(index) << g_page_shift);
+}
 
 // For usermm's own tests and benchmarks, which look inside an arena.
 struct ArenaAccess {
