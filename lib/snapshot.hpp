@@ -84,6 +84,20 @@ inline slot_t settled_slot(const SnapshotCore& s, std::size_t page) {
     }
 }
 
+// What lock_slot_if_in_arena() returns when it took the slot: the caller holds it now.
+inline constexpr slot_t kSlotTaken = kSlotBusy;
+
+// Takes the slot of `page` if the page's snapshot content is still in the arena (returns
+// kSlotTaken); otherwise returns the settled state, which the caller does not hold.
+inline slot_t lock_slot_if_in_arena(const SnapshotCore& s, std::size_t page) {
+    for (;;) {
+        slot_t v = settled_slot(s, page);
+        if (v != kSlotInArena) return v;
+        if (s.slot(page).compare_exchange_weak(v, kSlotBusy, std::memory_order_acquire, std::memory_order_relaxed))
+            return kSlotTaken;
+    }
+}
+
 // Fault world (also used by the API under the write lock). Before arena page `page`, whose PTE is
 // `pte`, can change (write access, discard, restore; the caller holds the PTE lock or the write
 // lock): every live snapshot that still reads the page from the arena gets its content now.

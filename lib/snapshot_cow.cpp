@@ -29,46 +29,39 @@ int preserve_for_snapshots(ArenaCore& arena, std::size_t page, pte_t pte, std::u
     for (std::size_t i = 0; i < arena.snapshot_count; ++i) {
         SnapshotCore& snap = *arena.snapshots[i];
         if (!snap.covers(page)) continue;
+        const slot_t state = lock_slot_if_in_arena(snap, page);
         std::atomic<slot_t>& slot = snap.slot(page);
-        for (unsigned spins = 0;; ++spins) {
-            slot_t v = slot.load(std::memory_order_acquire);
-            if (v == kSlotCopied || v == kSlotZero) break;
-            if (v == kSlotCopiedSynced || v == kSlotZeroSynced) {  // the snapshot has it; the arena leaves it
-                if (slot.compare_exchange_weak(v, slot_content(v), std::memory_order_acq_rel, std::memory_order_relaxed))
-                    break;
-                continue;
-            }
-            if (v & kSlotBusy) {  // a reader is copying the page out of the arena; it does not fault
-                spin_backoff(spins);
-                continue;
-            }
-            if (!slot.compare_exchange_weak(v, kSlotBusy, std::memory_order_acquire, std::memory_order_relaxed))
-                continue;
-            if (!(pte & kPtePopulated)) {
-                slot.store(kSlotZero, std::memory_order_release);
-                break;
-            }
-            const std::uint32_t at = snap.used.fetch_add(1, std::memory_order_relaxed);
-            if (at >= snap.last - snap.first) {  // only after failed copies, each of which is fatal
-                slot.store(kSlotInArena, std::memory_order_release);
-                return ENOSPC;
-            }
-            std::byte* dst = snap.store + (std::size_t(at) << g_page_shift);
-            if (at % kStoreChunk == 0) {
-                const std::size_t n = std::min<std::size_t>(kStoreChunk, snap.last - snap.first - at);
-                page_populate(reinterpret_cast<std::uintptr_t>(dst), n << g_page_shift);  // a miss only costs faults
-            }
-            if (const int err = copy_page(addr, pte, dst)) {
-                slot.store(kSlotInArena, std::memory_order_release);
-                return err;
-            }
-            snap.index[page - snap.first] = at;
-            slot.store(kSlotCopied, std::memory_order_release);
-            snap.stats.cow_faults.fetch_add(1, std::memory_order_relaxed);
-            snap.stats.cow_bytes_copied.fetch_add(g_page_size, std::memory_order_relaxed);
-            ++*copies;
-            break;
+        if (state == kSlotCopiedSynced || state == kSlotZeroSynced) {
+            // The snapshot has the page already; only "synced" goes. A plain store is enough: pages
+            // are preserved one at a time (under their PTE lock or the arena's write lock), and
+            // readers leave settled slots alone.
+            slot.store(slot_content(state), std::memory_order_release);
+            continue;
         }
+        if (state != kSlotTaken) continue;  // copied or zero already
+        if (!(pte & kPtePopulated)) {
+            slot.store(kSlotZero, std::memory_order_release);
+            continue;
+        }
+        const std::uint32_t at = snap.used.fetch_add(1, std::memory_order_relaxed);
+        if (at >= snap.last - snap.first) {  // only after failed copies, each of which is fatal
+            slot.store(kSlotInArena, std::memory_order_release);
+            return ENOSPC;
+        }
+        std::byte* dst = snap.store + (std::size_t(at) << g_page_shift);
+        if (at % kStoreChunk == 0) {
+            const std::size_t n = std::min<std::size_t>(kStoreChunk, snap.last - snap.first - at);
+            page_populate(reinterpret_cast<std::uintptr_t>(dst), n << g_page_shift);  // a miss only costs faults
+        }
+        if (const int err = copy_page(addr, pte, dst)) {
+            slot.store(kSlotInArena, std::memory_order_release);
+            return err;
+        }
+        snap.index[page - snap.first] = at;
+        slot.store(kSlotCopied, std::memory_order_release);
+        snap.stats.cow_faults.fetch_add(1, std::memory_order_relaxed);
+        snap.stats.cow_bytes_copied.fetch_add(g_page_size, std::memory_order_relaxed);
+        ++*copies;
     }
     return 0;
 }

@@ -14,24 +14,6 @@ namespace usermm::detail {
 // Pages read out of the arena at once, their slots held meanwhile.
 inline constexpr std::size_t kReadBatch = 64;
 
-// What lock_slot_if_in_arena() returns when it took the slot: the caller holds it now.
-inline constexpr slot_t kSlotTaken = kSlotBusy;
-
-// Locks the slot of `page` if the page's snapshot content is still in the arena (returns
-// kSlotTaken). Returns what the snapshot holds otherwise (kSlotCopied or kSlotZero).
-inline slot_t lock_slot_if_in_arena(const SnapshotCore& s, std::size_t page) {
-    std::atomic<slot_t>& slot = s.slot(page);
-    for (unsigned spins = 0;; ++spins) {
-        slot_t v = slot.load(std::memory_order_acquire);
-        if (v != kSlotInArena && !(v & kSlotBusy)) return slot_content(v);
-        if (v & kSlotBusy) {
-            spin_backoff(spins);
-            continue;
-        }
-        if (slot.compare_exchange_weak(v, kSlotBusy, std::memory_order_acquire, std::memory_order_relaxed)) return kSlotTaken;
-    }
-}
-
 // Copies pages [first, first + n) of the snapshot, whose slots the caller locked, out of the arena,
 // and says which were empty. While a slot is locked no write to its page can start, nor a discard:
 // every writer gives the snapshot the page first, and waits for the slot to do so.
@@ -70,7 +52,7 @@ void visit_snapshot_pages(const SnapshotCore& s, std::size_t first, std::size_t 
     AsyncSignalsBlocked blocked;
     std::vector<std::byte> buffer(kReadBatch << g_page_shift);
     for (std::size_t page = first; page < last;) {
-        const slot_t state = lock_slot_if_in_arena(s, page);
+        const slot_t state = slot_content(lock_slot_if_in_arena(s, page));
         if (state == kSlotCopied) {
             fn(page, s.stored(page), false);
             ++page;
