@@ -175,9 +175,7 @@ std::size_t page_size() {
     return g_page_size;
 }
 
-std::string to_string(Prot p) {
-    return {allows(p, Prot::Read) ? 'r' : '-', allows(p, Prot::Write) ? 'w' : '-', allows(p, Prot::Exec) ? 'x' : '-'};
-}
+std::string to_string(Prot p) { return prot_letters(p).text; }
 
 Stats process_stats() { return process_counters().load(); }
 

@@ -297,11 +297,8 @@ void describe_access_error(const vm_fault& vmf) {
         d.str(": no VMA there");
         return;
     }
-    const Prot p = vmf.vma->prot;
-    const char rwx[4] = {allows(p, Prot::Read) ? 'r' : '-', allows(p, Prot::Write) ? 'w' : '-',
-                         allows(p, Prot::Exec) ? 'x' : '-', 0};
     d.str(": VMA '").str(vmf.vma->name).str("' [").hex(vmf.vma->start).str(", ").hex(vmf.vma->end);
-    d.str(") ").str(rwx).str(" does not allow it");
+    d.str(") ").str(prot_letters(vmf.vma->prot).text).str(" does not allow it");
 }
 
 // Under the arena's read lock.

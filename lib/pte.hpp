@@ -59,6 +59,15 @@ inline constexpr int to_mmap_prot(Prot p) {
            (allows(p, Prot::Exec) ? PROT_EXEC : 0);
 }
 
+// "rwx" as /proc/self/maps writes it, into a fixed buffer, for both worlds.
+struct ProtLetters {
+    char text[4];
+};
+inline constexpr ProtLetters prot_letters(Prot p) {
+    return {{allows(p, Prot::Read) ? 'r' : '-', allows(p, Prot::Write) ? 'w' : '-', allows(p, Prot::Exec) ? 'x' : '-',
+             0}};
+}
+
 // Write and exec imply read on x86-64 (without protection keys, which usermm does not use): the MMU
 // lets a PROT_EXEC or PROT_WRITE page be read whatever /proc/self/maps says. Keeping the rights
 // together keeps the PTE exact and makes "a read the VMA forbids" mean the same as for the kernel.
