@@ -84,27 +84,20 @@ void choose_tracking_engine() {
 // The pages whose write access the uffd engine withheld lost their marks in the child (the kernel
 // drops a child's userfaultfd registrations); the mprotect engine takes them over.
 void convert_tracked_pages_after_fork(ArenaCore& a) {
-    const std::size_t npages = a.page_index(a.end);
-    for (std::size_t i = 0; i < npages;) {
+    auto key = [&a](std::size_t i) {
         const pte_t v = a.pte[i].load(std::memory_order_relaxed);
-        if (!(v & kPteWriteTracked) || !(v & to_pte(Prot::Write))) {
-            ++i;
-            continue;
-        }
-        std::size_t j = i + 1;
-        while (j < npages && a.pte[j].load(std::memory_order_relaxed) == v) ++j;
-        const Prot next = pte_to_prot(v) & ~Prot::Write;
-        // The caller recounts the arena's kernel mappings afterwards.
-        if (page_protect(a.page_addr(i), (j - i) << g_page_shift, next) == 0)
+        return (v & kPteWriteTracked) && (v & to_pte(Prot::Write)) ? int(v) : kNoRun;
+    };
+    for_each_run(0, a.page_index(a.end), key, [&a](std::size_t i, std::size_t j, int v) {
+        const Prot next = pte_to_prot(pte_t(v)) & ~Prot::Write;
+        if (protect_run(a, i, j, next) == 0) {
             for (std::size_t k = i; k < j; ++k) a.pte[k].store(pte_t((v & ~kPteProt) | to_pte(next)), std::memory_order_relaxed);
-        else {
-            // The pages stay writable, so their snapshots take them now rather than at a write.
-            std::uint32_t copies = 0;
-            for (std::size_t k = i; k < j; ++k) preserve_for_snapshots(a, k, v, &copies);
-            resync_ptes(a, i, j);
+            return;
         }
-        i = j;
-    }
+        // The pages stay writable, so their snapshots take them now rather than at a write.
+        std::uint32_t copies = 0;
+        for (std::size_t k = i; k < j; ++k) preserve_for_snapshots(a, k, pte_t(v), &copies);
+    });
 }
 
 // fork(): no fault may be mid-way when the address space is copied, or the child would inherit a

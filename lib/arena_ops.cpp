@@ -142,16 +142,19 @@ std::size_t unmark_tracked(ArenaCore& a, const char* call, Range r) {
 
 void note_discarded(ArenaCore& a, std::size_t first, std::size_t last) {
     if (!a.collect_armed) return;  // the first collection reports what was written since mapping
-    for (std::size_t i = first; i < last;) {
-        if (!(a.pte[i].load(std::memory_order_relaxed) & kPtePopulated)) {
-            ++i;
-            continue;
-        }
-        std::size_t j = i + 1;
-        while (j < last && (a.pte[j].load(std::memory_order_relaxed) & kPtePopulated)) ++j;
-        a.discarded.push_back({i, j});
-        i = j;
+    auto populated = [&a](std::size_t i) { return a.pte[i].load(std::memory_order_relaxed) & kPtePopulated ? 1 : kNoRun; };
+    for_each_run(first, last, populated, [&a](std::size_t i, std::size_t j, int) { a.discarded.push_back({i, j}); });
+}
+
+int protect_run(ArenaCore& a, std::size_t first, std::size_t last, Prot prot) {
+    const long delta = map_count_delta(a, first, last, prot);
+    if (const int err = page_protect(a.page_addr(first), (last - first) << g_page_shift, prot)) {
+        resync_ptes(a, first, last);
+        map_budget_charge(a, count_mappings_within(a.base, a.end) + 2 - a.kernel_maps.load());
+        return err;
     }
+    map_budget_charge(a, delta);
+    return 0;
 }
 
 // Before pages of `r` lose their content: live snapshots take what they still read from them.

@@ -96,6 +96,30 @@ void merge_range(ArenaCore& a, std::uintptr_t start, std::uintptr_t end);
 bool range_free(ArenaCore& a, std::uintptr_t start, std::size_t len);
 std::uintptr_t find_free(ArenaCore& a, std::uintptr_t hint, std::size_t len);
 
+// Calls fn(first, last, key) for every maximal run of pages in [first, last) whose key(page) is the
+// same, skipping pages whose key is kNoRun. The run loops of the API world all have this shape.
+inline constexpr int kNoRun = -1;
+template <typename Key, typename Fn>
+void for_each_run(std::size_t first, std::size_t last, Key key, Fn fn) {
+    for (std::size_t i = first; i < last;) {
+        const int k = key(i);
+        if (k == kNoRun) {
+            ++i;
+            continue;
+        }
+        std::size_t j = i + 1;
+        while (j < last && key(j) == k) ++j;
+        fn(i, j, k);
+        i = j;
+    }
+}
+
+// Asks the kernel for `prot` on pages [first, last) and charges the map budget for it. On a
+// refusal (which may have changed a prefix of the range) the PTEs and the arena's kernel-mapping
+// count are re-read from the kernel; the PTEs of a success are the caller's to update. Returns 0
+// or the errno.
+int protect_run(ArenaCore& a, std::size_t first, std::size_t last, Prot prot);
+
 // Gives every page of [r.start, r.end) the protection change(old) and records it, one mprotect per
 // run of pages that share their old protection. Pages that gain write access first give live
 // snapshots what they need. Under the write lock, so no PTE is
@@ -104,36 +128,20 @@ std::uintptr_t find_free(ArenaCore& a, std::uintptr_t hint, std::size_t len);
 template <typename Change>
 std::size_t change_pages(ArenaCore& a, const char* call, Range r, Change change) {
     std::size_t changed = 0;
-    const std::size_t last = a.page_index(r.end);
-    for (std::size_t i = a.page_index(r.start); i < last;) {
-        const pte_t old_prot = pte_prot(a.pte[i].load(std::memory_order_relaxed));
-        std::size_t j = i + 1;
-        while (j < last && pte_prot(a.pte[j].load(std::memory_order_relaxed)) == old_prot) ++j;
-        const Prot next = change(pte_to_prot(old_prot));
-        if (next != pte_to_prot(old_prot)) {
-            if (allows(next, Prot::Write) && a.snapshot_count) {
-                std::uint32_t copies = 0;
-                for (std::size_t k = i; k < j; ++k)
-                    if (const int err = preserve_for_snapshots(a, k, a.pte[k].load(std::memory_order_relaxed), &copies))
-                        fail(err, "{}: cannot save page {:#x} for a snapshot", call, a.page_addr(k));
-            }
-            const long delta = map_count_delta(a, i, j, next);
-            if (const int err = page_protect(a.page_addr(i), (j - i) << g_page_shift, next)) {
-                resync_ptes(a, i, j);
-                map_budget_charge(a, count_mappings_within(a.base, a.end) + 2 - a.kernel_maps.load());
-                fail(err, "{}: mprotect of [{:#x}, {:#x}) to {} failed", call, a.page_addr(i), a.page_addr(j),
-                     to_string(next));
-            }
-            map_budget_charge(a, delta);
-            for (std::size_t k = i; k < j; ++k) {
-                const pte_t old = a.pte[k].load(std::memory_order_relaxed);
-                a.pte[k].store(pte_with_prot(old, next), std::memory_order_relaxed);
-                a.note_changed(k);
-            }
-            changed += j - i;
+    auto prot_of = [&a](std::size_t i) { return int(pte_prot(a.pte[i].load(std::memory_order_relaxed))); };
+    for_each_run(a.page_index(r.start), a.page_index(r.end), prot_of, [&](std::size_t i, std::size_t j, int old) {
+        const Prot next = change(Prot(old));
+        if (next == Prot(old)) return;
+        if (allows(next, Prot::Write)) preserve_range(a, call, {a.page_addr(i), a.page_addr(j)});
+        if (const int err = protect_run(a, i, j, next))
+            fail(err, "{}: mprotect of [{:#x}, {:#x}) to {} failed", call, a.page_addr(i), a.page_addr(j),
+                 to_string(next));
+        for (std::size_t k = i; k < j; ++k) {
+            a.pte[k].store(pte_with_prot(a.pte[k].load(std::memory_order_relaxed), next), std::memory_order_relaxed);
+            a.note_changed(k);
         }
-        i = j;
-    }
+        changed += j - i;
+    });
     return changed;
 }
 

@@ -72,39 +72,22 @@ void give_back_write_access(ArenaCore& a, std::size_t first, std::size_t last) {
         return vma && vma->start <= a.page_addr(i) && allows(vma->prot, Prot::Write) &&
                pte_to_prot(v) == (vma->prot & ~Prot::Write);
     };
-    for (std::size_t i = first; i < last;) {
-        if (!eligible(i)) {
-            ++i;
-            continue;
-        }
-        const pte_t prot = pte_prot(a.pte[i].load(kRelaxed));
-        std::size_t j = i + 1;
-        while (j < last && pte_prot(a.pte[j].load(kRelaxed)) == prot && eligible(j)) ++j;
+    auto key = [&](std::size_t i) { return eligible(i) ? int(pte_prot(a.pte[i].load(kRelaxed))) : kNoRun; };
+    for_each_run(first, last, key, [&](std::size_t i, std::size_t j, int prot) {
+        // No dirty bits: the page has not changed. Where collect_dirty() is armed, eligible() took
+        // only pages it already counts as dirty; a snapshot older than this one recorded the change.
         if (uffd) {
-            // No dirty bits: the page has not changed. Where collect_dirty() is armed, eligible()
-            // took only pages it already counts as dirty; a snapshot recorded the change earlier.
-            if (uffd_write_protect(a.page_addr(i), (j - i) << g_page_shift, false) == 0)
-                for (std::size_t k = i; k < j; ++k) {
-                    a.pte[k].fetch_and(pte_t(~kPteWriteTracked), kRelaxed);
-                    a.note_changed(k);
-                }
-            i = j;
-            continue;
+            if (uffd_write_protect(a.page_addr(i), (j - i) << g_page_shift, false) != 0) return;
+        } else if (protect_run(a, i, j, Prot(prot) | Prot::Write) != 0) {
+            return;  // best effort: the PTEs were re-read from the kernel
         }
-        const Prot next = pte_to_prot(prot) | Prot::Write;
-        const long delta = map_count_delta(a, i, j, next);
-        if (page_protect(a.page_addr(i), (j - i) << g_page_shift, next) == 0) {
-            map_budget_charge(a, delta);
-            for (std::size_t k = i; k < j; ++k) {
-                const pte_t v = a.pte[k].load(kRelaxed);
-                a.pte[k].store(pte_t((v & ~kPteWriteTracked & ~kPteProt) | kPtePopulated | to_pte(next)), kRelaxed);
-                a.note_changed(k);
-            }
-        } else {
-            resync_ptes(a, i, j);
+        const pte_t write = uffd ? 0 : to_pte(Prot::Write);
+        for (std::size_t k = i; k < j; ++k) {
+            const pte_t v = a.pte[k].load(kRelaxed);
+            a.pte[k].store(pte_t((v & ~kPteWriteTracked) | kPtePopulated | write), kRelaxed);
+            a.note_changed(k);
         }
-        i = j;
-    }
+    });
 }
 
 std::shared_ptr<SnapshotCore> new_snapshot_core(ArenaCore& a, Range r) {
@@ -182,13 +165,8 @@ void arm_write_tracking(ArenaCore& a, const char* call, Range r) {
         if (uffd) {
             if (const int err = uffd_write_protect(at, len, true))
                 fail(err, "{}: UFFDIO_WRITEPROTECT of [{:#x}, {:#x}) failed", call, at, at + len);
-        } else {
-            const long delta = map_count_delta(a, i, j, next);
-            if (const int err = page_protect(at, len, next)) {
-                resync_ptes(a, i, j);
-                fail(err, "{}: mprotect of [{:#x}, {:#x}) to {} failed", call, at, at + len, to_string(next));
-            }
-            map_budget_charge(a, delta);
+        } else if (const int err = protect_run(a, i, j, next)) {
+            fail(err, "{}: mprotect of [{:#x}, {:#x}) to {} failed", call, at, at + len, to_string(next));
         }
         for (std::size_t k = i; k < j; ++k) {
             const pte_t v = value(k);
