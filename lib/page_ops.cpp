@@ -5,6 +5,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -101,6 +102,27 @@ int page_read_raw(std::uintptr_t addr, void* dst, std::size_t len) {
 
 int page_write_raw(std::uintptr_t addr, const void* src, std::size_t len) {
     return transfer(pwrite, addr, static_cast<const char*>(src), len);
+}
+
+int page_write_raw_pages(std::uintptr_t addr, const std::byte* const* pages, std::size_t n) {
+    const int fd = g_self_mem.load(std::memory_order_relaxed);
+    if (fd < 0) return EBADF;
+    constexpr std::size_t kMaxIov = 256;  // well under IOV_MAX, and a small stack frame
+    iovec iov[kMaxIov];
+    while (n) {
+        const std::size_t k = n < kMaxIov ? n : kMaxIov;
+        for (std::size_t i = 0; i < k; ++i) iov[i] = {const_cast<std::byte*>(pages[i]), g_page_size};
+        const ssize_t w = pwritev(fd, iov, int(k), off_t(addr));
+        if (w < 0 && errno == EINTR) continue;
+        if (w < 0) return errno;
+        const std::size_t done = std::size_t(w) / g_page_size;
+        if (done == 0) return EFAULT;
+        // A short write ends on a page boundary or not; either way the rest is written again.
+        addr += done * g_page_size;
+        pages += done;
+        n -= done;
+    }
+    return 0;
 }
 
 namespace {

@@ -32,6 +32,9 @@ int page_discard(std::uintptr_t addr, std::size_t len);
 int page_open_self_mem();
 int page_read_raw(std::uintptr_t addr, void* dst, std::size_t len);
 int page_write_raw(std::uintptr_t addr, const void* src, std::size_t len);
+// Writes n pages, each from its own buffer, to the consecutive pages from addr: one pwritev per
+// up to 256 pages instead of a write per page. API world.
+int page_write_raw_pages(std::uintptr_t addr, const std::byte* const* pages, std::size_t n);
 
 // How write access is withheld from pages whose next write must be seen (snapshots, dirty
 // tracking):

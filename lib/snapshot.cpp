@@ -355,29 +355,44 @@ void Arena::restore(const Snapshot& snapshot) {
     auto holds_data = [&](std::size_t i) {
         return (a.pte[i].load(kRelaxed) & kPtePopulated) && (resident[i - s.first] & 1);
     };
-    std::uint64_t restored = 0;
-    for (std::size_t i = s.first; i < s.last; ++i) {
+    enum class Put { Keep, WriteBack, Discard };
+    auto what_to_put = [&](std::size_t i) {
         const slot_t state = settled_slot(s, i);
-        if (state == kSlotInArena || state == kSlotCopiedSynced || state == kSlotZeroSynced) continue;
-        if (state == kSlotZero && !holds_data(i)) {
-            s.slot(i).store(kSlotZeroSynced, kRelease);
-            continue;
-        }
+        if (state == kSlotCopied) return Put::WriteBack;
+        if (state != kSlotZero) return Put::Keep;  // in the arena, or synced since the last restore
+        if (holds_data(i)) return Put::Discard;
+        s.slot(i).store(kSlotZeroSynced, kRelease);
+        return Put::Keep;
+    };
+    std::uint64_t restored = 0;
+    std::vector<const std::byte*> copies;
+    auto key = [&](std::size_t i) {
+        const Put put = what_to_put(i);
+        return put == Put::Keep ? kNoRun : int(put);
+    };
+    for_each_run(s.first, s.last, key, [&](std::size_t i, std::size_t j, int how) {
+        const Put put = Put(how);
         const std::uintptr_t at = a.page_addr(i);
-        const pte_t v = a.pte[i].load(kRelaxed);
-        if (state == kSlotCopied) {
-            if (const int err = page_write_raw(at, s.stored(i), g_page_size))
-                fail(err, "{}: cannot write back page {:#x}", call, at);
-            a.pte[i].store(pte_t(v | kPtePopulated | kPteDirty), kRelaxed);
+        const std::size_t len = (j - i) << g_page_shift;
+        if (put == Put::WriteBack) {
+            copies.clear();
+            for (std::size_t k = i; k < j; ++k) copies.push_back(s.stored(k));
+            if (const int err = page_write_raw_pages(at, copies.data(), copies.size()))
+                fail(err, "{}: cannot write back [{:#x}, {:#x})", call, at, at + len);
         } else {
-            note_discarded(a, i, i + 1);
-            if (const int err = page_discard(at, g_page_size)) fail(err, "{}: cannot discard page {:#x}", call, at);
-            a.pte[i].store(pte_t((v & ~kPtePopulated) | kPteDirtySnapshot), kRelaxed);
+            note_discarded(a, i, j);
+            if (const int err = page_discard(at, len)) fail(err, "{}: cannot discard [{:#x}, {:#x})", call, at, at + len);
         }
-        a.note_changed(i);
-        s.slot(i).store(state == kSlotCopied ? kSlotCopiedSynced : kSlotZeroSynced, kRelease);
-        ++restored;
-    }
+        for (std::size_t k = i; k < j; ++k) {
+            const pte_t v = a.pte[k].load(kRelaxed);
+            a.pte[k].store(put == Put::WriteBack ? pte_t(v | kPtePopulated | kPteDirty)
+                                                 : pte_t((v & ~kPtePopulated) | kPteDirtySnapshot),
+                           kRelaxed);
+            a.note_changed(k);
+            s.slot(k).store(put == Put::WriteBack ? kSlotCopiedSynced : kSlotZeroSynced, kRelease);
+        }
+        restored += j - i;
+    });
     s.stats.pages_restored.fetch_add(restored, kRelaxed);
     a.stats.pages_restored.fetch_add(restored, kRelaxed);
     process_counters().pages_restored.fetch_add(restored, kRelaxed);
