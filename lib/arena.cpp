@@ -45,13 +45,6 @@ long read_long_file(const char* path, long fallback) {
     return v;
 }
 
-long count_process_mappings() {
-    std::ifstream in("/proc/self/maps");
-    long n = 0;
-    for (std::string line; std::getline(in, line);) ++n;
-    return n;
-}
-
 // The share of vm.max_map_count usermm may use: what the process has not used yet, less a reserve
 // for the program's own later mappings (thread stacks, malloc arenas, libraries). USERMM_MAP_BUDGET
 // sets it directly.
@@ -63,7 +56,7 @@ long initial_map_budget() {
     }
     const long max = read_long_file("/proc/sys/vm/max_map_count", 65530);
     const long reserve = std::max(1024L, max / 8);
-    return std::max(64L, max - count_process_mappings() - reserve);
+    return std::max(64L, max - long(kernel_mappings(0, UINTPTR_MAX).size()) - reserve);
 }
 
 // USERMM_ENGINE=mprotect or =uffd forces an engine (uffd fails loudly where the kernel lacks it);
@@ -124,9 +117,11 @@ void fork_child() {
     const bool was_uffd = tracking_engine() == TrackingEngine::Uffd;
     uffd_forget();
     ArenaRegistry& reg = arena_registry();
+    for (std::size_t i = 0; i < reg.count; ++i)
+        if (was_uffd) convert_tracked_pages_after_fork(*reg.arenas[i]);
+    const std::vector<KernelMapping> maps = kernel_mappings(0, UINTPTR_MAX);  // once for all arenas
     for (std::size_t i = 0; i < reg.count; ++i) {
         ArenaCore& a = *reg.arenas[i];
-        if (was_uffd) convert_tracked_pages_after_fork(a);
         // Slots held by readers, and a restore in progress, belong to threads the child does not have.
         a.restoring.store(false);
         for (std::size_t k = 0; k < a.snapshot_count; ++k) {
@@ -135,7 +130,10 @@ void fork_child() {
                 if (s.slot(page).load(std::memory_order_relaxed) & kSlotBusy)
                     s.slot(page).store(kSlotInArena, std::memory_order_relaxed);
         }
-        map_budget_after_fork(a, count_mappings_within(a.base, a.end) + 2);  // + its two tables
+        const auto inside = std::count_if(maps.begin(), maps.end(), [&a](const KernelMapping& m) {
+            return m.to > a.base && m.from < a.end;
+        });
+        map_budget_after_fork(a, long(inside) + 2);  // + its two tables
     }
     fork_release();
 }
@@ -422,23 +420,16 @@ void Arena::verify() const {
 
     // The kernel: /proc/self/maps must cover the arena without a gap, each page with its PTE's
     // protection.
-    std::ifstream maps("/proc/self/maps");
     std::uintptr_t covered = a.base;
-    for (std::string line; std::getline(maps, line);) {
-        unsigned long lo = 0, hi = 0;
-        char perms[5] = {};
-        if (std::sscanf(line.c_str(), "%lx-%lx %4s", &lo, &hi, perms) != 3) continue;
-        if (hi <= a.base || lo >= a.end) continue;
-        const std::uintptr_t from = std::max<std::uintptr_t>(lo, a.base), to = std::min<std::uintptr_t>(hi, a.end);
-        if (from != covered) fail(EFAULT, "{}: the kernel has no mapping at {:#x} inside the arena", call, covered);
-        const Prot kernel = parse_perms(perms);
-        for (std::size_t i = a.page_index(from), last = a.page_index(to); i < last; ++i) {
+    for (const KernelMapping& m : kernel_mappings(a.base, a.end)) {
+        if (m.from != covered) fail(EFAULT, "{}: the kernel has no mapping at {:#x} inside the arena", call, covered);
+        for (std::size_t i = a.page_index(m.from), last = a.page_index(m.to); i < last; ++i) {
             const Prot mine = pte_to_prot(a.pte[i].load(std::memory_order_relaxed));
-            if (mine != kernel)
+            if (mine != m.prot)
                 fail(EFAULT, "{}: page {:#x} is {} in the kernel but {} in usermm", call, a.page_addr(i),
-                     to_string(kernel), to_string(mine));
+                     to_string(m.prot), to_string(mine));
         }
-        covered = to;
+        covered = m.to;
     }
     if (covered != a.end) fail(EFAULT, "{}: the kernel has no mapping at {:#x} inside the arena", call, covered);
 

@@ -11,15 +11,18 @@
 
 namespace usermm::detail {
 
-// Kernel mappings inside [lo, hi) now.
-long count_mappings_within(std::uintptr_t lo, std::uintptr_t hi) {
-    std::ifstream in("/proc/self/maps");
-    long n = 0;
-    for (std::string line; std::getline(in, line);) {
+std::vector<KernelMapping> kernel_mappings(std::uintptr_t lo, std::uintptr_t hi) {
+    std::vector<KernelMapping> out;
+    std::ifstream maps("/proc/self/maps");
+    for (std::string line; std::getline(maps, line);) {
         unsigned long from = 0, to = 0;
-        if (std::sscanf(line.c_str(), "%lx-%lx", &from, &to) == 2 && from < hi && to > lo) ++n;
+        char perms[5] = {};
+        if (std::sscanf(line.c_str(), "%lx-%lx %4s", &from, &to, perms) != 3 || to <= lo || from >= hi) continue;
+        const Prot prot = (perms[0] == 'r' ? Prot::Read : Prot::None) | (perms[1] == 'w' ? Prot::Write : Prot::None) |
+                          (perms[2] == 'x' ? Prot::Exec : Prot::None);
+        out.push_back({std::max<std::uintptr_t>(from, lo), std::min<std::uintptr_t>(to, hi), prot});
     }
-    return n;
+    return out;
 }
 
 std::size_t round_up_length(const char* call, std::size_t length, std::uintptr_t addr, const char* name) {
@@ -59,28 +62,16 @@ std::vector<Vma*> covering_vmas(ArenaCore& a, const char* call, Range r) {
 
 // --- pages -------------------------------------------------------------------------------------
 
-Prot parse_perms(const char* perms) {
-    return (perms[0] == 'r' ? Prot::Read : Prot::None) | (perms[1] == 'w' ? Prot::Write : Prot::None) |
-           (perms[2] == 'x' ? Prot::Exec : Prot::None);
-}
 
 // After a refused mprotect, which may have changed a prefix of its range: the PTEs of pages
 // [first, last) take whatever protection the kernel now has for them.
 void resync_ptes(ArenaCore& a, std::size_t first, std::size_t last) {
-    const std::uintptr_t lo = a.page_addr(first), hi = a.page_addr(last);
-    std::ifstream maps("/proc/self/maps");
-    for (std::string line; std::getline(maps, line);) {
-        unsigned long from = 0, to = 0;
-        char perms[5] = {};
-        if (std::sscanf(line.c_str(), "%lx-%lx %4s", &from, &to, perms) != 3 || to <= lo || from >= hi) continue;
-        const Prot kernel = parse_perms(perms);
-        for (std::size_t i = a.page_index(std::max<std::uintptr_t>(from, lo)), end = a.page_index(std::min<std::uintptr_t>(to, hi));
-             i < end; ++i)
-        {
+    for (const KernelMapping& m : kernel_mappings(a.page_addr(first), a.page_addr(last))) {
+        for (std::size_t i = a.page_index(m.from), end = a.page_index(m.to); i < end; ++i) {
             // /proc/self/maps does not show userfaultfd marks: a tracked page stays tracked.
             const pte_t old = a.pte[i].load(std::memory_order_relaxed);
             const pte_t keep = tracking_engine() == TrackingEngine::Uffd ? pte_t(old & kPteWriteTracked) : pte_t(0);
-            a.pte[i].store(pte_with_prot(old, kernel) | keep, std::memory_order_relaxed);
+            a.pte[i].store(pte_with_prot(old, m.prot) | keep, std::memory_order_relaxed);
             a.note_changed(i);
         }
     }
@@ -150,7 +141,7 @@ int protect_run(ArenaCore& a, std::size_t first, std::size_t last, Prot prot) {
     const long delta = map_count_delta(a, first, last, prot);
     if (const int err = page_protect(a.page_addr(first), (last - first) << g_page_shift, prot)) {
         resync_ptes(a, first, last);
-        map_budget_charge(a, count_mappings_within(a.base, a.end) + 2 - a.kernel_maps.load());
+        map_budget_charge(a, long(kernel_mappings(a.base, a.end).size()) + 2 - a.kernel_maps.load());
         return err;
     }
     map_budget_charge(a, delta);

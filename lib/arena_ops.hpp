@@ -76,9 +76,14 @@ Prot check_prot(const char* call, Prot prot, std::uintptr_t addr);
 // The VMAs covering r in order; throws if any byte of it is not mapped.
 std::vector<Vma*> covering_vmas(ArenaCore& a, const char* call, Range r);
 
-Prot parse_perms(const char* perms);
-// Kernel mappings inside [lo, hi) now (reads /proc/self/maps).
-long count_mappings_within(std::uintptr_t lo, std::uintptr_t hi);
+// The kernel's mappings overlapping [lo, hi), clipped to it, in address order: one read of
+// /proc/self/maps, the only parser of it.
+struct KernelMapping {
+    std::uintptr_t from;
+    std::uintptr_t to;
+    Prot prot;
+};
+std::vector<KernelMapping> kernel_mappings(std::uintptr_t lo, std::uintptr_t hi);
 void resync_ptes(ArenaCore& a, std::size_t first, std::size_t last);
 void clear_ptes(ArenaCore& a, Range r);
 // Records that the populated pages of [first, last) are about to lose their content, for the next
