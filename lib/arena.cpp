@@ -445,18 +445,24 @@ void Arena::verify() const {
             ~Closer() { close(fd); }
         } closer{fd};
         constexpr std::uint64_t kUffdWp = std::uint64_t(1) << 57;
-        for (std::size_t i = 0; i < npages; ++i) {
+        auto tracked_writable = [&a](std::size_t i) {
             const pte_t v = a.pte[i].load(std::memory_order_relaxed);
-            if (!(v & kPteWriteTracked) || !(v & to_pte(Prot::Write))) continue;
-            std::uint64_t entry = 0;
-            const off_t at = off_t((a.page_addr(i) >> g_page_shift) * sizeof entry);
-            const ssize_t n = pread(fd, &entry, sizeof entry, at);
-            if (n != ssize_t(sizeof entry))
-                fail(n < 0 ? errno : EIO, "{}: cannot read /proc/self/pagemap for page {:#x}", call, a.page_addr(i));
-            if (!(entry & kUffdWp))
-                fail(EFAULT, "{}: page {:#x} is write-tracked but the kernel does not write-protect it", call,
-                     a.page_addr(i));
-        }
+            return (v & kPteWriteTracked) && (v & to_pte(Prot::Write)) ? 1 : kNoRun;
+        };
+        std::vector<std::uint64_t> entries;
+        for_each_run(0, npages, tracked_writable, [&](std::size_t i, std::size_t j, int) {
+            entries.resize(j - i);  // one read per run of tracked pages
+            const std::size_t bytes = entries.size() * sizeof(std::uint64_t);
+            const off_t at = off_t((a.page_addr(i) >> g_page_shift) * sizeof(std::uint64_t));
+            const ssize_t n = pread(fd, entries.data(), bytes, at);
+            if (n != ssize_t(bytes))
+                fail(n < 0 ? errno : EIO, "{}: cannot read /proc/self/pagemap for [{:#x}, {:#x})", call,
+                     a.page_addr(i), a.page_addr(j));
+            for (std::size_t k = i; k < j; ++k)
+                if (!(entries[k - i] & kUffdWp))
+                    fail(EFAULT, "{}: page {:#x} is write-tracked but the kernel does not write-protect it", call,
+                         a.page_addr(k));
+        });
     }
 }
 
