@@ -20,7 +20,7 @@ std::size_t latency_bucket(std::uint64_t ns) {
 void count(Counters& c, const vm_fault& vmf, FaultResult result, std::uint64_t ns) {
     switch (result) {
         case FaultResult::Resolved:
-            c.minor_faults.fetch_add(1, kRelaxed);
+            (vmf.major ? c.major_faults : c.minor_faults).fetch_add(1, kRelaxed);
             if (vmf.access == Access::Write)
                 c.write_faults.fetch_add(1, kRelaxed);
             else if (vmf.access == Access::Exec)
@@ -30,10 +30,19 @@ void count(Counters& c, const vm_fault& vmf, FaultResult result, std::uint64_t n
             if (vmf.kind == FaultKind::Anonymous) {
                 if (vmf.access != Access::Write) c.zero_page_reads.fetch_add(1, kRelaxed);
                 if (vmf.pages > 1) c.fault_around_pages.fetch_add(vmf.pages - 1, kRelaxed);
+            } else if (vmf.kind == FaultKind::File) {
+                if (vmf.pages > 1) c.fault_around_pages.fetch_add(vmf.pages - 1, kRelaxed);
             } else if (vmf.kind == FaultKind::Degraded) {
                 c.degraded_faults.fetch_add(1, kRelaxed);
                 c.degraded_pages.fetch_add(vmf.pages, kRelaxed);
             }
+            if (vmf.read_pages) {
+                c.file_pages_read.fetch_add(vmf.read_pages, kRelaxed);
+                c.file_bytes_read.fetch_add(vmf.read_bytes, kRelaxed);
+                c.readahead_pages.fetch_add(vmf.readahead_pages, kRelaxed);
+            }
+            if (vmf.readahead_hits) c.readahead_hits.fetch_add(vmf.readahead_hits, kRelaxed);
+            if (vmf.dirtied) c.pages_dirtied.fetch_add(vmf.dirtied, kRelaxed);
             if (vmf.copies) {
                 c.cow_faults.fetch_add(1, kRelaxed);
                 c.cow_bytes_copied.fetch_add(std::uint64_t(vmf.copies) << g_page_shift, kRelaxed);
@@ -46,6 +55,7 @@ void count(Counters& c, const vm_fault& vmf, FaultResult result, std::uint64_t n
             c.foreign_faults.fetch_add(1, kRelaxed);
             return;  // time spent deciding that a fault is not ours is not usermm's latency
         case FaultResult::AccessError:
+        case FaultResult::BusError:
         case FaultResult::Fatal:
             c.access_errors.fetch_add(1, kRelaxed);
             return;
@@ -70,10 +80,34 @@ void account_fault(const vm_fault& vmf, FaultResult result) {
     count(g_process, vmf, result, ns);
 }
 
+namespace {
+// Adds to one counter at every level: the VMA (if any), the arena and the process.
+void add(ArenaCore* arena, Vma* vma, std::atomic<std::uint64_t> Counters::*field, std::uint64_t n) {
+    if (!n) return;
+    if (vma) (vma->stats.*field).fetch_add(n, kRelaxed);
+    if (arena) (arena->stats.*field).fetch_add(n, kRelaxed);
+    (g_process.*field).fetch_add(n, kRelaxed);
+}
+}  // namespace
+
 void account_prefault(ArenaCore& arena, Vma& vma, std::uint64_t pages) {
-    vma.stats.prefault_pages.fetch_add(pages, kRelaxed);
-    arena.stats.prefault_pages.fetch_add(pages, kRelaxed);
-    g_process.prefault_pages.fetch_add(pages, kRelaxed);
+    add(&arena, &vma, &Counters::prefault_pages, pages);
+}
+
+void account_file_read(ArenaCore& arena, Vma& vma, std::uint64_t pages, std::uint64_t bytes) {
+    add(&arena, &vma, &Counters::file_pages_read, pages);
+    add(&arena, &vma, &Counters::file_bytes_read, bytes);
+    add(&arena, &vma, &Counters::readahead_pages, pages);
+}
+
+void account_readahead_wasted(ArenaCore* arena, Vma* vma, std::uint64_t pages) {
+    add(arena, vma, &Counters::readahead_wasted, pages);
+}
+
+void account_writeback(ArenaCore& arena, Vma& vma, std::uint64_t pages, std::uint64_t bytes, bool failed) {
+    add(&arena, &vma, &Counters::pages_written_back, pages);
+    add(&arena, &vma, &Counters::bytes_written_back, bytes);
+    add(&arena, &vma, &Counters::writeback_errors, failed ? 1 : 0);
 }
 
 }  // namespace usermm::detail

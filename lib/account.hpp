@@ -15,8 +15,13 @@ Counters& process_counters();
 // Under the arena's read lock when vmf.arena is set (the VMA must still exist).
 void account_fault(const vm_fault& vmf, FaultResult result);
 
-// For the API world: pages granted by prefault().
+// For the API world: pages granted by prefault(); pages read into the page cache by advice or
+// prefault (all of them read ahead of any fault); read-ahead pages dropped unmapped (vma and arena
+// may be null when the cache outlived the VMA or arena that read them); one write-back of a VMA's dirty pages.
 void account_prefault(ArenaCore& arena, Vma& vma, std::uint64_t pages);
+void account_file_read(ArenaCore& arena, Vma& vma, std::uint64_t pages, std::uint64_t bytes);
+void account_readahead_wasted(ArenaCore* arena, Vma* vma, std::uint64_t pages);
+void account_writeback(ArenaCore& arena, Vma& vma, std::uint64_t pages, std::uint64_t bytes, bool failed);
 
 std::uint64_t now_ns();
 

@@ -25,6 +25,7 @@
 #include "account.hpp"
 #include "arena_ops.hpp"
 #include "fault_entry.hpp"
+#include "file_vma.hpp"
 #include "find_vma.hpp"
 #include "map_budget.hpp"
 #include "page_ops.hpp"
@@ -101,9 +102,11 @@ void fork_prepare() {
     ArenaRegistry& reg = arena_registry();
     reg.lock.lock();
     for (std::size_t i = 0; i < reg.count; ++i) reg.arenas[i]->lock.lock();
+    page_caches_fork_prepare();
 }
 
 void fork_release() {
+    page_caches_fork_done();
     ArenaRegistry& reg = arena_registry();
     for (std::size_t i = 0; i < reg.count; ++i) reg.arenas[i]->lock.unlock();
     reg.lock.unlock();
@@ -190,8 +193,9 @@ Arena::Arena(std::size_t size) {
     a.end = a.base + len;
     static std::atomic<std::uint64_t> next_id{1};
     a.id = next_id.fetch_add(1);
-    a.pte_bytes = len >> g_page_shift;
-    const std::size_t groups = (a.pte_bytes + ArenaCore::kGroupPages - 1) / ArenaCore::kGroupPages;
+    const std::size_t npages = len >> g_page_shift;
+    a.pte_bytes = npages * sizeof(Pte);
+    const std::size_t groups = (npages + ArenaCore::kGroupPages - 1) / ArenaCore::kGroupPages;
     a.changed_group_bytes = (groups + 63) / 64 * sizeof(std::uint64_t);
     void* table = nullptr;
     void* summary = nullptr;
@@ -241,6 +245,14 @@ Arena::~Arena() {
         --reg.count;
     }
     a.lock.lock();  // faults already inside the arena finish first
+    // Nothing written to a shared file VMA is lost silently: what cannot be written is reported.
+    for (Vma& v : a.tree) {
+        try {
+            writeback(a, v, {v.start, v.end}, "usermm::Arena::~Arena");
+        } catch (const Error& e) {
+            std::fprintf(stderr, "usermm: %s; the data is lost with the arena\n", e.what());
+        }
+    }
     // Snapshots outlive their arena: they take every page they still read from it.
     for (std::size_t i = 0; i < a.snapshot_count; ++i) {
         SnapshotCore& s = *a.snapshots[i];
@@ -256,7 +268,7 @@ Arena::~Arena() {
     page_release(a.base, a.end - a.base);
     page_release(addr_of(a.pte), a.pte_bytes);
     page_release(addr_of(a.changed_groups), a.changed_group_bytes);
-    a.tree.clear_and_dispose([](Vma* v) { delete v; });
+    a.tree.clear_and_dispose([&a](Vma* v) { vma_free(&a, v); });
     a.lock.unlock();
 }
 
@@ -324,7 +336,11 @@ void Arena::protect(void* addr, std::size_t length, Prot prot) {
     auto upper_spare = std::make_unique<Vma>();
 
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
-    covering_vmas(a, call, r);  // throws, before anything changes, if part of the range is not mapped
+    // Throws, before anything changes, if part of the range is not mapped.
+    for (const Vma* v : covering_vmas(a, call, r))
+        if (allows(prot, Prot::Write) && !v->may_write && v->file && v->share == Share::Shared)
+            fail(EACCES, "{}: addr {:#x}: VMA '{}' is a shared mapping of '{}', which is not open for writing", call,
+                 std::max(v->start, r.start), v->name, v->file->path);
     change_pages(a, call, r, [prot](Prot old) { return old & prot; });
     split_at(a, r.start, lower_spare);
     split_at(a, r.end, upper_spare);
@@ -341,17 +357,25 @@ void Arena::unmap(void* addr, std::size_t length) {
     auto upper_spare = std::make_unique<Vma>();
 
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
-    covering_vmas(a, call, r);  // throws, before anything changes, if part of the range is not mapped
+    // Throws, before anything is unmapped, if part of the range is not mapped or a shared file
+    // VMA's dirty pages cannot be written.
+    for (Vma* v : covering_vmas(a, call, r)) writeback(a, *v, {std::max(v->start, r.start), std::min(v->end, r.end)}, call);
     preserve_range(a, call, r);
     change_pages(a, call, r, [](Prot) { return Prot::None; });
     page_discard(r.start, r.end - r.start);
     clear_ptes(a, r);
     split_at(a, r.start, lower_spare);
     split_at(a, r.end, upper_spare);
+    bool file = false;
     for (Vma* v : covering_vmas(a, call, r)) {
+        if (v->file) {
+            unmap_file_part(a, *v, {v->start, v->end}, call);
+            file = true;
+        }
         a.tree.erase(a.tree.iterator_to(*v));
-        delete v;
+        vma_free(&a, v);
     }
+    if (file) recount_kernel_maps(a);
     a.last_hit.store(nullptr, std::memory_order_relaxed);
 }
 
@@ -366,11 +390,13 @@ void Arena::prefault(void* addr, std::size_t length, Prot access) {
         if (!allows(v->prot, access))
             fail(EACCES, "{}: access {} at addr {:#x}: VMA '{}' [{:#x}, {:#x}) is {}", call, to_string(access),
                  std::max(v->start, r.start), v->name, v->start, v->end, to_string(v->prot));
+    for (Vma* v : vmas)  // file content first: nothing becomes accessible before it is complete
+        if (v->file) read_file_pages(a, *v, {std::max(v->start, r.start), std::min(v->end, r.end)}, call, true);
     for (Vma* v : vmas) {
         const Range part{std::max(v->start, r.start), std::min(v->end, r.end)};
         const Prot grant = allows(access, Prot::Write) ? v->prot : (v->prot & ~Prot::Write);
         std::size_t pages = change_pages(a, call, part, [grant](Prot old) { return old | grant; });
-        if (allows(access, Prot::Write) && tracking_engine() == TrackingEngine::Uffd)
+        if (allows(access, Prot::Write) && tracking_engine() == TrackingEngine::Uffd && !v->file)
             pages += unmark_tracked(a, call, part);
         account_prefault(a, *v, pages);
     }
@@ -384,7 +410,8 @@ std::vector<VmaInfo> Arena::vmas() const {
     ApiGuard<SharedGuard<RwSpinLock>> guard(a.lock);
     out.reserve(a.tree.size());
     for (const Vma& v : a.tree)
-        out.push_back({ptr_of(v.start), v.end - v.start, v.prot, v.name, v.fault_around_pages, v.stats.load()});
+        out.push_back({ptr_of(v.start), v.end - v.start, v.prot, v.name, v.fault_around_pages,
+                       v.file ? v.file->path : "", v.pgoff << g_page_shift, v.share, v.stats.load()});
     return out;
 }
 
@@ -407,10 +434,13 @@ void Arena::verify() const {
     const std::size_t npages = a.page_index(a.end);
     for (std::size_t i = 0; i < npages; ++i) {
         const pte_t v = a.pte[i].load(std::memory_order_relaxed);
-        if (pte_prot(v) == 0 && !(v & kPteLocked)) continue;
+        if (pte_prot(v) == 0 && !(v & (kPteLocked | kPteFile))) continue;
         const std::uintptr_t at = a.page_addr(i);
         while (it != a.tree.end() && it->end <= at) ++it;
         const bool inside = it != a.tree.end() && it->start <= at;
+        if ((v & kPteFile) && !(inside && it->file))
+            fail(EFAULT, "{}: page {:#x} is marked as a file page outside every file VMA", call, at);
+        if (pte_prot(v) == 0 && !(v & kPteLocked)) continue;
         if (v & kPteLocked) fail(EFAULT, "{}: page {:#x} is locked with no fault in flight", call, at);
         if (!inside) fail(EFAULT, "{}: page {:#x} outside every VMA has protection {}", call, at, to_string(pte_to_prot(v)));
         if (!allows(it->prot, pte_to_prot(v)))

@@ -7,6 +7,7 @@
 #include <limits>
 #include <string>
 
+#include "file_vma.hpp"
 #include "find_vma.hpp"
 
 namespace usermm::detail {
@@ -81,11 +82,18 @@ namespace {
 
 // What a PTE keeps when its page's content is discarded: a page that held data has changed for the
 // next snapshot (collect_dirty learns of discarded pages from ArenaCore::discarded instead).
-pte_t pte_after_discard(pte_t v) { return pte_t((v & kPteDirty) | ((v & kPtePopulated) ? kPteDirtySnapshot : 0)); }
+// The backing of the page (file or anonymous) is the VMA's, not the content's: it stays.
+pte_t pte_after_discard(pte_t v) {
+    return pte_t((v & (kPteDirty | kPteFile | kPteEdge)) | ((v & kPtePopulated) ? kPteDirtySnapshot : 0));
+}
 
 bool mergeable(const Vma& lo, const Vma& hi) {
+    const bool same_backing = lo.file == hi.file && lo.advice == hi.advice &&
+                              (!lo.file || (lo.share == hi.share && lo.may_write == hi.may_write &&
+                                            lo.readahead_max == hi.readahead_max &&
+                                            lo.file_page(lo.end) == hi.pgoff));
     return lo.end == hi.start && lo.prot == hi.prot && lo.fault_around_pages == hi.fault_around_pages &&
-           std::strcmp(lo.name, hi.name) == 0;
+           same_backing && std::strcmp(lo.name, hi.name) == 0;
 }
 
 }  // namespace
@@ -96,7 +104,7 @@ bool mergeable(const Vma& lo, const Vma& hi) {
 void clear_ptes(ArenaCore& a, Range r) {
     note_discarded(a, a.page_index(r.start), a.page_index(r.end));
     const std::size_t last = a.page_index(r.end);
-    const std::size_t per_table_page = g_page_size;
+    const std::size_t per_table_page = g_page_size / sizeof(Pte);
     for (std::size_t i = a.page_index(r.start); i < last;) {
         const std::size_t block_end = std::min(last, (i / per_table_page + 1) * per_table_page);
         bool kept = false;
@@ -109,7 +117,7 @@ void clear_ptes(ArenaCore& a, Range r) {
             if (n) a.note_changed(k);
         }
         if (!kept && i % per_table_page == 0 && block_end - i == per_table_page)
-            page_discard(addr_of(&a.pte[i]), g_page_size);
+            page_discard(addr_of(&a.pte[i]), g_page_size);  // i is the table page's first entry
         i = block_end;
     }
 }
@@ -176,6 +184,8 @@ void split_at(ArenaCore& a, std::uintptr_t at, std::unique_ptr<Vma>& spare) {
     lower->prot = it->prot;
     lower->fault_around_pages = it->fault_around_pages;
     std::memcpy(lower->name, it->name, kVmaNameMax);
+    vma_copy_file(*lower, *it);
+    if (it->file) it->pgoff = it->file_page(at);
     it->start = at;
     a.tree.insert(*lower);
 }
@@ -191,9 +201,10 @@ void merge_range(ArenaCore& a, std::uintptr_t start, std::uintptr_t end) {
         if (mergeable(*it, *next)) {
             next->start = it->start;
             next->stats.add(it->stats.load());
+            next->pgoff = it->pgoff;
             Vma* dead = &*it;
             it = a.tree.erase(it);
-            delete dead;
+            vma_free(&a, dead);
         } else {
             it = next;
         }

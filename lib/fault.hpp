@@ -15,11 +15,12 @@ enum class FaultResult : std::uint8_t {
     Spurious,     // another thread had resolved it already
     Foreign,      // the address belongs to no arena: someone else's fault
     AccessError,  // in an arena, but a hole or an access the VMA forbids
+    BusError,     // a file page with no content to show: past the end of the file, or unreadable
     Fatal,        // usermm cannot resolve a fault it owns (the kernel refused); never loop on it
 };
 
 // What kind of resolution a fault got, for accounting.
-enum class FaultKind : std::uint8_t { None, Anonymous, Upgrade, Degraded, WriteProtect };
+enum class FaultKind : std::uint8_t { None, Anonymous, Upgrade, Degraded, WriteProtect, File };
 
 struct vm_fault {
     // In: from decode.
@@ -33,6 +34,14 @@ struct vm_fault {
     FaultKind kind = FaultKind::None;
     std::uint32_t pages = 0;        // pages whose protection this fault changed
     std::uint32_t copies = 0;       // page copies made into snapshots before write access
+    // File VMAs.
+    std::uint64_t file_eof = 0;     // the first file page wholly past the end of the file
+    bool major = false;             // the faulting page was read from the file
+    std::uint32_t read_pages = 0;   // pages read from the file (readahead included)
+    std::uint64_t read_bytes = 0;
+    std::uint32_t readahead_pages = 0;
+    std::uint32_t readahead_hits = 0;
+    std::uint32_t dirtied = 0;      // shared file pages that became dirty
     std::uint64_t start_ns = 0;     // when the handler was entered, for the latency counters
     RawLine* diag = nullptr;        // why a fault is passed on; written only if it kills the process
 };

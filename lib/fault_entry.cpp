@@ -107,6 +107,15 @@ extern "C" void usermm_fault_handler(int sig, siginfo_t* info, void* ucontext) {
         case FaultResult::AccessError:
             pass_on(sig, info, ucontext, reason);
             return;
+        case FaultResult::BusError: {
+            // The access trapped as SIGSEGV (the page is PROT_NONE) but means what the kernel
+            // reports as SIGBUS for a file mapping: no data behind the address.
+            siginfo_t bus = *info;
+            bus.si_signo = SIGBUS;
+            bus.si_code = BUS_ADRERR;
+            pass_on(SIGBUS, &bus, ucontext, reason);
+            return;
+        }
         case FaultResult::Fatal:
             // A fault usermm owns but cannot resolve: retrying would loop forever.
             reason.emit();

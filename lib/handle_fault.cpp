@@ -9,6 +9,7 @@
 
 #include "account.hpp"
 #include "fault.hpp"
+#include "filemap.hpp"
 #include "find_vma.hpp"
 #include "map_budget.hpp"
 #include "page_ops.hpp"
@@ -73,10 +74,16 @@ struct PageRange {
     std::size_t last;
 };
 
-// Publishes `prot` for the locked range: the kernel already has it, so the PTEs may say so.
-void publish(ArenaCore& arena, PageRange r, Prot prot) {
+// Publishes `prot` for the locked range: the kernel already has it, so the PTEs may say so. File
+// pages read ahead that become readable here count as readahead hits.
+void publish(vm_fault& vmf, PageRange r, Prot prot) {
+    ArenaCore& arena = *vmf.arena;
     for (std::size_t i = r.first; i < r.last; ++i) {
-        const pte_t old = arena.pte[i].load(kRelaxed) & ~kPteLocked;
+        const pte_t old = pte_t(arena.pte[i].load(kRelaxed) & ~kPteLocked);
+        if (vmf.vma->file && pte_prot(old) == 0) {
+            std::atomic<cache_state_t>& st = vmf.vma->file->state(vmf.vma->file_page(arena.page_addr(i)));
+            vmf.readahead_hits += (st.fetch_and(cache_state_t(~kCacheReadahead), kRelaxed) & kCacheReadahead) != 0;
+        }
         arena.pte[i].store(pte_with_prot(old, prot), kRelease);
         if (allows(prot, Prot::Write)) arena.note_changed(i);
     }
@@ -87,21 +94,28 @@ void unlock_unchanged(ArenaCore& arena, PageRange r) {
     for (std::size_t i = r.first; i < r.last; ++i) arena.pte[i].fetch_and(pte_t(~kPteLocked), kRelease);
 }
 
-// Extends a locked range over neighbours whose PTE is exactly `state`, locking each, without
-// crossing `limit`. Stops at the first page another thread holds or that is in another state.
-PageRange lock_neighbours(ArenaCore& arena, PageRange r, PageRange limit, pte_t state) {
-    while (r.first > limit.first) {
+// Extends a locked range over neighbours whose PTE is exactly `state` and that `ready(page)`
+// allows, locking each, without crossing `limit`. Stops at the first page another thread holds or
+// that is in another state.
+template <typename Ready>
+PageRange lock_neighbours(ArenaCore& arena, PageRange r, PageRange limit, pte_t state, Ready ready) {
+    auto lock = [&](std::size_t i) {
+        if (!ready(i)) return false;
         pte_t expected = state;
-        if (!arena.pte[r.first - 1].compare_exchange_strong(expected, state | kPteLocked, kAcquire, kRelaxed))
-            break;
-        --r.first;
-    }
-    while (r.last < limit.last) {
-        pte_t expected = state;
-        if (!arena.pte[r.last].compare_exchange_strong(expected, state | kPteLocked, kAcquire, kRelaxed)) break;
-        ++r.last;
-    }
+        return arena.pte[i].compare_exchange_strong(expected, pte_t(state | kPteLocked), kAcquire, kRelaxed);
+    };
+    while (r.first > limit.first && lock(r.first - 1)) --r.first;
+    while (r.last < limit.last && lock(r.last)) ++r.last;
     return r;
+}
+
+// Whether a fault may map page i of its VMA: any page of anonymous memory; for a file VMA, a page
+// whose file page is in the page cache and not past the end of the file.
+bool page_ready(const vm_fault& vmf, std::size_t i) {
+    const Vma& vma = *vmf.vma;
+    if (!vma.file) return true;
+    const std::uint64_t f = vma.file_page(vmf.arena->page_addr(i));
+    return f < vmf.file_eof && (vma.file->state(f).load(kAcquire) & kCacheFilled);
 }
 
 PageRange vma_pages(const ArenaCore& arena, const Vma& vma) {
@@ -131,6 +145,9 @@ int install(vm_fault& vmf, PageRange r, Prot prot, pte_t was, Budget budget) {
         for (std::size_t i = r.first; i < r.last; ++i)
             if (const int err = preserve_for_snapshots(arena, i, arena.pte[i].load(kRelaxed), &vmf.copies))
                 return err;
+    std::uint32_t dirtied = 0;
+    if (allows(prot, Prot::Write) && vmf.vma->file && vmf.vma->share == Share::Shared)
+        for (std::size_t i = r.first; i < r.last; ++i) dirtied += !(arena.pte[i].load(kRelaxed) & kPteDirtyFile);
     ExclusiveGuard guard(arena.install_lock);
     const long delta = map_count_delta(arena, r.first, r.last, prot);
     if (budget == Budget::Exceed)
@@ -141,8 +158,9 @@ int install(vm_fault& vmf, PageRange r, Prot prot, pte_t was, Budget budget) {
         map_budget_charge(arena, -delta);
         return page_protect(addr, len, pte_to_prot(was)) == 0 ? err : kStateUnknown;
     }
-    publish(arena, r, prot);
+    publish(vmf, r, prot);
     vmf.pages = std::uint32_t(std::min<std::size_t>(r.last - r.first, UINT32_MAX));
+    vmf.dirtied += dirtied;
     return 0;
 }
 
@@ -172,7 +190,8 @@ FaultResult install_failed(vm_fault& vmf, int err) {
 FaultResult do_degraded_fault(vm_fault& vmf, pte_t cur) {
     ArenaCore& arena = *vmf.arena;
     const std::size_t page = arena.page_index(vmf.address);
-    const PageRange run = lock_neighbours(arena, {page, page + 1}, vma_pages(arena, *vmf.vma), cur);
+    const PageRange run = lock_neighbours(arena, {page, page + 1}, vma_pages(arena, *vmf.vma), cur,
+                                          [&vmf](std::size_t i) { return page_ready(vmf, i); });
     if (const int err = install(vmf, run, vmf.vma->prot, cur, Budget::Exceed)) {
         if (err != kStateUnknown) unlock_unchanged(arena, run);
         return install_failed(vmf, err);
@@ -219,7 +238,7 @@ FaultResult do_anonymous_fault(vm_fault& vmf) {
         const std::size_t last = page + (window - into);
         const PageRange vma_range = vma_pages(arena, vma);
         const PageRange limit{std::max(first, vma_range.first), std::min(last, vma_range.last)};
-        r = lock_neighbours(arena, r, limit, 0);
+        r = lock_neighbours(arena, r, limit, 0, [](std::size_t) { return true; });
     }
     return install_or_degrade(vmf, r, prot, 0, FaultKind::Anonymous);
 }
@@ -231,6 +250,115 @@ FaultResult do_upgrade_fault(vm_fault& vmf, pte_t cur) {
     const Prot prot = pte_to_prot(cur) | grant_for(vmf.access, vmf.vma->prot);
     const std::size_t page = vmf.arena->page_index(vmf.address);
     return install_or_degrade(vmf, {page, page + 1}, prot, cur, FaultKind::Upgrade);
+}
+
+// --- file VMAs: the kernel's do_read_fault, do_cow_fault and do_shared_fault ------------------
+
+// The fault cannot be given the page's content: the program gets SIGBUS, as from the kernel.
+// The faulting page's PTE goes back to `cur`.
+FaultResult file_bus_error(vm_fault& vmf, pte_t cur, const char* what, std::uint64_t offset, int err) {
+    vmf.arena->pte_of(vmf.address).store(cur, kRelease);
+    if (vmf.diag) {
+        RawLine& d = *vmf.diag;
+        d.str("usermm: SIGBUS: ").str(access_name(vmf.access)).str(" at ").hex(vmf.address).str(" in VMA '");
+        d.str(vmf.vma->name).str("': ").str(what).str(" '").str(vmf.vma->file->path).str("' at offset ").hex(offset);
+        if (err) d.str(" failed with errno ").dec(std::uint64_t(err));
+    }
+    return FaultResult::BusError;
+}
+
+// The aligned fault-around window around the faulting page, as file pages.
+FileRange around_window(const vm_fault& vmf, std::uint64_t f) {
+    const std::size_t window = std::max<std::size_t>(vmf.vma->fault_around_pages, 1);
+    const std::uint64_t into = (vmf.address >> g_page_shift) % window;
+    const std::uint64_t first = f >= into ? f - into : 0;
+    return {first, f - into + window};
+}
+
+void note_read(vm_fault& vmf, const FileRead& rd) {
+    const std::uint64_t n = rd.pages.last - rd.pages.first;
+    vmf.read_pages += std::uint32_t(n);
+    vmf.read_bytes += rd.bytes;
+    vmf.readahead_pages += std::uint32_t(n - (rd.need_read ? 1 : 0));
+    vmf.major |= rd.need_read;
+    readahead_update(*vmf.vma, rd);
+}
+
+// Makes the faulting page's file page present in the page cache: a major fault reads it with its
+// read window; a minor fault on a page read ahead whose window reaches the end of what was read
+// reads the next window now (the kernel's asynchronous readahead, done in the faulting thread).
+// Returns 0 or the errno of the read the fault needed.
+int filemap_fault(vm_fault& vmf, std::uint64_t f, std::uint64_t size, FileRead* failed) {
+    Vma& vma = *vmf.vma;
+    PageCache& cache = *vma.file;
+    const FileRange around = around_window(vmf, f);
+    const cache_state_t st = cache.state(f).load(kAcquire);
+    if (!(st & kCacheFilled)) {
+        FileRead rd;
+        const FileRange window = readahead_window(vma, f, around, vmf.file_eof);
+        if (const int err = filemap_read(cache, f, window, size, &rd)) {
+            *failed = rd;
+            return err;
+        }
+        note_read(vmf, rd);
+        return 0;
+    }
+    const std::uint64_t next = vma.ra_next.load(kRelaxed);
+    if ((st & kCacheReadahead) && vma.advice != Advice::Random && around.last >= next && next < vmf.file_eof &&
+        next > f) {
+        const FileRange window = readahead_window(vma, next, {next, next + (around.last - around.first)}, vmf.file_eof);
+        FileRead rd;
+        if (filemap_read(cache, window.last, window, size, &rd) == 0) note_read(vmf, rd);
+    }
+    return 0;
+}
+
+// A read of a page the VMA has not mapped: the page and the pages of its fault-around window
+// that are in the page cache become readable (not writable, so that a write is still seen).
+FaultResult do_read_fault(vm_fault& vmf, pte_t cur) {
+    ArenaCore& arena = *vmf.arena;
+    const std::size_t page = arena.page_index(vmf.address);
+    const std::size_t window = std::max<std::size_t>(vmf.vma->fault_around_pages, 1);
+    const std::size_t into = (vmf.address >> g_page_shift) % window;
+    const PageRange vr = vma_pages(arena, *vmf.vma);
+    const PageRange limit{std::max(page >= into ? page - into : 0, vr.first), std::min(page - into + window, vr.last)};
+    const PageRange r =
+        lock_neighbours(arena, {page, page + 1}, limit, cur, [&vmf](std::size_t i) { return page_ready(vmf, i); });
+    return install_or_degrade(vmf, r, grant_for(Access::Read, vmf.vma->prot), cur, FaultKind::File);
+}
+
+// A write to a page of a private file VMA: it becomes writable, and the kernel copies the page
+// cache's page into the VMA's own at the write itself; the file and other VMAs never see it.
+FaultResult do_cow_fault(vm_fault& vmf, pte_t cur) {
+    const std::size_t page = vmf.arena->page_index(vmf.address);
+    return install_or_degrade(vmf, {page, page + 1}, vmf.vma->prot, cur, FaultKind::File);
+}
+
+// A write to a page of a shared file VMA: it becomes writable and dirty (install() counts it), in
+// the page cache every shared VMA of the file maps; write-back takes it to the file.
+FaultResult do_shared_fault(vm_fault& vmf, pte_t cur) {
+    const std::size_t page = vmf.arena->page_index(vmf.address);
+    return install_or_degrade(vmf, {page, page + 1}, vmf.vma->prot, cur, FaultKind::File);
+}
+
+// A fault in a file VMA, with its PTE locked from `cur`. The end of the file is looked up at every
+// fault, so that a page past it (the file was truncated under the VMA) gets SIGBUS, never zeros.
+FaultResult do_file_fault(vm_fault& vmf, pte_t cur) {
+    const Vma& vma = *vmf.vma;
+    const std::uint64_t f = vma.file_page(vmf.address);
+    std::uint64_t size = 0;
+    if (const int err = page_file_size(vma.file->fd, &size)) return file_bus_error(vmf, cur, "fstat of", 0, err);
+    vmf.file_eof = (size + g_page_size - 1) >> g_page_shift;
+    if (f >= vmf.file_eof) return file_bus_error(vmf, cur, "the page is past the end of", f << g_page_shift, 0);
+    if (pte_prot(cur) != 0) return do_upgrade_fault(vmf, cur);  // the content is mapped already
+    FileRead failed;
+    if (const int err = filemap_fault(vmf, f, size, &failed)) {
+        if (err == EIO && failed.bytes < failed.wanted && failed.wanted)
+            return file_bus_error(vmf, cur, "short read of", failed.at + failed.bytes, 0);
+        return file_bus_error(vmf, cur, "reading", f << g_page_shift, err);
+    }
+    if (vmf.access != Access::Write) return do_read_fault(vmf, cur);
+    return vma.share == Share::Shared ? do_shared_fault(vmf, cur) : do_cow_fault(vmf, cur);
 }
 
 // Locks the faulting page's PTE and dispatches on its state. Another thread resolving the same
@@ -248,6 +376,7 @@ FaultResult handle_pte_fault(vm_fault& vmf) {
         if (!allows(vmf.vma->prot, needed(vmf.access))) return FaultResult::AccessError;
         if (allows(pte_to_prot(cur), needed(vmf.access))) return FaultResult::Spurious;
         if (!pte.compare_exchange_weak(cur, cur | kPteLocked, kAcquire, kRelaxed)) continue;
+        if (vmf.vma->file) return do_file_fault(vmf, cur);
         return pte_prot(cur) == 0 ? do_anonymous_fault(vmf) : do_upgrade_fault(vmf, cur);
     }
 }
@@ -311,10 +440,10 @@ FaultResult handle_arena_fault(vm_fault& vmf) {
     FaultResult r = FaultResult::AccessError;
     if (vmf.vma && vmf.signo == SIGSEGV)
         r = handle_pte_fault(vmf);
-    else if (vmf.vma && vmf.signo == SIGBUS && tracking_engine() == TrackingEngine::Uffd &&
+    else if (vmf.vma && vmf.signo == SIGBUS && tracking_engine() == TrackingEngine::Uffd && !vmf.vma->file &&
              allows(vmf.vma->prot, Prot::Write))
         r = do_wp_page(vmf);
-    if (r == FaultResult::AccessError) describe_access_error(vmf);
+    if (r == FaultResult::AccessError) describe_access_error(vmf);  // a BusError described itself
     return r;
 }
 

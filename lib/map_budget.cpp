@@ -9,12 +9,21 @@ constinit std::atomic<long> g_used{0};
 constinit std::atomic<long> g_limit{1L << 62};
 constinit std::atomic<bool> g_kernel_merges{true};
 
-// A value no PTE holds, for the pages beyond the arena: another mapping is always a boundary.
-constexpr unsigned kOutside = 0x100;
+// A kernel VMA boundary lies between two neighbouring pages wherever their protections differ, one
+// is backed by a file's memfd and the other by the arena's anonymous memory, or the second carries
+// an edge mark. A class is protection plus backing; the pages beyond the arena are a class of
+// their own.
+constexpr unsigned kOutside = 0x10000;
 
-unsigned prot_at(const ArenaCore& arena, std::size_t index, std::size_t npages) {
+unsigned class_of(pte_t v) { return pte_prot(v) | ((v & kPteFile) ? 0x8u : 0u); }
+
+unsigned class_at(const ArenaCore& arena, std::size_t index, std::size_t npages) {
     if (index >= npages) return kOutside;  // also catches index == SIZE_MAX, the page before 0
-    return pte_prot(arena.pte[index].load(std::memory_order_relaxed));
+    return class_of(arena.pte[index].load(std::memory_order_relaxed));
+}
+
+bool edge_at(const ArenaCore& arena, std::size_t index, std::size_t npages) {
+    return index < npages && (arena.pte[index].load(std::memory_order_relaxed) & kPteEdge);
 }
 }  // namespace
 
@@ -24,23 +33,32 @@ long map_budget_used() { return g_used.load(std::memory_order_relaxed); }
 
 long map_count_delta(const ArenaCore& arena, std::size_t first, std::size_t last, Prot prot) {
     const std::size_t npages = arena.page_index(arena.end);
-    const unsigned p = to_pte(prot);
+    const unsigned next = class_of(pte_t(to_pte(prot) | (arena.pte[first].load(std::memory_order_relaxed) & kPteFile)));
+    const unsigned left = class_at(arena, first - 1, npages);
+    const unsigned right = class_at(arena, last, npages);
+    if (!g_kernel_merges.load(std::memory_order_relaxed)) {
+        // Existing boundaries stay; a new one appears where a neighbour that shared a kernel VMA
+        // with the range's end page gets another class.
+        auto splits = [&](unsigned outer, std::size_t edge_page, std::size_t inner) {
+            return long(!edge_at(arena, edge_page, npages) && outer == class_at(arena, inner, npages) && outer != next);
+        };
+        return splits(left, first, first) + splits(right, last, last - 1);
+    }
     long before = 0;
-    unsigned prev = prot_at(arena, first - 1, npages);
-    const unsigned left = prev;
+    long after = 0;
+    unsigned prev = left;
     for (std::size_t i = first; i <= last; ++i) {
-        const unsigned cur = prot_at(arena, i, npages);
-        before += cur != prev;
+        const unsigned cur = class_at(arena, i, npages);
+        const bool edge = edge_at(arena, i, npages);
+        before += cur != prev || edge;
+        if (i == first)
+            after += left != next || edge;
+        else if (i == last)
+            after += next != right || edge;
+        else
+            after += edge;
         prev = cur;
     }
-    const unsigned right = prev;
-    if (!g_kernel_merges.load(std::memory_order_relaxed)) {
-        // Existing boundaries stay; a new one appears where a neighbour equal to the range's old
-        // protection differs from the new one.
-        return long(left == prot_at(arena, first, npages) && left != p) +
-               long(right == prot_at(arena, last - 1, npages) && right != p);
-    }
-    const long after = long(left != p) + long(right != p);
     return after - before;
 }
 

@@ -4,6 +4,7 @@
 #include <linux/userfaultfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -38,8 +39,24 @@ int page_reserve(std::size_t len, void** out) {
     return 0;
 }
 
+int page_reserve_fixed(std::uintptr_t addr, std::size_t len) {
+    void* p = mmap(reinterpret_cast<void*>(addr), len, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+    if (p == MAP_FAILED) return errno;
+    *static_cast<volatile char*>(p) = 0;
+    if (madvise(p, g_page_size, MADV_DONTNEED) != 0 || mprotect(p, len, PROT_NONE) != 0) return errno;
+    return 0;
+}
+
 int page_alloc_table(std::size_t len, void** out) {
     void* p = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) return errno;
+    *out = p;
+    return 0;
+}
+
+int page_alloc_shared_table(std::size_t len, void** out) {
+    void* p = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) return errno;
     *out = p;
     return 0;
@@ -122,6 +139,90 @@ int page_write_raw_pages(std::uintptr_t addr, const std::byte* const* pages, std
         pages += done;
         n -= done;
     }
+    return 0;
+}
+
+namespace {
+constinit std::atomic<FileReadHook> g_read_hook{nullptr};
+constinit std::atomic<FileWriteHook> g_write_hook{nullptr};
+}  // namespace
+
+void set_file_io_hooks(FileReadHook read, FileWriteHook write) {
+    g_read_hook.store(read);
+    g_write_hook.store(write);
+}
+
+int page_read_file(int fd, void* buf, std::size_t len, std::uint64_t off, std::size_t* done) {
+    const FileReadHook hook = g_read_hook.load(std::memory_order_relaxed);
+    char* p = static_cast<char*>(buf);
+    *done = 0;
+    while (*done < len) {
+        const ssize_t n = hook ? ssize_t(hook(fd, p + *done, len - *done, off + *done))
+                               : pread(fd, p + *done, len - *done, off_t(off + *done));
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) return errno;
+        if (n == 0) break;
+        *done += std::size_t(n);
+    }
+    return 0;
+}
+
+int page_write_file(int fd, const void* buf, std::size_t len, std::uint64_t off) {
+    const FileWriteHook hook = g_write_hook.load(std::memory_order_relaxed);
+    const char* p = static_cast<const char*>(buf);
+    while (len) {
+        const ssize_t n = hook ? ssize_t(hook(fd, p, len, off)) : pwrite(fd, p, len, off_t(off));
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) return errno;
+        if (n == 0) return EIO;
+        p += n;
+        off += std::uint64_t(n);
+        len -= std::size_t(n);
+    }
+    return 0;
+}
+
+int page_file_size(int fd, std::uint64_t* size) {
+    struct stat st;
+    if (fstat(fd, &st) != 0) return errno;
+    *size = std::uint64_t(st.st_size);
+    return 0;
+}
+
+int page_sync_file(int fd) { return result(fdatasync(fd)); }
+
+int page_memfd_create(const char* name, std::uint64_t size, int* out) {
+    const int fd = memfd_create(name, MFD_CLOEXEC);
+    if (fd < 0) return errno;
+    if (ftruncate(fd, off_t(size)) != 0) {
+        const int err = errno;
+        close(fd);
+        return err;
+    }
+    *out = fd;
+    return 0;
+}
+
+int page_memfd_resize(int memfd, std::uint64_t size) { return result(ftruncate(memfd, off_t(size))); }
+
+int page_memfd_punch(int memfd, std::uint64_t off, std::uint64_t len) {
+    return result(fallocate(memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off_t(off), off_t(len)));
+}
+
+int page_map_view(int memfd, std::uint64_t off, std::size_t len, void** out) {
+    void* p = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, memfd, off_t(off));
+    if (p == MAP_FAILED) return errno;
+    *out = p;
+    return 0;
+}
+
+int page_map_file_fixed(std::uintptr_t addr, std::size_t len, int memfd, std::uint64_t off, bool shared) {
+    void* want = reinterpret_cast<void*>(addr);
+    const int flags = (shared ? MAP_SHARED : MAP_PRIVATE) | MAP_FIXED | MAP_NORESERVE;
+    if (shared) return mmap(want, len, PROT_NONE, flags, memfd, off_t(off)) == MAP_FAILED ? errno : 0;
+    if (mmap(want, len, PROT_READ | PROT_WRITE, flags, memfd, off_t(off)) == MAP_FAILED) return errno;
+    *static_cast<volatile char*>(want) = 0;  // a private copy of the first page, dropped again below
+    if (madvise(want, g_page_size, MADV_DONTNEED) != 0 || mprotect(want, len, PROT_NONE) != 0) return errno;
     return 0;
 }
 

@@ -1,4 +1,4 @@
-// Per-page state, our "PTE": one byte per page of an arena, in a table the kernel itself pages in
+// Per-page state, our "PTE": two bytes per page of an arena, in a table the kernel itself pages in
 // on demand (an untouched part of the table costs nothing, like the arena it describes).
 //
 // The low bits are exactly the protection the kernel currently has for the page (the invariant
@@ -13,7 +13,14 @@
 //  - write-tracked: write access is withheld only so that the next write is seen (a snapshot needs
 //    the old content first, or collect_dirty() wants to know);
 //  - dirty-snapshot / dirty-collect: write access was granted (or the content discarded) since the
-//    arena's last snapshot / since the last collect_dirty() that covered the page.
+//    arena's last snapshot / since the last collect_dirty() that covered the page;
+//  - dirty-file: write access was granted since the page was last written back to its file (only
+//    shared file VMAs read it);
+//  - file: the page lies in a file VMA, whose kernel mapping is the page cache's memfd rather than
+//    the arena's anonymous memory, so it never merges with an anonymous neighbour;
+//  - edge: a kernel VMA boundary may lie before this page whatever the neighbours' protections
+//    (the first page of a file mapping, the page after one, the pieces an unmapped file VMA leaves).
+//    The map budget then counts a boundary there, which can only over-count.
 #pragma once
 
 #include <sys/mman.h>
@@ -30,7 +37,7 @@ namespace usermm::detail {
 inline std::size_t g_page_shift = 12;
 inline std::size_t g_page_size = 4096;
 
-using pte_t = std::uint8_t;
+using pte_t = std::uint16_t;
 using Pte = std::atomic<pte_t>;
 
 inline constexpr pte_t kPteProt = 0x7;           // Prot bits the kernel grants now
@@ -40,6 +47,9 @@ inline constexpr pte_t kPteDirtySnapshot = 0x20;
 inline constexpr pte_t kPteDirtyCollect = 0x40;
 inline constexpr pte_t kPteDirty = kPteDirtySnapshot | kPteDirtyCollect;
 inline constexpr pte_t kPteLocked = 0x80;        // a fault is installing this page
+inline constexpr pte_t kPteDirtyFile = 0x100;
+inline constexpr pte_t kPteFile = 0x200;
+inline constexpr pte_t kPteEdge = 0x400;
 inline constexpr pte_t kPteFlags = pte_t(~kPteProt & ~kPteLocked);
 
 inline constexpr pte_t pte_prot(pte_t v) { return v & kPteProt; }
@@ -50,8 +60,8 @@ inline constexpr Prot pte_to_prot(pte_t v) { return Prot(v & kPteProt); }
 // Granting write makes the page populated and dirty and ends write tracking.
 inline constexpr pte_t pte_with_prot(pte_t old, Prot prot) {
     const pte_t flags = old & kPteFlags;
-    if (!allows(prot, Prot::Write)) return flags | to_pte(prot);
-    return pte_t((flags & ~kPteWriteTracked) | kPtePopulated | kPteDirty | to_pte(prot));
+    if (!allows(prot, Prot::Write)) return pte_t(flags | to_pte(prot));
+    return pte_t((flags & ~kPteWriteTracked) | kPtePopulated | kPteDirty | kPteDirtyFile | to_pte(prot));
 }
 
 inline constexpr int to_mmap_prot(Prot p) {

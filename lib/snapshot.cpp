@@ -11,6 +11,7 @@
 
 #include "account.hpp"
 #include "arena_ops.hpp"
+#include "file_vma.hpp"
 #include "find_vma.hpp"
 #include "snapshot_read.hpp"
 
@@ -255,6 +256,7 @@ Snapshot Arena::snapshot(void* addr, std::size_t length) {
     a.history.reserve(a.history.size() + 1);
 
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
+    refuse_file_vmas(a, call, r);
     if (a.snapshot_count == kMaxSnapshots)
         fail(EMFILE, "{}: the arena already has {} live snapshots (addr {:#x})", call, kMaxSnapshots, r.start);
     for (auto it = a.tree.upper_bound(r.start); it != a.tree.end() && it->start < r.end; ++it) {
@@ -317,6 +319,7 @@ void Arena::restore(const Snapshot& snapshot) {
     auto upper_spare = std::make_unique<Vma>();
 
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
+    refuse_file_vmas(a, call, r);
     // Every page of the range faults from now on: threads that touch it wait for the restore and
     // then see the restored content. Userfaultfd marks would make the write-back fail; the pages
     // need none once they are PROT_NONE, since any write now faults into usermm first.
@@ -339,7 +342,7 @@ void Arena::restore(const Snapshot& snapshot) {
     for (auto it = a.tree.upper_bound(r.start); it != a.tree.end() && it->start < r.end;) {
         Vma* dead = &*it;
         it = a.tree.erase(it);
-        delete dead;
+        vma_free(&a, dead);
     }
     for (auto& v : fresh) a.tree.insert(*v.release());
     merge_range(a, r.start, r.end);
@@ -406,6 +409,7 @@ DirtySet Arena::collect_dirty(void* addr, std::size_t length) {
     std::vector<unsigned char> resident(last - first);
     DirtySet out;
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
+    refuse_file_vmas(a, call, r);
     // Write access granted since the last collection marks a page; it was written if the kernel
     // holds it (fault-around grants write to neighbours that may never be touched). Discarded
     // pages changed too, though nothing wrote them.

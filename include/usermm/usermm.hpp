@@ -50,6 +50,22 @@ constexpr Prot& operator|=(Prot& a, Prot b) { return a = a | b; }
 constexpr Prot& operator&=(Prot& a, Prot b) { return a = a & b; }
 // True when every right in `wanted` is in `p`.
 constexpr bool allows(Prot p, Prot wanted) { return (p & wanted) == wanted; }
+
+// How a file VMA treats writes, as mmap(2)'s MAP_PRIVATE and MAP_SHARED: a private VMA's writes go
+// to its own copies of the pages and never to the file; a shared VMA's writes reach the file at
+// write-back (sync, unmap, the arena's destruction) and are seen at once by every other shared
+// VMA of the same file in the process.
+enum class Share : unsigned { Private, Shared };
+
+// Access-pattern advice, as madvise(2).
+enum class Advice : unsigned {
+    Normal,      // readahead grows with sequential faults, from the fault-around window
+    Random,      // read only the page a fault needs
+    Sequential,  // read the largest window from the first fault on
+    WillNeed,    // read the range into the page cache now; the next access is a minor fault
+    DontNeed,    // drop the range's pages (shared dirty pages are written back first): the next
+                 // access reads the file again (file VMAs) or sees zeros (anonymous VMAs)
+};
 // "rwx" style, as in /proc/self/maps.
 std::string to_string(Prot p);
 
@@ -57,7 +73,7 @@ std::string to_string(Prot p);
 // struct, the formatter, the accounting code) sees the same fields in the same order.
 #define USERMM_STATS_FIELDS(X)                                                                  \
     X(minor_faults, "faults resolved without I/O")                                             \
-    X(major_faults, "faults that needed I/O (none yet: no VMA kind reads a file or store)")   \
+    X(major_faults, "faults that read the file (file VMAs): the pages were not in the page cache") \
     X(read_faults, "resolved faults caused by a read")                                         \
     X(write_faults, "resolved faults caused by a write")                                       \
     X(exec_faults, "resolved faults caused by an instruction fetch")                           \
@@ -73,6 +89,15 @@ std::string to_string(Prot p);
     X(cow_bytes_copied, "bytes copied into snapshots before writes")                           \
     X(pages_restored, "pages written back into the arena by restore()")                        \
     X(dirty_pages_collected, "pages reported by collect_dirty()")                              \
+    X(file_pages_read, "pages read from files into the page cache")                            \
+    X(file_bytes_read, "bytes read from files (the part of a last page past the end excluded)") \
+    X(readahead_pages, "pages read besides the one a fault needed (readahead, WillNeed)")      \
+    X(readahead_hits, "read-ahead pages that a fault later mapped, or mapped at once")          \
+    X(readahead_wasted, "read-ahead pages dropped from the page cache without being mapped")    \
+    X(pages_dirtied, "shared file pages that a write made dirty")                               \
+    X(pages_written_back, "dirty shared file pages written to their file")                      \
+    X(bytes_written_back, "bytes written to files by write-back")                               \
+    X(writeback_errors, "write-backs the file system refused (the pages stay dirty)")           \
     X(handler_ns, "nanoseconds spent in the fault handler")
 
 inline constexpr std::size_t kLatencyBuckets = 16;
@@ -111,6 +136,8 @@ struct MapOptions {
     // each 2 MiB window becomes one huge page on first touch, and a snapshot write-protects it in
     // one step instead of 512: the way to short snapshot pauses for large resident heaps.
     bool huge_pages = false;
+    // File VMAs: the largest readahead window, in pages (the kernel's read_ahead_kb is 128 KiB).
+    std::size_t readahead_pages = 64;
 };
 
 struct VmaInfo {
@@ -119,6 +146,11 @@ struct VmaInfo {
     Prot prot = Prot::None;
     std::string name;
     std::size_t fault_around_pages = 0;
+    // File VMAs: the path the file was opened by (or /proc/self/fd/N for a descriptor), the offset
+    // of `start` in it, and how writes behave. Empty path for anonymous VMAs.
+    std::string file;
+    std::uint64_t offset = 0;
+    Share share = Share::Private;
     Stats stats;
 };
 
@@ -190,10 +222,31 @@ public:
     // A demand-zero VMA of `length` bytes (rounded up to pages), like mmap(MAP_ANONYMOUS). Nothing
     // is committed until a page is touched.
     void* map(std::size_t length, Prot prot, const MapOptions& options = {});
+    // A VMA showing `length` bytes of a file from `offset` (page-aligned), like mmap(2) of the file:
+    // pages are read on first access (major faults), with fault-around and readahead. The file
+    // must be a regular file opened for reading, and for writing too if the VMA is Shared and
+    // writable. usermm keeps its own descriptor: the caller may close `fd` at once. A page wholly
+    // past the end of the file (at the time of the access) raises SIGBUS, as does an I/O error
+    // while reading it; the part of the last page past the end reads as zeros.
+    void* map_file(int fd, std::uint64_t offset, std::size_t length, Prot prot, Share share,
+                   const MapOptions& options = {});
+    // The same, opening `path` itself (read-only, or read-write for a writable shared VMA).
+    void* map_file(const std::string& path, std::uint64_t offset, std::size_t length, Prot prot, Share share,
+                   const MapOptions& options = {});
+    // Like msync(MS_SYNC): the dirty pages of shared file VMAs in the range are written to their
+    // files (neighbours coalesced into one write) and made durable (fdatasync), then count as clean
+    // and lose write access so that the next write is seen. On an error (EIO, ENOSPC, EFBIG) it
+    // throws, naming the file and the byte range; the pages that were not written stay dirty, so a
+    // later sync can write them. The range must lie inside VMAs; anonymous VMAs in it are skipped.
+    void sync(void* addr, std::size_t length);
+    // Like madvise(2); see Advice. The range must lie inside VMAs.
+    void advise(void* addr, std::size_t length, Advice advice);
     // Like mprotect(2): the range must lie inside VMAs; VMAs are split and merged as needed.
     void protect(void* addr, std::size_t length, Prot prot);
     // Like munmap(2): the range must lie inside VMAs; its pages are discarded and the range becomes
-    // PROT_NONE address space of the arena again.
+    // PROT_NONE address space of the arena again. Dirty pages of shared file VMAs are written back
+    // first; if that fails, unmap throws and nothing is unmapped. The destructor writes back too,
+    // and reports a failure on stderr (it cannot throw).
     void unmap(void* addr, std::size_t length);
     // Grants `access` on the range now, so that system calls into it cannot fail with EFAULT. The
     // VMAs must allow `access`. Memory is still committed by the kernel only when touched.
@@ -222,6 +275,8 @@ public:
 private:
     friend struct detail::ArenaAccess;
     friend class Snapshot;
+    void* map_file_as(int fd, const std::string& path, std::uint64_t offset, std::size_t length, Prot prot,
+                      Share share, const MapOptions& options);
     std::unique_ptr<detail::ArenaCore> core_;
 };
 

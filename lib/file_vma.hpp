@@ -1,0 +1,43 @@
+// The API world's side of file VMAs: the process's page caches, and what map_file, sync, advise,
+// unmap, prefault and the arena's destruction do to file pages. Under the arena's write lock unless
+// a comment says otherwise.
+#pragma once
+
+#include <memory>
+
+#include "arena_ops.hpp"
+#include "page_cache.hpp"
+
+namespace usermm::detail {
+
+// Deletes a VMA node of arena `a` (null once the arena is gone), dropping its reference to its
+// page cache. Any lock.
+void vma_free(ArenaCore* a, Vma* v);
+// A new node shares the page cache of `from` (a split). Any lock.
+void vma_copy_file(Vma& to, const Vma& from);
+
+// Throws ENOTSUP if [r.start, r.end) holds a file VMA: snapshots, restore and collect_dirty cover
+// anonymous memory only.
+void refuse_file_vmas(ArenaCore& a, const char* call, Range r);
+
+// Writes the dirty pages of `part` (inside shared file VMA `v`) back to the file: see Arena::sync.
+void writeback(ArenaCore& a, Vma& v, Range part, const char* call);
+// Reads the file pages of `part` (inside file VMA `v`) into the page cache. With `must`, throws if
+// a page cannot be read or lies past the end of the file; without, reads what it can (advice).
+void read_file_pages(ArenaCore& a, Vma& v, Range part, const char* call, bool must);
+// After the pages of `part` were made PROT_NONE and discarded: gives the range back to the arena's
+// anonymous reservation (unmap), or, for advice, drops the page cache's copies if no other VMA in
+// the process maps them.
+void unmap_file_part(ArenaCore& a, Vma& v, Range part, const char* call);
+void drop_cached_pages(ArenaCore& a, Vma& v, Range part);
+
+// Recounts the arena's kernel VMAs from /proc/self/maps, after a change the PTEs cannot predict.
+void recount_kernel_maps(ArenaCore& a);
+
+// Around fork(), after the arenas' locks: the registry is locked while the address space is copied.
+// Afterwards, in both processes, the page caches' memfds are shared with the other process, so
+// their pages are never dropped (the other process may map them).
+void page_caches_fork_prepare();
+void page_caches_fork_done();
+
+}  // namespace usermm::detail
