@@ -40,12 +40,12 @@ struct CacheEntry {
     std::unique_ptr<PageCache> cache;
     std::atomic<std::size_t> vmas{0};  // VMA nodes referring to the cache
     std::vector<CacheUser> users;
+    bool forked = false;  // a fork() copied its memfd's mappings into another process
 };
 
 struct CacheRegistry {
     std::mutex mutex;
     std::vector<std::unique_ptr<CacheEntry>> entries;
-    bool forked = false;
 };
 
 CacheRegistry& caches() {
@@ -222,7 +222,7 @@ void detail::recount_kernel_maps(ArenaCore& a) {
 void detail::page_caches_fork_prepare() { caches().mutex.lock(); }
 
 void detail::page_caches_fork_done() {
-    caches().forked = true;
+    for (auto& e : caches().entries) e->forked = true;
     caches().mutex.unlock();
 }
 
@@ -352,8 +352,9 @@ void detail::drop_cached_pages(ArenaCore& a, Vma& v, Range part) {
     {
         CacheRegistry& reg = caches();
         std::lock_guard lock(reg.mutex);
-        if (reg.forked) return;
-        for (const CacheUser& u : entry_of(&c).users) {
+        const CacheEntry& e = entry_of(&c);
+        if (e.forked) return;
+        for (const CacheUser& u : e.users) {
             const bool this_range = u.arena == &a && u.start <= part.start && u.end >= part.end;
             if (!this_range && u.first_page() < mine.last && u.last_page() > mine.first) return;
         }

@@ -35,8 +35,8 @@ void drop_cached_pages(ArenaCore& a, Vma& v, Range part);
 void recount_kernel_maps(ArenaCore& a);
 
 // Around fork(), after the arenas' locks: the registry is locked while the address space is copied.
-// Afterwards, in both processes, the page caches' memfds are shared with the other process, so
-// their pages are never dropped (the other process may map them).
+// Afterwards, in both processes, the memfds of the page caches that existed are shared with the
+// other process, so their pages are never dropped (the other process may map them).
 void page_caches_fork_prepare();
 void page_caches_fork_done();
 

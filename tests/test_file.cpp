@@ -1,0 +1,225 @@
+// File VMAs against real files: content read on demand, private writes that never reach the file,
+// shared writes that reach it byte for byte at sync, unmap and destruction, the end of the file,
+// readahead and the counters.
+#include <doctest/doctest.h>
+#include <usermm/usermm.hpp>
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "file_test_util.hpp"
+#include "test_util.hpp"
+
+namespace {
+
+using usermm::Advice;
+using usermm::Arena;
+using usermm::Prot;
+using usermm::Share;
+using usermm_test::at;
+using usermm_test::pattern_byte;
+using usermm_test::read_byte;
+using usermm_test::TempFile;
+using usermm_test::write_byte;
+
+[[maybe_unused]] const unsigned g_watchdog = alarm(60);
+
+const std::size_t kPage = usermm::page_size();
+
+usermm::VmaInfo only_vma(const Arena& arena) {
+    const auto v = arena.vmas();
+    REQUIRE(v.size() == 1);
+    return v[0];
+}
+
+}  // namespace
+
+TEST_CASE("random reads see the file's bytes, and each page is read once, by a major fault") {
+    TempFile file(64 * kPage + 123);
+    Arena arena(1 << 24);
+    char* p = static_cast<char*>(arena.map_file(file.fd(), 0, file.size(), Prot::Read, Share::Private, {.name = "data"}));
+    std::mt19937_64 rng(7);
+    for (int i = 0; i < 2000; ++i) {
+        const std::size_t off = rng() % file.size();
+        REQUIRE(read_byte(p + off) == pattern_byte(off));
+    }
+    // The last page holds 123 bytes of the file; the rest of it reads as zeros.
+    for (std::size_t off = 64 * kPage; off < file.size(); ++off) REQUIRE(read_byte(p + off) == pattern_byte(off));
+    for (std::size_t off = file.size(); off < 65 * kPage; ++off) REQUIRE(read_byte(p + off) == 0);
+    const usermm::Stats s = only_vma(arena).stats;
+    CHECK(s.major_faults >= 1);
+    CHECK(s.file_pages_read == 65);  // every page once
+    CHECK(s.file_bytes_read == file.size());
+    arena.verify();
+}
+
+TEST_CASE("major faults equal the faults that read a page, with fault-around and readahead off") {
+    TempFile file(32 * kPage);
+    Arena arena(1 << 24);
+    char* p = static_cast<char*>(
+        arena.map_file(file.fd(), 0, file.size(), Prot::Read, Share::Private, {.fault_around_pages = 1}));
+    arena.advise(p, file.size(), Advice::Random);
+    for (std::size_t i = 0; i < 32; i += 2) REQUIRE(read_byte(p + i * kPage + 5) == pattern_byte(i * kPage + 5));
+    const usermm::Stats s = only_vma(arena).stats;
+    CHECK(s.major_faults == 16);
+    CHECK(s.minor_faults == 0);
+    CHECK(s.file_pages_read == 16);
+    CHECK(s.readahead_pages == 0);
+}
+
+TEST_CASE("a private write stays in the VMA: the file and another mapping never see it") {
+    TempFile file(16 * kPage);
+    Arena arena(1 << 24);
+    char* p = static_cast<char*>(arena.map_file(file.fd(), 0, file.size(), Prot::ReadWrite, Share::Private));
+    char* q = static_cast<char*>(arena.map_file(file.path(), 0, file.size(), Prot::Read, Share::Private));
+    REQUIRE(read_byte(p + 100) == pattern_byte(100));
+    write_byte(p + 100, std::uint8_t(pattern_byte(100) ^ 0xff));
+    write_byte(p + 5 * kPage, 0x5a);  // a write as the first access to its page
+    CHECK(read_byte(p + 100) == std::uint8_t(pattern_byte(100) ^ 0xff));
+    CHECK(read_byte(p + 5 * kPage) == 0x5a);
+    CHECK(read_byte(q + 100) == pattern_byte(100));
+    CHECK(read_byte(q + 5 * kPage) == pattern_byte(5 * kPage));
+    arena.sync(p, file.size());
+    arena.unmap(p, file.size());
+    CHECK(file.content() == file.expected());
+    arena.verify();
+}
+
+TEST_CASE("shared writes reach the file at sync, byte for byte, and sync writes only dirty pages") {
+    TempFile file(64 * kPage);
+    std::vector<std::uint8_t> want = file.expected();
+    Arena arena(1 << 24);
+    char* p = static_cast<char*>(arena.map_file(file.path(), 0, file.size(), Prot::ReadWrite, Share::Shared));
+    for (std::size_t i : {3u, 4u, 5u, 40u}) {
+        write_byte(p + i * kPage + 7, 0xee);
+        want[i * kPage + 7] = 0xee;
+    }
+    CHECK(only_vma(arena).stats.pages_dirtied == 4);
+    arena.sync(p, file.size());
+    CHECK(file.content() == want);
+    usermm::Stats s = only_vma(arena).stats;
+    CHECK(s.pages_written_back == 4);
+    CHECK(s.bytes_written_back == 4 * kPage);
+    // Clean again, and write-protected: the next write is seen and written.
+    arena.sync(p, file.size());
+    CHECK(only_vma(arena).stats.pages_written_back == 4);
+    write_byte(p + 4 * kPage, 0x11);
+    want[4 * kPage] = 0x11;
+    arena.sync(p, file.size());
+    CHECK(file.content() == want);
+    CHECK(only_vma(arena).stats.pages_written_back == 5);
+    arena.verify();
+}
+
+TEST_CASE("unmap and the arena's destruction write dirty shared pages back") {
+    TempFile file(8 * kPage);
+    std::vector<std::uint8_t> want = file.expected();
+    {
+        Arena arena(1 << 24);
+        char* p = static_cast<char*>(arena.map_file(file.path(), 0, file.size(), Prot::ReadWrite, Share::Shared));
+        write_byte(p + 1, 0x42);
+        want[1] = 0x42;
+        arena.unmap(p, 4 * kPage);
+        CHECK(file.content() == want);
+        write_byte(p + 6 * kPage, 0x43);
+        want[6 * kPage] = 0x43;
+    }
+    CHECK(file.content() == want);
+}
+
+TEST_CASE("two shared mappings of the same file see each other's writes at once") {
+    TempFile file(8 * kPage);
+    Arena a(1 << 24), b(1 << 24);
+    char* p = static_cast<char*>(a.map_file(file.path(), 0, file.size(), Prot::ReadWrite, Share::Shared));
+    char* q = static_cast<char*>(b.map_file(file.path(), 2 * kPage, 4 * kPage, Prot::ReadWrite, Share::Shared));
+    write_byte(p + 2 * kPage + 9, 0x77);
+    CHECK(read_byte(q + 9) == 0x77);
+    write_byte(q + kPage, 0x78);
+    CHECK(read_byte(p + 3 * kPage) == 0x78);
+}
+
+TEST_CASE("a page wholly past the end of the file gets SIGBUS, also after truncation") {
+    TempFile file(4 * kPage + 10);
+    const auto end = usermm_test::run_in_child([&] {
+        Arena arena(1 << 24);
+        char* p = static_cast<char*>(arena.map_file(file.fd(), 0, 8 * kPage, Prot::Read, Share::Private));
+        (void)read_byte(p + 4 * kPage + 11);  // the last page, past the end: zeros
+        (void)read_byte(p + 5 * kPage);
+    });
+    CHECK(end.signal == SIGBUS);
+    CHECK(end.err.find("past the end") != std::string::npos);
+
+    const auto truncated = usermm_test::run_in_child([&] {
+        Arena arena(1 << 24);
+        char* p = static_cast<char*>(arena.map_file(file.path(), 0, file.size(), Prot::Read, Share::Private,
+                                                    {.fault_around_pages = 1}));
+        (void)read_byte(p);
+        if (ftruncate(file.fd(), off_t(kPage)) != 0) _exit(3);
+        (void)read_byte(p + 2 * kPage);
+    });
+    CHECK(truncated.signal == SIGBUS);
+}
+
+TEST_CASE("readahead grows with a sequential scan and counts its hits") {
+    TempFile file(1024 * kPage);
+    Arena arena(1 << 26);
+    char* p = static_cast<char*>(arena.map_file(file.fd(), 0, file.size(), Prot::Read, Share::Private));
+    for (std::size_t off = 0; off < file.size(); off += kPage) REQUIRE(read_byte(p + off) == pattern_byte(off));
+    const usermm::Stats s = only_vma(arena).stats;
+    CHECK(s.file_pages_read == 1024);
+    CHECK(s.major_faults < 1024 / 16);  // windows grow past the fault-around window
+    CHECK(s.readahead_hits == s.readahead_pages);
+    CHECK(s.readahead_wasted == 0);
+}
+
+TEST_CASE("WillNeed reads ahead of faults; DontNeed drops the pages and the next read is major again") {
+    TempFile file(64 * kPage);
+    Arena arena(1 << 24);
+    char* p = static_cast<char*>(arena.map_file(file.fd(), 0, file.size(), Prot::Read, Share::Private));
+    arena.advise(p, 32 * kPage, Advice::WillNeed);
+    CHECK(only_vma(arena).stats.file_pages_read == 32);
+    CHECK(read_byte(p + 3 * kPage) == pattern_byte(3 * kPage));
+    usermm::Stats s = only_vma(arena).stats;
+    CHECK(s.major_faults == 0);
+    CHECK(s.minor_faults == 1);
+    CHECK(s.readahead_hits >= 1);  // the fault-around window, as far as it lies in the VMA
+    arena.advise(p, file.size(), Advice::DontNeed);
+    CHECK(arena.stats().readahead_wasted == 32 - s.readahead_hits);
+    CHECK(read_byte(p + 3 * kPage) == pattern_byte(3 * kPage));
+    CHECK(arena.stats().major_faults == 1);
+    arena.verify();
+}
+
+TEST_CASE("bad arguments are refused with the argument named, and change nothing") {
+    TempFile file(4 * kPage);
+    Arena arena(1 << 24);
+    auto code = [](auto&& f) {
+        try {
+            f();
+        } catch (const usermm::Error& e) {
+            return e.code().value();
+        }
+        return 0;
+    };
+    CHECK(code([&] { arena.map_file(-1, 0, kPage, Prot::Read, Share::Private); }) == EBADF);
+    CHECK(code([&] { arena.map_file(file.fd(), 100, kPage, Prot::Read, Share::Private); }) == EINVAL);
+    const int ro = open(file.path().c_str(), O_RDONLY | O_CLOEXEC);
+    CHECK(code([&] { arena.map_file(ro, 0, kPage, Prot::ReadWrite, Share::Shared); }) == EACCES);
+    void* p = arena.map_file(ro, 0, kPage, Prot::Read, Share::Shared);
+    CHECK(code([&] { arena.protect(p, kPage, Prot::ReadWrite); }) == EACCES);
+    close(ro);  // usermm keeps its own descriptor
+    CHECK(read_byte(p) == pattern_byte(0));
+    CHECK(code([&] { arena.map_file("/nonexistent/usermm", 0, kPage, Prot::Read, Share::Private); }) == ENOENT);
+    CHECK(code([&] { arena.map_file("/tmp", 0, kPage, Prot::Read, Share::Private); }) == ENODEV);
+    CHECK(code([&] { arena.snapshot(); }) == ENOTSUP);
+    arena.verify();
+    CHECK(arena.vmas().size() == 1);
+}
