@@ -231,14 +231,17 @@ void detail::writeback(ArenaCore& a, Vma& v, Range part, const char* call) {
     PageCache& c = *v.file;
     const std::uint64_t eof = file_size(c, call);
     const std::size_t first = a.page_index(part.start), last = a.page_index(part.end);
-    auto dirty_prot = [&a](std::size_t i) {
+    // Write access goes first, so that the next write after the write-back is seen: one mprotect
+    // per run of mapped pages that holds a writable one (readable neighbours lose nothing).
+    auto mapped_as = [&a](std::size_t i) {
         const pte_t p = a.pte[i].load(kRelaxed);
-        return (p & kPteDirtyFile) ? int(pte_prot(p)) : kNoRun;
+        return pte_prot(p) ? int(pte_prot(p) & ~to_pte(Prot::Write)) : kNoRun;
     };
-    // Write access goes first, so that the next write after the write-back is seen.
-    for_each_run(first, last, dirty_prot, [&](std::size_t i, std::size_t j, int prot) {
-        if (!allows(Prot(prot), Prot::Write)) return;
-        const Prot next = Prot(prot) & ~Prot::Write;
+    for_each_run(first, last, mapped_as, [&](std::size_t i, std::size_t j, int prot) {
+        while (i < j && !(a.pte[i].load(kRelaxed) & to_pte(Prot::Write))) ++i;
+        while (j > i && !(a.pte[j - 1].load(kRelaxed) & to_pte(Prot::Write))) --j;
+        if (i == j) return;
+        const Prot next = Prot(prot);
         if (const int err = protect_run(a, i, j, next))
             fail(err, "{}: mprotect of [{:#x}, {:#x}) to {} failed", call, a.page_addr(i), a.page_addr(j), to_string(next));
         for (std::size_t k = i; k < j; ++k)

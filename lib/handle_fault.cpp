@@ -314,17 +314,27 @@ int filemap_fault(vm_fault& vmf, std::uint64_t f, std::uint64_t size, FileRead* 
 }
 
 // A read of a page the VMA has not mapped: the page and the pages of its fault-around window
-// that are in the page cache become readable (not writable, so that a write is still seen).
+// that are in the page cache become readable (not writable, so that a write is still seen). A
+// sequential reader, whose readahead window has grown past fault-around, gets the pages read ahead
+// of it mapped at once, all but the last fault-around window: the fault there reads the next
+// window while the reader still has pages to go (filemap_fault), as the kernel's readahead marker
+// starts the next read before the reader reaches the end of the current one.
 FaultResult do_read_fault(vm_fault& vmf, pte_t cur) {
     ArenaCore& arena = *vmf.arena;
+    const Vma& vma = *vmf.vma;
     const std::size_t page = arena.page_index(vmf.address);
-    const std::size_t window = std::max<std::size_t>(vmf.vma->fault_around_pages, 1);
+    const std::size_t window = std::max<std::size_t>(vma.fault_around_pages, 1);
     const std::size_t into = (vmf.address >> g_page_shift) % window;
-    const PageRange vr = vma_pages(arena, *vmf.vma);
-    const PageRange limit{std::max(page >= into ? page - into : 0, vr.first), std::min(page - into + window, vr.last)};
+    std::size_t last = page - into + window;
+    if (vma.advice != Advice::Random && vma.ra_window.load(kRelaxed) > window) {
+        const std::uint64_t f = vma.file_page(vmf.address), next = vma.ra_next.load(kRelaxed);
+        if (next > f + window) last = std::max<std::size_t>(last, page + std::size_t(next - f) - window);
+    }
+    const PageRange vr = vma_pages(arena, vma);
+    const PageRange limit{std::max(page >= into ? page - into : 0, vr.first), std::min(last, vr.last)};
     const PageRange r =
         lock_neighbours(arena, {page, page + 1}, limit, cur, [&vmf](std::size_t i) { return page_ready(vmf, i); });
-    return install_or_degrade(vmf, r, grant_for(Access::Read, vmf.vma->prot), cur, FaultKind::File);
+    return install_or_degrade(vmf, r, grant_for(Access::Read, vma.prot), cur, FaultKind::File);
 }
 
 // A write to a page of a private file VMA: it becomes writable, and the kernel copies the page
