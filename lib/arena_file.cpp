@@ -313,8 +313,12 @@ void detail::read_file_pages(ArenaCore& a, Vma& v, Range part, const char* call,
         const FileRange window{p, std::min({p + kMaxRead, want.last, eof, chunk_end})};
         FileRead rd;
         const int err = filemap_read(c, window.last, window, size, &rd);
-        if (err && must)
-            fail(err, "{}: reading '{}' at offset {:#x} failed", call, c.path, p << g_page_shift);
+        if (err && must) {
+            account_file_read(a, v, pages + (rd.pages.last - rd.pages.first), bytes + rd.bytes);
+            if (err == ENODATA)
+                fail(EIO, "{}: short read of '{}' at offset {:#x} (the file ended early)", call, c.path, rd.at + rd.bytes);
+            fail(err, "{}: reading '{}' at offset {:#x} failed", call, c.path, rd.at + rd.bytes);
+        }
         pages += rd.pages.last - rd.pages.first;
         bytes += rd.bytes;
         p = std::max(p + 1, rd.pages.last);

@@ -41,6 +41,25 @@ bool try_lock_empty(PageCache& cache, std::uint64_t page) {
     return cache.state(page).compare_exchange_strong(empty, kCacheLocked, kAcquire, kRelaxed);
 }
 
+// Reads the locked pages r into the cache: the window ends where fstat saw the end of the file, and
+// the last page may be partial. Returns the end of the pages read whole (or up to the end of the
+// file, the rest of that page zeroed, like the kernel's); reading less than fstat promised means
+// the file shrank meanwhile or the file system failed, and only what was read whole counts.
+std::uint64_t read_range(PageCache& cache, FileRange r, std::uint64_t eof_bytes, FileRead* out) {
+    const std::uint64_t at = r.first << g_page_shift;
+    const std::uint64_t end = std::min(r.last << g_page_shift, eof_bytes);
+    std::byte* dst = cache.view(r.first, g_page_shift);
+    std::size_t got = 0;
+    out->err = page_read_file(cache.fd, dst, std::size_t(end - at), at, &got);
+    out->at = at;
+    out->wanted = end - at;
+    out->bytes = got;
+    const std::uint64_t complete = at + got;
+    if (complete < end) return complete >> g_page_shift;
+    if (end % g_page_size) std::memset(dst + (end - at), 0, g_page_size - end % g_page_size);
+    return r.last;
+}
+
 }  // namespace
 
 FileRange readahead_window(const Vma& vma, std::uint64_t page, FileRange around, std::uint64_t eof) {
@@ -83,30 +102,22 @@ int filemap_read(PageCache& cache, std::uint64_t need, FileRange window, std::ui
     while (r.first > window.first && try_lock_empty(cache, r.first - 1)) --r.first;
     while (r.last < window.last && try_lock_empty(cache, r.last)) ++r.last;
 
-    // The window ends where fstat saw the end of the file; the last page may be partial.
-    const std::uint64_t at = r.first << g_page_shift;
-    const std::uint64_t end = std::min(r.last << g_page_shift, eof_bytes);
-    std::byte* dst = cache.view(r.first, g_page_shift);
-    std::size_t got = 0;
-    int err = page_read_file(cache.fd, dst, std::size_t(end - at), at, &got);
-    out->at = at;
-    out->wanted = end - at;
-    out->bytes = got;
-    // Reading less than fstat promised means the file shrank meanwhile or the file system failed:
-    // only the pages read whole count, and the needed one must be among them.
-    const std::uint64_t complete = at + got;
-    const std::uint64_t last = complete == end ? r.last : complete >> g_page_shift;
-    if (!err && (needed ? need >= last : last == r.first)) err = EIO;
-    if (err) {
-        for (std::uint64_t p = r.first; p < r.last; ++p) cache.state(p).store(0, kRelease);
-        return err;
+    std::uint64_t last = read_range(cache, r, eof_bytes, out);
+    int err = out->err;
+    if (needed && need >= last && r.last - r.first > 1) {
+        // The window failed before the needed page: as the kernel does, the needed page is then
+        // read alone, and only its own failure is the fault's.
+        for (std::uint64_t p = r.first; p < r.last; ++p)
+            if (p != need) cache.state(p).store(0, kRelease);
+        r = {need, need + 1};
+        last = read_range(cache, r, eof_bytes, out);
+        err = out->err;
     }
-    // The file ends inside the last page: the rest of it reads as zeros, like the kernel's.
-    if (complete == end && end % g_page_size) std::memset(dst + (end - at), 0, g_page_size - end % g_page_size);
     for (std::uint64_t p = r.first; p < r.last; ++p)
         cache.state(p).store(p >= last ? 0 : (p == need ? kCacheFilled : kCacheFilled | kCacheReadahead), kRelease);
-    out->pages = {r.first, last};
+    out->pages = {r.first, std::max(r.first, last)};
     out->need_read = needed && need < last;
+    if (needed ? !out->need_read : last <= r.first) return err ? err : ENODATA;
     return 0;
 }
 

@@ -22,6 +22,7 @@ struct FileRead {
     std::uint64_t bytes = 0;      // bytes read from the file
     std::uint64_t wanted = 0;     // bytes the read asked for
     std::uint64_t at = 0;         // file offset of the read
+    int err = 0;                  // errno of the read system call, if it failed
     bool need_read = false;       // this read filled `need` (a major fault, for a fault)
 };
 
@@ -35,10 +36,12 @@ FileRange readahead_window(const Vma& vma, std::uint64_t page, FileRange around,
 // Makes file page `need` of the window filled: reads every page of `window` around `need` that is
 // neither filled nor being read, in one read, into the cache, unless another thread fills `need`
 // meanwhile (then waits for it and reads nothing). Pages other than `need` are marked read-ahead.
+// If the read fails or ends early before `need`, `need` is read again alone. Only pages read whole
+// (or up to the end of the file) become filled.
 // `need` == window.last means "no page is needed": a readahead of whatever of the window is free.
 // `eof_bytes` is the file's size; the window must end at or before the page that contains its end.
-// Returns 0, or the errno of the read (EIO for a short read: the file ended before fstat said).
-// On an error no page of the window is filled.
+// Returns 0 once `need` (or, for a readahead, some page) is filled; else the errno of the read, or
+// ENODATA for a short read (the file ended before fstat said).
 int filemap_read(PageCache& cache, std::uint64_t need, FileRange window, std::uint64_t eof_bytes, FileRead* out);
 
 // Records a read for the VMA's readahead state: the next sequential fault will be at its end.

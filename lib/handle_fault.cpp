@@ -363,9 +363,8 @@ FaultResult do_file_fault(vm_fault& vmf, pte_t cur) {
     if (pte_prot(cur) != 0) return do_upgrade_fault(vmf, cur);  // the content is mapped already
     FileRead failed;
     if (const int err = filemap_fault(vmf, f, size, &failed)) {
-        if (err == EIO && failed.bytes < failed.wanted && failed.wanted)
-            return file_bus_error(vmf, cur, "short read of", failed.at + failed.bytes, 0);
-        return file_bus_error(vmf, cur, "reading", f << g_page_shift, err);
+        if (err == ENODATA) return file_bus_error(vmf, cur, "short read of", failed.at + failed.bytes, 0);
+        return file_bus_error(vmf, cur, "reading", failed.at + failed.bytes, err);
     }
     if (vmf.access != Access::Write) return do_read_fault(vmf, cur);
     return vma.share == Share::Shared ? do_shared_fault(vmf, cur) : do_cow_fault(vmf, cur);
