@@ -247,11 +247,13 @@ Arena::~Arena() {
     a.lock.lock();  // faults already inside the arena finish first
     // Nothing written to a shared file VMA is lost silently: what cannot be written is reported.
     for (Vma& v : a.tree) {
+        if (!v.file) continue;
         try {
             writeback(a, v, {v.start, v.end}, "usermm::Arena::~Arena");
-        } catch (const Error& e) {
+        } catch (const std::exception& e) {
             std::fprintf(stderr, "usermm: %s; the data is lost with the arena\n", e.what());
         }
+        forget_file_users(a, v);
     }
     // Snapshots outlive their arena: they take every page they still read from it.
     for (std::size_t i = 0; i < a.snapshot_count; ++i) {
@@ -314,9 +316,13 @@ void* Arena::map(std::size_t length, Prot prot, const MapOptions& options) {
     if (options.huge_pages) {
         if (const int err = page_advise_huge(start, len))
             fail(err, "{}: MADV_HUGEPAGE on addr {:#x} length {:#x} failed", call, start, length);
-        // The advice is a VMA flag: the kernel splits the reservation at both ends, for good
-        // (no advice returns a range to the default), which the page states cannot show.
-        map_budget_charge(a, 2);
+        // The advice is a VMA flag: the kernel splits the reservation at both ends, for good (no
+        // advice returns a range to the default), which the protections cannot show: edge marks do.
+        const std::size_t first = a.page_index(start), last = a.page_index(start + len);
+        map_budget_charge(a, long(!(a.pte[first].load() & kPteEdge)) +
+                                 long(last < a.page_index(a.end) && !(a.pte[last].load() & kPteEdge)));
+        a.pte[first].fetch_or(kPteEdge);
+        if (last < a.page_index(a.end)) a.pte[last].fetch_or(kPteEdge);
     }
     vma->start = start;
     vma->end = start + len;
@@ -367,16 +373,24 @@ void Arena::unmap(void* addr, std::size_t length) {
     split_at(a, r.start, lower_spare);
     split_at(a, r.end, upper_spare);
     bool file = false;
+    int file_err = 0;
+    Range failed{};
     for (Vma* v : covering_vmas(a, call, r)) {
         if (v->file) {
-            unmap_file_part(a, *v, {v->start, v->end}, call);
             file = true;
+            if (const int err = unmap_file_part(a, *v, {v->start, v->end}); err && !file_err) {
+                file_err = err;
+                failed = {v->start, v->end};
+            }
         }
         a.tree.erase(a.tree.iterator_to(*v));
         vma_free(&a, v);
     }
-    if (file) recount_kernel_maps(a);
     a.last_hit.store(nullptr, std::memory_order_relaxed);
+    if (file) recount_kernel_maps(a);
+    if (file_err)
+        fail(file_err, "{}: [{:#x}, {:#x}) is unmapped but could not become the arena's reservation again", call,
+             failed.start, failed.end);
 }
 
 void Arena::prefault(void* addr, std::size_t length, Prot access) {

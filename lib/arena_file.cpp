@@ -38,11 +38,12 @@ struct CacheUser {
 
 struct CacheEntry {
     std::unique_ptr<PageCache> cache;
-    std::atomic<std::size_t> vmas{0};  // VMA nodes referring to the cache
     std::vector<CacheUser> users;
     bool forked = false;  // a fork() copied its memfd's mappings into another process
 };
 
+// Everything here is under the mutex, except PageCache::refs, which a split of a VMA (holding one
+// reference already) raises without it.
 struct CacheRegistry {
     std::mutex mutex;
     std::vector<std::unique_ptr<CacheEntry>> entries;
@@ -53,6 +54,7 @@ CacheRegistry& caches() {
     return *r;
 }
 
+// Under the registry's mutex.
 CacheEntry& entry_of(const PageCache* c) {
     for (auto& e : caches().entries)
         if (e->cache.get() == c) return *e;
@@ -65,6 +67,8 @@ void close_fd(int& fd) {
 }
 
 std::size_t chunk_bytes() { return std::size_t(PageCache::kChunkPages) << g_page_shift; }
+constexpr std::size_t kStateBytes = PageCache::kChunkPages * sizeof(cache_state_t);
+constexpr long kMapsPerChunk = 2;  // the view and the state table, outside every arena
 
 // Gives the cache chunks for file pages [0, last).
 void add_chunks(PageCache& c, std::uint64_t last, const char* call) {
@@ -78,7 +82,7 @@ void add_chunks(PageCache& c, std::uint64_t last, const char* call) {
         void* state = nullptr;
         if (const int err = page_map_view(c.memfd, std::uint64_t(k) * chunk_bytes(), chunk_bytes(), &view))
             fail(err, "{}: cannot map the page cache of '{}'", call, c.path);
-        if (const int err = page_alloc_shared_table(PageCache::kChunkPages * sizeof(cache_state_t), &state)) {
+        if (const int err = page_alloc_shared_table(kStateBytes, &state)) {
             page_release(addr_of(view), chunk_bytes());
             fail(err, "{}: cannot allocate the page cache state of '{}'", call, c.path);
         }
@@ -86,9 +90,11 @@ void add_chunks(PageCache& c, std::uint64_t last, const char* call) {
         chunk->state = static_cast<std::atomic<cache_state_t>*>(state);
         c.chunks[k].store(chunk.release(), std::memory_order_release);
         c.chunk_count = k + 1;
+        map_budget_charge_process(kMapsPerChunk);
     }
 }
 
+// Frees what the cache holds; read-ahead pages never mapped count as wasted (into `a` if known).
 void destroy(ArenaCore* a, PageCache& c) {
     std::uint64_t wasted = 0;
     for (std::size_t k = 0; k < c.chunk_count; ++k) {
@@ -96,13 +102,26 @@ void destroy(ArenaCore* a, PageCache& c) {
         for (std::uint64_t i = 0; i < PageCache::kChunkPages; ++i)
             wasted += (chunk->state[i].load(kRelaxed) & kCacheReadahead) != 0;
         page_release(addr_of(chunk->view), chunk_bytes());
-        page_release(addr_of(chunk->state), PageCache::kChunkPages * sizeof(cache_state_t));
+        page_release(addr_of(chunk->state), kStateBytes);
         delete chunk;
     }
+    map_budget_charge_process(-kMapsPerChunk * long(c.chunk_count));
     account_readahead_wasted(a, nullptr, wasted);
+    int write_fd = c.write_fd.exchange(-1);
     close_fd(c.fd);
-    close_fd(c.write_fd);
+    close_fd(write_fd);
     close_fd(c.memfd);
+}
+
+// usermm's own descriptor of the file open as `fd`: a new open file description (through
+// /proc/self/fd), so that the caller's O_APPEND, O_DIRECT or O_NONBLOCK never apply to usermm's
+// reads and write-back, and the caller's later fcntl() cannot change them.
+int reopen(int fd, bool writable, const std::string& path, const char* call) {
+    char link[64];
+    std::snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    const int own = open(link, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
+    if (own < 0) fail(errno, "{}: cannot open fd {} ('{}') again for usermm's own use", call, fd, path);
+    return own;
 }
 
 // The cache of the file open as `fd` (created on first use), with chunks up to file page `last`
@@ -122,8 +141,7 @@ PageCache& cache_get(int fd, const std::string& path, bool writable, std::uint64
         c.dev = st.st_dev;
         c.ino = st.st_ino;
         std::snprintf(c.path, sizeof c.path, "%s", path.c_str());
-        c.fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
-        if (c.fd < 0) fail(errno, "{}: cannot duplicate fd {} ('{}')", call, fd, path);
+        c.fd = reopen(fd, false, path, call);
         const std::string name = "usermm:" + path.substr(path.find_last_of('/') + 1);
         if (const int err = page_memfd_create(name.c_str(), 0, &c.memfd)) {
             close_fd(c.fd);
@@ -135,37 +153,41 @@ PageCache& cache_get(int fd, const std::string& path, bool writable, std::uint64
     PageCache& c = *e->cache;
     try {
         add_chunks(c, last, call);
-        if (writable && c.write_fd < 0) {
-            c.write_fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
-            if (c.write_fd < 0) fail(errno, "{}: cannot duplicate fd {} ('{}')", call, fd, path);
-        }
+        if (writable && c.write_fd.load() < 0) c.write_fd.store(reopen(fd, true, path, call));
     } catch (...) {
-        if (e->vmas.load() == 0) {
-            // Nobody else uses the fresh cache: it goes again. No arena counts it yet.
-            for (std::size_t k = 0; k < c.chunk_count; ++k) {
-                PageCache::Chunk* chunk = c.chunks[k].load(kRelaxed);
-                page_release(addr_of(chunk->view), chunk_bytes());
-                page_release(addr_of(chunk->state), PageCache::kChunkPages * sizeof(cache_state_t));
-                delete chunk;
-            }
-            close_fd(c.fd);
-            close_fd(c.write_fd);
-            close_fd(c.memfd);
+        if (c.refs.load() == 0) {  // a fresh cache nobody uses: it goes again
+            destroy(nullptr, c);
             std::erase_if(reg.entries, [e](const auto& x) { return x.get() == e; });
         }
         throw;
     }
-    e->vmas.fetch_add(1);
+    c.refs.fetch_add(1);
     return c;
 }
 
 void cache_put(ArenaCore* a, PageCache* c) {
     CacheRegistry& reg = caches();
     std::lock_guard lock(reg.mutex);
-    CacheEntry& e = entry_of(c);
-    if (e.vmas.fetch_sub(1) != 1) return;
+    if (c->refs.fetch_sub(1) != 1) return;
     destroy(a, *c);
-    std::erase_if(reg.entries, [&e](const auto& x) { return x.get() == &e; });
+    std::erase_if(reg.entries, [c](const auto& x) { return x->cache.get() == c; });
+}
+
+// Forgets that arena `a` shows [r.start, r.end) of the cache's file (unmap, destruction).
+void forget_users(const ArenaCore& a, const PageCache* c, Range r) {
+    CacheRegistry& reg = caches();
+    std::lock_guard lock(reg.mutex);
+    std::vector<CacheUser>& users = entry_of(c).users;
+    std::vector<CacheUser> kept;
+    for (const CacheUser& u : users) {
+        if (u.arena != &a || u.end <= r.start || u.start >= r.end) {
+            kept.push_back(u);
+            continue;
+        }
+        if (u.start < r.start) kept.push_back({u.arena, u.start, r.start, u.pgoff});
+        if (u.end > r.end) kept.push_back({u.arena, r.end, u.end, u.pgoff + ((r.end - u.start) >> g_page_shift)});
+    }
+    users = std::move(kept);
 }
 
 std::string fd_path(int fd) {
@@ -205,7 +227,7 @@ void detail::vma_copy_file(Vma& to, const Vma& from) {
     to.readahead_max = from.readahead_max;
     to.ra_next.store(from.ra_next.load(kRelaxed), kRelaxed);
     to.ra_window.store(from.ra_window.load(kRelaxed), kRelaxed);
-    if (to.file) entry_of(to.file).vmas.fetch_add(1);
+    if (to.file) to.file->refs.fetch_add(1);
 }
 
 void detail::refuse_file_vmas(ArenaCore& a, const char* call, Range r) {
@@ -312,7 +334,9 @@ void detail::read_file_pages(ArenaCore& a, Vma& v, Range part, const char* call,
         const std::uint64_t chunk_end = (p & ~(PageCache::kChunkPages - 1)) + PageCache::kChunkPages;
         const FileRange window{p, std::min({p + kMaxRead, want.last, eof, chunk_end})};
         FileRead rd;
-        const int err = filemap_read(c, window.last, window, size, &rd);
+        // With `must`, page p is needed: a read of it by another thread (a fault in another arena)
+        // is waited for, and the loop sees p filled next, or reads it itself.
+        const int err = filemap_read(c, must ? p : window.last, window, size, &rd);
         if (err && must) {
             account_file_read(a, v, pages + (rd.pages.last - rd.pages.first), bytes + rd.bytes);
             if (err == ENODATA)
@@ -321,50 +345,37 @@ void detail::read_file_pages(ArenaCore& a, Vma& v, Range part, const char* call,
         }
         pages += rd.pages.last - rd.pages.first;
         bytes += rd.bytes;
-        p = std::max(p + 1, rd.pages.last);
+        p = must ? std::max(p, rd.pages.last) : std::max(p + 1, rd.pages.last);
     }
     account_file_read(a, v, pages, bytes);
 }
 
-void detail::unmap_file_part(ArenaCore& a, Vma& v, Range part, const char* call) {
-    if (const int err = page_reserve_fixed(part.start, part.end - part.start))
-        fail(err, "{}: cannot give [{:#x}, {:#x}) back to the arena's reservation", call, part.start, part.end);
-    if (tracking_engine() == TrackingEngine::Uffd)
-        if (const int err = uffd_register(part.start, part.end - part.start))
-            fail(err, "{}: cannot register [{:#x}, {:#x}) with userfaultfd", call, part.start, part.end);
+int detail::unmap_file_part(ArenaCore& a, Vma& v, Range part) {
+    if (const int err = page_reserve_fixed(part.start, part.end - part.start)) return err;
     const std::size_t first = a.page_index(part.start), last = a.page_index(part.end);
     for (std::size_t i = first; i < last; ++i) a.pte[i].fetch_and(pte_t(~(kPteFile | kPteEdge)), kRelaxed);
     // The fresh piece has an anon_vma of its own: it never merges with the arena's other pieces.
     a.pte[first].fetch_or(kPteEdge, kRelaxed);
     if (last < a.page_index(a.end)) a.pte[last].fetch_or(kPteEdge, kRelaxed);
-    CacheRegistry& reg = caches();
-    std::lock_guard lock(reg.mutex);
-    std::vector<CacheUser>& users = entry_of(v.file).users;
-    std::vector<CacheUser> kept;
-    for (const CacheUser& u : users) {
-        if (u.arena != &a || u.end <= part.start || u.start >= part.end) {
-            kept.push_back(u);
-            continue;
-        }
-        if (u.start < part.start) kept.push_back({u.arena, u.start, part.start, u.pgoff});
-        if (u.end > part.end)
-            kept.push_back({u.arena, part.end, u.end, u.pgoff + ((part.end - u.start) >> g_page_shift)});
-    }
-    users = std::move(kept);
+    forget_users(a, v.file, part);
+    if (tracking_engine() == TrackingEngine::Uffd) return uffd_register(part.start, part.end - part.start);
+    return 0;
 }
+
+void detail::forget_file_users(const ArenaCore& a, const Vma& v) { forget_users(a, v.file, {v.start, v.end}); }
 
 void detail::drop_cached_pages(ArenaCore& a, Vma& v, Range part) {
     PageCache& c = *v.file;
     const FileRange mine = file_pages(v, part);
-    {
-        CacheRegistry& reg = caches();
-        std::lock_guard lock(reg.mutex);
-        const CacheEntry& e = entry_of(&c);
-        if (e.forked) return;
-        for (const CacheUser& u : e.users) {
-            const bool this_range = u.arena == &a && u.start <= part.start && u.end >= part.end;
-            if (!this_range && u.first_page() < mine.last && u.last_page() > mine.first) return;
-        }
+    // Under the mutex throughout: another VMA of the file registers itself (map_file) before it
+    // can fault, so none can map these pages while they go.
+    CacheRegistry& reg = caches();
+    std::lock_guard lock(reg.mutex);
+    const CacheEntry& e = entry_of(&c);
+    if (e.forked) return;
+    for (const CacheUser& u : e.users) {
+        const bool this_range = u.arena == &a && u.start <= part.start && u.end >= part.end;
+        if (!this_range && u.first_page() < mine.last && u.last_page() > mine.first) return;
     }
     if (page_memfd_punch(c.memfd, mine.first << g_page_shift, (mine.last - mine.first) << g_page_shift) != 0) return;
     std::uint64_t wasted = 0;
@@ -453,14 +464,19 @@ void* Arena::map_file_as(int fd, const std::string& path, std::uint64_t offset, 
         if (a.snapshots[k]->first < last && a.snapshots[k]->last > first)
             fail(EBUSY, "{}: range [{:#x}, {:#x}) is inside live snapshot {}; snapshots cover anonymous memory only",
                  call, start, start + len, a.snapshots[k]->sequence);
+    const std::size_t npages = a.page_index(a.end);
     if (const int err = page_map_file_fixed(start, len, cache.memfd, offset, share == Share::Shared)) {
-        page_reserve_fixed(start, len);
+        // Whatever the kernel left there becomes reservation again, a piece of its own.
+        const int again = page_reserve_fixed(start, len);
+        a.pte[first].fetch_or(kPteEdge, kRelaxed);
+        if (last < npages) a.pte[last].fetch_or(kPteEdge, kRelaxed);
         recount_kernel_maps(a);
+        if (again) fail(again, "{}: [{:#x}, {:#x}) is lost to the arena after a failed mmap", call, start, start + len);
         fail(err, "{}: cannot map the page cache of '{}' at {:#x}", call, path, start);
     }
     for (std::size_t i = first; i < last; ++i) a.pte[i].fetch_or(kPteFile, kRelaxed);
     a.pte[first].fetch_or(kPteEdge, kRelaxed);
-    if (last < a.page_index(a.end)) a.pte[last].fetch_or(kPteEdge, kRelaxed);
+    if (last < npages) a.pte[last].fetch_or(kPteEdge, kRelaxed);
     recount_kernel_maps(a);
     {
         CacheRegistry& reg = caches();

@@ -11,9 +11,9 @@
 namespace usermm::detail {
 
 // Deletes a VMA node of arena `a` (null once the arena is gone), dropping its reference to its
-// page cache. Any lock.
+// page cache (which takes the registry's mutex).
 void vma_free(ArenaCore* a, Vma* v);
-// A new node shares the page cache of `from` (a split). Any lock.
+// A new node shares the page cache of `from` (a split): one more reference, no mutex.
 void vma_copy_file(Vma& to, const Vma& from);
 
 // Throws ENOTSUP if [r.start, r.end) holds a file VMA: snapshots, restore and collect_dirty cover
@@ -26,10 +26,13 @@ void writeback(ArenaCore& a, Vma& v, Range part, const char* call);
 // a page cannot be read or lies past the end of the file; without, reads what it can (advice).
 void read_file_pages(ArenaCore& a, Vma& v, Range part, const char* call, bool must);
 // After the pages of `part` were made PROT_NONE and discarded: gives the range back to the arena's
-// anonymous reservation (unmap), or, for advice, drops the page cache's copies if no other VMA in
+// anonymous reservation (unmap; returns 0 or the errno of a step that failed, after which the PTEs
+// still agree with the kernel), or, for advice, drops the page cache's copies if no other VMA in
 // the process maps them.
-void unmap_file_part(ArenaCore& a, Vma& v, Range part, const char* call);
+int unmap_file_part(ArenaCore& a, Vma& v, Range part);
 void drop_cached_pages(ArenaCore& a, Vma& v, Range part);
+// The arena is going: its VMA no longer shows the file.
+void forget_file_users(const ArenaCore& a, const Vma& v);
 
 // Recounts the arena's kernel VMAs from /proc/self/maps, after a change the PTEs cannot predict.
 void recount_kernel_maps(ArenaCore& a);

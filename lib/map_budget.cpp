@@ -80,6 +80,8 @@ void map_budget_after_fork(ArenaCore& arena, long kernel_maps) {
     map_budget_charge(arena, kernel_maps - arena.kernel_maps.load(std::memory_order_relaxed));
 }
 
+void map_budget_charge_process(long delta) { g_used.fetch_add(delta, std::memory_order_relaxed); }
+
 void map_budget_charge(ArenaCore& arena, long delta) {
     g_used.fetch_add(delta, std::memory_order_relaxed);
     arena.kernel_maps.fetch_add(delta, std::memory_order_relaxed);

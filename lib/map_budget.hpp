@@ -2,7 +2,8 @@
 //
 // Every mprotect of part of a mapping splits a kernel VMA, and a process may hold vm.max_map_count
 // of them. usermm counts the kernel VMAs its arenas consist of, from the per-page state alone: in
-// an arena, a kernel VMA boundary lies wherever two neighbouring pages have different protections.
+// an arena, a kernel VMA boundary lies wherever two neighbouring pages have different protections
+// or backings (file or anonymous), and wherever a page carries an edge mark.
 // A fault that would take the count past the budget is resolved coarsely instead (see
 // do_degraded_fault), which merges kernel VMAs rather than splitting them.
 #pragma once
@@ -27,6 +28,8 @@ long map_count_delta(const ArenaCore& arena, std::size_t first, std::size_t last
 bool map_budget_try_charge(ArenaCore& arena, long delta);
 // Records `delta` whatever the limit: for changes the program asked for, and for degraded faults.
 void map_budget_charge(ArenaCore& arena, long delta);
+// The same for usermm's mappings outside every arena (the page caches' views and state tables).
+void map_budget_charge_process(long delta);
 
 // API world, in a forked child: the kernel gives each of the child's VMAs an anon_vma of its own, so
 // the pieces the child inherited never merge again. From then on only the boundaries a change

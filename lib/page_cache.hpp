@@ -31,7 +31,7 @@ inline constexpr std::size_t kPathMax = 256;
 struct PageCache {
     static constexpr unsigned kChunkShift = 18;  // pages per chunk: 1 GiB of file at 4 KiB pages
     static constexpr std::uint64_t kChunkPages = std::uint64_t(1) << kChunkShift;
-    static constexpr std::size_t kMaxChunks = std::size_t(1) << 14;  // files up to 16 TiB at 4 KiB
+    static constexpr std::size_t kMaxChunks = std::size_t(1) << 12;  // files up to 4 TiB at 4 KiB
 
     struct Chunk {
         std::atomic<cache_state_t>* state = nullptr;  // kChunkPages entries
@@ -40,14 +40,15 @@ struct PageCache {
 
     dev_t dev = 0;
     ino_t ino = 0;
-    int fd = -1;        // read side, usermm's own descriptor
-    int write_fd = -1;  // opened for writing, once a writable shared VMA needs it; else -1
+    int fd = -1;  // read side, usermm's own descriptor
+    // Opened for writing once a writable shared VMA needs it (then never changes); else -1.
+    std::atomic<int> write_fd{-1};
     int memfd = -1;
     char path[kPathMax] = {};  // for diagnostics, truncated
     std::atomic<Chunk*> chunks[kMaxChunks] = {};
-    // API world only, under the registry's mutex.
-    std::size_t vmas = 0;  // file VMAs that refer to this cache
-    std::size_t chunk_count = 0;
+    // API world only.
+    std::atomic<std::size_t> refs{0};  // VMA nodes that refer to this cache
+    std::size_t chunk_count = 0;       // under the registry's mutex
 
     std::atomic<cache_state_t>& state(std::uint64_t page) const {
         return chunks[page >> kChunkShift].load(std::memory_order_acquire)->state[page & (kChunkPages - 1)];

@@ -39,13 +39,21 @@ int page_reserve(std::size_t len, void** out) {
     return 0;
 }
 
+namespace {
+// The one write that gives a fresh private mapping its anon_vma goes through /proc/self/mem, so the
+// mapping is PROT_NONE from the start: no other thread can slip a write in meanwhile.
+int write_once_and_discard(void* p) {
+    const char zero = 0;
+    if (const int err = page_write_raw(reinterpret_cast<std::uintptr_t>(p), &zero, 1)) return err;
+    return madvise(p, g_page_size, MADV_DONTNEED) == 0 ? 0 : errno;
+}
+}  // namespace
+
 int page_reserve_fixed(std::uintptr_t addr, std::size_t len) {
-    void* p = mmap(reinterpret_cast<void*>(addr), len, PROT_READ | PROT_WRITE,
+    void* p = mmap(reinterpret_cast<void*>(addr), len, PROT_NONE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
     if (p == MAP_FAILED) return errno;
-    *static_cast<volatile char*>(p) = 0;
-    if (madvise(p, g_page_size, MADV_DONTNEED) != 0 || mprotect(p, len, PROT_NONE) != 0) return errno;
-    return 0;
+    return write_once_and_discard(p);
 }
 
 int page_alloc_table(std::size_t len, void** out) {
@@ -219,11 +227,8 @@ int page_map_view(int memfd, std::uint64_t off, std::size_t len, void** out) {
 int page_map_file_fixed(std::uintptr_t addr, std::size_t len, int memfd, std::uint64_t off, bool shared) {
     void* want = reinterpret_cast<void*>(addr);
     const int flags = (shared ? MAP_SHARED : MAP_PRIVATE) | MAP_FIXED | MAP_NORESERVE;
-    if (shared) return mmap(want, len, PROT_NONE, flags, memfd, off_t(off)) == MAP_FAILED ? errno : 0;
-    if (mmap(want, len, PROT_READ | PROT_WRITE, flags, memfd, off_t(off)) == MAP_FAILED) return errno;
-    *static_cast<volatile char*>(want) = 0;  // a private copy of the first page, dropped again below
-    if (madvise(want, g_page_size, MADV_DONTNEED) != 0 || mprotect(want, len, PROT_NONE) != 0) return errno;
-    return 0;
+    if (mmap(want, len, PROT_NONE, flags, memfd, off_t(off)) == MAP_FAILED) return errno;
+    return shared ? 0 : write_once_and_discard(want);  // a private copy of the first page, dropped again
 }
 
 namespace {

@@ -225,9 +225,14 @@ public:
     // A VMA showing `length` bytes of a file from `offset` (page-aligned), like mmap(2) of the file:
     // pages are read on first access (major faults), with fault-around and readahead. The file
     // must be a regular file opened for reading, and for writing too if the VMA is Shared and
-    // writable. usermm keeps its own descriptor: the caller may close `fd` at once. A page wholly
-    // past the end of the file (at the time of the access) raises SIGBUS, as does an I/O error
-    // while reading it; the part of the last page past the end reads as zeros.
+    // writable. usermm opens its own descriptor of the file: the caller may close `fd` at once, and
+    // its O_APPEND or O_DIRECT do not apply to usermm's I/O. An access to a page not mapped yet that
+    // lies wholly past the end of the file (as fstat says at that fault) raises SIGBUS, as does an
+    // I/O error while reading it; the part of the last page past the end reads as zeros. Pages
+    // already mapped stay readable after the file is truncated (usermm cannot see a truncation).
+    // usermm's page cache is its own: a write to the file by other means (write(2), another
+    // process) is not seen by pages it has read already, until they are dropped (DontNeed, or the
+    // last VMA of the file goes).
     void* map_file(int fd, std::uint64_t offset, std::size_t length, Prot prot, Share share,
                    const MapOptions& options = {});
     // The same, opening `path` itself (read-only, or read-write for a writable shared VMA).
@@ -235,7 +240,9 @@ public:
                    const MapOptions& options = {});
     // Like msync(MS_SYNC): the dirty pages of shared file VMAs in the range are written to their
     // files (neighbours coalesced into one write) and made durable (fdatasync), then count as clean
-    // and lose write access so that the next write is seen. On an error (EIO, ENOSPC, EFBIG) it
+    // and lose write access so that the next write is seen. Dirtiness is per VMA: a page written
+    // through another shared VMA of the same file is written by that VMA's sync (or unmap), though
+    // this one writes the page's current content whenever it writes the page. On an error (EIO, ENOSPC, EFBIG) it
     // throws, naming the file and the byte range; the pages that were not written stay dirty, so a
     // later sync can write them. The range must lie inside VMAs; anonymous VMAs in it are skipped.
     void sync(void* addr, std::size_t length);
