@@ -8,7 +8,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
+#include <memory>
+#include <thread>
 #include <cstdint>
 #include <cstring>
 #include <random>
@@ -16,6 +19,8 @@
 #include <vector>
 
 #include "file_test_util.hpp"
+#include "map_budget.hpp"
+#include "page_ops.hpp"
 #include "test_util.hpp"
 
 namespace {
@@ -222,4 +227,75 @@ TEST_CASE("bad arguments are refused with the argument named, and change nothing
     CHECK(code([&] { arena.snapshot(); }) == ENOTSUP);
     arena.verify();
     CHECK(arena.vmas().size() == 1);
+}
+
+namespace {
+std::atomic<bool> g_slow_reads{false};
+thread_local bool t_slow_thread = false;
+
+long slow_read(int fd, void* buf, std::size_t len, std::uint64_t off) {
+    if (g_slow_reads.load() && t_slow_thread) usleep(300000);
+    return long(pread(fd, buf, len, off_t(off)));
+}
+}  // namespace
+
+// Once a bug: prefault() in one arena granted a page that a fault in another arena was still reading
+// into the shared page cache, and the page read as zeros.
+TEST_CASE("prefault waits for a page another arena is reading, and never grants it half-read") {
+    TempFile file(4 * kPage);
+    Arena a(1 << 24), b(1 << 24);
+    char* p = static_cast<char*>(a.map_file(file.fd(), 0, file.size(), Prot::Read, Share::Private, {.fault_around_pages = 1}));
+    char* q = static_cast<char*>(b.map_file(file.fd(), 0, file.size(), Prot::Read, Share::Private, {.fault_around_pages = 1}));
+    usermm::detail::set_file_io_hooks(slow_read, nullptr);
+    g_slow_reads = true;
+    std::thread reader([&] {
+        t_slow_thread = true;
+        CHECK(read_byte(q) == pattern_byte(0));
+    });
+    usleep(100000);  // the reader is inside its slow read of page 0
+    a.prefault(p, file.size(), Prot::Read);
+    CHECK(read_byte(p) == pattern_byte(0));
+    reader.join();
+    g_slow_reads = false;
+    usermm::detail::set_file_io_hooks(nullptr, nullptr);
+    for (std::size_t off = 0; off < file.size(); off += 97) REQUIRE(read_byte(p + off) == pattern_byte(off));
+}
+
+// Once a bug: write-back shared the caller's open file description, and its O_APPEND made every
+// write-back append to the file instead of writing the page in place.
+TEST_CASE("write-back goes to the page's offset whatever flags the caller's descriptor has") {
+    TempFile file(4 * kPage);
+    std::vector<std::uint8_t> want = file.expected();
+    const int fd = open(file.path().c_str(), O_RDWR | O_APPEND | O_CLOEXEC);
+    REQUIRE(fd >= 0);
+    Arena arena(1 << 24);
+    char* p = static_cast<char*>(arena.map_file(fd, 0, file.size(), Prot::ReadWrite, Share::Shared));
+    close(fd);
+    write_byte(p + kPage + 3, 0x5a);
+    want[kPage + 3] = 0x5a;
+    arena.sync(p, file.size());
+    CHECK(file.content() == want);
+}
+
+// Once a bug: the page caches' own mappings (view and state table) and the edges of huge-page VMAs
+// were left out of the kernel-mapping count, which must never be lower than the kernel's.
+TEST_CASE("usermm's count of kernel mappings stays at or above the kernel's with file and huge-page VMAs") {
+    const long kernel_before = usermm_test::process_mappings();
+    const long usermm_before = usermm::detail::map_budget_used();
+    {
+        std::vector<std::unique_ptr<TempFile>> files;
+        Arena arena(1 << 28);
+        for (int i = 0; i < 20; ++i) {
+            void* h = arena.map(2 << 20, Prot::ReadWrite, {.huge_pages = true});
+            write_byte(h, 1);
+            files.push_back(std::make_unique<TempFile>(kPage));
+            char* f = static_cast<char*>(arena.map_file(files.back()->fd(), 0, kPage, Prot::Read, Share::Private));
+            CHECK(read_byte(f) == pattern_byte(0));
+        }
+        const long kernel = usermm_test::process_mappings() - kernel_before;
+        const long counted = usermm::detail::map_budget_used() - usermm_before;
+        INFO("kernel mappings added: ", kernel, ", counted by usermm: ", counted);
+        CHECK(counted >= kernel - 2);  // the test's own: the TempFile buffers are heap, not mappings
+        arena.verify();
+    }
 }
