@@ -102,6 +102,7 @@ void fork_prepare() {
     ArenaRegistry& reg = arena_registry();
     reg.lock.lock();
     for (std::size_t i = 0; i < reg.count; ++i) reg.arenas[i]->lock.lock();
+    for (std::size_t i = 0; i < reg.count; ++i) write_protect_shared_files(*reg.arenas[i]);
     page_caches_fork_prepare();
 }
 

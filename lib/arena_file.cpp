@@ -230,6 +230,22 @@ void detail::vma_copy_file(Vma& to, const Vma& from) {
     if (to.file) to.file->refs.fetch_add(1);
 }
 
+void detail::write_protect_shared_files(ArenaCore& a) {
+    for (const Vma& v : a.tree) {
+        if (!v.file || v.share != Share::Shared) continue;
+        auto writable = [&a](std::size_t i) {
+            const pte_t p = a.pte[i].load(kRelaxed);
+            return allows(pte_to_prot(p), Prot::Write) ? int(pte_prot(p)) : kNoRun;
+        };
+        for_each_run(a.page_index(v.start), a.page_index(v.end), writable, [&a](std::size_t i, std::size_t j, int prot) {
+            const Prot next = Prot(prot) & ~Prot::Write;
+            if (protect_run(a, i, j, next) != 0) return;  // protect_run re-read the PTEs from the kernel
+            for (std::size_t k = i; k < j; ++k)
+                a.pte[k].store(pte_t((a.pte[k].load(kRelaxed) & ~kPteProt) | to_pte(next)), kRelaxed);
+        });
+    }
+}
+
 void detail::refuse_file_vmas(ArenaCore& a, const char* call, Range r) {
     for (auto it = a.tree.upper_bound(r.start); it != a.tree.end() && it->start < r.end; ++it)
         if (it->file)
@@ -269,14 +285,26 @@ void detail::writeback(ArenaCore& a, Vma& v, Range part, const char* call) {
         for (std::size_t k = i; k < j; ++k)
             a.pte[k].store(pte_t((a.pte[k].load(kRelaxed) & ~kPteProt) | to_pte(next)), kRelaxed);
     });
-    // Then one write per run of dirty pages (within a chunk of the cache's view). A page is clean
-    // once its write succeeded; the ones after a failure stay dirty.
+    // Then one write per run of dirty pages (within a chunk of the cache's view): dirty through this
+    // VMA, or through any shared VMA of the file (the page cache's mark, like msync's). A page is
+    // clean once its write succeeded; the ones after a failure stay dirty. Another VMA that may
+    // still write the page without a fault keeps its own mark and writes it back itself.
     std::vector<std::pair<std::size_t, std::size_t>> written;
-    auto dirty = [&a](std::size_t i) { return (a.pte[i].load(kRelaxed) & kPteDirtyFile) ? 1 : kNoRun; };
+    auto cache_state = [&](std::size_t i) -> std::atomic<cache_state_t>& { return c.state(v.file_page(a.page_addr(i))); };
+    auto dirty = [&](std::size_t i) {
+        return (a.pte[i].load(kRelaxed) & kPteDirtyFile) || (cache_state(i).load(kRelaxed) & kCacheDirty) ? 1 : kNoRun;
+    };
     std::uint64_t pages = 0, bytes = 0;
-    auto mark = [&a](std::size_t i, std::size_t j, bool is_dirty) {
-        for (std::size_t k = i; k < j; ++k)
-            is_dirty ? a.pte[k].fetch_or(kPteDirtyFile, kRelaxed) : a.pte[k].fetch_and(pte_t(~kPteDirtyFile), kRelaxed);
+    auto mark = [&](std::size_t i, std::size_t j, bool is_dirty) {
+        for (std::size_t k = i; k < j; ++k) {
+            if (is_dirty) {
+                a.pte[k].fetch_or(kPteDirtyFile, kRelaxed);
+                cache_state(k).fetch_or(kCacheDirty, kRelaxed);
+            } else {
+                a.pte[k].fetch_and(pte_t(~kPteDirtyFile), kRelaxed);
+                cache_state(k).fetch_and(cache_state_t(~kCacheDirty), kRelaxed);
+            }
+        }
     };
     try {
         for_each_run(first, last, dirty, [&](std::size_t i, std::size_t j, int) {

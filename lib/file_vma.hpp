@@ -41,6 +41,10 @@ void recount_kernel_maps(ArenaCore& a);
 // Afterwards, in both processes, the memfds of the page caches that existed are shared with the
 // other process, so their pages are never dropped (the other process may map them).
 void page_caches_fork_prepare();
+// Before fork(), under the arena's write lock: writable pages of shared file VMAs lose write access,
+// so that the next write in either process faults and marks the page dirty in the shared page
+// cache, where either process's write-back finds it (as the kernel's shared page cache would).
+void write_protect_shared_files(ArenaCore& a);
 void page_caches_fork_done();
 
 }  // namespace usermm::detail

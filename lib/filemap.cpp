@@ -1,6 +1,10 @@
 #include "filemap.hpp"
 
 #include <algorithm>
+#include <signal.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstring>
 
 #include "fault_world.hpp"
@@ -21,24 +25,34 @@ FileRange clamp(FileRange r, FileRange limit) {
     return r;
 }
 
+cache_state_t locked_by_me() { return kCacheLocked | (cache_state_t(getpid()) << kCacheOwnerShift); }
+
+// A reader that holds a page's lock in another process (the page cache is shared with forked
+// children) and no longer exists: its read will never finish.
+bool owner_gone(cache_state_t v) {
+    const pid_t owner = pid_t(v >> kCacheOwnerShift);
+    return owner != getpid() && kill(owner, 0) != 0 && errno == ESRCH;
+}
+
 // Locks file page `need` for reading, or waits until another thread has filled it. Returns false
-// if it is filled (nothing to read).
+// if it is filled (nothing to read). A lock left by a dead process is taken over.
 bool lock_for_read(PageCache& cache, std::uint64_t need) {
     std::atomic<cache_state_t>& st = cache.state(need);
+    const cache_state_t mine = locked_by_me();
     for (unsigned spins = 0;; ++spins) {
         cache_state_t cur = st.load(kAcquire);
         if (cur & kCacheFilled) return false;
-        if (cur & kCacheLocked) {
+        if ((cur & kCacheLocked) && !(spins % 4096 == 4095 && owner_gone(cur))) {
             spin_backoff(spins);
             continue;
         }
-        if (st.compare_exchange_weak(cur, cur | kCacheLocked, kAcquire, kRelaxed)) return true;
+        if (st.compare_exchange_weak(cur, mine, kAcquire, kRelaxed)) return true;
     }
 }
 
 bool try_lock_empty(PageCache& cache, std::uint64_t page) {
     cache_state_t empty = 0;
-    return cache.state(page).compare_exchange_strong(empty, kCacheLocked, kAcquire, kRelaxed);
+    return cache.state(page).compare_exchange_strong(empty, locked_by_me(), kAcquire, kRelaxed);
 }
 
 // Reads the locked pages r into the cache: the window ends where fstat saw the end of the file, and

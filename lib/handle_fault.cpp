@@ -80,9 +80,13 @@ void publish(vm_fault& vmf, PageRange r, Prot prot) {
     ArenaCore& arena = *vmf.arena;
     for (std::size_t i = r.first; i < r.last; ++i) {
         const pte_t old = pte_t(arena.pte[i].load(kRelaxed) & ~kPteLocked);
-        if (vmf.vma->file && pte_prot(old) == 0) {
+        if (vmf.vma->file) {
             std::atomic<cache_state_t>& st = vmf.vma->file->state(vmf.vma->file_page(arena.page_addr(i)));
-            vmf.readahead_hits += (st.fetch_and(cache_state_t(~kCacheReadahead), kRelaxed) & kCacheReadahead) != 0;
+            if (pte_prot(old) == 0)
+                vmf.readahead_hits += (st.fetch_and(cache_state_t(~kCacheReadahead), kRelaxed) & kCacheReadahead) != 0;
+            // Dirty in the page cache too, where every shared VMA of the file, in this process or
+            // a forked one, sees it: any of them writes it back.
+            if (allows(prot, Prot::Write) && vmf.vma->share == Share::Shared) st.fetch_or(kCacheDirty, kRelaxed);
         }
         arena.pte[i].store(pte_with_prot(old, prot), kRelease);
         if (allows(prot, Prot::Write)) arena.note_changed(i);

@@ -8,8 +8,10 @@
 // a second, runtime-private view of the same memfd, while the arena's pages of it are still
 // PROT_NONE: a page becomes accessible only once its whole content is there ("no torn page").
 //
-// Per file page, one state byte: filled (the content is complete), locked (a thread is reading
-// it), readahead (read ahead of any access and not mapped since). State and view come in chunks
+// Per file page, one state word: filled (the content is complete), locked (a thread is reading
+// it, with the reader's process id, so that a reader that died in a forked child is noticed),
+// readahead (read ahead of any access and not mapped since), dirty (written through a shared VMA,
+// in this process or a forked one, since the page was last written back). State and view come in chunks
 // that the API world adds before a VMA can fault on them and never takes away while the cache
 // lives, so the fault world reads them without a lock.
 #pragma once
@@ -21,10 +23,12 @@
 
 namespace usermm::detail {
 
-using cache_state_t = std::uint8_t;
+using cache_state_t = std::uint32_t;
 inline constexpr cache_state_t kCacheFilled = 0x1;
 inline constexpr cache_state_t kCacheLocked = 0x2;
 inline constexpr cache_state_t kCacheReadahead = 0x4;
+inline constexpr cache_state_t kCacheDirty = 0x8;
+inline constexpr unsigned kCacheOwnerShift = 8;  // the locking reader's pid, above the flags
 
 inline constexpr std::size_t kPathMax = 256;
 

@@ -5,6 +5,8 @@
 #include <usermm/usermm.hpp>
 
 #include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -313,4 +315,71 @@ TEST_CASE("usermm's count of kernel mappings stays at or above the kernel's with
     CHECK(kernel > 40);
     CHECK(counted >= kernel);
     arena.verify();
+}
+
+// Once a bug: a forked child's writes to a shared file VMA, which its parent sees at once (the page
+// cache is shared, as the kernel's is), never reached the file unless the child wrote them back.
+TEST_CASE("the parent's sync writes pages a forked child dirtied, as msync would") {
+    TempFile file(4 * kPage);
+    std::vector<std::uint8_t> want = file.expected();
+    Arena arena(1 << 24);
+    char* p = static_cast<char*>(arena.map_file(file.path(), 0, file.size(), Prot::ReadWrite, Share::Shared));
+    write_byte(p, 0x11);  // writable and dirty at the fork
+    want[0] = 0x11;
+    const auto child = usermm_test::run_in_child([&] {
+        write_byte(p + 1, 0x42);
+        write_byte(p + 2 * kPage, 0x43);  // a page the parent never touched
+        _exit(0);                         // no sync, no destructor
+    });
+    REQUIRE(child.exited);
+    want[1] = 0x42;
+    want[2 * kPage] = 0x43;
+    CHECK(read_byte(p + 1) == 0x42);
+    arena.sync(p, file.size());
+    CHECK(file.content() == want);
+}
+
+// Once a bug: sync through one shared VMA left out pages written through another VMA of the file.
+TEST_CASE("sync through one shared VMA writes what another VMA of the file wrote") {
+    TempFile file(4 * kPage);
+    std::vector<std::uint8_t> want = file.expected();
+    Arena a(1 << 24), b(1 << 24);
+    char* p = static_cast<char*>(a.map_file(file.path(), 0, file.size(), Prot::ReadWrite, Share::Shared));
+    char* q = static_cast<char*>(b.map_file(file.path(), 0, file.size(), Prot::ReadWrite, Share::Shared));
+    write_byte(q + kPage + 5, 0x99);
+    want[kPage + 5] = 0x99;
+    a.sync(p, file.size());
+    CHECK(file.content() == want);
+    write_byte(q + kPage + 6, 0x98);  // b's page is still writable: b's own sync takes this one
+    want[kPage + 6] = 0x98;
+    b.sync(q, file.size());
+    CHECK(file.content() == want);
+}
+
+// Once a bug: a forked child killed while reading pages into the shared page cache left them
+// locked, and the parent's next fault on them spun for ever.
+TEST_CASE("a page a dead child was reading is read again by the parent") {
+    TempFile file(2048 * kPage);
+    Arena arena(1 << 28);
+    char* p = static_cast<char*>(arena.map_file(file.path(), 0, file.size(), Prot::Read, Share::Private,
+                                                {.readahead_pages = 2048}));
+    arena.advise(p, file.size(), Advice::Sequential);
+    usermm::detail::set_file_io_hooks(slow_read, nullptr);
+    g_slow_reads = true;
+    t_slow_thread = true;
+    std::fflush(nullptr);
+    const pid_t child = fork();
+    REQUIRE(child >= 0);
+    if (child == 0) {
+        (void)read_byte(p);  // sleeps inside its read, holding the pages' locks
+        _exit(0);
+    }
+    t_slow_thread = false;
+    usleep(100000);
+    kill(child, SIGKILL);
+    waitpid(child, nullptr, 0);
+    g_slow_reads = false;
+    usermm::detail::set_file_io_hooks(nullptr, nullptr);
+    CHECK(read_byte(p) == pattern_byte(0));
+    CHECK(read_byte(p + 1000 * kPage + 1) == pattern_byte(1000 * kPage + 1));
 }
