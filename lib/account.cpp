@@ -104,6 +104,8 @@ void account_readahead_wasted(ArenaCore* arena, Vma* vma, std::uint64_t pages) {
     add(arena, vma, &Counters::readahead_wasted, pages);
 }
 
+void account_writeback_error(ArenaCore& arena) { add(&arena, nullptr, &Counters::writeback_errors, 1); }
+
 void account_writeback(ArenaCore& arena, Vma& vma, std::uint64_t pages, std::uint64_t bytes, bool failed) {
     add(&arena, &vma, &Counters::pages_written_back, pages);
     add(&arena, &vma, &Counters::bytes_written_back, bytes);

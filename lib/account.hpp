@@ -22,6 +22,7 @@ void account_prefault(ArenaCore& arena, Vma& vma, std::uint64_t pages);
 void account_file_read(ArenaCore& arena, Vma& vma, std::uint64_t pages, std::uint64_t bytes);
 void account_readahead_wasted(ArenaCore* arena, Vma* vma, std::uint64_t pages);
 void account_writeback(ArenaCore& arena, Vma& vma, std::uint64_t pages, std::uint64_t bytes, bool failed);
+void account_writeback_error(ArenaCore& arena);  // when the VMA may be gone
 
 std::uint64_t now_ns();
 

@@ -264,7 +264,7 @@ void detail::page_caches_fork_done() {
     caches().mutex.unlock();
 }
 
-void detail::writeback(ArenaCore& a, Vma& v, Range part, const char* call) {
+void detail::writeback(ArenaCore& a, Vma& v, Range part, const char* call, FileSync* later) {
     if (!v.file || v.share != Share::Shared) return;
     PageCache& c = *v.file;
     const std::uint64_t eof = file_size(c, call);
@@ -329,7 +329,12 @@ void detail::writeback(ArenaCore& a, Vma& v, Range part, const char* call) {
                 lo = hi;
             }
         });
-        if (!written.empty())
+        if (!written.empty() && later) {
+            later->cache = &c;
+            c.refs.fetch_add(1);
+            later->range = part;
+            for (const auto& [i, j] : written) later->pages.push_back({v.file_page(a.page_addr(i)), v.file_page(a.page_addr(j))});
+        } else if (!written.empty())
             if (const int err = page_sync_file(c.write_fd)) {
                 account_writeback(a, v, 0, 0, true);
                 fail(err, "{}: fdatasync of '{}' failed after writing [{:#x}, {:#x}); the pages stay dirty", call,
@@ -342,6 +347,19 @@ void detail::writeback(ArenaCore& a, Vma& v, Range part, const char* call) {
         throw;
     }
     account_writeback(a, v, pages, bytes, false);
+}
+
+int detail::FileSync::finish(ArenaCore& a) {
+    if (!cache) return 0;
+    const int err = page_sync_file(cache->write_fd);
+    if (err) {
+        for (const auto& [first, last] : pages)
+            for (std::uint64_t p = first; p < last; ++p) cache->state(p).fetch_or(kCacheDirty, kRelaxed);
+        account_writeback_error(a);
+    }
+    cache_put(&a, cache);
+    cache = nullptr;
+    return err;
 }
 
 void detail::read_file_pages(ArenaCore& a, Vma& v, Range part, const char* call, bool must) {
@@ -524,8 +542,37 @@ void Arena::sync(void* addr, std::size_t length) {
     static constexpr const char* call = "usermm::Arena::sync";
     ArenaCore& a = *core_;
     const Range r = check_range(a, call, addr, length);
-    ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
-    for (Vma* v : covering_vmas(a, call, r)) writeback(a, *v, {std::max(v->start, r.start), std::min(v->end, r.end)}, call);
+    std::vector<FileSync> pending;
+    // The writes under the arena's lock; the wait for the disk without it, so that faults go on
+    // meanwhile (msync, likewise, does not hold mmap_lock across its fsync).
+    {
+        ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
+        const std::vector<Vma*> vmas = covering_vmas(a, call, r);
+        pending.reserve(vmas.size());
+        try {
+            for (Vma* v : vmas) {
+                pending.emplace_back();
+                writeback(a, *v, {std::max(v->start, r.start), std::min(v->end, r.end)}, call, &pending.back());
+            }
+        } catch (...) {
+            for (FileSync& s : pending) s.finish(a);
+            throw;
+        }
+    }
+    int first_err = 0;
+    Range failed{};
+    std::string path;
+    for (FileSync& s : pending) {
+        const std::string name = s.cache ? s.cache->path : "";
+        if (const int err = s.finish(a); err && !first_err) {
+            first_err = err;
+            failed = s.range;
+            path = name;
+        }
+    }
+    if (first_err)
+        fail(first_err, "{}: fdatasync of '{}' failed after writing [{:#x}, {:#x}); the pages stay dirty", call, path,
+             failed.start, failed.end);
 }
 
 void Arena::advise(void* addr, std::size_t length, Advice advice) {

@@ -4,6 +4,8 @@
 #pragma once
 
 #include <memory>
+#include <utility>
+#include <vector>
 
 #include "arena_ops.hpp"
 #include "page_cache.hpp"
@@ -20,8 +22,21 @@ void vma_copy_file(Vma& to, const Vma& from);
 // anonymous memory only.
 void refuse_file_vmas(ArenaCore& a, const char* call, Range r);
 
-// Writes the dirty pages of `part` (inside shared file VMA `v`) back to the file: see Arena::sync.
-void writeback(ArenaCore& a, Vma& v, Range part, const char* call);
+// Writes the dirty pages of `part` (inside shared file VMA `v`) back to the file and makes them
+// durable (fdatasync): see Arena::sync. With `later`, the fdatasync is left to the caller, to do
+// after it released the arena's lock (see FileSync); the written pages are recorded there.
+struct FileSync;
+void writeback(ArenaCore& a, Vma& v, Range part, const char* call, FileSync* later = nullptr);
+
+// Written pages of one file whose fdatasync is still to come, holding a reference to its cache.
+struct FileSync {
+    PageCache* cache = nullptr;
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> pages;  // file pages [first, last)
+    Range range{};  // the addresses written, for the error message
+    // fdatasync without any lock; on failure the pages are dirty again in the page cache (any
+    // shared VMA of the file writes them at its next write-back) and it returns the errno.
+    int finish(ArenaCore& a);
+};
 // Reads the file pages of `part` (inside file VMA `v`) into the page cache. With `must`, throws if
 // a page cannot be read or lies past the end of the file; without, reads what it can (advice).
 void read_file_pages(ArenaCore& a, Vma& v, Range part, const char* call, bool must);
