@@ -240,9 +240,10 @@ public:
                    const MapOptions& options = {});
     // Like msync(MS_SYNC): the dirty pages of shared file VMAs in the range are written to their
     // files (neighbours coalesced into one write) and made durable (fdatasync), then count as clean
-    // and lose write access so that the next write is seen. Dirtiness is per VMA: a page written
-    // through another shared VMA of the same file is written by that VMA's sync (or unmap), though
-    // this one writes the page's current content whenever it writes the page. On an error (EIO, ENOSPC, EFBIG) it
+    // and lose write access so that the next write is seen. As with msync, that includes pages of
+    // the range written through another shared VMA of the same file (in any arena, or in a forked
+    // process); such a VMA that can still write the page without a fault writes it back again at
+    // its own sync. The fdatasync runs without the arena's lock: faults go on meanwhile. On an error (EIO, ENOSPC, EFBIG) it
     // throws, naming the file and the byte range; the pages that were not written stay dirty, so a
     // later sync can write them. The range must lie inside VMAs; anonymous VMAs in it are skipped.
     void sync(void* addr, std::size_t length);
