@@ -227,6 +227,7 @@ void detail::vma_copy_file(Vma& to, const Vma& from) {
     to.readahead_max = from.readahead_max;
     to.ra_next.store(from.ra_next.load(kRelaxed), kRelaxed);
     to.ra_window.store(from.ra_window.load(kRelaxed), kRelaxed);
+    to.ra_misses.store(from.ra_misses.load(kRelaxed), kRelaxed);
     if (to.file) to.file->refs.fetch_add(1);
 }
 
@@ -596,6 +597,7 @@ void Arena::advise(void* addr, std::size_t length, Advice advice) {
             for (Vma* v : covering_vmas(a, call, r)) {
                 v->advice = advice;
                 v->ra_window.store(0, kRelaxed);
+                v->ra_misses.store(0, kRelaxed);
             }
             merge_range(a, r.start, r.end);
             a.last_hit.store(nullptr, kRelaxed);

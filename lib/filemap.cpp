@@ -90,6 +90,8 @@ FileRange readahead_window(const Vma& vma, std::uint64_t page, FileRange around,
             if (page == vma.ra_next.load(kRelaxed)) {
                 const std::uint64_t grown = 2 * std::uint64_t(vma.ra_window.load(kRelaxed));
                 w = {page, page + std::clamp<std::uint64_t>(grown, around.last - around.first, most)};
+            } else if (vma.ra_misses.load(kRelaxed) > kReadaroundMisses) {
+                w = {page, page + 1};  // random access: what was read around a fault went unused
             } else {
                 w = around;
             }

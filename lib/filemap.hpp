@@ -28,8 +28,9 @@ struct FileRead {
 
 // The pages a fault on file page `page` should read, around or ahead of it (the read window), by
 // the VMA's advice and the readahead state: one page for Random; the largest window for
-// Sequential; a window that doubles on each sequential fault otherwise, starting from the aligned
-// fault-around window `around`. Clamped to the VMA's file pages, to `eof` (the first page wholly
+// Sequential; otherwise a window that doubles on each sequential fault, starting from the aligned
+// fault-around window `around` — or one page once faults out of sequence keep missing the pages
+// read around earlier ones (Vma::ra_misses). Clamped to the VMA's file pages, to `eof` (the first page wholly
 // past the end of the file) and to the chunk of `page`.
 FileRange readahead_window(const Vma& vma, std::uint64_t page, FileRange around, std::uint64_t eof);
 

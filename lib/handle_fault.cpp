@@ -299,6 +299,8 @@ int filemap_fault(vm_fault& vmf, std::uint64_t f, std::uint64_t size, FileRead* 
     const cache_state_t st = cache.state(f).load(kAcquire);
     if (!(st & kCacheFilled)) {
         FileRead rd;
+        if (f != vma.ra_next.load(kRelaxed) && vma.ra_misses.load(kRelaxed) < 10 * kReadaroundMisses)
+            vma.ra_misses.fetch_add(1, kRelaxed);
         const FileRange window = readahead_window(vma, f, around, vmf.file_eof);
         if (const int err = filemap_read(cache, f, window, size, &rd)) {
             *failed = rd;
@@ -307,6 +309,8 @@ int filemap_fault(vm_fault& vmf, std::uint64_t f, std::uint64_t size, FileRead* 
         note_read(vmf, rd);
         return 0;
     }
+    if (const std::uint32_t misses = vma.ra_misses.load(kRelaxed))
+        vma.ra_misses.store(misses - 1, kRelaxed);  // racy on purpose: a heuristic, like the kernel's
     const std::uint64_t next = vma.ra_next.load(kRelaxed);
     if ((st & kCacheReadahead) && vma.advice != Advice::Random && around.last >= next && next < vmf.file_eof &&
         next > f) {

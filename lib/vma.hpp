@@ -18,6 +18,7 @@ namespace usermm::detail {
 namespace bi = boost::intrusive;
 
 inline constexpr std::size_t kVmaNameMax = 40;
+inline constexpr std::uint32_t kReadaroundMisses = 100;
 
 struct PageCache;
 
@@ -42,6 +43,9 @@ struct Vma : bi::set_base_hook<bi::link_mode<bi::normal_link>, bi::optimize_size
     // (the file page a sequential reader faults on next) and how large it was.
     std::atomic<std::uint64_t> ra_next{0};
     std::atomic<std::uint32_t> ra_window{0};
+    // Faults that had to read a page out of sequence, less those that found theirs read already
+    // (the kernel's mmap_miss): past kReadaroundMisses, reading around a fault is not worth it.
+    std::atomic<std::uint32_t> ra_misses{0};
     Counters stats;
 
     std::uint64_t file_page(std::uintptr_t addr) const;  // the file page shown at addr

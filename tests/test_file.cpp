@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <memory>
@@ -382,4 +383,20 @@ TEST_CASE("a page a dead child was reading is read again by the parent") {
     usermm::detail::set_file_io_hooks(nullptr, nullptr);
     CHECK(read_byte(p) == pattern_byte(0));
     CHECK(read_byte(p + 1000 * kPage + 1) == pattern_byte(1000 * kPage + 1));
+}
+
+// A random reader stops paying for read-around: once faults out of sequence keep missing what was
+// read around earlier ones, a fault reads its own page only (the kernel's mmap_miss).
+TEST_CASE("random faults fall back from read-around to single pages") {
+    TempFile file(4096 * kPage);
+    Arena arena(1 << 26);
+    char* p = static_cast<char*>(arena.map_file(file.fd(), 0, file.size(), Prot::Read, Share::Private));
+    std::vector<std::size_t> windows(128);
+    for (std::size_t i = 0; i < windows.size(); ++i) windows[i] = i;
+    std::shuffle(windows.begin(), windows.end(), std::mt19937_64(3));
+    for (std::size_t w : windows) REQUIRE(read_byte(p + (w * 32 + 5) * kPage) == pattern_byte((w * 32 + 5) * kPage));
+    const usermm::Stats s = only_vma(arena).stats;
+    CHECK(s.major_faults == 128);
+    CHECK(s.file_pages_read >= 100 * 16);           // read-around while it might pay
+    CHECK(s.file_pages_read <= 102 * 16 + 27);      // then one page per fault
 }
