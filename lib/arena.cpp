@@ -464,15 +464,19 @@ void Arena::verify() const {
     }
 
     // The kernel: /proc/self/maps must cover the arena without a gap, each page with its PTE's
-    // protection.
+    // protection and backing (a page-cache memfd for file pages, anonymous memory otherwise).
     std::uintptr_t covered = a.base;
     for (const KernelMapping& m : kernel_mappings(a.base, a.end)) {
         if (m.from != covered) fail(EFAULT, "{}: the kernel has no mapping at {:#x} inside the arena", call, covered);
         for (std::size_t i = a.page_index(m.from), last = a.page_index(m.to); i < last; ++i) {
-            const Prot mine = pte_to_prot(a.pte[i].load(std::memory_order_relaxed));
+            const pte_t v = a.pte[i].load(std::memory_order_relaxed);
+            const Prot mine = pte_to_prot(v);
             if (mine != m.prot)
                 fail(EFAULT, "{}: page {:#x} is {} in the kernel but {} in usermm", call, a.page_addr(i),
                      to_string(m.prot), to_string(mine));
+            if (m.page_cache != bool(v & kPteFile))
+                fail(EFAULT, "{}: page {:#x} is {} in the kernel but {} in usermm", call, a.page_addr(i),
+                     m.page_cache ? "a page-cache mapping" : "anonymous", m.page_cache ? "anonymous" : "a file page");
         }
         covered = m.to;
     }

@@ -21,7 +21,9 @@ std::vector<KernelMapping> kernel_mappings(std::uintptr_t lo, std::uintptr_t hi)
         if (std::sscanf(line.c_str(), "%lx-%lx %4s", &from, &to, perms) != 3 || to <= lo || from >= hi) continue;
         const Prot prot = (perms[0] == 'r' ? Prot::Read : Prot::None) | (perms[1] == 'w' ? Prot::Write : Prot::None) |
                           (perms[2] == 'x' ? Prot::Exec : Prot::None);
-        out.push_back({std::max<std::uintptr_t>(from, lo), std::min<std::uintptr_t>(to, hi), prot});
+        // memfd_create names its files "memfd:NAME"; the page caches are named "usermm:FILE".
+        const bool page_cache = line.find("/memfd:usermm:") != std::string::npos;
+        out.push_back({std::max<std::uintptr_t>(from, lo), std::min<std::uintptr_t>(to, hi), prot, page_cache});
     }
     return out;
 }

@@ -82,6 +82,7 @@ struct KernelMapping {
     std::uintptr_t from;
     std::uintptr_t to;
     Prot prot;
+    bool page_cache;  // a mapping of one of usermm's page-cache memfds (a file VMA)
 };
 std::vector<KernelMapping> kernel_mappings(std::uintptr_t lo, std::uintptr_t hi);
 void resync_ptes(ArenaCore& a, std::size_t first, std::size_t last);

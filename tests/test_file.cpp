@@ -25,6 +25,7 @@
 #include "file_test_util.hpp"
 #include "map_budget.hpp"
 #include "page_ops.hpp"
+#include "vma.hpp"
 #include "test_util.hpp"
 
 namespace {
@@ -399,4 +400,20 @@ TEST_CASE("random faults fall back from read-around to single pages") {
     CHECK(s.major_faults == 128);
     CHECK(s.file_pages_read >= 100 * 16);           // read-around while it might pay
     CHECK(s.file_pages_read <= 102 * 16 + 27);      // then one page per fault
+}
+
+// verify() compares what backs each page, not only its protection: a file page that usermm took
+// for anonymous memory (or the reverse) is a disagreement with the kernel.
+TEST_CASE("verify() notices a page whose backing usermm has wrong") {
+    TempFile file(4 * kPage);
+    Arena arena(1 << 24);
+    char* p = static_cast<char*>(arena.map_file(file.fd(), 0, file.size(), Prot::Read, Share::Private));
+    CHECK(read_byte(p) == pattern_byte(0));
+    arena.verify();
+    usermm::detail::ArenaCore& core = usermm::detail::ArenaAccess::core(arena);
+    auto& pte = core.pte_of(reinterpret_cast<std::uintptr_t>(p) + kPage);
+    pte.fetch_and(usermm::detail::pte_t(~usermm::detail::kPteFile));
+    CHECK_THROWS_WITH_AS(arena.verify(), doctest::Contains("a page-cache mapping"), usermm::Error);
+    pte.fetch_or(usermm::detail::kPteFile);
+    arena.verify();
 }
