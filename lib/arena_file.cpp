@@ -97,10 +97,17 @@ void add_chunks(PageCache& c, std::uint64_t last, const char* call) {
 // Frees what the cache holds; read-ahead pages never mapped count as wasted (into `a` if known).
 void destroy(ArenaCore* a, PageCache& c) {
     std::uint64_t wasted = 0;
+    // Only the state table's pages that exist hold marks: reading the others would create them.
+    const std::size_t per_page = g_page_size / sizeof(cache_state_t);
+    std::vector<unsigned char> resident(kStateBytes / g_page_size);
     for (std::size_t k = 0; k < c.chunk_count; ++k) {
         PageCache::Chunk* chunk = c.chunks[k].load(kRelaxed);
-        for (std::uint64_t i = 0; i < PageCache::kChunkPages; ++i)
-            wasted += (chunk->state[i].load(kRelaxed) & kCacheReadahead) != 0;
+        const bool known = page_resident(addr_of(chunk->state), kStateBytes, resident.data()) == 0;
+        for (std::size_t t = 0; t < resident.size(); ++t) {
+            if (known && !(resident[t] & 1)) continue;
+            for (std::size_t i = t * per_page; i < (t + 1) * per_page; ++i)
+                wasted += (chunk->state[i].load(kRelaxed) & kCacheReadahead) != 0;
+        }
         page_release(addr_of(chunk->view), chunk_bytes());
         page_release(addr_of(chunk->state), kStateBytes);
         delete chunk;

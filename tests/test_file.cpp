@@ -417,3 +417,15 @@ TEST_CASE("verify() notices a page whose backing usermm has wrong") {
     pte.fetch_or(usermm::detail::kPteFile);
     arena.verify();
 }
+
+// Read-ahead pages still unmapped when the file's last VMA goes count as wasted, in its arena.
+TEST_CASE("pages read ahead and never mapped count as wasted when the page cache goes") {
+    TempFile file(64 * kPage);
+    Arena arena(1 << 24);
+    char* p = static_cast<char*>(arena.map_file(file.fd(), 0, file.size(), Prot::Read, Share::Private));
+    arena.advise(p, file.size(), Advice::WillNeed);
+    CHECK(arena.stats().readahead_pages == 64);
+    arena.unmap(p, file.size());
+    CHECK(arena.stats().readahead_wasted == 64);
+    CHECK(arena.stats().readahead_hits == 0);
+}
