@@ -83,11 +83,7 @@ void convert_tracked_pages_after_fork(ArenaCore& a) {
         return (v & kPteWriteTracked) && (v & to_pte(Prot::Write)) ? int(v) : kNoRun;
     };
     for_each_run(0, a.page_index(a.end), key, [&a](std::size_t i, std::size_t j, int v) {
-        const Prot next = pte_to_prot(pte_t(v)) & ~Prot::Write;
-        if (protect_run(a, i, j, next) == 0) {
-            for (std::size_t k = i; k < j; ++k) a.pte[k].store(pte_t((v & ~kPteProt) | to_pte(next)), std::memory_order_relaxed);
-            return;
-        }
+        if (reprotect_run(a, i, j, pte_to_prot(pte_t(v)) & ~Prot::Write) == 0) return;
         // The pages stay writable, so their snapshots take them now rather than at a write.
         std::uint32_t copies = 0;
         for (std::size_t k = i; k < j; ++k) preserve_for_snapshots(a, k, pte_t(v), &copies);
@@ -306,31 +302,15 @@ void* Arena::map(std::size_t length, Prot prot, const MapOptions& options) {
     set_name(*vma, options.name);
 
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
-    std::uintptr_t start = want;
-    if (want) {
-        if (!range_free(a, want, len))
-            fail(EEXIST, "{}: range addr {:#x} + length {:#x} overlaps an existing VMA", call, want, length);
-    } else {
-        start = find_free(a, a.next_hint, len);
-        if (!start) fail(ENOMEM, "{}: no free range of length {:#x} in the arena [{:#x}, {:#x})", call, length, a.base, a.end);
-    }
+    const std::uintptr_t start = place_vma(a, call, want, len, length);
     if (options.huge_pages) {
         if (const int err = page_advise_huge(start, len))
             fail(err, "{}: MADV_HUGEPAGE on addr {:#x} length {:#x} failed", call, start, length);
         // The advice is a VMA flag: the kernel splits the reservation at both ends, for good (no
         // advice returns a range to the default), which the protections cannot show: edge marks do.
-        const std::size_t first = a.page_index(start), last = a.page_index(start + len);
-        map_budget_charge(a, long(!(a.pte[first].load() & kPteEdge)) +
-                                 long(last < a.page_index(a.end) && !(a.pte[last].load() & kPteEdge)));
-        a.pte[first].fetch_or(kPteEdge);
-        if (last < a.page_index(a.end)) a.pte[last].fetch_or(kPteEdge);
+        map_budget_charge(a, mark_edges(a, a.page_index(start), a.page_index(start + len)));
     }
-    vma->start = start;
-    vma->end = start + len;
-    a.tree.insert(*vma.release());
-    a.next_hint = start + len;
-    merge_range(a, start, start + len);
-    a.last_hit.store(nullptr, std::memory_order_relaxed);
+    insert_vma(a, vma.release(), start, len);
     return ptr_of(start);
 }
 

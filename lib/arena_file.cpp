@@ -245,11 +245,9 @@ void detail::write_protect_shared_files(ArenaCore& a) {
             const pte_t p = a.pte[i].load(kRelaxed);
             return allows(pte_to_prot(p), Prot::Write) ? int(pte_prot(p)) : kNoRun;
         };
+        // On a refusal protect_run re-read the PTEs from the kernel; the pages stay writable.
         for_each_run(a.page_index(v.start), a.page_index(v.end), writable, [&a](std::size_t i, std::size_t j, int prot) {
-            const Prot next = Prot(prot) & ~Prot::Write;
-            if (protect_run(a, i, j, next) != 0) return;  // protect_run re-read the PTEs from the kernel
-            for (std::size_t k = i; k < j; ++k)
-                a.pte[k].store(pte_t((a.pte[k].load(kRelaxed) & ~kPteProt) | to_pte(next)), kRelaxed);
+            reprotect_run(a, i, j, Prot(prot) & ~Prot::Write);
         });
     }
 }
@@ -287,11 +285,9 @@ void detail::writeback(ArenaCore& a, Vma& v, Range part, const char* call, FileS
         while (i < j && !(a.pte[i].load(kRelaxed) & to_pte(Prot::Write))) ++i;
         while (j > i && !(a.pte[j - 1].load(kRelaxed) & to_pte(Prot::Write))) --j;
         if (i == j) return;
-        const Prot next = Prot(prot);
-        if (const int err = protect_run(a, i, j, next))
-            fail(err, "{}: mprotect of [{:#x}, {:#x}) to {} failed", call, a.page_addr(i), a.page_addr(j), to_string(next));
-        for (std::size_t k = i; k < j; ++k)
-            a.pte[k].store(pte_t((a.pte[k].load(kRelaxed) & ~kPteProt) | to_pte(next)), kRelaxed);
+        if (const int err = reprotect_run(a, i, j, Prot(prot)))
+            fail(err, "{}: mprotect of [{:#x}, {:#x}) to {} failed", call, a.page_addr(i), a.page_addr(j),
+                 to_string(Prot(prot)));
     });
     // Then one write per run of dirty pages (within a chunk of the cache's view): dirty through this
     // VMA, or through any shared VMA of the file (the page cache's mark, like msync's). A page is
@@ -408,9 +404,7 @@ int detail::unmap_file_part(ArenaCore& a, Vma& v, Range part) {
     if (const int err = page_reserve_fixed(part.start, part.end - part.start)) return err;
     const std::size_t first = a.page_index(part.start), last = a.page_index(part.end);
     for (std::size_t i = first; i < last; ++i) a.pte[i].fetch_and(pte_t(~(kPteFile | kPteEdge)), kRelaxed);
-    // The fresh piece has an anon_vma of its own: it never merges with the arena's other pieces.
-    a.pte[first].fetch_or(kPteEdge, kRelaxed);
-    if (last < a.page_index(a.end)) a.pte[last].fetch_or(kPteEdge, kRelaxed);
+    mark_edges(a, first, last);  // the fresh piece's own anon_vma never merges with the arena's
     forget_users(a, v.file, part);
     if (tracking_engine() == TrackingEngine::Uffd) return uffd_register(part.start, part.end - part.start);
     return 0;
@@ -505,44 +499,29 @@ void* Arena::map_file_as(int fd, const std::string& path, std::uint64_t offset, 
     set_name(*vma, options.name.empty() ? std::string_view(cache.path) : options.name);
 
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
-    std::uintptr_t start = want;
-    if (want) {
-        if (!range_free(a, want, len))
-            fail(EEXIST, "{}: range addr {:#x} + length {:#x} overlaps an existing VMA", call, want, length);
-    } else {
-        start = find_free(a, a.next_hint, len);
-        if (!start) fail(ENOMEM, "{}: no free range of length {:#x} in the arena [{:#x}, {:#x})", call, length, a.base, a.end);
-    }
+    const std::uintptr_t start = place_vma(a, call, want, len, length);
     const std::size_t first = a.page_index(start), last = a.page_index(start + len);
     for (std::size_t k = 0; k < a.snapshot_count; ++k)
         if (a.snapshots[k]->first < last && a.snapshots[k]->last > first)
             fail(EBUSY, "{}: range [{:#x}, {:#x}) is inside live snapshot {}; snapshots cover anonymous memory only",
                  call, start, start + len, a.snapshots[k]->sequence);
-    const std::size_t npages = a.page_index(a.end);
     if (const int err = page_map_file_fixed(start, len, cache.memfd, offset, share == Share::Shared)) {
         // Whatever the kernel left there becomes reservation again, a piece of its own.
         const int again = page_reserve_fixed(start, len);
-        a.pte[first].fetch_or(kPteEdge, kRelaxed);
-        if (last < npages) a.pte[last].fetch_or(kPteEdge, kRelaxed);
+        mark_edges(a, first, last);
         recount_kernel_maps(a);
         if (again) fail(again, "{}: [{:#x}, {:#x}) is lost to the arena after a failed mmap", call, start, start + len);
         fail(err, "{}: cannot map the page cache of '{}' at {:#x}", call, path, start);
     }
     for (std::size_t i = first; i < last; ++i) a.pte[i].fetch_or(kPteFile, kRelaxed);
-    a.pte[first].fetch_or(kPteEdge, kRelaxed);
-    if (last < npages) a.pte[last].fetch_or(kPteEdge, kRelaxed);
+    mark_edges(a, first, last);
     recount_kernel_maps(a);
     {
         CacheRegistry& reg = caches();
         std::lock_guard lock(reg.mutex);
         entry_of(&cache).users.push_back({&a, start, start + len, offset >> g_page_shift});
     }
-    vma->start = start;
-    vma->end = start + len;
-    a.tree.insert(*vma.release());
-    a.next_hint = start + len;
-    merge_range(a, start, start + len);
-    a.last_hit.store(nullptr, std::memory_order_relaxed);
+    insert_vma(a, vma.release(), start, len);
     return ptr_of(start);
 }
 

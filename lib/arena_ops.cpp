@@ -158,6 +158,20 @@ int protect_run(ArenaCore& a, std::size_t first, std::size_t last, Prot prot) {
     return 0;
 }
 
+int reprotect_run(ArenaCore& a, std::size_t first, std::size_t last, Prot prot) {
+    if (const int err = protect_run(a, first, last, prot)) return err;
+    for (std::size_t k = first; k < last; ++k)
+        a.pte[k].store(pte_t((a.pte[k].load(std::memory_order_relaxed) & ~kPteProt) | to_pte(prot)),
+                       std::memory_order_relaxed);
+    return 0;
+}
+
+long mark_edges(ArenaCore& a, std::size_t first, std::size_t last) {
+    long added = !(a.pte[first].fetch_or(kPteEdge, std::memory_order_relaxed) & kPteEdge);
+    if (last < a.page_index(a.end)) added += !(a.pte[last].fetch_or(kPteEdge, std::memory_order_relaxed) & kPteEdge);
+    return added;
+}
+
 // Before pages of `r` lose their content: live snapshots take what they still read from them.
 void preserve_range(ArenaCore& a, const char* call, Range r) {
     if (!a.snapshot_count) return;
@@ -211,6 +225,26 @@ void merge_range(ArenaCore& a, std::uintptr_t start, std::uintptr_t end) {
             it = next;
         }
     }
+}
+
+std::uintptr_t place_vma(ArenaCore& a, const char* call, std::uintptr_t want, std::size_t len, std::size_t length) {
+    if (want) {
+        if (!range_free(a, want, len))
+            fail(EEXIST, "{}: range addr {:#x} + length {:#x} overlaps an existing VMA", call, want, length);
+        return want;
+    }
+    const std::uintptr_t start = find_free(a, a.next_hint, len);
+    if (!start) fail(ENOMEM, "{}: no free range of length {:#x} in the arena [{:#x}, {:#x})", call, length, a.base, a.end);
+    return start;
+}
+
+void insert_vma(ArenaCore& a, Vma* vma, std::uintptr_t start, std::size_t len) {
+    vma->start = start;
+    vma->end = start + len;
+    a.tree.insert(*vma);
+    a.next_hint = start + len;
+    merge_range(a, start, start + len);
+    a.last_hit.store(nullptr, std::memory_order_relaxed);
 }
 
 bool range_free(ArenaCore& a, std::uintptr_t start, std::size_t len) {

@@ -125,6 +125,18 @@ void for_each_run(std::size_t first, std::size_t last, Key key, Fn fn) {
 // count are re-read from the kernel; the PTEs of a success are the caller's to update. Returns 0
 // or the errno.
 int protect_run(ArenaCore& a, std::size_t first, std::size_t last, Prot prot);
+// protect_run, and on success the PTEs of the run take `prot`, keeping their flags (no dirty or
+// populated bits set, unlike change_pages: for taking write access away).
+int reprotect_run(ArenaCore& a, std::size_t first, std::size_t last, Prot prot);
+
+// Where a new VMA goes: `want` if it is free (EEXIST otherwise), else the first free range of
+// `len` bytes from the arena's hint. `length` is the caller's, for the message.
+std::uintptr_t place_vma(ArenaCore& a, const char* call, std::uintptr_t want, std::size_t len, std::size_t length);
+// Puts a new VMA into the tree at [start, start + len) and merges it with its neighbours.
+void insert_vma(ArenaCore& a, Vma* vma, std::uintptr_t start, std::size_t len);
+// Marks kernel VMA boundaries at both ends of pages [first, last) (kPteEdge on `first` and on
+// `last` if it is in the arena); returns how many marks are new.
+long mark_edges(ArenaCore& a, std::size_t first, std::size_t last);
 
 // Gives every page of [r.start, r.end) the protection change(old) and records it, one mprotect per
 // run of pages that share their old protection. Pages that gain write access first give live

@@ -126,6 +126,19 @@ PageRange vma_pages(const ArenaCore& arena, const Vma& vma) {
     return {arena.page_index(vma.start), arena.page_index(vma.end)};
 }
 
+// The fault-around window of `window` pages around the faulting page, as arena page indices.
+// Aligned in the address space, like the kernel's, not relative to the arena: it may begin before
+// the arena's first page (then it is cut at page 0).
+PageRange around_pages(const vm_fault& vmf, std::size_t window) {
+    const std::size_t page = vmf.arena->page_index(vmf.address);
+    const std::size_t into = (vmf.address >> g_page_shift) % window;
+    return {page >= into ? page - into : 0, page - into + window};
+}
+
+PageRange clamp(PageRange r, PageRange limit) {
+    return {std::max(r.first, limit.first), std::min(r.last, limit.last)};
+}
+
 enum class Budget : std::uint8_t { Enforce, Exceed };
 
 // install()'s answers besides 0 and an errno value.
@@ -235,13 +248,7 @@ FaultResult do_anonymous_fault(vm_fault& vmf) {
 
     PageRange r{page, page + 1};
     if (const std::size_t window = vma.fault_around_pages; window > 1) {
-        // Aligned in the address space, like the kernel's window, not relative to the arena; the
-        // window may begin before the arena's first page.
-        const std::size_t into = (vmf.address >> g_page_shift) % window;
-        const std::size_t first = page >= into ? page - into : 0;
-        const std::size_t last = page + (window - into);
-        const PageRange vma_range = vma_pages(arena, vma);
-        const PageRange limit{std::max(first, vma_range.first), std::min(last, vma_range.last)};
+        const PageRange limit = clamp(around_pages(vmf, window), vma_pages(arena, vma));
         r = lock_neighbours(arena, r, limit, 0, [](std::size_t) { return true; });
     }
     return install_or_degrade(vmf, r, prot, 0, FaultKind::Anonymous);
@@ -271,12 +278,11 @@ FaultResult file_bus_error(vm_fault& vmf, pte_t cur, const char* what, std::uint
     return FaultResult::BusError;
 }
 
-// The aligned fault-around window around the faulting page, as file pages.
+// The fault-around window around the faulting page (file page f), as file pages.
 FileRange around_window(const vm_fault& vmf, std::uint64_t f) {
-    const std::size_t window = std::max<std::size_t>(vmf.vma->fault_around_pages, 1);
-    const std::uint64_t into = (vmf.address >> g_page_shift) % window;
-    const std::uint64_t first = f >= into ? f - into : 0;
-    return {first, f - into + window};
+    const std::size_t page = vmf.arena->page_index(vmf.address);
+    const PageRange r = around_pages(vmf, std::max<std::size_t>(vmf.vma->fault_around_pages, 1));
+    return {f >= page - r.first ? f - (page - r.first) : 0, f + (r.last - page)};
 }
 
 void note_read(vm_fault& vmf, const FileRead& rd) {
@@ -332,14 +338,12 @@ FaultResult do_read_fault(vm_fault& vmf, pte_t cur) {
     const Vma& vma = *vmf.vma;
     const std::size_t page = arena.page_index(vmf.address);
     const std::size_t window = std::max<std::size_t>(vma.fault_around_pages, 1);
-    const std::size_t into = (vmf.address >> g_page_shift) % window;
-    std::size_t last = page - into + window;
+    PageRange around = around_pages(vmf, window);
     if (vma.advice != Advice::Random && vma.ra_window.load(kRelaxed) > window) {
         const std::uint64_t f = vma.file_page(vmf.address), next = vma.ra_next.load(kRelaxed);
-        if (next > f + window) last = std::max<std::size_t>(last, page + std::size_t(next - f) - window);
+        if (next > f + window) around.last = std::max<std::size_t>(around.last, page + std::size_t(next - f) - window);
     }
-    const PageRange vr = vma_pages(arena, vma);
-    const PageRange limit{std::max(page >= into ? page - into : 0, vr.first), std::min(last, vr.last)};
+    const PageRange limit = clamp(around, vma_pages(arena, vma));
     const PageRange r =
         lock_neighbours(arena, {page, page + 1}, limit, cur, [&vmf](std::size_t i) { return page_ready(vmf, i); });
     return install_or_degrade(vmf, r, grant_for(Access::Read, vma.prot), cur, FaultKind::File);
