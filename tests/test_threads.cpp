@@ -79,6 +79,9 @@ TEST_CASE("faults in one VMA while another thread maps, protects and unmaps othe
     std::vector<std::thread> faulters;
     for (unsigned t = 0; t < 2; ++t)
         faulters.emplace_back([&, t] {
+            // Handshake: the tree is already changing when the faults start, however the threads
+            // are scheduled.
+            while (churn.load() == 0) std::this_thread::yield();
             for (std::size_t p = t; p < kPages; p += 2) write_u64(data + p * ps, p * 7 + 1);
             for (std::size_t p = t; p < kPages; p += 2) REQUIRE(read_u64(data + p * ps) == p * 7 + 1);
         });
