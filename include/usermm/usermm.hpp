@@ -114,8 +114,12 @@ struct Stats {
     bool operator==(const Stats&) const = default;
 };
 
-// A readable multi-line table; <usermm/fmt.hpp> makes Stats printable with fmt directly.
-std::string format_stats(const Stats& s);
+// A readable multi-line table, one counter a line with its description, then the handler latency
+// histogram; columns fit the longest name and the widest value shown. Compact shows only the
+// non-zero counters and buckets (one line if all are zero); Full shows every one. <usermm/fmt.hpp>
+// makes Stats printable with fmt directly: "{}" (or "{:compact}") and "{:full}".
+enum class StatsFormat { Compact, Full };
+std::string format_stats(const Stats& s, StatsFormat format = StatsFormat::Compact);
 
 // Errors from the API. The message names the call, the bad argument and the address.
 class Error : public std::system_error {
