@@ -534,7 +534,7 @@ std::pair<std::size_t, std::size_t> vma_usage(const ArenaCore& a, const Vma& v) 
                 if (const int err = page_resident(a.page_addr(i), (j - i) << g_page_shift, pages.data()))
                     fail(err, "{}: mincore of [{:#x}, {:#x}) in VMA '{}' failed", call, a.page_addr(i), a.page_addr(j),
                          v.name);
-                resident += std::size_t(std::count_if(pages.begin(), pages.end(), [](unsigned char c) { return c & 1; }));
+                for (unsigned char c : pages) resident += c & 1;
             });
         }
     }

@@ -62,8 +62,8 @@ std::string format_stats(const Stats& s, StatsFormat format) {
     for (std::size_t i = 0; i < rows.size(); ++i) {
         const Row& r = rows[i];
         if (i == counters) out += "  handler latency:\n";
-        fmt::format_to(std::back_inserter(out), "{}{:<{}}  {:>{}}  {}\n", r.indent, r.name, name_width - r.indent.size(),
-                       r.value, value_width, r.text);
+        fmt::format_to(std::back_inserter(out), "{}{:<{}}  {:>{}}  {}\n", r.indent, r.name,
+                       name_width - r.indent.size(), r.value, value_width, r.text);
     }
     return out;
 }
