@@ -2,7 +2,8 @@
 //   usermm-demo lazy       reserve 1 TiB, touch a sparse pattern, pay only for what was touched
 //   usermm-demo snapshot   a key-value table with writer threads, checkpointed every second without fork
 //   usermm-demo file       a file larger than the resident budget: random lookups, then a sequential scan
-//   usermm-demo checkpoint an 8 GiB key-value table: checkpoints under writers, a roll-back, a restart
+//   usermm-demo checkpoint [KEYS]
+//                          an 8 GiB key-value table: checkpoints under writers, a roll-back, a restart
 //                          in a new process (which runs `usermm-demo checkpoint-restart ...`)
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -161,9 +162,8 @@ int snapshot_demo() {
 
     std::vector<std::string> files;
     std::optional<usermm::Snapshot> previous;
-    const auto started = std::chrono::steady_clock::now();
     for (int c = 0; c < kCheckpoints; ++c) {
-        std::this_thread::sleep_until(started + std::chrono::seconds(c + 1));
+        std::this_thread::sleep_for(std::chrono::seconds(1));
         // The checkpoint instant: no record mid-update (the latches), then the snapshot.
         for (auto& l : latch)
             while (l.exchange(true, std::memory_order_acquire)) {
@@ -327,7 +327,8 @@ static_assert(sizeof(Record) == 64);
 
 constexpr std::size_t kTable = 8ull << 30;
 constexpr std::size_t kSlots = kTable / sizeof(Record);  // a power of two
-constexpr std::uint64_t kKeys = 1 << 14;
+// 16,384 keys by default (a 64 MiB full image); `usermm-demo checkpoint KEYS` for another count.
+constexpr std::uint64_t kDefaultKeys = 1 << 14;
 constexpr int kWriters = 2;
 constexpr int kCheckpoints = 4;
 constexpr int kRollbackTo = 1;
@@ -336,7 +337,14 @@ constexpr auto kBurstEvery = std::chrono::microseconds(51200);  // 5,000 updates
 
 // Keys are scattered over the whole table (an odd multiplier is a bijection modulo 2^n), as a
 // hash table would place them: the table is sparse, about one record per page used.
-std::size_t slot_of(std::uint64_t key) { return std::size_t(key * 0x9e3779b97f4a7c15ull) & (kSlots - 1); }
+constexpr std::uint64_t kSpread = 0x9e3779b97f4a7c15ull;
+constexpr std::uint64_t inverse_of(std::uint64_t odd) {
+    std::uint64_t x = odd;  // Newton's iteration doubles the correct low bits each step
+    for (int i = 0; i < 5; ++i) x *= 2 - odd * x;
+    return x;
+}
+std::size_t slot_of(std::uint64_t key) { return std::size_t(key * kSpread) & (kSlots - 1); }
+std::uint64_t key_of(std::size_t slot) { return std::uint64_t(slot) * inverse_of(kSpread) & (kSlots - 1); }
 
 std::uint64_t checksum_of(const Record& r) {
     std::uint64_t h = 0xcbf29ce484222325ull;
@@ -346,23 +354,48 @@ std::uint64_t checksum_of(const Record& r) {
 }
 
 // What a checkpoint must be: every record whole and its own, versions adding up to the updates
-// counted at the instant, and (for views of it) the same digest.
+// counted at the instant, and (for views of it) the same digest, a sum so that records may be
+// checked in any order.
 struct Check {
     std::uint64_t version_sum = 0;
-    std::uint64_t digest = 0xcbf29ce484222325ull;
+    std::uint64_t digest = 0;
+    std::uint64_t checked = 0;
     std::uint64_t bad = 0;  // records torn, missing or not at their key's slot
+
+    void add(std::uint64_t key, const Record& r) {
+        bad += r.key != key || r.checksum != checksum_of(r);
+        version_sum += r.version;
+        digest += (r.checksum ^ key) * 0x100000001b3ull;
+        ++checked;
+    }
+    Check& finish(std::uint64_t keys) {
+        bad += keys - checked;
+        return *this;
+    }
 };
 
 template <typename ReadRecord>
-Check check_records(ReadRecord read) {
+Check check_records(std::uint64_t keys, ReadRecord read) {
     Check c;
-    for (std::uint64_t k = 0; k < kKeys; ++k) {
-        const Record r = read(k);
-        c.bad += r.key != k || r.checksum != checksum_of(r);
-        c.version_sum += r.version;
-        c.digest = (c.digest ^ r.checksum) * 0x100000001b3ull;
-    }
-    return c;
+    for (std::uint64_t k = 0; k < keys; ++k) c.add(k, read(k));
+    return c.finish(keys);
+}
+
+// A snapshot's records, read in one pass over the pages it holds (a read per record costs tens of
+// microseconds, for_each_page a fraction of that per page).
+Check check_snapshot(std::uint64_t keys, const usermm::Snapshot& snap, const Record* table) {
+    Check c;
+    snap.for_each_page([&](const void* addr, std::span<const std::byte> page) {
+        const std::size_t first = std::size_t(static_cast<const Record*>(addr) - table);
+        for (std::size_t i = 0; i < page.size() / sizeof(Record); ++i) {
+            const std::uint64_t key = key_of(first + i);
+            if (key >= keys) continue;
+            Record r;
+            std::memcpy(&r, page.data() + i * sizeof(Record), sizeof r);
+            c.add(key, r);
+        }
+    });
+    return c.finish(keys);
 }
 
 struct Writer {
@@ -371,17 +404,17 @@ struct Writer {
     std::thread thread;
 };
 
-int run(const char* self) {
+int run(const char* self, std::uint64_t keys) {
     usermm::Arena arena(2 * kTable);
     const std::span<Record> table = arena.map_span<Record>(kSlots, usermm::Prot::ReadWrite, {.name = "kv-table"});
-    for (std::uint64_t k = 0; k < kKeys; ++k) {
+    for (std::uint64_t k = 0; k < keys; ++k) {
         Record& r = table[slot_of(k)];
         r = Record{k, 0, 0, {k, k, k, k}, 0};
         r.checksum = checksum_of(r);
     }
     fmt::print("an {} GiB demand-zero table of {}-byte records (\"kv-table\"), {} keys scattered over it; "
                "write tracking: {}\n",
-               kTable >> 30, sizeof(Record), kKeys,
+               kTable >> 30, sizeof(Record), keys,
                usermm::engine() == usermm::Engine::Uffd ? "userfaultfd" : "mprotect");
     fmt::print("{} writers update random records of their own keys, {} updates a second each; "
                "a checkpoint every second\n",
@@ -398,7 +431,7 @@ int run(const char* self) {
                 {
                     std::lock_guard lock(me.latch);
                     for (std::size_t i = 0; i < kBurst; ++i) {
-                        const std::uint64_t k = rng() % (kKeys / kWriters) * kWriters + std::uint64_t(w);
+                        const std::uint64_t k = rng() % (keys / kWriters) * kWriters + std::uint64_t(w);
                         Record& r = table[slot_of(k)];
                         ++r.version;
                         r.stamp = std::uint64_t(w) << 56 | ++me.updates;
@@ -427,8 +460,9 @@ int run(const char* self) {
         for (const Checkpoint& cp : done)
             if (!cp.file.empty()) unlink(cp.file.c_str());
     };
+    const auto started = std::chrono::steady_clock::now();
     for (int c = 0; c < kCheckpoints; ++c) {
-        std::this_thread::sleep_for(std::chrono::seconds(1));
+        std::this_thread::sleep_until(started + std::chrono::seconds(c + 1));
         Checkpoint& cp = done[std::size_t(c)];
         std::optional<usermm::Snapshot>& snap = snaps[std::size_t(c)];
         // The instant: no burst in flight, the update counts read, the snapshot taken.
@@ -462,11 +496,7 @@ int run(const char* self) {
         close(fd);
 
         // The checkpoint as the snapshot holds it, read while the writers go on.
-        cp.check = check_records([&snap, &table](std::uint64_t k) {
-            Record r;
-            snap->read(&table[slot_of(k)], &r, sizeof r);
-            return r;
-        });
+        cp.check = check_snapshot(keys, *snap, table.data());
         const bool consistent = cp.check.bad == 0 && cp.check.version_sum == cp.updates;
         ok &= consistent;
         const std::uint64_t copied = c == 0 ? 0 : snaps[std::size_t(c - 1)]->stats().cow_faults;
@@ -483,11 +513,11 @@ int run(const char* self) {
     // Roll-back: the table as it is now, then as restore() makes it.
     auto live = [&table](std::uint64_t k) { return table[slot_of(k)]; };
     const Checkpoint& target = done[kRollbackTo];
-    const Check now = check_records(live);
+    const Check now = check_records(keys, live);
     const auto t3 = std::chrono::steady_clock::now();
     arena.restore(*snaps[kRollbackTo]);
     const double restore_ms = since_ms(t3);
-    const Check back = check_records(live);
+    const Check back = check_records(keys, live);
     const bool rolled_back = back.bad == 0 && back.digest == target.check.digest && back.version_sum == target.updates;
     ok &= rolled_back && now.bad == 0;
     fmt::print("roll-back: the table had {} updates; restore() to checkpoint {} took {:.1f} ms and wrote back {} "
@@ -499,8 +529,8 @@ int run(const char* self) {
     // the chain and must find exactly the checkpoint that prefix ends at.
     for (int last : {kRollbackTo, kCheckpoints - 1}) {
         const Checkpoint& cp = done[std::size_t(last)];
-        std::vector<std::string> args{self, "checkpoint-restart", std::to_string(last), std::to_string(cp.updates),
-                                      std::to_string(cp.check.digest)};
+        std::vector<std::string> args{self, "checkpoint-restart", std::to_string(keys), std::to_string(last),
+                                      std::to_string(cp.updates), std::to_string(cp.check.digest)};
         for (int i = 0; i <= last; ++i) args.push_back(done[std::size_t(i)].file);
         std::vector<char*> argv;
         for (std::string& a : args) argv.push_back(a.data());
@@ -525,13 +555,14 @@ int run(const char* self) {
     return ok ? 0 : 1;
 }
 
-// The new process of the restart: argv = checkpoint-restart <checkpoint> <updates> <digest> <image>...
+// The new process of the restart: argv = checkpoint-restart <keys> <checkpoint> <updates> <digest> <image>...
 int restart(int argc, char** argv) {
-    if (argc < 6) return 2;
-    const std::uint64_t updates = std::strtoull(argv[3], nullptr, 10);
-    const std::uint64_t digest = std::strtoull(argv[4], nullptr, 10);
+    if (argc < 7) return 2;
+    const std::uint64_t keys = std::strtoull(argv[2], nullptr, 10);
+    const std::uint64_t updates = std::strtoull(argv[4], nullptr, 10);
+    const std::uint64_t digest = std::strtoull(argv[5], nullptr, 10);
     std::vector<int> fds;
-    for (int i = 5; i < argc; ++i) {
+    for (int i = 6; i < argc; ++i) {
         const int fd = open(argv[i], O_RDONLY | O_CLOEXEC);
         if (fd < 0) {
             std::perror(argv[i]);
@@ -550,30 +581,34 @@ int restart(int argc, char** argv) {
         return 1;
     }
     const auto* table = static_cast<const Record*>(v->start);
-    const Check c = check_records([table](std::uint64_t k) { return table[slot_of(k)]; });
+    const Check c = check_records(keys, [table](std::uint64_t k) { return table[slot_of(k)]; });
     const bool ok = c.bad == 0 && c.version_sum == updates && c.digest == digest;
     fmt::print("restart in a new process (pid {}): Arena::load of the full image and {} increment(s) took {:.0f} ms; "
                "{} records whole, versions sum to {}: equal to checkpoint {}: {}\n",
-               getpid(), fds.size() - 1, load_ms, kKeys - c.bad, c.version_sum, argv[2], ok ? "yes" : "NO");
+               getpid(), fds.size() - 1, load_ms, keys - c.bad, c.version_sum, argv[3], ok ? "yes" : "NO");
     return ok ? 0 : 1;
 }
 
 }  // namespace checkpoint
-void usage() { std::fprintf(stderr, "usage: usermm-demo lazy|snapshot|file|checkpoint\n"); }
+void usage() { std::fprintf(stderr, "usage: usermm-demo lazy|snapshot|file|checkpoint [KEYS]\n"); }
 
 }  // namespace
 
 int main(int argc, char** argv) {
     if (argc >= 2 && std::string_view(argv[1]) == "checkpoint-restart") return checkpoint::restart(argc, argv);
+    const std::string_view what = argc >= 2 ? argv[1] : "";
+    if (what == "checkpoint" && argc <= 3) {
+        // An even number of keys (each writer has half), at most one per record of the table.
+        const std::uint64_t keys = argc == 3 ? std::strtoull(argv[2], nullptr, 10) : checkpoint::kDefaultKeys;
+        if (keys >= 2 && keys % 2 == 0 && keys <= checkpoint::kSlots) return checkpoint::run(argv[0], keys);
+    }
     if (argc != 2) {
         usage();
         return 2;
     }
-    const std::string_view what = argv[1];
     if (what == "lazy") return lazy();
     if (what == "snapshot") return snapshot_demo();
     if (what == "file") return file_demo();
-    if (what == "checkpoint") return checkpoint::run(argv[0]);
     usage();
     return 2;
 }
