@@ -250,6 +250,13 @@ TEST_CASE("a VMA's name is usermm's own: /proc/self/maps does not show it") {
     write_byte(p, 1);
     CHECK(arena.vmas()[0].name == "name-of-issue-17");
     CHECK(proc_self_maps().find("name-of-issue-17") == std::string::npos);
+
+    TempFile file(4 * kPage);
+    arena.map_file(file.fd(), 0, file.size(), Prot::Read, Share::Private, {.name = "file-name-of-issue-17"});
+    const std::string maps = proc_self_maps();
+    CHECK(maps.find("file-name-of-issue-17") == std::string::npos);
+    const std::string base = file.path().substr(file.path().rfind('/') + 1);
+    CHECK(maps.find("/memfd:usermm:" + base) != std::string::npos);  // the page cache's memfd
 }
 
 TEST_CASE("VmaInfo::file is the path a descriptor was opened by, not /proc/self/fd/N") {

@@ -135,7 +135,7 @@ struct MapOptions {
     // A name for usermm's diagnostics, vmas() and find_vma(); at most 39 bytes are kept. It is usermm's
     // own: /proc/self/maps does not show it (an arena is anonymous memory there, a file VMA the memfd
     // of usermm's page cache), since naming the kernel's VMAs (PR_SET_VMA_ANON_NAME) would split
-    // them and spend the mapping budget. A file VMA without a name is named after its file's path.
+    // them and spend the mapping budget. A file VMA without a name takes its file's path.
     std::string_view name = {};
     // Place the VMA here (page-aligned, inside the arena, not overlapping another VMA); nullptr lets
     // the arena choose.
@@ -159,19 +159,20 @@ struct VmaInfo {
     std::size_t fault_around_pages = 0;
     // File VMAs: the file's path, the offset of `start` in it, and how writes behave. The path is
     // the one map_file(path) was given or, for a descriptor, the one /proc/self/fd/N named when the
-    // file was first mapped (ending in " (deleted)" if it was unlinked); every VMA of the same file
-    // shows the path of the first mapping; at most 255 bytes are kept. Empty for anonymous VMAs.
+    // file was first mapped (ending in " (deleted)" if it was unlinked; the link itself if it could
+    // not be read); every VMA of the same file shows the path of its first mapping; at most 255
+    // bytes are kept. Empty for anonymous VMAs.
     std::string file;
     std::uint64_t offset = 0;
     Share share = Share::Private;
     // Memory, in bytes (multiples of the page size). Committed: the pages that hold memory or may
     // gain some without a fault usermm sees: every page granted write access since it was last
     // discarded (the kernel allocates it at its first write), and a file VMA's pages mapped from
-    // usermm's page cache. Resident: the committed pages the kernel holds in RAM now (mincore;
-    // a page granted write access but never written holds nothing, except one still showing the
-    // zero page after a read). Pages only read in an anonymous VMA map the shared zero page and
-    // count in neither. Computing them reads the page-state table only where it was ever touched,
-    // and asks mincore about the committed pages: a cost proportional to the pages used.
+    // usermm's page cache. Resident: the committed pages the kernel holds in RAM now (mincore): a
+    // page granted write access but never written holds nothing, unless a read mapped the zero
+    // page there first, which mincore counts. Pages only read in an anonymous VMA map the shared
+    // zero page and count in neither. vmas() and find_vma() read the page-state table only where
+    // it was ever touched and ask mincore about the committed pages: a cost with the pages used.
     std::size_t committed = 0;
     std::size_t resident = 0;
     Stats stats;
