@@ -2,6 +2,9 @@
 //   usermm-demo lazy       reserve 1 TiB, touch a sparse pattern, pay only for what was touched
 //   usermm-demo snapshot   a key-value table with writer threads, checkpointed every second without fork
 //   usermm-demo file       a file larger than the resident budget: random lookups, then a sequential scan
+//   usermm-demo checkpoint [KEYS]
+//                          an 8 GiB key-value table: checkpoints under writers, a roll-back, a restart
+//                          in a new process (which runs `usermm-demo checkpoint-restart ...`)
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
@@ -10,13 +13,16 @@
 
 #include <fmt/format.h>
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <optional>
 #include <random>
+#include <span>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -300,16 +306,308 @@ int file_demo() {
     return bad == 0 && peak <= double(kBudget >> 20) ? 0 : 1;
 }
 
-void usage() { std::fprintf(stderr, "usage: usermm-demo lazy|snapshot|file\n"); }
+// The key-value store of issue 8, end to end: an 8 GiB demand-zero table of 64-byte records, two
+// writer threads, a checkpoint every second (a snapshot, streamed as a full image and then as
+// increments while the writers go on), a roll-back with restore(), and a restart in a new process
+// from the image files. Each record holds its own key, a version (how many updates it has had)
+// and a checksum; the writers count their updates, and each checkpoint takes the sum of those
+// counts in the same instant as its snapshot, so that a consistent checkpoint is one whose records
+// all check and whose versions add up to that sum. A digest of every record ties each later view
+// (the table after restore, an arena loaded in another process) to the checkpoint exactly.
+namespace checkpoint {
+
+struct Record {
+    std::uint64_t key;
+    std::uint64_t version;
+    std::uint64_t stamp;  // which writer wrote it last, and its update count then
+    std::uint64_t payload[4];
+    std::uint64_t checksum;
+};
+static_assert(sizeof(Record) == 64);
+
+constexpr std::size_t kTable = 8ull << 30;
+constexpr std::size_t kSlots = kTable / sizeof(Record);  // a power of two
+// 16,384 keys by default (a 64 MiB full image); `usermm-demo checkpoint KEYS` for another count.
+constexpr std::uint64_t kDefaultKeys = 1 << 14;
+constexpr int kWriters = 2;
+constexpr int kCheckpoints = 4;
+constexpr int kRollbackTo = 1;
+constexpr std::size_t kBurst = 256;  // updates per burst, under the writer's latch
+constexpr auto kBurstEvery = std::chrono::microseconds(51200);  // 5,000 updates a second each
+
+// Keys are scattered over the whole table (an odd multiplier is a bijection modulo 2^n), as a
+// hash table would place them: the table is sparse, about one record per page used.
+constexpr std::uint64_t kSpread = 0x9e3779b97f4a7c15ull;
+constexpr std::uint64_t inverse_of(std::uint64_t odd) {
+    std::uint64_t x = odd;  // Newton's iteration doubles the correct low bits each step
+    for (int i = 0; i < 5; ++i) x *= 2 - odd * x;
+    return x;
+}
+std::size_t slot_of(std::uint64_t key) { return std::size_t(key * kSpread) & (kSlots - 1); }
+std::uint64_t key_of(std::size_t slot) { return std::uint64_t(slot) * inverse_of(kSpread) & (kSlots - 1); }
+
+std::uint64_t checksum_of(const Record& r) {
+    std::uint64_t h = 0xcbf29ce484222325ull;
+    for (std::uint64_t w : {r.key, r.version, r.stamp, r.payload[0], r.payload[1], r.payload[2], r.payload[3]})
+        h = (h ^ w) * 0x100000001b3ull;
+    return h;
+}
+
+// What a checkpoint must be: every record whole and its own, versions adding up to the updates
+// counted at the instant, and (for views of it) the same digest, a sum so that records may be
+// checked in any order.
+struct Check {
+    std::uint64_t version_sum = 0;
+    std::uint64_t digest = 0;
+    std::uint64_t checked = 0;
+    std::uint64_t bad = 0;  // records torn, missing or not at their key's slot
+
+    void add(std::uint64_t key, const Record& r) {
+        bad += r.key != key || r.checksum != checksum_of(r);
+        version_sum += r.version;
+        digest += (r.checksum ^ key) * 0x100000001b3ull;
+        ++checked;
+    }
+    Check& finish(std::uint64_t keys) {
+        bad += keys - checked;
+        return *this;
+    }
+};
+
+template <typename ReadRecord>
+Check check_records(std::uint64_t keys, ReadRecord read) {
+    Check c;
+    for (std::uint64_t k = 0; k < keys; ++k) c.add(k, read(k));
+    return c.finish(keys);
+}
+
+// A snapshot's records, read in one pass over the pages it holds (a read per record costs tens of
+// microseconds, for_each_page a fraction of that per page).
+Check check_snapshot(std::uint64_t keys, const usermm::Snapshot& snap, const Record* table) {
+    Check c;
+    snap.for_each_page([&](const void* addr, std::span<const std::byte> page) {
+        const std::size_t first = std::size_t(static_cast<const Record*>(addr) - table);
+        for (std::size_t i = 0; i < page.size() / sizeof(Record); ++i) {
+            const std::uint64_t key = key_of(first + i);
+            if (key >= keys) continue;
+            Record r;
+            std::memcpy(&r, page.data() + i * sizeof(Record), sizeof r);
+            c.add(key, r);
+        }
+    });
+    return c.finish(keys);
+}
+
+struct Writer {
+    std::mutex latch;           // held for a burst; the checkpoint instant takes both
+    std::uint64_t updates = 0;  // under latch
+    std::thread thread;
+};
+
+int run(const char* self, std::uint64_t keys) {
+    usermm::Arena arena(2 * kTable);
+    const std::span<Record> table = arena.map_span<Record>(kSlots, usermm::Prot::ReadWrite, {.name = "kv-table"});
+    for (std::uint64_t k = 0; k < keys; ++k) {
+        Record& r = table[slot_of(k)];
+        r = Record{k, 0, 0, {k, k, k, k}, 0};
+        r.checksum = checksum_of(r);
+    }
+    fmt::print("an {} GiB demand-zero table of {}-byte records (\"kv-table\"), {} keys scattered over it; "
+               "write tracking: {}\n",
+               kTable >> 30, sizeof(Record), keys,
+               usermm::engine() == usermm::Engine::Uffd ? "userfaultfd" : "mprotect");
+    fmt::print("{} writers update random records of their own keys, {} updates a second each; "
+               "a checkpoint every second\n",
+               kWriters, std::size_t(kBurst * std::chrono::seconds(1) / kBurstEvery));
+
+    std::array<Writer, kWriters> writers;
+    std::atomic<bool> stop{false};
+    for (int w = 0; w < kWriters; ++w)
+        writers[w].thread = std::thread([&, w] {
+            Writer& me = writers[w];
+            std::mt19937_64 rng(std::uint64_t(w) + 1);
+            auto next = std::chrono::steady_clock::now();
+            while (!stop.load(std::memory_order_relaxed)) {
+                {
+                    std::lock_guard lock(me.latch);
+                    for (std::size_t i = 0; i < kBurst; ++i) {
+                        const std::uint64_t k = rng() % (keys / kWriters) * kWriters + std::uint64_t(w);
+                        Record& r = table[slot_of(k)];
+                        ++r.version;
+                        r.stamp = std::uint64_t(w) << 56 | ++me.updates;
+                        for (auto& p : r.payload) p = rng();
+                        r.checksum = checksum_of(r);
+                    }
+                }
+                next += kBurstEvery;
+                std::this_thread::sleep_until(next);
+            }
+        });
+
+    struct Checkpoint {
+        std::string file;
+        std::uint64_t updates = 0;  // counted at the snapshot's instant
+        Check check;
+    };
+    std::vector<Checkpoint> done(kCheckpoints);
+    // Live: the latest snapshot (the next increment's base) and the roll-back target.
+    std::vector<std::optional<usermm::Snapshot>> snaps(kCheckpoints);
+    bool ok = true;
+    const char* dir = std::getenv("TMPDIR");
+    const std::string prefix = std::string(dir && *dir ? dir : "/var/tmp") + "/usermm-demo-checkpoint-" +
+                               std::to_string(getpid()) + "-";
+    auto remove_files = [&done] {
+        for (const Checkpoint& cp : done)
+            if (!cp.file.empty()) unlink(cp.file.c_str());
+    };
+    const auto started = std::chrono::steady_clock::now();
+    for (int c = 0; c < kCheckpoints; ++c) {
+        std::this_thread::sleep_until(started + std::chrono::seconds(c + 1));
+        Checkpoint& cp = done[std::size_t(c)];
+        std::optional<usermm::Snapshot>& snap = snaps[std::size_t(c)];
+        // The instant: no burst in flight, the update counts read, the snapshot taken.
+        const auto t0 = std::chrono::steady_clock::now();
+        double pause = 0;
+        {
+            std::scoped_lock instant(writers[0].latch, writers[1].latch);
+            for (const Writer& w : writers) cp.updates += w.updates;
+            const auto t1 = std::chrono::steady_clock::now();
+            snap.emplace(arena.snapshot(table.data(), table.size_bytes()));
+            pause = since_ms(t1);
+        }
+        const double held = since_ms(t0);
+
+        cp.file = prefix + std::to_string(c) + ".img";
+        const int fd = open(cp.file.c_str(), O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0644);
+        if (fd < 0) {
+            std::perror(cp.file.c_str());
+            stop = true;
+            for (Writer& w : writers) w.thread.join();
+            remove_files();
+            return 1;
+        }
+        const auto t2 = std::chrono::steady_clock::now();
+        if (c == 0)
+            snap->write_to(fd);
+        else
+            snap->write_to(fd, *snaps[std::size_t(c - 1)]);
+        const double write_ms = since_ms(t2);
+        const off_t bytes = lseek(fd, 0, SEEK_END);
+        close(fd);
+
+        // The checkpoint as the snapshot holds it, read while the writers go on.
+        cp.check = check_snapshot(keys, *snap, table.data());
+        const bool consistent = cp.check.bad == 0 && cp.check.version_sum == cp.updates;
+        ok &= consistent;
+        const std::uint64_t copied = c == 0 ? 0 : snaps[std::size_t(c - 1)]->stats().cow_faults;
+        fmt::print("checkpoint {}: writers held {:6.2f} ms, snapshot() {:6.2f} ms; {:11} image {:6.1f} MiB written in "
+                   "{:4.0f} ms; versions sum to the {} updates counted: {}; the previous snapshot took {} pages "
+                   "before writes changed them\n",
+                   c, held, pause, c == 0 ? "full" : "incremental", double(bytes) / (1 << 20), write_ms, cp.updates,
+                   consistent ? "yes" : "NO", copied);
+        if (c > 0 && c - 1 != kRollbackTo) snaps[std::size_t(c - 1)].reset();
+    }
+    stop = true;
+    for (Writer& w : writers) w.thread.join();
+
+    // Roll-back: the table as it is now, then as restore() makes it.
+    auto live = [&table](std::uint64_t k) { return table[slot_of(k)]; };
+    const Checkpoint& target = done[kRollbackTo];
+    const Check now = check_records(keys, live);
+    const auto t3 = std::chrono::steady_clock::now();
+    arena.restore(*snaps[kRollbackTo]);
+    const double restore_ms = since_ms(t3);
+    const Check back = check_records(keys, live);
+    const bool rolled_back = back.bad == 0 && back.digest == target.check.digest && back.version_sum == target.updates;
+    ok &= rolled_back && now.bad == 0;
+    fmt::print("roll-back: the table had {} updates; restore() to checkpoint {} took {:.1f} ms and wrote back {} "
+               "pages; the table now equals checkpoint {} ({} updates): {}\n",
+               now.version_sum, kRollbackTo, restore_ms, snaps[kRollbackTo]->stats().pages_restored, kRollbackTo,
+               back.version_sum, rolled_back ? "yes" : "NO");
+
+    // Restart: a new process (no arena, nothing inherited but the file names) loads a prefix of
+    // the chain and must find exactly the checkpoint that prefix ends at.
+    for (int last : {kRollbackTo, kCheckpoints - 1}) {
+        const Checkpoint& cp = done[std::size_t(last)];
+        std::vector<std::string> args{self, "checkpoint-restart", std::to_string(keys), std::to_string(last),
+                                      std::to_string(cp.updates), std::to_string(cp.check.digest)};
+        for (int i = 0; i <= last; ++i) args.push_back(done[std::size_t(i)].file);
+        std::vector<char*> argv;
+        for (std::string& a : args) argv.push_back(a.data());
+        argv.push_back(nullptr);
+        std::fflush(stdout);
+        const pid_t pid = fork();
+        if (pid == 0) {
+            execv("/proc/self/exe", argv.data());
+            std::perror("usermm-demo: execv /proc/self/exe");
+            _exit(127);
+        }
+        int status = 0;
+        while (pid > 0 && waitpid(pid, &status, 0) < 0) {
+        }
+        ok &= pid > 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0;
+    }
+    remove_files();
+
+    const usermm::VmaInfo v = *arena.find_vma("kv-table");
+    fmt::print("\nkv-table: {} GiB reserved, {:.1f} MiB committed (granted write access: fault-around grants {} "
+               "pages at a first write), {:.1f} MiB resident\narena stats:\n{}",
+               v.length >> 30, double(v.committed) / (1 << 20), v.fault_around_pages, double(v.resident) / (1 << 20),
+               arena.stats());
+    return ok ? 0 : 1;
+}
+
+// The new process of the restart: argv = checkpoint-restart <keys> <checkpoint> <updates> <digest> <image>...
+int restart(int argc, char** argv) {
+    if (argc < 7) return 2;
+    const std::uint64_t keys = std::strtoull(argv[2], nullptr, 10);
+    const std::uint64_t updates = std::strtoull(argv[4], nullptr, 10);
+    const std::uint64_t digest = std::strtoull(argv[5], nullptr, 10);
+    std::vector<int> fds;
+    for (int i = 6; i < argc; ++i) {
+        const int fd = open(argv[i], O_RDONLY | O_CLOEXEC);
+        if (fd < 0) {
+            std::perror(argv[i]);
+            return 1;
+        }
+        lseek(fd, 0, SEEK_SET);
+        fds.push_back(fd);
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    usermm::Arena loaded = usermm::Arena::load(fds);
+    const double load_ms = since_ms(t0);
+    for (int fd : fds) close(fd);
+    const std::optional<usermm::VmaInfo> v = loaded.find_vma("kv-table");
+    if (!v) {
+        fmt::print("restart: the loaded arena has no VMA \"kv-table\"\n");
+        return 1;
+    }
+    const auto* table = static_cast<const Record*>(v->start);
+    const Check c = check_records(keys, [table](std::uint64_t k) { return table[slot_of(k)]; });
+    const bool ok = c.bad == 0 && c.version_sum == updates && c.digest == digest;
+    fmt::print("restart in a new process (pid {}): Arena::load of the full image and {} increment(s) took {:.0f} ms; "
+               "{} records whole, versions sum to {}: equal to checkpoint {}: {}\n",
+               getpid(), fds.size() - 1, load_ms, keys - c.bad, c.version_sum, argv[3], ok ? "yes" : "NO");
+    return ok ? 0 : 1;
+}
+
+}  // namespace checkpoint
+void usage() { std::fprintf(stderr, "usage: usermm-demo lazy|snapshot|file|checkpoint [KEYS]\n"); }
 
 }  // namespace
 
 int main(int argc, char** argv) {
+    if (argc >= 2 && std::string_view(argv[1]) == "checkpoint-restart") return checkpoint::restart(argc, argv);
+    const std::string_view what = argc >= 2 ? argv[1] : "";
+    if (what == "checkpoint" && argc <= 3) {
+        // An even number of keys (each writer has half), at most one per record of the table.
+        const std::uint64_t keys = argc == 3 ? std::strtoull(argv[2], nullptr, 10) : checkpoint::kDefaultKeys;
+        if (keys >= 2 && keys % 2 == 0 && keys <= checkpoint::kSlots) return checkpoint::run(argv[0], keys);
+    }
     if (argc != 2) {
         usage();
         return 2;
     }
-    const std::string_view what = argv[1];
     if (what == "lazy") return lazy();
     if (what == "snapshot") return snapshot_demo();
     if (what == "file") return file_demo();

@@ -21,6 +21,7 @@
 #include <fstream>
 #include <mutex>
 #include <string>
+#include <utility>
 
 #include "account.hpp"
 #include "arena_ops.hpp"
@@ -399,14 +400,16 @@ void Arena::prefault(void* addr, std::size_t length, Prot access) {
 
 Stats Arena::stats() const { return core_->stats.load(); }
 
+namespace {
+VmaInfo vma_info(const ArenaCore& a, const Vma& v);  // with find_vma, below
+}
+
 std::vector<VmaInfo> Arena::vmas() const {
     ArenaCore& a = *core_;
     std::vector<VmaInfo> out;
     ApiGuard<SharedGuard<RwSpinLock>> guard(a.lock);
     out.reserve(a.tree.size());
-    for (const Vma& v : a.tree)
-        out.push_back({ptr_of(v.start), v.end - v.start, v.prot, v.name, v.fault_around_pages,
-                       v.file ? v.file->path : "", v.pgoff << g_page_shift, v.share, v.stats.load()});
+    for (const Vma& v : a.tree) out.push_back(vma_info(a, v));
     return out;
 }
 
@@ -493,6 +496,104 @@ void Arena::verify() const {
                          a.page_addr(k));
         });
     }
+}
+
+// --- conveniences: find_vma, engine, Mapping -------------------------------------------------
+
+namespace {
+
+// Committed and resident bytes of a VMA (see VmaInfo). A page of the page-state table that the
+// kernel does not hold was never written, so every page it describes is untouched: only the table's
+// resident pages are read (mincore on the table), which keeps the cost with the pages used. (A
+// table page that was swapped out is skipped too: its pages count as neither.)
+std::pair<std::size_t, std::size_t> vma_usage(const ArenaCore& a, const Vma& v) {
+    static constexpr const char* call = "usermm::Arena::vmas";
+    const std::size_t per_table_page = g_page_size / sizeof(Pte);
+    const std::size_t first = a.page_index(v.start), last = a.page_index(v.end);
+    auto holds_memory = [&a, &v](std::size_t i) {
+        const pte_t p = a.pte[i].load(std::memory_order_relaxed);
+        return (p & kPtePopulated) || (v.file && pte_prot(p) != 0) ? 1 : kNoRun;
+    };
+    std::size_t committed = 0, resident = 0;
+    constexpr std::size_t kTablePagesPerCall = 4096;
+    std::vector<unsigned char> table(kTablePagesPerCall), pages;
+    const std::size_t last_table_page = (last - 1) / per_table_page + 1;
+    for (std::size_t t = first / per_table_page; t < last_table_page; t += kTablePagesPerCall) {
+        const std::size_t n = std::min(kTablePagesPerCall, last_table_page - t);
+        const std::uintptr_t at = addr_of(&a.pte[t * per_table_page]);
+        if (const int err = page_resident(at, n << g_page_shift, table.data()))
+            fail(err, "{}: mincore of the page-state table of VMA '{}' [{:#x}, {:#x}) failed", call, v.name, v.start,
+                 v.end);
+        for (std::size_t k = 0; k < n; ++k) {
+            if (!(table[k] & 1)) continue;
+            const std::size_t lo = std::max(first, (t + k) * per_table_page);
+            const std::size_t hi = std::min(last, (t + k + 1) * per_table_page);
+            for_each_run(lo, hi, holds_memory, [&](std::size_t i, std::size_t j, int) {
+                committed += j - i;
+                pages.resize(j - i);
+                if (const int err = page_resident(a.page_addr(i), (j - i) << g_page_shift, pages.data()))
+                    fail(err, "{}: mincore of [{:#x}, {:#x}) in VMA '{}' failed", call, a.page_addr(i), a.page_addr(j),
+                         v.name);
+                for (unsigned char c : pages) resident += c & 1;
+            });
+        }
+    }
+    return {committed << g_page_shift, resident << g_page_shift};
+}
+
+VmaInfo vma_info(const ArenaCore& a, const Vma& v) {
+    const auto [committed, resident] = vma_usage(a, v);
+    return {ptr_of(v.start), v.end - v.start, v.prot, v.name, v.fault_around_pages, v.file ? v.file->path : "",
+            v.pgoff << g_page_shift, v.share, committed, resident, v.stats.load()};
+}
+
+}  // namespace
+
+std::optional<VmaInfo> Arena::find_vma(std::string_view name) const {
+    ArenaCore& a = *core_;
+    const std::string_view kept = name.substr(0, kVmaNameMax - 1);
+    ApiGuard<SharedGuard<RwSpinLock>> guard(a.lock);
+    for (const Vma& v : a.tree)
+        if (kept == v.name) return vma_info(a, v);
+    return std::nullopt;
+}
+
+Engine engine() {
+    init_process();
+    return tracking_engine() == TrackingEngine::Uffd ? Engine::Uffd : Engine::Mprotect;
+}
+
+Mapping::Mapping(Arena& arena, std::size_t length, Prot prot, const MapOptions& options)
+    : arena_(&arena), addr_(arena.map(length, prot, options)), length_(length) {}
+
+Mapping::Mapping(Mapping&& other) noexcept
+    : arena_(std::exchange(other.arena_, nullptr)),
+      addr_(std::exchange(other.addr_, nullptr)),
+      length_(std::exchange(other.length_, 0)) {}
+
+Mapping& Mapping::operator=(Mapping&& other) noexcept {
+    if (this != &other) {
+        Mapping dying(std::move(*this));
+        arena_ = std::exchange(other.arena_, nullptr);
+        addr_ = std::exchange(other.addr_, nullptr);
+        length_ = std::exchange(other.length_, 0);
+    }
+    return *this;
+}
+
+Mapping::~Mapping() {
+    if (!addr_) return;
+    try {
+        arena_->unmap(addr_, length_);
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "usermm: usermm::Mapping::~Mapping: %s\n", e.what());
+    }
+}
+
+void* Mapping::release() {
+    arena_ = nullptr;
+    length_ = 0;
+    return std::exchange(addr_, nullptr);
 }
 
 }  // namespace usermm

@@ -390,7 +390,7 @@ Arena Arena::load(std::span<const int> image_fds) {
             const Range r{a.base + e.offset, a.base + e.offset + e.length};
             split_at(a, r.start, spares[spare++]);
             split_at(a, r.end, spares[spare++]);
-            Vma* found = find_vma(a, r.start);
+            Vma* found = detail::find_vma(a, r.start);  // not Arena::find_vma(name)
             if (!found || found->start != r.start || found->end != r.end)
                 fail(EINVAL, "{}: VMA record at offset {:#x} does not fit the image's range", call, e.offset);
             Vma& v = *found;

@@ -1,6 +1,11 @@
 // Counters for people: Stats arithmetic and the table format_stats prints.
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <iterator>
+#include <string>
+#include <vector>
+
 #include <usermm/usermm.hpp>
 
 namespace usermm {
@@ -13,25 +18,52 @@ Stats& Stats::operator+=(const Stats& other) {
     return *this;
 }
 
-std::string format_stats(const Stats& s) {
-    std::string out;
-    auto row = [&out](std::string_view name, std::uint64_t value, std::string_view doc) {
-        fmt::format_to(std::back_inserter(out), "  {:<20} {:>14}  {}\n", name, value, doc);
-    };
-#define USERMM_STATS_ROW(name, doc) row(#name, s.name, doc);
+namespace {
+
+std::string bucket_label(std::size_t i) {
+    if (i == 0) return "< 1 us";
+    if (i == kLatencyBuckets - 1) return fmt::format(">= {} us", 1u << (i - 1));
+    return fmt::format("{}-{} us", 1u << (i - 1), 1u << i);
+}
+
+struct Row {
+    std::string_view indent;
+    std::string name;
+    std::uint64_t value;
+    std::string text;
+};
+
+}  // namespace
+
+// The rows are collected first so that the columns fit the longest name and the widest value
+// shown: every value ends, and every description starts, at the same column.
+std::string format_stats(const Stats& s, StatsFormat format) {
+    const bool full = format == StatsFormat::Full;
+    std::vector<Row> rows;
+#define USERMM_STATS_ROW(name, doc) \
+    if (full || s.name) rows.push_back({"  ", #name, s.name, doc});
     USERMM_STATS_FIELDS(USERMM_STATS_ROW)
 #undef USERMM_STATS_ROW
     std::uint64_t total = 0;
     for (std::uint64_t n : s.latency) total += n;
-    if (total == 0) return out;
-    out += "  handler latency:\n";
-    for (std::size_t i = 0; i < kLatencyBuckets; ++i) {
-        if (!s.latency[i]) continue;
-        const std::string label = i == 0                     ? std::string("< 1 us")
-                                  : i == kLatencyBuckets - 1 ? fmt::format(">= {} us", 1u << (i - 1))
-                                                             : fmt::format("{}-{} us", 1u << (i - 1), 1u << i);
-        fmt::format_to(std::back_inserter(out), "    {:>14} {:>14}  {:5.1f}%\n", label, s.latency[i],
-                       100.0 * double(s.latency[i]) / double(total));
+    const std::size_t counters = rows.size();
+    for (std::size_t i = 0; i < kLatencyBuckets; ++i)
+        if (full || s.latency[i])
+            rows.push_back({"    ", bucket_label(i), s.latency[i],
+                            fmt::format("{:5.1f}%", total ? 100.0 * double(s.latency[i]) / double(total) : 0.0)});
+    if (rows.empty()) return "  all counters are zero\n";
+
+    std::size_t name_width = 0, value_width = 0;
+    for (const Row& r : rows) {
+        name_width = std::max(name_width, r.indent.size() + r.name.size());
+        value_width = std::max(value_width, fmt::formatted_size("{}", r.value));
+    }
+    std::string out;
+    for (std::size_t i = 0; i < rows.size(); ++i) {
+        const Row& r = rows[i];
+        if (i == counters) out += "  handler latency:\n";
+        fmt::format_to(std::back_inserter(out), "{}{:<{}}  {:>{}}  {}\n", r.indent, r.name,
+                       name_width - r.indent.size(), r.value, value_width, r.text);
     }
     return out;
 }

@@ -14,14 +14,18 @@
 #pragma once
 
 #include <array>
+#include <cerrno>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
 #include <system_error>
+#include <type_traits>
 #include <vector>
 
 namespace usermm {
@@ -85,7 +89,7 @@ std::string to_string(Prot p);
     X(degraded_faults, "faults resolved coarsely to stay within the kernel's mapping budget")  \
     X(degraded_pages, "pages handed to the kernel's own demand paging by degraded faults")     \
     X(prefault_pages, "pages made accessible ahead of time by prefault()")                     \
-    X(cow_faults, "faults that copied a page into snapshots (per snapshot: pages copied)")     \
+    X(cow_faults, "faults that copied old pages into snapshots (a Snapshot's: pages it took); not private-file COW") \
     X(cow_bytes_copied, "bytes copied into snapshots before writes")                           \
     X(pages_restored, "pages written back into the arena by restore()")                        \
     X(dirty_pages_collected, "pages reported by collect_dirty()")                              \
@@ -114,8 +118,12 @@ struct Stats {
     bool operator==(const Stats&) const = default;
 };
 
-// A readable multi-line table; <usermm/fmt.hpp> makes Stats printable with fmt directly.
-std::string format_stats(const Stats& s);
+// A readable multi-line table, one counter a line with its description, then the handler latency
+// histogram; columns fit the longest name and the widest value shown. Compact shows only the
+// non-zero counters and buckets (one line if all are zero); Full shows every one. <usermm/fmt.hpp>
+// makes Stats printable with fmt directly: "{}" (or "{:compact}") and "{:full}".
+enum class StatsFormat { Compact, Full };
+std::string format_stats(const Stats& s, StatsFormat format = StatsFormat::Compact);
 
 // Errors from the API. The message names the call, the bad argument and the address.
 class Error : public std::system_error {
@@ -124,7 +132,10 @@ public:
 };
 
 struct MapOptions {
-    // A name for diagnostics and stats (like PR_SET_VMA_ANON_NAME). At most 39 bytes are kept.
+    // A name for usermm's diagnostics, vmas() and find_vma(); at most 39 bytes are kept. It is usermm's
+    // own: /proc/self/maps does not show it (an arena is anonymous memory there, a file VMA the memfd
+    // of usermm's page cache), since naming the kernel's VMAs (PR_SET_VMA_ANON_NAME) would split
+    // them and spend the mapping budget. A file VMA without a name takes its file's path.
     std::string_view name = {};
     // Place the VMA here (page-aligned, inside the arena, not overlapping another VMA); nullptr lets
     // the arena choose.
@@ -146,11 +157,24 @@ struct VmaInfo {
     Prot prot = Prot::None;
     std::string name;
     std::size_t fault_around_pages = 0;
-    // File VMAs: the path the file was opened by (or /proc/self/fd/N for a descriptor), the offset
-    // of `start` in it, and how writes behave. Empty path for anonymous VMAs.
+    // File VMAs: the file's path, the offset of `start` in it, and how writes behave. The path is
+    // the one map_file(path) was given or, for a descriptor, the one /proc/self/fd/N named when the
+    // file was first mapped (ending in " (deleted)" if it was unlinked; the link itself if it could
+    // not be read); every VMA of the same file shows the path of its first mapping; at most 255
+    // bytes are kept. Empty for anonymous VMAs.
     std::string file;
     std::uint64_t offset = 0;
     Share share = Share::Private;
+    // Memory, in bytes (multiples of the page size). Committed: the pages that hold memory or may
+    // gain some without a fault usermm sees: every page granted write access since it was last
+    // discarded (the kernel allocates it at its first write), and a file VMA's pages mapped from
+    // usermm's page cache. Resident: the committed pages the kernel holds in RAM now (mincore): a
+    // page granted write access but never written holds nothing, unless a read mapped the zero
+    // page there first, which mincore counts. Pages only read in an anonymous VMA map the shared
+    // zero page and count in neither. vmas() and find_vma() read the page-state table only where
+    // it was ever touched and ask mincore about the committed pages: a cost with the pages used.
+    std::size_t committed = 0;
+    std::size_t resident = 0;
     Stats stats;
 };
 
@@ -222,6 +246,17 @@ public:
     // A demand-zero VMA of `length` bytes (rounded up to pages), like mmap(MAP_ANONYMOUS). Nothing
     // is committed until a page is touched.
     void* map(std::size_t length, Prot prot, const MapOptions& options = {});
+    // The same for `count` objects of type T: a demand-zero VMA of count * sizeof(T) bytes, each
+    // object's bytes zero until written. The caller unmaps it (or owns it through a Mapping).
+    template <class T>
+    std::span<T> map_span(std::size_t count, Prot prot, const MapOptions& options = {}) {
+        static_assert(std::is_trivially_copyable_v<T>, "arena memory starts as zero bytes, not constructed objects");
+        static_assert(alignof(T) <= 4096, "VMAs are only page-aligned");
+        if (count > std::numeric_limits<std::size_t>::max() / sizeof(T))
+            throw Error(EINVAL, "usermm::Arena::map_span: count " + std::to_string(count) + " of " +
+                                    std::to_string(sizeof(T)) + "-byte objects overflows");
+        return {static_cast<T*>(map(count * sizeof(T), prot, options)), count};
+    }
     // A VMA showing `length` bytes of a file from `offset` (page-aligned), like mmap(2) of the file:
     // pages are read on first access (major faults), with fault-around and readahead. The file
     // must be a regular file opened for reading, and for writing too if the VMA is Shared and
@@ -276,6 +311,9 @@ public:
 
     Stats stats() const;
     std::vector<VmaInfo> vmas() const;
+    // The lowest VMA whose name is `name` (compared as kept: its first 39 bytes), if any. A VMA
+    // that protect() split is several VMAs of the same name; vmas() lists them all.
+    std::optional<VmaInfo> find_vma(std::string_view name) const;
     // Checks that the VMA tree, the per-page state and the kernel's mappings (/proc/self/maps)
     // agree; throws Error naming the first address where they do not.
     void verify() const;
@@ -288,8 +326,48 @@ private:
     std::unique_ptr<detail::ArenaCore> core_;
 };
 
+// An anonymous VMA owned by an object, like a unique_ptr of a mapping: the destructor unmaps it with
+// the length it was mapped with (an unmap that fails then, because the program unmapped part of it
+// itself, is reported on stderr). It refers to the Arena object, which must outlive it and not move.
+class Mapping {
+public:
+    Mapping() = default;
+    // arena.map(length, prot, options), owned.
+    Mapping(Arena& arena, std::size_t length, Prot prot, const MapOptions& options = {});
+    Mapping(Mapping&& other) noexcept;
+    Mapping& operator=(Mapping&& other) noexcept;
+    Mapping(const Mapping&) = delete;
+    Mapping& operator=(const Mapping&) = delete;
+    ~Mapping();
+
+    void* get() const { return addr_; }
+    std::size_t size() const { return length_; }  // the length asked for
+    explicit operator bool() const { return addr_ != nullptr; }
+    // Gives the VMA up without unmapping it; the Mapping is empty afterwards.
+    void* release();
+    // The mapping as size() / sizeof(T) objects of type T.
+    template <class T>
+    std::span<T> as_span() const {
+        static_assert(std::is_trivially_copyable_v<T>, "arena memory starts as zero bytes, not constructed objects");
+        static_assert(alignof(T) <= 4096, "VMAs are only page-aligned");
+        return {static_cast<T*>(addr_), length_ / sizeof(T)};
+    }
+
+private:
+    Arena* arena_ = nullptr;
+    void* addr_ = nullptr;
+    std::size_t length_ = 0;
+};
+
 // Counters summed over every arena the process has had, plus faults that belonged to none.
 Stats process_stats();
+
+// How write access is withheld from pages whose next write snapshots and collect_dirty() must see:
+// userfaultfd write-protection (the kernel marks the page table entry; no VMA split) or mprotect.
+// Chosen once per process (USERMM_ENGINE, else Uffd where the kernel offers it); a forked child
+// continues with Mprotect. Sets the process up if no arena has yet.
+enum class Engine { Uffd, Mprotect };
+Engine engine();
 
 std::size_t page_size();
 
