@@ -1,0 +1,272 @@
+// Checkpoint images: chains that name their run, descriptors read from offset 0, append-only logs,
+// write_to that never blocks signals, and hand-made images (with a valid checksum) that claim what
+// map() would refuse or what would cost far more than the image.
+#include <doctest/doctest.h>
+#include <fcntl.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <array>
+#include <bit>
+#include <cerrno>
+#include <csignal>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include <usermm/usermm.hpp>
+
+#include "test_util.hpp"
+
+namespace {
+
+using namespace usermm_test;
+using usermm::Prot;
+using Bytes = std::vector<std::uint8_t>;
+
+class MemFd {
+public:
+    MemFd() : fd_(memfd_create("usermm-test-image", MFD_CLOEXEC)) { REQUIRE(fd_ >= 0); }
+    explicit MemFd(const Bytes& content) : MemFd() {
+        REQUIRE(pwrite(fd_, content.data(), content.size(), 0) == ssize_t(content.size()));
+    }
+    MemFd(const MemFd&) = delete;
+    MemFd& operator=(const MemFd&) = delete;
+    ~MemFd() { close(fd_); }
+    int get() const { return fd_; }
+    Bytes contents() const {
+        Bytes out(std::size_t(lseek(fd_, 0, SEEK_END)));
+        REQUIRE(pread(fd_, out.data(), out.size(), 0) == ssize_t(out.size()));
+        return out;
+    }
+
+private:
+    int fd_;
+};
+
+// The usermm::Error that `call` throws; fails the test if it throws none.
+template <typename Call>
+std::pair<int, std::string> error_of(Call&& call) {
+    try {
+        call();
+    } catch (const usermm::Error& e) {
+        return {e.code().value(), e.what()};
+    }
+    FAIL_CHECK("no usermm::Error was thrown");
+    return {0, ""};
+}
+
+bool contains(const std::string& s, std::string_view part) { return s.find(part) != std::string::npos; }
+
+// An arena with one VMA whose pages 0..n-1 hold `tag + i` in their first word.
+struct Run {
+    usermm::Arena arena;
+    char* base;
+    explicit Run(std::size_t pages) : arena(pages * usermm::page_size()) {
+        base = static_cast<char*>(arena.map(pages * usermm::page_size(), Prot::ReadWrite, {.name = "run"}));
+    }
+    void tag(std::size_t first, std::size_t n, std::uint64_t tag) {
+        for (std::size_t i = first; i < first + n; ++i) write_u64(base + i * usermm::page_size(), tag + i);
+    }
+};
+
+std::uint64_t word_at(const usermm::Arena& a, std::size_t page) {
+    return read_u64(static_cast<const char*>(a.base()) + page * usermm::page_size());
+}
+
+}  // namespace
+
+TEST_CASE("images: an increment of another arena's chain is refused, and says so") {
+    Run one(16), two(16);
+    one.tag(0, 4, 100);
+    two.tag(0, 4, 200);
+    const usermm::Snapshot one1 = one.arena.snapshot();
+    const usermm::Snapshot two1 = two.arena.snapshot();
+    one.tag(2, 1, 1000);
+    two.tag(3, 1, 2000);
+    const usermm::Snapshot one2 = one.arena.snapshot();
+    const usermm::Snapshot two2 = two.arena.snapshot();
+    // Both chains have the same sequence numbers, range and layout: only their identity differs.
+    REQUIRE(one1.sequence() == two1.sequence());
+    REQUIRE(one2.sequence() == two2.sequence());
+    const MemFd one_full, one_inc, two_full, two_inc;
+    one1.write_to(one_full.get());
+    one2.write_to(one_inc.get(), one1);
+    two1.write_to(two_full.get());
+    two2.write_to(two_inc.get(), two1);
+
+    const auto [err, what] = error_of([&] { (void)usermm::Arena::load(std::array{one_full.get(), two_inc.get()}); });
+    CHECK(err == EINVAL);
+    CHECK_MESSAGE(contains(what, "another chain"), what);
+    CHECK(error_of([&] { (void)usermm::Arena::load(std::array{two_full.get(), one_inc.get()}); }).first == EINVAL);
+
+    const usermm::Arena a = usermm::Arena::load(std::array{one_full.get(), one_inc.get()});
+    CHECK(word_at(a, 2) == 1002);
+    CHECK(word_at(a, 3) == 103);
+    const usermm::Arena b = usermm::Arena::load(std::array{two_full.get(), two_inc.get()});
+    CHECK(word_at(b, 2) == 202);
+    CHECK(word_at(b, 3) == 2003);
+}
+
+TEST_CASE("images: load reads each descriptor from offset 0, right after write_to") {
+    Run run(16);
+    run.tag(0, 8, 10);
+    const usermm::Snapshot s1 = run.arena.snapshot();
+    run.tag(5, 1, 500);
+    const usermm::Snapshot s2 = run.arena.snapshot();
+    const MemFd fd, fd2;
+    s1.write_to(fd.get());
+    s2.write_to(fd2.get(), s1);
+    // The README's line, with both descriptors at their end.
+    const usermm::Arena copy = usermm::Arena::load(std::array{fd.get(), fd2.get()});
+    CHECK(word_at(copy, 5) == 505);
+    CHECK(word_at(copy, 7) == 17);
+    // The descriptors' offsets are not moved.
+    CHECK(lseek(fd.get(), 0, SEEK_CUR) == lseek(fd.get(), 0, SEEK_END));
+}
+
+namespace {
+void on_alarm(int) {}
+}  // namespace
+
+TEST_CASE("images: write_to into a pipe nobody reads can be ended by SIGTERM") {
+    // An image larger than both the pipe and write_to's buffer, so that the child blocks in a write
+    // made while it is still walking the snapshot's pages.
+    constexpr std::size_t kPages = 1024;
+    int image[2], ready[2];
+    REQUIRE(pipe2(image, O_CLOEXEC) == 0);
+    REQUIRE(pipe2(ready, O_CLOEXEC) == 0);
+    const long capacity = fcntl(image[1], F_GETPIPE_SZ);
+    REQUIRE(capacity > 0);
+    std::fflush(nullptr);
+    const pid_t pid = fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+        signal(SIGTERM, SIG_DFL);
+        Run run(kPages);
+        run.tag(0, kPages, 1);
+        const usermm::Snapshot snap = run.arena.snapshot();
+        const char go = 1;
+        if (write(ready[1], &go, 1) != 1) _exit(3);
+        snap.write_to(image[1]);
+        _exit(2);  // nobody reads: write_to cannot return
+    }
+    close(image[1]);
+    close(ready[1]);
+    char go = 0;
+    REQUIRE(read(ready[0], &go, 1) == 1);
+    // The pipe is full: the child is blocked in write(2).
+    for (int queued = 0; queued < capacity;) REQUIRE(ioctl(image[0], FIONREAD, &queued) == 0);
+    REQUIRE(kill(pid, SIGTERM) == 0);
+    struct sigaction sa {}, old {};
+    sa.sa_handler = on_alarm;  // no SA_RESTART: waitpid returns EINTR when it fires
+    sigaction(SIGALRM, &sa, &old);
+    alarm(10);
+    int status = 0;
+    const pid_t waited = waitpid(pid, &status, 0);
+    alarm(0);
+    sigaction(SIGALRM, &old, nullptr);
+    if (waited != pid) {
+        kill(pid, SIGKILL);
+        waitpid(pid, &status, 0);
+        FAIL_CHECK("the child did not die of SIGTERM within 10 s: write_to blocked it");
+    } else {
+        CHECK(WIFSIGNALED(status));
+        if (WIFSIGNALED(status)) CHECK(WTERMSIG(status) == SIGTERM);
+    }
+    close(image[0]);
+    close(ready[0]);
+}
+
+TEST_CASE("images: one file holds a full image and its increments back to back, and says what it holds") {
+    const std::size_t ps = usermm::page_size();
+    Run run(32);
+    run.tag(0, 8, 10);
+    std::vector<usermm::Snapshot> snaps;
+    snaps.push_back(run.arena.snapshot());
+    run.tag(3, 2, 300);
+    snaps.push_back(run.arena.snapshot());
+    run.arena.unmap(run.base + 6 * ps, 2 * ps);
+    run.tag(20, 1, 2000);
+    snaps.push_back(run.arena.snapshot());
+    const MemFd log;
+    snaps[0].write_to(log.get());
+    snaps[1].write_to(log.get(), snaps[0]);
+    snaps[2].write_to(log.get(), snaps[1]);
+
+    const usermm::Arena loaded = usermm::Arena::load(std::array{log.get()});
+    CHECK(word_at(loaded, 0) == 10);
+    CHECK(word_at(loaded, 3) == 303);
+    CHECK(word_at(loaded, 5) == 15);
+    CHECK(word_at(loaded, 20) == 2020);
+    CHECK(loaded.vmas().size() == 2);
+    loaded.verify();
+
+    const std::vector<usermm::ImageInfo> info = usermm::image_info(log.get());
+    REQUIRE(info.size() == 3);
+    std::uint64_t offset = 0;
+    for (std::size_t k = 0; k < 3; ++k) {
+        INFO("image ", k);
+        CHECK(info[k].offset == offset);
+        offset += info[k].bytes;
+        CHECK(info[k].sequence == snaps[k].sequence());
+        CHECK(info[k].chain == info[0].chain);
+        CHECK(info[k].full() == (k == 0));
+        CHECK(info[k].base_sequence == (k == 0 ? 0 : snaps[k - 1].sequence()));
+        CHECK(info[k].base_chain == (k == 0 ? std::array<std::uint64_t, 2>{} : info[0].chain));
+        CHECK(info[k].original_base == run.arena.base());
+        CHECK(info[k].arena_size == run.arena.size());
+        CHECK(info[k].range_offset == 0);
+        CHECK(info[k].range_length == run.arena.size());
+    }
+    CHECK(offset == log.contents().size());
+    // (How many untouched neighbours of a written page an image holds is the engines' business.)
+    CHECK(info[0].data_pages >= 8);
+    CHECK(info[0].page_records == info[0].data_pages);  // a full image holds no zero records
+    CHECK(info[0].vma_count == 1);
+    CHECK(info[1].data_pages >= 2);
+    CHECK(info[2].vma_count == 2);
+    CHECK(info[2].page_records >= info[2].data_pages + 2);  // two pages unmapped, one written
+    CHECK(info[2].data_pages >= 1);
+    for (const usermm::ImageInfo& i : info) CHECK(i.bytes > i.data_pages * ps);
+    // Another arena's chain has another identity.
+    Run other(32);
+    other.tag(0, 1, 1);
+    const MemFd other_image;
+    other.arena.snapshot().write_to(other_image.get());
+    CHECK(usermm::image_info(other_image.get()).at(0).chain != info[0].chain);
+
+    SUBCASE("a truncated log says where, and how many bytes it found") {
+        const Bytes bytes = log.contents();
+        const MemFd cut(Bytes(bytes.begin(), bytes.end() - 100));
+        const auto [err, what] = error_of([&] { (void)usermm::Arena::load(std::array{cut.get()}); });
+        CHECK(err == EINVAL);
+        CHECK_MESSAGE(contains(what, fmt::format("image 3 at offset {:#x}: truncated", info[2].offset)), what);
+        CHECK_MESSAGE(contains(what, "bytes, the descriptor ends after"), what);
+        CHECK(error_of([&] { (void)usermm::image_info(cut.get()); }).first == EINVAL);
+        const MemFd empty;
+        const auto [err2, what2] = error_of([&] { (void)usermm::Arena::load(std::array{empty.get()}); });
+        CHECK(err2 == EINVAL);
+        CHECK_MESSAGE(contains(what2, "holds no image"), what2);
+        CHECK(usermm::image_info(empty.get()).empty());
+    }
+    SUBCASE("a pipe is read as it comes") {
+        int fds[2];
+        REQUIRE(pipe(fds) == 0);
+        const Bytes bytes = log.contents();
+        REQUIRE(bytes.size() < 65536);  // fits the pipe: no writer thread needed
+        REQUIRE(write(fds[1], bytes.data(), bytes.size()) == ssize_t(bytes.size()));
+        close(fds[1]);
+        CHECK(error_of([&] { (void)usermm::image_info(fds[0]); }).first == ESPIPE);
+        const usermm::Arena piped = usermm::Arena::load(std::array{fds[0]});
+        CHECK(word_at(piped, 3) == 303);
+        CHECK(word_at(piped, 20) == 2020);
+        close(fds[0]);
+    }
+}
