@@ -270,3 +270,204 @@ TEST_CASE("images: one file holds a full image and its increments back to back, 
         close(fds[0]);
     }
 }
+
+namespace {
+
+// Images made by hand, in the format README "Snapshot images" describes, with a valid checksum:
+// what the checks see is exactly the field under test.
+struct CraftedVma {
+    std::uint64_t offset, length;
+    std::uint32_t prot = 3, fault_around = 16;
+    std::string name = "crafted";
+    bool terminated = true;
+};
+struct CraftedPage {
+    std::uint64_t offset;
+    std::uint32_t kind = 1;  // 1 data, 2 zero
+    std::uint64_t word = 0;  // the data page's first word
+};
+struct Crafted {
+    std::uint64_t arena_base = 0x100000000000ull;
+    std::uint64_t arena_size = 0, range_offset = 0, range_length = 0;
+    std::array<std::uint64_t, 2> chain{0x1234, 0x5678};
+    std::uint64_t sequence = 1;
+    std::array<std::uint64_t, 2> base_chain{};
+    std::uint64_t base_sequence = 0;
+    std::vector<CraftedVma> vmas;
+    std::vector<CraftedPage> pages;
+    std::int64_t records_delta = 0;  // added to the end record's page count
+
+    Bytes bytes() const {
+        const std::size_t ps = usermm::page_size();
+        Bytes out;
+        auto u64 = [&](std::uint64_t v) { out.insert(out.end(), reinterpret_cast<const std::uint8_t*>(&v), reinterpret_cast<const std::uint8_t*>(&v) + 8); };
+        auto u32 = [&](std::uint32_t v) { out.insert(out.end(), reinterpret_cast<const std::uint8_t*>(&v), reinterpret_cast<const std::uint8_t*>(&v) + 4); };
+        for (char c : std::string_view("USERMMSN")) out.push_back(std::uint8_t(c));
+        u32(2);
+        u32(std::uint32_t(ps));
+        u64(arena_base);
+        u64(arena_size);
+        u64(range_offset);
+        u64(range_length ? range_length : arena_size);
+        u64(chain[0]);
+        u64(chain[1]);
+        u64(sequence);
+        u64(base_chain[0]);
+        u64(base_chain[1]);
+        u64(base_sequence);
+        u32(std::uint32_t(vmas.size()));
+        u32(0);
+        for (const CraftedVma& v : vmas) {
+            u64(v.offset);
+            u64(v.length);
+            u32(v.prot);
+            u32(v.fault_around);
+            char name[40];
+            std::memset(name, v.terminated ? 0 : 'x', sizeof name);
+            std::memcpy(name, v.name.data(), std::min(v.name.size(), sizeof name));
+            out.insert(out.end(), name, name + sizeof name);
+        }
+        std::uint64_t data = 0;
+        for (const CraftedPage& p : pages) {
+            u64(p.offset);
+            u32(p.kind);
+            u32(0);
+            if (p.kind == 1) {
+                ++data;
+                u64(p.word);
+                out.resize(out.size() + ps - 8);
+            }
+        }
+        u64(~std::uint64_t(0));
+        u32(0x444e45);
+        u32(0);
+        u64(pages.size() + std::uint64_t(records_delta));
+        u64(data);
+        u64(out.size() + 16);
+        // The checksum over every 8-byte word before it, as lib/image.cpp computes it.
+        std::uint64_t h = 0x6a09e667f3bcc908ull;
+        for (std::size_t i = 0; i < out.size(); i += 8) {
+            std::uint64_t w;
+            std::memcpy(&w, out.data() + i, 8);
+            h = std::rotl(h ^ w, 29) * 0x9e3779b97f4a7c15ull;
+        }
+        u64(h);
+        return out;
+    }
+};
+
+// A small, well-formed full image: 16 pages, one VMA of 8, one data page.
+Crafted small_image() {
+    const std::size_t ps = usermm::page_size();
+    Crafted c;
+    c.arena_size = 16 * ps;
+    c.vmas.push_back({.offset = 0, .length = 8 * ps});
+    c.pages.push_back({.offset = 2 * ps, .word = 42});
+    return c;
+}
+
+std::pair<int, std::string> load_error(const Crafted& c) {
+    const MemFd image(c.bytes());
+    return error_of([&] { (void)usermm::Arena::load(std::array{image.get()}); });
+}
+
+}  // namespace
+
+TEST_CASE("images: hand-made images are held to what map() accepts") {
+    const std::size_t ps = usermm::page_size();
+    {
+        const MemFd good(small_image().bytes());
+        const usermm::Arena a = usermm::Arena::load(std::array{good.get()});
+        CHECK(word_at(a, 2) == 42);
+        a.verify();
+    }
+    struct Bad {
+        const char* what;
+        Crafted image;
+        const char* says;
+    };
+    std::vector<Bad> bad;
+    auto with = [&](const char* what, const char* says, auto change) {
+        Crafted c = small_image();
+        change(c);
+        bad.push_back({what, c, says});
+    };
+    with("fault-around 2^32-1", "fault-around", [](Crafted& c) { c.vmas[0].fault_around = 0xffffffffu; });
+    with("fault-around 2^20+1", "fault-around", [](Crafted& c) { c.vmas[0].fault_around = (1u << 20) + 1; });
+    with("unknown protection bits", "protection", [](Crafted& c) { c.vmas[0].prot = 8; });
+    with("a name without terminator", "name", [](Crafted& c) { c.vmas[0].terminated = false; });
+    with("overlapping VMAs", "in order", [&](Crafted& c) { c.vmas.push_back({.offset = 4 * ps, .length = 8 * ps}); });
+    with("VMAs out of order", "in order", [&](Crafted& c) {
+        c.vmas[0].offset = 10 * ps;
+        c.vmas[0].length = 2 * ps;
+        c.vmas.push_back({.offset = 0, .length = 2 * ps});
+        c.pages.clear();
+    });
+    with("a VMA beyond the range", "inside the range", [&](Crafted& c) { c.vmas[0].length = 17 * ps; });
+    with("an unaligned VMA", "page-aligned", [&](Crafted& c) { c.vmas[0].length = 8 * ps + 8; });
+    with("an empty VMA", "page-aligned", [&](Crafted& c) { c.vmas[0].length = 0; });
+    with("data outside every VMA", "outside every VMA", [&](Crafted& c) { c.pages[0].offset = 9 * ps; });
+    with("a page outside the range", "outside the range", [&](Crafted& c) { c.pages[0].offset = 16 * ps; });
+    with("pages out of order", "out of order", [&](Crafted& c) { c.pages.push_back({.offset = ps}); });
+    with("a zero record in a full image", "zero page", [&](Crafted& c) { c.pages.push_back({.offset = 3 * ps, .kind = 2}); });
+    with("an unknown page kind", "unknown kind", [&](Crafted& c) { c.pages.push_back({.offset = 3 * ps, .kind = 7}); });
+    with("a page count that does not match", "counts", [](Crafted& c) { c.records_delta = 1; });
+    with("an arena beyond the address space", "user address space", [](Crafted& c) { c.arena_size = 1ull << 47; });
+    with("an unaligned arena base", "user address space", [](Crafted& c) { c.arena_base += 8; });
+    with("a range beyond the arena", "does not fit", [&](Crafted& c) { c.range_length = 17 * ps; });
+    with("no chain identity", "chain identity", [](Crafted& c) { c.chain = {}; });
+    with("a first image that is an increment", "must be a full one", [](Crafted& c) {
+        c.base_chain = c.chain;
+        c.base_sequence = 0;
+        c.sequence = 2;
+        c.base_sequence = 1;
+    });
+    const long mappings_before = process_mappings();
+    for (const Bad& b : bad) {
+        INFO(b.what);
+        const auto [err, what] = load_error(b.image);
+        CHECK(err == EINVAL);
+        CHECK_MESSAGE(contains(what, b.says), what);
+    }
+    CHECK(process_mappings() <= mappings_before + 16);
+}
+
+TEST_CASE("images: load costs what the image holds, not what the arena reserves") {
+    const std::size_t ps = usermm::page_size();
+    SUBCASE("a 64 TiB arena with one page") {
+        Crafted c;
+        c.arena_base = 0;  // a fresh address: only the size matters here
+        c.arena_size = 64ull << 40;
+        c.vmas.push_back({.offset = 0, .length = c.arena_size, .name = "huge"});
+        c.pages.push_back({.offset = c.arena_size - ps, .word = 7});
+        const MemFd image(c.bytes());
+        // Minor faults of this thread stand for the work: a walk over the 32 GiB page-state table
+        // of such an arena touches millions of its pages.
+        const long faults_before = kernel_minor_faults();
+        const usermm::Arena a = usermm::Arena::load(std::array{image.get()});
+        const long faults = kernel_minor_faults() - faults_before;
+        CHECK(a.size() == c.arena_size);
+        CHECK(word_at(a, c.arena_size / ps - 1) == 7);
+        CHECK_MESSAGE(faults < 1000, faults, " page faults to load an image of one page");
+    }
+    SUBCASE("zero records of pages no image filled commit nothing") {
+        constexpr std::size_t kPages = 1 << 16;  // 256 MiB of zero pages, 1 MiB of records
+        Crafted full;
+        full.arena_size = kPages * ps;
+        full.vmas.push_back({.offset = 0, .length = full.arena_size, .name = "heap"});
+        full.pages.push_back({.offset = 0, .word = 1});
+        Crafted inc = full;
+        inc.sequence = 2;
+        inc.base_chain = full.chain;
+        inc.base_sequence = 1;
+        inc.pages.clear();
+        for (std::size_t i = 0; i < kPages; ++i) inc.pages.push_back({.offset = i * ps, .kind = 2});
+        const MemFd image(full.bytes()), increment(inc.bytes());
+        const long faults_before = kernel_minor_faults();
+        const usermm::Arena a = usermm::Arena::load(std::array{image.get(), increment.get()});
+        const long faults = kernel_minor_faults() - faults_before;
+        CHECK(word_at(a, 0) == 0);  // the increment zeroed the one page the full image had
+        CHECK(a.size() == kPages * ps);
+        CHECK_MESSAGE(faults < 2000, faults, " page faults to apply zero records to pages holding nothing");
+    }
+}
