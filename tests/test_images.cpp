@@ -14,6 +14,7 @@
 #include <csignal>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -470,4 +471,81 @@ TEST_CASE("images: load costs what the image holds, not what the arena reserves"
         CHECK(a.size() == kPages * ps);
         CHECK_MESSAGE(faults < 2000, faults, " page faults to apply zero records to pages holding nothing");
     }
+}
+
+namespace {
+struct Node {
+    Node* next;
+    std::uint64_t value;
+};
+// Walks the list from `head`, checking that it holds 0, 1, ... n-1 and that every node lies in
+// [lo, hi); returns how many it found intact.
+std::size_t walk(const Node* head, const void* lo, const void* hi, std::size_t n) {
+    std::size_t k = 0;
+    for (const Node* p = head; p && k < n; p = p->next, ++k)
+        if (static_cast<const void*>(p) < lo || static_cast<const void*>(p) >= hi || p->value != k) return k;
+    return k;
+}
+}  // namespace
+
+TEST_CASE("images: a pointer-linked list restarts at the original base, in a new process") {
+    const std::size_t ps = usermm::page_size();
+    constexpr std::size_t kNodes = 1000, kPages = 256;
+    std::optional<usermm::Arena> arena(std::in_place, kPages * ps);
+    auto* const base = static_cast<char*>(arena->map(kPages * ps, Prot::ReadWrite, {.name = "list"}));
+    // Nodes scattered over the pages, linked in value order; the head pointer is at offset 0.
+    Node* prev = nullptr;
+    for (std::size_t k = 0; k < kNodes; ++k) {
+        auto* node = reinterpret_cast<Node*>(base + ps + (k * 7919 % (kPages - 1)) * ps + (k % 64) * sizeof(Node));
+        node->value = k;
+        node->next = nullptr;
+        if (prev)
+            prev->next = node;
+        else
+            *reinterpret_cast<Node**>(base) = node;
+        prev = node;
+    }
+    const void* const lo = base;
+    const void* const hi = base + kPages * ps;
+    REQUIRE(walk(*reinterpret_cast<Node**>(base), lo, hi, kNodes) == kNodes);
+    const MemFd image;
+    arena->snapshot().write_to(image.get());
+    CHECK(usermm::image_info(image.get()).at(0).original_base == base);
+
+    // The original arena still holds the range.
+    const auto [err, what] = error_of([&] {
+        (void)usermm::Arena::load(std::array{image.get()}, {.at_original_base = true});
+    });
+    CHECK(err == EEXIST);
+    CHECK_MESSAGE(contains(what, fmt::format("[{:#x}, {:#x}) is not free", std::uintptr_t(lo), std::uintptr_t(hi))),
+                  what);
+    {
+        // Elsewhere, offsets are kept and pointers are not: the list still points into the original.
+        const usermm::Arena moved = usermm::Arena::load(std::array{image.get()});
+        CHECK(moved.base() != base);
+        CHECK(*static_cast<Node* const*>(moved.base()) == *reinterpret_cast<Node**>(base));
+    }
+    arena.reset();
+
+    const ChildEnd child = run_in_child([&] {
+        usermm::Arena again = usermm::Arena::load(std::array{image.get()}, {.at_original_base = true});
+        if (again.base() != lo) _exit(2);
+        if (walk(*static_cast<Node**>(again.base()), lo, hi, kNodes) != kNodes) _exit(3);
+        again.verify();
+        // The list is live memory again: it can grow.
+        auto* tail = reinterpret_cast<Node*>(static_cast<char*>(again.base()) + 64);
+        tail->value = kNodes;
+        tail->next = nullptr;
+        Node* last = *static_cast<Node**>(again.base());
+        while (last->next) last = last->next;
+        last->next = tail;
+        if (walk(*static_cast<Node**>(again.base()), lo, hi, kNodes + 1) != kNodes + 1) _exit(4);
+    });
+    INFO(child.err);
+    CHECK(child.exited);
+    CHECK(child.exit_code == 0);
+    // And in this process, once the original is gone.
+    const usermm::Arena here = usermm::Arena::load(std::array{image.get()}, {.at_original_base = true});
+    CHECK(here.base() == lo);
+    CHECK(walk(*static_cast<Node* const*>(here.base()), lo, hi, kNodes) == kNodes);
 }
