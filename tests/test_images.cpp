@@ -14,6 +14,8 @@
 #include <csignal>
 #include <cstdint>
 #include <cstring>
+#include <list>
+#include <memory_resource>
 #include <optional>
 #include <string>
 #include <utility>
@@ -21,6 +23,7 @@
 
 #include <fmt/format.h>
 
+#include <usermm/memory_resource.hpp>
 #include <usermm/usermm.hpp>
 
 #include "test_util.hpp"
@@ -548,4 +551,79 @@ TEST_CASE("images: a pointer-linked list restarts at the original base, in a new
     const usermm::Arena here = usermm::Arena::load(std::array{image.get()}, {.at_original_base = true});
     CHECK(here.base() == lo);
     CHECK(walk(*static_cast<Node* const*>(here.base()), lo, hi, kNodes) == kNodes);
+}
+
+namespace {
+// What the heap's root points to: containers that live in the heap themselves.
+struct Store {
+    std::pmr::list<std::uint64_t> list;
+    std::pmr::vector<std::pmr::string> names;
+    explicit Store(std::pmr::memory_resource* mr) : list(mr), names(mr) {}
+};
+bool store_holds(const Store& s, std::size_t n) {
+    if (s.list.size() != n || s.names.size() != n) return false;
+    std::size_t k = 0;
+    for (std::uint64_t v : s.list) {
+        if (v != k * k) return false;
+        if (std::string_view(s.names[k]) != fmt::format("a name long enough not to be stored inline, number {}", k))
+            return false;
+        ++k;
+    }
+    return true;
+}
+}  // namespace
+
+TEST_CASE("images: std::pmr containers in a usermm::memory_resource survive an image loaded at the original base") {
+    const std::size_t ps = usermm::page_size();
+    constexpr std::size_t kPages = 256, kItems = 500;
+    std::optional<usermm::Arena> arena(std::in_place, kPages * ps);
+    void* const heap = arena->map(kPages * ps, Prot::ReadWrite, {.name = "pmr"});
+    usermm::memory_resource& mr = usermm::memory_resource::format(heap, kPages * ps);
+    CHECK(static_cast<void*>(&mr) > heap);
+    CHECK(mr.capacity() == kPages * ps);
+    {
+        // Freed blocks are handed out again, by size class.
+        void* a = mr.allocate(40, 8);
+        mr.deallocate(a, 40, 8);
+        CHECK(mr.allocate(64, 8) == a);
+        mr.deallocate(a, 64, 8);
+        CHECK(mr.in_use() == 0);
+        void* aligned = mr.allocate(100, 1024);
+        CHECK(reinterpret_cast<std::uintptr_t>(aligned) % 1024 == 0);
+        mr.deallocate(aligned, 100, 1024);
+        CHECK_THROWS_AS((void)mr.allocate(kPages * ps, 8), std::bad_alloc);
+    }
+    auto* store = new (mr.allocate(sizeof(Store), alignof(Store))) Store(&mr);
+    mr.set_root(store);
+    const std::size_t store_only = mr.in_use();
+    for (std::size_t k = 0; k < kItems; ++k) {
+        store->list.push_back(k * k);
+        store->names.emplace_back(fmt::format("a name long enough not to be stored inline, number {}", k));
+    }
+    REQUIRE(store_holds(*store, kItems));
+    CHECK(mr.in_use() > kItems * 64);
+    const MemFd image;
+    arena->snapshot().write_to(image.get());
+    arena.reset();
+
+    const ChildEnd child = run_in_child([&] {
+        usermm::Arena again = usermm::Arena::load(std::array{image.get()}, {.at_original_base = true});
+        usermm::memory_resource& r = usermm::memory_resource::attach(heap);
+        auto* s = static_cast<Store*>(r.root());
+        if (!store_holds(*s, kItems)) _exit(2);
+        // The heap goes on allocating where it left off, and frees into its classes.
+        s->list.push_back(kItems * kItems);
+        s->names.emplace_back(fmt::format("a name long enough not to be stored inline, number {}", kItems));
+        if (!store_holds(*s, kItems + 1)) _exit(3);
+        s->list.clear();
+        s->names.clear();
+        s->names.shrink_to_fit();
+        if (r.in_use() != store_only) _exit(4);  // what is left: the Store itself
+    });
+    INFO(child.err);
+    CHECK(child.exited);
+    CHECK(child.exit_code == 0);
+    const usermm::Arena here = usermm::Arena::load(std::array{image.get()}, {.at_original_base = true});
+    CHECK(store_holds(*static_cast<Store*>(usermm::memory_resource::attach(heap).root()), kItems));
+    CHECK(error_of([&] { (void)usermm::memory_resource::attach(static_cast<char*>(heap) + ps); }).first == EINVAL);
 }
