@@ -3,21 +3,25 @@
 // map() would refuse or what would cost far more than the image.
 #include <doctest/doctest.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <array>
+#include <atomic>
 #include <bit>
 #include <cerrno>
 #include <csignal>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <list>
 #include <memory_resource>
 #include <optional>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -116,6 +120,37 @@ TEST_CASE("images: an increment of another arena's chain is refused, and says so
     const usermm::Arena b = usermm::Arena::load(std::array{two_full.get(), two_inc.get()});
     CHECK(word_at(b, 2) == 202);
     CHECK(word_at(b, 3) == 2003);
+
+    SUBCASE("a forked child's snapshots start a chain of their own") {
+        // Parent and child both continue from snapshot 2 and number their next snapshots alike.
+        const MemFd child_inc3, parent_inc4;
+        const ChildEnd child = run_in_child([&] {
+            one.tag(4, 1, 4000);
+            const usermm::Snapshot three = one.arena.snapshot();
+            three.write_to(child_inc3.get(), one2);
+        });
+        REQUIRE(child.exited);
+        REQUIRE(child.exit_code == 0);
+        one.tag(5, 1, 5000);
+        const usermm::Snapshot three = one.arena.snapshot();
+        one.tag(6, 1, 6000);
+        const usermm::Snapshot four = one.arena.snapshot();
+        four.write_to(parent_inc4.get(), three);
+        const std::vector<usermm::ImageInfo> info = usermm::image_info(child_inc3.get());
+        REQUIRE(info.size() == 1);
+        CHECK(info[0].sequence == three.sequence());
+        CHECK(info[0].base_chain == usermm::image_info(one_full.get()).at(0).chain);  // it continues the parent's
+        CHECK(info[0].chain != info[0].base_chain);
+        // The child's history after snapshot 2 is a real one; mixed with the parent's, it is not.
+        const usermm::Arena c = usermm::Arena::load(std::array{one_full.get(), one_inc.get(), child_inc3.get()});
+        CHECK(word_at(c, 4) == 4004);
+        const auto [err2, what2] = error_of([&] {
+            (void)usermm::Arena::load(
+                std::array{one_full.get(), one_inc.get(), child_inc3.get(), parent_inc4.get()});
+        });
+        CHECK(err2 == EINVAL);
+        CHECK_MESSAGE(contains(what2, "another chain"), what2);
+    }
 }
 
 TEST_CASE("images: load reads each descriptor from offset 0, right after write_to") {
@@ -186,6 +221,54 @@ TEST_CASE("images: write_to into a pipe nobody reads can be ended by SIGTERM") {
     }
     close(image[0]);
     close(ready[0]);
+}
+
+namespace {
+void on_usr1(int) {}
+}  // namespace
+
+TEST_CASE("images: a signal handler without SA_RESTART interrupts write_to with EINTR") {
+    const ChildEnd child = run_in_child([] {
+        struct sigaction sa {};
+        sa.sa_handler = on_usr1;
+        sigaction(SIGUSR1, &sa, nullptr);
+        int image[2];
+        if (pipe2(image, O_CLOEXEC) != 0) _exit(2);
+        const long capacity = fcntl(image[1], F_GETPIPE_SZ);
+        Run run(1024);
+        run.tag(0, 1024, 1);
+        const usermm::Snapshot snap = run.arena.snapshot();
+        const pthread_t writer = pthread_self();
+        std::atomic<bool> done{false};
+        // While the pipe is full the writer is blocked in write(2): interrupt it. As write(2), a
+        // call that wrote part of its buffer returns the count and write_to goes on; the call
+        // after it, which has written nothing, returns EINTR.
+        std::thread interrupter([&] {
+            while (!done.load()) {
+                int queued = 0;
+                if (ioctl(image[0], FIONREAD, &queued) != 0) _exit(3);
+                if (queued == capacity) pthread_kill(writer, SIGUSR1);
+            }
+        });
+        int err = 0;
+        std::string what;
+        try {
+            snap.write_to(image[1]);
+        } catch (const usermm::Error& e) {
+            err = e.code().value();
+            what = e.what();
+        }
+        done = true;
+        interrupter.join();
+        std::fprintf(stderr, "%s\n", what.c_str());
+        if (err != EINTR || !contains(what, "interrupted by a signal")) _exit(4);
+        // The arena is usable: nothing stayed locked.
+        run.tag(0, 1, 9);
+        run.arena.verify();
+    });
+    INFO(child.err, " signal ", child.signal);
+    CHECK(child.exited);
+    CHECK(child.exit_code == 0);
 }
 
 TEST_CASE("images: one file holds a full image and its increments back to back, and says what it holds") {

@@ -189,7 +189,7 @@ private:
     int fd_;
 };
 
-// Arena::load reads each image from its file position.
+// Arena::load reads each descriptor from offset 0; the lseek is left from when it did not.
 usermm::Arena load(std::initializer_list<const MemFd*> images) {
     std::vector<int> fds;
     for (const MemFd* m : images) {

@@ -218,8 +218,9 @@ public:
     // Writes a checkpoint image (format: README, "Snapshot images") of the snapshot to `fd`, while
     // other threads keep writing the arena. With `previous` (an earlier snapshot of the same range,
     // still live), writes an increment holding only the pages changed between the two. Each
-    // write(2) runs with the caller's signal mask: a signal handler without SA_RESTART makes it
-    // throw EINTR, a default SIGTERM ends the process even while the reader does not read.
+    // write(2) runs with the caller's signal mask, so a default SIGTERM ends the process even while
+    // the reader does not read; a handler without SA_RESTART that interrupts a write before it
+    // wrote anything makes write_to throw EINTR.
     void write_to(int fd) const;
     void write_to(int fd, const Snapshot& previous) const;
 
