@@ -621,6 +621,15 @@ std::vector<ImageInfo> image_info(int fd) {
         read_at(&h, sizeof h, start, "header");
         if (const std::string problem = header_problem(h); !problem.empty())
             fail(EINVAL, "{}: fd {}: the image at offset {:#x} (ending at {:#x}): {}", call, fd, start, end, problem);
+        // Every record has its size: a length that cannot hold the counted ones is not this image's.
+        const std::uint64_t page_bytes = sizeof(PageEntry) + g_page_size;
+        if (tail.data_pages > tail.page_records || tail.page_records > tail.image_bytes / sizeof(PageEntry) ||
+            tail.image_bytes - sizeof(Header) - kTrailer <
+                std::uint64_t(h.vma_count) * sizeof(VmaEntry) + tail.data_pages * page_bytes +
+                    (tail.page_records - tail.data_pages) * sizeof(PageEntry))
+            fail(EINVAL, "{}: fd {}: the image at offset {:#x} is {} bytes long, too short for {} VMAs and {} pages ({} "
+                 "with data)",
+                 call, fd, start, tail.image_bytes, h.vma_count, tail.page_records, tail.data_pages);
         out.push_back({start, tail.image_bytes, h.chain, h.sequence, h.base_chain, h.base_sequence, ptr_of(h.arena_base),
                        h.arena_size, h.range_offset, h.range_length, h.vma_count, tail.page_records, tail.data_pages});
         end = start;

@@ -517,6 +517,17 @@ TEST_CASE("images: hand-made images are held to what map() accepts") {
         CHECK_MESSAGE(contains(what, b.says), what);
     }
     CHECK(process_mappings() <= mappings_before + 16);
+
+    // image_info reads no page and no checksum, but holds the end record's counts to the length.
+    Bytes inflated = small_image().bytes();
+    const std::uint64_t pages = 1000;
+    std::memcpy(inflated.data() + inflated.size() - 32, &pages, 8);  // page_records
+    std::memcpy(inflated.data() + inflated.size() - 24, &pages, 8);  // data_pages
+    const MemFd liar(inflated);
+    const auto [err, what] = error_of([&] { (void)usermm::image_info(liar.get()); });
+    CHECK(err == EINVAL);
+    CHECK_MESSAGE(contains(what, "too short for 1 VMAs and 1000 pages"), what);
+    CHECK(usermm::image_info(MemFd(small_image().bytes()).get()).at(0).data_pages == 1);
 }
 
 TEST_CASE("images: load costs what the image holds, not what the arena reserves") {
