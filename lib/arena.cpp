@@ -189,7 +189,8 @@ Arena::Arena(std::size_t size, void* at) {
     };
     void* base = at;
     if (const int err = at ? page_reserve_at(addr_of(at), len) : page_reserve(len, &base))
-        fail(err, "usermm::Arena: cannot reserve size {:#x} bytes of address space at {:#x}", size, addr_of(at));
+        fail(err, "usermm::Arena: cannot reserve size {:#x} bytes of address space{}", size,
+             at ? fmt::format(" at {:#x}", addr_of(at)) : "");
     a.base = addr_of(base);
     a.end = a.base + len;
     static std::atomic<std::uint64_t> next_id{1};
