@@ -123,6 +123,7 @@ void fork_child() {
     const std::vector<KernelMapping> maps = kernel_mappings(0, UINTPTR_MAX);  // once for all arenas
     for (std::size_t i = 0; i < reg.count; ++i) {
         ArenaCore& a = *reg.arenas[i];
+        a.identity = new_arena_identity();  // the child's snapshots start a chain of their own
         // Slots held by readers, and a restore in progress, belong to threads the child does not have.
         a.restoring.store(false);
         for (std::size_t k = 0; k < a.snapshot_count; ++k) {
@@ -173,20 +174,24 @@ Stats process_stats() { return process_counters().load(); }
 
 // --- Arena -------------------------------------------------------------------------------------
 
-Arena::Arena(std::size_t size) {
+Arena::Arena(std::size_t size) : Arena(size, nullptr) {}
+
+Arena::Arena(std::size_t size, void* at) {
     init_process();
     const std::size_t len = round_up_length("usermm::Arena", size, 0, "size");
     auto core = std::make_unique<ArenaCore>();
     ArenaCore& a = *core;
+    a.identity = new_arena_identity();
     // Undoes whatever of the set-up below succeeded, when a later step fails.
     auto undo = [&a, len] {
         if (a.base) page_release(a.base, len);
         if (a.pte) page_release(addr_of(a.pte), a.pte_bytes);
         if (a.changed_groups) page_release(addr_of(a.changed_groups), a.changed_group_bytes);
     };
-    void* base = nullptr;
-    if (const int err = page_reserve(len, &base))
-        fail(err, "usermm::Arena: cannot reserve size {:#x} bytes of address space", size);
+    void* base = at;
+    if (const int err = at ? page_reserve_at(addr_of(at), len) : page_reserve(len, &base))
+        fail(err, "usermm::Arena: cannot reserve size {:#x} bytes of address space{}", size,
+             at ? fmt::format(" at {:#x}", addr_of(at)) : "");
     a.base = addr_of(base);
     a.end = a.base + len;
     static std::atomic<std::uint64_t> next_id{1};

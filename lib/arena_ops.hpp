@@ -8,6 +8,7 @@
 
 #include <fmt/format.h>
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <string_view>
@@ -60,6 +61,8 @@ private:
 
 // Once per process: page size, handlers, map budget, fork handlers, USERMM_STATS.
 void init_process();
+// A random identity for an arena's snapshot chain (getrandom), in image.cpp.
+std::array<std::uint64_t, 2> new_arena_identity();
 
 inline std::uintptr_t addr_of(const void* p) { return reinterpret_cast<std::uintptr_t>(p); }
 inline void* ptr_of(std::uintptr_t a) { return reinterpret_cast<void*>(a); }

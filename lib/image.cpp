@@ -1,17 +1,24 @@
 // Snapshot images: the checkpoint format Snapshot::write_to writes and Arena::load reads.
 //
-// Version 1. Integers are little-endian; every record is a multiple of 8 bytes long.
-//   header  "USERMMSN", u32 version = 1, u32 page_size, u64 arena_size, u64 range_offset,
-//           u64 range_length, u64 sequence, u64 base_sequence (0 for a full image, else the
-//           sequence of the image this one is an increment to), u32 vma_count, u32 0
-//   vmas    vma_count × {u64 offset, u64 length, u32 prot, u32 fault_around_pages, char name[40]}
+// Version 2. Integers are little-endian; every record is a multiple of 8 bytes long.
+//   header  "USERMMSN", u32 version = 2, u32 page_size, u64 arena_base (where the arena was),
+//           u64 arena_size, u64 range_offset, u64 range_length, u64 chain[2] (the arena's random
+//           identity), u64 sequence, u64 base_chain[2], u64 base_sequence (both 0 for a full
+//           image, else the chain and sequence of the image this one is an increment to),
+//           u32 vma_count, u32 0
+//   vmas    vma_count × {u64 offset, u64 length, u32 prot, u32 fault_around_pages, char name[40]},
+//           ascending and disjoint, inside the range
 //   pages   ascending by offset: {u64 offset, u32 kind (1: page_size bytes of data follow,
 //           2: the page is zero), u32 0} [data]
-//   end     {u64 UINT64_MAX, u32 kind = 0x444e45 ("END"), u32 0, u64 page_records, u64 checksum}
+//   end     {u64 UINT64_MAX, u32 kind = 0x444e45 ("END"), u32 0, u64 page_records, u64 data_pages,
+//           u64 image_bytes, u64 checksum}
 // Offsets are relative to the arena's base. The checksum is computed over every byte before it,
-// 8 bytes at a time (see Checksum). A full image holds every page that was not zero; an increment
-// holds every page that changed since its base (with zero records for pages that became zero)
-// and the complete VMA table.
+// 8 bytes at a time (see Checksum). A full image holds every page that was not zero, each inside a
+// VMA; an increment holds every page that changed since its base (with zero records for pages that
+// became zero) and the complete VMA table. The end record's fixed size and image_bytes let a
+// reader find the images of an append-only log from its end (image_info).
+#include <sys/random.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -20,6 +27,7 @@
 #include <optional>
 
 #include "arena_ops.hpp"
+#include "file_vma.hpp"
 #include "find_vma.hpp"
 #include "snapshot_read.hpp"
 
@@ -30,18 +38,25 @@ using namespace detail;
 namespace {
 
 constexpr char kMagic[8] = {'U', 'S', 'E', 'R', 'M', 'M', 'S', 'N'};
-constexpr std::uint32_t kVersion = 1;
+constexpr std::uint32_t kVersion = 2;
 constexpr std::uint32_t kKindData = 1, kKindZero = 2, kKindEnd = 0x444e45;
 constexpr std::uint64_t kEndOffset = ~std::uint64_t(0);
+constexpr std::uint64_t kMaxAddress = 1ull << 47;  // the user half of an x86-64 address space
+constexpr std::uint32_t kMaxFaultAround = 1u << 20;  // what map() accepts
+
+using Chain = std::array<std::uint64_t, 2>;
 
 struct Header {
     char magic[8];
     std::uint32_t version;
     std::uint32_t page_size;
+    std::uint64_t arena_base;
     std::uint64_t arena_size;
     std::uint64_t range_offset;
     std::uint64_t range_length;
+    Chain chain;
     std::uint64_t sequence;
+    Chain base_chain;
     std::uint64_t base_sequence;
     std::uint32_t vma_count;
     std::uint32_t reserved;
@@ -63,8 +78,12 @@ struct PageEntry {
 
 struct EndEntry {
     std::uint64_t page_records;
+    std::uint64_t data_pages;
+    std::uint64_t image_bytes;
     std::uint64_t checksum;
 };
+
+constexpr std::size_t kTrailer = sizeof(PageEntry) + sizeof(EndEntry);
 
 static_assert(sizeof(Header) % 8 == 0 && sizeof(VmaEntry) % 8 == 0 && sizeof(PageEntry) % 8 == 0);
 static_assert(std::endian::native == std::endian::little, "images are little-endian; add byte swaps here");
@@ -88,19 +107,53 @@ private:
     std::uint64_t h_ = 0x6a09e667f3bcc908ull;
 };
 
+// What is wrong with a header on its own, or an empty string. The same rules as map() and the
+// Arena constructor, so that a load never builds what the API would have refused.
+std::string header_problem(const Header& h) {
+    if (std::memcmp(h.magic, kMagic, sizeof kMagic) != 0) return "not a usermm snapshot image";
+    if (h.version != kVersion) return fmt::format("version {} (this usermm reads version {})", h.version, kVersion);
+    if (h.page_size != g_page_size) return fmt::format("page size {} (this machine's is {})", h.page_size, g_page_size);
+    if (h.arena_size == 0 || h.arena_size % g_page_size || h.arena_base % g_page_size || h.arena_base >= kMaxAddress ||
+        h.arena_size > kMaxAddress - h.arena_base)
+        return fmt::format("arena base {:#x} size {:#x} is not a page-aligned range of the user address space",
+                           h.arena_base, h.arena_size);
+    if (h.range_offset % g_page_size || h.range_length % g_page_size || h.range_offset > h.arena_size ||
+        h.range_length > h.arena_size - h.range_offset || h.range_length == 0)
+        return fmt::format("range offset {:#x} length {:#x} does not fit arena size {:#x}", h.range_offset,
+                           h.range_length, h.arena_size);
+    if (h.sequence == 0 || h.chain == Chain{}) return "no chain identity or sequence";
+    if ((h.base_sequence == 0) != (h.base_chain == Chain{}))
+        return fmt::format("base chain and base sequence {} disagree on whether it is an increment", h.base_sequence);
+    if (h.base_chain == h.chain && h.base_sequence >= h.sequence)
+        return fmt::format("is snapshot {} but an increment to snapshot {} of its own chain, which is not older",
+                           h.sequence, h.base_sequence);
+    if (h.vma_count > h.range_length / g_page_size) return fmt::format("{} VMAs in {:#x} bytes", h.vma_count, h.range_length);
+    if (h.reserved) return "reserved header field is not zero";
+    return {};
+}
+
+std::string chain_text(const Chain& c) { return fmt::format("{:016x}{:016x}", c[0], c[1]); }
+
+// Writes an image through a buffer. Runs between batches of pages read out of the arena, with no
+// usermm lock or snapshot slot held; the blocking write itself runs with the caller's signal mask,
+// so that a reader that never reads cannot make SIGTERM or an alarm wait (the page walk around it
+// blocks asynchronous signals, see visit_snapshot_pages).
 class ImageWriter {
 public:
-    ImageWriter(int fd, const char* call) : fd_(fd), call_(call) { buf_.reserve(kBuffer); }
+    ImageWriter(int fd, const char* call) : fd_(fd), call_(call) {
+        buf_.reserve(kBuffer);
+        pthread_sigmask(SIG_SETMASK, nullptr, &caller_mask_);
+    }
 
     void put(const void* p, std::size_t n) {
         sum_.add(p, n);
         put_raw(p, n);
     }
-    void finish(std::uint64_t page_records) {
+    void finish(std::uint64_t page_records, std::uint64_t data_pages) {
         const PageEntry end{kEndOffset, kKindEnd, 0};
         put(&end, sizeof end);
-        const EndEntry tail{page_records, 0};
-        put(&tail.page_records, 8);
+        const EndEntry tail{page_records, data_pages, bytes_ + sizeof(EndEntry), 0};
+        put(&tail, sizeof tail - 8);
         const std::uint64_t sum = sum_.value();
         put_raw(&sum, 8);
         flush();
@@ -110,6 +163,7 @@ private:
     static constexpr std::size_t kBuffer = 1 << 20;
 
     void put_raw(const void* p, std::size_t n) {
+        bytes_ += n;
         const auto* bytes = static_cast<const std::byte*>(p);
         if (buf_.size() + n > kBuffer) flush();
         if (n >= kBuffer) {
@@ -123,9 +177,16 @@ private:
         buf_.clear();
     }
     void write_all(const std::byte* p, std::size_t n) {
+        struct CallerMask {
+            sigset_t held;
+            explicit CallerMask(const sigset_t& caller) { pthread_sigmask(SIG_SETMASK, &caller, &held); }
+            ~CallerMask() { pthread_sigmask(SIG_SETMASK, &held, nullptr); }
+        } unblocked(caller_mask_);
         while (n) {
             const ssize_t w = ::write(fd_, p, n);
-            if (w < 0 && errno == EINTR) continue;
+            // As write(2): a handler installed without SA_RESTART interrupts the call.
+            if (w < 0 && errno == EINTR)
+                fail(EINTR, "{}: write to fd {} interrupted by a signal; the image is incomplete", call_, fd_);
             if (w < 0) fail(errno, "{}: write to fd {} failed", call_, fd_);
             p += w;
             n -= std::size_t(w);
@@ -134,79 +195,116 @@ private:
 
     int fd_;
     const char* call_;
+    sigset_t caller_mask_;
     std::vector<std::byte> buf_;
+    std::uint64_t bytes_ = 0;
     Checksum sum_;
 };
 
+// Reads the images of one descriptor back to back: from offset 0 with pread, or from a pipe or
+// socket as it comes.
 class ImageReader {
 public:
-    ImageReader(int fd, std::size_t index) : fd_(fd), index_(index) {}
+    ImageReader(int fd, std::size_t fd_index) : fd_(fd), fd_index_(fd_index) {}
 
-    void get(void* p, std::size_t n) {
-        get_raw(p, n);
+    // Starts the next image: true if there is one (the descriptor is not at its end).
+    bool next_image() {
+        if (pos_ == len_ && !refill()) return false;
+        ++image_;
+        image_start_ = offset();
+        sum_ = Checksum();
+        return true;
+    }
+    void get(void* p, std::size_t n, const char* what) {
+        get_raw(p, n, what);
         sum_.add(p, n);
     }
-    // After the end record: the stored checksum must match, and nothing may follow.
-    void finish(std::uint64_t page_records) {
+    // After the end record: the counts and the stored checksum must match.
+    void finish(std::uint64_t page_records, std::uint64_t data_pages) {
         EndEntry tail{};
-        get(&tail.page_records, 8);
+        get(&tail, sizeof tail - 8, "end record");
         const std::uint64_t expected = sum_.value();
-        get_raw(&tail.checksum, 8);
-        if (tail.page_records != page_records)
-            corrupt("the end record counts {} pages, the image holds {}", tail.page_records, page_records);
+        get_raw(&tail.checksum, 8, "checksum");
+        if (tail.page_records != page_records || tail.data_pages != data_pages)
+            corrupt("the end record counts {} pages ({} with data), the image holds {} ({})", tail.page_records,
+                    tail.data_pages, page_records, data_pages);
+        if (tail.image_bytes != offset() - image_start_)
+            corrupt("the end record says the image is {} bytes long, it is {}", tail.image_bytes, offset() - image_start_);
         if (tail.checksum != expected) corrupt("checksum {:#x} does not match the content ({:#x})", tail.checksum, expected);
-        char extra;
-        if (::read(fd_, &extra, 1) > 0 || pos_ < len_) corrupt("data follows the end record");
     }
 
+    int fd() const { return fd_; }
+    std::uint64_t image_start() const { return image_start_; }
+    std::string where() const {
+        return fmt::format("usermm::Arena::load: fd {} (descriptor {}), image {} at offset {:#x}", fd_, fd_index_, image_,
+                           image_start_);
+    }
     template <typename... Args>
-    [[noreturn]] void corrupt(fmt::format_string<Args...> format, Args&&... args) {
-        throw Error(EINVAL, fmt::format("usermm::Arena::load: image {} (fd {}): ", index_, fd_) +
-                                fmt::format(format, std::forward<Args>(args)...));
+    [[noreturn]] void corrupt(fmt::format_string<Args...> format, Args&&... args) const {
+        throw Error(EINVAL, where() + ": " + fmt::format(format, std::forward<Args>(args)...));
     }
 
 private:
-    void get_raw(void* p, std::size_t n) {
+    std::uint64_t offset() const { return file_offset_ - (len_ - pos_); }
+
+    void get_raw(void* p, std::size_t n, const char* what) {
         auto* out = static_cast<std::byte*>(p);
-        while (n) {
-            if (pos_ == len_) refill();
-            const std::size_t k = std::min(n, len_ - pos_);
-            std::memcpy(out, buf_ + pos_, k);
+        const std::uint64_t at = offset();
+        std::size_t found = 0;
+        while (found < n) {
+            if (pos_ == len_ && !refill())
+                corrupt("truncated: the {} at offset {:#x} needs {} bytes, the descriptor ends after {}", what, at, n,
+                        found);
+            const std::size_t k = std::min(n - found, len_ - pos_);
+            std::memcpy(out + found, buf_ + pos_, k);
             pos_ += k;
-            out += k;
-            n -= k;
+            found += k;
         }
     }
-    void refill() {
+    // False at the end of the descriptor.
+    bool refill() {
         for (;;) {
-            const ssize_t r = ::read(fd_, buf_, sizeof buf_);
+            ssize_t r = stream_ ? ::read(fd_, buf_, sizeof buf_) : ::pread(fd_, buf_, sizeof buf_, off_t(file_offset_));
+            if (r < 0 && errno == ESPIPE && !stream_ && file_offset_ == 0) {
+                stream_ = true;
+                continue;
+            }
             if (r < 0 && errno == EINTR) continue;
             if (r < 0)
-                throw Error(errno, fmt::format("usermm::Arena::load: image {} (fd {}): read failed", index_, fd_));
-            if (r == 0) corrupt("truncated");
+                throw Error(errno, fmt::format("{}: read at offset {:#x} failed", where(), file_offset_));
             pos_ = 0;
             len_ = std::size_t(r);
-            return;
+            file_offset_ += std::uint64_t(r);
+            return r > 0;
         }
     }
 
     int fd_;
-    std::size_t index_;
+    std::size_t fd_index_;
+    std::size_t image_ = 0;  // 1, 2, ... in this descriptor
+    std::uint64_t image_start_ = 0;
+    bool stream_ = false;
     std::byte buf_[1 << 16];
     std::size_t pos_ = 0, len_ = 0;
+    std::uint64_t file_offset_ = 0;  // of the byte after the buffer's content
     Checksum sum_;
 };
 
-void write_header(ImageWriter& out, const SnapshotCore& s, std::uint64_t base_sequence) {
+void write_header(ImageWriter& out, const SnapshotCore& s, const SnapshotCore* base) {
     Header h{};
     std::memcpy(h.magic, kMagic, sizeof kMagic);
     h.version = kVersion;
     h.page_size = std::uint32_t(g_page_size);
+    h.arena_base = s.arena_base;
     h.arena_size = s.arena_size;
     h.range_offset = s.first << g_page_shift;
     h.range_length = (s.last - s.first) << g_page_shift;
+    h.chain = s.chain;
     h.sequence = s.sequence;
-    h.base_sequence = base_sequence;
+    if (base) {
+        h.base_chain = base->chain;
+        h.base_sequence = base->sequence;
+    }
     h.vma_count = std::uint32_t(s.vmas.size());
     out.put(&h, sizeof h);
     for (const auto& v : s.vmas) {
@@ -222,7 +320,7 @@ void write_page(ImageWriter& out, std::size_t page, const std::byte* content, bo
     if (!zero) out.put(content, g_page_size);
 }
 
-// An image's header and VMA table as read.
+// An image's header and VMA table as read and checked.
 struct LoadedHeader {
     Header header;
     std::vector<VmaEntry> vmas;
@@ -230,70 +328,171 @@ struct LoadedHeader {
 
 LoadedHeader read_header(ImageReader& in) {
     LoadedHeader l{};
-    in.get(&l.header, sizeof l.header);
+    in.get(&l.header, sizeof l.header, "header");
     const Header& h = l.header;
-    if (std::memcmp(h.magic, kMagic, sizeof kMagic) != 0) in.corrupt("not a usermm snapshot image");
-    if (h.version != kVersion) in.corrupt("version {} (this usermm reads version {})", h.version, kVersion);
-    if (h.page_size != g_page_size) in.corrupt("page size {} (this machine's is {})", h.page_size, g_page_size);
-    constexpr std::uint64_t kMaxArena = 1ull << 47;  // the user half of an x86-64 address space
-    if (h.arena_size > kMaxArena) in.corrupt("arena size {:#x} is larger than an address space", h.arena_size);
-    if (h.arena_size % g_page_size || h.range_offset % g_page_size || h.range_length % g_page_size ||
-        h.range_offset > h.arena_size || h.range_length > h.arena_size - h.range_offset || h.range_length == 0)
-        in.corrupt("range offset {:#x} length {:#x} does not fit arena size {:#x}", h.range_offset, h.range_length,
-                   h.arena_size);
-    if (h.vma_count > h.range_length / g_page_size) in.corrupt("{} VMAs in {:#x} bytes", h.vma_count, h.range_length);
+    if (const std::string problem = header_problem(h); !problem.empty()) in.corrupt("{}", problem);
     std::uint64_t prev_end = h.range_offset;
+    const std::uint64_t range_end = h.range_offset + h.range_length;
     for (std::uint32_t i = 0; i < h.vma_count; ++i) {
         VmaEntry e{};
-        in.get(&e, sizeof e);
-        const std::uint64_t range_end = h.range_offset + h.range_length;
+        in.get(&e, sizeof e, "VMA record");
         if (e.offset < prev_end || e.offset >= range_end || e.length == 0 || e.offset % g_page_size ||
-            e.length % g_page_size || e.length > range_end - e.offset || (e.prot & ~7u) || e.name[kVmaNameMax - 1])
-            in.corrupt("VMA record {} (offset {:#x}, length {:#x}) is invalid", i, e.offset, e.length);
+            e.length % g_page_size || e.length > range_end - e.offset)
+            in.corrupt("VMA record {} (offset {:#x}, length {:#x}) is not page-aligned, in order and inside the range "
+                       "[{:#x}, {:#x})",
+                       i, e.offset, e.length, h.range_offset, range_end);
+        if (e.prot & ~7u) in.corrupt("VMA record {} (offset {:#x}) has protection {:#x}", i, e.offset, e.prot);
+        if (e.fault_around_pages > kMaxFaultAround)
+            in.corrupt("VMA record {} (offset {:#x}) has fault-around {} pages, above map()'s 2^20", i, e.offset,
+                       e.fault_around_pages);
+        if (!std::memchr(e.name, 0, kVmaNameMax))
+            in.corrupt("VMA record {} (offset {:#x}) has a name of more than {} bytes", i, e.offset, kVmaNameMax - 1);
         prev_end = e.offset + e.length;
         l.vmas.push_back(e);
     }
     return l;
 }
 
-// Reads the page records of an image into the arena (whose range is one read-write VMA now).
-void read_pages(ImageReader& in, const Header& h, char* arena_base) {
-    std::uint64_t records = 0;
+// Page runs [first, last) of the new arena that hold data from some image.
+using Runs = std::vector<std::pair<std::size_t, std::size_t>>;
+
+// Reads the page records of an image into the new arena, which has no VMA yet: data goes in
+// through /proc/self/mem, which ignores PROT_NONE, so the pages stay inaccessible (and the kernel
+// mapping one piece) until the layout is known; only pages the image names are touched. A zero
+// record drops a page an earlier image filled and costs nothing otherwise.
+void read_pages(ImageReader& in, const LoadedHeader& l, ArenaCore& a, Runs& written) {
+    static constexpr const char* call = "usermm::Arena::load";
+    const Header& h = l.header;
+    const bool full = h.base_sequence == 0;
+    constexpr std::size_t kBatch = 64;
+    std::vector<std::byte> batch(kBatch << g_page_shift);
+    std::size_t batch_first = 0, batch_n = 0;
+    auto flush = [&] {
+        if (!batch_n) return;
+        if (const int err = page_write_raw(a.page_addr(batch_first), batch.data(), batch_n << g_page_shift))
+            fail(err, "{}: cannot write [{:#x}, {:#x}) of the new arena", call, a.page_addr(batch_first),
+                 a.page_addr(batch_first + batch_n));
+        for (std::size_t k = batch_first; k < batch_first + batch_n; ++k) {
+            a.pte[k].store(pte_t(a.pte[k].load(std::memory_order_relaxed) | kPtePopulated | kPteDirty),
+                           std::memory_order_relaxed);
+            a.note_changed(k);
+        }
+        if (!written.empty() && written.back().second == batch_first)
+            written.back().second += batch_n;
+        else
+            written.push_back({batch_first, batch_first + batch_n});
+        batch_n = 0;
+    };
+
+    std::uint64_t records = 0, data_pages = 0;
     std::uint64_t next = h.range_offset;
+    const std::uint64_t range_end = h.range_offset + h.range_length;
+    auto vma = l.vmas.begin();
     for (;;) {
         PageEntry e{};
-        in.get(&e, sizeof e);
-        if (e.offset == kEndOffset && e.kind == kKindEnd) break;
-        if (e.offset < next || e.offset % g_page_size || e.offset >= h.range_offset + h.range_length)
-            in.corrupt("page record at offset {:#x} is out of order or outside the range", e.offset);
-        char* page = arena_base + e.offset;
-        if (e.kind == kKindData)
-            in.get(page, g_page_size);
-        else if (e.kind == kKindZero)
-            std::memset(page, 0, g_page_size);
-        else
+        in.get(&e, sizeof e, "page record");
+        if (e.offset == kEndOffset && e.kind == kKindEnd && e.reserved == 0) break;
+        if (e.offset < next || e.offset % g_page_size || e.offset >= range_end || e.reserved)
+            in.corrupt("page record at offset {:#x} is out of order or outside the range [{:#x}, {:#x})", e.offset,
+                       h.range_offset, range_end);
+        const std::size_t page = a.page_index(a.base + e.offset);
+        if (e.kind == kKindData) {
+            while (vma != l.vmas.end() && vma->offset + vma->length <= e.offset) ++vma;
+            if (vma == l.vmas.end() || vma->offset > e.offset)
+                in.corrupt("page record at offset {:#x} holds data outside every VMA of the image", e.offset);
+            if (batch_n == kBatch || (batch_n && batch_first + batch_n != page)) flush();
+            if (!batch_n) batch_first = page;
+            in.get(batch.data() + (batch_n++ << g_page_shift), g_page_size, "page data");
+            ++data_pages;
+        } else if (e.kind == kKindZero) {
+            if (full) in.corrupt("page record at offset {:#x} is a zero page, which a full image never holds", e.offset);
+            const pte_t v = a.pte[page].load(std::memory_order_relaxed);
+            if (v & kPtePopulated) {
+                if (const int err = page_discard(a.page_addr(page), g_page_size))
+                    fail(err, "{}: cannot drop page {:#x} of the new arena", call, a.page_addr(page));
+                a.pte[page].store(pte_t(v & ~kPtePopulated), std::memory_order_relaxed);
+            }
+        } else {
             in.corrupt("page record at offset {:#x} has unknown kind {}", e.offset, e.kind);
+        }
         next = e.offset + g_page_size;
         ++records;
     }
-    in.finish(records);
+    flush();
+    in.finish(records, data_pages);
+}
+
+// The last image's layout, on an arena whose pages are all PROT_NONE: its VMAs go into the tree,
+// the pages that hold data get their VMA's protection (one mprotect per run, while the map budget
+// allows; the rest fault in), and data outside every VMA is dropped. Cost: the VMAs and the runs.
+void install_layout(ArenaCore& a, const LoadedHeader& l, Runs& written) {
+    static constexpr const char* call = "usermm::Arena::load";
+    std::vector<std::unique_ptr<Vma>> vmas;
+    for (const VmaEntry& e : l.vmas) {
+        auto v = std::make_unique<Vma>();
+        v->prot = normalize(Prot(e.prot));
+        v->fault_around_pages = e.fault_around_pages;
+        set_name(*v, std::string_view(e.name, strnlen(e.name, kVmaNameMax)));
+        vmas.push_back(std::move(v));
+    }
+    std::sort(written.begin(), written.end());
+    ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
+    for (std::size_t i = 0; i < vmas.size(); ++i)
+        insert_vma(a, vmas[i].release(), a.base + l.vmas[i].offset, l.vmas[i].length);
+    for (auto [first, last] : written) {
+        for (std::size_t page = first; page < last;) {
+            const std::uintptr_t at = a.page_addr(page);
+            const Vma* v = find_vma(a, at);
+            if (!v || v->start > at) {
+                const std::size_t end = std::min(last, v ? a.page_index(v->start) : last);
+                if (const int err = page_discard(at, a.page_addr(end) - at))
+                    fail(err, "{}: cannot drop [{:#x}, {:#x}) of the new arena", call, at, a.page_addr(end));
+                for (std::size_t k = page; k < end; ++k) a.pte[k].store(0, std::memory_order_relaxed);
+                page = end;
+                continue;
+            }
+            const std::size_t end = std::min(last, a.page_index(v->end));
+            if (v->prot != Prot::None &&
+                map_budget_used() + map_count_delta(a, page, end, v->prot) <= map_budget_limit()) {
+                if (const int err = protect_run(a, page, end, v->prot))
+                    fail(err, "{}: mprotect of [{:#x}, {:#x}) to {} failed", call, at, a.page_addr(end),
+                         to_string(v->prot));
+                for (std::size_t k = page; k < end; ++k)
+                    a.pte[k].store(pte_with_prot(a.pte[k].load(std::memory_order_relaxed), v->prot),
+                                   std::memory_order_relaxed);
+            }
+            page = end;
+        }
+    }
+    a.last_hit.store(nullptr, std::memory_order_relaxed);
 }
 
 }  // namespace
+
+std::array<std::uint64_t, 2> detail::new_arena_identity() {
+    std::array<std::uint64_t, 2> id{};
+    for (std::size_t got = 0; got < sizeof id;) {
+        const ssize_t r = getrandom(reinterpret_cast<char*>(id.data()) + got, sizeof id - got, 0);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) fail(errno, "usermm::Arena: getrandom for the arena's identity failed");
+        got += std::size_t(r);
+    }
+    return id;
+}
 
 void Snapshot::write_to(int fd) const {
     static constexpr const char* call = "usermm::Snapshot::write_to";
     if (!core_) fail(EINVAL, "{}: the snapshot was moved from", call);
     const SnapshotCore& s = *core_;
     ImageWriter out(fd, call);
-    write_header(out, s, 0);
+    write_header(out, s, nullptr);
     std::uint64_t records = 0;
     visit_snapshot_pages(s, s.first, s.last, [&](std::size_t page, const std::byte* content, bool zero) {
         if (zero) return;
         write_page(out, page, content, false);
         ++records;
     });
-    out.finish(records);
+    out.finish(records, records);
 }
 
 void Snapshot::write_to(int fd, const Snapshot& previous) const {
@@ -320,8 +519,8 @@ void Snapshot::write_to(int fd, const Snapshot& previous) const {
                     if (r.changed(page)) changed[page - s.first] = true;
     }
     ImageWriter out(fd, call);
-    write_header(out, s, p.sequence);
-    std::uint64_t records = 0;
+    write_header(out, s, &p);
+    std::uint64_t records = 0, data_pages = 0;
     for (std::size_t page = s.first; page < s.last;) {
         if (!changed[page - s.first]) {
             ++page;
@@ -332,78 +531,111 @@ void Snapshot::write_to(int fd, const Snapshot& previous) const {
         visit_snapshot_pages(s, page, end, [&](std::size_t at, const std::byte* content, bool zero) {
             write_page(out, at, content, zero);
             ++records;
+            data_pages += !zero;
         });
         page = end;
     }
-    out.finish(records);
+    out.finish(records, data_pages);
 }
 
-Arena Arena::load(std::span<const int> image_fds) {
+Arena Arena::load(std::span<const int> image_fds, const LoadOptions& options) {
     static constexpr const char* call = "usermm::Arena::load";
     if (image_fds.empty()) fail(EINVAL, "{}: no image given", call);
     init_process();
     std::optional<Arena> arena;
     LoadedHeader last{};
-    char* base = nullptr;
+    Runs written;
     for (std::size_t i = 0; i < image_fds.size(); ++i) {
         ImageReader in(image_fds[i], i);
-        LoadedHeader l = read_header(in);
-        const Header& h = l.header;
-        if (i == 0) {
-            if (h.base_sequence != 0)
-                in.corrupt("is an increment to snapshot {}; the first image must be a full one", h.base_sequence);
-            arena.emplace(h.arena_size);
-            base = static_cast<char*>(arena->base());
-            arena->map(h.range_length, Prot::ReadWrite, {.address = base + h.range_offset});
-        } else {
-            const Header& prev = last.header;
-            if (h.base_sequence == 0) in.corrupt("is a full image where an increment was expected");
-            if (h.base_sequence != prev.sequence)
-                in.corrupt("is an increment to snapshot {}, but the image before it is snapshot {}", h.base_sequence,
-                           prev.sequence);
-            if (h.arena_size != prev.arena_size || h.range_offset != prev.range_offset ||
-                h.range_length != prev.range_length)
-                in.corrupt("covers another range than the images before it");
-        }
-        read_pages(in, h, base);
-        last = std::move(l);
+        if (!in.next_image()) in.corrupt("truncated: the descriptor holds no image (0 bytes from offset 0)");
+        do {
+            LoadedHeader l = read_header(in);
+            const Header& h = l.header;
+            if (!arena) {
+                if (h.base_sequence != 0)
+                    in.corrupt("is an increment to snapshot {} of chain {}; the first image must be a full one",
+                               h.base_sequence, chain_text(h.base_chain));
+                void* const at = options.at_original_base ? ptr_of(h.arena_base) : nullptr;
+                try {
+                    arena.emplace(Arena(h.arena_size, at));
+                } catch (const Error& e) {
+                    if (!at || e.code().value() != EEXIST) throw;
+                    fail(EEXIST, "{}: the original range [{:#x}, {:#x}) is not free: {}", in.where(), h.arena_base,
+                         h.arena_base + h.arena_size, e.what());
+                }
+            } else {
+                const Header& prev = last.header;
+                if (h.base_sequence == 0) in.corrupt("is a full image where an increment was expected");
+                if (h.base_chain != prev.chain)
+                    in.corrupt("is an increment of another chain: it applies to snapshot {} of chain {}, but the image "
+                               "before it is snapshot {} of chain {}",
+                               h.base_sequence, chain_text(h.base_chain), prev.sequence, chain_text(prev.chain));
+                if (h.base_sequence != prev.sequence)
+                    in.corrupt("is an increment to snapshot {}, but the image before it is snapshot {}",
+                               h.base_sequence, prev.sequence);
+                if (h.arena_base != prev.arena_base || h.arena_size != prev.arena_size ||
+                    h.range_offset != prev.range_offset || h.range_length != prev.range_length)
+                    in.corrupt("covers another range than the images before it");
+            }
+            read_pages(in, l, *arena->core_, written);
+            last = std::move(l);
+        } while (in.next_image());
     }
-
-    // The VMA layout of the last image: cut the one read-write VMA at every boundary, then give
-    // each piece its protection, name and fault-around, and unmap the holes.
-    const Header& h = last.header;
-    ArenaCore& a = *arena->core_;
-    const Range range{a.base + h.range_offset, a.base + h.range_offset + h.range_length};
-    std::vector<Range> holes;
-    std::uintptr_t at = range.start;
-    for (const VmaEntry& e : last.vmas) {
-        if (a.base + e.offset > at) holes.push_back({at, a.base + e.offset});
-        at = a.base + e.offset + e.length;
-    }
-    if (at < range.end) holes.push_back({at, range.end});
-    std::vector<std::unique_ptr<Vma>> spares;
-    for (std::size_t i = 0; i < 2 * last.vmas.size(); ++i) spares.push_back(std::make_unique<Vma>());
-    {
-        ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
-        std::size_t spare = 0;
-        for (const VmaEntry& e : last.vmas) {
-            const Range r{a.base + e.offset, a.base + e.offset + e.length};
-            split_at(a, r.start, spares[spare++]);
-            split_at(a, r.end, spares[spare++]);
-            Vma* found = detail::find_vma(a, r.start);  // not Arena::find_vma(name)
-            if (!found || found->start != r.start || found->end != r.end)
-                fail(EINVAL, "{}: VMA record at offset {:#x} does not fit the image's range", call, e.offset);
-            Vma& v = *found;
-            v.prot = normalize(Prot(e.prot));
-            v.fault_around_pages = e.fault_around_pages;
-            set_name(v, std::string_view(e.name, strnlen(e.name, kVmaNameMax)));
-            change_pages(a, call, r, [p = v.prot](Prot old) { return old & p; });
-        }
-        a.last_hit.store(nullptr, std::memory_order_relaxed);
-        merge_range(a, range.start, range.end);
-    }
-    for (const Range& hole : holes) arena->unmap(ptr_of(hole.start), hole.end - hole.start);
+    install_layout(*arena->core_, last, written);
     return std::move(*arena);
+}
+
+std::vector<ImageInfo> image_info(int fd) {
+    static constexpr const char* call = "usermm::image_info";
+    init_process();
+    struct stat st {};
+    if (fstat(fd, &st) != 0) fail(errno, "{}: fstat of fd {} failed", call, fd);
+    if (S_ISFIFO(st.st_mode) || S_ISSOCK(st.st_mode))
+        fail(ESPIPE, "{}: fd {} is a pipe or socket; only a file can be read from its end", call, fd);
+    auto read_at = [&](void* p, std::size_t n, std::uint64_t at, const char* what) {
+        for (std::size_t done = 0; done < n;) {
+            const ssize_t r = pread(fd, static_cast<char*>(p) + done, n - done, off_t(at + done));
+            if (r < 0 && errno == EINTR) continue;
+            if (r < 0) fail(errno, "{}: fd {}: read of the {} at offset {:#x} failed", call, fd, what, at);
+            if (r == 0)
+                fail(EINVAL, "{}: fd {}: truncated: the {} at offset {:#x} needs {} bytes, the file ends after {}", call,
+                     fd, what, at, n, done);
+            done += std::size_t(r);
+        }
+    };
+    std::vector<ImageInfo> out;
+    for (std::uint64_t end = std::uint64_t(st.st_size); end > 0;) {
+        if (end < sizeof(Header) + kTrailer)
+            fail(EINVAL, "{}: fd {}: the {} bytes before offset {:#x} are too few for an image", call, fd, end, end);
+        std::byte trailer[kTrailer];
+        read_at(trailer, kTrailer, end - kTrailer, "end record");
+        PageEntry marker{};
+        EndEntry tail{};
+        std::memcpy(&marker, trailer, sizeof marker);
+        std::memcpy(&tail, trailer + sizeof marker, sizeof tail);
+        if (marker.offset != kEndOffset || marker.kind != kKindEnd || tail.image_bytes > end ||
+            tail.image_bytes < sizeof(Header) + kTrailer)
+            fail(EINVAL, "{}: fd {}: no image ends at offset {:#x}", call, fd, end);
+        const std::uint64_t start = end - tail.image_bytes;
+        Header h{};
+        read_at(&h, sizeof h, start, "header");
+        if (const std::string problem = header_problem(h); !problem.empty())
+            fail(EINVAL, "{}: fd {}: the image at offset {:#x} (ending at {:#x}): {}", call, fd, start, end, problem);
+        // Every record has its size: a length that cannot hold the counted ones is not this image's.
+        const std::uint64_t page_bytes = sizeof(PageEntry) + g_page_size;
+        if (tail.data_pages > tail.page_records || tail.page_records > tail.image_bytes / sizeof(PageEntry) ||
+            tail.image_bytes - sizeof(Header) - kTrailer <
+                std::uint64_t(h.vma_count) * sizeof(VmaEntry) + tail.data_pages * page_bytes +
+                    (tail.page_records - tail.data_pages) * sizeof(PageEntry))
+            fail(EINVAL, "{}: fd {}: the image at offset {:#x} is {} bytes long, too short for {} VMAs and {} pages ({} "
+                 "with data)",
+                 call, fd, start, tail.image_bytes, h.vma_count, tail.page_records, tail.data_pages);
+        out.push_back({start, tail.image_bytes, h.chain, h.sequence, h.base_chain, h.base_sequence, ptr_of(h.arena_base),
+                       h.arena_size, h.range_offset, h.range_length, h.vma_count, tail.page_records, tail.data_pages});
+        end = start;
+    }
+    std::reverse(out.begin(), out.end());
+    return out;
 }
 
 }  // namespace usermm

@@ -56,6 +56,21 @@ int page_reserve_fixed(std::uintptr_t addr, std::size_t len) {
     return write_once_and_discard(p);
 }
 
+int page_reserve_at(std::uintptr_t addr, std::size_t len) {
+    void* p = mmap(reinterpret_cast<void*>(addr), len, PROT_NONE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE, -1, 0);
+    if (p == MAP_FAILED) return errno;
+    if (p != reinterpret_cast<void*>(addr)) {  // a kernel before 4.17 takes the flag for a hint
+        munmap(p, len);
+        return EEXIST;
+    }
+    if (const int err = write_once_and_discard(p)) {
+        munmap(p, len);
+        return err;
+    }
+    return 0;
+}
+
 int page_alloc_table(std::size_t len, void** out) {
     void* p = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) return errno;

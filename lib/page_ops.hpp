@@ -11,6 +11,8 @@ namespace usermm::detail {
 
 // Reserve `len` bytes of PROT_NONE address space that commits nothing.
 int page_reserve(std::size_t len, void** out);
+// The same at `addr` exactly, where nothing may be mapped yet (EEXIST otherwise).
+int page_reserve_at(std::uintptr_t addr, std::size_t len);
 // Anonymous read-write memory the kernel fills with zeros on demand (for metadata tables).
 int page_alloc_table(std::size_t len, void** out);
 // The same, shared with a forked child rather than copied (the page cache's state).

@@ -112,6 +112,7 @@ std::shared_ptr<SnapshotCore> new_snapshot_core(ArenaCore& a, Range r) {
     auto* s = new SnapshotCore;
     s->arena_base = a.base;
     s->arena_id = a.id;
+    s->chain = a.identity;
     s->arena_size = a.end - a.base;
     s->first = a.page_index(r.start);
     s->last = a.page_index(r.end);

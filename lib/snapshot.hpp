@@ -49,6 +49,7 @@ struct SnapshotCore {
     std::uintptr_t arena_base = 0;
     std::size_t arena_size = 0;
     std::uint64_t arena_id = 0;  // which arena, even after it is gone and its addresses reused
+    std::array<std::uint64_t, 2> chain{};  // the arena's identity when the snapshot was taken
     std::size_t first = 0;       // arena page indices
     std::size_t last = 0;
     std::uint64_t sequence = 0;  // 1, 2, ... per arena, in the order snapshots were taken

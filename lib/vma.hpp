@@ -3,6 +3,7 @@
 
 #include <boost/intrusive/set.hpp>
 
+#include <array>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -79,6 +80,7 @@ struct ArenaCore {
     std::uintptr_t base = 0;
     std::uintptr_t end = 0;
     std::uint64_t id = 0;  // unique in the process, never reused
+    std::array<std::uint64_t, 2> identity{};  // random, names the arena's snapshot chain in images
     Pte* pte = nullptr;  // one per page of [base, end)
     std::size_t pte_bytes = 0;
     // One bit per group of kGroupPages pages: set whenever a page of the group gains write access

@@ -189,7 +189,7 @@ private:
     int fd_;
 };
 
-// Arena::load reads each image from its file position.
+// Arena::load reads each descriptor from offset 0; the lseek is left from when it did not.
 usermm::Arena load(std::initializer_list<const MemFd*> images) {
     std::vector<int> fds;
     for (const MemFd* m : images) {
@@ -921,9 +921,9 @@ TEST_CASE("load refuses a VMA record beyond the image's range, even under a vali
     std::uint64_t stored;
     std::memcpy(&stored, bytes.data() + bytes.size() - 8, 8);
     REQUIRE(checksum() == stored);
-    // The one VMA record follows the 64-byte header; it now starts a page past the 16-page range.
+    // The one VMA record follows the 104-byte header; it now starts a page past the 16-page range.
     const std::uint64_t offset = 17 * ps;
-    std::memcpy(bytes.data() + 64, &offset, 8);
+    std::memcpy(bytes.data() + 104, &offset, 8);
     const std::uint64_t sum = checksum();
     std::memcpy(bytes.data() + bytes.size() - 8, &sum, 8);
     const MemFd crafted(bytes);

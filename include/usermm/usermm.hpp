@@ -180,6 +180,39 @@ struct VmaInfo {
 
 class Arena;
 
+// Snapshot images (format: README, "Snapshot images"). Each names its chain: a random 128-bit
+// identity of the arena it was taken from (new for every Arena and for each arena of a forked
+// child), plus the snapshot's sequence in that arena; an increment also names the image it applies
+// to. Arena::load accepts an increment only right after that image.
+struct ImageInfo {
+    std::uint64_t offset = 0;  // where the image starts in the file
+    std::uint64_t bytes = 0;   // its length
+    std::array<std::uint64_t, 2> chain{};
+    std::uint64_t sequence = 0;
+    std::array<std::uint64_t, 2> base_chain{};  // increments: the chain and sequence they apply to
+    std::uint64_t base_sequence = 0;             // 0 for a full image
+    void* original_base = nullptr;               // the arena's base when the snapshot was taken
+    std::size_t arena_size = 0;
+    std::uint64_t range_offset = 0;  // the snapshot's range, from the arena's base
+    std::uint64_t range_length = 0;
+    std::size_t vma_count = 0;
+    std::uint64_t page_records = 0;  // pages the image holds: data pages plus (increments) zero pages
+    std::uint64_t data_pages = 0;
+    bool full() const { return base_sequence == 0; }
+};
+// Every image the file holds, in order, from the headers and end records alone (one pread each,
+// found from the end of the file backwards): enough for a restart path to order files without a
+// manifest. Pages and checksums are not read; load checks those. Throws EINVAL if the file is not
+// a sequence of whole images, ESPIPE for a pipe.
+std::vector<ImageInfo> image_info(int fd);
+
+struct LoadOptions {
+    // Reserve the new arena at the base the images were written from, so that pointers into the
+    // arena stored in it stay valid. Fails with EEXIST, naming the range, if anything is mapped
+    // there (in a process that still has the original arena, say).
+    bool at_original_base = false;
+};
+
 // A point-in-time view of a range of an arena, taken without fork(): at snapshot() the pages that
 // could be written without a fault lose write access; the first write to a page afterwards copies
 // its old content into the snapshot (copy-before-write) and then goes on. A snapshot costs the pages
@@ -208,7 +241,10 @@ public:
     void for_each_page(const std::function<void(const void* addr, std::span<const std::byte> page)>& fn) const;
     // Writes a checkpoint image (format: README, "Snapshot images") of the snapshot to `fd`, while
     // other threads keep writing the arena. With `previous` (an earlier snapshot of the same range,
-    // still live), writes an increment holding only the pages changed between the two.
+    // still live), writes an increment holding only the pages changed between the two. Each
+    // write(2) runs with the caller's signal mask, so a default SIGTERM ends the process even while
+    // the reader does not read; a handler without SA_RESTART that interrupts a write before it
+    // wrote anything makes write_to throw EINTR.
     void write_to(int fd) const;
     void write_to(int fd, const Snapshot& previous) const;
 
@@ -305,9 +341,14 @@ public:
     // Pages of [addr, addr + length) written since the last collection; re-arms tracking, so the
     // next write to each of them is seen again (Boehm GC's dirty bits, the kernel's soft-dirty).
     DirtySet collect_dirty(void* addr, std::size_t length);
-    // A new arena from a full image and the increments after it, in order (files written by
-    // Snapshot::write_to). Throws if an image is truncated, corrupted or out of order.
-    static Arena load(std::span<const int> image_fds);
+    // A new arena from a full image and the increments after it, in order (written by
+    // Snapshot::write_to). Each descriptor is read from offset 0 to its end (pread; its offset
+    // does not move), and may hold several images back to back, as an append-only checkpoint log
+    // does; pipes and sockets are read from where they are to their end. Throws, building nothing,
+    // if an image is truncated, corrupted, claims what map() would refuse, or does not follow the
+    // image before it in its chain (see ImageInfo). The data lands at a new address unless
+    // `options` asks for the original one: offsets from base() are kept, pointers are not.
+    static Arena load(std::span<const int> image_fds, const LoadOptions& options = {});
 
     Stats stats() const;
     std::vector<VmaInfo> vmas() const;
@@ -321,6 +362,7 @@ public:
 private:
     friend struct detail::ArenaAccess;
     friend class Snapshot;
+    Arena(std::size_t size, void* at);  // the reservation at `at` exactly (MAP_FIXED_NOREPLACE)
     void* map_file_as(int fd, const std::string& path, std::uint64_t offset, std::size_t length, Prot prot,
                       Share share, const MapOptions& options);
     std::unique_ptr<detail::ArenaCore> core_;
