@@ -141,7 +141,9 @@ struct MapOptions {
     // the arena choose.
     void* address = nullptr;
     // Untouched neighbours mapped by the same fault, inside an aligned window of this many pages
-    // (the kernel's fault_around_bytes, 64 KiB). 0 or 1 turns fault-around off.
+    // (the kernel's fault_around_bytes, 64 KiB). 0 or 1 turns fault-around off. Once the arena
+    // consists of 1,024 kernel VMAs, an anonymous window also reaches over up to 128 untouched
+    // pages to a neighbour granted the same access, so that a sparse heap stays few kernel VMAs.
     std::size_t fault_around_pages = 16;
     // Ask for transparent huge pages (MADV_HUGEPAGE). With fault_around_pages a multiple of 512,
     // each 2 MiB window becomes one huge page on first touch, and a snapshot write-protects it in
