@@ -74,6 +74,14 @@ struct SnapshotCore {
     std::uintptr_t page_addr(std::size_t page) const { return arena_base + (std::uintptr_t(page) << g_page_shift); }
 };
 
+// Whether a page's bytes are all zeros: a snapshot records such a page as zero rather than copy it.
+inline bool all_zeros(const std::byte* page) {
+    const auto* words = reinterpret_cast<const std::uint64_t*>(page);
+    for (std::size_t k = 0; k < g_page_size / sizeof *words; ++k)
+        if (words[k]) return false;
+    return true;
+}
+
 // The state of a page's slot once nobody holds it: a reader copying the page out of the arena holds
 // it only for that copy, and takes no lock that the caller may hold.
 inline slot_t settled_slot(const SnapshotCore& s, std::size_t page) {

@@ -22,6 +22,17 @@ int copy_page(std::uintptr_t addr, pte_t pte, std::byte* dst) {
     return page_read_raw(addr, dst, g_page_size);
 }
 
+// A page that holds no data: never written since it was granted write access (fault-around,
+// prefault, a degraded fault grant whole windows), so the kernel holds nothing for it, or only
+// read, so it maps the kernel's zero page. Such a page is recorded as zero: copying it would cost
+// a store page and put a page of zeros into every image. A page that cannot be read directly is
+// checked after its copy (see preserve_for_snapshots).
+bool holds_no_data(std::uintptr_t addr, pte_t pte) {
+    unsigned char resident = 0;
+    if (page_resident(addr, g_page_size, &resident) == 0 && !(resident & 1)) return true;
+    return allows(pte_to_prot(pte), Prot::Read) && all_zeros(reinterpret_cast<const std::byte*>(addr));
+}
+
 }  // namespace
 
 int preserve_for_snapshots(ArenaCore& arena, std::size_t page, pte_t pte, std::uint32_t* copies) {
@@ -39,7 +50,7 @@ int preserve_for_snapshots(ArenaCore& arena, std::size_t page, pte_t pte, std::u
             continue;
         }
         if (state != kSlotTaken) continue;  // copied or zero already
-        if (!(pte & kPtePopulated)) {
+        if (!(pte & kPtePopulated) || holds_no_data(addr, pte)) {
             slot.store(kSlotZero, std::memory_order_release);
             continue;
         }
@@ -56,6 +67,13 @@ int preserve_for_snapshots(ArenaCore& arena, std::size_t page, pte_t pte, std::u
         if (const int err = copy_page(addr, pte, dst)) {
             slot.store(kSlotInArena, std::memory_order_release);
             return err;
+        }
+        if (all_zeros(dst)) {
+            // Its store page goes back unless another copy took the next one meanwhile.
+            std::uint32_t next = at + 1;
+            snap.used.compare_exchange_strong(next, at, std::memory_order_relaxed);
+            slot.store(kSlotZero, std::memory_order_release);
+            continue;
         }
         snap.index[page - snap.first] = at;
         slot.store(kSlotCopied, std::memory_order_release);

@@ -20,7 +20,8 @@ inline constexpr std::size_t kReadBatch = 64;
 inline void read_locked_from_arena(const SnapshotCore& s, std::size_t first, std::size_t n, std::byte* dst, bool* zero) {
     const ArenaCore& a = *s.arena;
     // Populated means write access was granted; a page granted it by fault-around and never
-    // written is not resident, and reads as zeros.
+    // written is not resident, and reads as zeros. A page read before maps the kernel's zero page:
+    // its content says so.
     unsigned char resident[kReadBatch];
     const bool known = n <= sizeof resident && page_resident(a.page_addr(first), n << g_page_shift, resident) == 0;
     for (std::size_t k = 0; k < n; ++k)
@@ -38,6 +39,7 @@ inline void read_locked_from_arena(const SnapshotCore& s, std::size_t first, std
             for (std::size_t u = 0; u < n; ++u) s.slot(first + u).store(kSlotInArena, std::memory_order_release);
             fail(err, "usermm::Snapshot: cannot read arena page {:#x}", a.page_addr(page));
         }
+        for (std::size_t u = k; u < k + run; ++u) zero[u] = all_zeros(dst + (u << g_page_shift));
         k += run - 1;
     }
     for (std::size_t k = 0; k < n; ++k) s.slot(first + k).store(kSlotInArena, std::memory_order_release);

@@ -1,0 +1,145 @@
+// What snapshots and restore() cost: a page nobody wrote is recorded as zero, never copied (whatever
+// granted it write access: fault-around, prefault, a budget-degraded fault); restore() changes only
+// the pages it restores and leaves the kernel-mapping count exact.
+#include <doctest/doctest.h>
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <random>
+#include <vector>
+
+#include <usermm/usermm.hpp>
+
+#include "arena_ops.hpp"
+#include "test_util.hpp"
+
+namespace {
+
+using namespace usermm_test;
+using usermm::Prot;
+
+std::size_t ps() { return usermm::page_size(); }
+
+// The size of the image (or increment) the snapshot writes.
+std::size_t image_bytes(const usermm::Snapshot& snap, const usermm::Snapshot* previous = nullptr) {
+    const int fd = memfd_create("usermm-test-costs", MFD_CLOEXEC);
+    REQUIRE(fd >= 0);
+    if (previous)
+        snap.write_to(fd, *previous);
+    else
+        snap.write_to(fd);
+    const auto size = std::size_t(lseek(fd, 0, SEEK_END));
+    close(fd);
+    return size;
+}
+
+// Kernel mappings that lie inside [base, base + size).
+long mappings_within(const void* base, std::size_t size) {
+    const auto lo = reinterpret_cast<unsigned long>(base), hi = lo + size;
+    FILE* f = std::fopen("/proc/self/maps", "r");
+    REQUIRE(f);
+    long n = 0;
+    unsigned long from, to;
+    char line[512];
+    while (std::fgets(line, sizeof line, f))
+        if (std::sscanf(line, "%lx-%lx", &from, &to) == 2 && from >= lo && to <= hi) ++n;
+    std::fclose(f);
+    return n;
+}
+
+long counted_maps(const usermm::Arena& arena) {
+    return usermm::detail::ArenaAccess::core(arena).kernel_maps.load();
+}
+
+}  // namespace
+
+TEST_CASE("prefault(Write) with a snapshot live copies only the pages that were written") {
+    // Each write fault grants write access to its 16-page window; 15 of those pages are never
+    // written. A read-faulted window maps the kernel's zero page, which holds no data either.
+    usermm::Arena arena(256ull << 20);
+    const std::size_t pages = 8192;
+    char* heap = static_cast<char*>(arena.map(pages * ps(), Prot::ReadWrite, {.name = "heap"}));
+    const std::size_t written = 100;
+    for (std::size_t k = 0; k < written; ++k) write_u64(heap + k * 64 * ps(), k + 1);
+    for (std::size_t k = 0; k < written; ++k) CHECK(read_u64(heap + (k * 64 + 32) * ps()) == 0);
+    usermm::Snapshot before = arena.snapshot();
+    arena.prefault(heap, pages * ps(), Prot::ReadWrite);
+    CHECK(before.stats().cow_faults == written);
+    CHECK(before.stats().cow_bytes_copied == written * ps());
+    std::size_t visited = 0;
+    before.for_each_page([&](const void*, std::span<const std::byte>) { ++visited; });
+    CHECK(visited == written);
+    for (std::size_t k = 0; k < written; ++k) {
+        std::uint64_t v = 0;
+        before.read(heap + k * 64 * ps(), &v, sizeof v);
+        CHECK(v == k + 1);
+    }
+    // Nothing was written since. Prefault made every page writable, so the increment lists each as
+    // possibly changed, but only the written ones with data: a zero record is 16 bytes.
+    usermm::Snapshot after = arena.snapshot();
+    CHECK(image_bytes(after, &before) <= written * (ps() + 16) + pages * 16 + ps());
+    arena.verify();
+}
+
+TEST_CASE("a snapshot that outlives its arena holds only the pages written") {
+    std::optional<usermm::Snapshot> snap;
+    {
+        usermm::Arena arena(16ull << 20);
+        char* heap = static_cast<char*>(arena.map(256 * ps(), Prot::ReadWrite, {.name = "heap"}));
+        write_u64(heap + 3 * ps(), 42);
+        snap.emplace(arena.snapshot());
+    }
+    std::size_t visited = 0;
+    snap->for_each_page([&](const void*, std::span<const std::byte> page) {
+        ++visited;
+        std::uint64_t v;
+        std::memcpy(&v, page.data(), sizeof v);
+        CHECK(v == 42);
+    });
+    CHECK(visited == 1);
+    CHECK(snap->stats().cow_faults == 1);  // the written page, copied as the arena went
+    CHECK(image_bytes(*snap) < 2 * ps());
+}
+
+TEST_CASE("restore keeps the kernel-mapping count exact on a fragmented heap") {
+    for (const char* budget : {"5000", ""}) {
+        CAPTURE(budget);
+        const ChildEnd end = run_in_child(
+            [budget] {
+                if (*budget) setenv("USERMM_MAP_BUDGET", budget, 1);
+                usermm::Arena arena(16ull << 30);
+                char* heap = static_cast<char*>(arena.map(8ull << 30, Prot::ReadWrite, {.name = "sparse"}));
+                const std::size_t pages = (8ull << 30) / ps();
+                std::mt19937_64 rng(8);
+                for (int k = 0; k < 20000; ++k) write_u64(heap + (rng() % pages) * ps(), 1);
+                usermm::Snapshot snap = arena.snapshot();
+                for (int k = 0; k < 20000; ++k) write_u64(heap + (rng() % pages) * ps(), 2);
+                auto check = [&](const char* when, int round) {
+                    const long kernel = mappings_within(arena.base(), arena.size()) + 2;
+                    if (counted_maps(arena) == kernel) return;
+                    std::fprintf(stderr, "round %d, %s: usermm counts %ld, the kernel has %ld\n", round, when,
+                                 counted_maps(arena), kernel);
+                    std::_Exit(4);
+                };
+                for (int round = 0; round < 3; ++round) {
+                    arena.restore(snap);
+                    check("after restore", round);
+                    for (std::size_t p = 0; p < pages; p += 97) (void)read_u64(heap + p * ps());
+                    check("after reads", round);
+                    for (int k = 0; k < 2000; ++k) write_u64(heap + (rng() % pages) * ps(), 3);
+                    check("after writes", round);
+                }
+                arena.verify();
+            },
+            120);
+        INFO(end.err);
+        CHECK(end.signal == 0);
+        CHECK(end.exit_code == 0);
+    }
+}
