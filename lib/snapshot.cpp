@@ -320,26 +320,70 @@ void Arena::restore(const Snapshot& snapshot) {
 
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
     refuse_file_vmas(a, call, r);
-    // Every page of the range faults from now on: threads that touch it wait for the restore and
-    // then see the restored content. Userfaultfd marks would make the write-back fail; the pages
-    // need none once they are PROT_NONE, since any write now faults into usermm first.
-    change_pages(a, call, r, [](Prot) { return Prot::None; });
-    if (tracking_engine() == TrackingEngine::Uffd)
-        if (const int err = uffd_write_protect(r.start, r.end - r.start, false))
-            fail(err, "{}: cannot clear write-protection of [{:#x}, {:#x})", call, r.start, r.end);
-    for (std::size_t i = s.first; i < s.last; ++i) a.pte[i].fetch_and(pte_t(~kPteWriteTracked), kRelaxed);
+    // What each page needs, decided before anything changes: copied pages are written back, pages
+    // that were zero and hold data now are discarded. A page whose slot says zero but that holds
+    // nothing (granted write access by fault-around, never written) has not changed. Restored
+    // pages hold the snapshot's content in the arena again, so their slots become "synced": a
+    // later restore copies only what changes after this one.
+    std::vector<unsigned char> resident(s.last - s.first);
+    if (const int err = page_resident(r.start, r.end - r.start, resident.data()))
+        fail(err, "{}: mincore of [{:#x}, {:#x}) failed", call, r.start, r.end);
+    auto holds_data = [&](std::size_t i) {
+        return (a.pte[i].load(kRelaxed) & kPtePopulated) && (resident[i - s.first] & 1);
+    };
+    enum Put : std::uint8_t { Keep, WriteBack, Discard, Untrack };
+    std::vector<Put> put(s.last - s.first, Keep);
+    // The protection the restored VMAs allow each page (None outside them).
+    auto vma_rec = s.vmas.begin();
+    auto restored_prot = [&](std::size_t i) {
+        const std::uintptr_t addr = a.page_addr(i);
+        while (vma_rec != s.vmas.end() && vma_rec->end <= addr) ++vma_rec;
+        return vma_rec != s.vmas.end() && vma_rec->start <= addr ? normalize(vma_rec->prot) : Prot::None;
+    };
+    for (std::size_t i = s.first; i < s.last; ++i) {
+        Put& p = put[i - s.first];
+        const slot_t state = settled_slot(s, i);
+        if (state == kSlotCopied) {
+            p = WriteBack;
+        } else if (state == kSlotZero) {
+            // Written (or granted write) since: the page must be tracked again, whatever it holds.
+            p = holds_data(i) ? Discard : Untrack;
+            if (p == Untrack) s.slot(i).store(kSlotZeroSynced, kRelease);
+        }
+        // A page the restored VMAs no longer allow what it has loses its access too.
+        if (p == Keep && (to_pte(restored_prot(i)) & pte_prot(a.pte[i].load(kRelaxed))) !=
+                             pte_prot(a.pte[i].load(kRelaxed)))
+            p = Untrack;
+    }
+    // Pages restore changes fault from now on, and only they: threads that touch one wait for the
+    // restore and then see the restored content; the others keep the access they had. Userfaultfd
+    // marks would make the write-back fail; the pages need none once they are PROT_NONE, since any
+    // write now faults into usermm first.
+    auto changes = [&](std::size_t i) { return put[i - s.first] == Keep ? kNoRun : 1; };
+    for_each_run(s.first, s.last, changes, [&](std::size_t i, std::size_t j, int) {
+        const Range run{a.page_addr(i), a.page_addr(j)};
+        change_pages(a, call, run, [](Prot) { return Prot::None; });
+        if (tracking_engine() == TrackingEngine::Uffd)
+            if (const int err = uffd_write_protect(run.start, run.end - run.start, false))
+                fail(err, "{}: cannot clear write-protection of [{:#x}, {:#x})", call, run.start, run.end);
+        for (std::size_t k = i; k < j; ++k) a.pte[k].fetch_and(pte_t(~kPteWriteTracked), kRelaxed);
+    });
     // Other snapshots keep what they still read from the pages about to change.
     for (std::size_t i = s.first; i < s.last; ++i) {
-        const slot_t state = settled_slot(s, i);
-        if (state == kSlotInArena || state == kSlotCopiedSynced || state == kSlotZeroSynced) continue;
+        if (put[i - s.first] != WriteBack && put[i - s.first] != Discard) continue;
         std::uint32_t copies = 0;
         if (const int err = preserve_for_snapshots(a, i, a.pte[i].load(kRelaxed), &copies))
             fail(err, "{}: cannot save page {:#x} for another snapshot", call, a.page_addr(i));
     }
-    // The VMAs as they were.
+    // The VMAs as they were. Each VMA replaced hands its counters to the last restored VMA it
+    // overlaps, as a split leaves them with the upper part.
     split_at(a, r.start, lower_spare);
     split_at(a, r.end, upper_spare);
+    auto heir = fresh.begin();
     for (auto it = a.tree.upper_bound(r.start); it != a.tree.end() && it->start < r.end;) {
+        while (std::next(heir) != fresh.end() && (*std::next(heir))->start < it->end) ++heir;
+        if (heir != fresh.end() && (*heir)->start < it->end && (*heir)->end > it->start)
+            (*heir)->stats.add(it->stats.load());
         Vma* dead = &*it;
         it = a.tree.erase(it);
         vma_free(&a, dead);
@@ -347,37 +391,18 @@ void Arena::restore(const Snapshot& snapshot) {
     for (auto& v : fresh) a.tree.insert(*v.release());
     merge_range(a, r.start, r.end);
     a.last_hit.store(nullptr, kRelaxed);
-    // The content as it was: copied pages are written back, pages that were zero and hold data now
-    // are discarded. A page whose slot says zero but that holds nothing (granted write access by
-    // fault-around, never written) has not changed. Restored pages hold the snapshot's content in
-    // the arena again, so their slots become "synced": a later restore copies only what changes
-    // after this one.
-    std::vector<unsigned char> resident(s.last - s.first);
-    if (const int err = page_resident(r.start, r.end - r.start, resident.data()))
-        fail(err, "{}: mincore of [{:#x}, {:#x}) failed", call, r.start, r.end);
-    auto holds_data = [&](std::size_t i) {
-        return (a.pte[i].load(kRelaxed) & kPtePopulated) && (resident[i - s.first] & 1);
-    };
-    enum class Put { Keep, WriteBack, Discard };
-    auto what_to_put = [&](std::size_t i) {
-        const slot_t state = settled_slot(s, i);
-        if (state == kSlotCopied) return Put::WriteBack;
-        if (state != kSlotZero) return Put::Keep;  // in the arena, or synced since the last restore
-        if (holds_data(i)) return Put::Discard;
-        s.slot(i).store(kSlotZeroSynced, kRelease);
-        return Put::Keep;
-    };
+    // The content as it was.
     std::uint64_t restored = 0;
     std::vector<const std::byte*> copies;
     auto key = [&](std::size_t i) {
-        const Put put = what_to_put(i);
-        return put == Put::Keep ? kNoRun : int(put);
+        const Put p = put[i - s.first];
+        return p == WriteBack || p == Discard ? int(p) : kNoRun;
     };
     for_each_run(s.first, s.last, key, [&](std::size_t i, std::size_t j, int how) {
-        const Put put = Put(how);
+        const Put p = Put(how);
         const std::uintptr_t at = a.page_addr(i);
         const std::size_t len = (j - i) << g_page_shift;
-        if (put == Put::WriteBack) {
+        if (p == WriteBack) {
             copies.clear();
             for (std::size_t k = i; k < j; ++k) copies.push_back(s.stored(k));
             if (const int err = page_write_raw_pages(at, copies.data(), copies.size()))
@@ -388,11 +413,11 @@ void Arena::restore(const Snapshot& snapshot) {
         }
         for (std::size_t k = i; k < j; ++k) {
             const pte_t v = a.pte[k].load(kRelaxed);
-            a.pte[k].store(put == Put::WriteBack ? pte_t(v | kPtePopulated | kPteDirty)
-                                                 : pte_t((v & ~kPtePopulated) | kPteDirtySnapshot),
+            a.pte[k].store(p == WriteBack ? pte_t(v | kPtePopulated | kPteDirty)
+                                          : pte_t((v & ~kPtePopulated) | kPteDirtySnapshot),
                            kRelaxed);
             a.note_changed(k);
-            s.slot(k).store(put == Put::WriteBack ? kSlotCopiedSynced : kSlotZeroSynced, kRelease);
+            s.slot(k).store(p == WriteBack ? kSlotCopiedSynced : kSlotZeroSynced, kRelease);
         }
         restored += j - i;
     });

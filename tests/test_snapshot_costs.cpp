@@ -12,6 +12,7 @@
 #include <cstring>
 #include <optional>
 #include <random>
+#include <string>
 #include <vector>
 
 #include <usermm/usermm.hpp>
@@ -109,7 +110,7 @@ TEST_CASE("a snapshot that outlives its arena holds only the pages written") {
 
 TEST_CASE("restore keeps the kernel-mapping count exact on a fragmented heap") {
     for (const char* budget : {"5000", ""}) {
-        CAPTURE(budget);
+        INFO("USERMM_MAP_BUDGET=" << std::string(budget));
         const ChildEnd end = run_in_child(
             [budget] {
                 if (*budget) setenv("USERMM_MAP_BUDGET", budget, 1);
@@ -130,7 +131,7 @@ TEST_CASE("restore keeps the kernel-mapping count exact on a fragmented heap") {
                 for (int round = 0; round < 3; ++round) {
                     arena.restore(snap);
                     check("after restore", round);
-                    for (std::size_t p = 0; p < pages; p += 97) (void)read_u64(heap + p * ps());
+                    for (std::size_t p = 0; p < pages; p += 997) (void)read_u64(heap + p * ps());
                     check("after reads", round);
                     for (int k = 0; k < 2000; ++k) write_u64(heap + (rng() % pages) * ps(), 3);
                     check("after writes", round);
@@ -142,4 +143,45 @@ TEST_CASE("restore keeps the kernel-mapping count exact on a fragmented heap") {
         CHECK(end.signal == 0);
         CHECK(end.exit_code == 0);
     }
+}
+
+TEST_CASE("restore of k pages: the pages it did not change keep their access") {
+    usermm::Arena arena(256ull << 20);
+    const std::size_t pages = 16384;
+    char* heap = static_cast<char*>(arena.map(pages * ps(), Prot::ReadWrite, {.name = "warm"}));
+    for (std::size_t p = 0; p < pages; ++p) write_u64(heap + p * ps(), p + 1);
+    usermm::Snapshot snap = arena.snapshot();
+    const std::size_t k = 10;
+    for (std::size_t j = 0; j < k; ++j) write_u64(heap + j * 1000 * ps(), 7);
+    arena.restore(snap);
+    const std::uint64_t faults_before = arena.stats().minor_faults;
+    for (std::size_t p = 0; p < pages; ++p) REQUIRE(read_u64(heap + p * ps()) == p + 1);
+    const std::uint64_t read_faults = arena.stats().minor_faults - faults_before;
+    CHECK(read_faults <= k * 16 + 16);
+    // Writes fault only where a snapshot needs the old content: every page is tracked again.
+    for (std::size_t p = 0; p < pages; ++p) write_u64(heap + p * ps(), p + 2);
+    CHECK(snap.stats().cow_faults == pages);
+    arena.restore(snap);
+    for (std::size_t p = 0; p < pages; ++p) REQUIRE(read_u64(heap + p * ps()) == p + 1);
+    arena.verify();
+}
+
+TEST_CASE("restore keeps the per-VMA counters, as the arena's") {
+    usermm::Arena arena(64ull << 20);
+    char* heap = static_cast<char*>(arena.map(1024 * ps(), Prot::ReadWrite, {.name = "heap"}));
+    for (std::size_t p = 0; p < 1024; p += 16) write_u64(heap + p * ps(), p + 1);
+    usermm::Snapshot snap = arena.snapshot();
+    for (std::size_t p = 0; p < 1024; p += 16) write_u64(heap + p * ps(), p + 2);
+    arena.protect(heap, 512 * ps(), Prot::Read);  // restore puts the one VMA back
+    auto faults = [&] {
+        std::uint64_t n = 0;
+        for (const usermm::VmaInfo& v : arena.vmas()) n += v.stats.minor_faults;
+        return n;
+    };
+    const std::uint64_t before = faults();
+    REQUIRE(before >= 64);
+    arena.restore(snap);
+    CHECK(arena.vmas().size() == 1);
+    CHECK(faults() == before);
+    CHECK(arena.stats().minor_faults == before);
 }

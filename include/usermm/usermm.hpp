@@ -265,7 +265,9 @@ public:
     Snapshot snapshot(void* addr, std::size_t length);
     // Makes the snapshot's range equal to the snapshot again (VMAs and content). Only pages changed
     // since the snapshot are written; threads touching the range meanwhile wait in the fault path
-    // and see either the old or the restored content of a page. The snapshot stays valid.
+    // and see either the old or the restored content of a page; the pages it does not change keep
+    // their access. The VMAs put back keep the counters of those they replace. The snapshot stays
+    // valid.
     void restore(const Snapshot& snapshot);
     // Pages of [addr, addr + length) written since the last collection; re-arms tracking, so the
     // next write to each of them is seen again (Boehm GC's dirty bits, the kernel's soft-dirty).
