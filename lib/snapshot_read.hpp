@@ -45,6 +45,17 @@ inline void read_locked_from_arena(const SnapshotCore& s, std::size_t first, std
     for (std::size_t k = 0; k < n; ++k) s.slot(first + k).store(kSlotInArena, std::memory_order_release);
 }
 
+// Whether `content` (zero: all zeros) is what snapshot `base` holds for `page`. The change records
+// of an increment list every page granted write access, also those never written since (their
+// neighbours' fault-around, prefault, a degraded fault); an increment from `base` skips them.
+inline bool same_as_snapshot(const SnapshotCore& base, std::size_t page, const std::byte* content, bool zero) {
+    switch (slot_content(settled_slot(base, page))) {
+        case kSlotInArena: return true;  // unchanged in the arena since `base`, so since then
+        case kSlotZero: return zero || all_zeros(content);
+        default: return !zero && std::memcmp(base.stored(page), content, g_page_size) == 0;
+    }
+}
+
 // Visits the snapshot's pages [first, last) in order with their content: fn(page, bytes, zero).
 // Pages still in the arena are read in batches of up to kReadBatch with their slots locked.
 // Asynchronous signals stay blocked throughout (fn included): a handler that wrote a page whose
