@@ -245,27 +245,39 @@ bool DirtySet::contains(const void* page_addr) const {
 
 // --- Arena ---------------------------------------------------------------------------------------
 
-Snapshot Arena::snapshot() { return snapshot(base(), size()); }
+// A file VMA's content is its file's (sync writes it there), not the arena's: a snapshot of the
+// whole arena takes the anonymous VMAs and skips file VMAs, so that one arena can hold both. An
+// explicit range is the caller's statement of what must be captured: one over a file VMA is refused.
+Snapshot Arena::snapshot() { return take_snapshot(base(), size(), true); }
 
-Snapshot Arena::snapshot(void* addr, std::size_t length) {
+Snapshot Arena::snapshot(void* addr, std::size_t length) { return take_snapshot(addr, length, false); }
+
+Snapshot Arena::take_snapshot(void* addr, std::size_t length, bool whole) {
     static constexpr const char* call = "usermm::Arena::snapshot";
     ArenaCore& a = *core_;
     const Range r = check_range(a, call, addr, length);
     std::shared_ptr<SnapshotCore> snap = new_snapshot_core(a, r);
+    snap->anonymous_only = whole;
     ChangeRecord record{0, snap->first, snap->last, std::vector<std::uint64_t>((snap->last - snap->first + 63) / 64)};
     a.history.reserve(a.history.size() + 1);
 
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
-    refuse_file_vmas(a, call, r);
+    if (!whole) refuse_file_vmas(a, call, r);
     if (a.snapshot_count == kMaxSnapshots)
         fail(EMFILE, "{}: the arena already has {} live snapshots (addr {:#x})", call, kMaxSnapshots, r.start);
     for (auto it = a.tree.upper_bound(r.start); it != a.tree.end() && it->start < r.end; ++it) {
+        if (it->file) {
+            for (std::size_t i = a.page_index(it->start); i < a.page_index(it->end); ++i)
+                snap->slot(i).store(kSlotZero, kRelaxed);
+            continue;
+        }
         SnapshotCore::VmaRecord v{std::max(it->start, r.start), std::min(it->end, r.end), it->prot,
                                   it->fault_around_pages, {}};
         std::memcpy(v.name, it->name, kVmaNameMax);
         snap->vmas.push_back(v);
     }
-    arm_write_tracking(a, call, r);
+    // The anonymous VMAs' pages (between VMAs nothing is writable).
+    for (const SnapshotCore::VmaRecord& v : snap->vmas) arm_write_tracking(a, call, {v.start, v.end});
     constexpr std::size_t kGroup = ArenaCore::kGroupPages;
     for (std::size_t i = snap->first; i < snap->last;) {
         const std::size_t group = i / kGroup, group_end = std::min(snap->last, (group + 1) * kGroup);
@@ -275,7 +287,7 @@ Snapshot Arena::snapshot(void* addr, std::size_t length) {
         }
         for (; i < group_end; ++i) {
             const pte_t v = a.pte[i].load(kRelaxed);
-            if (!(v & kPteDirtySnapshot)) continue;
+            if (!(v & kPteDirtySnapshot) || (v & kPteFile)) continue;
             record.bits[(i - snap->first) / 64] |= std::uint64_t(1) << ((i - snap->first) % 64);
             a.pte[i].store(v & ~kPteDirtySnapshot, kRelaxed);
         }
@@ -319,7 +331,16 @@ void Arena::restore(const Snapshot& snapshot) {
     auto upper_spare = std::make_unique<Vma>();
 
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
-    refuse_file_vmas(a, call, r);
+    if (!s.anonymous_only) refuse_file_vmas(a, call, r);
+    // A whole-arena snapshot leaves file VMAs alone: one where it holds anonymous memory is in the way.
+    for (auto it = a.tree.upper_bound(r.start); it != a.tree.end() && it->start < r.end; ++it) {
+        if (!it->file) continue;
+        const auto rec = std::partition_point(s.vmas.begin(), s.vmas.end(),
+                                              [&](const SnapshotCore::VmaRecord& v) { return v.end <= it->start; });
+        if (rec != s.vmas.end() && rec->start < it->end)
+            fail(EBUSY, "{}: file VMA '{}' [{:#x}, {:#x}) lies where snapshot {} holds VMA '{}' [{:#x}, {:#x})", call,
+                 it->name, it->start, it->end, s.sequence, rec->name, rec->start, rec->end);
+    }
     // What each page needs, decided before anything changes: copied pages are written back, pages
     // that were zero and hold data now are discarded. A page whose slot says zero but that holds
     // nothing (granted write access by fault-around, never written) has not changed. Restored
@@ -342,6 +363,7 @@ void Arena::restore(const Snapshot& snapshot) {
     };
     for (std::size_t i = s.first; i < s.last; ++i) {
         Put& p = put[i - s.first];
+        if (a.pte[i].load(kRelaxed) & kPteFile) continue;  // a whole-arena snapshot's file VMA
         const slot_t state = settled_slot(s, i);
         if (state == kSlotCopied) {
             p = WriteBack;
@@ -381,6 +403,10 @@ void Arena::restore(const Snapshot& snapshot) {
     split_at(a, r.end, upper_spare);
     auto heir = fresh.begin();
     for (auto it = a.tree.upper_bound(r.start); it != a.tree.end() && it->start < r.end;) {
+        if (it->file) {
+            ++it;
+            continue;
+        }
         while (std::next(heir) != fresh.end() && (*std::next(heir))->start < it->end) ++heir;
         if (heir != fresh.end() && (*heir)->start < it->end && (*heir)->end > it->start)
             (*heir)->stats.add(it->stats.load());

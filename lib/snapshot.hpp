@@ -52,6 +52,9 @@ struct SnapshotCore {
     std::size_t first = 0;       // arena page indices
     std::size_t last = 0;
     std::uint64_t sequence = 0;  // 1, 2, ... per arena, in the order snapshots were taken
+    // A whole-arena snapshot: the anonymous VMAs only. The pages of file VMAs are zero slots from the
+    // start, so nothing copies them, and restore() leaves file VMAs as they are.
+    bool anonymous_only = false;
     std::byte* store = nullptr;  // (last - first) pages, MAP_NORESERVE
     std::uint32_t* index = nullptr;  // per covered page: where in the store its copy is
     std::atomic<std::uint32_t> used{0};  // store pages handed out

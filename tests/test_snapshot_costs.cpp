@@ -20,6 +20,7 @@
 #include <usermm/usermm.hpp>
 
 #include "arena_ops.hpp"
+#include "file_test_util.hpp"
 #include "map_budget.hpp"
 #include "test_util.hpp"
 
@@ -247,4 +248,58 @@ TEST_CASE("past a small map budget, concurrent writers: snapshots copy and image
     INFO(end.err);
     CHECK(end.signal == 0);
     CHECK(end.exit_code == 0);
+}
+
+TEST_CASE("a whole-arena snapshot covers the anonymous VMAs and leaves file VMAs alone") {
+    const std::size_t file_pages = 32;
+    TempFile file(file_pages * ps());
+    usermm::Arena arena(64ull << 20);
+    char* heap = static_cast<char*>(arena.map(64 * ps(), Prot::ReadWrite, {.name = "heap"}));
+    auto* shared = static_cast<std::uint8_t*>(
+        arena.map_file(file.fd(), 0, file_pages * ps(), Prot::ReadWrite, usermm::Share::Shared, {.name = "file"}));
+    char* tail = static_cast<char*>(arena.map(64 * ps(), Prot::ReadWrite, {.name = "tail"}));
+    write_u64(heap, 1);
+    write_u64(tail + 5 * ps(), 2);
+    CHECK(read_byte(shared + 3 * ps()) == pattern_byte(3 * ps()));
+
+    // An explicit range over a file VMA is still refused.
+    CHECK_THROWS_AS(arena.snapshot(shared, ps()), usermm::Error);
+    usermm::Snapshot snap = arena.snapshot();
+    write_u64(heap, 10);
+    write_u64(tail + 5 * ps(), 20);
+    write_byte(shared + 7 * ps(), 0x5a);
+    std::size_t visited = 0;
+    snap.for_each_page([&](const void* addr, std::span<const std::byte>) {
+        ++visited;
+        CHECK((addr == heap || addr == tail + 5 * ps()));
+    });
+    CHECK(visited == 2);
+    CHECK(snap.stats().cow_faults == 2);  // the file page was not copied
+
+    // A file VMA mapped meanwhile is not part of it either.
+    auto* later = static_cast<std::uint8_t*>(arena.map_file(file.fd(), 0, ps(), Prot::Read, usermm::Share::Private));
+    CHECK(read_byte(later + 1) == pattern_byte(1));
+    std::uint8_t seen = 1;
+    snap.read(later + 1, &seen, 1);
+    CHECK(seen == 0);
+
+    arena.restore(snap);
+    CHECK(read_u64(heap) == 1);
+    CHECK(read_u64(tail + 5 * ps()) == 2);
+    CHECK(read_byte(shared + 7 * ps()) == 0x5a);  // the file VMAs are left as they are
+    CHECK(read_byte(later + 1) == pattern_byte(1));
+    CHECK(arena.vmas().size() == 4);
+    arena.sync(shared, file_pages * ps());
+    CHECK(file.content()[7 * ps()] == 0x5a);
+
+    // The image holds the anonymous pages and VMAs only.
+    const int fd = memfd_create("usermm-test-costs", MFD_CLOEXEC);
+    REQUIRE(fd >= 0);
+    snap.write_to(fd);
+    lseek(fd, 0, SEEK_SET);
+    const int fds[] = {fd};
+    usermm::Arena loaded = usermm::Arena::load(fds);
+    CHECK(loaded.vmas().size() == 2);
+    close(fd);
+    arena.verify();
 }

@@ -260,7 +260,9 @@ public:
     // VMAs must allow `access`. Memory is still committed by the kernel only when touched.
     void prefault(void* addr, std::size_t length, Prot access);
 
-    // A snapshot of the whole arena, or of [addr, addr + length).
+    // A snapshot of the whole arena's anonymous VMAs (file VMAs are skipped: their content is their
+    // file's; the snapshot reads zeros there, and restore() leaves them alone), or of
+    // [addr, addr + length), which must hold no file VMA (ENOTSUP).
     Snapshot snapshot();
     Snapshot snapshot(void* addr, std::size_t length);
     // Makes the snapshot's range equal to the snapshot again (VMAs and content). Only pages changed
@@ -285,6 +287,7 @@ public:
 private:
     friend struct detail::ArenaAccess;
     friend class Snapshot;
+    Snapshot take_snapshot(void* addr, std::size_t length, bool whole);
     void* map_file_as(int fd, const std::string& path, std::uint64_t offset, std::size_t length, Prot prot,
                       Share share, const MapOptions& options);
     std::unique_ptr<detail::ArenaCore> core_;
