@@ -258,7 +258,7 @@ Snapshot Arena::take_snapshot(void* addr, std::size_t length, bool whole) {
     const Range r = check_range(a, call, addr, length);
     std::shared_ptr<SnapshotCore> snap = new_snapshot_core(a, r);
     snap->anonymous_only = whole;
-    ChangeRecord record{0, snap->first, snap->last, std::vector<std::uint64_t>((snap->last - snap->first + 63) / 64)};
+    ChangeRecord record{0, snap->first, snap->last, {}};
     a.history.reserve(a.history.size() + 1);
 
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
@@ -288,7 +288,7 @@ Snapshot Arena::take_snapshot(void* addr, std::size_t length, bool whole) {
         for (; i < group_end; ++i) {
             const pte_t v = a.pte[i].load(kRelaxed);
             if (!(v & kPteDirtySnapshot) || (v & kPteFile)) continue;
-            record.bits[(i - snap->first) / 64] |= std::uint64_t(1) << ((i - snap->first) % 64);
+            record.mark(i);
             a.pte[i].store(v & ~kPteDirtySnapshot, kRelaxed);
         }
         // Armed and recorded: the group has nothing new until a page of it changes again. A group
@@ -345,57 +345,102 @@ void Arena::restore(const Snapshot& snapshot) {
     // that were zero and hold data now are discarded. A page whose slot says zero but that holds
     // nothing (granted write access by fault-around, never written) has not changed. Restored
     // pages hold the snapshot's content in the arena again, so their slots become "synced": a
-    // later restore copies only what changes after this one.
-    std::vector<unsigned char> resident(s.last - s.first);
-    if (const int err = page_resident(r.start, r.end - r.start, resident.data()))
-        fail(err, "{}: mincore of [{:#x}, {:#x}) failed", call, r.start, r.end);
-    auto holds_data = [&](std::size_t i) {
-        return (a.pte[i].load(kRelaxed) & kPtePopulated) && (resident[i - s.first] & 1);
+    // later restore copies only what changes after this one. Only groups of pages with a slot that
+    // left the arena, or where the VMAs now allow more than the snapshot's did, are looked at, and
+    // the decisions are kept as runs: the cost follows what changed, not the range's size.
+    enum Put : std::uint8_t { WriteBack, Discard, Untrack };
+    struct Run {
+        std::size_t first;
+        std::size_t last;
+        Put put;
     };
-    enum Put : std::uint8_t { Keep, WriteBack, Discard, Untrack };
-    std::vector<Put> put(s.last - s.first, Keep);
-    // The protection the restored VMAs allow each page (None outside them).
+    std::vector<Run> runs;
+    auto add = [&runs](std::size_t i, Put p) {
+        if (!runs.empty() && runs.back().last == i && runs.back().put == p)
+            ++runs.back().last;
+        else
+            runs.push_back({i, i + 1, p});
+    };
+    // Where the arena's VMAs now allow more than the snapshot's (or exist where it had none): pages
+    // there may have access the restored layout forbids.
+    std::vector<std::pair<std::size_t, std::size_t>> widened;
+    {
+        auto rec = s.vmas.begin();
+        for (auto it = a.tree.upper_bound(r.start); it != a.tree.end() && it->start < r.end; ++it) {
+            if (it->file) continue;
+            std::uintptr_t pos = std::max(it->start, r.start);
+            const std::uintptr_t end = std::min(it->end, r.end);
+            auto widen = [&](std::uintptr_t lo, std::uintptr_t hi) {
+                if (lo < hi) widened.push_back({a.page_index(lo), a.page_index(hi)});
+            };
+            while (rec != s.vmas.end() && rec->end <= pos) ++rec;
+            for (auto k = rec; pos < end && k != s.vmas.end() && k->start < end; ++k) {
+                widen(pos, k->start);
+                if ((normalize(it->prot) & ~normalize(k->prot)) != Prot::None) widen(std::max(pos, k->start), std::min(k->end, end));
+                pos = std::max(pos, k->end);
+            }
+            widen(pos, end);
+        }
+    }
     auto vma_rec = s.vmas.begin();
-    auto restored_prot = [&](std::size_t i) {
+    auto restored_prot = [&](std::size_t i) {  // ascending pages only
         const std::uintptr_t addr = a.page_addr(i);
         while (vma_rec != s.vmas.end() && vma_rec->end <= addr) ++vma_rec;
         return vma_rec != s.vmas.end() && vma_rec->start <= addr ? normalize(vma_rec->prot) : Prot::None;
     };
-    for (std::size_t i = s.first; i < s.last; ++i) {
-        Put& p = put[i - s.first];
-        if (a.pte[i].load(kRelaxed) & kPteFile) continue;  // a whole-arena snapshot's file VMA
-        const slot_t state = settled_slot(s, i);
-        if (state == kSlotCopied) {
-            p = WriteBack;
-        } else if (state == kSlotZero) {
-            // Written (or granted write) since: the page must be tracked again, whatever it holds.
-            p = holds_data(i) ? Discard : Untrack;
-            if (p == Untrack) s.slot(i).store(kSlotZeroSynced, kRelease);
+    constexpr std::size_t kGroup = ArenaCore::kGroupPages;
+    auto w = widened.begin();
+    for (std::size_t g = s.first; g < s.last;) {
+        const std::size_t next = std::min(s.last, (g / kGroup + 1) * kGroup);
+        bool left = false;
+        for (std::size_t i = g; i < next && !left; ++i) left = settled_slot(s, i) != kSlotInArena;
+        while (w != widened.end() && w->second <= g) ++w;
+        const bool widen = w != widened.end() && w->first < next;
+        if (!left && !widen) {
+            g = next;
+            continue;
         }
-        // A page the restored VMAs no longer allow what it has loses its access too.
-        if (p == Keep && (to_pte(restored_prot(i)) & pte_prot(a.pte[i].load(kRelaxed))) !=
-                             pte_prot(a.pte[i].load(kRelaxed)))
-            p = Untrack;
+        unsigned char resident[kGroup];
+        if (left)
+            if (const int err = page_resident(a.page_addr(g), (next - g) << g_page_shift, resident))
+                fail(err, "{}: mincore of [{:#x}, {:#x}) failed", call, a.page_addr(g), a.page_addr(next));
+        for (std::size_t i = g; i < next; ++i) {
+            const pte_t v = a.pte[i].load(kRelaxed);
+            if (v & kPteFile) continue;  // a whole-arena snapshot's file VMA
+            const slot_t state = left ? settled_slot(s, i) : kSlotInArena;
+            if (state == kSlotCopied) {
+                add(i, WriteBack);
+            } else if (state == kSlotZero) {
+                // Written (or granted write) since: the page must be tracked again, whatever it holds.
+                const bool holds_data = (v & kPtePopulated) && (resident[i - g] & 1);
+                add(i, holds_data ? Discard : Untrack);
+                if (!holds_data) s.slot(i).store(kSlotZeroSynced, kRelease);
+            } else if (widen && (to_pte(restored_prot(i)) & pte_prot(v)) != pte_prot(v)) {
+                add(i, Untrack);  // it has access the restored VMAs do not allow
+            }
+        }
+        g = next;
     }
     // Pages restore changes fault from now on, and only they: threads that touch one wait for the
     // restore and then see the restored content; the others keep the access they had. Userfaultfd
     // marks would make the write-back fail; the pages need none once they are PROT_NONE, since any
     // write now faults into usermm first.
-    auto changes = [&](std::size_t i) { return put[i - s.first] == Keep ? kNoRun : 1; };
-    for_each_run(s.first, s.last, changes, [&](std::size_t i, std::size_t j, int) {
-        const Range run{a.page_addr(i), a.page_addr(j)};
-        change_pages(a, call, run, [](Prot) { return Prot::None; });
+    for (const Run& run : runs) {
+        const Range part{a.page_addr(run.first), a.page_addr(run.last)};
+        change_pages(a, call, part, [](Prot) { return Prot::None; });
         if (tracking_engine() == TrackingEngine::Uffd)
-            if (const int err = uffd_write_protect(run.start, run.end - run.start, false))
-                fail(err, "{}: cannot clear write-protection of [{:#x}, {:#x})", call, run.start, run.end);
-        for (std::size_t k = i; k < j; ++k) a.pte[k].fetch_and(pte_t(~kPteWriteTracked), kRelaxed);
-    });
+            if (const int err = uffd_write_protect(part.start, part.end - part.start, false))
+                fail(err, "{}: cannot clear write-protection of [{:#x}, {:#x})", call, part.start, part.end);
+        for (std::size_t k = run.first; k < run.last; ++k) a.pte[k].fetch_and(pte_t(~kPteWriteTracked), kRelaxed);
+    }
     // Other snapshots keep what they still read from the pages about to change.
-    for (std::size_t i = s.first; i < s.last; ++i) {
-        if (put[i - s.first] != WriteBack && put[i - s.first] != Discard) continue;
-        std::uint32_t copies = 0;
-        if (const int err = preserve_for_snapshots(a, i, a.pte[i].load(kRelaxed), &copies))
-            fail(err, "{}: cannot save page {:#x} for another snapshot", call, a.page_addr(i));
+    for (const Run& run : runs) {
+        if (run.put == Untrack) continue;
+        for (std::size_t i = run.first; i < run.last; ++i) {
+            std::uint32_t copies = 0;
+            if (const int err = preserve_for_snapshots(a, i, a.pte[i].load(kRelaxed), &copies))
+                fail(err, "{}: cannot save page {:#x} for another snapshot", call, a.page_addr(i));
+        }
     }
     // The VMAs as they were. Each VMA replaced hands its counters to the last restored VMA it
     // overlaps, as a split leaves them with the upper part.
@@ -420,15 +465,12 @@ void Arena::restore(const Snapshot& snapshot) {
     // The content as it was.
     std::uint64_t restored = 0;
     std::vector<const std::byte*> copies;
-    auto key = [&](std::size_t i) {
-        const Put p = put[i - s.first];
-        return p == WriteBack || p == Discard ? int(p) : kNoRun;
-    };
-    for_each_run(s.first, s.last, key, [&](std::size_t i, std::size_t j, int how) {
-        const Put p = Put(how);
+    for (const Run& run : runs) {
+        if (run.put == Untrack) continue;
+        const std::size_t i = run.first, j = run.last;
         const std::uintptr_t at = a.page_addr(i);
         const std::size_t len = (j - i) << g_page_shift;
-        if (p == WriteBack) {
+        if (run.put == WriteBack) {
             copies.clear();
             for (std::size_t k = i; k < j; ++k) copies.push_back(s.stored(k));
             if (const int err = page_write_raw_pages(at, copies.data(), copies.size()))
@@ -439,14 +481,14 @@ void Arena::restore(const Snapshot& snapshot) {
         }
         for (std::size_t k = i; k < j; ++k) {
             const pte_t v = a.pte[k].load(kRelaxed);
-            a.pte[k].store(p == WriteBack ? pte_t(v | kPtePopulated | kPteDirty)
-                                          : pte_t((v & ~kPtePopulated) | kPteDirtySnapshot),
+            a.pte[k].store(run.put == WriteBack ? pte_t(v | kPtePopulated | kPteDirty)
+                                                : pte_t((v & ~kPtePopulated) | kPteDirtySnapshot),
                            kRelaxed);
             a.note_changed(k);
-            s.slot(k).store(p == WriteBack ? kSlotCopiedSynced : kSlotZeroSynced, kRelease);
+            s.slot(k).store(run.put == WriteBack ? kSlotCopiedSynced : kSlotZeroSynced, kRelease);
         }
         restored += j - i;
-    });
+    }
     s.stats.pages_restored.fetch_add(restored, kRelaxed);
     a.stats.pages_restored.fetch_add(restored, kRelaxed);
     process_counters().pages_restored.fetch_add(restored, kRelaxed);

@@ -42,7 +42,7 @@ inline constexpr slot_t slot_content(slot_t v) {
 }
 inline constexpr slot_t kSlotBusy = 0x80;
 
-inline constexpr std::size_t kStoreChunk = 64;  // store pages populated at once
+inline constexpr std::size_t kStoreChunk = 64;  // store pages populated at once, at most
 
 struct SnapshotCore {
     ArenaCore* arena = nullptr;  // nullptr once the arena is gone (every slot then holds its content)

@@ -60,8 +60,11 @@ int preserve_for_snapshots(ArenaCore& arena, std::size_t page, pte_t pte, std::u
             return ENOSPC;
         }
         std::byte* dst = snap.store + (std::size_t(at) << g_page_shift);
-        if (at % kStoreChunk == 0) {
-            const std::size_t n = std::min<std::size_t>(kStoreChunk, snap.last - snap.first - at);
+        // The store is populated ahead of the copies in steps that double up to kStoreChunk (at 0, 1,
+        // 2, 4, ..., then every kStoreChunk), so that a snapshot given few copies commits few pages.
+        if (at < kStoreChunk ? (at & (at - 1)) == 0 : at % kStoreChunk == 0) {
+            const std::size_t step = at < kStoreChunk ? std::max<std::size_t>(at, 1) : kStoreChunk;
+            const std::size_t n = std::min<std::size_t>(step, snap.last - snap.first - at);
             page_populate(reinterpret_cast<std::uintptr_t>(dst), n << g_page_shift);  // a miss only costs faults
         }
         if (const int err = copy_page(addr, pte, dst)) {
