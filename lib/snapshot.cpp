@@ -499,33 +499,47 @@ DirtySet Arena::collect_dirty(void* addr, std::size_t length) {
     ArenaCore& a = *core_;
     const Range r = check_range(a, call, addr, length);
     const std::size_t first = a.page_index(r.start), last = a.page_index(r.end);
-    std::vector<unsigned char> resident(last - first);
     DirtySet out;
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
     refuse_file_vmas(a, call, r);
     // Write access granted since the last collection marks a page; it was written if the kernel
     // holds it (fault-around grants write to neighbours that may never be touched). Discarded
-    // pages changed too, though nothing wrote them.
-    if (const int err = page_resident(r.start, r.end - r.start, resident.data()))
-        fail(err, "{}: mincore of [{:#x}, {:#x}) failed", call, r.start, r.end);
-    std::vector<bool> dirty(last - first);
-    for (std::size_t i = first; i < last; ++i) {
-        const pte_t v = a.pte[i].load(kRelaxed);
-        if (!(v & kPteDirtyCollect)) continue;
-        dirty[i - first] = (v & kPtePopulated) && (resident[i - first] & 1);
-        a.pte[i].store(v & ~kPteDirtyCollect, kRelaxed);
+    // pages changed too, though nothing wrote them. Residency is asked only for groups of pages
+    // with a mark, and the answer holds only the pages found: its cost follows what was written.
+    constexpr std::size_t kGroup = ArenaCore::kGroupPages;
+    std::vector<std::size_t> dirty;
+    for (std::size_t g = first; g < last;) {
+        const std::size_t next = std::min(last, (g / kGroup + 1) * kGroup);
+        std::size_t k = g;
+        while (k < next && !(a.pte[k].load(kRelaxed) & kPteDirtyCollect)) ++k;
+        if (k == next) {
+            g = next;
+            continue;
+        }
+        unsigned char resident[kGroup];
+        if (const int err = page_resident(a.page_addr(g), (next - g) << g_page_shift, resident))
+            fail(err, "{}: mincore of [{:#x}, {:#x}) failed", call, a.page_addr(g), a.page_addr(next));
+        for (std::size_t i = k; i < next; ++i) {
+            const pte_t v = a.pte[i].load(kRelaxed);
+            if (!(v & kPteDirtyCollect)) continue;
+            if ((v & kPtePopulated) && (resident[i - g] & 1)) dirty.push_back(i);
+            a.pte[i].store(v & ~kPteDirtyCollect, kRelaxed);
+        }
+        g = next;
     }
     std::vector<std::pair<std::size_t, std::size_t>> kept;
     for (const auto& [lo, hi] : a.discarded) {
-        for (std::size_t i = std::max(lo, first); i < std::min(hi, last); ++i) dirty[i - first] = true;
+        for (std::size_t i = std::max(lo, first); i < std::min(hi, last); ++i) dirty.push_back(i);
         if (lo < first) kept.push_back({lo, std::min(hi, first)});
         if (hi > last) kept.push_back({std::max(lo, last), hi});
     }
+    std::sort(dirty.begin(), dirty.end());
+    dirty.erase(std::unique(dirty.begin(), dirty.end()), dirty.end());
     a.discarded = std::move(kept);
     a.collect_armed = true;
     arm_write_tracking(a, call, r);
-    for (std::size_t i = first; i < last; ++i)
-        if (dirty[i - first]) out.pages.push_back(ptr_of(a.page_addr(i)));
+    out.pages.reserve(dirty.size());
+    for (std::size_t i : dirty) out.pages.push_back(ptr_of(a.page_addr(i)));
     a.stats.dirty_pages_collected.fetch_add(out.pages.size(), kRelaxed);
     process_counters().dirty_pages_collected.fetch_add(out.pages.size(), kRelaxed);
     return out;

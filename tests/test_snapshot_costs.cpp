@@ -342,3 +342,42 @@ TEST_CASE("a 64 GiB arena with one page written: snapshots and restore cost what
     usermm::Snapshot last = arena.snapshot();
     CHECK(image_bytes(last, &snaps.back()) < 2 * ps());
 }
+
+namespace {
+// The peak resident set since the last reset_peak_rss() (VmHWM).
+std::size_t peak_rss() {
+    FILE* f = std::fopen("/proc/self/status", "r");
+    REQUIRE(f);
+    char line[256];
+    std::size_t kib = 0;
+    while (std::fgets(line, sizeof line, f))
+        if (std::sscanf(line, "VmHWM: %zu kB", &kib) == 1) break;
+    std::fclose(f);
+    return kib << 10;
+}
+void reset_peak_rss() {
+    FILE* f = std::fopen("/proc/self/clear_refs", "w");
+    REQUIRE(f);
+    std::fputs("5", f);
+    std::fclose(f);
+}
+}  // namespace
+
+TEST_CASE("collect_dirty on a 64 GiB arena with two pages written needs no per-page buffers") {
+    usermm::Arena arena(64ull << 30);
+    char* heap = static_cast<char*>(arena.map(arena.size(), Prot::ReadWrite, {.name = "huge"}));
+    (void)arena.collect_dirty(heap, arena.size());
+    write_u64(heap + (7ull << 30), 1);
+    arena.advise(heap + (9ull << 30), ps(), usermm::Advice::DontNeed);
+    write_u64(heap + (11ull << 30), 1);
+    arena.advise(heap + (11ull << 30), ps(), usermm::Advice::DontNeed);  // written, then discarded
+    reset_peak_rss();
+    const std::size_t before = resident_bytes();
+    const usermm::DirtySet dirty = arena.collect_dirty(heap, arena.size());
+    const std::size_t peak = peak_rss();
+    MESSAGE("collect_dirty: peak +" << (peak - before) / 1024 << " KiB");
+    CHECK(peak < before + (4ull << 20));  // a per-page byte would be 16 MiB
+    REQUIRE(dirty.size() == 2);
+    CHECK(dirty.pages[0] == heap + (7ull << 30));
+    CHECK(dirty.pages[1] == heap + (11ull << 30));
+}
