@@ -452,7 +452,7 @@ void Arena::restore(const Snapshot& snapshot) {
             ++it;
             continue;
         }
-        while (std::next(heir) != fresh.end() && (*std::next(heir))->start < it->end) ++heir;
+        while (heir != fresh.end() && std::next(heir) != fresh.end() && (*std::next(heir))->start < it->end) ++heir;
         if (heir != fresh.end() && (*heir)->start < it->end && (*heir)->end > it->start)
             (*heir)->stats.add(it->stats.load());
         Vma* dead = &*it;
