@@ -195,6 +195,14 @@ TEST_CASE("restore keeps the per-VMA counters, as the arena's") {
     CHECK(arena.vmas().size() == 1);
     CHECK(faults() == before);
     CHECK(arena.stats().minor_faults == before);
+
+    // A snapshot of a range that held no VMA: restore unmaps what was mapped there since.
+    usermm::Arena empty(16ull << 20);
+    usermm::Snapshot none = empty.snapshot();
+    write_u64(empty.map(4 * ps(), Prot::ReadWrite), 1);
+    empty.restore(none);
+    CHECK(empty.vmas().empty());
+    empty.verify();
 }
 
 TEST_CASE("past a small map budget, concurrent writers: snapshots copy and image only pages written") {
