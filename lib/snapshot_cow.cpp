@@ -23,13 +23,12 @@ int copy_page(std::uintptr_t addr, pte_t pte, std::byte* dst) {
 }
 
 // A page that holds no data: never written since it was granted write access (fault-around,
-// prefault, a degraded fault grant whole windows), so the kernel holds nothing for it, or only
-// read, so it maps the kernel's zero page. Such a page is recorded as zero: copying it would cost
-// a store page and put a page of zeros into every image. A page that cannot be read directly is
-// checked after its copy (see preserve_for_snapshots).
+// prefault, a degraded fault grant whole windows), or only read, so that it maps the kernel's zero
+// page. Such a page is recorded as zero: copying it would cost a store page and put a page of zeros
+// into every image. Its content says so; residency (mincore) would not: a page swapped out reads
+// as not resident, and would be lost. A page that cannot be read directly is checked after its
+// copy (see preserve_for_snapshots).
 bool holds_no_data(std::uintptr_t addr, pte_t pte) {
-    unsigned char resident = 0;
-    if (page_resident(addr, g_page_size, &resident) == 0 && !(resident & 1)) return true;
     return allows(pte_to_prot(pte), Prot::Read) && all_zeros(reinterpret_cast<const std::byte*>(addr));
 }
 
