@@ -13,6 +13,7 @@
 #include "arena_ops.hpp"
 #include "file_vma.hpp"
 #include "find_vma.hpp"
+#include "map_budget.hpp"
 #include "snapshot_read.hpp"
 
 namespace usermm {
@@ -355,12 +356,13 @@ void Arena::restore(const Snapshot& snapshot) {
         Put put;
     };
     std::vector<Run> runs;
-    auto add = [&runs](std::size_t i, Put p) {
-        if (!runs.empty() && runs.back().last == i && runs.back().put == p)
-            ++runs.back().last;
+    auto add_to = [](std::vector<Run>& to, std::size_t i, Put p) {
+        if (!to.empty() && to.back().last == i && to.back().put == p)
+            ++to.back().last;
         else
-            runs.push_back({i, i + 1, p});
+            to.push_back({i, i + 1, p});
     };
+    auto add = [&](std::size_t i, Put p) { add_to(runs, i, p); };
     // Where the arena's VMAs now allow more than the snapshot's (or exist where it had none): pages
     // there may have access the restored layout forbids.
     std::vector<std::pair<std::size_t, std::size_t>> widened;
@@ -421,17 +423,35 @@ void Arena::restore(const Snapshot& snapshot) {
         }
         g = next;
     }
+    // Each run made PROT_NONE inside accessible memory costs up to two kernel mappings. Where that
+    // would overrun the map budget, every anonymous page of the range is reset instead, which
+    // merges mappings: the pages restore did not change then fault once more, as past the budget a
+    // fault grants whole runs.
+    if (map_budget_used() + 2 * long(runs.size()) > map_budget_limit()) {
+        std::vector<Run> whole;
+        auto decided = runs.cbegin();
+        for (std::size_t i = s.first; i < s.last; ++i) {
+            if (a.pte[i].load(kRelaxed) & kPteFile) continue;
+            while (decided != runs.cend() && decided->last <= i) ++decided;
+            add_to(whole, i, decided != runs.cend() && decided->first <= i ? decided->put : Untrack);
+        }
+        runs = std::move(whole);
+    }
     // Pages restore changes fault from now on, and only they: threads that touch one wait for the
     // restore and then see the restored content; the others keep the access they had. Userfaultfd
     // marks would make the write-back fail; the pages need none once they are PROT_NONE, since any
-    // write now faults into usermm first.
-    for (const Run& run : runs) {
-        const Range part{a.page_addr(run.first), a.page_addr(run.last)};
+    // write now faults into usermm first. Neighbouring runs change in one call.
+    for (std::size_t k = 0; k < runs.size();) {
+        std::size_t m = k + 1;
+        while (m < runs.size() && runs[m].first == runs[m - 1].last) ++m;
+        const Range part{a.page_addr(runs[k].first), a.page_addr(runs[m - 1].last)};
         change_pages(a, call, part, [](Prot) { return Prot::None; });
         if (tracking_engine() == TrackingEngine::Uffd)
             if (const int err = uffd_write_protect(part.start, part.end - part.start, false))
                 fail(err, "{}: cannot clear write-protection of [{:#x}, {:#x})", call, part.start, part.end);
-        for (std::size_t k = run.first; k < run.last; ++k) a.pte[k].fetch_and(pte_t(~kPteWriteTracked), kRelaxed);
+        for (std::size_t i = runs[k].first; i < runs[m - 1].last; ++i)
+            a.pte[i].fetch_and(pte_t(~kPteWriteTracked), kRelaxed);
+        k = m;
     }
     // Other snapshots keep what they still read from the pages about to change.
     for (const Run& run : runs) {

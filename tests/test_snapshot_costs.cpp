@@ -156,6 +156,34 @@ TEST_CASE("restore keeps the kernel-mapping count exact on a fragmented heap") {
     }
 }
 
+TEST_CASE("restore of many scattered pages of a dense heap stays within the map budget") {
+    // Each restored page becomes PROT_NONE inside a writable mapping, two kernel mappings more:
+    // past the budget, restore resets the whole range instead, as it did before it kept access.
+    const ChildEnd end = run_in_child(
+        [] {
+            limit_map_budget(1000);
+            usermm::Arena arena(1ull << 30);
+            const std::size_t pages = 65536;
+            char* heap = static_cast<char*>(arena.map(pages * ps(), Prot::ReadWrite, {.name = "dense"}));
+            for (std::size_t p = 0; p < pages; ++p) write_u64(heap + p * ps(), p + 1);
+            usermm::Snapshot snap = arena.snapshot();
+            std::mt19937_64 rng(3);
+            for (int k = 0; k < 5000; ++k) write_u64(heap + (rng() % pages) * ps(), 0);
+            arena.restore(snap);
+            const long kernel = mappings_within(arena.base(), arena.size()) + 2;
+            std::fprintf(stderr, "after restore: usermm counts %ld, the kernel has %ld\n", counted_maps(arena), kernel);
+            if (counted_maps(arena) != kernel) std::_Exit(4);
+            if (kernel > 1000) std::_Exit(5);
+            for (std::size_t p = 0; p < pages; ++p)
+                if (read_u64(heap + p * ps()) != p + 1) std::_Exit(6);
+            arena.verify();
+        },
+        60);
+    INFO(end.err);
+    CHECK(end.signal == 0);
+    CHECK(end.exit_code == 0);
+}
+
 TEST_CASE("restore of k pages: the pages it did not change keep their access") {
     usermm::Arena arena(256ull << 20);
     const std::size_t pages = 16384;
