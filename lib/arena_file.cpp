@@ -502,9 +502,10 @@ void* Arena::map_file_as(int fd, const std::string& path, std::uint64_t offset, 
     const std::uintptr_t start = place_vma(a, call, want, len, length);
     const std::size_t first = a.page_index(start), last = a.page_index(start + len);
     for (std::size_t k = 0; k < a.snapshot_count; ++k)
-        if (a.snapshots[k]->first < last && a.snapshots[k]->last > first)
+        if (!a.snapshots[k]->anonymous_only && a.snapshots[k]->first < last && a.snapshots[k]->last > first)
             fail(EBUSY, "{}: range [{:#x}, {:#x}) is inside live snapshot {}; snapshots cover anonymous memory only",
                  call, start, start + len, a.snapshots[k]->sequence);
+    preserve_range(a, call, {start, start + len});  // whole-arena snapshots read zeros there
     if (const int err = page_map_file_fixed(start, len, cache.memfd, offset, share == Share::Shared)) {
         // Whatever the kernel left there becomes reservation again, a piece of its own.
         const int again = page_reserve_fixed(start, len);

@@ -529,6 +529,7 @@ void Snapshot::write_to(int fd, const Snapshot& previous) const {
         std::size_t end = page + 1;
         while (end < s.last && changed[end - s.first]) ++end;
         visit_snapshot_pages(s, page, end, [&](std::size_t at, const std::byte* content, bool zero) {
+            if (same_as_snapshot(p, at, content, zero)) return;
             write_page(out, at, content, zero);
             ++records;
             data_pages += !zero;

@@ -13,6 +13,7 @@
 #include "arena_ops.hpp"
 #include "file_vma.hpp"
 #include "find_vma.hpp"
+#include "map_budget.hpp"
 #include "snapshot_read.hpp"
 
 namespace usermm {
@@ -251,27 +252,39 @@ bool DirtySet::contains(const void* page_addr) const {
 
 // --- Arena ---------------------------------------------------------------------------------------
 
-Snapshot Arena::snapshot() { return snapshot(base(), size()); }
+// A file VMA's content is its file's (sync writes it there), not the arena's: a snapshot of the
+// whole arena takes the anonymous VMAs and skips file VMAs, so that one arena can hold both. An
+// explicit range is the caller's statement of what must be captured: one over a file VMA is refused.
+Snapshot Arena::snapshot() { return take_snapshot(base(), size(), true); }
 
-Snapshot Arena::snapshot(void* addr, std::size_t length) {
+Snapshot Arena::snapshot(void* addr, std::size_t length) { return take_snapshot(addr, length, false); }
+
+Snapshot Arena::take_snapshot(void* addr, std::size_t length, bool whole) {
     static constexpr const char* call = "usermm::Arena::snapshot";
     ArenaCore& a = *core_;
     const Range r = check_range(a, call, addr, length);
     std::shared_ptr<SnapshotCore> snap = new_snapshot_core(a, r);
-    ChangeRecord record{0, snap->first, snap->last, std::vector<std::uint64_t>((snap->last - snap->first + 63) / 64)};
+    snap->anonymous_only = whole;
+    ChangeRecord record{0, snap->first, snap->last, {}};
     a.history.reserve(a.history.size() + 1);
 
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
-    refuse_file_vmas(a, call, r);
+    if (!whole) refuse_file_vmas(a, call, r);
     if (a.snapshot_count == kMaxSnapshots)
         fail(EMFILE, "{}: the arena already has {} live snapshots (addr {:#x})", call, kMaxSnapshots, r.start);
     for (auto it = a.tree.upper_bound(r.start); it != a.tree.end() && it->start < r.end; ++it) {
+        if (it->file) {
+            for (std::size_t i = a.page_index(it->start); i < a.page_index(it->end); ++i)
+                snap->slot(i).store(kSlotZero, kRelaxed);
+            continue;
+        }
         SnapshotCore::VmaRecord v{std::max(it->start, r.start), std::min(it->end, r.end), it->prot,
                                   it->fault_around_pages, {}};
         std::memcpy(v.name, it->name, kVmaNameMax);
         snap->vmas.push_back(v);
     }
-    arm_write_tracking(a, call, r);
+    // The anonymous VMAs' pages (between VMAs nothing is writable).
+    for (const SnapshotCore::VmaRecord& v : snap->vmas) arm_write_tracking(a, call, {v.start, v.end});
     constexpr std::size_t kGroup = ArenaCore::kGroupPages;
     for (std::size_t i = snap->first; i < snap->last;) {
         const std::size_t group = i / kGroup, group_end = std::min(snap->last, (group + 1) * kGroup);
@@ -281,8 +294,8 @@ Snapshot Arena::snapshot(void* addr, std::size_t length) {
         }
         for (; i < group_end; ++i) {
             const pte_t v = a.pte[i].load(kRelaxed);
-            if (!(v & kPteDirtySnapshot)) continue;
-            record.bits[(i - snap->first) / 64] |= std::uint64_t(1) << ((i - snap->first) % 64);
+            if (!(v & kPteDirtySnapshot) || (v & kPteFile)) continue;
+            record.mark(i);
             a.pte[i].store(v & ~kPteDirtySnapshot, kRelaxed);
         }
         // Armed and recorded: the group has nothing new until a page of it changes again. A group
@@ -325,27 +338,149 @@ void Arena::restore(const Snapshot& snapshot) {
     auto upper_spare = std::make_unique<Vma>();
 
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
-    refuse_file_vmas(a, call, r);
-    // Every page of the range faults from now on: threads that touch it wait for the restore and
-    // then see the restored content. Userfaultfd marks would make the write-back fail; the pages
-    // need none once they are PROT_NONE, since any write now faults into usermm first.
-    change_pages(a, call, r, [](Prot) { return Prot::None; });
-    if (tracking_engine() == TrackingEngine::Uffd)
-        if (const int err = uffd_write_protect(r.start, r.end - r.start, false))
-            fail(err, "{}: cannot clear write-protection of [{:#x}, {:#x})", call, r.start, r.end);
-    for (std::size_t i = s.first; i < s.last; ++i) a.pte[i].fetch_and(pte_t(~kPteWriteTracked), kRelaxed);
-    // Other snapshots keep what they still read from the pages about to change.
-    for (std::size_t i = s.first; i < s.last; ++i) {
-        const slot_t state = settled_slot(s, i);
-        if (state == kSlotInArena || state == kSlotCopiedSynced || state == kSlotZeroSynced) continue;
-        std::uint32_t copies = 0;
-        if (const int err = preserve_for_snapshots(a, i, a.pte[i].load(kRelaxed), &copies))
-            fail(err, "{}: cannot save page {:#x} for another snapshot", call, a.page_addr(i));
+    if (!s.anonymous_only) refuse_file_vmas(a, call, r);
+    // A whole-arena snapshot leaves file VMAs alone: one where it holds anonymous memory is in the way.
+    for (auto it = a.tree.upper_bound(r.start); it != a.tree.end() && it->start < r.end; ++it) {
+        if (!it->file) continue;
+        const auto rec = std::partition_point(s.vmas.begin(), s.vmas.end(),
+                                              [&](const SnapshotCore::VmaRecord& v) { return v.end <= it->start; });
+        if (rec != s.vmas.end() && rec->start < it->end)
+            fail(EBUSY, "{}: file VMA '{}' [{:#x}, {:#x}) lies where snapshot {} holds VMA '{}' [{:#x}, {:#x})", call,
+                 it->name, it->start, it->end, s.sequence, rec->name, rec->start, rec->end);
     }
-    // The VMAs as they were.
+    // What each page needs, decided before anything changes: copied pages are written back, pages
+    // that were zero and hold data now are discarded. A page whose slot says zero but that holds
+    // nothing (granted write access by fault-around, never written) has not changed. Restored
+    // pages hold the snapshot's content in the arena again, so their slots become "synced": a
+    // later restore copies only what changes after this one. Only groups of pages with a slot that
+    // left the arena, or where the VMAs now allow more than the snapshot's did, are looked at, and
+    // the decisions are kept as runs: the cost follows what changed, not the range's size.
+    enum Put : std::uint8_t { WriteBack, Discard, Untrack };
+    struct Run {
+        std::size_t first;
+        std::size_t last;
+        Put put;
+    };
+    std::vector<Run> runs;
+    auto add_to = [](std::vector<Run>& to, std::size_t i, Put p) {
+        if (!to.empty() && to.back().last == i && to.back().put == p)
+            ++to.back().last;
+        else
+            to.push_back({i, i + 1, p});
+    };
+    auto add = [&](std::size_t i, Put p) { add_to(runs, i, p); };
+    // Where the arena's VMAs now allow more than the snapshot's (or exist where it had none): pages
+    // there may have access the restored layout forbids.
+    std::vector<std::pair<std::size_t, std::size_t>> widened;
+    {
+        auto rec = s.vmas.begin();
+        for (auto it = a.tree.upper_bound(r.start); it != a.tree.end() && it->start < r.end; ++it) {
+            if (it->file) continue;
+            std::uintptr_t pos = std::max(it->start, r.start);
+            const std::uintptr_t end = std::min(it->end, r.end);
+            auto widen = [&](std::uintptr_t lo, std::uintptr_t hi) {
+                if (lo < hi) widened.push_back({a.page_index(lo), a.page_index(hi)});
+            };
+            while (rec != s.vmas.end() && rec->end <= pos) ++rec;
+            for (auto k = rec; pos < end && k != s.vmas.end() && k->start < end; ++k) {
+                widen(pos, k->start);
+                if ((normalize(it->prot) & ~normalize(k->prot)) != Prot::None) widen(std::max(pos, k->start), std::min(k->end, end));
+                pos = std::max(pos, k->end);
+            }
+            widen(pos, end);
+        }
+    }
+    auto vma_rec = s.vmas.begin();
+    auto restored_prot = [&](std::size_t i) {  // ascending pages only
+        const std::uintptr_t addr = a.page_addr(i);
+        while (vma_rec != s.vmas.end() && vma_rec->end <= addr) ++vma_rec;
+        return vma_rec != s.vmas.end() && vma_rec->start <= addr ? normalize(vma_rec->prot) : Prot::None;
+    };
+    constexpr std::size_t kGroup = ArenaCore::kGroupPages;
+    auto w = widened.begin();
+    for (std::size_t g = s.first; g < s.last;) {
+        const std::size_t next = std::min(s.last, (g / kGroup + 1) * kGroup);
+        bool left = false;
+        for (std::size_t i = g; i < next && !left; ++i) left = settled_slot(s, i) != kSlotInArena;
+        while (w != widened.end() && w->second <= g) ++w;
+        const bool widen = w != widened.end() && w->first < next;
+        if (!left && !widen) {
+            g = next;
+            continue;
+        }
+        unsigned char resident[kGroup];
+        if (left)
+            if (const int err = page_resident(a.page_addr(g), (next - g) << g_page_shift, resident))
+                fail(err, "{}: mincore of [{:#x}, {:#x}) failed", call, a.page_addr(g), a.page_addr(next));
+        for (std::size_t i = g; i < next; ++i) {
+            const pte_t v = a.pte[i].load(kRelaxed);
+            if (v & kPteFile) continue;  // a whole-arena snapshot's file VMA
+            const slot_t state = left ? settled_slot(s, i) : kSlotInArena;
+            if (state == kSlotCopied) {
+                add(i, WriteBack);
+            } else if (state == kSlotZero) {
+                // Written (or granted write) since: the page must be tracked again, whatever it holds.
+                const bool holds_data = (v & kPtePopulated) && (resident[i - g] & 1);
+                add(i, holds_data ? Discard : Untrack);
+                if (!holds_data) s.slot(i).store(kSlotZeroSynced, kRelease);
+            } else if (widen && (to_pte(restored_prot(i)) & pte_prot(v)) != pte_prot(v)) {
+                add(i, Untrack);  // it has access the restored VMAs do not allow
+            }
+        }
+        g = next;
+    }
+    // Each run made PROT_NONE inside accessible memory costs up to two kernel mappings. Where that
+    // would overrun the map budget, every anonymous page of the range is reset instead, which
+    // merges mappings: the pages restore did not change then fault once more, as past the budget a
+    // fault grants whole runs.
+    if (map_budget_used() + 2 * long(runs.size()) > map_budget_limit()) {
+        std::vector<Run> whole;
+        auto decided = runs.cbegin();
+        for (std::size_t i = s.first; i < s.last; ++i) {
+            if (a.pte[i].load(kRelaxed) & kPteFile) continue;
+            while (decided != runs.cend() && decided->last <= i) ++decided;
+            add_to(whole, i, decided != runs.cend() && decided->first <= i ? decided->put : Untrack);
+        }
+        runs = std::move(whole);
+    }
+    // Pages restore changes fault from now on, and only they: threads that touch one wait for the
+    // restore and then see the restored content; the others keep the access they had. Userfaultfd
+    // marks would make the write-back fail; the pages need none once they are PROT_NONE, since any
+    // write now faults into usermm first. Neighbouring runs change in one call.
+    for (std::size_t k = 0; k < runs.size();) {
+        std::size_t m = k + 1;
+        while (m < runs.size() && runs[m].first == runs[m - 1].last) ++m;
+        const Range part{a.page_addr(runs[k].first), a.page_addr(runs[m - 1].last)};
+        change_pages(a, call, part, [](Prot) { return Prot::None; });
+        if (tracking_engine() == TrackingEngine::Uffd)
+            if (const int err = uffd_write_protect(part.start, part.end - part.start, false))
+                fail(err, "{}: cannot clear write-protection of [{:#x}, {:#x})", call, part.start, part.end);
+        for (std::size_t i = runs[k].first; i < runs[m - 1].last; ++i)
+            a.pte[i].fetch_and(pte_t(~kPteWriteTracked), kRelaxed);
+        k = m;
+    }
+    // Other snapshots keep what they still read from the pages about to change.
+    for (const Run& run : runs) {
+        if (run.put == Untrack) continue;
+        for (std::size_t i = run.first; i < run.last; ++i) {
+            std::uint32_t copies = 0;
+            if (const int err = preserve_for_snapshots(a, i, a.pte[i].load(kRelaxed), &copies))
+                fail(err, "{}: cannot save page {:#x} for another snapshot", call, a.page_addr(i));
+        }
+    }
+    // The VMAs as they were. Each VMA replaced hands its counters to the last restored VMA it
+    // overlaps, as a split leaves them with the upper part.
     split_at(a, r.start, lower_spare);
     split_at(a, r.end, upper_spare);
+    auto heir = fresh.begin();
     for (auto it = a.tree.upper_bound(r.start); it != a.tree.end() && it->start < r.end;) {
+        if (it->file) {
+            ++it;
+            continue;
+        }
+        while (heir != fresh.end() && std::next(heir) != fresh.end() && (*std::next(heir))->start < it->end) ++heir;
+        if (heir != fresh.end() && (*heir)->start < it->end && (*heir)->end > it->start)
+            (*heir)->stats.add(it->stats.load());
         Vma* dead = &*it;
         it = a.tree.erase(it);
         vma_free(&a, dead);
@@ -353,37 +488,15 @@ void Arena::restore(const Snapshot& snapshot) {
     for (auto& v : fresh) a.tree.insert(*v.release());
     merge_range(a, r.start, r.end);
     a.last_hit.store(nullptr, kRelaxed);
-    // The content as it was: copied pages are written back, pages that were zero and hold data now
-    // are discarded. A page whose slot says zero but that holds nothing (granted write access by
-    // fault-around, never written) has not changed. Restored pages hold the snapshot's content in
-    // the arena again, so their slots become "synced": a later restore copies only what changes
-    // after this one.
-    std::vector<unsigned char> resident(s.last - s.first);
-    if (const int err = page_resident(r.start, r.end - r.start, resident.data()))
-        fail(err, "{}: mincore of [{:#x}, {:#x}) failed", call, r.start, r.end);
-    auto holds_data = [&](std::size_t i) {
-        return (a.pte[i].load(kRelaxed) & kPtePopulated) && (resident[i - s.first] & 1);
-    };
-    enum class Put { Keep, WriteBack, Discard };
-    auto what_to_put = [&](std::size_t i) {
-        const slot_t state = settled_slot(s, i);
-        if (state == kSlotCopied) return Put::WriteBack;
-        if (state != kSlotZero) return Put::Keep;  // in the arena, or synced since the last restore
-        if (holds_data(i)) return Put::Discard;
-        s.slot(i).store(kSlotZeroSynced, kRelease);
-        return Put::Keep;
-    };
+    // The content as it was.
     std::uint64_t restored = 0;
     std::vector<const std::byte*> copies;
-    auto key = [&](std::size_t i) {
-        const Put put = what_to_put(i);
-        return put == Put::Keep ? kNoRun : int(put);
-    };
-    for_each_run(s.first, s.last, key, [&](std::size_t i, std::size_t j, int how) {
-        const Put put = Put(how);
+    for (const Run& run : runs) {
+        if (run.put == Untrack) continue;
+        const std::size_t i = run.first, j = run.last;
         const std::uintptr_t at = a.page_addr(i);
         const std::size_t len = (j - i) << g_page_shift;
-        if (put == Put::WriteBack) {
+        if (run.put == WriteBack) {
             copies.clear();
             for (std::size_t k = i; k < j; ++k) copies.push_back(s.stored(k));
             if (const int err = page_write_raw_pages(at, copies.data(), copies.size()))
@@ -394,14 +507,14 @@ void Arena::restore(const Snapshot& snapshot) {
         }
         for (std::size_t k = i; k < j; ++k) {
             const pte_t v = a.pte[k].load(kRelaxed);
-            a.pte[k].store(put == Put::WriteBack ? pte_t(v | kPtePopulated | kPteDirty)
-                                                 : pte_t((v & ~kPtePopulated) | kPteDirtySnapshot),
+            a.pte[k].store(run.put == WriteBack ? pte_t(v | kPtePopulated | kPteDirty)
+                                                : pte_t((v & ~kPtePopulated) | kPteDirtySnapshot),
                            kRelaxed);
             a.note_changed(k);
-            s.slot(k).store(put == Put::WriteBack ? kSlotCopiedSynced : kSlotZeroSynced, kRelease);
+            s.slot(k).store(run.put == WriteBack ? kSlotCopiedSynced : kSlotZeroSynced, kRelease);
         }
         restored += j - i;
-    });
+    }
     s.stats.pages_restored.fetch_add(restored, kRelaxed);
     a.stats.pages_restored.fetch_add(restored, kRelaxed);
     process_counters().pages_restored.fetch_add(restored, kRelaxed);
@@ -412,33 +525,47 @@ DirtySet Arena::collect_dirty(void* addr, std::size_t length) {
     ArenaCore& a = *core_;
     const Range r = check_range(a, call, addr, length);
     const std::size_t first = a.page_index(r.start), last = a.page_index(r.end);
-    std::vector<unsigned char> resident(last - first);
     DirtySet out;
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
     refuse_file_vmas(a, call, r);
     // Write access granted since the last collection marks a page; it was written if the kernel
     // holds it (fault-around grants write to neighbours that may never be touched). Discarded
-    // pages changed too, though nothing wrote them.
-    if (const int err = page_resident(r.start, r.end - r.start, resident.data()))
-        fail(err, "{}: mincore of [{:#x}, {:#x}) failed", call, r.start, r.end);
-    std::vector<bool> dirty(last - first);
-    for (std::size_t i = first; i < last; ++i) {
-        const pte_t v = a.pte[i].load(kRelaxed);
-        if (!(v & kPteDirtyCollect)) continue;
-        dirty[i - first] = (v & kPtePopulated) && (resident[i - first] & 1);
-        a.pte[i].store(v & ~kPteDirtyCollect, kRelaxed);
+    // pages changed too, though nothing wrote them. Residency is asked only for groups of pages
+    // with a mark, and the answer holds only the pages found: its cost follows what was written.
+    constexpr std::size_t kGroup = ArenaCore::kGroupPages;
+    std::vector<std::size_t> dirty;
+    for (std::size_t g = first; g < last;) {
+        const std::size_t next = std::min(last, (g / kGroup + 1) * kGroup);
+        std::size_t k = g;
+        while (k < next && !(a.pte[k].load(kRelaxed) & kPteDirtyCollect)) ++k;
+        if (k == next) {
+            g = next;
+            continue;
+        }
+        unsigned char resident[kGroup];
+        if (const int err = page_resident(a.page_addr(g), (next - g) << g_page_shift, resident))
+            fail(err, "{}: mincore of [{:#x}, {:#x}) failed", call, a.page_addr(g), a.page_addr(next));
+        for (std::size_t i = k; i < next; ++i) {
+            const pte_t v = a.pte[i].load(kRelaxed);
+            if (!(v & kPteDirtyCollect)) continue;
+            if ((v & kPtePopulated) && (resident[i - g] & 1)) dirty.push_back(i);
+            a.pte[i].store(v & ~kPteDirtyCollect, kRelaxed);
+        }
+        g = next;
     }
     std::vector<std::pair<std::size_t, std::size_t>> kept;
     for (const auto& [lo, hi] : a.discarded) {
-        for (std::size_t i = std::max(lo, first); i < std::min(hi, last); ++i) dirty[i - first] = true;
+        for (std::size_t i = std::max(lo, first); i < std::min(hi, last); ++i) dirty.push_back(i);
         if (lo < first) kept.push_back({lo, std::min(hi, first)});
         if (hi > last) kept.push_back({std::max(lo, last), hi});
     }
+    std::sort(dirty.begin(), dirty.end());
+    dirty.erase(std::unique(dirty.begin(), dirty.end()), dirty.end());
     a.discarded = std::move(kept);
     a.collect_armed = true;
     arm_write_tracking(a, call, r);
-    for (std::size_t i = first; i < last; ++i)
-        if (dirty[i - first]) out.pages.push_back(ptr_of(a.page_addr(i)));
+    out.pages.reserve(dirty.size());
+    for (std::size_t i : dirty) out.pages.push_back(ptr_of(a.page_addr(i)));
     a.stats.dirty_pages_collected.fetch_add(out.pages.size(), kRelaxed);
     process_counters().dirty_pages_collected.fetch_add(out.pages.size(), kRelaxed);
     return out;

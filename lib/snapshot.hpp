@@ -42,7 +42,7 @@ inline constexpr slot_t slot_content(slot_t v) {
 }
 inline constexpr slot_t kSlotBusy = 0x80;
 
-inline constexpr std::size_t kStoreChunk = 64;  // store pages populated at once
+inline constexpr std::size_t kStoreChunk = 64;  // store pages populated at once, at most
 
 struct SnapshotCore {
     ArenaCore* arena = nullptr;  // nullptr once the arena is gone (every slot then holds its content)
@@ -53,6 +53,9 @@ struct SnapshotCore {
     std::size_t first = 0;       // arena page indices
     std::size_t last = 0;
     std::uint64_t sequence = 0;  // 1, 2, ... per arena, in the order snapshots were taken
+    // A whole-arena snapshot: the anonymous VMAs only. The pages of file VMAs are zero slots from the
+    // start, so nothing copies them, and restore() leaves file VMAs as they are.
+    bool anonymous_only = false;
     std::byte* store = nullptr;  // (last - first) pages, MAP_NORESERVE
     std::uint32_t* index = nullptr;  // per covered page: where in the store its copy is
     std::atomic<std::uint32_t> used{0};  // store pages handed out
@@ -74,6 +77,14 @@ struct SnapshotCore {
     std::byte* stored(std::size_t page) const { return store + (std::size_t(index[page - first]) << g_page_shift); }
     std::uintptr_t page_addr(std::size_t page) const { return arena_base + (std::uintptr_t(page) << g_page_shift); }
 };
+
+// Whether a page's bytes are all zeros: a snapshot records such a page as zero rather than copy it.
+inline bool all_zeros(const std::byte* page) {
+    const auto* words = reinterpret_cast<const std::uint64_t*>(page);
+    for (std::size_t k = 0; k < g_page_size / sizeof *words; ++k)
+        if (words[k]) return false;
+    return true;
+}
 
 // The state of a page's slot once nobody holds it: a reader copying the page out of the arena holds
 // it only for that copy, and takes no lock that the caller may hold.

@@ -22,6 +22,16 @@ int copy_page(std::uintptr_t addr, pte_t pte, std::byte* dst) {
     return page_read_raw(addr, dst, g_page_size);
 }
 
+// A page that holds no data: never written since it was granted write access (fault-around,
+// prefault, a degraded fault grant whole windows), or only read, so that it maps the kernel's zero
+// page. Such a page is recorded as zero: copying it would cost a store page and put a page of zeros
+// into every image. Its content says so; residency (mincore) would not: a page swapped out reads
+// as not resident, and would be lost. A page that cannot be read directly is checked after its
+// copy (see preserve_for_snapshots).
+bool holds_no_data(std::uintptr_t addr, pte_t pte) {
+    return allows(pte_to_prot(pte), Prot::Read) && all_zeros(reinterpret_cast<const std::byte*>(addr));
+}
+
 }  // namespace
 
 int preserve_for_snapshots(ArenaCore& arena, std::size_t page, pte_t pte, std::uint32_t* copies) {
@@ -39,7 +49,7 @@ int preserve_for_snapshots(ArenaCore& arena, std::size_t page, pte_t pte, std::u
             continue;
         }
         if (state != kSlotTaken) continue;  // copied or zero already
-        if (!(pte & kPtePopulated)) {
+        if (!(pte & kPtePopulated) || holds_no_data(addr, pte)) {
             slot.store(kSlotZero, std::memory_order_release);
             continue;
         }
@@ -49,13 +59,23 @@ int preserve_for_snapshots(ArenaCore& arena, std::size_t page, pte_t pte, std::u
             return ENOSPC;
         }
         std::byte* dst = snap.store + (std::size_t(at) << g_page_shift);
-        if (at % kStoreChunk == 0) {
-            const std::size_t n = std::min<std::size_t>(kStoreChunk, snap.last - snap.first - at);
+        // The store is populated ahead of the copies in steps that double up to kStoreChunk (at 0, 1,
+        // 2, 4, ..., then every kStoreChunk), so that a snapshot given few copies commits few pages.
+        if (at < kStoreChunk ? (at & (at - 1)) == 0 : at % kStoreChunk == 0) {
+            const std::size_t step = at < kStoreChunk ? std::max<std::size_t>(at, 1) : kStoreChunk;
+            const std::size_t n = std::min<std::size_t>(step, snap.last - snap.first - at);
             page_populate(reinterpret_cast<std::uintptr_t>(dst), n << g_page_shift);  // a miss only costs faults
         }
         if (const int err = copy_page(addr, pte, dst)) {
             slot.store(kSlotInArena, std::memory_order_release);
             return err;
+        }
+        if (all_zeros(dst)) {
+            // Its store page goes back unless another copy took the next one meanwhile.
+            std::uint32_t next = at + 1;
+            snap.used.compare_exchange_strong(next, at, std::memory_order_relaxed);
+            slot.store(kSlotZero, std::memory_order_release);
+            continue;
         }
         snap.index[page - snap.first] = at;
         slot.store(kSlotCopied, std::memory_order_release);

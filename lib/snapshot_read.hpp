@@ -20,7 +20,8 @@ inline constexpr std::size_t kReadBatch = 64;
 inline void read_locked_from_arena(const SnapshotCore& s, std::size_t first, std::size_t n, std::byte* dst, bool* zero) {
     const ArenaCore& a = *s.arena;
     // Populated means write access was granted; a page granted it by fault-around and never
-    // written is not resident, and reads as zeros.
+    // written is not resident, and reads as zeros. A page read before maps the kernel's zero page:
+    // its content says so.
     unsigned char resident[kReadBatch];
     const bool known = n <= sizeof resident && page_resident(a.page_addr(first), n << g_page_shift, resident) == 0;
     for (std::size_t k = 0; k < n; ++k)
@@ -38,9 +39,21 @@ inline void read_locked_from_arena(const SnapshotCore& s, std::size_t first, std
             for (std::size_t u = 0; u < n; ++u) s.slot(first + u).store(kSlotInArena, std::memory_order_release);
             fail(err, "usermm::Snapshot: cannot read arena page {:#x}", a.page_addr(page));
         }
+        for (std::size_t u = k; u < k + run; ++u) zero[u] = all_zeros(dst + (u << g_page_shift));
         k += run - 1;
     }
     for (std::size_t k = 0; k < n; ++k) s.slot(first + k).store(kSlotInArena, std::memory_order_release);
+}
+
+// Whether `content` (zero: all zeros) is what snapshot `base` holds for `page`. The change records
+// of an increment list every page granted write access, also those never written since (their
+// neighbours' fault-around, prefault, a degraded fault); an increment from `base` skips them.
+inline bool same_as_snapshot(const SnapshotCore& base, std::size_t page, const std::byte* content, bool zero) {
+    switch (slot_content(settled_slot(base, page))) {
+        case kSlotInArena: return true;  // unchanged in the arena since `base`, so since then
+        case kSlotZero: return zero || all_zeros(content);
+        default: return !zero && std::memcmp(base.stored(page), content, g_page_size) == 0;
+    }
 }
 
 // Visits the snapshot's pages [first, last) in order with their content: fn(page, bytes, zero).

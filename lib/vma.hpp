@@ -3,6 +3,7 @@
 
 #include <boost/intrusive/set.hpp>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cstddef>
@@ -64,15 +65,26 @@ struct SnapshotCore;
 inline constexpr std::size_t kMaxSnapshots = 64;
 
 // Which pages changed between the arena's previous snapshot (of any range) and snapshot
-// `sequence`: one bit per page of [first, last). Kept from the oldest live snapshot on, so that an
-// increment between two live snapshots is the union of the records after the older one.
+// `sequence`: one bit per page of [first, last), kept as the words that have a bit set (ascending
+// word index, bits), so that a record costs what changed, not what the range covers. Kept from the
+// oldest live snapshot on, so that an increment between two live snapshots is the union of the
+// records after the older one.
 struct ChangeRecord {
     std::uint64_t sequence = 0;
     std::size_t first = 0;
     std::size_t last = 0;
-    std::vector<std::uint64_t> bits;
+    std::vector<std::pair<std::size_t, std::uint64_t>> words;
+    void mark(std::size_t page) {
+        const std::size_t word = (page - first) / 64;
+        if (words.empty() || words.back().first != word) words.emplace_back(word, 0);
+        words.back().second |= std::uint64_t(1) << ((page - first) % 64);
+    }
     bool changed(std::size_t page) const {
-        return page >= first && page < last && (bits[(page - first) / 64] >> ((page - first) % 64) & 1);
+        if (page < first || page >= last) return false;
+        const std::size_t word = (page - first) / 64;
+        const auto it = std::lower_bound(words.begin(), words.end(), word,
+                                         [](const auto& w, std::size_t k) { return w.first < k; });
+        return it != words.end() && it->first == word && (it->second >> ((page - first) % 64) & 1);
     }
 };
 

@@ -333,12 +333,16 @@ public:
     // VMAs must allow `access`. Memory is still committed by the kernel only when touched.
     void prefault(void* addr, std::size_t length, Prot access);
 
-    // A snapshot of the whole arena, or of [addr, addr + length).
+    // A snapshot of the whole arena's anonymous VMAs (file VMAs are skipped: their content is their
+    // file's; the snapshot reads zeros there, and restore() leaves them alone), or of
+    // [addr, addr + length), which must hold no file VMA (ENOTSUP).
     Snapshot snapshot();
     Snapshot snapshot(void* addr, std::size_t length);
     // Makes the snapshot's range equal to the snapshot again (VMAs and content). Only pages changed
     // since the snapshot are written; threads touching the range meanwhile wait in the fault path
-    // and see either the old or the restored content of a page. The snapshot stays valid.
+    // and see either the old or the restored content of a page; the pages it does not change keep
+    // their access. The VMAs put back keep the counters of those they replace. The snapshot stays
+    // valid.
     void restore(const Snapshot& snapshot);
     // Pages of [addr, addr + length) written since the last collection; re-arms tracking, so the
     // next write to each of them is seen again (Boehm GC's dirty bits, the kernel's soft-dirty).
@@ -365,6 +369,7 @@ private:
     friend struct detail::ArenaAccess;
     friend class Snapshot;
     Arena(std::size_t size, void* at);  // the reservation at `at` exactly (MAP_FIXED_NOREPLACE)
+    Snapshot take_snapshot(void* addr, std::size_t length, bool whole);
     void* map_file_as(int fd, const std::string& path, std::uint64_t offset, std::size_t length, Prot prot,
                       Share share, const MapOptions& options);
     std::unique_ptr<detail::ArenaCore> core_;
