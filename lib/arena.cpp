@@ -110,18 +110,20 @@ void fork_release() {
 }
 
 // The child's copy of every arena is complete (no fault was in flight); what changes is how the
-// kernel will merge its pieces (see map_budget_after_fork). glibc makes malloc usable in the child
-// before this runs.
+// kernel will merge its pieces. glibc makes malloc usable in the child before this runs.
 void fork_child() {
     page_open_self_mem();  // the inherited descriptor reads the parent's memory
     const bool was_uffd = tracking_engine() == TrackingEngine::Uffd;
     uffd_forget();
     ArenaRegistry& reg = arena_registry();
-    for (std::size_t i = 0; i < reg.count; ++i)
-        if (was_uffd) convert_tracked_pages_after_fork(*reg.arenas[i]);
+    // The kernel gave each inherited private VMA an anon_vma of its own, so they never merge again:
+    // their boundaries become edge marks. Pieces split off one of them later share its anon_vma
+    // and merge as before, so the count stays exact from here on.
     const std::vector<KernelMapping> maps = kernel_mappings(0, UINTPTR_MAX);  // once for all arenas
+    for (std::size_t i = 0; i < reg.count; ++i) inherit_edges(*reg.arenas[i], maps);
     for (std::size_t i = 0; i < reg.count; ++i) {
         ArenaCore& a = *reg.arenas[i];
+        if (was_uffd) convert_tracked_pages_after_fork(a);
         // Slots held by readers, and a restore in progress, belong to threads the child does not have.
         a.restoring.store(false);
         for (std::size_t k = 0; k < a.snapshot_count; ++k) {
@@ -130,10 +132,6 @@ void fork_child() {
                 if (s.slot(page).load(std::memory_order_relaxed) & kSlotBusy)
                     s.slot(page).store(kSlotInArena, std::memory_order_relaxed);
         }
-        const auto inside = std::count_if(maps.begin(), maps.end(), [&a](const KernelMapping& m) {
-            return m.to > a.base && m.from < a.end;
-        });
-        map_budget_after_fork(a, long(inside) + 2);  // + its two tables
     }
     fork_release();
 }
@@ -151,6 +149,7 @@ void detail::init_process() {
         const long ps = sysconf(_SC_PAGESIZE);
         g_page_size = std::size_t(ps);
         g_page_shift = std::size_t(std::countr_zero(std::size_t(ps)));
+        map_budget_set_max_map_count(read_long_file("/proc/sys/vm/max_map_count", 65530));
         map_budget_set_limit(initial_map_budget());
         if (const int err = install_fault_handlers()) fail(err, "usermm: cannot install the SIGSEGV/SIGBUS handlers");
         if (const int err = page_open_self_mem()) fail(err, "usermm: cannot open /proc/self/mem");
@@ -226,7 +225,7 @@ Arena::Arena(std::size_t size) {
         reg.arenas[i] = &a;
         ++reg.count;
     }
-    map_budget_charge(a, 3);  // the reservation and its two tables
+    map_budget_charge(a, 1 + kArenaTableMaps);  // the reservation and its tables
     core_ = std::move(core);
 }
 
@@ -446,7 +445,8 @@ void Arena::verify() const {
     // The kernel: /proc/self/maps must cover the arena without a gap, each page with its PTE's
     // protection and backing (a page-cache memfd for file pages, anonymous memory otherwise).
     std::uintptr_t covered = a.base;
-    for (const KernelMapping& m : kernel_mappings(a.base, a.end)) {
+    const std::vector<KernelMapping> maps = kernel_mappings(a.base, a.end);
+    for (const KernelMapping& m : maps) {
         if (m.from != covered) fail(EFAULT, "{}: the kernel has no mapping at {:#x} inside the arena", call, covered);
         for (std::size_t i = a.page_index(m.from), last = a.page_index(m.to); i < last; ++i) {
             const pte_t v = a.pte[i].load(std::memory_order_relaxed);
@@ -461,6 +461,10 @@ void Arena::verify() const {
         covered = m.to;
     }
     if (covered != a.end) fail(EFAULT, "{}: the kernel has no mapping at {:#x} inside the arena", call, covered);
+    // The map budget rests on usermm's count of the kernel mappings the arena consists of.
+    if (const long mine = a.kernel_maps.load() - kArenaTableMaps; mine != long(maps.size()))
+        fail(EFAULT, "{}: the kernel has {} mappings in the arena [{:#x}, {:#x}) but usermm counts {}", call,
+             maps.size(), a.base, a.end, mine);
 
     // The uffd engine withholds write access without changing the protection; only pagemap bit 57
     // shows it. Every writable page usermm tracks must carry that bit, or its next write would go

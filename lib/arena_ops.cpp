@@ -16,14 +16,20 @@ std::vector<KernelMapping> kernel_mappings(std::uintptr_t lo, std::uintptr_t hi)
     std::vector<KernelMapping> out;
     std::ifstream maps("/proc/self/maps");
     for (std::string line; std::getline(maps, line);) {
-        unsigned long from = 0, to = 0;
+        unsigned long from = 0, to = 0, offset = 0, inode = 0;
+        unsigned dev_major = 0, dev_minor = 0;
         char perms[5] = {};
-        if (std::sscanf(line.c_str(), "%lx-%lx %4s", &from, &to, perms) != 3 || to <= lo || from >= hi) continue;
+        if (std::sscanf(line.c_str(), "%lx-%lx %4s %lx %x:%x %lu", &from, &to, perms, &offset, &dev_major, &dev_minor,
+                        &inode) != 7 ||
+            to <= lo || from >= hi)
+            continue;
         const Prot prot = (perms[0] == 'r' ? Prot::Read : Prot::None) | (perms[1] == 'w' ? Prot::Write : Prot::None) |
                           (perms[2] == 'x' ? Prot::Exec : Prot::None);
         // memfd_create names its files "memfd:NAME"; the page caches are named "usermm:FILE".
         const bool page_cache = line.find("/memfd:usermm:") != std::string::npos;
-        out.push_back({std::max<std::uintptr_t>(from, lo), std::min<std::uintptr_t>(to, hi), prot, page_cache});
+        const std::uintptr_t start = std::max<std::uintptr_t>(from, lo);
+        out.push_back({start, std::min<std::uintptr_t>(to, hi), prot, page_cache, perms[3] == 's', inode,
+                       offset + (start - from)});
     }
     return out;
 }
@@ -78,6 +84,56 @@ void resync_ptes(ArenaCore& a, std::size_t first, std::size_t last) {
             a.note_changed(i);
         }
     }
+}
+
+namespace {
+
+// The kernel merges two neighbouring mappings when their flags agree (protection included), and
+// for private memory only when they share an anon_vma. Neighbours with equal protections that it
+// keeps apart differ in something else for good; neighbours with different protections merge
+// later only if both are shared mappings of one file at consecutive offsets (no anon_vma): a
+// mapping just made, or inherited at fork, has an anon_vma of its own if it is private.
+bool stay_apart(const KernelMapping& lo, const KernelMapping& hi) {
+    if (lo.prot == hi.prot) return true;
+    return !(lo.shared && hi.shared && lo.inode == hi.inode && lo.offset + (lo.to - lo.from) == hi.offset);
+}
+
+void set_edge(ArenaCore& a, std::size_t page, bool edge) {
+    if (edge)
+        a.pte[page].fetch_or(kPteEdge, std::memory_order_relaxed);
+    else
+        a.pte[page].fetch_and(pte_t(~kPteEdge), std::memory_order_relaxed);
+}
+
+// The edge mark of `page` from `maps` (the arena's mappings, in order).
+void edge_from_kernel(ArenaCore& a, const std::vector<KernelMapping>& maps, std::size_t page) {
+    const std::uintptr_t at = a.page_addr(page);
+    const auto hi = std::lower_bound(maps.begin(), maps.end(), at,
+                                     [](const KernelMapping& m, std::uintptr_t x) { return m.from < x; });
+    set_edge(a, page, hi != maps.begin() && hi != maps.end() && hi->from == at && std::prev(hi)->to == at &&
+                          stay_apart(*std::prev(hi), *hi));
+}
+
+}  // namespace
+
+void settle_edges(ArenaCore& a, std::size_t first, std::size_t last) {
+    for (std::size_t i = first + 1; i < last; ++i) set_edge(a, i, false);
+    const std::vector<KernelMapping> maps = kernel_mappings(a.base, a.end);
+    edge_from_kernel(a, maps, first);
+    if (last < a.page_index(a.end)) edge_from_kernel(a, maps, last);
+    map_budget_recount(a, long(maps.size()));
+}
+
+void inherit_edges(ArenaCore& a, const std::vector<KernelMapping>& maps) {
+    long inside = 0;
+    const KernelMapping* prev = nullptr;
+    for (const KernelMapping& m : maps) {
+        if (m.to <= a.base || m.from >= a.end) continue;
+        ++inside;
+        if (prev && prev->to == m.from && m.from < a.end && stay_apart(*prev, m)) set_edge(a, a.page_index(m.from), true);
+        prev = &m;
+    }
+    map_budget_recount(a, inside);
 }
 
 namespace {
@@ -151,7 +207,7 @@ int protect_run(ArenaCore& a, std::size_t first, std::size_t last, Prot prot) {
     const long delta = map_count_delta(a, first, last, prot);
     if (const int err = page_protect(a.page_addr(first), (last - first) << g_page_shift, prot)) {
         resync_ptes(a, first, last);
-        map_budget_charge(a, long(kernel_mappings(a.base, a.end).size()) + 2 - a.kernel_maps.load());
+        map_budget_recount(a, long(kernel_mappings(a.base, a.end).size()));
         return err;
     }
     map_budget_charge(a, delta);

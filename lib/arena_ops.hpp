@@ -83,8 +83,17 @@ struct KernelMapping {
     std::uintptr_t to;
     Prot prot;
     bool page_cache;  // a mapping of one of usermm's page-cache memfds (a file VMA)
+    bool shared;
+    std::uint64_t inode;   // of the file mapped, 0 for anonymous memory
+    std::uint64_t offset;  // into the file, of `from`
 };
 std::vector<KernelMapping> kernel_mappings(std::uintptr_t lo, std::uintptr_t hi);
+// Edge marks (kPteEdge) where the kernel keeps neighbouring mappings of the arena apart for good,
+// read from its mappings `maps`: at the boundaries before pages `first` and `last` of a mapping
+// just made there (the marks between them are cleared), or at every boundary (in a forked child).
+// Then the arena's count becomes the kernel's.
+void settle_edges(ArenaCore& a, std::size_t first, std::size_t last);
+void inherit_edges(ArenaCore& a, const std::vector<KernelMapping>& maps);
 void resync_ptes(ArenaCore& a, std::size_t first, std::size_t last);
 void clear_ptes(ArenaCore& a, Range r);
 // Records that the populated pages of [first, last) are about to lose their content, for the next

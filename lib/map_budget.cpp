@@ -7,7 +7,7 @@ namespace usermm::detail {
 namespace {
 constinit std::atomic<long> g_used{0};
 constinit std::atomic<long> g_limit{1L << 62};
-constinit std::atomic<bool> g_kernel_merges{true};
+constinit std::atomic<long> g_max_map_count{65530};
 
 // A kernel VMA boundary lies between two neighbouring pages wherever their protections differ, one
 // is backed by a file's memfd and the other by the arena's anonymous memory, or the second carries
@@ -28,22 +28,23 @@ bool edge_at(const ArenaCore& arena, std::size_t index, std::size_t npages) {
 }  // namespace
 
 void map_budget_set_limit(long limit) { g_limit.store(limit, std::memory_order_relaxed); }
+void map_budget_set_max_map_count(long max_map_count) { g_max_map_count.store(max_map_count, std::memory_order_relaxed); }
 long map_budget_limit() { return g_limit.load(std::memory_order_relaxed); }
 long map_budget_used() { return g_used.load(std::memory_order_relaxed); }
+long map_budget_max_map_count() { return g_max_map_count.load(std::memory_order_relaxed); }
+
+void map_budget_refused() {
+    const long used = g_used.load(std::memory_order_relaxed);
+    long limit = g_limit.load(std::memory_order_relaxed);
+    while (used < limit && !g_limit.compare_exchange_weak(limit, used, std::memory_order_relaxed)) {
+    }
+}
 
 long map_count_delta(const ArenaCore& arena, std::size_t first, std::size_t last, Prot prot) {
     const std::size_t npages = arena.page_index(arena.end);
     const unsigned next = class_of(pte_t(to_pte(prot) | (arena.pte[first].load(std::memory_order_relaxed) & kPteFile)));
     const unsigned left = class_at(arena, first - 1, npages);
     const unsigned right = class_at(arena, last, npages);
-    if (!g_kernel_merges.load(std::memory_order_relaxed)) {
-        // Existing boundaries stay; a new one appears where a neighbour that shared a kernel VMA
-        // with the range's end page gets another class.
-        auto splits = [&](unsigned outer, std::size_t edge_page, std::size_t inner) {
-            return long(!edge_at(arena, edge_page, npages) && outer == class_at(arena, inner, npages) && outer != next);
-        };
-        return splits(left, first, first) + splits(right, last, last - 1);
-    }
     long before = 0;
     long after = 0;
     unsigned prev = left;
@@ -75,9 +76,8 @@ bool map_budget_try_charge(ArenaCore& arena, long delta) {
     return true;
 }
 
-void map_budget_after_fork(ArenaCore& arena, long kernel_maps) {
-    g_kernel_merges.store(false, std::memory_order_relaxed);
-    map_budget_charge(arena, kernel_maps - arena.kernel_maps.load(std::memory_order_relaxed));
+void map_budget_recount(ArenaCore& arena, long kernel_maps) {
+    map_budget_charge(arena, kernel_maps + kArenaTableMaps - arena.kernel_maps.load(std::memory_order_relaxed));
 }
 
 void map_budget_charge_process(long delta) { g_used.fetch_add(delta, std::memory_order_relaxed); }

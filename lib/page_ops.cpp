@@ -226,9 +226,17 @@ int page_map_view(int memfd, std::uint64_t off, std::size_t len, void** out) {
 
 int page_map_file_fixed(std::uintptr_t addr, std::size_t len, int memfd, std::uint64_t off, bool shared) {
     void* want = reinterpret_cast<void*>(addr);
-    const int flags = (shared ? MAP_SHARED : MAP_PRIVATE) | MAP_FIXED | MAP_NORESERVE;
-    if (mmap(want, len, PROT_NONE, flags, memfd, off_t(off)) == MAP_FAILED) return errno;
-    return shared ? 0 : write_once_and_discard(want);  // a private copy of the first page, dropped again
+    if (shared) return mmap(want, len, PROT_NONE, MAP_SHARED | MAP_FIXED | MAP_NORESERVE, memfd, off_t(off)) == MAP_FAILED ? errno : 0;
+    // A private mapping gets its anon_vma (a private copy of the first page, dropped again) where it
+    // has no neighbours, then moves into place: mapped there directly, it could merge into a
+    // neighbour first, and whether it merges with the other one later would depend on whose
+    // anon_vma it took. Moved, it never merges with either, and the map budget knows its edges.
+    void* p = mmap(nullptr, len, PROT_NONE, MAP_PRIVATE | MAP_NORESERVE, memfd, off_t(off));
+    if (p == MAP_FAILED) return errno;
+    int err = write_once_and_discard(p);
+    if (!err && mremap(p, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, want) == MAP_FAILED) err = errno;
+    if (err) munmap(p, len);
+    return err;
 }
 
 namespace {
