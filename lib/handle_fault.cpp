@@ -5,6 +5,7 @@
 // (kPteLocked set by handle_pte_fault's CAS); it either publishes the page's new protection (which
 // unlocks it) or restores the PTE it found.
 #include <algorithm>
+#include <cerrno>
 #include <signal.h>
 
 #include "account.hpp"
@@ -173,6 +174,9 @@ int install(vm_fault& vmf, PageRange r, Prot prot, pte_t was, Budget budget) {
         return kOverBudget;
     if (const int err = page_protect(addr, len, prot)) {
         map_budget_charge(arena, -delta);
+        // The kernel has no mapping to spare (vm.max_map_count, with the program's own mappings):
+        // usermm holds no more than it does now, so that later faults degrade without asking.
+        if (err == ENOMEM) map_budget_refused();
         return page_protect(addr, len, pte_to_prot(was)) == 0 ? err : kStateUnknown;
     }
     publish(vmf, r, prot);
@@ -197,11 +201,62 @@ FaultResult install_failed(vm_fault& vmf, int err) {
                                 : fatal(vmf, "mprotect", err);
 }
 
+// The kernel refused even the degraded change: it would have had to split a mapping, and the
+// process holds vm.max_map_count of them (usermm's and the program's own). A change of a whole
+// kernel mapping splits nothing, so the kernel does not refuse it for the count: the VMA's full
+// protection goes to every page of the kernel mapping around the fault (all have the faulting
+// page's protection and backing, whatever else their states say), as far as the VMA reaches.
+// Only if the mapping reaches beyond the VMA (or into pages not ready) does the kernel have to
+// split, and may refuse: then nothing can be done.
+//
+// Entered with the faulting page locked from state `cur` and its neighbours unlocked.
+FaultResult do_merging_fault(vm_fault& vmf, pte_t cur) {
+    ArenaCore& arena = *vmf.arena;
+    const Vma& vma = *vmf.vma;
+    const std::size_t page = arena.page_index(vmf.address);
+    const pte_t kind = cur & (kPteProt | kPteFile);
+    bool busy = false;  // the mapping goes on into a page another fault holds
+    auto lock = [&](std::size_t i) {
+        if (!page_ready(vmf, i)) return false;
+        for (pte_t v = arena.pte[i].load(kRelaxed);;) {
+            if (v & kPteLocked) {
+                busy = (v & (kPteProt | kPteFile)) == kind;
+                return false;
+            }
+            if ((v & (kPteProt | kPteFile)) != kind) return false;
+            if (arena.pte[i].compare_exchange_weak(v, pte_t(v | kPteLocked), kAcquire, kRelaxed)) return true;
+        }
+    };
+    // A page with an edge mark begins a kernel mapping: the run stops before it, or at it.
+    const PageRange limit = vma_pages(arena, vma);
+    PageRange run{page, page + 1};
+    while (run.first > limit.first && !(arena.pte[run.first].load(kRelaxed) & kPteEdge) && lock(run.first - 1))
+        --run.first;
+    while (run.last < limit.last && !(arena.pte[run.last].load(kRelaxed) & kPteEdge) && lock(run.last)) ++run.last;
+    const int err = install(vmf, run, vma.prot, cur, Budget::Exceed);
+    if (err == 0) {
+        vmf.kind = FaultKind::Degraded;
+        return FaultResult::Resolved;
+    }
+    if (err == kStateUnknown) return install_failed(vmf, err);
+    unlock_unchanged(arena, run);
+    if (err == ENOMEM && busy) return FaultResult::Spurious;  // the access faults again, after the other fault
+    if (err != ENOMEM || !vmf.diag) return install_failed(vmf, err);
+    RawLine& d = *vmf.diag;
+    d.str("usermm: cannot resolve ").str(access_name(vmf.access)).str(" fault at ").hex(vmf.address);
+    d.str(": vm.max_map_count (").dec(std::uint64_t(map_budget_max_map_count()));
+    d.str(") is reached; the kernel refused to split a mapping in VMA '").str(vma.name).str("' [").hex(vma.start);
+    d.str(", ").hex(vma.end).str(")");
+    return FaultResult::Fatal;
+}
+
 // The kernel's mapping budget is spent: resolve the fault by granting the VMA's full protection to
 // the whole run of pages around the fault that are in the same state as the faulting page. The
 // run's neighbours are in other states, so the change merges kernel VMAs (or keeps their number)
 // instead of splitting them; the price is that the kernel, not usermm, sees the first touch of the
 // other pages of the run. Stats say how often this happened (degraded_faults, degraded_pages).
+// Neighbours in another state may share the run's kernel mapping, though: if the kernel refuses
+// the split that then takes, the whole mapping is granted (do_merging_fault).
 //
 // Entered with the faulting page locked from state `cur`; returns with it published.
 FaultResult do_degraded_fault(vm_fault& vmf, pte_t cur) {
@@ -210,7 +265,11 @@ FaultResult do_degraded_fault(vm_fault& vmf, pte_t cur) {
     const PageRange run = lock_neighbours(arena, {page, page + 1}, vma_pages(arena, *vmf.vma), cur,
                                           [&vmf](std::size_t i) { return page_ready(vmf, i); });
     if (const int err = install(vmf, run, vmf.vma->prot, cur, Budget::Exceed)) {
-        if (err != kStateUnknown) unlock_unchanged(arena, run);
+        if (err == kStateUnknown) return install_failed(vmf, err);
+        unlock_unchanged(arena, {run.first, page});
+        unlock_unchanged(arena, {page + 1, run.last});
+        if (err == ENOMEM) return do_merging_fault(vmf, cur);
+        unlock_unchanged(arena, {page, page + 1});
         return install_failed(vmf, err);
     }
     vmf.kind = FaultKind::Degraded;

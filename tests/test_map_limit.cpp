@@ -67,3 +67,114 @@ TEST_CASE("the count stays exact in a forked child, where pieces split after the
     CHECK(end.exit_code == 0);
     arena.verify();
 }
+
+namespace {
+
+// Maps single pages of the program's own, alternately readable and not so that none merge, until
+// the kernel refuses one (vm.max_map_count); then gives `spare` of them back. The vector is
+// reserved first: growing it later would take mappings itself.
+std::vector<void*> use_up_mappings(std::size_t spare) {
+    const std::size_t ps = usermm::page_size();
+    std::vector<void*> mine;
+    mine.reserve(std::size_t(max_map_count()) + 16);
+    for (;;) {
+        void* m = mmap(nullptr, ps, mine.size() % 2 ? PROT_READ : PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) {
+            if (errno != ENOMEM) std::_Exit(20);
+            break;
+        }
+        mine.push_back(m);
+    }
+    // Unmapping a single page between two others leaves one mapping fewer.
+    for (std::size_t i = 0; i < spare; ++i) munmap(mine[mine.size() / 2 + 2 * i], ps);
+    return mine;
+}
+
+// Scattered reads and writes over the VMA, each page's value derived from its index; then all
+// are checked. Exits 3 on wrong data.
+void scattered_touches(char* p, std::size_t pages, std::size_t touches, std::uint64_t seed) {
+    const std::size_t ps = usermm::page_size();
+    std::mt19937_64 rng(seed);
+    std::vector<std::size_t> written;
+    written.reserve(touches);
+    for (std::size_t i = 0; i < touches; ++i) {
+        const std::size_t page = 1 + rng() % (pages - 2);
+        if (i % 3 == 0) {
+            if (read_u64(p + page * ps + 16) != 0 && read_u64(p + page * ps + 16) != page * 31 + 7) std::_Exit(3);
+        } else {
+            write_u64(p + page * ps + 16, page * 31 + 7);
+            written.push_back(page);
+        }
+    }
+    for (std::size_t page : written)
+        if (read_u64(p + page * ps + 16) != page * 31 + 7) std::_Exit(3);
+}
+
+}  // namespace
+
+TEST_CASE("the program uses up vm.max_map_count after the first arena: first touches degrade, never die") {
+    const ChildEnd end = run_in_child(
+        [] {
+            const std::size_t ps = usermm::page_size();
+            constexpr std::size_t kPages = 65536;  // 256 MiB, the whole arena
+            usermm::Arena arena(kPages * ps);
+            char* p = static_cast<char*>(arena.map(kPages * ps, Prot::ReadWrite, {.name = "heap"}));
+            // A few pages written, then guarded for a while: they keep their data but lose their
+            // access, so the arena is one PROT_NONE kernel mapping of pages in different states.
+            for (std::size_t i = 0; i < 16; ++i) write_u64(p + i * 4000 * ps + 16, i * 4000 * 31 + 7);
+            arena.protect(p, kPages * ps, Prot::None);
+            arena.protect(p, kPages * ps, Prot::ReadWrite);
+            const std::vector<void*> mine = use_up_mappings(8);
+            scattered_touches(p, kPages, 3000, 5);
+            for (std::size_t i = 1; i < 16; ++i)
+                if (read_u64(p + i * 4000 * ps + 16) != i * 4000 * 31 + 7) std::_Exit(4);
+            if (arena.stats().degraded_faults == 0) std::_Exit(5);
+            for (void* m : mine) munmap(m, ps);
+            arena.verify();
+        },
+        60);
+    INFO(end.err);
+    CHECK(end.signal == 0);
+    CHECK(end.exit_code == 0);
+}
+
+TEST_CASE("at vm.max_map_count, a first touch that needs a split dies naming the limit and the VMA") {
+    const ChildEnd end = run_in_child(
+        [] {
+            const std::size_t ps = usermm::page_size();
+            usermm::Arena arena(1ull << 30);
+            // Untouched, in the middle of the reservation: its pages share one kernel mapping with
+            // the holes on either side, so any grant inside it must split that mapping.
+            char* want = static_cast<char*>(arena.base()) + (1ull << 29);
+            char* p = static_cast<char*>(arena.map(64 * ps, Prot::ReadWrite, {.name = "lonely", .address = want}));
+            const std::vector<void*> mine = use_up_mappings(0);
+            write_u64(p + 5 * ps, 1);
+            std::_Exit(9);
+        },
+        60);
+    INFO(end.err);
+    CHECK(end.signal == SIGSEGV);
+    CHECK(end.err.find("vm.max_map_count (") != std::string::npos);
+    CHECK(end.err.find("VMA 'lonely' [0x") != std::string::npos);
+}
+
+TEST_CASE("a budget of 5,000 and 20,000 sparse writes in 8 GiB: the count stays exact") {
+    const ChildEnd end = run_in_child(
+        [] {
+            // As USERMM_MAP_BUDGET=5000 would, had this process not made its first arena already.
+            usermm::detail::map_budget_set_limit(usermm::detail::map_budget_used() + 5000);
+            const std::size_t ps = usermm::page_size();
+            usermm::Arena arena(8ull << 30);
+            char* p = static_cast<char*>(arena.map(8ull << 30, Prot::ReadWrite, {.name = "sparse"}));
+            std::mt19937_64 rng(99);
+            for (int i = 0; i < 20000; ++i) write_u64(p + (rng() % ((8ull << 30) / ps)) * ps, 1);
+            arena.verify();
+            for (int i = 0; i < 20000; ++i) (void)read_u64(p + (rng() % ((8ull << 30) / ps)) * ps);
+            arena.verify();
+            if (arena.stats().degraded_faults == 0) std::_Exit(5);
+        },
+        60);
+    INFO(end.err);
+    CHECK(end.signal == 0);
+    CHECK(end.exit_code == 0);
+}
