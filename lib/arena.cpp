@@ -423,40 +423,56 @@ void Arena::verify() const {
         prev_end = v.end;
     }
 
-    // Per page: not locked, and within what its VMA allows (nothing outside a VMA).
+    // Per page: not locked, and within what its VMA allows (nothing outside a VMA). Pages whose
+    // part of the PTE table was never touched are untouched themselves (zero PTEs): all checks
+    // skip them.
     auto it = a.tree.begin();
     const std::size_t npages = a.page_index(a.end);
-    for (std::size_t i = 0; i < npages; ++i) {
-        const pte_t v = a.pte[i].load(std::memory_order_relaxed);
-        if (pte_prot(v) == 0 && !(v & (kPteLocked | kPteFile))) continue;
-        const std::uintptr_t at = a.page_addr(i);
-        while (it != a.tree.end() && it->end <= at) ++it;
-        const bool inside = it != a.tree.end() && it->start <= at;
-        if ((v & kPteFile) && !(inside && it->file))
-            fail(EFAULT, "{}: page {:#x} is marked as a file page outside every file VMA", call, at);
-        if (pte_prot(v) == 0 && !(v & kPteLocked)) continue;
-        if (v & kPteLocked) fail(EFAULT, "{}: page {:#x} is locked with no fault in flight", call, at);
-        if (!inside) fail(EFAULT, "{}: page {:#x} outside every VMA has protection {}", call, at, to_string(pte_to_prot(v)));
-        if (!allows(it->prot, pte_to_prot(v)))
-            fail(EFAULT, "{}: page {:#x} has protection {} beyond its VMA's {}", call, at, to_string(pte_to_prot(v)),
-                 to_string(it->prot));
+    const std::vector<PageSpan> spans = pte_spans(a, 0, npages);
+    for (const PageSpan& span : spans) {
+        for (std::size_t i = span.first; i < span.last; ++i) {
+            const pte_t v = a.pte[i].load(std::memory_order_relaxed);
+            if (pte_prot(v) == 0 && !(v & (kPteLocked | kPteFile))) continue;
+            const std::uintptr_t at = a.page_addr(i);
+            while (it != a.tree.end() && it->end <= at) ++it;
+            const bool inside = it != a.tree.end() && it->start <= at;
+            if ((v & kPteFile) && !(inside && it->file))
+                fail(EFAULT, "{}: page {:#x} is marked as a file page outside every file VMA", call, at);
+            if (pte_prot(v) == 0 && !(v & kPteLocked)) continue;
+            if (v & kPteLocked) fail(EFAULT, "{}: page {:#x} is locked with no fault in flight", call, at);
+            if (!inside)
+                fail(EFAULT, "{}: page {:#x} outside every VMA has protection {}", call, at, to_string(pte_to_prot(v)));
+            if (!allows(it->prot, pte_to_prot(v)))
+                fail(EFAULT, "{}: page {:#x} has protection {} beyond its VMA's {}", call, at, to_string(pte_to_prot(v)),
+                     to_string(it->prot));
+        }
     }
 
     // The kernel: /proc/self/maps must cover the arena without a gap, each page with its PTE's
     // protection and backing (a page-cache memfd for file pages, anonymous memory otherwise).
     std::uintptr_t covered = a.base;
     const std::vector<KernelMapping> maps = kernel_mappings(a.base, a.end);
+    auto check_page = [&](const KernelMapping& m, std::size_t i) {
+        const pte_t v = a.pte[i].load(std::memory_order_relaxed);
+        const Prot mine = pte_to_prot(v);
+        if (mine != m.prot)
+            fail(EFAULT, "{}: page {:#x} is {} in the kernel but {} in usermm", call, a.page_addr(i),
+                 to_string(m.prot), to_string(mine));
+        if (m.page_cache != bool(v & kPteFile))
+            fail(EFAULT, "{}: page {:#x} is {} in the kernel but {} in usermm", call, a.page_addr(i),
+                 m.page_cache ? "a page-cache mapping" : "anonymous", m.page_cache ? "anonymous" : "a file page");
+    };
+    std::size_t span = 0;
     for (const KernelMapping& m : maps) {
         if (m.from != covered) fail(EFAULT, "{}: the kernel has no mapping at {:#x} inside the arena", call, covered);
-        for (std::size_t i = a.page_index(m.from), last = a.page_index(m.to); i < last; ++i) {
-            const pte_t v = a.pte[i].load(std::memory_order_relaxed);
-            const Prot mine = pte_to_prot(v);
-            if (mine != m.prot)
-                fail(EFAULT, "{}: page {:#x} is {} in the kernel but {} in usermm", call, a.page_addr(i),
-                     to_string(m.prot), to_string(mine));
-            if (m.page_cache != bool(v & kPteFile))
-                fail(EFAULT, "{}: page {:#x} is {} in the kernel but {} in usermm", call, a.page_addr(i),
-                     m.page_cache ? "a page-cache mapping" : "anonymous", m.page_cache ? "anonymous" : "a file page");
+        const std::size_t first = a.page_index(m.from), last = a.page_index(m.to);
+        if (m.prot != Prot::None || m.page_cache) {
+            for (std::size_t i = first; i < last; ++i) check_page(m, i);
+        } else {  // what a zero PTE says: only the touched parts of the table can disagree
+            while (span < spans.size() && spans[span].last <= first) ++span;
+            for (std::size_t k = span; k < spans.size() && spans[k].first < last; ++k)
+                for (std::size_t i = std::max(first, spans[k].first); i < std::min(last, spans[k].last); ++i)
+                    check_page(m, i);
         }
         covered = m.to;
     }
@@ -483,19 +499,21 @@ void Arena::verify() const {
             return (v & kPteWriteTracked) && (v & to_pte(Prot::Write)) ? 1 : kNoRun;
         };
         std::vector<std::uint64_t> entries;
-        for_each_run(0, npages, tracked_writable, [&](std::size_t i, std::size_t j, int) {
-            entries.resize(j - i);  // one read per run of tracked pages
-            const std::size_t bytes = entries.size() * sizeof(std::uint64_t);
-            const off_t at = off_t((a.page_addr(i) >> g_page_shift) * sizeof(std::uint64_t));
-            const ssize_t n = pread(fd, entries.data(), bytes, at);
-            if (n != ssize_t(bytes))
-                fail(n < 0 ? errno : EIO, "{}: cannot read /proc/self/pagemap for [{:#x}, {:#x})", call,
-                     a.page_addr(i), a.page_addr(j));
-            for (std::size_t k = i; k < j; ++k)
-                if (!(entries[k - i] & kUffdWp))
-                    fail(EFAULT, "{}: page {:#x} is write-tracked but the kernel does not write-protect it", call,
-                         a.page_addr(k));
-        });
+        for (const PageSpan& part : spans) {
+            for_each_run(part.first, part.last, tracked_writable, [&](std::size_t i, std::size_t j, int) {
+                entries.resize(j - i);  // one read per run of tracked pages
+                const std::size_t bytes = entries.size() * sizeof(std::uint64_t);
+                const off_t at = off_t((a.page_addr(i) >> g_page_shift) * sizeof(std::uint64_t));
+                const ssize_t n = pread(fd, entries.data(), bytes, at);
+                if (n != ssize_t(bytes))
+                    fail(n < 0 ? errno : EIO, "{}: cannot read /proc/self/pagemap for [{:#x}, {:#x})", call,
+                         a.page_addr(i), a.page_addr(j));
+                for (std::size_t k = i; k < j; ++k)
+                    if (!(entries[k - i] & kUffdWp))
+                        fail(EFAULT, "{}: page {:#x} is write-tracked but the kernel does not write-protect it", call,
+                             a.page_addr(k));
+            });
+        }
     }
 }
 

@@ -1,5 +1,8 @@
 #include "arena_ops.hpp"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
@@ -71,6 +74,41 @@ std::vector<Vma*> covering_vmas(ArenaCore& a, const char* call, Range r) {
 
 // --- pages -------------------------------------------------------------------------------------
 
+
+std::vector<PageSpan> pte_spans(const ArenaCore& a, std::size_t first, std::size_t last) {
+    const std::size_t per_table_page = g_page_size / sizeof(Pte);
+    const std::size_t t_first = first / per_table_page, t_last = (last + per_table_page - 1) / per_table_page;
+    // Below this many pages of the table, reading them costs less than asking.
+    constexpr std::size_t kAskFrom = 16;
+    if (first >= last) return {};
+    if (t_last - t_first < kAskFrom) return {{first, last}};
+    const int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return {{first, last}};  // then every page is read
+    constexpr std::uint64_t kHeld = (std::uint64_t(1) << 63) | (std::uint64_t(1) << 62);  // present, swapped
+    std::vector<PageSpan> out;
+    std::vector<std::uint64_t> entries(std::min<std::size_t>(t_last - t_first, 4096));
+    const std::size_t table_vpn = addr_of(a.pte) >> g_page_shift;
+    auto add = [&](std::size_t t_from, std::size_t t_to) {
+        const std::size_t from = std::max(first, t_from * per_table_page), to = std::min(last, t_to * per_table_page);
+        if (!out.empty() && out.back().last == from)
+            out.back().last = to;
+        else
+            out.push_back({from, to});
+    };
+    for (std::size_t t = t_first; t < t_last;) {
+        const std::size_t n = std::min(entries.size(), t_last - t);
+        const ssize_t got = pread(fd, entries.data(), n * sizeof(std::uint64_t), off_t((table_vpn + t) * sizeof(std::uint64_t)));
+        if (got != ssize_t(n * sizeof(std::uint64_t))) {
+            add(t, t_last);  // what cannot be asked about is read
+            break;
+        }
+        for (std::size_t k = 0; k < n; ++k)
+            if (entries[k] & kHeld) add(t + k, t + k + 1);
+        t += n;
+    }
+    close(fd);
+    return out;
+}
 
 // After a refused mprotect, which may have changed a prefix of its range: the PTEs of pages
 // [first, last) take whatever protection the kernel now has for them.
@@ -157,26 +195,28 @@ bool mergeable(const Vma& lo, const Vma& hi) {
 }  // namespace
 
 // Forgets the PTEs of a range that is PROT_NONE and empty in the kernel again. A page of the table
-// that ends up all zero goes back to the kernel; reading the untouched parts of the table maps the
-// kernel's zero page, so clearing never makes the table resident.
+// that ends up all zero goes back to the kernel; the parts of the table never touched are not read
+// (pte_spans), so clearing costs what was touched and never makes the table resident.
 void clear_ptes(ArenaCore& a, Range r) {
-    note_discarded(a, a.page_index(r.start), a.page_index(r.end));
-    const std::size_t last = a.page_index(r.end);
     const std::size_t per_table_page = g_page_size / sizeof(Pte);
-    for (std::size_t i = a.page_index(r.start); i < last;) {
-        const std::size_t block_end = std::min(last, (i / per_table_page + 1) * per_table_page);
-        bool kept = false;
-        for (std::size_t k = i; k < block_end; ++k) {
-            const pte_t v = a.pte[k].load(std::memory_order_relaxed);
-            if (!v) continue;
-            const pte_t n = pte_after_discard(v);
-            kept |= n != 0;
-            a.pte[k].store(n, std::memory_order_relaxed);
-            if (n) a.note_changed(k);
+    for (const PageSpan& span : pte_spans(a, a.page_index(r.start), a.page_index(r.end))) {
+        note_discarded(a, span.first, span.last);
+        const std::size_t last = span.last;
+        for (std::size_t i = span.first; i < last;) {
+            const std::size_t block_end = std::min(last, (i / per_table_page + 1) * per_table_page);
+            bool kept = false;
+            for (std::size_t k = i; k < block_end; ++k) {
+                const pte_t v = a.pte[k].load(std::memory_order_relaxed);
+                if (!v) continue;
+                const pte_t n = pte_after_discard(v);
+                kept |= n != 0;
+                a.pte[k].store(n, std::memory_order_relaxed);
+                if (n) a.note_changed(k);
+            }
+            if (!kept && i % per_table_page == 0 && block_end - i == per_table_page)
+                page_discard(addr_of(&a.pte[i]), g_page_size);  // i is the table page's first entry
+            i = block_end;
         }
-        if (!kept && i % per_table_page == 0 && block_end - i == per_table_page)
-            page_discard(addr_of(&a.pte[i]), g_page_size);  // i is the table page's first entry
-        i = block_end;
     }
 }
 
