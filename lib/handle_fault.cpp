@@ -145,6 +145,7 @@ enum class Budget : std::uint8_t { Enforce, Exceed };
 // install()'s answers besides 0 and an errno value.
 constexpr int kOverBudget = -1;
 constexpr int kStateUnknown = -2;  // the kernel refused, and so did the attempt to undo a partial change
+constexpr int kDataLimit = -3;     // the kernel refused write access for RLIMIT_DATA
 
 // Gives the locked range `prot` in the kernel and publishes it. All of the range was locked from
 // PTE value `was`. Counting the kernel VMAs the change makes, making it and publishing it happen
@@ -174,10 +175,16 @@ int install(vm_fault& vmf, PageRange r, Prot prot, pte_t was, Budget budget) {
         return kOverBudget;
     if (const int err = page_protect(addr, len, prot)) {
         map_budget_charge(arena, -delta);
-        // The kernel has no mapping to spare (vm.max_map_count, with the program's own mappings):
-        // usermm holds no more than it does now, so that later faults degrade without asking.
-        if (err == ENOMEM) map_budget_refused();
-        return page_protect(addr, len, pte_to_prot(was)) == 0 ? err : kStateUnknown;
+        // ENOMEM: either RLIMIT_DATA, which counts the private memory granted write access, or
+        // no mapping to spare (vm.max_map_count, with the program's own mappings): then usermm
+        // holds no more than it does now, so that later faults degrade without asking.
+        std::uint64_t data_limit = 0;
+        int why = err;
+        if (err == ENOMEM && allows(prot, Prot::Write) && data_limit_reached(len, &data_limit))
+            why = kDataLimit;
+        else if (err == ENOMEM)
+            map_budget_refused();
+        return page_protect(addr, len, pte_to_prot(was)) == 0 ? why : kStateUnknown;
     }
     publish(vmf, r, prot);
     vmf.pages = std::uint32_t(std::min<std::size_t>(r.last - r.first, UINT32_MAX));
@@ -193,6 +200,20 @@ FaultResult fatal(vm_fault& vmf, const char* what, int err) {
         vmf.diag->str(": ").str(what);
         if (err > 0) vmf.diag->str(" failed with errno ").dec(std::uint64_t(err));
     }
+    return FaultResult::Fatal;
+}
+
+// Write access to pages [r.first, r.last) would take the process past RLIMIT_DATA, which the
+// kernel applies at mmap (refusing the mapping) and usermm only when it grants write access.
+FaultResult data_limit_fatal(vm_fault& vmf, PageRange r) {
+    if (!vmf.diag) return FaultResult::Fatal;
+    std::uint64_t limit = 0;
+    data_limit_reached(0, &limit);
+    RawLine& d = *vmf.diag;
+    d.str("usermm: cannot resolve ").str(access_name(vmf.access)).str(" fault at ").hex(vmf.address);
+    d.str(": RLIMIT_DATA (").dec(limit).str(" bytes) is reached; the kernel refused write access to [");
+    d.hex(vmf.arena->page_addr(r.first)).str(", ").hex(vmf.arena->page_addr(r.last)).str(") in VMA '");
+    d.str(vmf.vma->name).str("'");
     return FaultResult::Fatal;
 }
 
@@ -233,12 +254,19 @@ FaultResult do_merging_fault(vm_fault& vmf, pte_t cur) {
     while (run.first > limit.first && !(arena.pte[run.first].load(kRelaxed) & kPteEdge) && lock(run.first - 1))
         --run.first;
     while (run.last < limit.last && !(arena.pte[run.last].load(kRelaxed) & kPteEdge) && lock(run.last)) ++run.last;
-    const int err = install(vmf, run, vma.prot, cur, Budget::Exceed);
+    int err = install(vmf, run, vma.prot, cur, Budget::Exceed);
+    if (err == kDataLimit && vmf.access != Access::Write)
+        err = install(vmf, run, vma.prot & ~Prot::Write, cur, Budget::Exceed);
     if (err == 0) {
         vmf.kind = FaultKind::Degraded;
         return FaultResult::Resolved;
     }
     if (err == kStateUnknown) return install_failed(vmf, err);
+    if (err == kDataLimit) {
+        unlock_unchanged(arena, {run.first, page});
+        unlock_unchanged(arena, {page + 1, run.last});
+        return data_limit_fatal(vmf, {page, page + 1});
+    }
     unlock_unchanged(arena, run);
     if (err == ENOMEM && busy) return FaultResult::Spurious;  // the access faults again, after the other fault
     if (err != ENOMEM || !vmf.diag) return install_failed(vmf, err);
@@ -264,10 +292,15 @@ FaultResult do_degraded_fault(vm_fault& vmf, pte_t cur) {
     const std::size_t page = arena.page_index(vmf.address);
     const PageRange run = lock_neighbours(arena, {page, page + 1}, vma_pages(arena, *vmf.vma), cur,
                                           [&vmf](std::size_t i) { return page_ready(vmf, i); });
-    if (const int err = install(vmf, run, vmf.vma->prot, cur, Budget::Exceed)) {
+    int err = install(vmf, run, vmf.vma->prot, cur, Budget::Exceed);
+    // Past RLIMIT_DATA a read still gets its pages, without write access (which is not counted).
+    if (err == kDataLimit && vmf.access != Access::Write)
+        err = install(vmf, run, vmf.vma->prot & ~Prot::Write, cur, Budget::Exceed);
+    if (err) {
         if (err == kStateUnknown) return install_failed(vmf, err);
         unlock_unchanged(arena, {run.first, page});
         unlock_unchanged(arena, {page + 1, run.last});
+        if (err == kDataLimit) return data_limit_fatal(vmf, {page, page + 1});
         if (err == ENOMEM) return do_merging_fault(vmf, cur);
         unlock_unchanged(arena, {page, page + 1});
         return install_failed(vmf, err);
@@ -290,7 +323,8 @@ FaultResult install_or_degrade(vm_fault& vmf, PageRange r, Prot prot, pte_t cur,
         if (err == kStateUnknown) return install_failed(vmf, err);
         unlock_unchanged(arena, {r.first, page});
         unlock_unchanged(arena, {page + 1, r.last});
-        if (r.last - r.first == 1) return do_degraded_fault(vmf, cur);
+        // Past RLIMIT_DATA only the faulting page is tried; a degraded run would ask for more.
+        if (r.last - r.first == 1) return err == kDataLimit ? data_limit_fatal(vmf, r) : do_degraded_fault(vmf, cur);
         r = {page, page + 1};
     }
 }

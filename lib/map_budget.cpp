@@ -1,5 +1,10 @@
 #include "map_budget.hpp"
 
+#include <fcntl.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <atomic>
 
 namespace usermm::detail {
@@ -78,6 +83,33 @@ bool map_budget_try_charge(ArenaCore& arena, long delta) {
 
 void map_budget_recount(ArenaCore& arena, long kernel_maps) {
     map_budget_charge(arena, kernel_maps + kArenaTableMaps - arena.kernel_maps.load(std::memory_order_relaxed));
+}
+
+bool data_limit_reached(std::size_t bytes, std::uint64_t* limit) {
+    rlimit rl{};
+    if (syscall(SYS_prlimit64, 0, RLIMIT_DATA, nullptr, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY) return false;
+    *limit = rl.rlim_cur;
+    const int fd = open("/proc/self/status", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return true;  // a finite limit, and no way to see how much of it is used: assume it
+    char buf[4096];
+    const ssize_t n = pread(fd, buf, sizeof buf - 1, 0);
+    close(fd);
+    if (n <= 0) return true;
+    buf[n] = 0;
+    constexpr char kKey[] = "\nVmData:";
+    auto key_at = [&](const char* p) {
+        for (std::size_t k = 0; k + 1 < sizeof kKey; ++k)
+            if (p[k] != kKey[k]) return false;
+        return true;
+    };
+    const char* at = nullptr;
+    for (const char* p = buf; *p && !at; ++p)
+        if (key_at(p)) at = p + sizeof kKey - 1;
+    if (!at) return true;
+    std::uint64_t kib = 0;
+    while (*at == ' ' || *at == '\t') ++at;
+    for (; *at >= '0' && *at <= '9'; ++at) kib = kib * 10 + std::uint64_t(*at - '0');
+    return kib * 1024 + bytes > rl.rlim_cur;
 }
 
 void map_budget_charge_process(long delta) { g_used.fetch_add(delta, std::memory_order_relaxed); }

@@ -38,6 +38,12 @@ void map_budget_charge(ArenaCore& arena, long delta);
 // The same for usermm's mappings outside every arena (the page caches' views and state tables).
 void map_budget_charge_process(long delta);
 
+// Whether a refused grant of write access to `bytes` more of private memory (ENOMEM) was
+// RLIMIT_DATA's doing: the kernel counts private writable mappings against it (a PROT_NONE
+// reservation is not counted; mprotect to writable counts the pages then). Fault world: reads
+// /proc/self/status with plain system calls. *limit gets the limit in bytes.
+bool data_limit_reached(std::size_t bytes, std::uint64_t* limit);
+
 // An arena's count covers its reservation and its two tables (the PTEs and the changed-group bits).
 inline constexpr long kArenaTableMaps = 2;
 

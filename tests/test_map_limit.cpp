@@ -5,9 +5,11 @@
 #include <doctest/doctest.h>
 
 #include <sys/mman.h>
+#include <sys/resource.h>
 
 #include <cerrno>
 #include <csignal>
+#include <cstdio>
 #include <cstdlib>
 #include <random>
 #include <string>
@@ -197,4 +199,65 @@ TEST_CASE("verify() and unmap of a 64 TiB arena with one page touched cost what 
     INFO(end.err);
     CHECK(end.signal == 0);
     CHECK(end.exit_code == 0);
+}
+
+namespace {
+
+// The private writable memory the kernel counts against RLIMIT_DATA now (VmData), in bytes.
+std::uint64_t data_vm() {
+    FILE* f = std::fopen("/proc/self/status", "r");
+    char line[256];
+    std::uint64_t kib = 0;
+    while (f && std::fgets(line, sizeof line, f))
+        if (std::sscanf(line, "VmData: %lu kB", &kib) == 1) break;
+    if (f) std::fclose(f);
+    return kib << 10;
+}
+
+void limit_data(std::uint64_t bytes) {
+    const rlimit rl{bytes, bytes};
+    if (setrlimit(RLIMIT_DATA, &rl) != 0) std::_Exit(21);
+}
+
+}  // namespace
+
+TEST_CASE("RLIMIT_DATA: an arena's reservation is not counted, the pages granted write access are") {
+    const ChildEnd end = run_in_child([] {
+        const std::size_t ps = usermm::page_size();
+        limit_data(data_vm() + (512ull << 20));
+        usermm::Arena arena(1ull << 30);  // PROT_NONE from the start: not data
+        char* p = static_cast<char*>(arena.map(1ull << 30, Prot::ReadWrite, {.name = "data"}));
+        for (std::size_t off = 0; off < (64ull << 20); off += ps) write_u64(p + off, off);
+        const std::uint64_t before = data_vm();
+        for (std::size_t off = 0; off < (64ull << 20); off += ps) (void)read_u64(p + (512ull << 20) + off);
+        if (data_vm() != before) std::_Exit(3);  // read access is not counted
+        write_u64(p + (256ull << 20), 1);
+        if (data_vm() != before + 16 * ps) std::_Exit(4);  // a write's fault-around window is
+        arena.verify();
+    });
+    INFO(end.err);
+    CHECK(end.signal == 0);
+    CHECK(end.exit_code == 0);
+}
+
+TEST_CASE("RLIMIT_DATA used up by the program: reads still resolve, a write dies naming RLIMIT_DATA and the VMA") {
+    const ChildEnd end = run_in_child([] {
+        const std::size_t ps = usermm::page_size();
+        usermm::Arena arena(1ull << 30);
+        char* p = static_cast<char*>(arena.map(1ull << 30, Prot::ReadWrite, {.name = "capped"}));
+        write_u64(p, 1);
+        // The program takes what is left of its allowance for itself.
+        limit_data(data_vm() + (32ull << 20));
+        if (mmap(nullptr, 32ull << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0) ==
+            MAP_FAILED)
+            std::_Exit(22);
+        for (std::size_t i = 1; i < 64; ++i) (void)read_u64(p + i * 1024 * ps);
+        if (read_u64(p) != 1) std::_Exit(3);
+        write_u64(p + 100 * 1024 * ps, 2);
+        std::_Exit(9);
+    });
+    INFO(end.err);
+    CHECK(end.signal == SIGSEGV);
+    CHECK(end.err.find("RLIMIT_DATA (") != std::string::npos);
+    CHECK(end.err.find("in VMA 'capped'") != std::string::npos);
 }
