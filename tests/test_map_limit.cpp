@@ -93,12 +93,12 @@ std::vector<void*> use_up_mappings(std::size_t spare) {
 }
 
 // Scattered reads and writes over the VMA, each page's value derived from its index; then all
-// are checked. Exits 3 on wrong data.
-void scattered_touches(char* p, std::size_t pages, std::size_t touches, std::uint64_t seed) {
+// are checked. Exits 3 on wrong data. `written` has room for `touches` entries already (with no
+// mapping to spare, growing it could fail).
+void scattered_touches(char* p, std::size_t pages, std::size_t touches, std::uint64_t seed,
+                       std::vector<std::size_t>& written) {
     const std::size_t ps = usermm::page_size();
     std::mt19937_64 rng(seed);
-    std::vector<std::size_t> written;
-    written.reserve(touches);
     for (std::size_t i = 0; i < touches; ++i) {
         const std::size_t page = 1 + rng() % (pages - 2);
         if (i % 3 == 0) {
@@ -126,8 +126,10 @@ TEST_CASE("the program uses up vm.max_map_count after the first arena: first tou
             for (std::size_t i = 0; i < 16; ++i) write_u64(p + i * 4000 * ps + 16, i * 4000 * 31 + 7);
             arena.protect(p, kPages * ps, Prot::None);
             arena.protect(p, kPages * ps, Prot::ReadWrite);
+            std::vector<std::size_t> written;
+            written.reserve(3000);
             const std::vector<void*> mine = use_up_mappings(8);
-            scattered_touches(p, kPages, 3000, 5);
+            scattered_touches(p, kPages, 3000, 5, written);
             for (std::size_t i = 1; i < 16; ++i)
                 if (read_u64(p + i * 4000 * ps + 16) != i * 4000 * 31 + 7) std::_Exit(4);
             if (arena.stats().degraded_faults == 0) std::_Exit(5);
