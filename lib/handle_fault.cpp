@@ -222,11 +222,11 @@ FaultResult install_failed(vm_fault& vmf, int err) {
                                 : fatal(vmf, "mprotect", err);
 }
 
-// The kernel refused even the degraded change: it would have had to split a mapping, and the
-// process holds vm.max_map_count of them (usermm's and the program's own). A change of a whole
-// kernel mapping splits nothing, so the kernel does not refuse it for the count: the VMA's full
-// protection goes to every page of the kernel mapping around the fault (all have the faulting
-// page's protection and backing, whatever else their states say), as far as the VMA reaches.
+// Even the degraded change would split a mapping, past the budget or past vm.max_map_count (which
+// the program's own mappings count against too: then the kernel refused it). A change of a whole
+// kernel mapping splits nothing, so the kernel does not refuse it for the count: what the access
+// needs goes to every page of the kernel mapping around the fault (all have the faulting page's
+// protection and backing, whatever else their states say), as far as the VMA reaches.
 // Only if the mapping reaches beyond the VMA (or into pages not ready) does the kernel have to
 // split, and may refuse: then nothing can be done.
 //
@@ -254,9 +254,9 @@ FaultResult do_merging_fault(vm_fault& vmf, pte_t cur) {
     while (run.first > limit.first && !(arena.pte[run.first].load(kRelaxed) & kPteEdge) && lock(run.first - 1))
         --run.first;
     while (run.last < limit.last && !(arena.pte[run.last].load(kRelaxed) & kPteEdge) && lock(run.last)) ++run.last;
-    int err = install(vmf, run, vma.prot, cur, Budget::Exceed);
-    if (err == kDataLimit && vmf.access != Access::Write)
-        err = install(vmf, run, vma.prot & ~Prot::Write, cur, Budget::Exceed);
+    // What the access needs, as a fault grants it: the run may be large, and write access to it
+    // would have live snapshots take every page of it first, and count against RLIMIT_DATA.
+    const int err = install(vmf, run, grant_for(vmf.access, vma.prot), cur, Budget::Exceed);
     if (err == 0) {
         vmf.kind = FaultKind::Degraded;
         return FaultResult::Resolved;
@@ -283,8 +283,9 @@ FaultResult do_merging_fault(vm_fault& vmf, pte_t cur) {
 // run's neighbours are in other states, so the change merges kernel VMAs (or keeps their number)
 // instead of splitting them; the price is that the kernel, not usermm, sees the first touch of the
 // other pages of the run. Stats say how often this happened (degraded_faults, degraded_pages).
-// Neighbours in another state may share the run's kernel mapping, though: if the kernel refuses
-// the split that then takes, the whole mapping is granted (do_merging_fault).
+// Neighbours in another state may share the run's kernel mapping, though (pages restored or
+// discarded hold flags untouched ones lack): if the split that then takes does not fit the budget,
+// or the kernel refuses it, the whole mapping is granted (do_merging_fault).
 //
 // Entered with the faulting page locked from state `cur`; returns with it published.
 FaultResult do_degraded_fault(vm_fault& vmf, pte_t cur) {
@@ -292,16 +293,16 @@ FaultResult do_degraded_fault(vm_fault& vmf, pte_t cur) {
     const std::size_t page = arena.page_index(vmf.address);
     const PageRange run = lock_neighbours(arena, {page, page + 1}, vma_pages(arena, *vmf.vma), cur,
                                           [&vmf](std::size_t i) { return page_ready(vmf, i); });
-    int err = install(vmf, run, vmf.vma->prot, cur, Budget::Exceed);
+    int err = install(vmf, run, vmf.vma->prot, cur, Budget::Enforce);
     // Past RLIMIT_DATA a read still gets its pages, without write access (which is not counted).
     if (err == kDataLimit && vmf.access != Access::Write)
-        err = install(vmf, run, vmf.vma->prot & ~Prot::Write, cur, Budget::Exceed);
+        err = install(vmf, run, vmf.vma->prot & ~Prot::Write, cur, Budget::Enforce);
     if (err) {
         if (err == kStateUnknown) return install_failed(vmf, err);
         unlock_unchanged(arena, {run.first, page});
         unlock_unchanged(arena, {page + 1, run.last});
         if (err == kDataLimit) return data_limit_fatal(vmf, {page, page + 1});
-        if (err == ENOMEM) return do_merging_fault(vmf, cur);
+        if (err == ENOMEM || err == kOverBudget) return do_merging_fault(vmf, cur);
         unlock_unchanged(arena, {page, page + 1});
         return install_failed(vmf, err);
     }
