@@ -277,7 +277,9 @@ public:
     Stats stats() const;
     std::vector<VmaInfo> vmas() const;
     // Checks that the VMA tree, the per-page state and the kernel's mappings (/proc/self/maps)
-    // agree; throws Error naming the first address where they do not.
+    // agree, and that usermm's count of the kernel mappings the arena consists of (the map budget)
+    // is the kernel's; throws Error naming the first address where they do not, or both counts.
+    // Its cost follows the touched pages, not the reserved size.
     void verify() const;
 
 private:
