@@ -111,19 +111,21 @@ void fork_release() {
 }
 
 // The child's copy of every arena is complete (no fault was in flight); what changes is how the
-// kernel will merge its pieces (see map_budget_after_fork). glibc makes malloc usable in the child
-// before this runs.
+// kernel will merge its pieces. glibc makes malloc usable in the child before this runs.
 void fork_child() {
     page_open_self_mem();  // the inherited descriptor reads the parent's memory
     const bool was_uffd = tracking_engine() == TrackingEngine::Uffd;
     uffd_forget();
     ArenaRegistry& reg = arena_registry();
-    for (std::size_t i = 0; i < reg.count; ++i)
-        if (was_uffd) convert_tracked_pages_after_fork(*reg.arenas[i]);
+    // The kernel gave each inherited private VMA an anon_vma of its own, so they never merge again:
+    // their boundaries become edge marks. Pieces split off one of them later share its anon_vma
+    // and merge as before, so the count stays exact from here on.
     const std::vector<KernelMapping> maps = kernel_mappings(0, UINTPTR_MAX);  // once for all arenas
+    for (std::size_t i = 0; i < reg.count; ++i) inherit_edges(*reg.arenas[i], maps);
     for (std::size_t i = 0; i < reg.count; ++i) {
         ArenaCore& a = *reg.arenas[i];
         a.identity = new_arena_identity();  // the child's snapshots start a chain of their own
+        if (was_uffd) convert_tracked_pages_after_fork(a);
         // Slots held by readers, and a restore in progress, belong to threads the child does not have.
         a.restoring.store(false);
         for (std::size_t k = 0; k < a.snapshot_count; ++k) {
@@ -132,10 +134,6 @@ void fork_child() {
                 if (s.slot(page).load(std::memory_order_relaxed) & kSlotBusy)
                     s.slot(page).store(kSlotInArena, std::memory_order_relaxed);
         }
-        const auto inside = std::count_if(maps.begin(), maps.end(), [&a](const KernelMapping& m) {
-            return m.to > a.base && m.from < a.end;
-        });
-        map_budget_after_fork(a, long(inside) + 2);  // + its two tables
     }
     fork_release();
 }
@@ -153,6 +151,7 @@ void detail::init_process() {
         const long ps = sysconf(_SC_PAGESIZE);
         g_page_size = std::size_t(ps);
         g_page_shift = std::size_t(std::countr_zero(std::size_t(ps)));
+        map_budget_set_max_map_count(read_long_file("/proc/sys/vm/max_map_count", 65530));
         map_budget_set_limit(initial_map_budget());
         if (const int err = install_fault_handlers()) fail(err, "usermm: cannot install the SIGSEGV/SIGBUS handlers");
         if (const int err = page_open_self_mem()) fail(err, "usermm: cannot open /proc/self/mem");
@@ -232,7 +231,7 @@ Arena::Arena(std::size_t size, void* at) {
         reg.arenas[i] = &a;
         ++reg.count;
     }
-    map_budget_charge(a, 3);  // the reservation and its two tables
+    map_budget_charge(a, 1 + kArenaTableMaps);  // the reservation and its tables
     core_ = std::move(core);
 }
 
@@ -432,43 +431,64 @@ void Arena::verify() const {
         prev_end = v.end;
     }
 
-    // Per page: not locked, and within what its VMA allows (nothing outside a VMA).
+    // Per page: not locked, and within what its VMA allows (nothing outside a VMA). Pages whose
+    // part of the PTE table was never touched are untouched themselves (zero PTEs): all checks
+    // skip them.
     auto it = a.tree.begin();
     const std::size_t npages = a.page_index(a.end);
-    for (std::size_t i = 0; i < npages; ++i) {
-        const pte_t v = a.pte[i].load(std::memory_order_relaxed);
-        if (pte_prot(v) == 0 && !(v & (kPteLocked | kPteFile))) continue;
-        const std::uintptr_t at = a.page_addr(i);
-        while (it != a.tree.end() && it->end <= at) ++it;
-        const bool inside = it != a.tree.end() && it->start <= at;
-        if ((v & kPteFile) && !(inside && it->file))
-            fail(EFAULT, "{}: page {:#x} is marked as a file page outside every file VMA", call, at);
-        if (pte_prot(v) == 0 && !(v & kPteLocked)) continue;
-        if (v & kPteLocked) fail(EFAULT, "{}: page {:#x} is locked with no fault in flight", call, at);
-        if (!inside) fail(EFAULT, "{}: page {:#x} outside every VMA has protection {}", call, at, to_string(pte_to_prot(v)));
-        if (!allows(it->prot, pte_to_prot(v)))
-            fail(EFAULT, "{}: page {:#x} has protection {} beyond its VMA's {}", call, at, to_string(pte_to_prot(v)),
-                 to_string(it->prot));
+    const std::vector<PageSpan> spans = pte_spans(a, 0, npages);
+    for (const PageSpan& span : spans) {
+        for (std::size_t i = span.first; i < span.last; ++i) {
+            const pte_t v = a.pte[i].load(std::memory_order_relaxed);
+            if (pte_prot(v) == 0 && !(v & (kPteLocked | kPteFile))) continue;
+            const std::uintptr_t at = a.page_addr(i);
+            while (it != a.tree.end() && it->end <= at) ++it;
+            const bool inside = it != a.tree.end() && it->start <= at;
+            if ((v & kPteFile) && !(inside && it->file))
+                fail(EFAULT, "{}: page {:#x} is marked as a file page outside every file VMA", call, at);
+            if (pte_prot(v) == 0 && !(v & kPteLocked)) continue;
+            if (v & kPteLocked) fail(EFAULT, "{}: page {:#x} is locked with no fault in flight", call, at);
+            if (!inside)
+                fail(EFAULT, "{}: page {:#x} outside every VMA has protection {}", call, at, to_string(pte_to_prot(v)));
+            if (!allows(it->prot, pte_to_prot(v)))
+                fail(EFAULT, "{}: page {:#x} has protection {} beyond its VMA's {}", call, at, to_string(pte_to_prot(v)),
+                     to_string(it->prot));
+        }
     }
 
     // The kernel: /proc/self/maps must cover the arena without a gap, each page with its PTE's
     // protection and backing (a page-cache memfd for file pages, anonymous memory otherwise).
     std::uintptr_t covered = a.base;
-    for (const KernelMapping& m : kernel_mappings(a.base, a.end)) {
+    const std::vector<KernelMapping> maps = kernel_mappings(a.base, a.end);
+    auto check_page = [&](const KernelMapping& m, std::size_t i) {
+        const pte_t v = a.pte[i].load(std::memory_order_relaxed);
+        const Prot mine = pte_to_prot(v);
+        if (mine != m.prot)
+            fail(EFAULT, "{}: page {:#x} is {} in the kernel but {} in usermm", call, a.page_addr(i),
+                 to_string(m.prot), to_string(mine));
+        if (m.page_cache != bool(v & kPteFile))
+            fail(EFAULT, "{}: page {:#x} is {} in the kernel but {} in usermm", call, a.page_addr(i),
+                 m.page_cache ? "a page-cache mapping" : "anonymous", m.page_cache ? "anonymous" : "a file page");
+    };
+    std::size_t span = 0;
+    for (const KernelMapping& m : maps) {
         if (m.from != covered) fail(EFAULT, "{}: the kernel has no mapping at {:#x} inside the arena", call, covered);
-        for (std::size_t i = a.page_index(m.from), last = a.page_index(m.to); i < last; ++i) {
-            const pte_t v = a.pte[i].load(std::memory_order_relaxed);
-            const Prot mine = pte_to_prot(v);
-            if (mine != m.prot)
-                fail(EFAULT, "{}: page {:#x} is {} in the kernel but {} in usermm", call, a.page_addr(i),
-                     to_string(m.prot), to_string(mine));
-            if (m.page_cache != bool(v & kPteFile))
-                fail(EFAULT, "{}: page {:#x} is {} in the kernel but {} in usermm", call, a.page_addr(i),
-                     m.page_cache ? "a page-cache mapping" : "anonymous", m.page_cache ? "anonymous" : "a file page");
+        const std::size_t first = a.page_index(m.from), last = a.page_index(m.to);
+        if (m.prot != Prot::None || m.page_cache) {
+            for (std::size_t i = first; i < last; ++i) check_page(m, i);
+        } else {  // what a zero PTE says: only the touched parts of the table can disagree
+            while (span < spans.size() && spans[span].last <= first) ++span;
+            for (std::size_t k = span; k < spans.size() && spans[k].first < last; ++k)
+                for (std::size_t i = std::max(first, spans[k].first); i < std::min(last, spans[k].last); ++i)
+                    check_page(m, i);
         }
         covered = m.to;
     }
     if (covered != a.end) fail(EFAULT, "{}: the kernel has no mapping at {:#x} inside the arena", call, covered);
+    // The map budget rests on usermm's count of the kernel mappings the arena consists of.
+    if (const long mine = a.kernel_maps.load() - kArenaTableMaps; mine != long(maps.size()))
+        fail(EFAULT, "{}: the kernel has {} mappings in the arena [{:#x}, {:#x}) but usermm counts {}", call,
+             maps.size(), a.base, a.end, mine);
 
     // The uffd engine withholds write access without changing the protection; only pagemap bit 57
     // shows it. Every writable page usermm tracks must carry that bit, or its next write would go
@@ -487,19 +507,21 @@ void Arena::verify() const {
             return (v & kPteWriteTracked) && (v & to_pte(Prot::Write)) ? 1 : kNoRun;
         };
         std::vector<std::uint64_t> entries;
-        for_each_run(0, npages, tracked_writable, [&](std::size_t i, std::size_t j, int) {
-            entries.resize(j - i);  // one read per run of tracked pages
-            const std::size_t bytes = entries.size() * sizeof(std::uint64_t);
-            const off_t at = off_t((a.page_addr(i) >> g_page_shift) * sizeof(std::uint64_t));
-            const ssize_t n = pread(fd, entries.data(), bytes, at);
-            if (n != ssize_t(bytes))
-                fail(n < 0 ? errno : EIO, "{}: cannot read /proc/self/pagemap for [{:#x}, {:#x})", call,
-                     a.page_addr(i), a.page_addr(j));
-            for (std::size_t k = i; k < j; ++k)
-                if (!(entries[k - i] & kUffdWp))
-                    fail(EFAULT, "{}: page {:#x} is write-tracked but the kernel does not write-protect it", call,
-                         a.page_addr(k));
-        });
+        for (const PageSpan& part : spans) {
+            for_each_run(part.first, part.last, tracked_writable, [&](std::size_t i, std::size_t j, int) {
+                entries.resize(j - i);  // one read per run of tracked pages
+                const std::size_t bytes = entries.size() * sizeof(std::uint64_t);
+                const off_t at = off_t((a.page_addr(i) >> g_page_shift) * sizeof(std::uint64_t));
+                const ssize_t n = pread(fd, entries.data(), bytes, at);
+                if (n != ssize_t(bytes))
+                    fail(n < 0 ? errno : EIO, "{}: cannot read /proc/self/pagemap for [{:#x}, {:#x})", call,
+                         a.page_addr(i), a.page_addr(j));
+                for (std::size_t k = i; k < j; ++k)
+                    if (!(entries[k - i] & kUffdWp))
+                        fail(EFAULT, "{}: page {:#x} is write-tracked but the kernel does not write-protect it", call,
+                             a.page_addr(k));
+            });
+        }
     }
 }
 

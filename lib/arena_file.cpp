@@ -404,7 +404,7 @@ int detail::unmap_file_part(ArenaCore& a, Vma& v, Range part) {
     if (const int err = page_reserve_fixed(part.start, part.end - part.start)) return err;
     const std::size_t first = a.page_index(part.start), last = a.page_index(part.end);
     for (std::size_t i = first; i < last; ++i) a.pte[i].fetch_and(pte_t(~(kPteFile | kPteEdge)), kRelaxed);
-    mark_edges(a, first, last);  // the fresh piece's own anon_vma never merges with the arena's
+    settle_edges(a, first, last);  // the fresh piece's own anon_vma never merges with the arena's
     forget_users(a, v.file, part);
     if (tracking_engine() == TrackingEngine::Uffd) return uffd_register(part.start, part.end - part.start);
     return 0;
@@ -509,14 +509,12 @@ void* Arena::map_file_as(int fd, const std::string& path, std::uint64_t offset, 
     if (const int err = page_map_file_fixed(start, len, cache.memfd, offset, share == Share::Shared)) {
         // Whatever the kernel left there becomes reservation again, a piece of its own.
         const int again = page_reserve_fixed(start, len);
-        mark_edges(a, first, last);
-        recount_kernel_maps(a);
+        settle_edges(a, first, last);
         if (again) fail(again, "{}: [{:#x}, {:#x}) is lost to the arena after a failed mmap", call, start, start + len);
         fail(err, "{}: cannot map the page cache of '{}' at {:#x}", call, path, start);
     }
     for (std::size_t i = first; i < last; ++i) a.pte[i].fetch_or(kPteFile, kRelaxed);
-    mark_edges(a, first, last);
-    recount_kernel_maps(a);
+    settle_edges(a, first, last);
     {
         CacheRegistry& reg = caches();
         std::lock_guard lock(reg.mutex);

@@ -1,5 +1,8 @@
 #include "arena_ops.hpp"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
@@ -16,14 +19,20 @@ std::vector<KernelMapping> kernel_mappings(std::uintptr_t lo, std::uintptr_t hi)
     std::vector<KernelMapping> out;
     std::ifstream maps("/proc/self/maps");
     for (std::string line; std::getline(maps, line);) {
-        unsigned long from = 0, to = 0;
+        unsigned long from = 0, to = 0, offset = 0, inode = 0;
+        unsigned dev_major = 0, dev_minor = 0;
         char perms[5] = {};
-        if (std::sscanf(line.c_str(), "%lx-%lx %4s", &from, &to, perms) != 3 || to <= lo || from >= hi) continue;
+        if (std::sscanf(line.c_str(), "%lx-%lx %4s %lx %x:%x %lu", &from, &to, perms, &offset, &dev_major, &dev_minor,
+                        &inode) != 7 ||
+            to <= lo || from >= hi)
+            continue;
         const Prot prot = (perms[0] == 'r' ? Prot::Read : Prot::None) | (perms[1] == 'w' ? Prot::Write : Prot::None) |
                           (perms[2] == 'x' ? Prot::Exec : Prot::None);
         // memfd_create names its files "memfd:NAME"; the page caches are named "usermm:FILE".
         const bool page_cache = line.find("/memfd:usermm:") != std::string::npos;
-        out.push_back({std::max<std::uintptr_t>(from, lo), std::min<std::uintptr_t>(to, hi), prot, page_cache});
+        const std::uintptr_t start = std::max<std::uintptr_t>(from, lo);
+        out.push_back({start, std::min<std::uintptr_t>(to, hi), prot, page_cache, perms[3] == 's', inode,
+                       offset + (start - from)});
     }
     return out;
 }
@@ -66,6 +75,41 @@ std::vector<Vma*> covering_vmas(ArenaCore& a, const char* call, Range r) {
 // --- pages -------------------------------------------------------------------------------------
 
 
+std::vector<PageSpan> pte_spans(const ArenaCore& a, std::size_t first, std::size_t last) {
+    const std::size_t per_table_page = g_page_size / sizeof(Pte);
+    const std::size_t t_first = first / per_table_page, t_last = (last + per_table_page - 1) / per_table_page;
+    // Below this many pages of the table, reading them costs less than asking.
+    constexpr std::size_t kAskFrom = 16;
+    if (first >= last) return {};
+    if (t_last - t_first < kAskFrom) return {{first, last}};
+    const int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return {{first, last}};  // then every page is read
+    constexpr std::uint64_t kHeld = (std::uint64_t(1) << 63) | (std::uint64_t(1) << 62);  // present, swapped
+    std::vector<PageSpan> out;
+    std::vector<std::uint64_t> entries(std::min<std::size_t>(t_last - t_first, 4096));
+    const std::size_t table_vpn = addr_of(a.pte) >> g_page_shift;
+    auto add = [&](std::size_t t_from, std::size_t t_to) {
+        const std::size_t from = std::max(first, t_from * per_table_page), to = std::min(last, t_to * per_table_page);
+        if (!out.empty() && out.back().last == from)
+            out.back().last = to;
+        else
+            out.push_back({from, to});
+    };
+    for (std::size_t t = t_first; t < t_last;) {
+        const std::size_t n = std::min(entries.size(), t_last - t);
+        const ssize_t got = pread(fd, entries.data(), n * sizeof(std::uint64_t), off_t((table_vpn + t) * sizeof(std::uint64_t)));
+        if (got != ssize_t(n * sizeof(std::uint64_t))) {
+            add(t, t_last);  // what cannot be asked about is read
+            break;
+        }
+        for (std::size_t k = 0; k < n; ++k)
+            if (entries[k] & kHeld) add(t + k, t + k + 1);
+        t += n;
+    }
+    close(fd);
+    return out;
+}
+
 // After a refused mprotect, which may have changed a prefix of its range: the PTEs of pages
 // [first, last) take whatever protection the kernel now has for them.
 void resync_ptes(ArenaCore& a, std::size_t first, std::size_t last) {
@@ -78,6 +122,56 @@ void resync_ptes(ArenaCore& a, std::size_t first, std::size_t last) {
             a.note_changed(i);
         }
     }
+}
+
+namespace {
+
+// The kernel merges two neighbouring mappings when their flags agree (protection included), and
+// for private memory only when they share an anon_vma. Neighbours with equal protections that it
+// keeps apart differ in something else for good; neighbours with different protections merge
+// later only if both are shared mappings of one file at consecutive offsets (no anon_vma): a
+// mapping just made, or inherited at fork, has an anon_vma of its own if it is private.
+bool stay_apart(const KernelMapping& lo, const KernelMapping& hi) {
+    if (lo.prot == hi.prot) return true;
+    return !(lo.shared && hi.shared && lo.inode == hi.inode && lo.offset + (lo.to - lo.from) == hi.offset);
+}
+
+void set_edge(ArenaCore& a, std::size_t page, bool edge) {
+    if (edge)
+        a.pte[page].fetch_or(kPteEdge, std::memory_order_relaxed);
+    else
+        a.pte[page].fetch_and(pte_t(~kPteEdge), std::memory_order_relaxed);
+}
+
+// The edge mark of `page` from `maps` (the arena's mappings, in order).
+void edge_from_kernel(ArenaCore& a, const std::vector<KernelMapping>& maps, std::size_t page) {
+    const std::uintptr_t at = a.page_addr(page);
+    const auto hi = std::lower_bound(maps.begin(), maps.end(), at,
+                                     [](const KernelMapping& m, std::uintptr_t x) { return m.from < x; });
+    set_edge(a, page, hi != maps.begin() && hi != maps.end() && hi->from == at && std::prev(hi)->to == at &&
+                          stay_apart(*std::prev(hi), *hi));
+}
+
+}  // namespace
+
+void settle_edges(ArenaCore& a, std::size_t first, std::size_t last) {
+    for (std::size_t i = first + 1; i < last; ++i) set_edge(a, i, false);
+    const std::vector<KernelMapping> maps = kernel_mappings(a.base, a.end);
+    edge_from_kernel(a, maps, first);
+    if (last < a.page_index(a.end)) edge_from_kernel(a, maps, last);
+    map_budget_recount(a, long(maps.size()));
+}
+
+void inherit_edges(ArenaCore& a, const std::vector<KernelMapping>& maps) {
+    long inside = 0;
+    const KernelMapping* prev = nullptr;
+    for (const KernelMapping& m : maps) {
+        if (m.to <= a.base || m.from >= a.end) continue;
+        ++inside;
+        if (prev && prev->to == m.from && m.from < a.end && stay_apart(*prev, m)) set_edge(a, a.page_index(m.from), true);
+        prev = &m;
+    }
+    map_budget_recount(a, inside);
 }
 
 namespace {
@@ -101,26 +195,28 @@ bool mergeable(const Vma& lo, const Vma& hi) {
 }  // namespace
 
 // Forgets the PTEs of a range that is PROT_NONE and empty in the kernel again. A page of the table
-// that ends up all zero goes back to the kernel; reading the untouched parts of the table maps the
-// kernel's zero page, so clearing never makes the table resident.
+// that ends up all zero goes back to the kernel; the parts of the table never touched are not read
+// (pte_spans), so clearing costs what was touched and never makes the table resident.
 void clear_ptes(ArenaCore& a, Range r) {
-    note_discarded(a, a.page_index(r.start), a.page_index(r.end));
-    const std::size_t last = a.page_index(r.end);
     const std::size_t per_table_page = g_page_size / sizeof(Pte);
-    for (std::size_t i = a.page_index(r.start); i < last;) {
-        const std::size_t block_end = std::min(last, (i / per_table_page + 1) * per_table_page);
-        bool kept = false;
-        for (std::size_t k = i; k < block_end; ++k) {
-            const pte_t v = a.pte[k].load(std::memory_order_relaxed);
-            if (!v) continue;
-            const pte_t n = pte_after_discard(v);
-            kept |= n != 0;
-            a.pte[k].store(n, std::memory_order_relaxed);
-            if (n) a.note_changed(k);
+    for (const PageSpan& span : pte_spans(a, a.page_index(r.start), a.page_index(r.end))) {
+        note_discarded(a, span.first, span.last);
+        const std::size_t last = span.last;
+        for (std::size_t i = span.first; i < last;) {
+            const std::size_t block_end = std::min(last, (i / per_table_page + 1) * per_table_page);
+            bool kept = false;
+            for (std::size_t k = i; k < block_end; ++k) {
+                const pte_t v = a.pte[k].load(std::memory_order_relaxed);
+                if (!v) continue;
+                const pte_t n = pte_after_discard(v);
+                kept |= n != 0;
+                a.pte[k].store(n, std::memory_order_relaxed);
+                if (n) a.note_changed(k);
+            }
+            if (!kept && i % per_table_page == 0 && block_end - i == per_table_page)
+                page_discard(addr_of(&a.pte[i]), g_page_size);  // i is the table page's first entry
+            i = block_end;
         }
-        if (!kept && i % per_table_page == 0 && block_end - i == per_table_page)
-            page_discard(addr_of(&a.pte[i]), g_page_size);  // i is the table page's first entry
-        i = block_end;
     }
 }
 
@@ -151,7 +247,7 @@ int protect_run(ArenaCore& a, std::size_t first, std::size_t last, Prot prot) {
     const long delta = map_count_delta(a, first, last, prot);
     if (const int err = page_protect(a.page_addr(first), (last - first) << g_page_shift, prot)) {
         resync_ptes(a, first, last);
-        map_budget_charge(a, long(kernel_mappings(a.base, a.end).size()) + 2 - a.kernel_maps.load());
+        map_budget_recount(a, long(kernel_mappings(a.base, a.end).size()));
         return err;
     }
     map_budget_charge(a, delta);

@@ -86,8 +86,26 @@ struct KernelMapping {
     std::uintptr_t to;
     Prot prot;
     bool page_cache;  // a mapping of one of usermm's page-cache memfds (a file VMA)
+    bool shared;
+    std::uint64_t inode;   // of the file mapped, 0 for anonymous memory
+    std::uint64_t offset;  // into the file, of `from`
 };
 std::vector<KernelMapping> kernel_mappings(std::uintptr_t lo, std::uintptr_t hi);
+// Edge marks (kPteEdge) where the kernel keeps neighbouring mappings of the arena apart for good,
+// read from its mappings `maps`: at the boundaries before pages `first` and `last` of a mapping
+// just made there (the marks between them are cleared), or at every boundary (in a forked child).
+// Then the arena's count becomes the kernel's.
+void settle_edges(ArenaCore& a, std::size_t first, std::size_t last);
+void inherit_edges(ArenaCore& a, const std::vector<KernelMapping>& maps);
+// Pages [first, last) as the spans whose PTEs may be non-zero, in order: those whose page of the
+// PTE table the kernel holds (present or swapped out, as /proc/self/pagemap says). A page of the
+// table that was never touched is all zero, so the scans of the API world cost what was touched,
+// not what is reserved. A short range is one span, without asking.
+struct PageSpan {
+    std::size_t first;
+    std::size_t last;
+};
+std::vector<PageSpan> pte_spans(const ArenaCore& a, std::size_t first, std::size_t last);
 void resync_ptes(ArenaCore& a, std::size_t first, std::size_t last);
 void clear_ptes(ArenaCore& a, Range r);
 // Records that the populated pages of [first, last) are about to lose their content, for the next
@@ -150,19 +168,25 @@ template <typename Change>
 std::size_t change_pages(ArenaCore& a, const char* call, Range r, Change change) {
     std::size_t changed = 0;
     auto prot_of = [&a](std::size_t i) { return int(pte_prot(a.pte[i].load(std::memory_order_relaxed))); };
-    for_each_run(a.page_index(r.start), a.page_index(r.end), prot_of, [&](std::size_t i, std::size_t j, int old) {
-        const Prot next = change(Prot(old));
-        if (next == Prot(old)) return;
-        if (allows(next, Prot::Write)) preserve_range(a, call, {a.page_addr(i), a.page_addr(j)});
-        if (const int err = protect_run(a, i, j, next))
-            fail(err, "{}: mprotect of [{:#x}, {:#x}) to {} failed", call, a.page_addr(i), a.page_addr(j),
-                 to_string(next));
-        for (std::size_t k = i; k < j; ++k) {
-            a.pte[k].store(pte_with_prot(a.pte[k].load(std::memory_order_relaxed), next), std::memory_order_relaxed);
-            a.note_changed(k);
-        }
-        changed += j - i;
-    });
+    const std::size_t first = a.page_index(r.start), last = a.page_index(r.end);
+    // Untouched pages (zero PTEs) need nothing if the change leaves no access at no access.
+    const std::vector<PageSpan> spans =
+        change(Prot::None) == Prot::None ? pte_spans(a, first, last) : std::vector<PageSpan>{{first, last}};
+    for (const PageSpan& span : spans) {
+        for_each_run(span.first, span.last, prot_of, [&](std::size_t i, std::size_t j, int old) {
+            const Prot next = change(Prot(old));
+            if (next == Prot(old)) return;
+            if (allows(next, Prot::Write)) preserve_range(a, call, {a.page_addr(i), a.page_addr(j)});
+            if (const int err = protect_run(a, i, j, next))
+                fail(err, "{}: mprotect of [{:#x}, {:#x}) to {} failed", call, a.page_addr(i), a.page_addr(j),
+                     to_string(next));
+            for (std::size_t k = i; k < j; ++k) {
+                a.pte[k].store(pte_with_prot(a.pte[k].load(std::memory_order_relaxed), next), std::memory_order_relaxed);
+                a.note_changed(k);
+            }
+            changed += j - i;
+        });
+    }
     return changed;
 }
 

@@ -5,6 +5,7 @@
 // (kPteLocked set by handle_pte_fault's CAS); it either publishes the page's new protection (which
 // unlocks it) or restores the PTE it found.
 #include <algorithm>
+#include <cerrno>
 #include <signal.h>
 
 #include "account.hpp"
@@ -144,6 +145,7 @@ enum class Budget : std::uint8_t { Enforce, Exceed };
 // install()'s answers besides 0 and an errno value.
 constexpr int kOverBudget = -1;
 constexpr int kStateUnknown = -2;  // the kernel refused, and so did the attempt to undo a partial change
+constexpr int kDataLimit = -3;     // the kernel refused write access for RLIMIT_DATA
 
 // Gives the locked range `prot` in the kernel and publishes it. All of the range was locked from
 // PTE value `was`. Counting the kernel VMAs the change makes, making it and publishing it happen
@@ -173,7 +175,16 @@ int install(vm_fault& vmf, PageRange r, Prot prot, pte_t was, Budget budget) {
         return kOverBudget;
     if (const int err = page_protect(addr, len, prot)) {
         map_budget_charge(arena, -delta);
-        return page_protect(addr, len, pte_to_prot(was)) == 0 ? err : kStateUnknown;
+        // ENOMEM: either RLIMIT_DATA, which counts the private memory granted write access, or
+        // no mapping to spare (vm.max_map_count, with the program's own mappings): then usermm
+        // holds no more than it does now, so that later faults degrade without asking.
+        std::uint64_t data_limit = 0;
+        int why = err;
+        if (err == ENOMEM && allows(prot, Prot::Write) && data_limit_reached(len, &data_limit))
+            why = kDataLimit;
+        else if (err == ENOMEM)
+            map_budget_refused();
+        return page_protect(addr, len, pte_to_prot(was)) == 0 ? why : kStateUnknown;
     }
     publish(vmf, r, prot);
     vmf.pages = std::uint32_t(std::min<std::size_t>(r.last - r.first, UINT32_MAX));
@@ -192,9 +203,79 @@ FaultResult fatal(vm_fault& vmf, const char* what, int err) {
     return FaultResult::Fatal;
 }
 
+// Write access to pages [r.first, r.last) would take the process past RLIMIT_DATA, which the
+// kernel applies at mmap (refusing the mapping) and usermm only when it grants write access.
+FaultResult data_limit_fatal(vm_fault& vmf, PageRange r) {
+    if (!vmf.diag) return FaultResult::Fatal;
+    std::uint64_t limit = 0;
+    data_limit_reached(0, &limit);
+    RawLine& d = *vmf.diag;
+    d.str("usermm: cannot resolve ").str(access_name(vmf.access)).str(" fault at ").hex(vmf.address);
+    d.str(": RLIMIT_DATA (").dec(limit).str(" bytes) is reached; the kernel refused write access to [");
+    d.hex(vmf.arena->page_addr(r.first)).str(", ").hex(vmf.arena->page_addr(r.last)).str(") in VMA '");
+    d.str(vmf.vma->name).str("'");
+    return FaultResult::Fatal;
+}
+
 FaultResult install_failed(vm_fault& vmf, int err) {
     return err == kStateUnknown ? fatal(vmf, "mprotect failed and could not be undone", 0)
                                 : fatal(vmf, "mprotect", err);
+}
+
+// Even the degraded change would split a mapping, past the budget or past vm.max_map_count (which
+// the program's own mappings count against too: then the kernel refused it). A change of a whole
+// kernel mapping splits nothing, so the kernel does not refuse it for the count: what the access
+// needs goes to every page of the kernel mapping around the fault (all have the faulting page's
+// protection and backing, whatever else their states say), as far as the VMA reaches.
+// Only if the mapping reaches beyond the VMA (or into pages not ready) does the kernel have to
+// split, and may refuse: then nothing can be done.
+//
+// Entered with the faulting page locked from state `cur` and its neighbours unlocked.
+FaultResult do_merging_fault(vm_fault& vmf, pte_t cur) {
+    ArenaCore& arena = *vmf.arena;
+    const Vma& vma = *vmf.vma;
+    const std::size_t page = arena.page_index(vmf.address);
+    const pte_t kind = cur & (kPteProt | kPteFile);
+    bool busy = false;  // the mapping goes on into a page another fault holds
+    auto lock = [&](std::size_t i) {
+        if (!page_ready(vmf, i)) return false;
+        for (pte_t v = arena.pte[i].load(kRelaxed);;) {
+            if (v & kPteLocked) {
+                busy = (v & (kPteProt | kPteFile)) == kind;
+                return false;
+            }
+            if ((v & (kPteProt | kPteFile)) != kind) return false;
+            if (arena.pte[i].compare_exchange_weak(v, pte_t(v | kPteLocked), kAcquire, kRelaxed)) return true;
+        }
+    };
+    // A page with an edge mark begins a kernel mapping: the run stops before it, or at it.
+    const PageRange limit = vma_pages(arena, vma);
+    PageRange run{page, page + 1};
+    while (run.first > limit.first && !(arena.pte[run.first].load(kRelaxed) & kPteEdge) && lock(run.first - 1))
+        --run.first;
+    while (run.last < limit.last && !(arena.pte[run.last].load(kRelaxed) & kPteEdge) && lock(run.last)) ++run.last;
+    // What the access needs, as a fault grants it: the run may be large, and write access to it
+    // would have live snapshots take every page of it first, and count against RLIMIT_DATA.
+    const int err = install(vmf, run, grant_for(vmf.access, vma.prot), cur, Budget::Exceed);
+    if (err == 0) {
+        vmf.kind = FaultKind::Degraded;
+        return FaultResult::Resolved;
+    }
+    if (err == kStateUnknown) return install_failed(vmf, err);
+    if (err == kDataLimit) {
+        unlock_unchanged(arena, {run.first, page});
+        unlock_unchanged(arena, {page + 1, run.last});
+        return data_limit_fatal(vmf, {page, page + 1});
+    }
+    unlock_unchanged(arena, run);
+    if (err == ENOMEM && busy) return FaultResult::Spurious;  // the access faults again, after the other fault
+    if (err != ENOMEM || !vmf.diag) return install_failed(vmf, err);
+    RawLine& d = *vmf.diag;
+    d.str("usermm: cannot resolve ").str(access_name(vmf.access)).str(" fault at ").hex(vmf.address);
+    d.str(": vm.max_map_count (").dec(std::uint64_t(map_budget_max_map_count()));
+    d.str(") is reached; the kernel refused to split a mapping in VMA '").str(vma.name).str("' [").hex(vma.start);
+    d.str(", ").hex(vma.end).str(")");
+    return FaultResult::Fatal;
 }
 
 // The kernel's mapping budget is spent: resolve the fault by granting the VMA's full protection to
@@ -202,6 +283,9 @@ FaultResult install_failed(vm_fault& vmf, int err) {
 // run's neighbours are in other states, so the change merges kernel VMAs (or keeps their number)
 // instead of splitting them; the price is that the kernel, not usermm, sees the first touch of the
 // other pages of the run. Stats say how often this happened (degraded_faults, degraded_pages).
+// Neighbours in another state may share the run's kernel mapping, though (pages restored or
+// discarded hold flags untouched ones lack): if the split that then takes does not fit the budget,
+// or the kernel refuses it, the whole mapping is granted (do_merging_fault).
 //
 // Entered with the faulting page locked from state `cur`; returns with it published.
 FaultResult do_degraded_fault(vm_fault& vmf, pte_t cur) {
@@ -209,8 +293,17 @@ FaultResult do_degraded_fault(vm_fault& vmf, pte_t cur) {
     const std::size_t page = arena.page_index(vmf.address);
     const PageRange run = lock_neighbours(arena, {page, page + 1}, vma_pages(arena, *vmf.vma), cur,
                                           [&vmf](std::size_t i) { return page_ready(vmf, i); });
-    if (const int err = install(vmf, run, vmf.vma->prot, cur, Budget::Exceed)) {
-        if (err != kStateUnknown) unlock_unchanged(arena, run);
+    int err = install(vmf, run, vmf.vma->prot, cur, Budget::Enforce);
+    // Past RLIMIT_DATA a read still gets its pages, without write access (which is not counted).
+    if (err == kDataLimit && vmf.access != Access::Write)
+        err = install(vmf, run, vmf.vma->prot & ~Prot::Write, cur, Budget::Enforce);
+    if (err) {
+        if (err == kStateUnknown) return install_failed(vmf, err);
+        unlock_unchanged(arena, {run.first, page});
+        unlock_unchanged(arena, {page + 1, run.last});
+        if (err == kDataLimit) return data_limit_fatal(vmf, {page, page + 1});
+        if (err == ENOMEM || err == kOverBudget) return do_merging_fault(vmf, cur);
+        unlock_unchanged(arena, {page, page + 1});
         return install_failed(vmf, err);
     }
     vmf.kind = FaultKind::Degraded;
@@ -231,7 +324,8 @@ FaultResult install_or_degrade(vm_fault& vmf, PageRange r, Prot prot, pte_t cur,
         if (err == kStateUnknown) return install_failed(vmf, err);
         unlock_unchanged(arena, {r.first, page});
         unlock_unchanged(arena, {page + 1, r.last});
-        if (r.last - r.first == 1) return do_degraded_fault(vmf, cur);
+        // Past RLIMIT_DATA only the faulting page is tried; a degraded run would ask for more.
+        if (r.last - r.first == 1) return err == kDataLimit ? data_limit_fatal(vmf, r) : do_degraded_fault(vmf, cur);
         r = {page, page + 1};
     }
 }

@@ -1,5 +1,10 @@
 #include "map_budget.hpp"
 
+#include <fcntl.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <atomic>
 
 namespace usermm::detail {
@@ -7,7 +12,7 @@ namespace usermm::detail {
 namespace {
 constinit std::atomic<long> g_used{0};
 constinit std::atomic<long> g_limit{1L << 62};
-constinit std::atomic<bool> g_kernel_merges{true};
+constinit std::atomic<long> g_max_map_count{65530};
 
 // A kernel VMA boundary lies between two neighbouring pages wherever their protections differ, one
 // is backed by a file's memfd and the other by the arena's anonymous memory, or the second carries
@@ -28,22 +33,23 @@ bool edge_at(const ArenaCore& arena, std::size_t index, std::size_t npages) {
 }  // namespace
 
 void map_budget_set_limit(long limit) { g_limit.store(limit, std::memory_order_relaxed); }
+void map_budget_set_max_map_count(long max_map_count) { g_max_map_count.store(max_map_count, std::memory_order_relaxed); }
 long map_budget_limit() { return g_limit.load(std::memory_order_relaxed); }
 long map_budget_used() { return g_used.load(std::memory_order_relaxed); }
+long map_budget_max_map_count() { return g_max_map_count.load(std::memory_order_relaxed); }
+
+void map_budget_refused() {
+    const long used = g_used.load(std::memory_order_relaxed);
+    long limit = g_limit.load(std::memory_order_relaxed);
+    while (used < limit && !g_limit.compare_exchange_weak(limit, used, std::memory_order_relaxed)) {
+    }
+}
 
 long map_count_delta(const ArenaCore& arena, std::size_t first, std::size_t last, Prot prot) {
     const std::size_t npages = arena.page_index(arena.end);
     const unsigned next = class_of(pte_t(to_pte(prot) | (arena.pte[first].load(std::memory_order_relaxed) & kPteFile)));
     const unsigned left = class_at(arena, first - 1, npages);
     const unsigned right = class_at(arena, last, npages);
-    if (!g_kernel_merges.load(std::memory_order_relaxed)) {
-        // Existing boundaries stay; a new one appears where a neighbour that shared a kernel VMA
-        // with the range's end page gets another class.
-        auto splits = [&](unsigned outer, std::size_t edge_page, std::size_t inner) {
-            return long(!edge_at(arena, edge_page, npages) && outer == class_at(arena, inner, npages) && outer != next);
-        };
-        return splits(left, first, first) + splits(right, last, last - 1);
-    }
     long before = 0;
     long after = 0;
     unsigned prev = left;
@@ -75,9 +81,35 @@ bool map_budget_try_charge(ArenaCore& arena, long delta) {
     return true;
 }
 
-void map_budget_after_fork(ArenaCore& arena, long kernel_maps) {
-    g_kernel_merges.store(false, std::memory_order_relaxed);
-    map_budget_charge(arena, kernel_maps - arena.kernel_maps.load(std::memory_order_relaxed));
+void map_budget_recount(ArenaCore& arena, long kernel_maps) {
+    map_budget_charge(arena, kernel_maps + kArenaTableMaps - arena.kernel_maps.load(std::memory_order_relaxed));
+}
+
+bool data_limit_reached(std::size_t bytes, std::uint64_t* limit) {
+    rlimit rl{};
+    if (syscall(SYS_prlimit64, 0, RLIMIT_DATA, nullptr, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY) return false;
+    *limit = rl.rlim_cur;
+    const int fd = open("/proc/self/status", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return true;  // a finite limit, and no way to see how much of it is used: assume it
+    char buf[4096];
+    const ssize_t n = pread(fd, buf, sizeof buf - 1, 0);
+    close(fd);
+    if (n <= 0) return true;
+    buf[n] = 0;
+    constexpr char kKey[] = "\nVmData:";
+    auto key_at = [&](const char* p) {
+        for (std::size_t k = 0; k + 1 < sizeof kKey; ++k)
+            if (p[k] != kKey[k]) return false;
+        return true;
+    };
+    const char* at = nullptr;
+    for (const char* p = buf; *p && !at; ++p)
+        if (key_at(p)) at = p + sizeof kKey - 1;
+    if (!at) return true;
+    std::uint64_t kib = 0;
+    while (*at == ' ' || *at == '\t') ++at;
+    for (; *at >= '0' && *at <= '9'; ++at) kib = kib * 10 + std::uint64_t(*at - '0');
+    return kib * 1024 + bytes > rl.rlim_cur;
 }
 
 void map_budget_charge_process(long delta) { g_used.fetch_add(delta, std::memory_order_relaxed); }

@@ -3,7 +3,9 @@
 // Every mprotect of part of a mapping splits a kernel VMA, and a process may hold vm.max_map_count
 // of them. usermm counts the kernel VMAs its arenas consist of, from the per-page state alone: in
 // an arena, a kernel VMA boundary lies wherever two neighbouring pages have different protections
-// or backings (file or anonymous), and wherever a page carries an edge mark.
+// or backings (file or anonymous), and wherever a page carries an edge mark (where the kernel keeps
+// two mappings apart for good: see settle_edges, inherit_edges). The count is exact; verify()
+// compares it with /proc/self/maps.
 // A fault that would take the count past the budget is resolved coarsely instead (see
 // do_degraded_fault), which merges kernel VMAs rather than splitting them.
 #pragma once
@@ -17,8 +19,13 @@ namespace usermm::detail {
 // API world: set the limit once, from vm.max_map_count less what the process already uses and a
 // reserve for the program's own mappings (thread stacks, malloc, libraries).
 void map_budget_set_limit(long limit);
+void map_budget_set_max_map_count(long max_map_count);
 long map_budget_limit();
 long map_budget_used();
+long map_budget_max_map_count();
+// The kernel refused a change for want of a mapping (ENOMEM): from now on usermm holds no more
+// kernel mappings than it does now, so that faults degrade before they ask the kernel again.
+void map_budget_refused();
 
 // How many kernel VMAs the arena gains (or loses, negative) when pages [first, last) all get
 // `prot`, judged from the PTEs of those pages and of their two neighbours.
@@ -31,9 +38,17 @@ void map_budget_charge(ArenaCore& arena, long delta);
 // The same for usermm's mappings outside every arena (the page caches' views and state tables).
 void map_budget_charge_process(long delta);
 
-// API world, in a forked child: the kernel gives each of the child's VMAs an anon_vma of its own, so
-// the pieces the child inherited never merge again. From then on only the boundaries a change
-// creates are counted, and the arena's count restarts from what the kernel really has.
-void map_budget_after_fork(ArenaCore& arena, long kernel_maps);
+// Whether a refused grant of write access to `bytes` more of private memory (ENOMEM) was
+// RLIMIT_DATA's doing: the kernel counts private writable mappings against it (a PROT_NONE
+// reservation is not counted; mprotect to writable counts the pages then). Fault world: reads
+// /proc/self/status with plain system calls. *limit gets the limit in bytes.
+bool data_limit_reached(std::size_t bytes, std::uint64_t* limit);
+
+// An arena's count covers its reservation and its two tables (the PTEs and the changed-group bits).
+inline constexpr long kArenaTableMaps = 2;
+
+// API world: the arena's count becomes what the kernel really has, `kernel_maps` mappings inside
+// the reservation (read from /proc/self/maps), plus its tables.
+void map_budget_recount(ArenaCore& arena, long kernel_maps);
 
 }  // namespace usermm::detail

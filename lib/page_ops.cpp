@@ -18,28 +18,7 @@ namespace usermm::detail {
 
 namespace {
 int result(int rc) { return rc == 0 ? 0 : errno; }
-}  // namespace
 
-// The kernel merges neighbouring pieces of a private mapping only if they share one anon_vma, and
-// creates the anon_vma at the first write into a piece. If that first write happened after the
-// reservation was split by mprotect, every written piece would get its own anon_vma and never merge
-// with its neighbours again, which defeats the map budget. So the reservation is written once while
-// it is still one piece, then made PROT_NONE and emptied.
-int page_reserve(std::size_t len, void** out) {
-    void* p = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (p == MAP_FAILED) return errno;
-    *static_cast<volatile char*>(p) = 0;
-    // Only the first page was touched; discarding just it keeps this O(1) for any size.
-    if (madvise(p, g_page_size, MADV_DONTNEED) != 0 || mprotect(p, len, PROT_NONE) != 0) {
-        const int err = errno;
-        munmap(p, len);
-        return err;
-    }
-    *out = p;
-    return 0;
-}
-
-namespace {
 // The one write that gives a fresh private mapping its anon_vma goes through /proc/self/mem, so the
 // mapping is PROT_NONE from the start: no other thread can slip a write in meanwhile.
 int write_once_and_discard(void* p) {
@@ -48,6 +27,23 @@ int write_once_and_discard(void* p) {
     return madvise(p, g_page_size, MADV_DONTNEED) == 0 ? 0 : errno;
 }
 }  // namespace
+
+// The kernel merges neighbouring pieces of a private mapping only if they share one anon_vma, and
+// creates the anon_vma at the first write into a piece. If that first write happened after the
+// reservation was split by mprotect, every written piece would get its own anon_vma and never merge
+// with its neighbours again, which defeats the map budget. So the reservation is written once while
+// it is still one piece (through /proc/self/mem: it is PROT_NONE from the start, so it does not
+// count against RLIMIT_DATA, which counts private writable mappings), and that page emptied again.
+int page_reserve(std::size_t len, void** out) {
+    void* p = mmap(nullptr, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) return errno;
+    if (const int err = write_once_and_discard(p)) {
+        munmap(p, len);
+        return err;
+    }
+    *out = p;
+    return 0;
+}
 
 int page_reserve_fixed(std::uintptr_t addr, std::size_t len) {
     void* p = mmap(reinterpret_cast<void*>(addr), len, PROT_NONE,
@@ -241,9 +237,17 @@ int page_map_view(int memfd, std::uint64_t off, std::size_t len, void** out) {
 
 int page_map_file_fixed(std::uintptr_t addr, std::size_t len, int memfd, std::uint64_t off, bool shared) {
     void* want = reinterpret_cast<void*>(addr);
-    const int flags = (shared ? MAP_SHARED : MAP_PRIVATE) | MAP_FIXED | MAP_NORESERVE;
-    if (mmap(want, len, PROT_NONE, flags, memfd, off_t(off)) == MAP_FAILED) return errno;
-    return shared ? 0 : write_once_and_discard(want);  // a private copy of the first page, dropped again
+    if (shared) return mmap(want, len, PROT_NONE, MAP_SHARED | MAP_FIXED | MAP_NORESERVE, memfd, off_t(off)) == MAP_FAILED ? errno : 0;
+    // A private mapping gets its anon_vma (a private copy of the first page, dropped again) where it
+    // has no neighbours, then moves into place: mapped there directly, it could merge into a
+    // neighbour first, and whether it merges with the other one later would depend on whose
+    // anon_vma it took. Moved, it never merges with either, and the map budget knows its edges.
+    void* p = mmap(nullptr, len, PROT_NONE, MAP_PRIVATE | MAP_NORESERVE, memfd, off_t(off));
+    if (p == MAP_FAILED) return errno;
+    int err = write_once_and_discard(p);
+    if (!err && mremap(p, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, want) == MAP_FAILED) err = errno;
+    if (err) munmap(p, len);
+    return err;
 }
 
 namespace {

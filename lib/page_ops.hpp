@@ -64,7 +64,8 @@ int page_memfd_punch(int memfd, std::uint64_t off, std::uint64_t len);
 int page_map_view(int memfd, std::uint64_t off, std::size_t len, void** out);
 // Replaces [addr, addr + len) of an arena by a PROT_NONE mapping of the memfd from off: shared, or
 // private (copy-on-write). A private mapping is written once while it is one piece, for the same
-// reason as page_reserve: its pieces must share one anon_vma to merge again after splits.
+// reason as page_reserve: its pieces must share one anon_vma to merge again after splits; and it
+// never merges with its neighbours.
 int page_map_file_fixed(std::uintptr_t addr, std::size_t len, int memfd, std::uint64_t off, bool shared);
 // Puts a fresh piece of PROT_NONE anonymous reservation at [addr, addr + len), written once while
 // whole (see page_reserve). It never merges with the arena's other anonymous pieces.

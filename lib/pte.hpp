@@ -19,8 +19,9 @@
 //  - file: the page lies in a file VMA, whose kernel mapping is the page cache's memfd rather than
 //    the arena's anonymous memory, so it never merges with an anonymous neighbour;
 //  - edge: a kernel VMA boundary may lie before this page whatever the neighbours' protections
-//    (the first page of a file mapping, the page after one, the pieces an unmapped file VMA leaves).
-//    The map budget then counts a boundary there, which can only over-count.
+//    (the first page of a file mapping, the page after one, the pieces an unmapped file VMA leaves,
+//    the boundaries a forked child inherits), set where the kernel keeps the mappings apart for good.
+//    The map budget counts a boundary there.
 #pragma once
 
 #include <sys/mman.h>

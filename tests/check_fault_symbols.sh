@@ -8,7 +8,7 @@
 set -euo pipefail
 IFS=';' read -r -a objects <<<"$1"
 
-allowed='^(_GLOBAL_OFFSET_TABLE_|__errno_location|__stack_chk_fail|clock_gettime|madvise|mmap|mmap64|mprotect|munmap|write|raise|sigaction|sigemptyset|sigfillset|sigaddset|sigdelset|sigismember|pthread_sigmask|sched_yield|pthread_self|open|close|ioctl|syscall|mincore|pread|pread64|pwrite|pwrite64|pwritev|pwritev64|pthread_equal|getpid|kill|fstat|fstat64|fdatasync|ftruncate|ftruncate64|fallocate|fallocate64|memfd_create|memcpy|memset|memmove|__(asan|ubsan|tsan|sanitizer|msan)_.*|__assert_fail)$'
+allowed='^(_GLOBAL_OFFSET_TABLE_|__errno_location|__stack_chk_fail|clock_gettime|madvise|mmap|mmap64|mremap|mprotect|munmap|write|raise|sigaction|sigemptyset|sigfillset|sigaddset|sigdelset|sigismember|pthread_sigmask|sched_yield|pthread_self|open|close|ioctl|syscall|mincore|pread|pread64|pwrite|pwrite64|pwritev|pwritev64|pthread_equal|getpid|kill|fstat|fstat64|fdatasync|ftruncate|ftruncate64|fallocate|fallocate64|memfd_create|memcpy|memset|memmove|__(asan|ubsan|tsan|sanitizer|msan)_.*|__assert_fail)$'
 forbidden='^(malloc|calloc|realloc|free|_Zn[wa].*|_Zd[la].*|__cxa_throw|__cxa_allocate_exception|__cxa_begin_catch|pthread_mutex_.*|printf|fprintf|puts|fwrite|_ZN3fmt.*)$'
 
 defined=$(nm --defined-only "${objects[@]}" | awk 'NF == 3 { print $3 }' | sort -u)

@@ -362,7 +362,9 @@ public:
     // that protect() split is several VMAs of the same name; vmas() lists them all.
     std::optional<VmaInfo> find_vma(std::string_view name) const;
     // Checks that the VMA tree, the per-page state and the kernel's mappings (/proc/self/maps)
-    // agree; throws Error naming the first address where they do not.
+    // agree, and that usermm's count of the kernel mappings the arena consists of (the map budget)
+    // is the kernel's; throws Error naming the first address where they do not, or both counts.
+    // Its cost follows the touched pages, not the reserved size.
     void verify() const;
 
 private:
