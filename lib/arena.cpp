@@ -113,7 +113,10 @@ void fork_release() {
 // kernel will merge its pieces (see map_budget_after_fork). glibc makes malloc usable in the child
 // before this runs.
 void fork_child() {
-    page_open_self_mem();  // the inherited descriptor reads the parent's memory
+    // The inherited descriptor refers to the parent's memory: it goes before anything can use it.
+    // If no descriptor of the child's own can be had now, calls that need one fail (and try again).
+    page_forget_self_mem();
+    page_self_mem();
     const bool was_uffd = tracking_engine() == TrackingEngine::Uffd;
     uffd_forget();
     ArenaRegistry& reg = arena_registry();
@@ -153,7 +156,6 @@ void detail::init_process() {
         g_page_shift = std::size_t(std::countr_zero(std::size_t(ps)));
         map_budget_set_limit(initial_map_budget());
         if (const int err = install_fault_handlers()) fail(err, "usermm: cannot install the SIGSEGV/SIGBUS handlers");
-        if (const int err = page_open_self_mem()) fail(err, "usermm: cannot open /proc/self/mem");
         choose_tracking_engine();
         pthread_atfork(fork_prepare, fork_release, fork_child);
         if (const char* env = std::getenv("USERMM_STATS"); env && std::strcmp(env, "1") == 0)
@@ -174,6 +176,7 @@ Stats process_stats() { return process_counters().load(); }
 
 Arena::Arena(std::size_t size) {
     init_process();
+    require_self_mem("usermm::Arena");
     const std::size_t len = round_up_length("usermm::Arena", size, 0, "size");
     auto core = std::make_unique<ArenaCore>();
     ArenaCore& a = *core;
@@ -323,6 +326,7 @@ void Arena::protect(void* addr, std::size_t length, Prot prot) {
     auto upper_spare = std::make_unique<Vma>();
 
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
+    if (a.snapshot_count) require_self_mem(call);  // snapshots take pages that gain write access
     // Throws, before anything changes, if part of the range is not mapped.
     for (const Vma* v : covering_vmas(a, call, r))
         if (allows(prot, Prot::Write) && !v->may_write && v->file && v->share == Share::Shared)
@@ -344,9 +348,14 @@ void Arena::unmap(void* addr, std::size_t length) {
     auto upper_spare = std::make_unique<Vma>();
 
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
+    // Snapshots take pages they cannot read directly, and file parts become reservation again,
+    // through /proc/self/mem.
+    const std::vector<Vma*> vmas = covering_vmas(a, call, r);
+    if (a.snapshot_count || std::any_of(vmas.begin(), vmas.end(), [](const Vma* v) { return v->file != nullptr; }))
+        require_self_mem(call);
     // Throws, before anything is unmapped, if part of the range is not mapped or a shared file
     // VMA's dirty pages cannot be written.
-    for (Vma* v : covering_vmas(a, call, r)) writeback(a, *v, {std::max(v->start, r.start), std::min(v->end, r.end)}, call);
+    for (Vma* v : vmas) writeback(a, *v, {std::max(v->start, r.start), std::min(v->end, r.end)}, call);
     preserve_range(a, call, r);
     change_pages(a, call, r, [](Prot) { return Prot::None; });
     page_discard(r.start, r.end - r.start);
@@ -380,6 +389,7 @@ void Arena::prefault(void* addr, std::size_t length, Prot access) {
     const Range r = check_range(a, call, addr, length);
     access = check_prot(call, access, r.start);
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
+    if (a.snapshot_count) require_self_mem(call);  // snapshots take pages that gain write access
     const std::vector<Vma*> vmas = covering_vmas(a, call, r);
     for (const Vma* v : vmas)
         if (!allows(v->prot, access))

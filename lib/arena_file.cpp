@@ -458,6 +458,7 @@ void* Arena::map_file_as(int fd, const std::string& path, std::uint64_t offset, 
                          Share share, const MapOptions& options) {
     static constexpr const char* call = "usermm::Arena::map_file";
     ArenaCore& a = *core_;
+    require_self_mem(call);  // a private mapping's first write, and any unmap, go through it
     const std::uintptr_t want = addr_of(options.address);
     prot = check_prot(call, prot, want);
     const std::size_t len = round_up_length(call, length, want);

@@ -5,6 +5,7 @@
 
 #include <pthread.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <fmt/format.h>
 
@@ -60,6 +61,15 @@ private:
 
 // Once per process: page size, handlers, map budget, fork handlers, USERMM_STATS.
 void init_process();
+
+// Calls that may reach arena pages through /proc/self/mem (page_ops.hpp) check first that this
+// process has a descriptor of its own: a forked child may have none (EMFILE at the fork), and a
+// non-dumpable process cannot open one.
+inline void require_self_mem(const char* call) {
+    if (const int err = page_self_mem())
+        fail(err, "{}: this process (pid {}) cannot open /proc/self/mem, through which usermm reaches arena pages", call,
+             getpid());
+}
 
 inline std::uintptr_t addr_of(const void* p) { return reinterpret_cast<std::uintptr_t>(p); }
 inline void* ptr_of(std::uintptr_t a) { return reinterpret_cast<void*>(a); }

@@ -14,6 +14,7 @@
 #include "decode.hpp"
 #include "fault.hpp"
 #include "fault_world.hpp"
+#include "page_ops.hpp"
 #include "raw_log.hpp"
 
 namespace usermm::detail {
@@ -118,6 +119,9 @@ extern "C" void usermm_fault_handler(int sig, siginfo_t* info, void* ucontext) {
         }
         case FaultResult::Fatal:
             // A fault usermm owns but cannot resolve: retrying would loop forever.
+            if (const int err = page_self_mem())
+                reason.str(" (this process cannot open /proc/self/mem, errno ").dec(std::uint64_t(err))
+                    .str(", through which usermm reads pages it cannot touch)");
             reason.emit();
             die_by(sig);
             return;

@@ -144,6 +144,9 @@ enum class Budget : std::uint8_t { Enforce, Exceed };
 // install()'s answers besides 0 and an errno value.
 constexpr int kOverBudget = -1;
 constexpr int kStateUnknown = -2;  // the kernel refused, and so did the attempt to undo a partial change
+constexpr int kCopyFailed = -3;    // a snapshot could not take a page's old content (diagnosed already)
+
+FaultResult fatal(vm_fault& vmf, const char* what, int err);
 
 // Gives the locked range `prot` in the kernel and publishes it. All of the range was locked from
 // PTE value `was`. Counting the kernel VMAs the change makes, making it and publishing it happen
@@ -160,8 +163,10 @@ int install(vm_fault& vmf, PageRange r, Prot prot, pte_t was, Budget budget) {
     // Nobody can write the locked pages yet; snapshots take what they need before anyone can.
     if (allows(prot, Prot::Write) && arena.snapshot_count)
         for (std::size_t i = r.first; i < r.last; ++i)
-            if (const int err = preserve_for_snapshots(arena, i, arena.pte[i].load(kRelaxed), &vmf.copies))
-                return err;
+            if (const int err = preserve_for_snapshots(arena, i, arena.pte[i].load(kRelaxed), &vmf.copies)) {
+                fatal(vmf, "reading the page for a snapshot", err);
+                return kCopyFailed;
+            }
     std::uint32_t dirtied = 0;
     if (allows(prot, Prot::Write) && vmf.vma->file && vmf.vma->share == Share::Shared)
         for (std::size_t i = r.first; i < r.last; ++i) dirtied += !(arena.pte[i].load(kRelaxed) & kPteDirtyFile);
@@ -193,6 +198,7 @@ FaultResult fatal(vm_fault& vmf, const char* what, int err) {
 }
 
 FaultResult install_failed(vm_fault& vmf, int err) {
+    if (err == kCopyFailed) return FaultResult::Fatal;
     return err == kStateUnknown ? fatal(vmf, "mprotect failed and could not be undone", 0)
                                 : fatal(vmf, "mprotect", err);
 }
@@ -210,7 +216,7 @@ FaultResult do_degraded_fault(vm_fault& vmf, pte_t cur) {
     const PageRange run = lock_neighbours(arena, {page, page + 1}, vma_pages(arena, *vmf.vma), cur,
                                           [&vmf](std::size_t i) { return page_ready(vmf, i); });
     if (const int err = install(vmf, run, vmf.vma->prot, cur, Budget::Exceed)) {
-        if (err != kStateUnknown) unlock_unchanged(arena, run);
+        if (err != kStateUnknown && err != kCopyFailed) unlock_unchanged(arena, run);
         return install_failed(vmf, err);
     }
     vmf.kind = FaultKind::Degraded;
@@ -228,7 +234,7 @@ FaultResult install_or_degrade(vm_fault& vmf, PageRange r, Prot prot, pte_t cur,
             vmf.kind = kind;
             return FaultResult::Resolved;
         }
-        if (err == kStateUnknown) return install_failed(vmf, err);
+        if (err == kStateUnknown || err == kCopyFailed) return install_failed(vmf, err);
         unlock_unchanged(arena, {r.first, page});
         unlock_unchanged(arena, {page + 1, r.last});
         if (r.last - r.first == 1) return do_degraded_fault(vmf, cur);

@@ -211,6 +211,7 @@ Stats Snapshot::stats() const {
 void Snapshot::read(const void* addr, void* buffer, std::size_t length) const {
     static constexpr const char* kReadCall = "usermm::Snapshot::read";
     check_live(core_.get(), kReadCall);
+    require_self_mem(kReadCall);
     const SnapshotCore& s = *core_;
     const std::uintptr_t from = addr_of(addr), lo = s.page_addr(s.first),
                          hi = s.page_addr(s.last);
@@ -233,6 +234,7 @@ void Snapshot::read(const void* addr, void* buffer, std::size_t length) const {
 
 void Snapshot::for_each_page(const std::function<void(const void*, std::span<const std::byte>)>& fn) const {
     check_live(core_.get(), "usermm::Snapshot::for_each_page");
+    require_self_mem("usermm::Snapshot::for_each_page");
     const SnapshotCore& s = *core_;
     visit_snapshot_pages(s, s.first, s.last, [&](std::size_t page, const std::byte* content, bool zero) {
         if (!zero) fn(ptr_of(s.page_addr(page)), std::span<const std::byte>(content, g_page_size));
@@ -251,6 +253,7 @@ Snapshot Arena::snapshot(void* addr, std::size_t length) {
     static constexpr const char* call = "usermm::Arena::snapshot";
     ArenaCore& a = *core_;
     const Range r = check_range(a, call, addr, length);
+    require_self_mem(call);
     std::shared_ptr<SnapshotCore> snap = new_snapshot_core(a, r);
     ChangeRecord record{0, snap->first, snap->last, std::vector<std::uint64_t>((snap->last - snap->first + 63) / 64)};
     a.history.reserve(a.history.size() + 1);
@@ -294,6 +297,7 @@ void Arena::restore(const Snapshot& snapshot) {
     static constexpr const char* call = "usermm::Arena::restore";
     ArenaCore& a = *core_;
     check_live(snapshot.core_.get(), call);
+    require_self_mem(call);
     SnapshotCore& s = *snapshot.core_;
     if (s.arena != &a)
         fail(EINVAL, "{}: snapshot {} of [{:#x}, +{:#x}) belongs to another arena", call, s.sequence,
