@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <charconv>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -46,33 +47,79 @@ long read_long_file(const char* path, long fallback) {
     return v;
 }
 
+// The environment, read once. One rule for every variable: a value usermm cannot use gets a
+// one-line diagnostic on stderr and the default, as the kernel treats a bad boot parameter; an
+// empty value is no value.
+enum class EngineWanted { Default, Mprotect, Uffd };
+struct Environment {
+    long map_budget = 0;  // 0: the default
+    EngineWanted engine = EngineWanted::Default;
+    bool stats_at_exit = false;
+};
+
+Environment read_environment() {
+    Environment env;
+    auto value = [](const char* name) -> const char* {
+        const char* v = std::getenv(name);
+        return v && *v ? v : nullptr;
+    };
+    auto bad = [](const char* name, const char* v, const char* expected) {
+        std::fprintf(stderr, "usermm: %s is '%s'; it must be %s: the default applies\n", name, v, expected);
+    };
+    if (const char* v = value("USERMM_MAP_BUDGET")) {
+        const char* end = v + std::strlen(v);
+        long n = 0;
+        const auto [ptr, ec] = std::from_chars(v, end, n);
+        if (ec == std::errc() && ptr == end && n > 0)
+            env.map_budget = n;
+        else
+            bad("USERMM_MAP_BUDGET", v, "a positive number of kernel mappings");
+    }
+    if (const char* v = value("USERMM_ENGINE")) {
+        const std::string_view want = v;
+        if (want == "mprotect")
+            env.engine = EngineWanted::Mprotect;
+        else if (want == "uffd")
+            env.engine = EngineWanted::Uffd;
+        else
+            bad("USERMM_ENGINE", v, "'mprotect' or 'uffd'");
+    }
+    if (const char* v = value("USERMM_STATS")) {
+        const std::string_view want = v;
+        if (want == "1" || want == "0")
+            env.stats_at_exit = want == "1";
+        else
+            bad("USERMM_STATS", v, "'0' or '1'");
+    }
+    return env;
+}
+
+const Environment& environment() {
+    static const Environment env = read_environment();
+    return env;
+}
+
 // The share of vm.max_map_count usermm may use: what the process has not used yet, less a reserve
 // for the program's own later mappings (thread stacks, malloc arenas, libraries). USERMM_MAP_BUDGET
 // sets it directly.
 long initial_map_budget() {
-    if (const char* env = std::getenv("USERMM_MAP_BUDGET")) {
-        char* end = nullptr;
-        const long v = std::strtol(env, &end, 10);
-        if (end != env && v > 0) return v;
-    }
+    if (environment().map_budget) return environment().map_budget;
     const long max = read_long_file("/proc/sys/vm/max_map_count", 65530);
     const long reserve = std::max(1024L, max / 8);
-    return std::max(64L, max - long(kernel_mappings(0, UINTPTR_MAX).size()) - reserve);
+    return std::max(64L, max - long(kernel_mappings(0, UINTPTR_MAX, "usermm::Arena").size()) - reserve);
 }
 
-// USERMM_ENGINE=mprotect or =uffd forces an engine (uffd fails loudly where the kernel lacks it);
-// otherwise userfaultfd is used where the running kernel offers everything it needs.
+// USERMM_ENGINE=mprotect or =uffd forces an engine (uffd fails loudly where the kernel lacks it: a
+// value usermm understands but cannot honour); otherwise userfaultfd is used where the running
+// kernel offers everything it needs.
 void choose_tracking_engine() {
-    const char* env = std::getenv("USERMM_ENGINE");
-    const std::string_view want = env ? env : "";
-    if (want == "mprotect") return;
-    if (!want.empty() && want != "uffd")
-        fail(EINVAL, "usermm: USERMM_ENGINE is '{}'; it must be 'mprotect' or 'uffd'", want);
+    const EngineWanted want = environment().engine;
+    if (want == EngineWanted::Mprotect) return;
     const int err = uffd_probe();
     if (err == 0)
         set_tracking_engine(TrackingEngine::Uffd);
-    else if (want == "uffd")
-        fail(err, "usermm: USERMM_ENGINE=uffd, but userfaultfd write-protect in SIGBUS mode is not available");
+    else if (want == EngineWanted::Uffd)
+        fail(err, "usermm::Arena: USERMM_ENGINE=uffd, but userfaultfd write-protect in SIGBUS mode is not available");
 }
 
 // The pages whose write access the uffd engine withheld lost their marks in the child (the kernel
@@ -122,7 +169,15 @@ void fork_child() {
     ArenaRegistry& reg = arena_registry();
     for (std::size_t i = 0; i < reg.count; ++i)
         if (was_uffd) convert_tracked_pages_after_fork(*reg.arenas[i]);
-    const std::vector<KernelMapping> maps = kernel_mappings(0, UINTPTR_MAX);  // once for all arenas
+    // Once for all arenas. Without a descriptor to read it with, each arena keeps the parent's
+    // count: the kernel copied every mapping as it was.
+    std::vector<KernelMapping> maps;
+    bool counted = true;
+    try {
+        maps = kernel_mappings(0, UINTPTR_MAX, "usermm: fork");
+    } catch (const Error&) {
+        counted = false;
+    }
     for (std::size_t i = 0; i < reg.count; ++i) {
         ArenaCore& a = *reg.arenas[i];
         // Slots held by readers, and a restore in progress, belong to threads the child does not have.
@@ -136,7 +191,7 @@ void fork_child() {
         const auto inside = std::count_if(maps.begin(), maps.end(), [&a](const KernelMapping& m) {
             return m.to > a.base && m.from < a.end;
         });
-        map_budget_after_fork(a, long(inside) + 2);  // + its two tables
+        map_budget_after_fork(a, counted ? long(inside) + 2 : a.kernel_maps.load());  // + its two tables
     }
     fork_release();
 }
@@ -158,8 +213,7 @@ void detail::init_process() {
         if (const int err = install_fault_handlers()) fail(err, "usermm: cannot install the SIGSEGV/SIGBUS handlers");
         choose_tracking_engine();
         pthread_atfork(fork_prepare, fork_release, fork_child);
-        if (const char* env = std::getenv("USERMM_STATS"); env && std::strcmp(env, "1") == 0)
-            std::atexit(print_stats_at_exit);
+        if (environment().stats_at_exit) std::atexit(print_stats_at_exit);
     });
 }
 
@@ -283,13 +337,19 @@ Arena& Arena::operator=(Arena&& other) noexcept {
     return *this;
 }
 
-void* Arena::base() const { return ptr_of(core_->base); }
-std::size_t Arena::size() const { return core_->end - core_->base; }
-bool Arena::contains(const void* p) const { return addr_of(p) >= core_->base && addr_of(p) < core_->end; }
+void* Arena::base() const { return ptr_of(live_arena(core_, "usermm::Arena::base").base); }
+std::size_t Arena::size() const {
+    const ArenaCore& a = live_arena(core_, "usermm::Arena::size");
+    return a.end - a.base;
+}
+bool Arena::contains(const void* p) const {
+    const ArenaCore& a = live_arena(core_, "usermm::Arena::contains");
+    return addr_of(p) >= a.base && addr_of(p) < a.end;
+}
 
 void* Arena::map(std::size_t length, Prot prot, const MapOptions& options) {
     static constexpr const char* call = "usermm::Arena::map";
-    ArenaCore& a = *core_;
+    ArenaCore& a = live_arena(core_, call);
     const std::uintptr_t want = addr_of(options.address);
     prot = check_prot(call, prot, want);
     const std::size_t len = round_up_length(call, length, want);
@@ -319,7 +379,7 @@ void* Arena::map(std::size_t length, Prot prot, const MapOptions& options) {
 
 void Arena::protect(void* addr, std::size_t length, Prot prot) {
     static constexpr const char* call = "usermm::Arena::protect";
-    ArenaCore& a = *core_;
+    ArenaCore& a = live_arena(core_, call);
     const Range r = check_range(a, call, addr, length);
     prot = check_prot(call, prot, r.start);
     auto lower_spare = std::make_unique<Vma>();
@@ -342,7 +402,7 @@ void Arena::protect(void* addr, std::size_t length, Prot prot) {
 
 void Arena::unmap(void* addr, std::size_t length) {
     static constexpr const char* call = "usermm::Arena::unmap";
-    ArenaCore& a = *core_;
+    ArenaCore& a = live_arena(core_, call);
     const Range r = check_range(a, call, addr, length);
     auto lower_spare = std::make_unique<Vma>();
     auto upper_spare = std::make_unique<Vma>();
@@ -385,9 +445,12 @@ void Arena::unmap(void* addr, std::size_t length) {
 
 void Arena::prefault(void* addr, std::size_t length, Prot access) {
     static constexpr const char* call = "usermm::Arena::prefault";
-    ArenaCore& a = *core_;
+    ArenaCore& a = live_arena(core_, call);
     const Range r = check_range(a, call, addr, length);
     access = check_prot(call, access, r.start);
+    if (access == Prot::None)
+        fail(EINVAL, "{}: access Prot::None at addr {:#x} grants nothing; prefault needs Read, Write or Exec", call,
+             r.start);
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
     if (a.snapshot_count) require_self_mem(call);  // snapshots take pages that gain write access
     const std::vector<Vma*> vmas = covering_vmas(a, call, r);
@@ -407,10 +470,10 @@ void Arena::prefault(void* addr, std::size_t length, Prot access) {
     }
 }
 
-Stats Arena::stats() const { return core_->stats.load(); }
+Stats Arena::stats() const { return live_arena(core_, "usermm::Arena::stats").stats.load(); }
 
 std::vector<VmaInfo> Arena::vmas() const {
-    ArenaCore& a = *core_;
+    ArenaCore& a = live_arena(core_, "usermm::Arena::vmas");
     std::vector<VmaInfo> out;
     ApiGuard<SharedGuard<RwSpinLock>> guard(a.lock);
     out.reserve(a.tree.size());
@@ -422,7 +485,7 @@ std::vector<VmaInfo> Arena::vmas() const {
 
 void Arena::verify() const {
     static constexpr const char* call = "usermm::Arena::verify";
-    ArenaCore& a = *core_;
+    ArenaCore& a = live_arena(core_, call);
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
 
     // The tree: ordered, disjoint, page-aligned, inside the arena.
@@ -456,7 +519,7 @@ void Arena::verify() const {
     // The kernel: /proc/self/maps must cover the arena without a gap, each page with its PTE's
     // protection and backing (a page-cache memfd for file pages, anonymous memory otherwise).
     std::uintptr_t covered = a.base;
-    for (const KernelMapping& m : kernel_mappings(a.base, a.end)) {
+    for (const KernelMapping& m : kernel_mappings(a.base, a.end, call)) {
         if (m.from != covered) fail(EFAULT, "{}: the kernel has no mapping at {:#x} inside the arena", call, covered);
         for (std::size_t i = a.page_index(m.from), last = a.page_index(m.to); i < last; ++i) {
             const pte_t v = a.pte[i].load(std::memory_order_relaxed);

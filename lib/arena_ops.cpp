@@ -1,6 +1,7 @@
 #include "arena_ops.hpp"
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -12,9 +13,14 @@
 
 namespace usermm::detail {
 
-std::vector<KernelMapping> kernel_mappings(std::uintptr_t lo, std::uintptr_t hi) {
+std::vector<KernelMapping> kernel_mappings(std::uintptr_t lo, std::uintptr_t hi, const char* call) {
     std::vector<KernelMapping> out;
+    errno = 0;
     std::ifstream maps("/proc/self/maps");
+    // An empty answer would read as an arena with no mappings: false corruption, wrong counts.
+    if (!maps.is_open())
+        fail(errno ? errno : EIO, "{}: cannot open /proc/self/maps to read the kernel's mappings of [{:#x}, {:#x})", call,
+             lo, hi);
     for (std::string line; std::getline(maps, line);) {
         unsigned long from = 0, to = 0;
         char perms[5] = {};
@@ -25,6 +31,7 @@ std::vector<KernelMapping> kernel_mappings(std::uintptr_t lo, std::uintptr_t hi)
         const bool page_cache = line.find("/memfd:usermm:") != std::string::npos;
         out.push_back({std::max<std::uintptr_t>(from, lo), std::min<std::uintptr_t>(to, hi), prot, page_cache});
     }
+    if (maps.bad()) fail(EIO, "{}: cannot read /proc/self/maps for [{:#x}, {:#x})", call, lo, hi);
     return out;
 }
 

@@ -62,6 +62,12 @@ private:
 // Once per process: page size, handlers, map budget, fork handlers, USERMM_STATS.
 void init_process();
 
+// The arena behind an Arena object: a moved-from one has none, and every call on it says so.
+inline ArenaCore& live_arena(const std::unique_ptr<ArenaCore>& core, const char* call) {
+    if (!core) fail(EINVAL, "{}: the arena was moved from", call);
+    return *core;
+}
+
 // Calls that may reach arena pages through /proc/self/mem (page_ops.hpp) check first that this
 // process has a descriptor of its own: a forked child may have none (EMFILE at the fork), and a
 // non-dumpable process cannot open one.
@@ -94,7 +100,8 @@ struct KernelMapping {
     Prot prot;
     bool page_cache;  // a mapping of one of usermm's page-cache memfds (a file VMA)
 };
-std::vector<KernelMapping> kernel_mappings(std::uintptr_t lo, std::uintptr_t hi);
+// Throws (naming `call`) if /proc/self/maps cannot be read.
+std::vector<KernelMapping> kernel_mappings(std::uintptr_t lo, std::uintptr_t hi, const char* call = "usermm");
 void resync_ptes(ArenaCore& a, std::size_t first, std::size_t last);
 void clear_ptes(ArenaCore& a, Range r);
 // Records that the populated pages of [first, last) are about to lose their content, for the next

@@ -247,11 +247,14 @@ bool DirtySet::contains(const void* page_addr) const {
 
 // --- Arena ---------------------------------------------------------------------------------------
 
-Snapshot Arena::snapshot() { return snapshot(base(), size()); }
+Snapshot Arena::snapshot() {
+    const ArenaCore& a = live_arena(core_, "usermm::Arena::snapshot");
+    return snapshot(ptr_of(a.base), a.end - a.base);
+}
 
 Snapshot Arena::snapshot(void* addr, std::size_t length) {
     static constexpr const char* call = "usermm::Arena::snapshot";
-    ArenaCore& a = *core_;
+    ArenaCore& a = live_arena(core_, call);
     const Range r = check_range(a, call, addr, length);
     require_self_mem(call);
     std::shared_ptr<SnapshotCore> snap = new_snapshot_core(a, r);
@@ -295,7 +298,7 @@ Snapshot Arena::snapshot(void* addr, std::size_t length) {
 
 void Arena::restore(const Snapshot& snapshot) {
     static constexpr const char* call = "usermm::Arena::restore";
-    ArenaCore& a = *core_;
+    ArenaCore& a = live_arena(core_, call);
     check_live(snapshot.core_.get(), call);
     require_self_mem(call);
     SnapshotCore& s = *snapshot.core_;
@@ -407,7 +410,7 @@ void Arena::restore(const Snapshot& snapshot) {
 
 DirtySet Arena::collect_dirty(void* addr, std::size_t length) {
     static constexpr const char* call = "usermm::Arena::collect_dirty";
-    ArenaCore& a = *core_;
+    ArenaCore& a = live_arena(core_, call);
     const Range r = check_range(a, call, addr, length);
     const std::size_t first = a.page_index(r.start), last = a.page_index(r.end);
     std::vector<unsigned char> resident(last - first);

@@ -17,6 +17,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <functional>
 #include <string>
 #include <string_view>
@@ -47,6 +48,21 @@ void child_check(bool ok, const char* what, int line) {
     _exit(1);
 }
 #define CHILD_CHECK(cond) child_check(bool(cond), #cond, __LINE__)
+
+// run_in_child, with an exception that escapes `body` ending the child with its message (rather
+// than unwinding into the test runner's copy in the child).
+ChildEnd run_guarded(const std::function<void()>& body, unsigned seconds) {
+    return run_in_child(
+        [&] {
+            try {
+                body();
+            } catch (const std::exception& e) {
+                std::fprintf(stderr, "child threw: %s\n", e.what());
+                _exit(1);
+            }
+        },
+        seconds);
+}
 
 void check_survived_quietly(const ChildEnd& end) {
     INFO("child stderr: " << end.err);
@@ -140,7 +156,7 @@ void become_nobody() {
 // Once a bug: a child forked with no descriptor left kept its parent's /proc/self/mem, and its
 // restore() wrote the snapshot into the parent.
 TEST_CASE("fork with descriptors exhausted: the child's restore fails with EMFILE and never writes the parent") {
-    const ChildEnd end = run_in_child(
+    const ChildEnd end = run_guarded(
         [] {
             const std::size_t ps = page();
             std::vector<int> fillers = fill_low_descriptors();
@@ -171,7 +187,7 @@ TEST_CASE("fork with descriptors exhausted: the child's restore fails with EMFIL
 // A fault that must read a page it cannot touch (a snapshot's copy of a PROT_NONE page) dies with a
 // diagnostic in a child that has no /proc/self/mem, instead of reading the parent's page.
 TEST_CASE("fork with descriptors exhausted: a fault that needs /proc/self/mem dies with a diagnostic") {
-    const ChildEnd end = run_in_child(
+    const ChildEnd end = run_guarded(
         [] {
             const std::size_t ps = page();
             fill_low_descriptors();
@@ -202,7 +218,7 @@ TEST_CASE("fork with descriptors exhausted: a fault that needs /proc/self/mem di
 // children kept the parent's; a child's restore wrote the parent, and a child's private map_file
 // zeroed a byte of the parent's page at the new VMA's address.
 TEST_CASE("fork of a non-dumpable process: the child's restore and map_file fail with EACCES, the parent is untouched") {
-    const ChildEnd end = run_in_child(
+    const ChildEnd end = run_guarded(
         [] {
             const std::size_t ps = page();
             char path[] = "/tmp/usermm-fork-safety-XXXXXX";

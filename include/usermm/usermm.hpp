@@ -205,6 +205,8 @@ struct DirtySet {
     bool contains(const void* page_addr) const;
 };
 
+// Every call on a moved-from Arena throws Error (EINVAL, "the arena was moved from"); assigning an
+// arena to it makes it usable again.
 class Arena {
 public:
     // Reserves `size` bytes (rounded up to pages) of PROT_NONE address space.
@@ -257,7 +259,8 @@ public:
     // and reports a failure on stderr (it cannot throw).
     void unmap(void* addr, std::size_t length);
     // Grants `access` on the range now, so that system calls into it cannot fail with EFAULT. The
-    // VMAs must allow `access`. Memory is still committed by the kernel only when touched.
+    // VMAs must allow `access`, which must grant something (Prot::None is EINVAL). Memory is still
+    // committed by the kernel only when touched.
     void prefault(void* addr, std::size_t length, Prot access);
 
     // A snapshot of the whole arena, or of [addr, addr + length).
