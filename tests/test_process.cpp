@@ -5,6 +5,7 @@
 #include <usermm/usermm.hpp>
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -237,4 +238,30 @@ TEST_CASE("prefault with Prot::None fails with EINVAL and grants nothing") {
         },
         kChildSeconds);
     check_survived(end);
+}
+
+// Once a bug: a page whose protection the program changed behind usermm's back (its own mprotect
+// on arena memory) made the next access fault forever, each fault spurious to usermm.
+TEST_CASE("a page mprotected behind usermm's back: the access dies by SIGSEGV saying so, instead of looping") {
+    const ChildEnd end = run_guarded(
+        [] {
+            const rlimit no_core{0, 0};
+            setrlimit(RLIMIT_CORE, &no_core);
+            Arena arena(kArenaSize);
+            char* p = static_cast<char*>(arena.map(4 * page(), Prot::ReadWrite, {.fault_around_pages = 1}));
+            write_byte(p, 1);
+            CHILD_CHECK(mprotect(p, page(), PROT_NONE) == 0);
+            CHILD_EXPECT_ERROR(arena.verify(), EFAULT, "is --- in the kernel but rw- in usermm");
+            write_byte(p, 2);
+            std::fprintf(stderr, "the access went on\n");
+        },
+        kChildSeconds);
+    INFO("child stderr: " << end.err);
+    CHECK_FALSE(end.exited);
+    CHECK(end.signal == SIGSEGV);
+    const std::vector<std::string> lines = lines_of(end.err);
+    REQUIRE(lines.size() == 1);
+    CHECK(lines[0].starts_with("usermm: SIGSEGV at 0x"));
+    CHECK(lines[0].find("1000 faults in a row for an access usermm had granted: the page's protection was changed "
+                        "outside usermm") != std::string::npos);
 }
