@@ -140,8 +140,14 @@ void convert_tracked_pages_after_fork(ArenaCore& a) {
 // fork(): no fault may be mid-way when the address space is copied, or the child would inherit a
 // locked PTE or a held read lock whose owner does not exist there. So the registry and every arena
 // are write-locked around fork, which waits for faults in flight, as the kernel's dup_mmap holds
-// mmap_lock.
+// mmap_lock. The forking thread's asynchronous signals stay blocked meanwhile (a handler that
+// touched arena memory would fault into the locks its own thread holds; the kernel, likewise,
+// runs no handler inside fork), and are delivered once the locks are released.
+thread_local sigset_t t_mask_before_fork;
+
 void fork_prepare() {
+    const sigset_t async = async_signals();
+    pthread_sigmask(SIG_BLOCK, &async, &t_mask_before_fork);
     ArenaRegistry& reg = arena_registry();
     reg.lock.lock();
     for (std::size_t i = 0; i < reg.count; ++i) reg.arenas[i]->lock.lock();
@@ -154,6 +160,7 @@ void fork_release() {
     ArenaRegistry& reg = arena_registry();
     for (std::size_t i = 0; i < reg.count; ++i) reg.arenas[i]->lock.unlock();
     reg.lock.unlock();
+    pthread_sigmask(SIG_SETMASK, &t_mask_before_fork, nullptr);
 }
 
 // The child's copy of every arena is complete (no fault was in flight); what changes is how the
@@ -162,8 +169,7 @@ void fork_release() {
 void fork_child() {
     // The inherited descriptor refers to the parent's memory: it goes before anything can use it.
     // If no descriptor of the child's own can be had now, calls that need one fail (and try again).
-    page_forget_self_mem();
-    page_self_mem();
+    if (page_forget_self_mem()) page_self_mem();
     const bool was_uffd = tracking_engine() == TrackingEngine::Uffd;
     uffd_forget();
     ArenaRegistry& reg = arena_registry();
@@ -172,9 +178,9 @@ void fork_child() {
     // Once for all arenas. Without a descriptor to read it with, each arena keeps the parent's
     // count: the kernel copied every mapping as it was.
     std::vector<KernelMapping> maps;
-    bool counted = true;
+    bool counted = reg.count > 0;
     try {
-        maps = kernel_mappings(0, UINTPTR_MAX, "usermm: fork");
+        if (counted) maps = kernel_mappings(0, UINTPTR_MAX, "usermm: fork");
     } catch (const Error&) {
         counted = false;
     }
@@ -196,6 +202,13 @@ void fork_child() {
     fork_release();
 }
 
+// Registered when the library is loaded, before any handler the program registers later:
+// pthread_atfork runs prepare handlers in reverse order of registration and the others in order,
+// so usermm's prepare runs last, just before the kernel copies the address space, and its parent
+// and child handlers first. The program's own fork handlers then run with no usermm lock held and
+// may touch arena memory (in the child, after usermm has made the arenas the child's own).
+[[gnu::constructor]] void register_fork_handlers() { pthread_atfork(fork_prepare, fork_release, fork_child); }
+
 void print_stats_at_exit() {
     const std::string table = format_stats(process_stats());
     std::fprintf(stderr, "usermm process stats\n%s", table.c_str());
@@ -212,7 +225,6 @@ void detail::init_process() {
         map_budget_set_limit(initial_map_budget());
         if (const int err = install_fault_handlers()) fail(err, "usermm: cannot install the SIGSEGV/SIGBUS handlers");
         choose_tracking_engine();
-        pthread_atfork(fork_prepare, fork_release, fork_child);
         if (environment().stats_at_exit) std::atexit(print_stats_at_exit);
     });
 }

@@ -30,12 +30,17 @@ template <typename... Args>
 // this thread holds an usermm lock or a snapshot slot would fault into something its own thread
 // holds; the kernel, likewise, never runs a handler while it holds mmap_lock. Synchronous signals
 // stay deliverable: blocking them would not stop them, only make the kernel kill the process.
+inline sigset_t async_signals() {
+    sigset_t all;
+    sigfillset(&all);
+    for (int sig : {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGTRAP, SIGSYS}) sigdelset(&all, sig);
+    return all;
+}
+
 class AsyncSignalsBlocked {
 public:
     AsyncSignalsBlocked() {
-        sigset_t all;
-        sigfillset(&all);
-        for (int sig : {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGTRAP, SIGSYS}) sigdelset(&all, sig);
+        const sigset_t all = async_signals();
         pthread_sigmask(SIG_BLOCK, &all, &saved_);
     }
     ~AsyncSignalsBlocked() { pthread_sigmask(SIG_SETMASK, &saved_, nullptr); }

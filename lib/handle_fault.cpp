@@ -484,7 +484,8 @@ FaultResult handle_mm_fault(vm_fault& vmf) {
         if (vmf.diag)
             vmf.diag->str("usermm: fault at ")
                 .hex(vmf.address)
-                .str(" by the thread that holds an arena lock (arena memory touched inside an API call)");
+                .str(" by the thread that holds an arena lock (arena memory touched inside an API call, or by a fork")
+                .str(" handler registered before usermm was loaded)");
         account_fault(vmf, FaultResult::Fatal);
         return FaultResult::Fatal;
     }

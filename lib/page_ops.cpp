@@ -143,9 +143,10 @@ int page_self_mem() {
     return self_mem_fd(&fd);
 }
 
-void page_forget_self_mem() {
+bool page_forget_self_mem() {
     const std::uint64_t old = g_self_mem.exchange(kNoSelfMem);
     if (old != kNoSelfMem) close(int(old & 0xffffffffu));
+    return old != kNoSelfMem;
 }
 
 int page_read_raw(std::uintptr_t addr, void* dst, std::size_t len) {

@@ -34,8 +34,9 @@ int page_discard(std::uintptr_t addr, std::size_t len);
 // in a non-dumpable process, whose /proc/self belongs to root) these calls return that errno.
 // 0 when this process has its descriptor (opening it now if need be), else the errno of the open.
 int page_self_mem();
-// A forked child, before anything else: closes the descriptor inherited from the parent.
-void page_forget_self_mem();
+// A forked child, before anything else: closes the descriptor inherited from the parent, if any
+// (true then).
+bool page_forget_self_mem();
 int page_read_raw(std::uintptr_t addr, void* dst, std::size_t len);
 int page_write_raw(std::uintptr_t addr, const void* src, std::size_t len);
 // Writes n pages, each from its own buffer, to the consecutive pages from addr: one pwritev per

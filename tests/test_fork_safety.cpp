@@ -9,11 +9,14 @@
 #include <usermm/usermm.hpp>
 
 #include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -151,6 +154,33 @@ void become_nobody() {
     CHILD_CHECK(open("/proc/self/mem", O_RDWR | O_CLOEXEC) < 0 && errno == EACCES);
 }
 
+// A fork handler registered before usermm was loaded (a constructor that runs before usermm's):
+// its prepare runs after usermm's, with the arenas' locks held. What it does is set per case.
+enum class EarlyPrepare { Nothing, RaiseSignal, TouchArena };
+std::atomic<EarlyPrepare> g_early_prepare{EarlyPrepare::Nothing};
+
+// Arena pages the handlers below write, each a fresh one: every write is a first-touch fault.
+char* volatile g_pages = nullptr;
+std::atomic<int> g_pages_written{0};
+void write_next_page() { write_byte(g_pages + std::size_t(g_pages_written.fetch_add(1)) * page(), 1); }
+
+void early_prepare() {
+    switch (g_early_prepare.load()) {
+        case EarlyPrepare::Nothing:
+            return;
+        case EarlyPrepare::RaiseSignal:
+            raise(SIGUSR1);
+            return;
+        case EarlyPrepare::TouchArena:
+            write_next_page();
+            return;
+    }
+}
+
+[[gnu::constructor(101)]] void register_early_fork_handler() { pthread_atfork(early_prepare, nullptr, nullptr); }
+
+void on_sigusr1(int) { write_next_page(); }
+
 }  // namespace
 
 // Once a bug: a child forked with no descriptor left kept its parent's /proc/self/mem, and its
@@ -254,4 +284,71 @@ TEST_CASE("fork of a non-dumpable process: the child's restore and map_file fail
         },
         kChildSeconds);
     check_survived_quietly(end);
+}
+
+// Once a bug: a signal handler (a profiler's, say) that wrote arena memory while its thread was
+// inside fork() faulted into the arena locks its own thread held there, and killed the process.
+TEST_CASE("fork: a signal that arrives while usermm holds the arenas for fork() is handled after, and may touch arena memory") {
+    const ChildEnd end = run_guarded(
+        [] {
+            Arena arena(kArenaSize);
+            g_pages = static_cast<char*>(arena.map(64 * page(), Prot::ReadWrite, {.fault_around_pages = 1}));
+            struct sigaction sa {};
+            sa.sa_handler = on_sigusr1;
+            sigemptyset(&sa.sa_mask);
+            CHILD_CHECK(sigaction(SIGUSR1, &sa, nullptr) == 0);
+            g_early_prepare.store(EarlyPrepare::RaiseSignal);
+            fork_and_wait([] { CHILD_CHECK(g_pages_written.load() == 0); });  // pending signals stay with the parent
+            g_early_prepare.store(EarlyPrepare::Nothing);
+            CHILD_CHECK(g_pages_written.load() == 1);
+            CHILD_CHECK(read_byte(g_pages) == 1);
+            arena.verify();
+        },
+        kChildSeconds);
+    check_survived_quietly(end);
+}
+
+// Once a bug: pthread_atfork handlers registered before the first arena ran their prepare after
+// usermm's (which holds the arenas' locks) and their child handler before usermm's, so touching
+// arena memory in them killed the process. usermm registers its handlers when it is loaded.
+TEST_CASE("fork: pthread_atfork handlers registered before the first arena may touch arena memory") {
+    const ChildEnd end = run_guarded(
+        [] {
+            CHILD_CHECK(pthread_atfork(write_next_page, write_next_page, write_next_page) == 0);
+            Arena arena(kArenaSize);
+            g_pages = static_cast<char*>(arena.map(64 * page(), Prot::ReadWrite, {.fault_around_pages = 1}));
+            fork_and_wait([&] {
+                CHILD_CHECK(g_pages_written.load() == 2);  // prepare, then the child's handler
+                CHILD_CHECK(read_byte(g_pages + page()) == 1);
+                arena.verify();
+            });
+            CHILD_CHECK(g_pages_written.load() == 2);  // prepare, then the parent's handler
+            CHILD_CHECK(read_byte(g_pages + page()) == 1);
+            arena.verify();
+        },
+        kChildSeconds);
+    check_survived_quietly(end);
+}
+
+// The one order usermm cannot come first in: a fork handler registered before usermm was loaded
+// runs its prepare while usermm holds the arenas. Touching arena memory there dies with a
+// diagnostic that says so, rather than deadlocking.
+TEST_CASE("fork: a prepare handler registered before usermm was loaded that touches arena memory dies saying so") {
+    const ChildEnd end = run_guarded(
+        [] {
+            const rlimit no_core{0, 0};
+            setrlimit(RLIMIT_CORE, &no_core);
+            Arena arena(kArenaSize);
+            g_pages = static_cast<char*>(arena.map(64 * page(), Prot::ReadWrite, {.fault_around_pages = 1}));
+            g_early_prepare.store(EarlyPrepare::TouchArena);
+            std::fflush(nullptr);
+            fork();
+            std::fprintf(stderr, "fork returned\n");
+        },
+        kChildSeconds);
+    INFO("child stderr: " << end.err);
+    CHECK_FALSE(end.exited);
+    CHECK(end.signal == SIGSEGV);
+    CHECK(end.err.find("by the thread that holds an arena lock") != std::string::npos);
+    CHECK(end.err.find("fork handler registered before usermm was loaded") != std::string::npos);
 }

@@ -10,7 +10,9 @@
 //    snapshot or collect_dirty(), which write-protect the pages until their next write.
 //  - Do not block SIGSEGV in threads that touch arena memory: the kernel then kills the process on
 //    the first fault instead of running the handler.
-//  - fork() is safe: usermm waits for faults in flight and the child inherits the arenas.
+//  - fork() is safe: usermm waits for faults in flight and the child inherits the arenas. Signal
+//    handlers and pthread_atfork handlers may touch arena memory, except fork handlers registered
+//    before usermm was loaded (README, "fork()").
 #pragma once
 
 #include <array>
