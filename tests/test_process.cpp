@@ -5,6 +5,10 @@
 #include <usermm/usermm.hpp>
 
 #include <fcntl.h>
+#include <link.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <sys/auxv.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -12,11 +16,14 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <functional>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include "map_budget.hpp"
@@ -264,4 +271,134 @@ TEST_CASE("a page mprotected behind usermm's back: the access dies by SIGSEGV sa
     CHECK(lines[0].starts_with("usermm: SIGSEGV at 0x"));
     CHECK(lines[0].find("1000 faults in a row for an access usermm had granted: the page's protection was changed "
                         "outside usermm") != std::string::npos);
+}
+
+namespace {
+
+// A thread whose signal handlers run on an alternate stack of `size` bytes (with an inaccessible
+// page below it, so an overflow kills instead of corrupting), filled with a pattern; `work` runs
+// on it and the result is how many bytes of the alternate stack were written at the deepest point.
+std::size_t altstack_high_water(std::size_t size, const std::function<void()>& work) {
+    const std::size_t ps = page();
+    const std::size_t len = (size + ps - 1) / ps * ps;
+    auto* region = static_cast<unsigned char*>(
+        mmap(nullptr, len + ps, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+    CHILD_CHECK(region != MAP_FAILED);
+    CHILD_CHECK(mprotect(region, ps, PROT_NONE) == 0);
+    unsigned char* stack = region + ps + (len - size);  // the stack's top is the region's end
+    std::memset(stack, 0xA5, size);
+    std::thread t([&] {
+        stack_t ss{};
+        ss.ss_sp = stack;
+        ss.ss_size = size;
+        CHILD_CHECK(sigaltstack(&ss, nullptr) == 0);
+        work();
+        stack_t off{};
+        off.ss_flags = SS_DISABLE;
+        CHILD_CHECK(sigaltstack(&off, nullptr) == 0);
+    });
+    t.join();
+    std::size_t untouched = 0;
+    while (untouched < size && stack[untouched] == 0xA5) ++untouched;
+    munmap(region, len + ps);
+    return size - untouched;
+}
+
+volatile int g_signal_seen = 0;
+void on_signal_onstack(int) { g_signal_seen = 1; }
+
+sigjmp_buf g_escape;
+char* volatile g_unmapped = reinterpret_cast<char*>(16);  // volatile: the compiler cannot see it
+void escape_fault(int) { siglongjmp(g_escape, 1); }
+
+// True when the main program was linked with BIND_NOW (DF_BIND_NOW or DF_1_NOW).
+bool program_binds_now() {
+    bool now = false;
+    dl_iterate_phdr(
+        [](dl_phdr_info* info, std::size_t, void* out) {
+            for (int i = 0; i < info->dlpi_phnum; ++i) {
+                if (info->dlpi_phdr[i].p_type != PT_DYNAMIC) continue;
+                const auto* d = reinterpret_cast<const ElfW(Dyn)*>(info->dlpi_addr + info->dlpi_phdr[i].p_vaddr);
+                for (; d->d_tag != DT_NULL; ++d)
+                    if ((d->d_tag == DT_FLAGS && (d->d_un.d_val & DF_BIND_NOW)) ||
+                        (d->d_tag == DT_FLAGS_1 && (d->d_un.d_val & DF_1_NOW)))
+                        *static_cast<bool*>(out) = true;
+            }
+            return 1;  // the first object is the main program
+        },
+        &now);
+    return now;
+}
+
+}  // namespace
+
+TEST_CASE("the programs that link usermm bind their symbols at load time (no lazy binding in a fault)") {
+    CHECK(program_binds_now());
+}
+
+// Once a bug: the README said the handler needs "well under MINSIGSTKSZ" of alternate stack; it
+// needed ~1.15 KB beyond the kernel's frame, ~4.3 KB on first calls under lazy binding. The
+// documented size, usermm::signal_stack_size(), is enough for every kind of fault, with the
+// measured depth below it.
+TEST_CASE("faults of every kind run on an alternate stack of usermm::signal_stack_size() bytes") {
+    const ChildEnd end = run_guarded(
+        [] {
+            const std::size_t ps = page();
+            // The program's own handler, before usermm's: a foreign fault is passed on to it.
+            struct sigaction escape {};
+            escape.sa_handler = escape_fault;
+            escape.sa_flags = SA_ONSTACK | SA_NODEFER;
+            sigemptyset(&escape.sa_mask);
+            CHILD_CHECK(sigaction(SIGSEGV, &escape, nullptr) == 0);
+            struct sigaction plain {};
+            plain.sa_handler = on_signal_onstack;
+            plain.sa_flags = SA_ONSTACK;
+            sigemptyset(&plain.sa_mask);
+            CHILD_CHECK(sigaction(SIGUSR1, &plain, nullptr) == 0);
+
+            Arena arena(kArenaSize);
+            char path[] = "/tmp/usermm-altstack-XXXXXX";
+            const int fd = mkstemp(path);
+            CHILD_CHECK(fd >= 0);
+            unlink(path);
+            CHILD_CHECK(ftruncate(fd, off_t(64 * ps)) == 0);
+            char* file = static_cast<char*>(arena.map_file(fd, 0, 64 * ps, Prot::ReadWrite, usermm::Share::Private));
+            char* p = static_cast<char*>(arena.map(256 * ps, Prot::ReadWrite));
+            write_byte(p + 200 * ps, 1);
+            std::optional<usermm::Snapshot> armed;
+            {
+                const usermm::Snapshot first = arena.snapshot(p + 200 * ps, ps);
+                write_byte(p + 200 * ps, 2);
+                arena.restore(first);  // PROT_NONE with content: its copy goes through /proc/self/mem
+            }
+            write_byte(p + 100 * ps, 3);
+            armed.emplace(arena.snapshot(p, 256 * ps));
+
+            const std::uint64_t cow_before = arena.stats().cow_faults;
+            const std::size_t size = usermm::signal_stack_size();
+            // The kernel's frame and a handler that does nothing: the floor.
+            const std::size_t floor = altstack_high_water(size, [] { raise(SIGUSR1); });
+            CHILD_CHECK(g_signal_seen == 1);
+            const std::size_t used = altstack_high_water(size, [&] {
+                CHILD_CHECK(usermm_test::read_byte(p) == 0);         // zero-page read with fault-around
+                write_byte(p, 4);                                    // upgrade
+                write_byte(p + 50 * ps, 5);                          // first write
+                write_byte(p + 100 * ps, 6);                         // copy-before-write
+                write_byte(p + 200 * ps, 7);                         // copy-before-write of a PROT_NONE page
+                CHILD_CHECK(usermm_test::read_byte(file) == 0);      // a file read (major fault)
+                write_byte(file + 32 * ps, 8);                       // a private file write
+                if (sigsetjmp(g_escape, 1) == 0) usermm_test::read_byte(g_unmapped);  // passed on
+            });
+            std::fprintf(stderr, "signal_stack_size %zu, AT_MINSIGSTKSZ %lu, floor %zu, usermm %zu (+%zu)\n", size,
+                         getauxval(AT_MINSIGSTKSZ), floor, used, used - floor);
+            CHILD_CHECK(used < size);
+            CHILD_CHECK(used > floor);  // the faults did run on the alternate stack
+            CHILD_CHECK(arena.stats().cow_faults == cow_before + 2);  // both copies happened on it
+#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+            CHILD_CHECK(used - floor < 2048);  // the handler's own depth, measured at ~1.2 KiB
+#endif
+        },
+        kChildSeconds);
+    MESSAGE(end.err);
+    check_survived(end);
 }

@@ -10,6 +10,9 @@
 //    snapshot or collect_dirty(), which write-protect the pages until their next write.
 //  - Do not block SIGSEGV in threads that touch arena memory: the kernel then kills the process on
 //    the first fault instead of running the handler.
+//  - An alternate signal stack must hold signal_stack_size() bytes; a thread whose stack lies in
+//    an arena needs one. Programs must bind symbols at load time (-Wl,-z,now, which the CMake
+//    target passes on), or lazy binding runs the resolver on that stack.
 //  - fork() is safe: usermm waits for faults in flight and the child inherits the arenas. Signal
 //    handlers and pthread_atfork handlers may touch arena memory, except fork handlers registered
 //    before usermm was loaded (README, "fork()").
@@ -297,5 +300,11 @@ private:
 Stats process_stats();
 
 std::size_t page_size();
+
+// The smallest alternate signal stack (sigaltstack) on which usermm's handler can resolve any fault:
+// the kernel's signal frame for this CPU (getauxval(AT_MINSIGSTKSZ)) plus the handler's own
+// depth, measured, with a margin. A handler usermm passes a fault on to runs on the same stack and
+// needs its own share on top.
+std::size_t signal_stack_size();
 
 }  // namespace usermm
