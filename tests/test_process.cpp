@@ -402,3 +402,23 @@ TEST_CASE("faults of every kind run on an alternate stack of usermm::signal_stac
     MESSAGE(end.err);
     check_survived(end);
 }
+
+// Once a limit written nowhere: the 1,025th arena failed with ENOMEM. Each arena holds at least
+// three kernel mappings, so vm.max_map_count (65,530) allows some 21,000; usermm allows 16,384.
+TEST_CASE("a process may hold more than 1,024 arenas, each faulting apart") {
+    const ChildEnd end = run_guarded(
+        [] {
+            std::vector<Arena> arenas;
+            arenas.reserve(1100);
+            for (int i = 0; i < 1100; ++i) arenas.emplace_back(page());
+            for (std::size_t i = 0; i < arenas.size(); ++i)
+                write_byte(arenas[i].map(page(), Prot::ReadWrite), std::uint8_t(i));
+            for (std::size_t i = 0; i < arenas.size(); i += 99) {
+                CHILD_CHECK(usermm_test::read_byte(arenas[i].base()) == std::uint8_t(i));
+                CHILD_CHECK(arenas[i].stats().minor_faults == 1);
+                arenas[i].verify();
+            }
+        },
+        kChildSeconds);
+    check_survived(end);
+}
