@@ -9,12 +9,15 @@
 // and kernel in agreement), then change the tree.
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
+#include <sys/auxv.h>
 #include <unistd.h>
 
 #include <fmt/format.h>
 
 #include <algorithm>
 #include <bit>
+#include <charconv>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -47,33 +50,79 @@ long read_long_file(const char* path, long fallback) {
     return v;
 }
 
+// The environment, read once. One rule for every variable: a value usermm cannot use gets a
+// one-line diagnostic on stderr and the default, as the kernel treats a bad boot parameter; an
+// empty value is no value.
+enum class EngineWanted { Default, Mprotect, Uffd };
+struct Environment {
+    long map_budget = 0;  // 0: the default
+    EngineWanted engine = EngineWanted::Default;
+    bool stats_at_exit = false;
+};
+
+Environment read_environment() {
+    Environment env;
+    auto value = [](const char* name) -> const char* {
+        const char* v = std::getenv(name);
+        return v && *v ? v : nullptr;
+    };
+    auto bad = [](const char* name, const char* v, const char* expected) {
+        std::fprintf(stderr, "usermm: %s is '%s'; it must be %s: the default applies\n", name, v, expected);
+    };
+    if (const char* v = value("USERMM_MAP_BUDGET")) {
+        const char* end = v + std::strlen(v);
+        long n = 0;
+        const auto [ptr, ec] = std::from_chars(v, end, n);
+        if (ec == std::errc() && ptr == end && n > 0)
+            env.map_budget = n;
+        else
+            bad("USERMM_MAP_BUDGET", v, "a positive number of kernel mappings");
+    }
+    if (const char* v = value("USERMM_ENGINE")) {
+        const std::string_view want = v;
+        if (want == "mprotect")
+            env.engine = EngineWanted::Mprotect;
+        else if (want == "uffd")
+            env.engine = EngineWanted::Uffd;
+        else
+            bad("USERMM_ENGINE", v, "'mprotect' or 'uffd'");
+    }
+    if (const char* v = value("USERMM_STATS")) {
+        const std::string_view want = v;
+        if (want == "1" || want == "0")
+            env.stats_at_exit = want == "1";
+        else
+            bad("USERMM_STATS", v, "'0' or '1'");
+    }
+    return env;
+}
+
+const Environment& environment() {
+    static const Environment env = read_environment();
+    return env;
+}
+
 // The share of vm.max_map_count usermm may use: what the process has not used yet, less a reserve
 // for the program's own later mappings (thread stacks, malloc arenas, libraries). USERMM_MAP_BUDGET
 // sets it directly.
 long initial_map_budget() {
-    if (const char* env = std::getenv("USERMM_MAP_BUDGET")) {
-        char* end = nullptr;
-        const long v = std::strtol(env, &end, 10);
-        if (end != env && v > 0) return v;
-    }
+    if (environment().map_budget) return environment().map_budget;
     const long max = read_long_file("/proc/sys/vm/max_map_count", 65530);
     const long reserve = std::max(1024L, max / 8);
-    return std::max(64L, max - long(kernel_mappings(0, UINTPTR_MAX).size()) - reserve);
+    return std::max(64L, max - long(kernel_mappings(0, UINTPTR_MAX, "usermm::Arena").size()) - reserve);
 }
 
-// USERMM_ENGINE=mprotect or =uffd forces an engine (uffd fails loudly where the kernel lacks it);
-// otherwise userfaultfd is used where the running kernel offers everything it needs.
+// USERMM_ENGINE=mprotect or =uffd forces an engine (uffd fails loudly where the kernel lacks it: a
+// value usermm understands but cannot honour); otherwise userfaultfd is used where the running
+// kernel offers everything it needs.
 void choose_tracking_engine() {
-    const char* env = std::getenv("USERMM_ENGINE");
-    const std::string_view want = env ? env : "";
-    if (want == "mprotect") return;
-    if (!want.empty() && want != "uffd")
-        fail(EINVAL, "usermm: USERMM_ENGINE is '{}'; it must be 'mprotect' or 'uffd'", want);
+    const EngineWanted want = environment().engine;
+    if (want == EngineWanted::Mprotect) return;
     const int err = uffd_probe();
     if (err == 0)
         set_tracking_engine(TrackingEngine::Uffd);
-    else if (want == "uffd")
-        fail(err, "usermm: USERMM_ENGINE=uffd, but userfaultfd write-protect in SIGBUS mode is not available");
+    else if (want == EngineWanted::Uffd)
+        fail(err, "usermm::Arena: USERMM_ENGINE=uffd, but userfaultfd write-protect in SIGBUS mode is not available");
 }
 
 // The pages whose write access the uffd engine withheld lost their marks in the child (the kernel
@@ -94,8 +143,14 @@ void convert_tracked_pages_after_fork(ArenaCore& a) {
 // fork(): no fault may be mid-way when the address space is copied, or the child would inherit a
 // locked PTE or a held read lock whose owner does not exist there. So the registry and every arena
 // are write-locked around fork, which waits for faults in flight, as the kernel's dup_mmap holds
-// mmap_lock.
+// mmap_lock. The forking thread's asynchronous signals stay blocked meanwhile (a handler that
+// touched arena memory would fault into the locks its own thread holds; the kernel, likewise,
+// runs no handler inside fork), and are delivered once the locks are released.
+thread_local sigset_t t_mask_before_fork;
+
 void fork_prepare() {
+    const sigset_t async = async_signals();
+    pthread_sigmask(SIG_BLOCK, &async, &t_mask_before_fork);
     ArenaRegistry& reg = arena_registry();
     reg.lock.lock();
     for (std::size_t i = 0; i < reg.count; ++i) reg.arenas[i]->lock.lock();
@@ -108,20 +163,33 @@ void fork_release() {
     ArenaRegistry& reg = arena_registry();
     for (std::size_t i = 0; i < reg.count; ++i) reg.arenas[i]->lock.unlock();
     reg.lock.unlock();
+    pthread_sigmask(SIG_SETMASK, &t_mask_before_fork, nullptr);
 }
 
 // The child's copy of every arena is complete (no fault was in flight); what changes is how the
 // kernel will merge its pieces. glibc makes malloc usable in the child before this runs.
 void fork_child() {
-    page_open_self_mem();  // the inherited descriptor reads the parent's memory
+    // The inherited descriptor refers to the parent's memory: it goes before anything can use it.
+    // If no descriptor of the child's own can be had now, calls that need one fail (and try again).
+    if (page_forget_self_mem()) page_self_mem();
     const bool was_uffd = tracking_engine() == TrackingEngine::Uffd;
     uffd_forget();
     ArenaRegistry& reg = arena_registry();
     // The kernel gave each inherited private VMA an anon_vma of its own, so they never merge again:
     // their boundaries become edge marks. Pieces split off one of them later share its anon_vma
-    // and merge as before, so the count stays exact from here on.
-    const std::vector<KernelMapping> maps = kernel_mappings(0, UINTPTR_MAX);  // once for all arenas
-    for (std::size_t i = 0; i < reg.count; ++i) inherit_edges(*reg.arenas[i], maps);
+    // and merge as before, so the count stays exact from here on. Without a descriptor to read the
+    // maps with (EMFILE at the fork), each arena keeps the parent's count and marks: it may then
+    // count merges the kernel no longer makes, and a refusal in the fault path degrades (see
+    // install_or_degrade) instead of trusting it.
+    std::vector<KernelMapping> maps;
+    bool counted = reg.count > 0;
+    try {
+        if (counted) maps = kernel_mappings(0, UINTPTR_MAX, "usermm: fork");  // once for all arenas
+    } catch (const Error&) {
+        counted = false;
+    }
+    if (counted)
+        for (std::size_t i = 0; i < reg.count; ++i) inherit_edges(*reg.arenas[i], maps);
     for (std::size_t i = 0; i < reg.count; ++i) {
         ArenaCore& a = *reg.arenas[i];
         a.identity = new_arena_identity();  // the child's snapshots start a chain of their own
@@ -137,6 +205,13 @@ void fork_child() {
     }
     fork_release();
 }
+
+// Registered when the library is loaded, before any handler the program registers later:
+// pthread_atfork runs prepare handlers in reverse order of registration and the others in order,
+// so usermm's prepare runs last, just before the kernel copies the address space, and its parent
+// and child handlers first. The program's own fork handlers then run with no usermm lock held and
+// may touch arena memory (in the child, after usermm has made the arenas the child's own).
+[[gnu::constructor]] void register_fork_handlers() { pthread_atfork(fork_prepare, fork_release, fork_child); }
 
 void print_stats_at_exit() {
     const std::string table = format_stats(process_stats());
@@ -154,17 +229,27 @@ void detail::init_process() {
         map_budget_set_max_map_count(read_long_file("/proc/sys/vm/max_map_count", 65530));
         map_budget_set_limit(initial_map_budget());
         if (const int err = install_fault_handlers()) fail(err, "usermm: cannot install the SIGSEGV/SIGBUS handlers");
-        if (const int err = page_open_self_mem()) fail(err, "usermm: cannot open /proc/self/mem");
         choose_tracking_engine();
-        pthread_atfork(fork_prepare, fork_release, fork_child);
-        if (const char* env = std::getenv("USERMM_STATS"); env && std::strcmp(env, "1") == 0)
-            std::atexit(print_stats_at_exit);
+        if (environment().stats_at_exit) std::atexit(print_stats_at_exit);
     });
 }
 
 std::size_t page_size() {
     init_process();
     return g_page_size;
+}
+
+std::size_t signal_stack_size() {
+    // The handler's own depth, measured by tests/test_process.cpp on every kind of fault, is about
+    // 1.2 KiB; the rest is margin. It holds only without lazy binding (see CMakeLists.txt).
+    // Sanitizers' instrumentation makes every frame much larger.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+    constexpr std::size_t kHandlerStack = 65536;
+#else
+    constexpr std::size_t kHandlerStack = 4096;
+#endif
+    const unsigned long frame = getauxval(AT_MINSIGSTKSZ);
+    return (frame ? std::size_t(frame) : std::size_t(MINSIGSTKSZ)) + kHandlerStack;
 }
 
 std::string to_string(Prot p) { return prot_letters(p).text; }
@@ -177,6 +262,7 @@ Arena::Arena(std::size_t size) : Arena(size, nullptr) {}
 
 Arena::Arena(std::size_t size, void* at) {
     init_process();
+    require_self_mem("usermm::Arena");
     const std::size_t len = round_up_length("usermm::Arena", size, 0, "size");
     auto core = std::make_unique<ArenaCore>();
     ArenaCore& a = *core;
@@ -285,13 +371,19 @@ Arena& Arena::operator=(Arena&& other) noexcept {
     return *this;
 }
 
-void* Arena::base() const { return ptr_of(core_->base); }
-std::size_t Arena::size() const { return core_->end - core_->base; }
-bool Arena::contains(const void* p) const { return addr_of(p) >= core_->base && addr_of(p) < core_->end; }
+void* Arena::base() const { return ptr_of(live_arena(core_, "usermm::Arena::base").base); }
+std::size_t Arena::size() const {
+    const ArenaCore& a = live_arena(core_, "usermm::Arena::size");
+    return a.end - a.base;
+}
+bool Arena::contains(const void* p) const {
+    const ArenaCore& a = live_arena(core_, "usermm::Arena::contains");
+    return addr_of(p) >= a.base && addr_of(p) < a.end;
+}
 
 void* Arena::map(std::size_t length, Prot prot, const MapOptions& options) {
     static constexpr const char* call = "usermm::Arena::map";
-    ArenaCore& a = *core_;
+    ArenaCore& a = live_arena(core_, call);
     const std::uintptr_t want = addr_of(options.address);
     prot = check_prot(call, prot, want);
     const std::size_t len = round_up_length(call, length, want);
@@ -321,13 +413,14 @@ void* Arena::map(std::size_t length, Prot prot, const MapOptions& options) {
 
 void Arena::protect(void* addr, std::size_t length, Prot prot) {
     static constexpr const char* call = "usermm::Arena::protect";
-    ArenaCore& a = *core_;
+    ArenaCore& a = live_arena(core_, call);
     const Range r = check_range(a, call, addr, length);
     prot = check_prot(call, prot, r.start);
     auto lower_spare = std::make_unique<Vma>();
     auto upper_spare = std::make_unique<Vma>();
 
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
+    if (a.snapshot_count) require_self_mem(call);  // snapshots take pages that gain write access
     // Throws, before anything changes, if part of the range is not mapped.
     for (const Vma* v : covering_vmas(a, call, r))
         if (allows(prot, Prot::Write) && !v->may_write && v->file && v->share == Share::Shared)
@@ -343,15 +436,20 @@ void Arena::protect(void* addr, std::size_t length, Prot prot) {
 
 void Arena::unmap(void* addr, std::size_t length) {
     static constexpr const char* call = "usermm::Arena::unmap";
-    ArenaCore& a = *core_;
+    ArenaCore& a = live_arena(core_, call);
     const Range r = check_range(a, call, addr, length);
     auto lower_spare = std::make_unique<Vma>();
     auto upper_spare = std::make_unique<Vma>();
 
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
+    // Snapshots take pages they cannot read directly, and file parts become reservation again,
+    // through /proc/self/mem.
+    const std::vector<Vma*> vmas = covering_vmas(a, call, r);
+    if (a.snapshot_count || std::any_of(vmas.begin(), vmas.end(), [](const Vma* v) { return v->file != nullptr; }))
+        require_self_mem(call);
     // Throws, before anything is unmapped, if part of the range is not mapped or a shared file
     // VMA's dirty pages cannot be written.
-    for (Vma* v : covering_vmas(a, call, r)) writeback(a, *v, {std::max(v->start, r.start), std::min(v->end, r.end)}, call);
+    for (Vma* v : vmas) writeback(a, *v, {std::max(v->start, r.start), std::min(v->end, r.end)}, call);
     preserve_range(a, call, r);
     change_pages(a, call, r, [](Prot) { return Prot::None; });
     page_discard(r.start, r.end - r.start);
@@ -381,10 +479,14 @@ void Arena::unmap(void* addr, std::size_t length) {
 
 void Arena::prefault(void* addr, std::size_t length, Prot access) {
     static constexpr const char* call = "usermm::Arena::prefault";
-    ArenaCore& a = *core_;
+    ArenaCore& a = live_arena(core_, call);
     const Range r = check_range(a, call, addr, length);
     access = check_prot(call, access, r.start);
+    if (access == Prot::None)
+        fail(EINVAL, "{}: access Prot::None at addr {:#x} grants nothing; prefault needs Read, Write or Exec", call,
+             r.start);
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
+    if (a.snapshot_count) require_self_mem(call);  // snapshots take pages that gain write access
     const std::vector<Vma*> vmas = covering_vmas(a, call, r);
     for (const Vma* v : vmas)
         if (!allows(v->prot, access))
@@ -402,14 +504,14 @@ void Arena::prefault(void* addr, std::size_t length, Prot access) {
     }
 }
 
-Stats Arena::stats() const { return core_->stats.load(); }
+Stats Arena::stats() const { return live_arena(core_, "usermm::Arena::stats").stats.load(); }
 
 namespace {
 VmaInfo vma_info(const ArenaCore& a, const Vma& v);  // with find_vma, below
 }
 
 std::vector<VmaInfo> Arena::vmas() const {
-    ArenaCore& a = *core_;
+    ArenaCore& a = live_arena(core_, "usermm::Arena::vmas");
     std::vector<VmaInfo> out;
     ApiGuard<SharedGuard<RwSpinLock>> guard(a.lock);
     out.reserve(a.tree.size());
@@ -419,7 +521,7 @@ std::vector<VmaInfo> Arena::vmas() const {
 
 void Arena::verify() const {
     static constexpr const char* call = "usermm::Arena::verify";
-    ArenaCore& a = *core_;
+    ArenaCore& a = live_arena(core_, call);
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
 
     // The tree: ordered, disjoint, page-aligned, inside the arena.
@@ -459,7 +561,7 @@ void Arena::verify() const {
     // The kernel: /proc/self/maps must cover the arena without a gap, each page with its PTE's
     // protection and backing (a page-cache memfd for file pages, anonymous memory otherwise).
     std::uintptr_t covered = a.base;
-    const std::vector<KernelMapping> maps = kernel_mappings(a.base, a.end);
+    const std::vector<KernelMapping> maps = kernel_mappings(a.base, a.end, call);
     auto check_page = [&](const KernelMapping& m, std::size_t i) {
         const pte_t v = a.pte[i].load(std::memory_order_relaxed);
         const Prot mine = pte_to_prot(v);
@@ -577,7 +679,7 @@ VmaInfo vma_info(const ArenaCore& a, const Vma& v) {
 }  // namespace
 
 std::optional<VmaInfo> Arena::find_vma(std::string_view name) const {
-    ArenaCore& a = *core_;
+    ArenaCore& a = live_arena(core_, "usermm::Arena::find_vma");
     const std::string_view kept = name.substr(0, kVmaNameMax - 1);
     ApiGuard<SharedGuard<RwSpinLock>> guard(a.lock);
     for (const Vma& v : a.tree)

@@ -457,7 +457,8 @@ void* Arena::map_file(const std::string& path, std::uint64_t offset, std::size_t
 void* Arena::map_file_as(int fd, const std::string& path, std::uint64_t offset, std::size_t length, Prot prot,
                          Share share, const MapOptions& options) {
     static constexpr const char* call = "usermm::Arena::map_file";
-    ArenaCore& a = *core_;
+    ArenaCore& a = live_arena(core_, call);
+    require_self_mem(call);  // a private mapping's first write, and any unmap, go through it
     const std::uintptr_t want = addr_of(options.address);
     prot = check_prot(call, prot, want);
     const std::size_t len = round_up_length(call, length, want);
@@ -526,7 +527,7 @@ void* Arena::map_file_as(int fd, const std::string& path, std::uint64_t offset, 
 
 void Arena::sync(void* addr, std::size_t length) {
     static constexpr const char* call = "usermm::Arena::sync";
-    ArenaCore& a = *core_;
+    ArenaCore& a = live_arena(core_, call);
     const Range r = check_range(a, call, addr, length);
     std::vector<FileSync> pending;
     // The writes under the arena's lock; the wait for the disk without it, so that faults go on
@@ -563,7 +564,7 @@ void Arena::sync(void* addr, std::size_t length) {
 
 void Arena::advise(void* addr, std::size_t length, Advice advice) {
     static constexpr const char* call = "usermm::Arena::advise";
-    ArenaCore& a = *core_;
+    ArenaCore& a = live_arena(core_, call);
     const Range r = check_range(a, call, addr, length);
     if (unsigned(advice) > unsigned(Advice::DontNeed))
         fail(EINVAL, "{}: advice {} is unknown (addr {:#x})", call, unsigned(advice), r.start);

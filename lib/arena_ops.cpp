@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -15,9 +16,14 @@
 
 namespace usermm::detail {
 
-std::vector<KernelMapping> kernel_mappings(std::uintptr_t lo, std::uintptr_t hi) {
+std::vector<KernelMapping> kernel_mappings(std::uintptr_t lo, std::uintptr_t hi, const char* call) {
     std::vector<KernelMapping> out;
+    errno = 0;
     std::ifstream maps("/proc/self/maps");
+    // An empty answer would read as an arena with no mappings: false corruption, wrong counts.
+    if (!maps.is_open())
+        fail(errno ? errno : EIO, "{}: cannot open /proc/self/maps to read the kernel's mappings of [{:#x}, {:#x})", call,
+             lo, hi);
     for (std::string line; std::getline(maps, line);) {
         unsigned long from = 0, to = 0, offset = 0, inode = 0;
         unsigned dev_major = 0, dev_minor = 0;
@@ -34,6 +40,7 @@ std::vector<KernelMapping> kernel_mappings(std::uintptr_t lo, std::uintptr_t hi)
         out.push_back({start, std::min<std::uintptr_t>(to, hi), prot, page_cache, perms[3] == 's', inode,
                        offset + (start - from)});
     }
+    if (maps.bad()) fail(EIO, "{}: cannot read /proc/self/maps for [{:#x}, {:#x})", call, lo, hi);
     return out;
 }
 

@@ -5,6 +5,7 @@
 
 #include <pthread.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <fmt/format.h>
 
@@ -30,12 +31,17 @@ template <typename... Args>
 // this thread holds an usermm lock or a snapshot slot would fault into something its own thread
 // holds; the kernel, likewise, never runs a handler while it holds mmap_lock. Synchronous signals
 // stay deliverable: blocking them would not stop them, only make the kernel kill the process.
+inline sigset_t async_signals() {
+    sigset_t all;
+    sigfillset(&all);
+    for (int sig : {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGTRAP, SIGSYS}) sigdelset(&all, sig);
+    return all;
+}
+
 class AsyncSignalsBlocked {
 public:
     AsyncSignalsBlocked() {
-        sigset_t all;
-        sigfillset(&all);
-        for (int sig : {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGTRAP, SIGSYS}) sigdelset(&all, sig);
+        const sigset_t all = async_signals();
         pthread_sigmask(SIG_BLOCK, &all, &saved_);
     }
     ~AsyncSignalsBlocked() { pthread_sigmask(SIG_SETMASK, &saved_, nullptr); }
@@ -64,6 +70,21 @@ void init_process();
 // A random identity for an arena's snapshot chain (getrandom), in image.cpp.
 std::array<std::uint64_t, 2> new_arena_identity();
 
+// The arena behind an Arena object: a moved-from one has none, and every call on it says so.
+inline ArenaCore& live_arena(const std::unique_ptr<ArenaCore>& core, const char* call) {
+    if (!core) fail(EINVAL, "{}: the arena was moved from", call);
+    return *core;
+}
+
+// Calls that may reach arena pages through /proc/self/mem (page_ops.hpp) check first that this
+// process has a descriptor of its own: a forked child may have none (EMFILE at the fork), and a
+// non-dumpable process cannot open one.
+inline void require_self_mem(const char* call) {
+    if (const int err = page_self_mem())
+        fail(err, "{}: this process (pid {}) cannot open /proc/self/mem, through which usermm reaches arena pages", call,
+             getpid());
+}
+
 inline std::uintptr_t addr_of(const void* p) { return reinterpret_cast<std::uintptr_t>(p); }
 inline void* ptr_of(std::uintptr_t a) { return reinterpret_cast<void*>(a); }
 
@@ -90,7 +111,8 @@ struct KernelMapping {
     std::uint64_t inode;   // of the file mapped, 0 for anonymous memory
     std::uint64_t offset;  // into the file, of `from`
 };
-std::vector<KernelMapping> kernel_mappings(std::uintptr_t lo, std::uintptr_t hi);
+// Throws (naming `call`) if /proc/self/maps cannot be read.
+std::vector<KernelMapping> kernel_mappings(std::uintptr_t lo, std::uintptr_t hi, const char* call = "usermm");
 // Edge marks (kPteEdge) where the kernel keeps neighbouring mappings of the arena apart for good,
 // read from its mappings `maps`: at the boundaries before pages `first` and `last` of a mapping
 // just made there (the marks between them are cleared), or at every boundary (in a forked child).

@@ -9,11 +9,14 @@
 #include <ucontext.h>
 
 #include <atomic>
+#include <cstdint>
 
 #include "account.hpp"
 #include "decode.hpp"
 #include "fault.hpp"
 #include "fault_world.hpp"
+#include "page_ops.hpp"
+#include "pte.hpp"
 #include "raw_log.hpp"
 
 namespace usermm::detail {
@@ -27,6 +30,28 @@ std::atomic<bool> g_installed{false};
 
 
 const char* signal_name(int sig) { return sig == SIGBUS ? "SIGBUS" : "SIGSEGV"; }
+
+// A fault on a page whose PTE already allows the access is spurious: another thread resolved it
+// between the trap and the handler, and the retried access succeeds. If it faults again and again,
+// the kernel's protection is not the PTE's: the program changed it behind usermm's back (its own
+// mprotect, munmap or MAP_FIXED mmap on arena memory), and retrying would loop forever. A real
+// race cannot lose this often in a row: each loss needs another thread to resolve the same page
+// again in between. Per thread, reset by every resolved fault and every fault on another page.
+constexpr std::uint32_t kSpuriousLimit = 1000;
+struct SpuriousRun {
+    std::uintptr_t page;
+    std::uint32_t count;
+};
+thread_local constinit SpuriousRun t_spurious __attribute__((tls_model("initial-exec"))) = {0, 0};
+
+// True when this spurious fault is one too many in a row on its page.
+bool spurious_loop(std::uintptr_t addr) {
+    const std::uintptr_t page = addr & ~(std::uintptr_t(g_page_size) - 1);
+    if (t_spurious.page != page) t_spurious = {page, 0};
+    if (++t_spurious.count < kSpuriousLimit) return false;
+    t_spurious.count = 0;
+    return true;
+}
 
 struct sigaction& previous(int sig) { return sig == SIGBUS ? g_previous_bus : g_previous_segv; }
 
@@ -98,7 +123,16 @@ extern "C" void usermm_fault_handler(int sig, siginfo_t* info, void* ucontext) {
     vmf.diag = &reason;
     switch (handle_mm_fault(vmf)) {
         case FaultResult::Resolved:
+            t_spurious.count = 0;
+            return;
         case FaultResult::Spurious:
+            if (!spurious_loop(vmf.address)) return;
+            // Whatever made the kernel refuse the access was not usermm: what the kernel does with
+            // such a fault happens now.
+            reason.str("usermm: ").str(signal_name(sig)).str(" at ").hex(vmf.address).str(": ");
+            reason.dec(kSpuriousLimit).str(" faults in a row for an access usermm had granted: the page's protection");
+            reason.str(" was changed outside usermm (verify() names the page)");
+            pass_on(sig, info, ucontext, reason);
             return;
         case FaultResult::Foreign:
             reason.str("usermm: ").str(signal_name(sig)).str(" at ").hex(vmf.address).str(": not in any arena");
@@ -118,6 +152,9 @@ extern "C" void usermm_fault_handler(int sig, siginfo_t* info, void* ucontext) {
         }
         case FaultResult::Fatal:
             // A fault usermm owns but cannot resolve: retrying would loop forever.
+            if (const int err = page_self_mem())
+                reason.str(" (this process cannot open /proc/self/mem, errno ").dec(std::uint64_t(err))
+                    .str(", through which usermm reads pages it cannot touch)");
             reason.emit();
             die_by(sig);
             return;

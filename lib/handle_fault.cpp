@@ -146,6 +146,9 @@ enum class Budget : std::uint8_t { Enforce, Exceed };
 constexpr int kOverBudget = -1;
 constexpr int kStateUnknown = -2;  // the kernel refused, and so did the attempt to undo a partial change
 constexpr int kDataLimit = -3;     // the kernel refused write access for RLIMIT_DATA
+constexpr int kCopyFailed = -4;    // a snapshot could not take a page's old content (diagnosed already)
+
+FaultResult fatal(vm_fault& vmf, const char* what, int err);
 
 // Gives the locked range `prot` in the kernel and publishes it. All of the range was locked from
 // PTE value `was`. Counting the kernel VMAs the change makes, making it and publishing it happen
@@ -162,8 +165,10 @@ int install(vm_fault& vmf, PageRange r, Prot prot, pte_t was, Budget budget) {
     // Nobody can write the locked pages yet; snapshots take what they need before anyone can.
     if (allows(prot, Prot::Write) && arena.snapshot_count)
         for (std::size_t i = r.first; i < r.last; ++i)
-            if (const int err = preserve_for_snapshots(arena, i, arena.pte[i].load(kRelaxed), &vmf.copies))
-                return err;
+            if (const int err = preserve_for_snapshots(arena, i, arena.pte[i].load(kRelaxed), &vmf.copies)) {
+                fatal(vmf, "reading the page for a snapshot", err);
+                return kCopyFailed;
+            }
     std::uint32_t dirtied = 0;
     if (allows(prot, Prot::Write) && vmf.vma->file && vmf.vma->share == Share::Shared)
         for (std::size_t i = r.first; i < r.last; ++i) dirtied += !(arena.pte[i].load(kRelaxed) & kPteDirtyFile);
@@ -218,6 +223,7 @@ FaultResult data_limit_fatal(vm_fault& vmf, PageRange r) {
 }
 
 FaultResult install_failed(vm_fault& vmf, int err) {
+    if (err == kCopyFailed) return FaultResult::Fatal;
     return err == kStateUnknown ? fatal(vmf, "mprotect failed and could not be undone", 0)
                                 : fatal(vmf, "mprotect", err);
 }
@@ -261,7 +267,7 @@ FaultResult do_merging_fault(vm_fault& vmf, pte_t cur) {
         vmf.kind = FaultKind::Degraded;
         return FaultResult::Resolved;
     }
-    if (err == kStateUnknown) return install_failed(vmf, err);
+    if (err == kStateUnknown || err == kCopyFailed) return install_failed(vmf, err);
     if (err == kDataLimit) {
         unlock_unchanged(arena, {run.first, page});
         unlock_unchanged(arena, {page + 1, run.last});
@@ -298,7 +304,7 @@ FaultResult do_degraded_fault(vm_fault& vmf, pte_t cur) {
     if (err == kDataLimit && vmf.access != Access::Write)
         err = install(vmf, run, vmf.vma->prot & ~Prot::Write, cur, Budget::Enforce);
     if (err) {
-        if (err == kStateUnknown) return install_failed(vmf, err);
+        if (err == kStateUnknown || err == kCopyFailed) return install_failed(vmf, err);
         unlock_unchanged(arena, {run.first, page});
         unlock_unchanged(arena, {page + 1, run.last});
         if (err == kDataLimit) return data_limit_fatal(vmf, {page, page + 1});
@@ -321,7 +327,7 @@ FaultResult install_or_degrade(vm_fault& vmf, PageRange r, Prot prot, pte_t cur,
             vmf.kind = kind;
             return FaultResult::Resolved;
         }
-        if (err == kStateUnknown) return install_failed(vmf, err);
+        if (err == kStateUnknown || err == kCopyFailed) return install_failed(vmf, err);
         unlock_unchanged(arena, {r.first, page});
         unlock_unchanged(arena, {page + 1, r.last});
         // Past RLIMIT_DATA only the faulting page is tried; a degraded run would ask for more.
@@ -606,7 +612,8 @@ FaultResult handle_mm_fault(vm_fault& vmf) {
         if (vmf.diag)
             vmf.diag->str("usermm: fault at ")
                 .hex(vmf.address)
-                .str(" by the thread that holds an arena lock (arena memory touched inside an API call)");
+                .str(" by the thread that holds an arena lock (arena memory touched inside an API call, or by a fork")
+                .str(" handler registered before usermm was loaded)");
         account_fault(vmf, FaultResult::Fatal);
         return FaultResult::Fatal;
     }

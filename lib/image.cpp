@@ -483,6 +483,7 @@ std::array<std::uint64_t, 2> detail::new_arena_identity() {
 void Snapshot::write_to(int fd) const {
     static constexpr const char* call = "usermm::Snapshot::write_to";
     if (!core_) fail(EINVAL, "{}: the snapshot was moved from", call);
+    require_self_mem(call);
     const SnapshotCore& s = *core_;
     ImageWriter out(fd, call);
     write_header(out, s, nullptr);
@@ -498,6 +499,7 @@ void Snapshot::write_to(int fd) const {
 void Snapshot::write_to(int fd, const Snapshot& previous) const {
     static constexpr const char* call = "usermm::Snapshot::write_to";
     if (!core_ || !previous.core_) fail(EINVAL, "{}: a snapshot was moved from", call);
+    require_self_mem(call);
     const SnapshotCore& s = *core_;
     const SnapshotCore& p = *previous.core_;
     if (p.arena_id != s.arena_id)

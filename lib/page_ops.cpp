@@ -104,13 +104,38 @@ int page_discard(std::uintptr_t addr, std::size_t len) {
 }
 
 namespace {
-constinit std::atomic<int> g_self_mem{-1};
+// The descriptor of /proc/self/mem and the process that opened it, as pid << 32 | fd in one word,
+// so that a process never uses a descriptor of another process's memory: a forked child inherits
+// its parent's, which still refers to the parent (also where fork's handlers did not run, as after
+// a raw clone(2)).
+constexpr std::uint64_t kNoSelfMem = ~std::uint64_t(0);
+constinit std::atomic<std::uint64_t> g_self_mem{kNoSelfMem};
+
+int self_mem_fd(int* fd) {
+    const std::uint64_t pid = std::uint64_t(getpid());
+    for (;;) {
+        std::uint64_t cur = g_self_mem.load(std::memory_order_acquire);
+        if (cur != kNoSelfMem && cur >> 32 == pid) {
+            *fd = int(cur & 0xffffffffu);
+            return 0;
+        }
+        // Another process's descriptor is left open, not closed: its number may belong to the
+        // program by now. page_forget_self_mem closes it where that is known to be safe.
+        const int mine = open("/proc/self/mem", O_RDWR | O_CLOEXEC);
+        if (mine < 0) return errno;
+        if (g_self_mem.compare_exchange_strong(cur, pid << 32 | std::uint32_t(mine), std::memory_order_acq_rel)) {
+            *fd = mine;
+            return 0;
+        }
+        close(mine);  // another thread of this process opened it first
+    }
+}
 
 // pread/pwrite until done; a short transfer means part of the range is not mapped.
 template <typename Io, typename Buf>
 int transfer(Io io, std::uintptr_t addr, Buf buf, std::size_t len) {
-    const int fd = g_self_mem.load(std::memory_order_relaxed);
-    if (fd < 0) return EBADF;
+    int fd = -1;
+    if (const int err = self_mem_fd(&fd)) return err;
     while (len) {
         const ssize_t n = io(fd, buf, len, off_t(addr));
         if (n < 0 && errno == EINTR) continue;
@@ -124,12 +149,15 @@ int transfer(Io io, std::uintptr_t addr, Buf buf, std::size_t len) {
 }
 }  // namespace
 
-int page_open_self_mem() {
-    const int fd = open("/proc/self/mem", O_RDWR | O_CLOEXEC);
-    if (fd < 0) return errno;
-    const int old = g_self_mem.exchange(fd);
-    if (old >= 0) close(old);
-    return 0;
+int page_self_mem() {
+    int fd = -1;
+    return self_mem_fd(&fd);
+}
+
+bool page_forget_self_mem() {
+    const std::uint64_t old = g_self_mem.exchange(kNoSelfMem);
+    if (old != kNoSelfMem) close(int(old & 0xffffffffu));
+    return old != kNoSelfMem;
 }
 
 int page_read_raw(std::uintptr_t addr, void* dst, std::size_t len) {
@@ -141,8 +169,8 @@ int page_write_raw(std::uintptr_t addr, const void* src, std::size_t len) {
 }
 
 int page_write_raw_pages(std::uintptr_t addr, const std::byte* const* pages, std::size_t n) {
-    const int fd = g_self_mem.load(std::memory_order_relaxed);
-    if (fd < 0) return EBADF;
+    int fd = -1;
+    if (const int err = self_mem_fd(&fd)) return err;
     constexpr std::size_t kMaxIov = 256;  // well under IOV_MAX, and a small stack frame
     iovec iov[kMaxIov];
     while (n) {

@@ -31,9 +31,14 @@ int page_discard(std::uintptr_t addr, std::size_t len);
 
 // Copies to or from arena memory whatever its protection, through /proc/self/mem: the kernel's
 // access to the process's own memory ignores PROT_NONE for private mappings, faults in nothing
-// but the pages touched, and raises no signal. API world: (re)open it once per process image
-// (again in a forked child, whose /proc/self is another process).
-int page_open_self_mem();
+// but the pages touched, and raises no signal. Each process uses only a descriptor it opened
+// itself (opened at the first need, in either world); where it cannot open one (EMFILE, or EACCES
+// in a non-dumpable process, whose /proc/self belongs to root) these calls return that errno.
+// 0 when this process has its descriptor (opening it now if need be), else the errno of the open.
+int page_self_mem();
+// A forked child, before anything else: closes the descriptor inherited from the parent, if any
+// (true then).
+bool page_forget_self_mem();
 int page_read_raw(std::uintptr_t addr, void* dst, std::size_t len);
 int page_write_raw(std::uintptr_t addr, const void* src, std::size_t len);
 // Writes n pages, each from its own buffer, to the consecutive pages from addr: one pwritev per

@@ -218,6 +218,7 @@ Stats Snapshot::stats() const {
 void Snapshot::read(const void* addr, void* buffer, std::size_t length) const {
     static constexpr const char* kReadCall = "usermm::Snapshot::read";
     check_live(core_.get(), kReadCall);
+    require_self_mem(kReadCall);
     const SnapshotCore& s = *core_;
     const std::uintptr_t from = addr_of(addr), lo = s.page_addr(s.first),
                          hi = s.page_addr(s.last);
@@ -240,6 +241,7 @@ void Snapshot::read(const void* addr, void* buffer, std::size_t length) const {
 
 void Snapshot::for_each_page(const std::function<void(const void*, std::span<const std::byte>)>& fn) const {
     check_live(core_.get(), "usermm::Snapshot::for_each_page");
+    require_self_mem("usermm::Snapshot::for_each_page");
     const SnapshotCore& s = *core_;
     visit_snapshot_pages(s, s.first, s.last, [&](std::size_t page, const std::byte* content, bool zero) {
         if (!zero) fn(ptr_of(s.page_addr(page)), std::span<const std::byte>(content, g_page_size));
@@ -255,14 +257,18 @@ bool DirtySet::contains(const void* page_addr) const {
 // A file VMA's content is its file's (sync writes it there), not the arena's: a snapshot of the
 // whole arena takes the anonymous VMAs and skips file VMAs, so that one arena can hold both. An
 // explicit range is the caller's statement of what must be captured: one over a file VMA is refused.
-Snapshot Arena::snapshot() { return take_snapshot(base(), size(), true); }
+Snapshot Arena::snapshot() {
+    const ArenaCore& a = live_arena(core_, "usermm::Arena::snapshot");
+    return take_snapshot(ptr_of(a.base), a.end - a.base, true);
+}
 
 Snapshot Arena::snapshot(void* addr, std::size_t length) { return take_snapshot(addr, length, false); }
 
 Snapshot Arena::take_snapshot(void* addr, std::size_t length, bool whole) {
     static constexpr const char* call = "usermm::Arena::snapshot";
-    ArenaCore& a = *core_;
+    ArenaCore& a = live_arena(core_, call);
     const Range r = check_range(a, call, addr, length);
+    require_self_mem(call);
     std::shared_ptr<SnapshotCore> snap = new_snapshot_core(a, r);
     snap->anonymous_only = whole;
     ChangeRecord record{0, snap->first, snap->last, {}};
@@ -311,8 +317,9 @@ Snapshot Arena::take_snapshot(void* addr, std::size_t length, bool whole) {
 
 void Arena::restore(const Snapshot& snapshot) {
     static constexpr const char* call = "usermm::Arena::restore";
-    ArenaCore& a = *core_;
+    ArenaCore& a = live_arena(core_, call);
     check_live(snapshot.core_.get(), call);
+    require_self_mem(call);
     SnapshotCore& s = *snapshot.core_;
     if (s.arena != &a)
         fail(EINVAL, "{}: snapshot {} of [{:#x}, +{:#x}) belongs to another arena", call, s.sequence,
@@ -522,7 +529,7 @@ void Arena::restore(const Snapshot& snapshot) {
 
 DirtySet Arena::collect_dirty(void* addr, std::size_t length) {
     static constexpr const char* call = "usermm::Arena::collect_dirty";
-    ArenaCore& a = *core_;
+    ArenaCore& a = live_arena(core_, call);
     const Range r = check_range(a, call, addr, length);
     const std::size_t first = a.page_index(r.start), last = a.page_index(r.end);
     DirtySet out;

@@ -10,7 +10,12 @@
 //    snapshot or collect_dirty(), which write-protect the pages until their next write.
 //  - Do not block SIGSEGV in threads that touch arena memory: the kernel then kills the process on
 //    the first fault instead of running the handler.
-//  - fork() is safe: usermm waits for faults in flight and the child inherits the arenas.
+//  - An alternate signal stack must hold signal_stack_size() bytes; a thread whose stack lies in
+//    an arena needs one. Programs must bind symbols at load time (-Wl,-z,now, which the CMake
+//    target passes on), or lazy binding runs the resolver on that stack.
+//  - fork() is safe: usermm waits for faults in flight and the child inherits the arenas. Signal
+//    handlers and pthread_atfork handlers may touch arena memory, except fork handlers registered
+//    before usermm was loaded (README, "fork()").
 #pragma once
 
 #include <array>
@@ -267,6 +272,8 @@ struct DirtySet {
     bool contains(const void* page_addr) const;
 };
 
+// Every call on a moved-from Arena throws Error (EINVAL, "the arena was moved from"); assigning an
+// arena to it makes it usable again.
 class Arena {
 public:
     // Reserves `size` bytes (rounded up to pages) of PROT_NONE address space.
@@ -330,7 +337,8 @@ public:
     // and reports a failure on stderr (it cannot throw).
     void unmap(void* addr, std::size_t length);
     // Grants `access` on the range now, so that system calls into it cannot fail with EFAULT. The
-    // VMAs must allow `access`. Memory is still committed by the kernel only when touched.
+    // VMAs must allow `access`, which must grant something (Prot::None is EINVAL). Memory is still
+    // committed by the kernel only when touched.
     void prefault(void* addr, std::size_t length, Prot access);
 
     // A snapshot of the whole arena's anonymous VMAs (file VMAs are skipped: their content is their
@@ -421,5 +429,11 @@ enum class Engine { Uffd, Mprotect };
 Engine engine();
 
 std::size_t page_size();
+
+// The smallest alternate signal stack (sigaltstack) on which usermm's handler can resolve any fault:
+// the kernel's signal frame for this CPU (getauxval(AT_MINSIGSTKSZ)) plus the handler's own
+// depth, measured, with a margin. A handler usermm passes a fault on to runs on the same stack and
+// needs its own share on top.
+std::size_t signal_stack_size();
 
 }  // namespace usermm
