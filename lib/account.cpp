@@ -28,7 +28,7 @@ void count(Counters& c, const vm_fault& vmf, FaultResult result, std::uint64_t n
             else
                 c.read_faults.fetch_add(1, kRelaxed);
             if (vmf.kind == FaultKind::Anonymous) {
-                if (vmf.access != Access::Write) c.zero_page_reads.fetch_add(1, kRelaxed);
+                if (vmf.access != Access::Write && !vmf.had_data) c.zero_page_reads.fetch_add(1, kRelaxed);
                 if (vmf.pages > 1) c.fault_around_pages.fetch_add(vmf.pages - 1, kRelaxed);
             } else if (vmf.kind == FaultKind::File) {
                 if (vmf.pages > 1) c.fault_around_pages.fetch_add(vmf.pages - 1, kRelaxed);

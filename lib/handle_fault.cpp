@@ -372,8 +372,11 @@ PageRange reach_granted_neighbours(vm_fault& vmf, PageRange r, Prot prot) {
 // The first access to an untouched page of an anonymous VMA (the kernel's do_anonymous_page): a
 // read makes it readable, so the kernel maps its shared zero page and commits nothing; a write
 // makes it writable, so the kernel gives it a zeroed private page. Fault-around grants the same to
-// the untouched pages of the aligned window around the fault, in the same mprotect.
-FaultResult do_anonymous_fault(vm_fault& vmf) {
+// the untouched pages of the aligned window around the fault, in the same mprotect. A page that
+// is PROT_NONE with its content kept (restore() wrote it back) is granted the same way, but its
+// read is no zero-page read.
+FaultResult do_anonymous_fault(vm_fault& vmf, pte_t cur) {
+    vmf.had_data = cur & kPtePopulated;
     ArenaCore& arena = *vmf.arena;
     const Vma& vma = *vmf.vma;
     const std::size_t page = arena.page_index(vmf.address);
@@ -532,7 +535,7 @@ FaultResult handle_pte_fault(vm_fault& vmf) {
         if (allows(pte_to_prot(cur), needed(vmf.access))) return FaultResult::Spurious;
         if (!pte.compare_exchange_weak(cur, cur | kPteLocked, kAcquire, kRelaxed)) continue;
         if (vmf.vma->file) return do_file_fault(vmf, cur);
-        return pte_prot(cur) == 0 ? do_anonymous_fault(vmf) : do_upgrade_fault(vmf, cur);
+        return pte_prot(cur) == 0 ? do_anonymous_fault(vmf, cur) : do_upgrade_fault(vmf, cur);
     }
 }
 
