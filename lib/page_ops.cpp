@@ -91,6 +91,23 @@ int page_resident(std::uintptr_t addr, std::size_t len, unsigned char* vec) {
     return result(mincore(reinterpret_cast<void*>(addr), len, vec));
 }
 
+void page_held(std::uintptr_t addr, std::size_t len, unsigned char* vec) {
+    constexpr std::uint64_t kHeld = (std::uint64_t(1) << 63) | (std::uint64_t(1) << 62);  // present, swapped
+    const std::size_t pages = len >> g_page_shift;
+    const int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    std::uint64_t entries[64];
+    std::size_t done = 0;
+    while (fd >= 0 && done < pages) {
+        const std::size_t n = pages - done < 64 ? pages - done : 64;
+        const off_t at = off_t(((addr >> g_page_shift) + done) * sizeof(std::uint64_t));
+        if (pread(fd, entries, n * sizeof(std::uint64_t), at) != ssize_t(n * sizeof(std::uint64_t))) break;
+        for (std::size_t k = 0; k < n; ++k) vec[done + k] = (entries[k] & kHeld) ? 1 : 0;
+        done += n;
+    }
+    for (; done < pages; ++done) vec[done] = 1;
+    if (fd >= 0) close(fd);
+}
+
 int page_advise_huge(std::uintptr_t addr, std::size_t len) {
     return result(madvise(reinterpret_cast<void*>(addr), len, MADV_HUGEPAGE));
 }

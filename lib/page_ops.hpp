@@ -19,9 +19,13 @@ int page_alloc_table(std::size_t len, void** out);
 int page_alloc_shared_table(std::size_t len, void** out);
 int page_release(std::uintptr_t addr, std::size_t len);
 int page_protect(std::uintptr_t addr, std::size_t len, Prot prot);
-// Which pages of the range the kernel holds (mincore): a page granted write access but never
-// touched holds nothing, whatever usermm's populated bit says. vec gets one byte per page.
+// Which pages of the range are in memory now (mincore). vec gets one byte per page, bit 0 set.
 int page_resident(std::uintptr_t addr, std::size_t len, unsigned char* vec);
+// Which pages of the range hold data of their own: present or swapped out, as /proc/self/pagemap
+// says (mincore says "not resident" for a swapped-out page, whose data is not lost). A page granted
+// write access but never touched holds nothing, whatever usermm's populated bit says. vec gets one
+// byte per page, bit 0 set where the page may hold data: every page, when pagemap cannot be read.
+void page_held(std::uintptr_t addr, std::size_t len, unsigned char* vec);
 // Ask for transparent huge pages in the range (MADV_HUGEPAGE).
 int page_advise_huge(std::uintptr_t addr, std::size_t len);
 // Commit memory for the range now (MADV_POPULATE_WRITE), so that first writes do not fault.

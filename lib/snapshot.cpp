@@ -356,8 +356,8 @@ void Arena::restore(const Snapshot& snapshot) {
                  it->name, it->start, it->end, s.sequence, rec->name, rec->start, rec->end);
     }
     // What each page needs, decided before anything changes: copied pages are written back, pages
-    // that were zero and hold data now are discarded. A page whose slot says zero but that holds
-    // nothing (granted write access by fault-around, never written) has not changed. Restored
+    // that were zero and may hold data now (granted write access since) are discarded, which
+    // costs nothing for one that was never written. Restored
     // pages hold the snapshot's content in the arena again, so their slots become "synced": a
     // later restore copies only what changes after this one. Only groups of pages with a slot that
     // left the arena, or where the VMAs now allow more than the snapshot's did, are looked at, and
@@ -415,10 +415,6 @@ void Arena::restore(const Snapshot& snapshot) {
             g = next;
             continue;
         }
-        unsigned char resident[kGroup];
-        if (left)
-            if (const int err = page_resident(a.page_addr(g), (next - g) << g_page_shift, resident))
-                fail(err, "{}: mincore of [{:#x}, {:#x}) failed", call, a.page_addr(g), a.page_addr(next));
         for (std::size_t i = g; i < next; ++i) {
             const pte_t v = a.pte[i].load(kRelaxed);
             if (v & kPteFile) continue;  // a whole-arena snapshot's file VMA
@@ -426,10 +422,12 @@ void Arena::restore(const Snapshot& snapshot) {
             if (state == kSlotCopied) {
                 add(i, WriteBack);
             } else if (state == kSlotZero) {
-                // Written (or granted write) since: the page must be tracked again, whatever it holds.
-                const bool holds_data = (v & kPtePopulated) && (resident[i - g] & 1);
-                add(i, holds_data ? Discard : Untrack);
-                if (!holds_data) s.slot(i).store(kSlotZeroSynced, kRelease);
+                // Written, or granted write access, since: a page that may hold data is discarded.
+                // Whether one granted write was written cannot be told yet: until change_pages
+                // below it stays writable, and another thread may write it meanwhile.
+                const bool may_hold_data = v & kPtePopulated;
+                add(i, may_hold_data ? Discard : Untrack);
+                if (!may_hold_data) s.slot(i).store(kSlotZeroSynced, kRelease);
             } else if (widen && (to_pte(restored_prot(i)) & pte_prot(v)) != pte_prot(v)) {
                 add(i, Untrack);  // it has access the restored VMAs do not allow
             }
@@ -509,6 +507,16 @@ void Arena::restore(const Snapshot& snapshot) {
             if (const int err = page_write_raw_pages(at, copies.data(), copies.size()))
                 fail(err, "{}: cannot write back [{:#x}, {:#x})", call, at, at + len);
         } else {
+            // PROT_NONE now, so nothing can write them: the pages that were never written (granted
+            // write access by fault-around, say) held nothing, and restoring them changes nothing.
+            std::size_t empty = 0;
+            unsigned char held[ArenaCore::kGroupPages];
+            for (std::size_t k = i; k < j; k += ArenaCore::kGroupPages) {
+                const std::size_t n = std::min(j - k, ArenaCore::kGroupPages);
+                page_held(a.page_addr(k), n << g_page_shift, held);
+                for (std::size_t u = 0; u < n; ++u) empty += !(held[u] & 1);
+            }
+            restored -= empty;
             note_discarded(a, i, j);
             if (const int err = page_discard(at, len)) fail(err, "{}: cannot discard [{:#x}, {:#x})", call, at, at + len);
         }
@@ -537,7 +545,7 @@ DirtySet Arena::collect_dirty(void* addr, std::size_t length) {
     refuse_file_vmas(a, call, r);
     // Write access granted since the last collection marks a page; it was written if the kernel
     // holds it (fault-around grants write to neighbours that may never be touched). Discarded
-    // pages changed too, though nothing wrote them. Residency is asked only for groups of pages
+    // pages changed too, though nothing wrote them. Residency (present or swapped out) is asked only for groups of pages
     // with a mark, and the answer holds only the pages found: its cost follows what was written.
     constexpr std::size_t kGroup = ArenaCore::kGroupPages;
     std::vector<std::size_t> dirty;
@@ -549,13 +557,12 @@ DirtySet Arena::collect_dirty(void* addr, std::size_t length) {
             g = next;
             continue;
         }
-        unsigned char resident[kGroup];
-        if (const int err = page_resident(a.page_addr(g), (next - g) << g_page_shift, resident))
-            fail(err, "{}: mincore of [{:#x}, {:#x}) failed", call, a.page_addr(g), a.page_addr(next));
+        unsigned char held[kGroup];
+        page_held(a.page_addr(g), (next - g) << g_page_shift, held);
         for (std::size_t i = k; i < next; ++i) {
             const pte_t v = a.pte[i].load(kRelaxed);
             if (!(v & kPteDirtyCollect)) continue;
-            if ((v & kPtePopulated) && (resident[i - g] & 1)) dirty.push_back(i);
+            if ((v & kPtePopulated) && (held[i - g] & 1)) dirty.push_back(i);
             a.pte[i].store(v & ~kPteDirtyCollect, kRelaxed);
         }
         g = next;

@@ -20,12 +20,13 @@ inline constexpr std::size_t kReadBatch = 64;
 inline void read_locked_from_arena(const SnapshotCore& s, std::size_t first, std::size_t n, std::byte* dst, bool* zero) {
     const ArenaCore& a = *s.arena;
     // Populated means write access was granted; a page granted it by fault-around and never
-    // written is not resident, and reads as zeros. A page read before maps the kernel's zero page:
+    // written holds nothing, and reads as zeros. A page read before maps the kernel's zero page:
     // its content says so.
-    unsigned char resident[kReadBatch];
-    const bool known = n <= sizeof resident && page_resident(a.page_addr(first), n << g_page_shift, resident) == 0;
+    unsigned char held[kReadBatch];
+    const bool known = n <= sizeof held;
+    if (known) page_held(a.page_addr(first), n << g_page_shift, held);
     for (std::size_t k = 0; k < n; ++k)
-        zero[k] = !(a.pte[first + k].load(std::memory_order_acquire) & kPtePopulated) || (known && !(resident[k] & 1));
+        zero[k] = !(a.pte[first + k].load(std::memory_order_acquire) & kPtePopulated) || (known && !(held[k] & 1));
     for (std::size_t k = 0; k < n; ++k) {
         const std::size_t page = first + k;
         std::byte* out = dst + (k << g_page_shift);
