@@ -49,6 +49,14 @@ struct CacheRegistry {
     std::vector<std::unique_ptr<CacheEntry>> entries;
 };
 
+// fork_prepare takes the registry's mutex too: a signal handler that forks while its thread holds
+// the mutex would wait for itself, so the mutex is held with the asynchronous signals blocked.
+struct RegistryLock {
+    AsyncSignalsBlocked blocked;  // first: restored after the unlock
+    std::lock_guard<std::mutex> lock;
+    explicit RegistryLock(std::mutex& m) : lock(m) {}
+};
+
 CacheRegistry& caches() {
     static CacheRegistry* r = new CacheRegistry;  // outlives static destructors: arenas may too
     return *r;
@@ -137,7 +145,7 @@ PageCache& cache_get(int fd, const std::string& path, bool writable, std::uint64
     struct stat st;
     if (fstat(fd, &st) != 0) fail(errno, "{}: fd {} ('{}'): fstat failed", call, fd, path);
     CacheRegistry& reg = caches();
-    std::lock_guard lock(reg.mutex);
+    RegistryLock lock(reg.mutex);
     CacheEntry* e = nullptr;
     for (auto& candidate : reg.entries)
         if (candidate->cache->dev == st.st_dev && candidate->cache->ino == st.st_ino) e = candidate.get();
@@ -174,7 +182,7 @@ PageCache& cache_get(int fd, const std::string& path, bool writable, std::uint64
 
 void cache_put(ArenaCore* a, PageCache* c) {
     CacheRegistry& reg = caches();
-    std::lock_guard lock(reg.mutex);
+    RegistryLock lock(reg.mutex);
     if (c->refs.fetch_sub(1) != 1) return;
     destroy(a, *c);
     std::erase_if(reg.entries, [c](const auto& x) { return x->cache.get() == c; });
@@ -183,7 +191,7 @@ void cache_put(ArenaCore* a, PageCache* c) {
 // Forgets that arena `a` shows [r.start, r.end) of the cache's file (unmap, destruction).
 void forget_users(const ArenaCore& a, const PageCache* c, Range r) {
     CacheRegistry& reg = caches();
-    std::lock_guard lock(reg.mutex);
+    RegistryLock lock(reg.mutex);
     std::vector<CacheUser>& users = entry_of(c).users;
     std::vector<CacheUser> kept;
     for (const CacheUser& u : users) {
@@ -418,7 +426,7 @@ void detail::drop_cached_pages(ArenaCore& a, Vma& v, Range part) {
     // Under the mutex throughout: another VMA of the file registers itself (map_file) before it
     // can fault, so none can map these pages while they go.
     CacheRegistry& reg = caches();
-    std::lock_guard lock(reg.mutex);
+    RegistryLock lock(reg.mutex);
     const CacheEntry& e = entry_of(&c);
     if (e.forked) return;
     for (const CacheUser& u : e.users) {
@@ -518,7 +526,7 @@ void* Arena::map_file_as(int fd, const std::string& path, std::uint64_t offset, 
     settle_edges(a, first, last);
     {
         CacheRegistry& reg = caches();
-        std::lock_guard lock(reg.mutex);
+        RegistryLock lock(reg.mutex);
         entry_of(&cache).users.push_back({&a, start, start + len, offset >> g_page_shift});
     }
     insert_vma(a, vma.release(), start, len);
