@@ -113,7 +113,8 @@ std::string header_problem(const Header& h) {
     if (std::memcmp(h.magic, kMagic, sizeof kMagic) != 0) return "not a usermm snapshot image";
     if (h.version != kVersion) return fmt::format("version {} (this usermm reads version {})", h.version, kVersion);
     if (h.page_size != g_page_size) return fmt::format("page size {} (this machine's is {})", h.page_size, g_page_size);
-    if (h.arena_size == 0 || h.arena_size % g_page_size || h.arena_base % g_page_size || h.arena_base >= kMaxAddress ||
+    if (h.arena_size == 0 || h.arena_size % g_page_size || h.arena_base == 0 || h.arena_base % g_page_size ||
+        h.arena_base >= kMaxAddress ||
         h.arena_size > kMaxAddress - h.arena_base)
         return fmt::format("arena base {:#x} size {:#x} is not a page-aligned range of the user address space",
                            h.arena_base, h.arena_size);

@@ -501,6 +501,7 @@ TEST_CASE("images: hand-made images are held to what map() accepts") {
     with("a page count that does not match", "counts", [](Crafted& c) { c.records_delta = 1; });
     with("an arena beyond the address space", "user address space", [](Crafted& c) { c.arena_size = 1ull << 47; });
     with("an unaligned arena base", "user address space", [](Crafted& c) { c.arena_base += 8; });
+    with("an arena at address 0", "user address space", [](Crafted& c) { c.arena_base = 0; });
     with("a range beyond the arena", "does not fit", [&](Crafted& c) { c.range_length = 17 * ps; });
     with("no chain identity", "chain identity", [](Crafted& c) { c.chain = {}; });
     with("a first image that is an increment", "must be a full one", [](Crafted& c) {
@@ -534,7 +535,7 @@ TEST_CASE("images: load costs what the image holds, not what the arena reserves"
     const std::size_t ps = usermm::page_size();
     SUBCASE("a 64 TiB arena with one page") {
         Crafted c;
-        c.arena_base = 0;  // a fresh address: only the size matters here
+        c.arena_base = ps;  // an address load does not use: only the size matters here
         c.arena_size = 64ull << 40;
         c.vmas.push_back({.offset = 0, .length = c.arena_size, .name = "huge"});
         c.pages.push_back({.offset = c.arena_size - ps, .word = 7});
