@@ -140,7 +140,7 @@ TEST_CASE("a file VMA's mapped pages are committed and resident, from the page c
 
 // The page-state table of a 1 TiB VMA is 512 MiB, almost all of it never touched: vmas() must not
 // read it, or it would map every page of it (mincore then reports them).
-TEST_CASE("vmas() reads only the touched part of the page-state table") {
+TEST_CASE("vmas() reads only the touched part of the page-state table" * doctest::skip(usermm_test::kSkipUnderTsan)) {
     Arena arena(1ull << 40);
     char* p = static_cast<char*>(arena.map(1ull << 40, Prot::ReadWrite, {.name = "huge"}));
     for (std::size_t i = 0; i < 4; ++i) write_byte(p + i * (256ull << 30), 1);

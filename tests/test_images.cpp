@@ -531,7 +531,7 @@ TEST_CASE("images: hand-made images are held to what map() accepts") {
     CHECK(usermm::image_info(MemFd(small_image().bytes()).get()).at(0).data_pages == 1);
 }
 
-TEST_CASE("images: load costs what the image holds, not what the arena reserves") {
+TEST_CASE("images: load costs what the image holds, not what the arena reserves" * doctest::skip(usermm_test::kSkipUnderTsan)) {
     const std::size_t ps = usermm::page_size();
     SUBCASE("a 64 TiB arena with one page") {
         Crafted c;

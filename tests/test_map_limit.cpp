@@ -189,7 +189,7 @@ TEST_CASE("a budget of 5,000 and 20,000 sparse writes in 8 GiB: the count stays 
 // The PTE table of a 64 TiB arena is 32 GiB, all but a page of it never touched: verify() and
 // unmap must skip what was never touched rather than read 16 G entries of zeros (which took 45 s
 // and 17 s). The child's alarm turns minutes into a failure; no timing is asserted.
-TEST_CASE("verify() and unmap of a 64 TiB arena with one page touched cost what was touched") {
+TEST_CASE("verify() and unmap of a 64 TiB arena with one page touched cost what was touched" * doctest::skip(usermm_test::kSkipUnderTsan)) {
     const ChildEnd end = run_in_child(
         [] {
             constexpr std::size_t kSize = 64ull << 40;
@@ -226,7 +226,7 @@ void limit_data(std::uint64_t bytes) {
 
 }  // namespace
 
-TEST_CASE("RLIMIT_DATA: an arena's reservation is not counted, the pages granted write access are") {
+TEST_CASE("RLIMIT_DATA: an arena's reservation is not counted, the pages granted write access are" * doctest::skip(usermm_test::kSkipUnderTsan)) {
     const ChildEnd end = run_in_child([] {
         const std::size_t ps = usermm::page_size();
         limit_data(data_vm() + (512ull << 20));
@@ -245,7 +245,7 @@ TEST_CASE("RLIMIT_DATA: an arena's reservation is not counted, the pages granted
     CHECK(end.exit_code == 0);
 }
 
-TEST_CASE("RLIMIT_DATA used up by the program: reads still resolve, a write dies naming RLIMIT_DATA and the VMA") {
+TEST_CASE("RLIMIT_DATA used up by the program: reads still resolve, a write dies naming RLIMIT_DATA and the VMA" * doctest::skip(usermm_test::kSkipUnderTsan)) {
     const ChildEnd end = run_in_child([] {
         const std::size_t ps = usermm::page_size();
         usermm::Arena arena(1ull << 30);

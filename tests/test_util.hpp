@@ -15,6 +15,15 @@
 
 namespace usermm_test {
 
+// ThreadSanitizer keeps most of the address space for its shadow (an arena of 1 TiB, or a 64 GiB
+// snapshot store, cannot be reserved) and its allocator draws from RLIMIT_DATA: tests that need
+// either are skipped there (doctest counts them as skipped; README, "Sanitizers").
+#if defined(__SANITIZE_THREAD__)
+inline constexpr bool kSkipUnderTsan = true;
+#else
+inline constexpr bool kSkipUnderTsan = false;
+#endif
+
 // How a forked child ended, with everything it wrote to stderr.
 struct ChildEnd {
     bool exited = false;
