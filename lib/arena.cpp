@@ -457,7 +457,10 @@ void Arena::unmap(void* addr, std::size_t length) {
     // Throws, before anything is unmapped, if part of the range is not mapped or a shared file
     // VMA's dirty pages cannot be written.
     for (Vma* v : vmas) writeback(a, *v, {std::max(v->start, r.start), std::min(v->end, r.end)}, call);
-    preserve_range(a, call, r);
+    // A page of an untouched part of the PTE table holds nothing, and the discard leaves it so: its
+    // slots stay kSlotInArena, reading the same zeros (a later grant of write access preserves it).
+    for (const PageSpan& span : pte_spans(a, a.page_index(r.start), a.page_index(r.end)))
+        preserve_range(a, call, {a.page_addr(span.first), a.page_addr(span.last)});
     change_pages(a, call, r, [](Prot) { return Prot::None; });
     page_discard(r.start, r.end - r.start);
     clear_ptes(a, r);

@@ -1,6 +1,6 @@
 // Costs that follow what was touched, not what is reserved: on a 4 TiB arena with one page written,
 // every snapshot-related call (taking and releasing snapshots, restore, collect_dirty, images, a
-// fork, the arena's destruction with a snapshot alive) must skip the untouched part of the page
+// fork, unmap and the arena's destruction with a snapshot alive) must skip the untouched part of the page
 // table and of each snapshot's slot table. Visiting every page took seconds per call (1 G pages
 // here); the child's alarm turns that into a failure. No timing is asserted.
 #include <doctest/doctest.h>
@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <optional>
+#include <span>
 #include <vector>
 
 #include <usermm/usermm.hpp>
@@ -77,16 +78,55 @@ TEST_CASE("snapshot calls on a 4 TiB arena with one page written cost what was t
             int status = 0;
             if (waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0) std::_Exit(7);
 
+            step("unmap with a snapshot alive");
+            arena->unmap(p, std::size_t(page - p));
+
             step("destruction with a snapshot alive");
             write_u64(page, 11);
             arena.reset();
             std::uint64_t kept = 0;
             next.read(page, &kept, sizeof kept);
             if (kept != 5) std::_Exit(8);
+            next.read(p, &kept, sizeof kept);
+            if (kept != 0) std::_Exit(9);
             step("done");
         },
         30);
     INFO(end.err);
     CHECK(end.signal == 0);
     CHECK(end.exit_code == 0);
+}
+
+// The untouched parts of the tables stand for zero pages that no snapshot preserved; whatever
+// gives such a page write access without a fault (prefault, also after unmap and map again) must
+// still give the live snapshots their zeros first.
+TEST_CASE("pages of untouched table parts: snapshots keep their zeros when write access comes without a fault") {
+    constexpr std::size_t kSize = 1ull << 30;  // a PTE table of 128 pages: pte_spans asks the kernel
+    const std::size_t ps = usermm::page_size();
+    usermm::Arena arena(kSize);
+    char* p = static_cast<char*>(arena.map(kSize, Prot::ReadWrite, {.name = "heap"}));
+    char* mid = p + kSize / 2;
+    const usermm::Snapshot before = arena.snapshot();
+    arena.prefault(p, kSize, Prot::Write);
+    write_u64(mid, 7);
+    std::uint64_t seen = 1;
+    before.read(mid, &seen, sizeof seen);
+    CHECK(seen == 0);
+
+    const usermm::Snapshot after = arena.snapshot();  // mid holds 7
+    arena.unmap(p, kSize / 4);
+    CHECK(arena.map(kSize / 4, Prot::ReadWrite, {.name = "again", .address = p}) == p);
+    arena.prefault(p, kSize / 4, Prot::Write);
+    write_u64(p + 3 * ps, 9);
+    seen = 1;
+    after.read(p + 3 * ps, &seen, sizeof seen);
+    CHECK(seen == 0);
+    after.read(mid, &seen, sizeof seen);
+    CHECK(seen == 7);
+    std::size_t pages = 0;
+    after.for_each_page([&](const void*, std::span<const std::byte>) { ++pages; });
+    CHECK(pages == 1);
+    arena.restore(after);
+    CHECK(read_u64(p + 3 * ps) == 0);
+    CHECK(read_u64(mid) == 7);
 }
