@@ -536,12 +536,13 @@ void Snapshot::write_to(int fd, const Snapshot& previous) const {
     for (std::size_t k = 0; k < changed.size();) {
         std::size_t m = k + 1;
         while (m < changed.size() && changed[m] == changed[m - 1] + 1) ++m;
-        visit_snapshot_pages(s, changed[k], changed[m - 1] + 1, [&](std::size_t at, const std::byte* content, bool zero) {
-            if (same_as_snapshot(p, at, content, zero)) return;
-            write_page(out, at, content, zero);
-            ++records;
-            data_pages += !zero;
-        });
+        visit_snapshot_pages(s, changed[k], changed[m - 1] + 1,
+                             [&](std::size_t at, const std::byte* content, bool zero) {
+                                 if (same_as_snapshot(p, at, content, zero)) return;
+                                 write_page(out, at, content, zero);
+                                 ++records;
+                                 data_pages += !zero;
+                             });
         k = m;
     }
     out.finish(records, data_pages);

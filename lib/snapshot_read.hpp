@@ -75,7 +75,7 @@ void visit_snapshot_pages(const SnapshotCore& s, std::size_t first, std::size_t 
     for (const PageSpan& span : spans) {
         for (; visit_zeros && page < span.first; ++page) fn(page, nullptr, true);
         for (page = span.first; page < span.last;) {
-            const slot_t state = s.arena ? slot_content(lock_slot_if_in_arena(s, page)) : slot_content(settled_slot(s, page));
+            const slot_t state = slot_content(s.arena ? lock_slot_if_in_arena(s, page) : settled_slot(s, page));
             if (state == kSlotCopied) {
                 fn(page, s.stored(page), false);
                 ++page;
