@@ -132,12 +132,13 @@ void convert_tracked_pages_after_fork(ArenaCore& a) {
         const pte_t v = a.pte[i].load(std::memory_order_relaxed);
         return (v & kPteWriteTracked) && (v & to_pte(Prot::Write)) ? int(v) : kNoRun;
     };
-    for_each_run(0, a.page_index(a.end), key, [&a](std::size_t i, std::size_t j, int v) {
+    auto convert = [&a](std::size_t i, std::size_t j, int v) {
         if (reprotect_run(a, i, j, pte_to_prot(pte_t(v)) & ~Prot::Write) == 0) return;
         // The pages stay writable, so their snapshots take them now rather than at a write.
         std::uint32_t copies = 0;
         for (std::size_t k = i; k < j; ++k) preserve_for_snapshots(a, k, pte_t(v), &copies);
-    });
+    };
+    for (const PageSpan& span : pte_spans(a, 0, a.page_index(a.end))) for_each_run(span.first, span.last, key, convert);
 }
 
 // fork(): no fault may be mid-way when the address space is copied, or the child would inherit a
@@ -195,12 +196,14 @@ void fork_child() {
         a.identity = new_arena_identity();  // the child's snapshots start a chain of their own
         if (was_uffd) convert_tracked_pages_after_fork(a);
         // Slots held by readers, and a restore in progress, belong to threads the child does not have.
+        // A held slot was written, so it lies in a touched page of its table.
         a.restoring.store(false);
         for (std::size_t k = 0; k < a.snapshot_count; ++k) {
             SnapshotCore& s = *a.snapshots[k];
-            for (std::size_t page = s.first; page < s.last; ++page)
-                if (s.slot(page).load(std::memory_order_relaxed) & kSlotBusy)
-                    s.slot(page).store(kSlotInArena, std::memory_order_relaxed);
+            for (const PageSpan& span : slot_spans(s, s.first, s.last))
+                for (std::size_t page = span.first; page < span.last; ++page)
+                    if (s.slot(page).load(std::memory_order_relaxed) & kSlotBusy)
+                        s.slot(page).store(kSlotInArena, std::memory_order_relaxed);
         }
     }
     fork_release();
@@ -343,15 +346,19 @@ Arena::~Arena() {
         }
         forget_file_users(a, v);
     }
-    // Snapshots outlive their arena: they take every page they still read from it.
+    // Snapshots outlive their arena: they take every page they still read from it. A page of an
+    // untouched part of the PTE table holds nothing: its slot stays kSlotInArena, which reads as
+    // zero once the arena is gone.
     for (std::size_t i = 0; i < a.snapshot_count; ++i) {
         SnapshotCore& s = *a.snapshots[i];
         std::uint32_t copies = 0;
-        for (std::size_t page = s.first; page < s.last; ++page)
-            if (settled_slot(s, page) == kSlotInArena &&
-                preserve_for_snapshots(a, page, a.pte[page].load(std::memory_order_relaxed), &copies) != 0)
-                std::fprintf(stderr, "usermm: snapshot %llu lost page %#lx when its arena was destroyed\n",
-                             static_cast<unsigned long long>(s.sequence), static_cast<unsigned long>(a.page_addr(page)));
+        for (const PageSpan& span : pte_spans(a, s.first, s.last))
+            for (std::size_t page = span.first; page < span.last; ++page)
+                if (settled_slot(s, page) == kSlotInArena &&
+                    preserve_for_snapshots(a, page, a.pte[page].load(std::memory_order_relaxed), &copies) != 0)
+                    std::fprintf(stderr, "usermm: snapshot %llu lost page %#lx when its arena was destroyed\n",
+                                 static_cast<unsigned long long>(s.sequence),
+                                 static_cast<unsigned long>(a.page_addr(page)));
         s.arena = nullptr;
     }
     map_budget_charge(a, -a.kernel_maps.load());
@@ -450,7 +457,10 @@ void Arena::unmap(void* addr, std::size_t length) {
     // Throws, before anything is unmapped, if part of the range is not mapped or a shared file
     // VMA's dirty pages cannot be written.
     for (Vma* v : vmas) writeback(a, *v, {std::max(v->start, r.start), std::min(v->end, r.end)}, call);
-    preserve_range(a, call, r);
+    // A page of an untouched part of the PTE table holds nothing, and the discard leaves it so: its
+    // slots stay kSlotInArena, reading the same zeros (a later grant of write access preserves it).
+    for (const PageSpan& span : pte_spans(a, a.page_index(r.start), a.page_index(r.end)))
+        preserve_range(a, call, {a.page_addr(span.first), a.page_addr(span.last)});
     change_pages(a, call, r, [](Prot) { return Prot::None; });
     page_discard(r.start, r.end - r.start);
     clear_ptes(a, r);

@@ -82,8 +82,8 @@ std::vector<Vma*> covering_vmas(ArenaCore& a, const char* call, Range r) {
 // --- pages -------------------------------------------------------------------------------------
 
 
-std::vector<PageSpan> pte_spans(const ArenaCore& a, std::size_t first, std::size_t last) {
-    const std::size_t per_table_page = g_page_size / sizeof(Pte);
+std::vector<PageSpan> held_spans(const void* table, std::size_t entry_bytes, std::size_t first, std::size_t last) {
+    const std::size_t per_table_page = g_page_size / entry_bytes;
     const std::size_t t_first = first / per_table_page, t_last = (last + per_table_page - 1) / per_table_page;
     // Below this many pages of the table, reading them costs less than asking.
     constexpr std::size_t kAskFrom = 16;
@@ -94,7 +94,7 @@ std::vector<PageSpan> pte_spans(const ArenaCore& a, std::size_t first, std::size
     constexpr std::uint64_t kHeld = (std::uint64_t(1) << 63) | (std::uint64_t(1) << 62);  // present, swapped
     std::vector<PageSpan> out;
     std::vector<std::uint64_t> entries(std::min<std::size_t>(t_last - t_first, 4096));
-    const std::size_t table_vpn = addr_of(a.pte) >> g_page_shift;
+    const std::size_t table_vpn = addr_of(table) >> g_page_shift;
     auto add = [&](std::size_t t_from, std::size_t t_to) {
         const std::size_t from = std::max(first, t_from * per_table_page), to = std::min(last, t_to * per_table_page);
         if (!out.empty() && out.back().last == from)
@@ -114,6 +114,42 @@ std::vector<PageSpan> pte_spans(const ArenaCore& a, std::size_t first, std::size
         t += n;
     }
     close(fd);
+    return out;
+}
+
+std::vector<PageSpan> pte_spans(const ArenaCore& a, std::size_t first, std::size_t last) {
+    return held_spans(a.pte, sizeof(Pte), first, last);
+}
+
+std::vector<PageSpan> slot_spans(const SnapshotCore& s, std::size_t first, std::size_t last) {
+    std::vector<PageSpan> out = held_spans(s.slots, sizeof(slot_t), first - s.first, last - s.first);
+    for (PageSpan& span : out) span = {span.first + s.first, span.last + s.first};
+    return out;
+}
+
+std::vector<PageSpan> span_union(std::vector<PageSpan> a, const std::vector<PageSpan>& b) {
+    a.insert(a.end(), b.begin(), b.end());
+    std::sort(a.begin(), a.end(), [](const PageSpan& x, const PageSpan& y) { return x.first < y.first; });
+    std::vector<PageSpan> out;
+    for (const PageSpan& span : a) {
+        if (!out.empty() && span.first <= out.back().last)
+            out.back().last = std::max(out.back().last, span.last);
+        else
+            out.push_back(span);
+    }
+    return out;
+}
+
+std::vector<PageSpan> span_intersection(const std::vector<PageSpan>& a, const std::vector<PageSpan>& b) {
+    std::vector<PageSpan> out;
+    for (auto x = a.begin(), y = b.begin(); x != a.end() && y != b.end();) {
+        const std::size_t from = std::max(x->first, y->first), to = std::min(x->last, y->last);
+        if (from < to) out.push_back({from, to});
+        if (x->last < y->last)
+            ++x;
+        else
+            ++y;
+    }
     return out;
 }
 

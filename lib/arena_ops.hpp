@@ -128,6 +128,14 @@ struct PageSpan {
     std::size_t last;
 };
 std::vector<PageSpan> pte_spans(const ArenaCore& a, std::size_t first, std::size_t last);
+// The same for any table in NORESERVE anonymous memory, by entry index: `table` is page-aligned and
+// holds `entry_bytes`-byte entries, and an entry of a page the kernel never held is zero.
+std::vector<PageSpan> held_spans(const void* table, std::size_t entry_bytes, std::size_t first, std::size_t last);
+// Pages [first, last) of snapshot s (arena page indices) whose slots may be other than kSlotInArena.
+std::vector<PageSpan> slot_spans(const SnapshotCore& s, std::size_t first, std::size_t last);
+// Of sorted span lists: the pages in either (sorted, merged), the pages in both.
+std::vector<PageSpan> span_union(std::vector<PageSpan> a, const std::vector<PageSpan>& b);
+std::vector<PageSpan> span_intersection(const std::vector<PageSpan>& a, const std::vector<PageSpan>& b);
 void resync_ptes(ArenaCore& a, std::size_t first, std::size_t last);
 void clear_ptes(ArenaCore& a, Range r);
 // Records that the populated pages of [first, last) are about to lose their content, for the next

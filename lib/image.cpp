@@ -489,11 +489,14 @@ void Snapshot::write_to(int fd) const {
     ImageWriter out(fd, call);
     write_header(out, s, nullptr);
     std::uint64_t records = 0;
-    visit_snapshot_pages(s, s.first, s.last, [&](std::size_t page, const std::byte* content, bool zero) {
-        if (zero) return;
-        write_page(out, page, content, false);
-        ++records;
-    });
+    visit_snapshot_pages(
+        s, s.first, s.last,
+        [&](std::size_t page, const std::byte* content, bool zero) {
+            if (zero) return;
+            write_page(out, page, content, false);
+            ++records;
+        },
+        false);
     out.finish(records, records);
 }
 
@@ -512,32 +515,36 @@ void Snapshot::write_to(int fd, const Snapshot& previous) const {
         fail(EINVAL, "{}: previous snapshot {} is not older than this one ({})", call, p.sequence, s.sequence);
     if (!s.arena) fail(EINVAL, "{}: the arena of snapshot {} is gone, and with it the record of changes", call, s.sequence);
 
-    // Pages changed after `previous` up to this snapshot: the union of the change records between.
-    std::vector<bool> changed(s.last - s.first);
+    // Pages changed after `previous` up to this snapshot: the union of the change records between,
+    // read from their words (a record holds only the words with a change).
+    std::vector<std::size_t> changed;
     {
         ApiGuard<SharedGuard<RwSpinLock>> guard(s.arena->lock);
-        for (const ChangeRecord& r : s.arena->history)
-            if (r.sequence > p.sequence && r.sequence <= s.sequence)
-                for (std::size_t page = s.first; page < s.last; ++page)
-                    if (r.changed(page)) changed[page - s.first] = true;
+        for (const ChangeRecord& r : s.arena->history) {
+            if (r.sequence <= p.sequence || r.sequence > s.sequence) continue;
+            for (const auto& [word, bits] : r.words)
+                for (std::uint64_t b = bits; b; b &= b - 1) {
+                    const std::size_t page = r.first + word * 64 + std::size_t(std::countr_zero(b));
+                    if (s.covers(page)) changed.push_back(page);
+                }
+        }
     }
+    std::sort(changed.begin(), changed.end());
+    changed.erase(std::unique(changed.begin(), changed.end()), changed.end());
     ImageWriter out(fd, call);
     write_header(out, s, &p);
     std::uint64_t records = 0, data_pages = 0;
-    for (std::size_t page = s.first; page < s.last;) {
-        if (!changed[page - s.first]) {
-            ++page;
-            continue;
-        }
-        std::size_t end = page + 1;
-        while (end < s.last && changed[end - s.first]) ++end;
-        visit_snapshot_pages(s, page, end, [&](std::size_t at, const std::byte* content, bool zero) {
-            if (same_as_snapshot(p, at, content, zero)) return;
-            write_page(out, at, content, zero);
-            ++records;
-            data_pages += !zero;
-        });
-        page = end;
+    for (std::size_t k = 0; k < changed.size();) {
+        std::size_t m = k + 1;
+        while (m < changed.size() && changed[m] == changed[m - 1] + 1) ++m;
+        visit_snapshot_pages(s, changed[k], changed[m - 1] + 1,
+                             [&](std::size_t at, const std::byte* content, bool zero) {
+                                 if (same_as_snapshot(p, at, content, zero)) return;
+                                 write_page(out, at, content, zero);
+                                 ++records;
+                                 data_pages += !zero;
+                             });
+        k = m;
     }
     out.finish(records, data_pages);
 }

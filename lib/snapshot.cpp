@@ -7,6 +7,7 @@
 // snapshot takes each page from the snapshot's store if it was copied, or from the arena if it has
 // not changed, holding the page's slot meanwhile so that no write can start under the copy.
 #include <algorithm>
+#include <bit>
 #include <cstring>
 
 #include "account.hpp"
@@ -61,6 +62,7 @@ bool needed_by_a_snapshot(const ArenaCore& a, std::size_t page) {
 
 // Pages of [first, last) whose write access is withheld only for tracking that nobody needs now
 // get it back, one mprotect per run. Best effort: a page left tracked merely faults once more.
+// Only the touched parts of the page table are looked at (an untouched page is not tracked).
 void give_back_write_access(ArenaCore& a, std::size_t first, std::size_t last) {
     const bool uffd = tracking_engine() == TrackingEngine::Uffd;
     auto eligible = [&](std::size_t i) {
@@ -75,7 +77,7 @@ void give_back_write_access(ArenaCore& a, std::size_t first, std::size_t last) {
                pte_to_prot(v) == (vma->prot & ~Prot::Write);
     };
     auto key = [&](std::size_t i) { return eligible(i) ? int(pte_prot(a.pte[i].load(kRelaxed))) : kNoRun; };
-    for_each_run(first, last, key, [&](std::size_t i, std::size_t j, int prot) {
+    auto give_back = [&](std::size_t i, std::size_t j, int prot) {
         // No dirty bits: the page has not changed. Where collect_dirty() is armed, eligible() took
         // only pages it already counts as dirty; a snapshot older than this one recorded the change.
         if (uffd) {
@@ -89,7 +91,8 @@ void give_back_write_access(ArenaCore& a, std::size_t first, std::size_t last) {
             a.pte[k].store(pte_t((v & ~kPteWriteTracked) | kPtePopulated | write), kRelaxed);
             a.note_changed(k);
         }
-    });
+    };
+    for (const PageSpan& span : pte_spans(a, first, last)) for_each_run(span.first, span.last, key, give_back);
 }
 
 std::shared_ptr<SnapshotCore> new_snapshot_core(ArenaCore& a, Range r) {
@@ -123,6 +126,17 @@ std::shared_ptr<SnapshotCore> new_snapshot_core(ArenaCore& a, Range r) {
     return std::shared_ptr<SnapshotCore>(s, release_snapshot);
 }
 
+// The first group in [g, end) whose change bit is set, or `end`: the summary is read a word (64
+// groups) at a time, so that a scan of an untouched reservation costs one load per 16 MiB.
+std::size_t next_changed_group(const ArenaCore& a, std::size_t g, std::size_t end) {
+    while (g < end) {
+        const std::uint64_t word = a.changed_groups[g / 64].load(kRelaxed) >> (g % 64);
+        if (word) return std::min(end, g + std::size_t(std::countr_zero(word)));
+        g = (g / 64 + 1) * 64;
+    }
+    return end;
+}
+
 // Withholds write access from the pages of r that have it, so that the next write to each is seen.
 // Pages still tracked since an earlier snapshot need nothing, so a snapshot after one costs in
 // proportion to what changed since. One kernel call per run of such pages; runs separated by pages
@@ -149,9 +163,10 @@ void arm_write_tracking(ArenaCore& a, const char* call, Range r) {
         return (v & kPteWriteTracked) && pte_prot(v) == (uffd ? prot : pte_t(prot & ~write));
     };
     constexpr std::size_t kGroup = ArenaCore::kGroupPages;
+    const std::size_t end_group = (last + kGroup - 1) / kGroup;
     for (std::size_t i = a.page_index(r.start); i < last;) {
         if (!a.group_changed(i / kGroup)) {  // nothing gained write access there since it was armed
-            i = std::min(last, (i / kGroup + 1) * kGroup);
+            i = std::min(last, next_changed_group(a, i / kGroup + 1, end_group) * kGroup);
             continue;
         }
         const pte_t prot = pte_prot(value(i));
@@ -243,9 +258,12 @@ void Snapshot::for_each_page(const std::function<void(const void*, std::span<con
     check_live(core_.get(), "usermm::Snapshot::for_each_page");
     require_self_mem("usermm::Snapshot::for_each_page");
     const SnapshotCore& s = *core_;
-    visit_snapshot_pages(s, s.first, s.last, [&](std::size_t page, const std::byte* content, bool zero) {
-        if (!zero) fn(ptr_of(s.page_addr(page)), std::span<const std::byte>(content, g_page_size));
-    });
+    visit_snapshot_pages(
+        s, s.first, s.last,
+        [&](std::size_t page, const std::byte* content, bool zero) {
+            if (!zero) fn(ptr_of(s.page_addr(page)), std::span<const std::byte>(content, g_page_size));
+        },
+        false);
 }
 
 bool DirtySet::contains(const void* page_addr) const {
@@ -292,10 +310,11 @@ Snapshot Arena::take_snapshot(void* addr, std::size_t length, bool whole) {
     // The anonymous VMAs' pages (between VMAs nothing is writable).
     for (const SnapshotCore::VmaRecord& v : snap->vmas) arm_write_tracking(a, call, {v.start, v.end});
     constexpr std::size_t kGroup = ArenaCore::kGroupPages;
+    const std::size_t end_group = (snap->last + kGroup - 1) / kGroup;
     for (std::size_t i = snap->first; i < snap->last;) {
         const std::size_t group = i / kGroup, group_end = std::min(snap->last, (group + 1) * kGroup);
         if (!a.group_changed(group)) {
-            i = group_end;
+            i = std::min(snap->last, next_changed_group(a, group + 1, end_group) * kGroup);
             continue;
         }
         for (; i < group_end; ++i) {
@@ -378,7 +397,7 @@ void Arena::restore(const Snapshot& snapshot) {
     auto add = [&](std::size_t i, Put p) { add_to(runs, i, p); };
     // Where the arena's VMAs now allow more than the snapshot's (or exist where it had none): pages
     // there may have access the restored layout forbids.
-    std::vector<std::pair<std::size_t, std::size_t>> widened;
+    std::vector<PageSpan> widened;
     {
         auto rec = s.vmas.begin();
         for (auto it = a.tree.upper_bound(r.start); it != a.tree.end() && it->start < r.end; ++it) {
@@ -403,48 +422,56 @@ void Arena::restore(const Snapshot& snapshot) {
         while (vma_rec != s.vmas.end() && vma_rec->end <= addr) ++vma_rec;
         return vma_rec != s.vmas.end() && vma_rec->start <= addr ? normalize(vma_rec->prot) : Prot::None;
     };
+    // A slot can have left the arena only where its page of the slot table was touched, and a page
+    // can have access only where its page of the PTE table was: the rest is never read.
+    std::vector<PageSpan> look = slot_spans(s, s.first, s.last);
+    if (!widened.empty()) look = span_union(std::move(look), span_intersection(widened, pte_spans(a, s.first, s.last)));
     constexpr std::size_t kGroup = ArenaCore::kGroupPages;
     auto w = widened.begin();
-    for (std::size_t g = s.first; g < s.last;) {
-        const std::size_t next = std::min(s.last, (g / kGroup + 1) * kGroup);
-        bool left = false;
-        for (std::size_t i = g; i < next && !left; ++i) left = settled_slot(s, i) != kSlotInArena;
-        while (w != widened.end() && w->second <= g) ++w;
-        const bool widen = w != widened.end() && w->first < next;
-        if (!left && !widen) {
-            g = next;
-            continue;
-        }
-        for (std::size_t i = g; i < next; ++i) {
-            const pte_t v = a.pte[i].load(kRelaxed);
-            if (v & kPteFile) continue;  // a whole-arena snapshot's file VMA
-            const slot_t state = left ? settled_slot(s, i) : kSlotInArena;
-            if (state == kSlotCopied) {
-                add(i, WriteBack);
-            } else if (state == kSlotZero) {
-                // Written, or granted write access, since: a page that may hold data is discarded.
-                // Whether one granted write was written cannot be told yet: until change_pages
-                // below it stays writable, and another thread may write it meanwhile.
-                const bool may_hold_data = v & kPtePopulated;
-                add(i, may_hold_data ? Discard : Untrack);
-                if (!may_hold_data) s.slot(i).store(kSlotZeroSynced, kRelease);
-            } else if (widen && (to_pte(restored_prot(i)) & pte_prot(v)) != pte_prot(v)) {
-                add(i, Untrack);  // it has access the restored VMAs do not allow
+    for (const PageSpan& span : look) {
+        for (std::size_t g = span.first; g < span.last;) {
+            const std::size_t next = std::min(span.last, (g / kGroup + 1) * kGroup);
+            bool left = false;
+            for (std::size_t i = g; i < next && !left; ++i) left = settled_slot(s, i) != kSlotInArena;
+            while (w != widened.end() && w->last <= g) ++w;
+            const bool widen = w != widened.end() && w->first < next;
+            if (!left && !widen) {
+                g = next;
+                continue;
             }
+            for (std::size_t i = g; i < next; ++i) {
+                const pte_t v = a.pte[i].load(kRelaxed);
+                if (v & kPteFile) continue;  // a whole-arena snapshot's file VMA
+                const slot_t state = left ? settled_slot(s, i) : kSlotInArena;
+                if (state == kSlotCopied) {
+                    add(i, WriteBack);
+                } else if (state == kSlotZero) {
+                    // Written, or granted write access, since: a page that may hold data is
+                    // discarded. Whether one granted write was written cannot be told yet: until
+                    // change_pages below it stays writable, and another thread may write it.
+                    const bool may_hold_data = v & kPtePopulated;
+                    add(i, may_hold_data ? Discard : Untrack);
+                    if (!may_hold_data) s.slot(i).store(kSlotZeroSynced, kRelease);
+                } else if (widen && (to_pte(restored_prot(i)) & pte_prot(v)) != pte_prot(v)) {
+                    add(i, Untrack);  // it has access the restored VMAs do not allow
+                }
+            }
+            g = next;
         }
-        g = next;
     }
     // Each run made PROT_NONE inside accessible memory costs up to two kernel mappings. Where that
     // would overrun the map budget, every anonymous page of the range is reset instead, which
     // merges mappings: the pages restore did not change then fault once more, as past the budget a
-    // fault grants whole runs.
+    // fault grants whole runs. Pages of untouched parts of the PTE table are PROT_NONE already.
     if (map_budget_used() + 2 * long(runs.size()) > map_budget_limit()) {
         std::vector<Run> whole;
         auto decided = runs.cbegin();
-        for (std::size_t i = s.first; i < s.last; ++i) {
-            if (a.pte[i].load(kRelaxed) & kPteFile) continue;
-            while (decided != runs.cend() && decided->last <= i) ++decided;
-            add_to(whole, i, decided != runs.cend() && decided->first <= i ? decided->put : Untrack);
+        for (const PageSpan& span : pte_spans(a, s.first, s.last)) {
+            for (std::size_t i = span.first; i < span.last; ++i) {
+                if (a.pte[i].load(kRelaxed) & kPteFile) continue;
+                while (decided != runs.cend() && decided->last <= i) ++decided;
+                add_to(whole, i, decided != runs.cend() && decided->first <= i ? decided->put : Untrack);
+            }
         }
         runs = std::move(whole);
     }
@@ -549,23 +576,25 @@ DirtySet Arena::collect_dirty(void* addr, std::size_t length) {
     // with a mark, and the answer holds only the pages found: its cost follows what was written.
     constexpr std::size_t kGroup = ArenaCore::kGroupPages;
     std::vector<std::size_t> dirty;
-    for (std::size_t g = first; g < last;) {
-        const std::size_t next = std::min(last, (g / kGroup + 1) * kGroup);
-        std::size_t k = g;
-        while (k < next && !(a.pte[k].load(kRelaxed) & kPteDirtyCollect)) ++k;
-        if (k == next) {
+    for (const PageSpan& span : pte_spans(a, first, last)) {  // an untouched page has no mark
+        for (std::size_t g = span.first; g < span.last;) {
+            const std::size_t next = std::min(span.last, (g / kGroup + 1) * kGroup);
+            std::size_t k = g;
+            while (k < next && !(a.pte[k].load(kRelaxed) & kPteDirtyCollect)) ++k;
+            if (k == next) {
+                g = next;
+                continue;
+            }
+            unsigned char held[kGroup];
+            page_held(a.page_addr(g), (next - g) << g_page_shift, held);
+            for (std::size_t i = k; i < next; ++i) {
+                const pte_t v = a.pte[i].load(kRelaxed);
+                if (!(v & kPteDirtyCollect)) continue;
+                if ((v & kPtePopulated) && (held[i - g] & 1)) dirty.push_back(i);
+                a.pte[i].store(v & ~kPteDirtyCollect, kRelaxed);
+            }
             g = next;
-            continue;
         }
-        unsigned char held[kGroup];
-        page_held(a.page_addr(g), (next - g) << g_page_shift, held);
-        for (std::size_t i = k; i < next; ++i) {
-            const pte_t v = a.pte[i].load(kRelaxed);
-            if (!(v & kPteDirtyCollect)) continue;
-            if ((v & kPtePopulated) && (held[i - g] & 1)) dirty.push_back(i);
-            a.pte[i].store(v & ~kPteDirtyCollect, kRelaxed);
-        }
-        g = next;
     }
     std::vector<std::pair<std::size_t, std::size_t>> kept;
     for (const auto& [lo, hi] : a.discarded) {

@@ -45,7 +45,9 @@ inline constexpr slot_t kSlotBusy = 0x80;
 inline constexpr std::size_t kStoreChunk = 64;  // store pages populated at once, at most
 
 struct SnapshotCore {
-    ArenaCore* arena = nullptr;  // nullptr once the arena is gone (every slot then holds its content)
+    // nullptr once the arena is gone: every slot then holds its content, kSlotInArena meaning zero
+    // (a page of which the arena held nothing, see ~Arena).
+    ArenaCore* arena = nullptr;
     std::uintptr_t arena_base = 0;
     std::size_t arena_size = 0;
     std::uint64_t arena_id = 0;  // which arena, even after it is gone and its addresses reused

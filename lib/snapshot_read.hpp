@@ -61,29 +61,40 @@ inline bool same_as_snapshot(const SnapshotCore& base, std::size_t page, const s
 // Pages still in the arena are read in batches of up to kReadBatch with their slots locked.
 // Asynchronous signals stay blocked throughout (fn included): a handler that wrote a page whose
 // slot this thread holds would wait for this thread forever.
+// A page whose slot and PTE both lie in untouched parts of their tables was zero at the snapshot
+// (nothing populated it before, and whatever changes it now copies or zeroes its slot first); such
+// pages are visited as zero only if `visit_zeros`, so that images and for_each_page cost what was
+// touched, not what the snapshot covers.
 template <typename Fn>
-void visit_snapshot_pages(const SnapshotCore& s, std::size_t first, std::size_t last, Fn fn) {
+void visit_snapshot_pages(const SnapshotCore& s, std::size_t first, std::size_t last, Fn fn, bool visit_zeros = true) {
     AsyncSignalsBlocked blocked;
     std::vector<std::byte> buffer(kReadBatch << g_page_shift);
-    for (std::size_t page = first; page < last;) {
-        const slot_t state = slot_content(lock_slot_if_in_arena(s, page));
-        if (state == kSlotCopied) {
-            fn(page, s.stored(page), false);
-            ++page;
-            continue;
+    std::vector<PageSpan> spans = slot_spans(s, first, last);
+    if (s.arena) spans = span_union(std::move(spans), pte_spans(*s.arena, first, last));
+    spans.push_back({last, last});
+    std::size_t page = first;
+    for (const PageSpan& span : spans) {
+        for (; visit_zeros && page < span.first; ++page) fn(page, nullptr, true);
+        for (page = span.first; page < span.last;) {
+            const slot_t state = slot_content(s.arena ? lock_slot_if_in_arena(s, page) : settled_slot(s, page));
+            if (state == kSlotCopied) {
+                fn(page, s.stored(page), false);
+                ++page;
+                continue;
+            }
+            if (state == kSlotZero || !s.arena) {
+                fn(page, nullptr, true);
+                ++page;
+                continue;
+            }
+            std::size_t n = 1;
+            while (n < kReadBatch && page + n < span.last && lock_slot_if_in_arena(s, page + n) == kSlotTaken) ++n;
+            // The loop above stops after a page whose slot was settled; that page is visited next.
+            bool zero[kReadBatch];
+            read_locked_from_arena(s, page, n, buffer.data(), zero);
+            for (std::size_t k = 0; k < n; ++k) fn(page + k, buffer.data() + (k << g_page_shift), zero[k]);
+            page += n;
         }
-        if (state == kSlotZero) {
-            fn(page, nullptr, true);
-            ++page;
-            continue;
-        }
-        std::size_t n = 1;
-        while (n < kReadBatch && page + n < last && lock_slot_if_in_arena(s, page + n) == kSlotTaken) ++n;
-        // The loop above stops after a page whose slot was settled; that page is visited next.
-        bool zero[kReadBatch];
-        read_locked_from_arena(s, page, n, buffer.data(), zero);
-        for (std::size_t k = 0; k < n; ++k) fn(page + k, buffer.data() + (k << g_page_shift), zero[k]);
-        page += n;
     }
 }
 
