@@ -58,15 +58,6 @@ void no_core_dump() {
     setrlimit(RLIMIT_CORE, &none);
 }
 
-// doctest's bookkeeping dies with a child, so a check inside one ends it with the failed expression
-// on stderr, which the parent shows.
-void child_check(bool ok, const char* what, int line) {
-    if (ok) return;
-    std::fprintf(stderr, "child check failed at line %d: %s\n", line, what);
-    _exit(1);
-}
-#define CHILD_CHECK(cond) child_check(bool(cond), #cond, __LINE__)
-
 bool sigsegv_is_default() {
     struct sigaction current {};
     sigaction(SIGSEGV, nullptr, &current);

@@ -35,6 +35,7 @@ using usermm::Prot;
 using usermm::Snapshot;
 using usermm_test::ChildEnd;
 using usermm_test::read_byte;
+using usermm_test::run_guarded;
 using usermm_test::run_in_child;
 using usermm_test::write_byte;
 
@@ -43,29 +44,6 @@ constexpr std::size_t kArenaSize = 16ull << 20;
 
 std::size_t page() { return std::size_t(sysconf(_SC_PAGESIZE)); }
 
-// doctest's bookkeeping dies with a child, so a check inside one ends it with the failed expression
-// on stderr, which the test shows.
-void child_check(bool ok, const char* what, int line) {
-    if (ok) return;
-    std::fprintf(stderr, "child check failed at line %d: %s\n", line, what);
-    _exit(1);
-}
-#define CHILD_CHECK(cond) child_check(bool(cond), #cond, __LINE__)
-
-// run_in_child, with an exception that escapes `body` ending the child with its message (rather
-// than unwinding into the test runner's copy in the child).
-ChildEnd run_guarded(const std::function<void()>& body, unsigned seconds) {
-    return run_in_child(
-        [&] {
-            try {
-                body();
-            } catch (const std::exception& e) {
-                std::fprintf(stderr, "child threw: %s\n", e.what());
-                _exit(1);
-            }
-        },
-        seconds);
-}
 
 // UBSan's vptr check probes memory through pipe(2) at each miss of its type cache, which fails
 // under EMFILE and then reads as an object of the wrong type: one error formatted while

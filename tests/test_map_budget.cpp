@@ -27,18 +27,6 @@ void random_writes(usermm::Arena& arena, std::size_t vma_bytes, std::size_t writ
         if (read_u64(base + pages[i] * ps + 8) != pages[i] * 2654435761u + 1) std::_Exit(3);
 }
 
-// Kernel mappings that lie inside [base, base + size).
-long mappings_within(void* base, std::size_t size) {
-    const auto lo = reinterpret_cast<unsigned long>(base), hi = lo + size;
-    FILE* f = std::fopen("/proc/self/maps", "r");
-    long n = 0;
-    unsigned long from, to;
-    char line[512];
-    while (std::fgets(line, sizeof line, f))
-        if (std::sscanf(line, "%lx-%lx", &from, &to) == 2 && from >= lo && to <= hi) ++n;
-    std::fclose(f);
-    return n;
-}
 
 }  // namespace
 

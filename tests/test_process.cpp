@@ -35,6 +35,7 @@ namespace {
 using usermm::Arena;
 using usermm::Prot;
 using usermm_test::ChildEnd;
+using usermm_test::run_guarded;
 using usermm_test::run_in_child;
 using usermm_test::write_byte;
 
@@ -43,27 +44,6 @@ constexpr std::size_t kArenaSize = 16ull << 20;
 
 std::size_t page() { return std::size_t(sysconf(_SC_PAGESIZE)); }
 
-void child_check(bool ok, const char* what, int line) {
-    if (ok) return;
-    std::fprintf(stderr, "child check failed at line %d: %s\n", line, what);
-    _exit(1);
-}
-#define CHILD_CHECK(cond) child_check(bool(cond), #cond, __LINE__)
-
-// run_in_child, with an exception that escapes `body` ending the child with its message (rather
-// than unwinding into the test runner's copy in the child).
-ChildEnd run_guarded(const std::function<void()>& body, unsigned seconds) {
-    return run_in_child(
-        [&] {
-            try {
-                body();
-            } catch (const std::exception& e) {
-                std::fprintf(stderr, "child threw: %s\n", e.what());
-                _exit(1);
-            }
-        },
-        seconds);
-}
 
 // Runs `fn`, which must throw usermm::Error with `err` and a message containing every one of `parts`.
 void child_expect_error(const std::function<void()>& fn, int err, std::initializer_list<std::string_view> parts,

@@ -44,19 +44,6 @@ std::size_t image_bytes(const usermm::Snapshot& snap, const usermm::Snapshot* pr
     return size;
 }
 
-// Kernel mappings that lie inside [base, base + size).
-long mappings_within(const void* base, std::size_t size) {
-    const auto lo = reinterpret_cast<unsigned long>(base), hi = lo + size;
-    FILE* f = std::fopen("/proc/self/maps", "r");
-    REQUIRE(f);
-    long n = 0;
-    unsigned long from, to;
-    char line[512];
-    while (std::fgets(line, sizeof line, f))
-        if (std::sscanf(line, "%lx-%lx", &from, &to) == 2 && from >= lo && to <= hi) ++n;
-    std::fclose(f);
-    return n;
-}
 
 long counted_maps(const usermm::Arena& arena) {
     return usermm::detail::ArenaAccess::core(arena).kernel_maps.load();

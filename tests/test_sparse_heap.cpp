@@ -16,24 +16,6 @@
 using namespace usermm_test;
 using usermm::Prot;
 
-namespace {
-
-// Kernel mappings that lie inside [base, base + size).
-long mappings_within(const void* base, std::size_t size) {
-    const auto lo = reinterpret_cast<unsigned long>(base), hi = lo + size;
-    FILE* f = std::fopen("/proc/self/maps", "r");
-    REQUIRE(f);
-    long n = 0;
-    unsigned long from, to;
-    char line[512];
-    while (std::fgets(line, sizeof line, f))
-        if (std::sscanf(line, "%lx-%lx", &from, &to) == 2 && from >= lo && to <= hi) ++n;
-    std::fclose(f);
-    return n;
-}
-
-}  // namespace
-
 TEST_CASE("20,000 random records in a 2 GiB VMA are a few kernel VMAs, also across snapshots") {
     constexpr std::size_t kVma = 2ull << 30, kRecords = 20000, kRecord = 64;
     usermm::Arena arena(kVma + (64ull << 20));

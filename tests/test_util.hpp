@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <functional>
 #include <string>
 
@@ -91,6 +92,44 @@ inline long process_mappings() {
     FILE* f = std::fopen("/proc/self/maps", "r");
     long n = 0;
     for (int c; (c = std::fgetc(f)) != EOF;) n += c == '\n';
+    std::fclose(f);
+    return n;
+}
+
+// doctest's bookkeeping dies with a child, so a check inside one ends it with the failed expression
+// on stderr, which the parent shows.
+inline void child_check(bool ok, const char* what, int line) {
+    if (ok) return;
+    std::fprintf(stderr, "child check failed at line %d: %s\n", line, what);
+    _exit(1);
+}
+#define CHILD_CHECK(cond) usermm_test::child_check(bool(cond), #cond, __LINE__)
+
+// run_in_child, with an exception that escapes `body` ending the child with its message (rather
+// than unwinding into the test runner's copy in the child).
+inline ChildEnd run_guarded(const std::function<void()>& body, unsigned seconds) {
+    return run_in_child(
+        [&] {
+            try {
+                body();
+            } catch (const std::exception& e) {
+                std::fprintf(stderr, "child threw: %s\n", e.what());
+                _exit(1);
+            }
+        },
+        seconds);
+}
+
+// Kernel mappings that lie inside [base, base + size), from /proc/self/maps.
+inline long mappings_within(const void* base, std::size_t size) {
+    const auto lo = reinterpret_cast<unsigned long>(base), hi = lo + size;
+    FILE* f = std::fopen("/proc/self/maps", "r");
+    if (!f) std::abort();
+    long n = 0;
+    unsigned long from, to;
+    char line[512];
+    while (std::fgets(line, sizeof line, f))
+        if (std::sscanf(line, "%lx-%lx", &from, &to) == 2 && from >= lo && to <= hi) ++n;
     std::fclose(f);
     return n;
 }
