@@ -141,14 +141,16 @@ std::size_t next_changed_group(const ArenaCore& a, std::size_t g, std::size_t en
 // Pages still tracked since an earlier snapshot need nothing, so a snapshot after one costs in
 // proportion to what changed since. One kernel call per run of such pages; runs separated by pages
 // that are tracked already are joined, since re-arming those is harmless and one call over a span
-// costs less than a call per run. Measured here (2 vCPUs, an idle writer thread that ran on the
-// other one): a call costs ~2.2 µs with userfaultfd and ~9 µs with mprotect (its TLB shootdown, and
-// the VMA merge), a tracked page inside a span ~20 ns; re-arming 31,000 scattered pages of an 8 GiB
-// heap took 64 / 340 ms with bridges of up to 32 pages, 47 / 265 ms with 128, no less with longer
-// ones. A bridge never crosses a page of another protection: that is another kernel VMA, which
-// costs a shootdown of its own inside the same call.
+// costs less than a call per run. Measured here (2 vCPUs): a tracked page inside a span costs
+// ~20 ns, a call ~2.2 µs with userfaultfd and ~9 µs with mprotect on a quiet machine, and ~9 µs
+// with either once the writers sleep between bursts, since each call's TLB shootdown then wakes
+// the other vCPU: a bridge pays up to ~450 pages. perf/run pause (8 GiB sparse table, sleeping
+// writers, 16-20% of its pages changed per checkpoint): the pause against fork's was 4.0x (uffd)
+// and 3.2x (mprotect) with bridges of up to 128 pages, 1.1x and 1.8x with 512, no better with 2048.
+// A bridge never crosses a page of another protection: that is another kernel VMA, which costs a
+// shootdown of its own inside the same call.
 void arm_write_tracking(ArenaCore& a, const char* call, Range r) {
-    constexpr std::size_t kMaxBridge = 128;
+    constexpr std::size_t kMaxBridge = 512;
     const bool uffd = tracking_engine() == TrackingEngine::Uffd;
     const pte_t write = to_pte(Prot::Write);
     const std::size_t last = a.page_index(r.end);
