@@ -35,6 +35,7 @@ struct vm_fault {
     std::uint32_t pages = 0;        // pages whose protection this fault changed
     std::uint32_t copies = 0;       // page copies made into snapshots before write access
     bool had_data = false;          // the page's content survived its PROT_NONE (restore put it back)
+    pte_t pte_seen = 0;             // a spurious fault's PTE, as the fault left it
     // File VMAs.
     std::uint64_t file_eof = 0;     // the first file page wholly past the end of the file
     bool major = false;             // the faulting page was read from the file

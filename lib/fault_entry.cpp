@@ -35,19 +35,21 @@ const char* signal_name(int sig) { return sig == SIGBUS ? "SIGBUS" : "SIGSEGV"; 
 // between the trap and the handler, and the retried access succeeds. If it faults again and again,
 // the kernel's protection is not the PTE's: the program changed it behind usermm's back (its own
 // mprotect, munmap or MAP_FIXED mmap on arena memory), and retrying would loop forever. A real
-// race cannot lose this often in a row: each loss needs another thread to resolve the same page
-// again in between. Per thread, reset by every resolved fault and every fault on another page.
+// race cannot lose this often in a row: each loss needs another thread to change the same page
+// in between, which changes its PTE. Per thread, reset by every resolved fault, every fault on
+// another page and every spurious fault that finds the page's PTE changed since the last one.
 constexpr std::uint32_t kSpuriousLimit = 1000;
 struct SpuriousRun {
     std::uintptr_t page;
     std::uint32_t count;
+    pte_t pte;
 };
-thread_local constinit SpuriousRun t_spurious __attribute__((tls_model("initial-exec"))) = {0, 0};
+thread_local constinit SpuriousRun t_spurious __attribute__((tls_model("initial-exec"))) = {0, 0, 0};
 
-// True when this spurious fault is one too many in a row on its page.
-bool spurious_loop(std::uintptr_t addr) {
+// True when this spurious fault is one too many in a row on its page, all with the same PTE.
+bool spurious_loop(std::uintptr_t addr, pte_t pte) {
     const std::uintptr_t page = addr & ~(std::uintptr_t(g_page_size) - 1);
-    if (t_spurious.page != page) t_spurious = {page, 0};
+    if (t_spurious.page != page || t_spurious.pte != pte) t_spurious = {page, 0, pte};
     if (++t_spurious.count < kSpuriousLimit) return false;
     t_spurious.count = 0;
     return true;
@@ -126,7 +128,7 @@ extern "C" void usermm_fault_handler(int sig, siginfo_t* info, void* ucontext) {
             t_spurious.count = 0;
             return;
         case FaultResult::Spurious:
-            if (!spurious_loop(vmf.address)) return;
+            if (!spurious_loop(vmf.address, vmf.pte_seen)) return;
             // Whatever made the kernel refuse the access was not usermm: what the kernel does with
             // such a fault happens now.
             reason.str("usermm: ").str(signal_name(sig)).str(" at ").hex(vmf.address).str(": ");

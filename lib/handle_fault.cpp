@@ -602,6 +602,7 @@ FaultResult handle_arena_fault(vm_fault& vmf) {
              allows(vmf.vma->prot, Prot::Write))
         r = do_wp_page(vmf);
     if (r == FaultResult::AccessError) describe_access_error(vmf);  // a BusError described itself
+    if (r == FaultResult::Spurious) vmf.pte_seen = vmf.arena->pte_of(vmf.address).load(kRelaxed);
     return r;
 }
 

@@ -423,10 +423,53 @@ void read_pages(ImageReader& in, const LoadedHeader& l, ArenaCore& a, Runs& writ
     in.finish(records, data_pages);
 }
 
+// What an image's instant had no VMA for held no data then, whatever an earlier image put there
+// (a whole-arena snapshot skips file VMAs: the pages under one leave no zero record). Drops that
+// data and keeps `written` to what lies inside the image's VMAs. Cost: the runs and the VMAs.
+void drop_outside_vmas(ArenaCore& a, const LoadedHeader& l, Runs& written) {
+    static constexpr const char* call = "usermm::Arena::load";
+    std::sort(written.begin(), written.end());
+    Runs merged;  // images overlap: one run per stretch of pages
+    for (auto [first, last] : written) {
+        if (!merged.empty() && first <= merged.back().second)
+            merged.back().second = std::max(merged.back().second, last);
+        else
+            merged.push_back({first, last});
+    }
+    Runs kept;
+    auto vma = l.vmas.begin();
+    auto drop = [&](std::size_t first, std::size_t last) {
+        if (first >= last) return;
+        if (const int err = page_discard(a.page_addr(first), (last - first) << g_page_shift))
+            fail(err, "{}: cannot drop [{:#x}, {:#x}) of the new arena", call, a.page_addr(first), a.page_addr(last));
+        for (std::size_t k = first; k < last; ++k) a.pte[k].store(0, std::memory_order_relaxed);
+    };
+    for (auto [first, last] : merged) {
+        std::size_t page = first;
+        while (page < last) {
+            const std::uintptr_t off = a.page_addr(page) - a.base;
+            while (vma != l.vmas.end() && vma->offset + vma->length <= off) ++vma;
+            const std::size_t vma_first = vma == l.vmas.end() ? last : a.page_index(a.base + vma->offset);
+            if (vma_first > page) {  // a hole up to the next VMA
+                drop(page, std::min(last, vma_first));
+                page = std::min(last, vma_first);
+                continue;
+            }
+            const std::size_t end = std::min(last, a.page_index(a.base + vma->offset + vma->length));
+            if (!kept.empty() && kept.back().second == page)
+                kept.back().second = end;
+            else
+                kept.push_back({page, end});
+            page = end;
+        }
+    }
+    written = std::move(kept);
+}
+
 // The last image's layout, on an arena whose pages are all PROT_NONE: its VMAs go into the tree,
-// the pages that hold data get their VMA's protection (one mprotect per run, while the map budget
-// allows; the rest fault in), and data outside every VMA is dropped. Cost: the VMAs and the runs.
-void install_layout(ArenaCore& a, const LoadedHeader& l, Runs& written) {
+// and the pages that hold data (all inside them) get their VMA's protection (one mprotect per run,
+// while the map budget allows; the rest fault in). Cost: the VMAs and the runs.
+void install_layout(ArenaCore& a, const LoadedHeader& l, const Runs& written) {
     static constexpr const char* call = "usermm::Arena::load";
     std::vector<std::unique_ptr<Vma>> vmas;
     for (const VmaEntry& e : l.vmas) {
@@ -436,22 +479,13 @@ void install_layout(ArenaCore& a, const LoadedHeader& l, Runs& written) {
         set_name(*v, std::string_view(e.name, strnlen(e.name, kVmaNameMax)));
         vmas.push_back(std::move(v));
     }
-    std::sort(written.begin(), written.end());
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
     for (std::size_t i = 0; i < vmas.size(); ++i)
         insert_vma(a, vmas[i].release(), a.base + l.vmas[i].offset, l.vmas[i].length);
     for (auto [first, last] : written) {
         for (std::size_t page = first; page < last;) {
             const std::uintptr_t at = a.page_addr(page);
-            const Vma* v = find_vma(a, at);
-            if (!v || v->start > at) {
-                const std::size_t end = std::min(last, v ? a.page_index(v->start) : last);
-                if (const int err = page_discard(at, a.page_addr(end) - at))
-                    fail(err, "{}: cannot drop [{:#x}, {:#x}) of the new arena", call, at, a.page_addr(end));
-                for (std::size_t k = page; k < end; ++k) a.pte[k].store(0, std::memory_order_relaxed);
-                page = end;
-                continue;
-            }
+            const Vma* v = find_vma(a, at);  // every written page lies in one (drop_outside_vmas)
             const std::size_t end = std::min(last, a.page_index(v->end));
             if (v->prot != Prot::None &&
                 map_budget_used() + map_count_delta(a, page, end, v->prot) <= map_budget_limit()) {
@@ -589,6 +623,7 @@ Arena Arena::load(std::span<const int> image_fds, const LoadOptions& options) {
                     in.corrupt("covers another range than the images before it");
             }
             read_pages(in, l, *arena->core_, written);
+            drop_outside_vmas(*arena->core_, l, written);
             last = std::move(l);
         } while (in.next_image());
     }

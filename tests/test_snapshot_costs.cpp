@@ -337,6 +337,37 @@ TEST_CASE("a whole-arena snapshot covers the anonymous VMAs and leaves file VMAs
     arena.verify();
 }
 
+// Once a bug (found by review): a page whose anonymous VMA gave way to a file VMA at the middle
+// snapshot and came back, untouched, at the last one was loaded with the data the first image held.
+TEST_CASE("a chain of whole-arena images across a file VMA that came and went loads what the last snapshot held") {
+    TempFile file(4 * ps());
+    usermm::Arena arena(64ull << 20);
+    char* heap = static_cast<char*>(arena.map(8 * ps(), Prot::ReadWrite, {.name = "heap"}));
+    char* x = heap + 4 * ps();
+    write_u64(heap, 1);
+    write_u64(x, 0xd);
+    const int fd = memfd_create("usermm-test-chain", MFD_CLOEXEC);
+    REQUIRE(fd >= 0);
+    usermm::Snapshot first = arena.snapshot();
+    first.write_to(fd);
+    arena.unmap(x, 4 * ps());
+    REQUIRE(arena.map_file(file.fd(), 0, 4 * ps(), Prot::Read, usermm::Share::Private, {.address = x}) == x);
+    usermm::Snapshot middle = arena.snapshot();
+    middle.write_to(fd, first);
+    arena.unmap(x, 4 * ps());
+    REQUIRE(arena.map(4 * ps(), Prot::ReadWrite, {.name = "heap", .address = x}) == x);
+    usermm::Snapshot last = arena.snapshot();
+    last.write_to(fd, middle);
+    REQUIRE(read_u64(x) == 0);
+    const int fds[] = {fd};
+    usermm::Arena loaded = usermm::Arena::load(fds);
+    const char* lbase = static_cast<const char*>(loaded.base());
+    CHECK(read_u64(lbase + (heap - static_cast<char*>(arena.base()))) == 1);
+    CHECK(read_u64(lbase + (x - static_cast<char*>(arena.base()))) == 0);
+    loaded.verify();
+    close(fd);
+}
+
 namespace {
 std::size_t resident_bytes() {
     FILE* f = std::fopen("/proc/self/statm", "r");
