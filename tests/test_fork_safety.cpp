@@ -63,23 +63,6 @@ void check_survived_quietly(const ChildEnd& end) {
     CHECK(end.exit_code == 0);
 }
 
-// Runs `fn`, which must throw usermm::Error with `err` and a message containing every one of `parts`.
-void child_expect_error(const std::function<void()>& fn, int err, std::initializer_list<std::string_view> parts,
-                        int line) {
-    try {
-        fn();
-    } catch (const usermm::Error& e) {
-        const std::string what = e.what();
-        bool ok = e.code().value() == err;
-        for (std::string_view part : parts) ok = ok && what.find(part) != std::string::npos;
-        if (!ok) std::fprintf(stderr, "child check failed at line %d: unexpected error: %s\n", line, what.c_str());
-        if (!ok) _exit(1);
-        return;
-    }
-    std::fprintf(stderr, "child check failed at line %d: no error\n", line);
-    _exit(1);
-}
-#define CHILD_EXPECT_ERROR(expr, err, ...) child_expect_error([&] { expr; }, err, {__VA_ARGS__}, __LINE__)
 
 // Forks a child that runs `body` and exits 0; waits for it and checks that it did.
 void fork_and_wait(const std::function<void()>& body) {

@@ -45,23 +45,6 @@ constexpr std::size_t kArenaSize = 16ull << 20;
 std::size_t page() { return std::size_t(sysconf(_SC_PAGESIZE)); }
 
 
-// Runs `fn`, which must throw usermm::Error with `err` and a message containing every one of `parts`.
-void child_expect_error(const std::function<void()>& fn, int err, std::initializer_list<std::string_view> parts,
-                        int line) {
-    try {
-        fn();
-    } catch (const usermm::Error& e) {
-        const std::string what = e.what();
-        bool ok = e.code().value() == err;
-        for (std::string_view part : parts) ok = ok && what.find(part) != std::string::npos;
-        if (!ok) std::fprintf(stderr, "child check failed at line %d: unexpected error: %s\n", line, what.c_str());
-        if (!ok) _exit(1);
-        return;
-    }
-    std::fprintf(stderr, "child check failed at line %d: no error\n", line);
-    _exit(1);
-}
-#define CHILD_EXPECT_ERROR(expr, err, ...) child_expect_error([&] { expr; }, err, {__VA_ARGS__}, __LINE__)
 
 // UBSan's vptr check probes memory through pipe(2) at each miss of its type cache, which fails
 // under EMFILE and then reads as an object of the wrong type: one error formatted while

@@ -12,7 +12,11 @@
 #include <cstdlib>
 #include <exception>
 #include <functional>
+#include <initializer_list>
 #include <string>
+#include <string_view>
+
+#include <usermm/usermm.hpp>
 
 namespace usermm_test {
 
@@ -133,5 +137,23 @@ inline long mappings_within(const void* base, std::size_t size) {
     std::fclose(f);
     return n;
 }
+
+// Runs `fn`, which must throw usermm::Error with `err` and a message containing every one of `parts`.
+inline void child_expect_error(const std::function<void()>& fn, int err, std::initializer_list<std::string_view> parts,
+                        int line) {
+    try {
+        fn();
+    } catch (const usermm::Error& e) {
+        const std::string what = e.what();
+        bool ok = e.code().value() == err;
+        for (std::string_view part : parts) ok = ok && what.find(part) != std::string::npos;
+        if (!ok) std::fprintf(stderr, "child check failed at line %d: unexpected error: %s\n", line, what.c_str());
+        if (!ok) _exit(1);
+        return;
+    }
+    std::fprintf(stderr, "child check failed at line %d: no error\n", line);
+    _exit(1);
+}
+#define CHILD_EXPECT_ERROR(expr, err, ...) usermm_test::child_expect_error([&] { expr; }, err, {__VA_ARGS__}, __LINE__)
 
 }  // namespace usermm_test
