@@ -33,7 +33,9 @@ namespace {
 using usermm::Arena;
 using usermm::Prot;
 using usermm::Snapshot;
+using usermm_test::check_survived;
 using usermm_test::ChildEnd;
+using usermm_test::format_an_error;
 using usermm_test::read_byte;
 using usermm_test::run_guarded;
 using usermm_test::run_in_child;
@@ -43,26 +45,6 @@ constexpr unsigned kChildSeconds = 10;
 constexpr std::size_t kArenaSize = 16ull << 20;
 
 std::size_t page() { return std::size_t(sysconf(_SC_PAGESIZE)); }
-
-
-// UBSan's vptr check probes memory through pipe(2) at each miss of its type cache, which fails
-// under EMFILE and then reads as an object of the wrong type: one error formatted while
-// descriptors are free fills the cache for the types usermm's messages (and these tests) use.
-void format_an_error(Arena& arena) {
-    try {
-        arena.map(0, Prot::Read);
-    } catch (const usermm::Error& e) {
-        const std::string what = e.what();  // and the calls the checks make on errors
-        CHILD_CHECK(e.code().value() == EINVAL && !what.empty());
-    }
-}
-
-void check_survived_quietly(const ChildEnd& end) {
-    INFO("child stderr: " << end.err);
-    CHECK(end.exited);
-    CHECK(end.exit_code == 0);
-}
-
 
 // Forks a child that runs `body` and exits 0; waits for it and checks that it did.
 void fork_and_wait(const std::function<void()>& body) {
@@ -194,7 +176,7 @@ TEST_CASE("fork with descriptors exhausted: the child's restore fails with EMFIL
             arena.verify();
         },
         kChildSeconds);
-    check_survived_quietly(end);
+    check_survived(end);
 }
 
 // A fault that must read a page it cannot touch (a snapshot's copy of a PROT_NONE page) dies with a
@@ -267,7 +249,7 @@ TEST_CASE("fork of a non-dumpable process: the child's restore and map_file fail
             CHILD_CHECK(read_byte(q) == 0x33);
         },
         kChildSeconds);
-    check_survived_quietly(end);
+    check_survived(end);
 }
 
 // Once a bug: a signal handler (a profiler's, say) that wrote arena memory while its thread was
@@ -289,7 +271,7 @@ TEST_CASE("fork: a signal that arrives while usermm holds the arenas for fork() 
             arena.verify();
         },
         kChildSeconds);
-    check_survived_quietly(end);
+    check_survived(end);
 }
 
 // Once a bug: pthread_atfork handlers registered before the first arena ran their prepare after
@@ -311,7 +293,7 @@ TEST_CASE("fork: pthread_atfork handlers registered before the first arena may t
             arena.verify();
         },
         kChildSeconds);
-    check_survived_quietly(end);
+    check_survived(end);
 }
 
 // The one order usermm cannot come first in: a fork handler registered before usermm was loaded

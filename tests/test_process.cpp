@@ -34,7 +34,9 @@ namespace {
 
 using usermm::Arena;
 using usermm::Prot;
+using usermm_test::check_survived;
 using usermm_test::ChildEnd;
+using usermm_test::format_an_error;
 using usermm_test::run_guarded;
 using usermm_test::run_in_child;
 using usermm_test::write_byte;
@@ -43,26 +45,6 @@ constexpr unsigned kChildSeconds = 10;
 constexpr std::size_t kArenaSize = 16ull << 20;
 
 std::size_t page() { return std::size_t(sysconf(_SC_PAGESIZE)); }
-
-
-
-// UBSan's vptr check probes memory through pipe(2) at each miss of its type cache, which fails
-// under EMFILE and then reads as an object of the wrong type: one error formatted while
-// descriptors are free fills the cache for the types usermm's messages (and these tests) use.
-void format_an_error(Arena& arena) {
-    try {
-        arena.map(0, Prot::Read);
-    } catch (const usermm::Error& e) {
-        const std::string what = e.what();  // and the calls the checks make on errors
-        CHILD_CHECK(e.code().value() == EINVAL && !what.empty());
-    }
-}
-
-void check_survived(const ChildEnd& end) {
-    INFO("child stderr: " << end.err);
-    CHECK(end.exited);
-    CHECK(end.exit_code == 0);
-}
 
 std::vector<std::string> lines_of(const std::string& text) {
     std::vector<std::string> out;

@@ -16,6 +16,7 @@
 #include <string>
 #include <string_view>
 
+#include <doctest/doctest.h>
 #include <usermm/usermm.hpp>
 
 namespace usermm_test {
@@ -155,5 +156,24 @@ inline void child_expect_error(const std::function<void()>& fn, int err, std::in
     _exit(1);
 }
 #define CHILD_EXPECT_ERROR(expr, err, ...) usermm_test::child_expect_error([&] { expr; }, err, {__VA_ARGS__}, __LINE__)
+
+// A child that returned from its body: exited 0 (its stderr shown otherwise).
+inline void check_survived(const ChildEnd& end) {
+    INFO("child stderr: " << end.err);
+    CHECK(end.exited);
+    CHECK(end.exit_code == 0);
+}
+
+// UBSan's vptr check probes memory through pipe(2) at each miss of its type cache, which fails
+// under EMFILE and then reads as an object of the wrong type: one error formatted while
+// descriptors are free fills the cache for the types usermm's messages (and these tests) use.
+inline void format_an_error(usermm::Arena& arena) {
+    try {
+        arena.map(0, usermm::Prot::Read);
+    } catch (const usermm::Error& e) {
+        const std::string what = e.what();  // and the calls the checks make on errors
+        CHILD_CHECK(e.code().value() == EINVAL && !what.empty());
+    }
+}
 
 }  // namespace usermm_test
