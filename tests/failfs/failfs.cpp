@@ -20,7 +20,10 @@
 //   "EIO 3"       the next 3 WRITE requests to regular files fail with EIO
 //   "ENOSPC all"  every WRITE request fails with ENOSPC until "off"
 //   "off"         writes succeed again
-// Errno names: EIO, ENOSPC, EDQUOT, EFBIG. Anything else is EINVAL.
+// Errno names: EIO, ENOSPC, EDQUOT, EFBIG. Anything else is EINVAL. Reading /.failctl gives
+//   "writes W failed F fsyncs S unsynced U\n"
+// the WRITE requests written and failed, the FSYNC requests, and the writes since the last fsync
+// (of any file): what a test needs to see that a write-back was made durable, in that order.
 //
 // Caching is that of a local file system: the page cache is kept across opens (kernel_cache),
 // and write-back caching is off, so that write(2) reaches failfs at once while a shared mapping's
@@ -33,9 +36,11 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <algorithm>
 #include <charconv>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <string_view>
@@ -50,6 +55,7 @@ int g_ready_fd = -1;
 // Single-threaded (-s): requests, control writes included, are handled one at a time.
 int g_fail_errno = 0;
 unsigned long g_fail_left = 0;  // WRITE requests still to fail; ULONG_MAX: all
+unsigned long g_writes = 0, g_failed = 0, g_fsyncs = 0, g_unsynced = 0;
 
 std::string backing_path(const char* path) { return g_backing + path; }
 bool is_control(const char* path) { return path && path == kControl; }
@@ -96,7 +102,7 @@ void* ff_init(fuse_conn_info* conn, fuse_config* cfg) {
 int ff_getattr(const char* path, struct stat* st, fuse_file_info* fi) {
     if (is_control(path)) {
         *st = {};
-        st->st_mode = S_IFREG | 0200;
+        st->st_mode = S_IFREG | 0600;
         st->st_nlink = 1;
         return 0;
     }
@@ -124,7 +130,14 @@ int ff_create(const char* path, mode_t mode, fuse_file_info* fi) {
 }
 
 int ff_read(const char* path, char* buf, std::size_t size, off_t off, fuse_file_info* fi) {
-    if (is_control(path)) return 0;
+    if (is_control(path)) {
+        const std::string status = "writes " + std::to_string(g_writes) + " failed " + std::to_string(g_failed) +
+                                   " fsyncs " + std::to_string(g_fsyncs) + " unsynced " + std::to_string(g_unsynced) + "\n";
+        if (std::size_t(off) >= status.size()) return 0;
+        const std::size_t n = std::min(size, status.size() - std::size_t(off));
+        std::memcpy(buf, status.data() + off, n);
+        return int(n);
+    }
     const ssize_t n = pread(int(fi->fh), buf, size, off);
     return n >= 0 ? int(n) : neg_errno();
 }
@@ -136,10 +149,14 @@ int ff_write(const char* path, const char* buf, std::size_t size, off_t off, fus
     }
     if (g_fail_left > 0) {
         if (g_fail_left != std::numeric_limits<unsigned long>::max()) --g_fail_left;
+        ++g_failed;
         return -g_fail_errno;
     }
     const ssize_t n = pwrite(int(fi->fh), buf, size, off);
-    return n >= 0 ? int(n) : neg_errno();
+    if (n < 0) return neg_errno();
+    ++g_writes;
+    ++g_unsynced;
+    return int(n);
 }
 
 int ff_truncate(const char* path, off_t size, fuse_file_info* fi) {
@@ -151,7 +168,10 @@ int ff_truncate(const char* path, off_t size, fuse_file_info* fi) {
 int ff_fsync(const char* path, int datasync, fuse_file_info* fi) {
     if (is_control(path)) return 0;
     const int rc = datasync ? fdatasync(int(fi->fh)) : fsync(int(fi->fh));
-    return rc == 0 ? 0 : neg_errno();
+    if (rc != 0) return neg_errno();
+    ++g_fsyncs;
+    g_unsynced = 0;
+    return 0;
 }
 
 // Nothing to flush: failfs keeps no data of its own, and the backing descriptor closes at release.
