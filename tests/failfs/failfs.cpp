@@ -1,13 +1,14 @@
 // failfs: a FUSE file system for the tests whose writes fail on command.
 //
-// Write-back errors are the one failure that cannot be made on demand with a real disk: no local
-// file system can be told to fail the next write with EIO, and ENOSPC from a full tmpfs or EFBIG
-// from RLIMIT_FSIZE fail a pwrite before it reaches the page cache, never the kernel's write-back
-// of an mmap'ed page. failfs is a real file system in the kernel's sense (a FUSE mount, with the
-// kernel's page cache, mmap, msync and write-back of its own) that passes every request through
-// to a backing directory, except that the WRITE requests the kernel sends it can be made to fail:
-// the test then sees what a program sees when a disk fails, including the kernel marking the
-// pages clean after the failed write-back.
+// Write-back errors cannot be had on demand from a real disk: no local file system can be told to
+// fail its next write with EIO; a full tmpfs fails a shared mapping's write at the fault (SIGBUS),
+// when it allocates the page, and RLIMIT_FSIZE only a write(2) past the limit, so neither reaches
+// the kernel's write-back of an mmap'ed page; device-mapper's error and flakey targets would, but
+// these machines have no device-mapper (no /dev/mapper/control). failfs is a real file system in
+// the kernel's sense (a FUSE mount, with the kernel's page cache, mmap, msync and write-back of
+// its own) that passes every request through to a backing directory, except that the WRITE
+// requests the kernel sends it can be made to fail: the test then sees what a program sees when a
+// disk fails, including the kernel marking the pages clean after the failed write-back.
 //
 //   failfs BACKING_DIR MOUNTPOINT READY_FD
 //
@@ -20,7 +21,7 @@
 //   "EIO 3"       the next 3 WRITE requests to regular files fail with EIO
 //   "ENOSPC all"  every WRITE request fails with ENOSPC until "off"
 //   "off"         writes succeed again
-// Errno names: EIO, ENOSPC, EDQUOT, EFBIG. Anything else is EINVAL. Reading /.failctl gives
+// Anything else is EINVAL. Reading /.failctl gives
 //   "writes W failed F fsyncs S unsynced U\n"
 // the WRITE requests written and failed, the FSYNC requests, and the writes since the last fsync
 // (of any file): what a test needs to see that a write-back was made durable, in that order.
@@ -74,8 +75,6 @@ int apply_command(std::string_view cmd) {
     int err = 0;
     if (name == "EIO") err = EIO;
     else if (name == "ENOSPC") err = ENOSPC;
-    else if (name == "EDQUOT") err = EDQUOT;
-    else if (name == "EFBIG") err = EFBIG;
     else return -EINVAL;
     unsigned long n = 0;
     if (count == "all") {
