@@ -279,19 +279,24 @@ Thrown error_of(const std::function<void()>& fn) {
     return {};
 }
 
-// The error names the file and a byte range of it ("[0x1000, 0x3000)", as every usermm error names
-// a range; an address range may stand beside it) that holds one of the pages whose write-back failed.
-void check_names(const Thrown& t, int err, const FuseFile& file, std::initializer_list<std::size_t> failed_pages) {
+// The error names the file and a range ("[0x1000, 0x3000)", as every usermm error names one) that
+// holds one of the pages whose write-back failed: bytes of the file, or the addresses of the VMA
+// that maps it at `p`.
+void check_names(const Thrown& t, int err, const FuseFile& file, const char* p,
+                 std::initializer_list<std::size_t> failed_pages) {
     INFO("error: ", t.what);
     REQUIRE(t.threw);
     CHECK(t.code == err);
     CHECK(t.what.find(file.path()) != std::string::npos);
     const std::regex range(R"(\[0x([0-9a-f]+), 0x([0-9a-f]+)\))");
+    const auto base = reinterpret_cast<std::uintptr_t>(p);
     bool named = false;
     for (auto it = std::sregex_iterator(t.what.begin(), t.what.end(), range); it != std::sregex_iterator(); ++it) {
         const std::uint64_t from = std::stoull((*it)[1].str(), nullptr, 16), to = std::stoull((*it)[2].str(), nullptr, 16);
         for (std::size_t page : failed_pages)
-            named = named || (from < to && to <= file.size() && from <= page * kPage && (page + 1) * kPage <= to);
+            for (const std::uint64_t start : {std::uint64_t(0), std::uint64_t(base)})
+                named = named || (from < to && start + page * kPage >= from && start + (page + 1) * kPage <= to &&
+                                  to <= start + file.size());
     }
     CHECK(named);
 }
@@ -317,7 +322,7 @@ void failed_sync_then_sync(int err, Drop drop) {
     const FailFs::Status fs_before = g_fs.status();
     {
         FailingWrites failing(fmt::format("{} all", errno_name(err)));
-        check_names(error_of([&] { arena.sync(p, file.size()); }), err, file, {1, 2, 5});
+        check_names(error_of([&] { arena.sync(p, file.size()); }), err, file, p, {1, 2, 5});
     }
     CHECK(arena.stats().writeback_errors > before.writeback_errors);
     CHECK(g_fs.status().failed > fs_before.failed);
@@ -459,7 +464,7 @@ TEST_CASE("a sync of which one write fails: the error names a failed page, the n
     fill_page(p, want, 6, 0x66);
     {
         FailingWrites failing("EIO 1");
-        check_names(error_of([&] { arena.sync(p, file.size()); }), EIO, file, {1, 6});
+        check_names(error_of([&] { arena.sync(p, file.size()); }), EIO, file, p, {1, 6});
     }
     CHECK(file.on_disk() != want);
     file.fadvise_dontneed();
@@ -479,7 +484,7 @@ TEST_CASE("a page written again after a failed sync: the file ends with the newe
     fill_page(p, want, 3, 0x33);
     {
         FailingWrites failing("EIO all");
-        check_names(error_of([&] { arena.sync(p, file.size()); }), EIO, file, {1, 3});
+        check_names(error_of([&] { arena.sync(p, file.size()); }), EIO, file, p, {1, 3});
     }
     fill_page(p, want, 1, 0x12);
     std::memset(p + 3 * kPage + 100, 0x34, 10);
@@ -500,8 +505,8 @@ TEST_CASE("unmap after a failed sync: throws while writes fail, then writes ever
     fill_page(p, want, 7, 0x77);
     {
         FailingWrites failing("ENOSPC all");
-        check_names(error_of([&] { arena.sync(p, file.size()); }), ENOSPC, file, {2, 7});
-        check_names(error_of([&] { arena.unmap(p, file.size()); }), ENOSPC, file, {2, 7});
+        check_names(error_of([&] { arena.sync(p, file.size()); }), ENOSPC, file, p, {2, 7});
+        check_names(error_of([&] { arena.unmap(p, file.size()); }), ENOSPC, file, p, {2, 7});
     }
     CHECK(std::memcmp(p, want.data(), want.size()) == 0);  // still mapped, with the program's data
     file.fadvise_dontneed();
@@ -521,7 +526,7 @@ TEST_CASE("the arena's destruction after a failed sync writes everything" * doct
         fill_page(p, want, 4, 0x44);
         {
             FailingWrites failing("EIO all");
-            check_names(error_of([&] { arena.sync(p, file.size()); }), EIO, file, {0, 4});
+            check_names(error_of([&] { arena.sync(p, file.size()); }), EIO, file, p, {0, 4});
         }
         file.fadvise_dontneed();
     }
