@@ -307,6 +307,13 @@ void check_names(const Thrown& t, int err, const FuseFile& file, const char* p,
     CHECK(named);
 }
 
+// The page cache loses the file's clean pages, as under memory pressure: those no mapping holds
+// (fadvise) and the VMA's own (the kernel's reclaim).
+void drop_pages(const FuseFile& file, char* p) {
+    file.fadvise_dontneed();
+    CHECK(madvise(p, file.size(), MADV_PAGEOUT) == 0);
+}
+
 const char* errno_name(int err) { return err == EIO ? "EIO" : "ENOSPC"; }
 
 // How the page cache loses the pages between the failed and the next sync: not at all; by
@@ -473,13 +480,13 @@ TEST_CASE("a sync of which one write fails: the error names a failed page, the n
         check_names(error_of([&] { arena.sync(p, file.size()); }), EIO, file, p, {1, 6});
     }
     CHECK(file.on_disk() != want);
-    file.fadvise_dontneed();
+    drop_pages(file, p);
     arena.sync(p, file.size());
     CHECK(file.on_disk() == want);
 }
 
 // Protects: what the next sync writes after a failure is the newest content, not a copy taken at
-// the failure.
+// the failure, and a write after the failure changes the program's page, not the disk's.
 TEST_CASE("a page written again after a failed sync: the file ends with the newest content" *
           doctest::skip(!g_failfs_up)) {
     FuseFile file("rewrite", 8);
@@ -492,10 +499,11 @@ TEST_CASE("a page written again after a failed sync: the file ends with the newe
         FailingWrites failing("EIO all");
         check_names(error_of([&] { arena.sync(p, file.size()); }), EIO, file, p, {1, 3});
     }
+    drop_pages(file, p);  // the rewrite of part of page 3 must build on what the program wrote
     fill_page(p, want, 1, 0x12);
     std::memset(p + 3 * kPage + 100, 0x34, 10);
     std::memset(want.data() + 3 * kPage + 100, 0x34, 10);
-    file.fadvise_dontneed();
+    drop_pages(file, p);
     arena.sync(p, file.size());
     CHECK(file.on_disk() == want);
 }
@@ -515,7 +523,7 @@ TEST_CASE("unmap after a failed sync: throws while writes fail, then writes ever
         check_error(error_of([&] { arena.unmap(p, file.size()); }), ENOSPC, file);
     }
     CHECK(std::memcmp(p, want.data(), want.size()) == 0);  // still mapped, with the program's data
-    file.fadvise_dontneed();
+    drop_pages(file, p);
     arena.unmap(p, file.size());
     CHECK(file.on_disk() == want);
 }
@@ -534,7 +542,7 @@ TEST_CASE("the arena's destruction after a failed sync writes everything" * doct
             FailingWrites failing("EIO all");
             check_names(error_of([&] { arena.sync(p, file.size()); }), EIO, file, p, {0, 4});
         }
-        file.fadvise_dontneed();
+        drop_pages(file, p);
     }
     CHECK(file.on_disk() == want);
 }
