@@ -413,6 +413,38 @@ TEST_CASE("a descriptor opened as root maps after the process drops root" * doct
     CHECK(file.content()[3 * kPage + 7] == 0xc3);
 }
 
+// Protects: an arena created after the drop works too, as mmap(2) does. Changing the effective uid
+// makes the process non-dumpable, which gives its /proc/self files to root: an arena that needs
+// /proc/self/mem cannot open it then (EACCES), where mmap needs nothing of the kind.
+TEST_CASE("an arena created after the process drops root maps a descriptor opened before" *
+          doctest::skip(!g_root)) {
+    TempFile file(16 * kPage);
+    REQUIRE(fchmod(file.fd(), 0600) == 0);
+    REQUIRE(fchown(file.fd(), 0, 0) == 0);
+    const usermm_test::ChildEnd end = usermm_test::run_guarded(
+        [&] {
+            const int ro = open(file.path().c_str(), O_RDONLY | O_CLOEXEC);
+            CHILD_CHECK(ro >= 0);
+            CHILD_CHECK(setgroups(0, nullptr) == 0);
+            CHILD_CHECK(setresgid(65534, 65534, 65534) == 0);
+            CHILD_CHECK(setresuid(65534, 65534, 65534) == 0);
+            Arena arena(1 << 24);
+            char* anon = static_cast<char*>(arena.map(4 * kPage, Prot::ReadWrite));
+            write_byte(anon + kPage, 9);
+            CHILD_CHECK(read_byte(anon + kPage) == 9);
+            const char* p =
+                static_cast<const char*>(arena.map_file(ro, 0, file.size(), Prot::Read, Share::Private));
+            close(ro);
+            CHILD_CHECK(pattern_mismatches(p, 0, file.size()) == 0);
+            char* w = static_cast<char*>(arena.map_file(file.fd(), 0, file.size(), Prot::ReadWrite, Share::Private));
+            write_byte(w + kPage, 0x3c);  // a private copy
+            CHILD_CHECK(read_byte(w + kPage) == 0x3c);
+        },
+        20);
+    usermm_test::check_survived(end);
+    CHECK(file.content() == file.expected());
+}
+
 // --- RLIMIT_FSIZE ---------------------------------------------------------------------------------------
 
 // Protects: under RLIMIT_FSIZE of 1 MiB with SIGXFSZ at its default (a write past the limit kills),
