@@ -577,7 +577,7 @@ TEST_CASE("one page at 4 TiB - 4 KiB of a sparse file is cheap, and 8 such files
         CHECK(usermm_test::process_mappings() - mappings <= long(4 * (k + 1)));
     }
     // The arena's 1 MiB was reserved before: 8 pages and usermm's bookkeeping are all that grew.
-    CHECK(vm_size_kib() - vm_kib <= 16 * 1024);
+    CHECK(vm_size_kib() - vm_kib <= 4 * 1024);
     for (char* p : pages) arena.unmap(p, kPage);
     CHECK(std::abs(usermm_test::process_mappings() - mappings) <= 2);
 }
