@@ -24,6 +24,7 @@
 
 #include "file_test_util.hpp"
 #include "map_budget.hpp"
+#include "mapped_file.hpp"
 #include "page_ops.hpp"
 #include "vma.hpp"
 #include "test_util.hpp"
@@ -376,6 +377,28 @@ TEST_CASE("verify() notices a page whose backing usermm has wrong") {
     pte.fetch_and(usermm::detail::pte_t(~usermm::detail::kPteFile));
     CHECK_THROWS_WITH_AS(arena.verify(), doctest::Contains("a file mapping"), usermm::Error);
     pte.fetch_or(usermm::detail::kPteFile);
+    arena.verify();
+}
+
+// verify() checks that each file page is backed by the VMA's file at the VMA's offset (the inode
+// and offset the kernel shows), not only that it is a file page.
+TEST_CASE("verify() notices a file VMA whose offset or file usermm has wrong") {
+    TempFile file(8 * kPage), other(8 * kPage);
+    Arena arena(1 << 24);
+    char* p = static_cast<char*>(arena.map_file(file.fd(), 0, file.size(), Prot::Read, Share::Shared));
+    CHECK(read_byte(p + kPage) == pattern_byte(kPage));
+    arena.verify();
+    usermm::detail::Vma& v = *usermm::detail::ArenaAccess::core(arena).tree.begin();
+    ++v.pgoff;
+    CHECK_THROWS_WITH_AS(arena.verify(), doctest::Contains("at offset"), usermm::Error);
+    --v.pgoff;
+    arena.verify();
+    struct stat st;
+    REQUIRE(fstat(other.fd(), &st) == 0);
+    const ino_t ino = v.file->ino;
+    v.file->ino = st.st_ino;
+    CHECK_THROWS_WITH_AS(arena.verify(), doctest::Contains(file.path().c_str()), usermm::Error);
+    v.file->ino = ino;
     arena.verify();
 }
 

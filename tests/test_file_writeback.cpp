@@ -37,6 +37,7 @@
 #include <initializer_list>
 #include <regex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "file_test_util.hpp"
@@ -125,7 +126,7 @@ public:
     // failfs's counts of WRITE requests written and failed, FSYNC requests, and writes since the
     // last fsync.
     struct Status {
-        unsigned long writes = 0, failed = 0, fsyncs = 0, unsynced = 0;
+        unsigned long writes = 0, failed = 0, fsyncs = 0, unsynced = 0, reads = 0, reads_in_flight = 0;
     };
     Status status() const {
         const int fd = open(path(".failctl").c_str(), O_RDONLY | O_CLOEXEC);
@@ -135,8 +136,8 @@ public:
         close(fd);
         REQUIRE(n > 0);
         Status s;
-        REQUIRE(std::sscanf(buf, "writes %lu failed %lu fsyncs %lu unsynced %lu", &s.writes, &s.failed, &s.fsyncs,
-                            &s.unsynced) == 4);
+        REQUIRE(std::sscanf(buf, "writes %lu failed %lu fsyncs %lu unsynced %lu reads %lu inflight %lu", &s.writes,
+                            &s.failed, &s.fsyncs, &s.unsynced, &s.reads, &s.reads_in_flight) == 6);
         return s;
     }
 
@@ -561,4 +562,78 @@ TEST_CASE("the arena's destruction whose write-back fails says so on stderr, nam
     usermm_test::check_survived(end);
     CHECK(end.err.find(file.path()) != std::string::npos);
     CHECK(end.err.find(std::strerror(EIO)) != std::string::npos);
+}
+
+// --- reads: errors and a slow disk ----------------------------------------------------------------
+
+namespace {
+
+// Sets failfs's read behaviour for a scope; reads are good and quick again at the end.
+class ReadMode {
+public:
+    explicit ReadMode(const std::string& cmd) { REQUIRE(g_fs.command(cmd)); }
+    ~ReadMode() { g_fs.command("read-off"); }
+    ReadMode(const ReadMode&) = delete;
+    ReadMode& operator=(const ReadMode&) = delete;
+};
+
+}  // namespace
+
+// Protects "I/O errors while reading give SIGBUS with a diagnostic, never a zero page, and pages
+// already good stay good": the kernel reads the page after usermm granted it, fails, and raises
+// SIGBUS at the access, which usermm recognises in a file VMA and passes on, naming the file.
+TEST_CASE("a read error is SIGBUS naming the file and the offset; pages read before stay good" *
+          doctest::skip(!g_failfs_up)) {
+    FuseFile file("read-error", 16);
+    file.fadvise_dontneed();
+    const usermm_test::ChildEnd end = usermm_test::run_in_child([&] {
+        Arena arena(1 << 24);
+        char* p = static_cast<char*>(arena.map_file(file.path(), 0, file.size(), Prot::Read, Share::Private,
+                                                    {.fault_around_pages = 1}));
+        arena.advise(p, file.size(), usermm::Advice::Random);
+        CHILD_CHECK(usermm_test::read_byte(p + 2 * kPage + 7) == pattern_byte(2 * kPage + 7));
+        REQUIRE(g_fs.command(fmt::format("read-EIO {}", 9 * kPage + 100)));
+        CHILD_CHECK(usermm_test::read_byte(p + 2 * kPage + 8) == pattern_byte(2 * kPage + 8));
+        (void)usermm_test::read_byte(p + 9 * kPage);
+        _exit(0);
+    });
+    g_fs.command("read-off");
+    INFO("child stderr: ", end.err);
+    CHECK(end.signal == SIGBUS);
+    CHECK(end.err.find("SIGBUS") != std::string::npos);
+    CHECK(end.err.find(file.path()) != std::string::npos);
+    CHECK(end.err.find(fmt::format("offset {:#x}", 9 * kPage)) != std::string::npos);
+    CHECK(end.err.find("could not read") != std::string::npos);
+}
+
+// Protects "no usermm lock is held across I/O": behind a read the disk takes its time over, the
+// same arena's protect(), an anonymous first touch and another file page already cached go on.
+// The read is seen to be in flight (failfs counts it) before, and still after, they are done.
+TEST_CASE("a slow read holds no lock: protect and other faults in the arena go on meanwhile" *
+          doctest::skip(!g_failfs_up)) {
+    FuseFile file("slow-read", 64);
+    file.fadvise_dontneed();
+    Arena arena(1 << 26);
+    char* p = static_cast<char*>(arena.map_file(file.path(), 0, file.size(), Prot::Read, Share::Private,
+                                                {.fault_around_pages = 1}));
+    arena.advise(p, file.size(), usermm::Advice::Random);
+    CHECK(usermm_test::read_byte(p) == pattern_byte(0));  // cached now
+    char* anon = static_cast<char*>(arena.map(16 * kPage, Prot::ReadWrite));
+    std::uint8_t seen = 0;
+    {
+        ReadMode slow("read-delay 3000");
+        std::thread reader([&] { seen = usermm_test::read_byte(p + 40 * kPage); });
+        // Wait (bounded) until the kernel has asked failfs for the page: the reader's fault is
+        // resolved and its read is at the disk.
+        bool in_flight = false;
+        for (int i = 0; i < 2000 && !(in_flight = g_fs.status().reads_in_flight > 0); ++i) usleep(1000);
+        REQUIRE(in_flight);
+        arena.protect(anon, kPage, Prot::Read);
+        usermm_test::write_byte(anon + 4 * kPage, 1);
+        CHECK(usermm_test::read_byte(p + 5) == pattern_byte(5));
+        CHECK(g_fs.status().reads_in_flight > 0);  // all of that while the read was still at the disk
+        reader.join();
+    }
+    CHECK(seen == pattern_byte(40 * kPage));
+    arena.verify();
 }
