@@ -83,7 +83,7 @@ void erase_saved(MappedFile& f, std::uint64_t first, std::uint64_t last) {
 // --- shared with arena.cpp, arena_ops.cpp and snapshot.cpp ---------------------------------------
 
 void detail::file_put(MappedFile* f) {
-    if (!f || --f->refs) return;
+    if (!f || f->refs.fetch_sub(1) != 1) return;
     close(f->fd);
     delete f;
 }
@@ -103,7 +103,7 @@ void detail::vma_copy_file(Vma& to, const Vma& from) {
     to.ra_next.store(from.ra_next.load(kRelaxed), kRelaxed);
     to.ra_window.store(from.ra_window.load(kRelaxed), kRelaxed);
     to.ra_misses.store(from.ra_misses.load(kRelaxed), kRelaxed);
-    if (to.file) ++to.file->refs;
+    if (to.file) to.file->refs.fetch_add(1);
 }
 
 void detail::refuse_file_vmas(ArenaCore& a, const char* call, Range r) {
@@ -163,7 +163,7 @@ void detail::writeback(ArenaCore& a, Vma& v, Range part, const char* call, FileS
     });
     if (!out.file) {
         out.file = &f;
-        ++f.refs;
+        f.refs.fetch_add(1);
         out.range = part;
     }
     account_writeback(a, v, pages, bytes, false);
@@ -376,7 +376,7 @@ void* Arena::map_file_as(int fd, const std::string& path, std::uint64_t offset, 
     file->dev = st.st_dev;
     file->ino = st.st_ino;
     file->writable = may_write;
-    file->refs = 1;
+    file->refs.store(1);
     std::snprintf(file->path, sizeof file->path, "%s", path.c_str());
     struct FileGuard {
         std::unique_ptr<MappedFile>& f;
