@@ -252,30 +252,46 @@ int detail::unmap_file_part(ArenaCore& a, Vma& v, Range part) {
     return err;
 }
 
-void detail::readahead_file(ArenaCore& a, Vma& v, Range part) {
-    const std::size_t first = a.page_index(part.start), last = a.page_index(part.end);
-    std::uint64_t size = 0;
-    if (page_file_size(v.file->fd, &size) != 0) return;  // advice: nothing to read
-    const std::size_t eof = first + std::size_t(std::min<std::uint64_t>(
-                                        last - first, ((size + g_page_size - 1) >> g_page_shift) > v.file_page(part.start)
-                                                          ? ((size + g_page_size - 1) >> g_page_shift) - v.file_page(part.start)
-                                                          : 0));
+namespace {
+
+// Calls fn(arena page, file offset) for each page of [first, last) the page cache lacks (mincore),
+// and returns how many and their bytes (the part of a last page past `size` excluded); false if
+// the kernel would not say.
+template <typename Fn>
+bool for_each_uncached(const ArenaCore& a, const Vma& v, std::size_t first, std::size_t last, std::uint64_t size,
+                       std::uint64_t& pages, std::uint64_t& bytes, Fn fn) {
     std::vector<unsigned char> cached(kFileProbePages);
-    std::uint64_t fresh = 0, bytes = 0;
-    for (std::size_t i = first; i < eof; i += kFileProbePages) {
-        const std::size_t n = std::min(kFileProbePages, eof - i);
-        if (filemap_probe(a.page_addr(i), n, cached.data()) != 0) return;
+    for (std::size_t i = first; i < last; i += kFileProbePages) {
+        const std::size_t n = std::min(kFileProbePages, last - i);
+        if (filemap_probe(a.page_addr(i), n, cached.data()) != 0) return false;
         for (std::size_t k = 0; k < n; ++k) {
             if (cached[k] & 1) continue;
-            ++fresh;
             const std::uint64_t at = v.file_page(a.page_addr(i + k)) << g_page_shift;
-            bytes += std::min<std::uint64_t>(g_page_size, size - at);
-            pte_t p = a.pte[i + k].load(kRelaxed);
-            if (pte_prot(p) == 0 && !(p & kPteSaved)) a.pte[i + k].store(pte_t(p | kPteReadahead), kRelaxed);
+            ++pages;
+            bytes += at < size ? std::min<std::uint64_t>(g_page_size, size - at) : 0;
+            fn(i + k);
         }
     }
-    if (eof > first) filemap_readahead(a.page_addr(first), (eof - first) << g_page_shift);
-    account_file_read(a, v, fresh, bytes);
+    return true;
+}
+
+}  // namespace
+
+void detail::readahead_file(ArenaCore& a, Vma& v, Range part) {
+    std::uint64_t size = 0;
+    if (page_file_size(v.file->fd, &size) != 0) return;  // advice: nothing to read
+    const std::uint64_t eof = (size + g_page_size - 1) >> g_page_shift;
+    const std::size_t first = a.page_index(part.start);
+    const std::size_t last = first + std::size_t(std::min<std::uint64_t>(
+                                         a.page_index(part.end) - first,
+                                         eof > v.file_page(part.start) ? eof - v.file_page(part.start) : 0));
+    std::uint64_t pages = 0, bytes = 0;
+    for_each_uncached(a, v, first, last, size, pages, bytes, [&a](std::size_t i) {
+        const pte_t p = a.pte[i].load(kRelaxed);
+        if (pte_prot(p) == 0 && !(p & kPteSaved)) a.pte[i].store(pte_t(p | kPteReadahead), kRelaxed);
+    });
+    if (last > first) filemap_readahead(a.page_addr(first), (last - first) << g_page_shift);
+    account_file_read(a, v, pages, bytes);
 }
 
 void detail::count_prefault_reads(ArenaCore& a, Vma& v, Range part, const char* call) {
@@ -285,20 +301,9 @@ void detail::count_prefault_reads(ArenaCore& a, Vma& v, Range part, const char* 
     if (v.file_page(part.end) > eof)
         fail(EFAULT, "{}: addr {:#x} is past the end of '{}' (size {:#x})", call,
              v.start + ((std::max(eof, v.file_page(part.start)) - v.pgoff) << g_page_shift), f.path, size);
-    const std::size_t first = a.page_index(part.start), last = a.page_index(part.end);
-    std::vector<unsigned char> cached(kFileProbePages);
-    std::uint64_t fresh = 0, bytes = 0;
-    for (std::size_t i = first; i < last; i += kFileProbePages) {
-        const std::size_t n = std::min(kFileProbePages, last - i);
-        if (filemap_probe(a.page_addr(i), n, cached.data()) != 0) return;
-        for (std::size_t k = 0; k < n; ++k) {
-            if (cached[k] & 1) continue;
-            ++fresh;
-            const std::uint64_t at = v.file_page(a.page_addr(i + k)) << g_page_shift;
-            bytes += std::min<std::uint64_t>(g_page_size, size - at);
-        }
-    }
-    account_file_read(a, v, fresh, bytes);
+    std::uint64_t pages = 0, bytes = 0;
+    for_each_uncached(a, v, a.page_index(part.start), a.page_index(part.end), size, pages, bytes, [](std::size_t) {});
+    account_file_read(a, v, pages, bytes);
 }
 
 void detail::advise_file(ArenaCore& a, Vma& v, Range part, Advice advice, const char* call) {
