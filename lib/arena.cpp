@@ -192,6 +192,7 @@ void fork_child() {
     for (std::size_t i = 0; i < reg.count; ++i) {
         ArenaCore& a = *reg.arenas[i];
         a.identity = new_arena_identity();  // the child's snapshots start a chain of their own
+        forget_saved_after_fork(a);
         if (was_uffd) convert_tracked_pages_after_fork(a);
         // Slots held by readers, and a restore in progress, belong to threads the child does not have.
         // A held slot was written, so it lies in a touched page of its table.
@@ -517,6 +518,8 @@ void Arena::prefault(void* addr, std::size_t length, Prot access) {
                      std::max(v->start, r.start), v->name, v->start, v->end, to_string(v->prot));
         for (Vma* v : vmas)  // throws, before anything changes, if a file page lies past the end
             if (v->file) count_prefault_reads(a, *v, part_of(v), call);
+        // Pages whose write-back failed get their content back before anything can touch them.
+        for (Vma* v : vmas) put_back_saved(a, *v, part_of(v), call);
         for (Vma* v : vmas) {
             const Range part = part_of(v);
             const Prot grant = allows(access, Prot::Write) ? v->prot : (v->prot & ~Prot::Write);

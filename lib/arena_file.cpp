@@ -67,11 +67,13 @@ void for_each_marked(const ArenaCore& a, std::size_t first, std::size_t last, pt
 }
 
 // Writes the saved copy of file page `page` into the page cache (a page past the end of the file
-// has nothing to keep). Returns 0 or the errno.
+// has nothing to keep), as restore_saved does in the fault path. Returns 0 or the errno.
 int put_back(const MappedFile& f, const SavedPage& s, std::uint64_t size) {
     const std::uint64_t at = s.page << g_page_shift;
     if (at >= size) return 0;
-    return page_write_file(f.fd, s.content.get(), std::size_t(std::min<std::uint64_t>(g_page_size, size - at)), at);
+    const std::size_t len = std::size_t(std::min<std::uint64_t>(g_page_size, size - at));
+    if (page_write_through_mapping(f.fd, at, s.content.get(), len) == 0) return 0;
+    return page_write_file(f.fd, s.content.get(), len, at);
 }
 
 void erase_saved(MappedFile& f, std::uint64_t first, std::uint64_t last) {
@@ -113,24 +115,34 @@ void detail::refuse_file_vmas(ArenaCore& a, const char* call, Range r) {
                  "snapshotted or dirty-tracked", call, r.start, r.end, it->name, it->start);
 }
 
+void detail::put_back_saved(ArenaCore& a, Vma& v, Range part, const char* call) {
+    if (!v.file || v.file->saved.empty()) return;
+    MappedFile& f = *v.file;
+    const std::uint64_t size = file_size(f, call);
+    for_each_marked(a, a.page_index(part.start), a.page_index(part.end), kPteSaved, [&](std::size_t i, std::size_t j) {
+        for (std::size_t k = i; k < j; ++k) {
+            if (const SavedPage* s = f.find_saved(v.file_page(a.page_addr(k))))
+                if (const int err = put_back(f, *s, size))
+                    fail(err, "{}: cannot write the saved copy of page {:#x} back into '{}'", call, a.page_addr(k),
+                         f.path);
+            a.pte[k].fetch_and(pte_t(~kPteSaved), kRelaxed);
+        }
+    });
+}
+
 void detail::writeback(ArenaCore& a, Vma& v, Range part, const char* call, FileSync& out) {
     if (!v.file || v.share != Share::Shared) return;
     MappedFile& f = *v.file;
     const std::size_t first = a.page_index(part.start), last = a.page_index(part.end);
+    if (!out.file) {
+        out.file = &f;
+        f.refs.fetch_add(1);
+        out.failures = f.failures.load();
+        out.range = part;
+    }
     // Copies of pages whose last write-back failed, which no access has put back yet: into the page
     // cache now, where this write-back finds them.
-    if (!f.saved.empty()) {
-        const std::uint64_t size = file_size(f, call);
-        for_each_marked(a, first, last, kPteSaved, [&](std::size_t i, std::size_t j) {
-            for (std::size_t k = i; k < j; ++k) {
-                if (const SavedPage* s = f.find_saved(v.file_page(a.page_addr(k))))
-                    if (const int err = put_back(f, *s, size))
-                        fail(err, "{}: cannot write the saved copy of page {:#x} back into '{}'", call, a.page_addr(k),
-                             f.path);
-                a.pte[k].fetch_and(pte_t(~kPteSaved), kRelaxed);
-            }
-        });
-    }
+    put_back_saved(a, v, part, call);
     // Write access goes, so that the next write after the write-back is seen: one mprotect per run
     // of mapped pages that holds a writable one (readable neighbours lose nothing). That includes
     // pages prefault() made writable without a write: the kernel writes them back only if written.
@@ -143,6 +155,12 @@ void detail::writeback(ArenaCore& a, Vma& v, Range part, const char* call, FileS
             while (i < j && !(a.pte[i].load(kRelaxed) & to_pte(Prot::Write))) ++i;
             while (j > i && !(a.pte[j - 1].load(kRelaxed) & to_pte(Prot::Write))) --j;
             if (i == j) return;
+            // A writable page that is not dirty may have been written all the same (prefault's
+            // write access): if the write-back fails, it is kept with the dirty ones.
+            for (std::size_t k = i; k < j; ++k) {
+                const pte_t p = a.pte[k].load(kRelaxed);
+                if ((p & to_pte(Prot::Write)) && !(p & kPteDirtyFile)) out.pages.push_back(k);
+            }
             if (const int err = reprotect_run(a, i, j, Prot(prot)))
                 fail(err, "{}: mprotect of [{:#x}, {:#x}) to {} failed", call, a.page_addr(i), a.page_addr(j),
                      to_string(Prot(prot)));
@@ -152,62 +170,67 @@ void detail::writeback(ArenaCore& a, Vma& v, Range part, const char* call, FileS
     const std::uint64_t size = file_size(f, call);
     for_each_marked(a, first, last, kPteDirtyFile, [&](std::size_t i, std::size_t j) {
         for (std::size_t k = i; k < j; ++k) {
-            const std::uint64_t page = v.file_page(a.page_addr(k));
             a.pte[k].fetch_and(pte_t(~kPteDirtyFile), kRelaxed);
-            out.pages.push_back({k, page});
-            const std::uint64_t at = page << g_page_shift;
+            out.pages.push_back(k);
+            const std::uint64_t at = v.file_page(a.page_addr(k)) << g_page_shift;
             // Past the end of the file (it was truncated) there is nothing to write, as in the kernel.
             if (at < size) bytes += std::min<std::uint64_t>(g_page_size, size - at);
         }
         pages += j - i;
     });
-    if (!out.file) {
-        out.file = &f;
-        f.refs.fetch_add(1);
-        out.range = part;
-    }
     account_writeback(a, v, pages, bytes, false);
 }
 
-int detail::FileSync::finish() { return file ? page_sync_file(file->fd) : 0; }
-
-std::vector<SavedPage> detail::FileSync::copies() const {
-    std::vector<SavedPage> out;
-    for (const auto& [index, page] : pages) {
-        SavedPage s{page, std::make_unique<std::byte[]>(g_page_size)};
-        std::size_t got = 0;
-        // The kernel still holds the page (it was mapped, and clean pages go only under pressure);
-        // past the end of the file, or unreadable, it has nothing to lose.
-        if (page_read_file(file->fd, s.content.get(), g_page_size, page << g_page_shift, &got) == 0 && got > 0)
-            out.push_back(std::move(s));
+int detail::FileSync::finish() {
+    if (!file) return 0;
+    if (const int err = page_sync_file(file->fd)) {
+        file->failures.fetch_add(1);
+        return err;
     }
-    return out;
+    return file->failures.load() != failures ? EIO : 0;
 }
 
-void detail::keep_failed(ArenaCore& a, FileSync& s, std::vector<SavedPage> copies) {
+void detail::keep_failed(ArenaCore& a, const FileSync& s) {
     account_writeback_error(a);
     MappedFile& f = *s.file;
-    for (SavedPage& c : copies) {
-        erase_saved(f, c.page, c.page + 1);
-        // Still shown by a VMA of this file, at the same place? Then the page waits there, PROT_NONE,
-        // for the next access or write-back to put the copy back; else the copy goes back now.
-        const auto at = std::find_if(s.pages.begin(), s.pages.end(), [&](const auto& p) { return p.second == c.page; });
-        const std::uintptr_t addr = a.page_addr(at->first);
-        Vma* v = find_vma(a, addr);
-        bool kept = false;
-        if (v && v->start <= addr && v->file == &f && v->file_page(addr) == c.page) {
-            const pte_t p = a.pte[at->first].load(kRelaxed);
-            kept = pte_prot(p) == 0 || reprotect_run(a, at->first, at->first + 1, Prot::None) == 0;
-            if (kept) a.pte[at->first].fetch_or(pte_t(kPteSaved | kPteDirtyFile), kRelaxed);
-        }
-        if (kept) {
-            const auto pos = std::lower_bound(f.saved.begin(), f.saved.end(), c.page,
-                                              [](const SavedPage& x, std::uint64_t page) { return x.page < page; });
-            f.saved.insert(pos, std::move(c));
-        } else {
-            std::uint64_t size = 0;
-            if (page_file_size(f.fd, &size) == 0) put_back(f, c, size);
-        }
+    // The pages recorded clean are dirty again; with them, every page of the file's VMAs that is
+    // dirty or writable (prefault's write access: written or not, nobody knows) may have been in
+    // the failed fdatasync, which wrote the whole file.
+    for (const std::size_t k : s.pages) {
+        const std::uintptr_t addr = a.page_addr(k);
+        const Vma* v = find_vma(a, addr);
+        if (v && v->start <= addr && v->file == &f) a.pte[k].fetch_or(kPteDirtyFile, kRelaxed);
+    }
+    std::uint64_t size = 0;
+    if (page_file_size(f.fd, &size) != 0) return;
+    for (Vma& v : a.tree) {
+        if (v.file != &f) continue;
+        auto at_risk = [&a](std::size_t i) {
+            const pte_t p = a.pte[i].load(kRelaxed);
+            return (p & kPteDirtyFile) || (p & to_pte(Prot::Write)) ? 1 : kNoRun;
+        };
+        for (const PageSpan& span : pte_spans(a, a.page_index(v.start), a.page_index(v.end)))
+            for_each_run(span.first, span.last, at_risk, [&](std::size_t i, std::size_t j, int) {
+                // PROT_NONE first: then the copy is the page's last content, and nothing can write
+                // it before the copy is back in the page cache. Where the kernel refuses (the map
+                // limit), the pages stay as they are, dirty for the next write-back.
+                if (reprotect_run(a, i, j, Prot::None) != 0) return;
+                for (std::size_t k = i; k < j; ++k) {
+                    const std::uint64_t page = v.file_page(a.page_addr(k));
+                    SavedPage copy{page, std::make_unique<std::byte[]>(g_page_size)};
+                    std::size_t got = 0;
+                    a.pte[k].fetch_or(kPteDirtyFile, kRelaxed);
+                    // Past the end of the file, or unreadable, the page has nothing to keep.
+                    if (page_read_file(f.fd, copy.content.get(), g_page_size, page << g_page_shift, &got) != 0 ||
+                        got == 0)
+                        continue;
+                    erase_saved(f, page, page + 1);
+                    const auto pos = std::lower_bound(f.saved.begin(), f.saved.end(), page,
+                                                      [](const SavedPage& x, std::uint64_t p) { return x.page < p; });
+                    f.saved.insert(pos, std::move(copy));
+                    a.pte[k].fetch_or(kPteSaved, kRelaxed);
+                }
+            });
     }
     a.last_hit.store(nullptr, kRelaxed);
 }
@@ -216,29 +239,29 @@ void detail::writeback_now(ArenaCore& a, Vma& v, Range part, const char* call) {
     FileSync s;
     writeback(a, v, part, call, s);
     if (const int err = s.finish()) {
-        keep_failed(a, s, s.copies());
+        keep_failed(a, s);
         fail(err, "{}: write-back of '{}' failed for [{:#x}, {:#x}); usermm keeps the pages for the next write-back",
              call, v.file->path, part.start, part.end);
     }
 }
 
+void detail::forget_saved_after_fork(ArenaCore& a) {
+    for (Vma& v : a.tree) {
+        if (!v.file || v.file->saved.empty()) continue;
+        v.file->saved.clear();
+        for_each_marked(a, a.page_index(v.start), a.page_index(v.end), kPteSaved, [&a](std::size_t i, std::size_t j) {
+            for (std::size_t k = i; k < j; ++k) a.pte[k].fetch_and(pte_t(~kPteSaved), kRelaxed);
+        });
+    }
+}
+
 void detail::release_file_pages(ArenaCore& a, Vma& v, Range part, const char* call) {
     if (!v.file) return;
-    MappedFile& f = *v.file;
-    const std::size_t first = a.page_index(part.start), last = a.page_index(part.end);
-    if (!f.saved.empty()) {
-        const std::uint64_t size = file_size(f, call);
-        for_each_marked(a, first, last, kPteSaved, [&](std::size_t i, std::size_t j) {
-            for (std::size_t k = i; k < j; ++k)
-                if (const SavedPage* s = f.find_saved(v.file_page(a.page_addr(k))))
-                    if (const int err = put_back(f, *s, size))
-                        fail(err, "{}: cannot write the saved copy of page {:#x} back into '{}'", call, a.page_addr(k),
-                             f.path);
-        });
-        erase_saved(f, v.file_page(part.start), v.file_page(part.end));
-    }
+    put_back_saved(a, v, part, call);
+    erase_saved(*v.file, v.file_page(part.start), v.file_page(part.end));
     std::uint64_t wasted = 0;
-    for_each_marked(a, first, last, kPteReadahead, [&](std::size_t i, std::size_t j) { wasted += j - i; });
+    for_each_marked(a, a.page_index(part.start), a.page_index(part.end), kPteReadahead,
+                    [&](std::size_t i, std::size_t j) { wasted += j - i; });
     account_readahead_wasted(&a, &v, wasted);
 }
 
@@ -430,39 +453,49 @@ void Arena::sync(void* addr, std::size_t length) {
     ArenaCore& a = live_arena(core_, call);
     const Range r = check_range(a, call, addr, length);
     std::vector<FileSync> pending;
+    // Keeps the pages of the write-backs whose fdatasync failed, under the write lock.
+    auto keep = [&a](const std::vector<const FileSync*>& failed) {
+        ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
+        for (const FileSync* s : failed) keep_failed(a, *s);
+    };
     // The write-protection under the arena's lock; the write-back itself without it, so that faults
     // go on meanwhile (msync, likewise, does not hold mmap_lock across its fsync).
     {
         ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
         const std::vector<Vma*> vmas = covering_vmas(a, call, r);
         pending.reserve(vmas.size());
-        for (Vma* v : vmas) {
-            pending.emplace_back();
-            writeback(a, *v, {std::max(v->start, r.start), std::min(v->end, r.end)}, call, pending.back());
+        try {
+            for (Vma* v : vmas) {
+                pending.emplace_back();
+                writeback(a, *v, {std::max(v->start, r.start), std::min(v->end, r.end)}, call, pending.back());
+            }
+        } catch (...) {
+            // The pages recorded clean so far are not written yet: dirty again, and kept.
+            for (const FileSync& s : pending)
+                if (s.file) keep_failed(a, s);
+            throw;
         }
     }
     int first_err = 0;
     std::string path;
     Range failed{};
+    std::vector<const FileSync*> to_keep;
     for (FileSync& s : pending) {
         const int err = s.finish();
         if (!err) continue;
-        std::vector<SavedPage> copies = s.copies();
-        {
-            ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
-            keep_failed(a, s, std::move(copies));
-        }
+        to_keep.push_back(&s);
         if (!first_err) {
             first_err = err;
             path = s.file->path;
             failed = s.range;
         }
     }
+    if (!to_keep.empty()) keep(to_keep);
     if (first_err)
         fail(first_err, "{}: write-back of '{}' failed for [{:#x}, {:#x}); usermm keeps the pages for the next "
              "write-back", call, path, failed.start, failed.end);
     // A successful write-back of the range ends the copies kept from failed ones (the pages still
-    // marked saved were not part of it: they failed again, or were kept meanwhile).
+    // marked saved were not part of it: they were kept again meanwhile).
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
     for (auto it = a.tree.upper_bound(r.start); it != a.tree.end() && it->start < r.end; ++it) {
         Vma& v = *it;

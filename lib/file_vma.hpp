@@ -23,27 +23,35 @@ void refuse_file_vmas(ArenaCore& a, const char* call, Range r);
 
 // One write-back of a shared file VMA's part, in two steps: writeback() under the arena's write
 // lock (copies of earlier failed write-backs go back into the page cache, dirty pages lose write
-// access so that the next write is seen, and are recorded as clean), then finish() without any lock
-// (fdatasync: the kernel writes the file's dirty pages and waits). If finish() fails, keep_failed()
-// takes copies of the recorded pages and, under the write lock again, keeps them (see
-// mapped_file.hpp).
+// access so that the next write is seen, and are recorded as clean), then finish() without any
+// lock (fdatasync: the kernel writes the file's dirty pages and waits). If finish() fails,
+// keep_failed(), under the write lock again, keeps the file's pages (see mapped_file.hpp).
 struct FileSync {
     MappedFile* file = nullptr;  // holds a reference
-    std::vector<std::pair<std::size_t, std::uint64_t>> pages;  // arena page, file page
+    std::uint64_t failures = 0;  // the file's failure count when the write-back began
+    std::vector<std::size_t> pages;  // arena pages recorded clean, or writable and maybe written
     Range range{};  // the addresses written back, for the error message
+    // 0, the errno of the fdatasync, or EIO if another write-back of the file failed meanwhile.
     int finish();
-    // Without the lock: reads the recorded pages from the page cache.
-    std::vector<SavedPage> copies() const;
     ~FileSync() { file_put(file); }
     FileSync() = default;
-    FileSync(FileSync&& o) noexcept : file(o.file), pages(std::move(o.pages)), range(o.range) { o.file = nullptr; }
+    FileSync(FileSync&& o) noexcept
+        : file(o.file), failures(o.failures), pages(std::move(o.pages)), range(o.range) {
+        o.file = nullptr;
+    }
     FileSync& operator=(FileSync&&) = delete;
 };
 void writeback(ArenaCore& a, Vma& v, Range part, const char* call, FileSync& out);
-void keep_failed(ArenaCore& a, FileSync& s, std::vector<SavedPage> copies);
+void keep_failed(ArenaCore& a, const FileSync& s);
 // writeback, finish and keep_failed in one, under the write lock (unmap, DontNeed, destruction);
 // throws naming `call`, the file, the range and the errno if the write-back failed.
 void writeback_now(ArenaCore& a, Vma& v, Range part, const char* call);
+// Puts the saved copies of the pages of `part` back into the page cache (they stay PROT_NONE),
+// before something grants them access without a fault (prefault) or writes them back.
+void put_back_saved(ArenaCore& a, Vma& v, Range part, const char* call);
+// In a forked child: the copies are the parent's to put back (the page cache is shared); the
+// child's pages are plain dirty pages of its own.
+void forget_saved_after_fork(ArenaCore& a);
 
 // Before file pages of `part` lose their mapping (unmap, DontNeed, destruction): saved copies go
 // into the page cache (nothing written is lost), and pages read ahead but never mapped count as

@@ -233,6 +233,7 @@ FaultResult do_merging_fault(vm_fault& vmf, pte_t cur) {
     bool busy = false;  // the mapping goes on into a page another fault holds
     auto lock = [&](std::size_t i) {
         for (pte_t v = arena.pte[i].load(kRelaxed);;) {
+            if (v & kPteSaved) return false;  // its saved content goes back at its own fault first
             if (v & kPteLocked) {
                 busy = (v & (kPteProt | kPteFile)) == kind;
                 return false;
@@ -507,14 +508,18 @@ FaultResult do_shared_fault(vm_fault& vmf, pte_t cur) {
 
 // A page whose write-back failed, whose content usermm holds: the copy goes back into the page
 // cache (the kernel may have dropped the page and read the disk's older content) before the
-// program can see the page again. The copy stays until a write-back of the page succeeds.
+// program can see the page again, while the arena's page is still PROT_NONE (no torn page). The
+// copy stays until a write-back of the page succeeds.
 int restore_saved(const vm_fault& vmf, std::uint64_t f, std::uint64_t size) {
     const MappedFile& file = *vmf.vma->file;
     const SavedPage* saved = file.find_saved(f);
     const std::uint64_t at = f << g_page_shift;
     if (!saved || at >= size) return 0;
-    return page_write_file(file.fd, saved->content.get(), std::size_t(std::min<std::uint64_t>(g_page_size, size - at)),
-                           at);
+    // Through a mapping of its own first: the page becomes dirty in the page cache without a write
+    // request to a file system that may still refuse writes; pwrite where no mapping can be had.
+    const std::size_t len = std::size_t(std::min<std::uint64_t>(g_page_size, size - at));
+    if (page_write_through_mapping(file.fd, at, saved->content.get(), len) == 0) return 0;
+    return page_write_file(file.fd, saved->content.get(), len, at);
 }
 
 // A fault in a file VMA, with its PTE locked from `cur`. The end of the file is looked up at every

@@ -5,11 +5,14 @@
 // the path for diagnostics, and the pages whose write-back failed.
 //
 // A write-back that fails leaves the kernel's pages clean (the kernel's rule: the error is reported
-// once, and the page may then be dropped and read again from the disk, without the program's
-// write). usermm keeps a copy of each such page until a later write-back of it succeeds: the page
-// becomes PROT_NONE (kPteSaved), and the next access to it, or the next sync, writes the copy into
-// the page cache first (pwrite), so that neither the program nor the file ever sees the older
-// content the disk may still hold.
+// once, to one open file, and the page may then be dropped and read again from the disk, without
+// the program's write). fdatasync writes every dirty page of the file, so after a failure usermm
+// keeps a copy of every page of the file's VMAs in the arena that was dirty or writable, until a
+// later write-back of it succeeds: the page becomes PROT_NONE (kPteSaved) before the copy is
+// taken, so that the copy is the page's last content, and the next access to it, or the next
+// sync, puts the copy back into the page cache first, so that neither the program nor the file
+// ever sees the older content the disk may still hold. (A write made after the failure through
+// another mapping of the file is not seen by usermm, and the copy then replaces it.)
 #pragma once
 
 #include <sys/types.h>
@@ -39,6 +42,9 @@ struct MappedFile {
     // VMA nodes that refer to this file (the map_file's VMA and its splits), and write-backs in
     // progress (Arena::sync drops its reference without the arena's lock); API world only.
     std::atomic<std::size_t> refs{0};
+    // Write-backs of the file that failed: one that began before another failed is in doubt too
+    // (the kernel reports an error only once, and the failed fdatasync marked its pages clean).
+    std::atomic<std::uint64_t> failures{0};
     // Sorted by page. Changed only under the arena's write lock; faults read it under the read lock.
     std::vector<SavedPage> saved;
 

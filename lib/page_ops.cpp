@@ -11,6 +11,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <cstring>
 
 #include "pte.hpp"
 
@@ -236,6 +237,13 @@ int page_file_size(int fd, std::uint64_t* size) {
 }
 
 int page_sync_file(int fd) { return result(fdatasync(fd)); }
+
+int page_write_through_mapping(int fd, std::uint64_t off, const void* src, std::size_t len) {
+    void* p = mmap(nullptr, g_page_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, off_t(off));
+    if (p == MAP_FAILED) return errno;
+    memcpy(p, src, len);
+    return result(munmap(p, g_page_size));
+}
 
 int page_advise(std::uintptr_t addr, std::size_t len, int advice) {
     return result(madvise(reinterpret_cast<void*>(addr), len, advice));

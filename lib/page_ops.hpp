@@ -56,6 +56,11 @@ int page_read_file(int fd, void* buf, std::size_t len, std::uint64_t off, std::s
 int page_write_file(int fd, const void* buf, std::size_t len, std::uint64_t off);
 int page_file_size(int fd, std::uint64_t* size);
 int page_sync_file(int fd);  // fdatasync
+// Writes len bytes (at most a page) into the file open as fd at page-aligned offset off through a
+// mapping of its own (MAP_SHARED, unmapped again): the page cache's page becomes dirty without a
+// write request to the file system, which may be refusing writes. The file must be open for
+// writing.
+int page_write_through_mapping(int fd, std::uint64_t off, const void* src, std::size_t len);
 // madvise(2) on the range, for the advice values the kernel's page cache takes (MADV_WILLNEED reads
 // ahead without waiting, MADV_RANDOM / MADV_SEQUENTIAL / MADV_NORMAL set the kernel's own
 // readahead, MADV_POPULATE_READ reads and maps the pages and waits).

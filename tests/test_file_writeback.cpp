@@ -27,6 +27,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
@@ -625,4 +626,146 @@ TEST_CASE("a slow read holds no lock: protect and other faults in the arena go o
     }
     CHECK(seen == pattern_byte(40 * kPage));
     arena.verify();
+}
+
+// --- what a failed fdatasync takes with it (an independent review's cases) ------------------------
+// fdatasync writes every dirty page of the file and reports the error once: what is kept after a
+// failure is every page of the file's VMAs that was dirty or writable, not only those of the range.
+
+// Protects: one sync over VMAs of one map_file (split by advice), the first write-back failing.
+TEST_CASE("a failed sync over split VMAs of one file keeps the pages of all of them" * doctest::skip(!g_failfs_up)) {
+    FuseFile file("split", 4);
+    std::vector<std::uint8_t> want = file.expected();
+    Arena arena(1 << 24);
+    char* p = static_cast<char*>(arena.map_file(file.path(), 0, file.size(), Prot::ReadWrite, Share::Shared));
+    arena.advise(p + kPage, kPage, usermm::Advice::Random);  // three VMAs of one file
+    for (std::size_t page : {0, 1, 2}) fill_page(p, want, page, std::uint8_t('A' + page));
+    {
+        FailingWrites failing("EIO all");
+        check_error(error_of([&] { arena.sync(p, file.size()); }), EIO, file);
+    }
+    drop_pages(file, p);
+    arena.sync(p, file.size());
+    CHECK(file.on_disk() == want);
+}
+
+// Protects: a page prefault made writable and the program wrote (not known dirty), and a dirty
+// page outside the synced range, both written by the failed fdatasync.
+TEST_CASE("a failed sync keeps prefault's written pages and dirty pages outside its range" * doctest::skip(!g_failfs_up)) {
+    FuseFile file("outside", 4);
+    std::vector<std::uint8_t> want = file.expected();
+    Arena arena(1 << 24);
+    char* p = static_cast<char*>(arena.map_file(file.path(), 0, file.size(), Prot::ReadWrite, Share::Shared));
+    arena.prefault(p, kPage, Prot::Write);
+    fill_page(p, want, 0, 'P');  // no usermm fault: the write is the kernel's alone
+    fill_page(p, want, 3, 'O');  // dirty, outside the range synced below
+    {
+        FailingWrites failing("EIO all");
+        check_error(error_of([&] { arena.sync(p, 2 * kPage); }), EIO, file);
+    }
+    drop_pages(file, p);
+    arena.sync(p, file.size());
+    CHECK(file.on_disk() == want);
+}
+
+// Protects: prefault grants access to a page whose write-back failed only with its content back,
+// so a write after it is not replaced by the older copy at the next sync.
+TEST_CASE("prefault after a failed sync: the program's next write survives the next sync" * doctest::skip(!g_failfs_up)) {
+    FuseFile file("prefault", 2);
+    std::vector<std::uint8_t> want = file.expected();
+    Arena arena(1 << 24);
+    char* p = static_cast<char*>(arena.map_file(file.path(), 0, file.size(), Prot::ReadWrite, Share::Shared));
+    fill_page(p, want, 0, 'A');
+    {
+        FailingWrites failing("EIO all");
+        check_error(error_of([&] { arena.sync(p, file.size()); }), EIO, file);
+    }
+    arena.prefault(p, file.size(), Prot::Write);
+    fill_page(p, want, 0, 'Z');
+    arena.sync(p, file.size());
+    CHECK(std::memcmp(p, want.data(), want.size()) == 0);
+    CHECK(file.on_disk() == want);
+}
+
+// Protects: a forked child does not put the parent's copies back: the parent restores its own,
+// writes the page again, and the child's read of the shared page changes nothing.
+TEST_CASE("fork after a failed sync: the child's read does not undo the parent's write" * doctest::skip(!g_failfs_up)) {
+    FuseFile file("fork", 2);
+    std::vector<std::uint8_t> want = file.expected();
+    Arena arena(1 << 24);
+    char* p = static_cast<char*>(arena.map_file(file.path(), 0, file.size(), Prot::ReadWrite, Share::Shared));
+    fill_page(p, want, 0, 'A');
+    {
+        FailingWrites failing("EIO all");
+        check_error(error_of([&] { arena.sync(p, file.size()); }), EIO, file);
+    }
+    int go[2];
+    REQUIRE(pipe(go) == 0);
+    std::fflush(nullptr);
+    const pid_t child = fork();
+    REQUIRE(child >= 0);
+    if (child == 0) {
+        char byte;
+        if (read(go[0], &byte, 1) != 1) _exit(2);
+        _exit(usermm_test::read_byte(p) == 'Z' ? 0 : 1);
+    }
+    fill_page(p, want, 0, 'Z');
+    REQUIRE(write(go[1], "x", 1) == 1);
+    int status = 0;
+    REQUIRE(waitpid(child, &status, 0) == child);
+    CHECK((WIFEXITED(status) && WEXITSTATUS(status) == 0));  // the child saw the parent's write
+    CHECK(usermm_test::read_byte(p) == 'Z');
+    arena.sync(p, file.size());
+    CHECK(file.on_disk() == want);
+    close(go[0]);
+    close(go[1]);
+}
+
+// Protects: the copy is taken once the page can no longer be written (PROT_NONE first): a thread
+// that writes the page while the sync fails has its every write in the page afterwards.
+TEST_CASE("a writer racing a failing sync: every word it wrote is in the page afterwards" * doctest::skip(!g_failfs_up)) {
+    for (int round = 0; round < 20; ++round) {
+        FuseFile file("race", 2);
+        Arena arena(1 << 24);
+        char* p = static_cast<char*>(arena.map_file(file.path(), 0, file.size(), Prot::ReadWrite, Share::Shared));
+        auto* words = reinterpret_cast<volatile std::uint64_t*>(p);
+        words[0] = 0;
+        std::atomic<bool> go{false};
+        std::thread writer([&] {
+            while (!go.load()) {
+            }
+            for (std::size_t k = 0; k < kPage / 8; ++k) words[k] = 0x1111111111111111ull;
+        });
+        {
+            FailingWrites failing("EIO 1");
+            go = true;
+            error_of([&] { arena.sync(p, file.size()); });
+            writer.join();
+        }
+        std::size_t lost = 0;
+        for (std::size_t k = 0; k < kPage / 8; ++k) lost += words[k] != 0x1111111111111111ull;
+        INFO("round ", round);
+        REQUIRE(lost == 0);
+        arena.sync(p, file.size());
+    }
+}
+
+// Protects: after a failed sync, while the file system still refuses writes, an access to the page
+// is not SIGBUS: its copy goes back into the page cache through a mapping, not a write request.
+TEST_CASE("a page kept after a failed sync reads and writes while writes still fail" * doctest::skip(!g_failfs_up)) {
+    FuseFile file("still-failing", 2);
+    std::vector<std::uint8_t> want = file.expected();
+    Arena arena(1 << 24);
+    char* p = static_cast<char*>(arena.map_file(file.path(), 0, file.size(), Prot::ReadWrite, Share::Shared));
+    fill_page(p, want, 0, 'A');
+    {
+        FailingWrites failing("EIO all");
+        check_error(error_of([&] { arena.sync(p, file.size()); }), EIO, file);
+        CHECK(usermm_test::read_byte(p + 10) == 'A');
+        usermm_test::write_byte(p + 11, 'B');
+        want[11] = 'B';
+    }
+    error_of([&] { arena.sync(p, file.size()); });  // may report the kernel's own failed write-back
+    arena.sync(p, file.size());
+    CHECK(file.on_disk() == want);
 }

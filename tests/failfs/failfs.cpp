@@ -32,8 +32,8 @@
 // any file): what a test needs to see that a write-back was made durable, in that order; and the
 // READ requests answered and those being answered now.
 //
-// Caching is that of a local file system: the page cache is kept across opens (kernel_cache),
-// and write-back caching is off, so that write(2) reaches failfs at once while a shared mapping's
+// Caching is that of a local file system: the page cache is kept across opens (kernel_cache) and
+// when the file's attributes change (no auto_inval_data), and write-back caching is off, so that write(2) reaches failfs at once while a shared mapping's
 // dirty pages reach it at msync/fsync or by the kernel's flusher, as WRITE requests.
 #define FUSE_USE_VERSION 31
 #include <fuse.h>
@@ -122,6 +122,9 @@ void* ff_init(fuse_conn_info* conn, fuse_config* cfg) {
     cfg->kernel_cache = 1;
     cfg->hard_remove = 1;  // unlink removes the backing file, no .fuse_hidden rename
     conn->want &= ~unsigned(FUSE_CAP_WRITEBACK_CACHE);
+    // A local file system keeps clean pages until reclaim; with automatic invalidation the kernel
+    // would drop the whole page cache of the file whenever its mtime moved (every write-back).
+    conn->want &= ~unsigned(FUSE_CAP_AUTO_INVAL_DATA);
     const char ready = 1;
     if (write(g_ready_fd, &ready, 1) != 1) std::perror("failfs: ready fd");
     close(g_ready_fd);
