@@ -376,15 +376,20 @@ TEST_CASE("truncation: an access past the new end dies by SIGBUS naming the file
                 CHILD_CHECK(ftruncate(file.fd(), off_t(end)) == 0);
                 CHILD_CHECK(read_byte(p + 10) == pattern_byte(10));
                 CHILD_CHECK(read_byte(p + end - 1) == pattern_byte(end - 1));
-                CHILD_CHECK(read_byte(p + kPage + 200) == 0);
+                // Reported, not fatal: the death below is checked too.
+                if (const std::uint8_t tail = read_byte(p + kPage + 200); tail != 0)
+                    std::fprintf(stderr, "the cut page reads %#x past the new end, not 0\n", unsigned(tail));
                 (void)read_byte(p + 5 * kPage + 7);
                 std::fprintf(stderr, "child check failed: the access past the end returned\n");
             });
             INFO("child stderr: ", child.err);
             CHECK(child.signal == SIGBUS);
+            CHECK(child.err.find("past the new end") == std::string::npos);
+            CHECK(child.err.find("child check failed") == std::string::npos);
             const std::size_t line = child.err.find("SIGBUS");
-            REQUIRE(line != std::string::npos);
-            const std::string first = child.err.substr(line, child.err.find('\n', line) - line);
+            CHECK(line != std::string::npos);
+            const std::string first =
+                line == std::string::npos ? "" : child.err.substr(line, child.err.find('\n', line) - line);
             CHECK(first.find(file.path()) != std::string::npos);
             CHECK(first.find("past the end") != std::string::npos);
             CHECK(child.err.find("SIGBUS", line + 1) == std::string::npos);
@@ -538,12 +543,12 @@ TEST_CASE("read(2) into a shared file page after sync fails with EFAULT, and wor
 
 // Contract 8. Once a bug (the page cache of the old design, beyond its first GiB): a child that
 // merely read a page there overwrote the parent's unsynced write, and the parent's sync then wrote
-// the old content.
+// the old content. The child runs while the parent writes (a pipe handshake each way).
 TEST_CASE("fork: parent and child write and read beyond the first GiB of a shared file VMA; the file keeps both") {
     SparseFile file(kGiB + kGiB / 2);
     const std::uint64_t a = kGiB + 1 * kMiB, b = kGiB + 65 * kMiB, c = kGiB + 129 * kMiB, d = kGiB + 257 * kMiB,
-                        e = kGiB + 300 * kMiB;
-    for (const std::uint64_t off : {a, b, c, d, e}) usermm_test::write_pattern(file.fd(), off, kPage);
+                        e = kGiB + 300 * kMiB, f = kGiB + 400 * kMiB;
+    for (const std::uint64_t off : {a, b, c, d, e, f}) usermm_test::write_pattern(file.fd(), off, 16 * kPage);
     Arena arena(1ull << 32);
     char* s = static_cast<char*>(arena.map_file(file.path(), 0, file.size(), Prot::ReadWrite, Share::Shared));
     char* v = static_cast<char*>(arena.map_file(file.fd(), kGiB, 512 * kMiB, Prot::ReadWrite, Share::Private));
@@ -551,22 +556,44 @@ TEST_CASE("fork: parent and child write and read beyond the first GiB of a share
     CHECK(read_byte(s + b + 9) == pattern_byte(b + 9));
     write_u64(v + (a - kGiB), 0x1111);  // the parent's private copy
 
-    const auto child = usermm_test::run_guarded(
-        [&] {
-            CHILD_CHECK(read_u64(s + a) == 0xa0a0);
-            CHILD_CHECK(read_byte(s + b + 9) == pattern_byte(b + 9));
-            CHILD_CHECK(read_byte(s + e + 9) == pattern_byte(e + 9));  // a page the parent never touched
-            write_u64(s + c, 0xc0c0);
-            arena.sync(s, file.size());
-            CHILD_CHECK(read_u64(v + (a - kGiB)) == 0x1111);
-            write_u64(v + (a - kGiB), 0x2222);
-            write_u64(v + (b - kGiB), 0x3333);
-            CHILD_CHECK(read_u64(s + a) == 0xa0a0);
-        },
-        30);
+    int forked[2], written[2];
+    REQUIRE(pipe(forked) == 0);
+    REQUIRE(pipe(written) == 0);
+    usermm_test::ChildEnd child;
+    std::thread runner([&] {
+        child = usermm_test::run_guarded(
+            [&] {
+                char byte = 0;
+                CHILD_CHECK(write(forked[1], &byte, 1) == 1);
+                CHILD_CHECK(read(written[0], &byte, 1) == 1);
+                CHILD_CHECK(read_byte(s + f + kPage + 9) == pattern_byte(f + kPage + 9));  // f's neighbour
+                CHILD_CHECK(read_u64(s + f) == 0xf0f0);  // written by the parent after the fork
+                CHILD_CHECK(read_byte(s + a + kPage + 9) == pattern_byte(a + kPage + 9));
+                CHILD_CHECK(read_u64(s + a) == 0xa0a0);
+                CHILD_CHECK(read_byte(s + b + 9) == pattern_byte(b + 9));
+                CHILD_CHECK(read_byte(s + e + 9) == pattern_byte(e + 9));  // a page the parent never touched
+                write_u64(s + c, 0xc0c0);
+                arena.sync(s, file.size());
+                CHILD_CHECK(read_u64(v + (a - kGiB)) == 0x1111);
+                write_u64(v + (a - kGiB), 0x2222);
+                write_u64(v + (b - kGiB), 0x3333);
+                CHILD_CHECK(read_u64(s + a) == 0xa0a0);
+                CHILD_CHECK(read_u64(s + f) == 0xf0f0);
+            },
+            30);
+    });
+    char byte = 0;
+    const bool started = read(forked[0], &byte, 1) == 1;
+    write_u64(s + f, 0xf0f0);  // after the fork, not synced
+    const bool told = write(written[1], &byte, 1) == 1;
+    runner.join();
+    for (const int fd : {forked[0], forked[1], written[0], written[1]}) close(fd);
+    REQUIRE(started);
+    REQUIRE(told);
     usermm_test::check_survived(child);
     CHECK(read_u64(s + a) == 0xa0a0);
     CHECK(read_u64(s + c) == 0xc0c0);
+    CHECK(read_u64(s + f) == 0xf0f0);
     CHECK(read_byte(s + e + 9) == pattern_byte(e + 9));
     CHECK(read_u64(v + (a - kGiB)) == 0x1111);
     CHECK(read_byte(v + (b - kGiB) + 1) == pattern_byte(b + 1));
@@ -583,6 +610,7 @@ TEST_CASE("fork: parent and child write and read beyond the first GiB of a share
     CHECK(read_range(file.fd(), c, kPage) == page_with(c, 0xc0c0));
     CHECK(read_range(file.fd(), d, kPage) == page_with(d, 0xd0d0));
     CHECK(read_range(file.fd(), e, kPage) == pattern_range(e, kPage));
+    CHECK(read_range(file.fd(), f, kPage) == page_with(f, 0xf0f0));
     arena.verify();
 }
 
