@@ -313,6 +313,7 @@ TEST_CASE("two shared VMAs, the kernel's MAP_SHARED and pwrite(2) of the same fi
         want[off] = v;
     };
     CHECK(read_byte(q + 2 * kPage + 2) == pattern_byte(6 * kPage + 2));  // mapped before k writes
+    check_maps_show_file(q, 8 * kPage, file, 4 * kPage);
 
     write_byte(p + 5 * kPage + 1, 0x11);  // usermm to usermm, the kernel's mapping and the file
     seen_everywhere(5 * kPage + 1, 0x11);
