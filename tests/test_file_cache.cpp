@@ -649,7 +649,7 @@ void random_pages(bool write) {
                                  unsigned(read_byte(p + off)));
                     _exit(1);
                 }
-                if (i % 10000 == 0) most = std::max(most, usermm_test::process_mappings());
+                if (i % 25000 == 0) most = std::max(most, usermm_test::process_mappings());
             }
             most = std::max(most, usermm_test::process_mappings());
             for (std::uint64_t page = 0; page < pages; ++page)
