@@ -679,3 +679,68 @@ TEST_CASE("mapping budget: 200,000 random page reads of a 1.5 GiB file VMA (Advi
 TEST_CASE("mapping budget: 200,000 random page writes to a 1.5 GiB shared file VMA complete") {
     random_pages(true);
 }
+
+// The issue's rule: a kernel refusal (ENOMEM) is reconciled with the kernel's real count and
+// degrades, never kills. The program takes the mappings usermm counted on behind its back (single
+// pages of its own, alternately readable and not so that none merge), leaving a few hundred.
+TEST_CASE("mapping budget: with the mappings taken behind usermm's back, file faults degrade and never die") {
+    SparseFile file(kGiB + kGiB / 2);
+    const std::uint64_t pages = file.size() / kPage;
+    for (std::uint64_t page = 0; page < pages; page += kMarkedEvery)
+        usermm_test::write_pattern(file.fd(), page * kPage, kPage);
+    const auto child = usermm_test::run_guarded(
+        [&] {
+            Arena arena(1ull << 32);
+            char* r = static_cast<char*>(arena.map_file(file.path(), 0, file.size(), Prot::Read, Share::Private));
+            char* w = static_cast<char*>(arena.map_file(file.path(), 0, file.size(), Prot::ReadWrite, Share::Shared));
+            arena.advise(r, file.size(), Advice::Random);
+            arena.advise(w, file.size(), Advice::Random);
+            std::mt19937_64 rng(23);
+            auto expect = [](std::uint64_t page, std::uint64_t off) -> std::uint8_t {
+                return page % kMarkedEvery ? 0 : pattern_byte(off);
+            };
+            auto touch = [&](int count, std::vector<std::uint64_t>& written) {
+                for (int i = 0; i < count; ++i) {
+                    const std::uint64_t page = rng() % pages, off = page * kPage + (page * 8) % kPage;
+                    if (i % 2) {
+                        write_u64(w + off, page);
+                        written.push_back(page);
+                    } else {
+                        CHILD_CHECK(read_byte(r + off) == expect(page, off) ||
+                                    std::find(written.begin(), written.end(), page) != written.end());
+                    }
+                }
+            };
+            const long limit = usermm_test::max_map_count();
+            std::vector<std::uint64_t> written;
+            written.reserve(std::size_t(limit));
+            touch(200, written);
+            std::vector<void*> mine;
+            mine.reserve(std::size_t(limit));
+            // Each new page is one more mapping, or none where it merges with a neighbour: count again.
+            for (long now; (now = usermm_test::process_mappings()) < limit - 300;) {
+                for (long i = now; i < limit - 300; ++i) {
+                    void* m = mmap(nullptr, kPage, mine.size() % 2 ? PROT_READ : PROT_NONE,
+                                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+                    CHILD_CHECK(m != MAP_FAILED);
+                    mine.push_back(m);
+                }
+            }
+            const long taken = usermm_test::process_mappings();
+            touch(20000, written);
+            for (const std::uint64_t page : written)
+                CHILD_CHECK(read_u64(w + page * kPage + (page * 8) % kPage) == page);
+            const Stats s = arena.stats();
+            std::fprintf(stderr, "taken behind usermm's back: %zu mappings, up to %ld of %ld; degraded_faults %llu, degraded_pages %llu\n",
+                         mine.size(), taken, limit, (unsigned long long)s.degraded_faults,
+                         (unsigned long long)s.degraded_pages);
+            CHILD_CHECK(s.degraded_faults > 0);
+            for (void* m : mine) munmap(m, kPage);
+            arena.verify();
+            std::fflush(stderr);
+            _exit(0);
+        },
+        60);
+    usermm_test::check_survived(child);
+    MESSAGE(child.err);
+}
