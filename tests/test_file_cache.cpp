@@ -398,6 +398,42 @@ TEST_CASE("truncation: an access past the new end dies by SIGBUS naming the file
     }
 }
 
+// As with mmap: the kernel drops the dirty pages a truncation cuts off, and what was written before
+// the new end stays. Neither sync nor the arena's end may write the lost pages back (which would
+// grow the file again), and an access to them is SIGBUS.
+TEST_CASE("truncation below dirty shared pages: sync and the arena's end never grow the file back") {
+    TempFile file(16 * kPage);
+    const std::size_t end = kPage + 100;
+    Bytes want = pattern_range(0, end);
+    {
+        Arena arena(1 << 24);
+        char* p = static_cast<char*>(arena.map_file(file.path(), 0, file.size(), Prot::ReadWrite, Share::Shared));
+        write_byte(p + 7, 0x17);
+        want[7] = 0x17;
+        write_byte(p + kPage + 99, 0x18);
+        want[kPage + 99] = 0x18;
+        write_byte(p + 5 * kPage, 0x55);
+        write_byte(p + 9 * kPage + 1, 0x59);
+        REQUIRE(ftruncate(file.fd(), off_t(end)) == 0);
+        CHECK_NOTHROW(arena.sync(p, file.size()));
+        CHECK(file.content() == want);
+        const auto child = usermm_test::run_in_child([&] { (void)read_byte(p + 5 * kPage); });
+        INFO("child stderr: ", child.err);
+        CHECK(child.signal == SIGBUS);
+        CHECK(child.err.find("past the end") != std::string::npos);
+        write_byte(p + 3, 0x13);  // the page the end cuts stays writable up to the end
+        want[3] = 0x13;
+        // Grown again, the file has holes there: the pages read zeros, not what was cut off.
+        REQUIRE(ftruncate(file.fd(), off_t(file.size())) == 0);
+        want.resize(file.size(), 0);
+        CHECK(read_byte(p + 5 * kPage) == 0);
+        CHECK(read_byte(p + 9 * kPage + 1) == 0);
+        CHECK(read_byte(p + kPage + 100) == 0);
+        arena.verify();
+    }
+    CHECK(file.content() == want);
+}
+
 // Contract 4, exactly: with fault-around off (one page per fault) and Advice::Random (no readahead),
 // the first read of a page that is not in the kernel's page cache is one major fault (major_faults
 // +1, minor_faults +0); the first read of a page that pread(2) put in the page cache is one minor
