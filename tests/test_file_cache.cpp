@@ -327,6 +327,13 @@ TEST_CASE("two shared VMAs, the kernel's MAP_SHARED and pwrite(2) of the same fi
     REQUIRE(pwrite(file.fd(), &v, 1, off_t(13 * kPage)) == 1);  // to a page no VMA has touched
     seen_everywhere(13 * kPage, 0x44);
 
+    // After sync, the pages a wrote are write-protected in a: still coherent both ways.
+    a.sync(p, file.size());
+    write_byte(k + 5 * kPage + 20, 0x55);
+    seen_everywhere(5 * kPage + 20, 0x55);
+    write_byte(p + 5 * kPage + 21, 0x56);
+    seen_everywhere(5 * kPage + 21, 0x56);
+
     munmap(k, file.size());
     a.sync(p, file.size());
     b.sync(q, 8 * kPage);
@@ -523,6 +530,35 @@ TEST_CASE("threads faulting the same cold file pages at once all read the file's
     INFO("first wrong page: ", wrong_page.load());
     CHECK(wrong.load() == 0);
     CHECK(arena.stats().access_errors == 0);
+    arena.verify();
+}
+
+TEST_CASE("threads writing the same shared file pages at once: every write reaches the file at sync") {
+    constexpr std::size_t kPages = 256;
+    constexpr unsigned kThreads = 4;
+    TempFile file(kPages * kPage);
+    usermm_test::drop_page_cache(file.fd());
+    Arena arena(1 << 26);
+    char* p = static_cast<char*>(arena.map_file(file.path(), 0, file.size(), Prot::ReadWrite, Share::Shared,
+                                                {.fault_around_pages = 1}));
+    arena.advise(p, file.size(), Advice::Random);
+    std::barrier start(kThreads);
+    std::vector<std::thread> threads;
+    for (unsigned t = 0; t < kThreads; ++t)
+        threads.emplace_back([&, t] {
+            start.arrive_and_wait();  // every thread's first access to each page races the others'
+            for (std::size_t page = 0; page < kPages; ++page) write_byte(p + page * kPage + 64 * t, std::uint8_t(t + 1));
+        });
+    for (auto& t : threads) t.join();
+    arena.sync(p, file.size());
+    Bytes want = file.expected();
+    for (std::size_t page = 0; page < kPages; ++page)
+        for (unsigned t = 0; t < kThreads; ++t) want[page * kPage + 64 * t] = std::uint8_t(t + 1);
+    CHECK(file.content() == want);
+    const Stats s = arena.stats();
+    CHECK(s.pages_dirtied == kPages);
+    CHECK(s.pages_written_back == kPages);
+    CHECK(s.access_errors == 0);
     arena.verify();
 }
 
