@@ -547,7 +547,8 @@ TEST_CASE("threads writing the same shared file pages at once: every write reach
     for (unsigned t = 0; t < kThreads; ++t)
         threads.emplace_back([&, t] {
             start.arrive_and_wait();  // every thread's first access to each page races the others'
-            for (std::size_t page = 0; page < kPages; ++page) write_byte(p + page * kPage + 64 * t, std::uint8_t(t + 1));
+            for (std::size_t page = 0; page < kPages; ++page)
+                write_byte(p + page * kPage + 64 * t, std::uint8_t(t + 1));
         });
     for (auto& t : threads) t.join();
     arena.sync(p, file.size());
@@ -814,7 +815,9 @@ TEST_CASE("mapping budget: with the mappings taken behind usermm's back, file fa
             for (const std::uint64_t page : written)
                 CHILD_CHECK(read_u64(w + page * kPage + (page * 8) % kPage) == page);
             const Stats s = arena.stats();
-            std::fprintf(stderr, "taken behind usermm's back: %zu mappings, up to %ld of %ld; degraded_faults %llu, degraded_pages %llu\n",
+            std::fprintf(stderr,
+                         "taken behind usermm's back: %zu mappings, up to %ld of %ld; degraded_faults %llu, "
+                         "degraded_pages %llu\n",
                          mine.size(), taken, limit, (unsigned long long)s.degraded_faults,
                          (unsigned long long)s.degraded_pages);
             CHILD_CHECK(s.degraded_faults > 0);
