@@ -246,10 +246,8 @@ int detail::unmap_file_part(ArenaCore& a, Vma& v, Range part) {
     (void)v;
     const std::size_t first = a.page_index(part.start), last = a.page_index(part.end);
     const long before = long(mappings_around(a, first, last).size());
-    if (const int err = page_reserve_fixed(part.start, part.end - part.start)) return err;
+    const int err = page_reserve_fixed(part.start, part.end - part.start, tracking_engine() == TrackingEngine::Uffd);
     for (std::size_t i = first; i < last; ++i) a.pte[i].fetch_and(pte_t(~(kPteFile | kPteEdge)), kRelaxed);
-    int err = 0;
-    if (tracking_engine() == TrackingEngine::Uffd) err = uffd_register(part.start, part.end - part.start);
     settle_edges(a, first, last, before);
     return err;
 }
@@ -410,8 +408,7 @@ void* Arena::map_file_as(int fd, const std::string& path, std::uint64_t offset, 
     const long before = long(mappings_around(a, first, last).size());
     if (const int err = page_map_file_fixed(start, len, file->fd, offset, share == Share::Shared)) {
         // Whatever the kernel left there becomes reservation again, a piece of its own.
-        const int again = page_reserve_fixed(start, len);
-        if (!again && tracking_engine() == TrackingEngine::Uffd) uffd_register(start, len);
+        const int again = page_reserve_fixed(start, len, tracking_engine() == TrackingEngine::Uffd);
         settle_edges(a, first, last, before);
         if (again) fail(again, "{}: [{:#x}, {:#x}) is lost to the arena after a failed mmap", call, start, start + len);
         fail(err, "{}: cannot map '{}' (fd {}, offset {:#x}) at {:#x}", call, path, fd, offset, start);
