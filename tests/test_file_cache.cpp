@@ -486,6 +486,33 @@ TEST_CASE("major faults: a page not in the page cache is a major fault, one prea
     arena.verify();
 }
 
+// The same rule for a write as the first access, to a shared VMA (do_shared_fault) and to a private
+// one (do_cow_fault): major exactly when the page was not in the page cache.
+TEST_CASE("major faults: a first write to a page not in the page cache is major, to a cached one minor") {
+    for (const Share share : {Share::Shared, Share::Private}) {
+        CAPTURE(share == Share::Shared);
+        TempFile file(64 * kPage);
+        usermm_test::drop_page_cache(file.fd());
+        Arena arena(1 << 24);
+        char* p = static_cast<char*>(
+            arena.map_file(file.path(), 0, file.size(), Prot::ReadWrite, share, {.fault_around_pages = 1}));
+        arena.advise(p, file.size(), Advice::Random);
+        auto write_page = [&](std::size_t page, std::uint64_t majors, std::uint64_t minors) {
+            INFO("page ", page);
+            const Stats before = arena.stats();
+            write_byte(p + page * kPage + 3, 0x42);
+            const Stats after = arena.stats();
+            CHECK(after.major_faults - before.major_faults == majors);
+            CHECK(after.minor_faults - before.minor_faults == minors);
+            CHECK(read_byte(p + page * kPage + 4) == pattern_byte(page * kPage + 4));
+        };
+        write_page(10, 1, 0);
+        REQUIRE(read_range(file.fd(), 40 * kPage, kPage).size() == kPage);
+        write_page(40, 0, 1);
+        arena.verify();
+    }
+}
+
 TEST_CASE("threads faulting the same cold file pages at once all read the file's bytes") {
     constexpr std::size_t kPages = 512;
     constexpr unsigned kThreads = 4;
