@@ -212,17 +212,6 @@ public:
     FailingWrites& operator=(const FailingWrites&) = delete;
 };
 
-std::vector<std::uint8_t> read_whole(const std::string& path) {
-    const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    REQUIRE(fd >= 0);
-    struct stat st;
-    REQUIRE(fstat(fd, &st) == 0);
-    std::vector<std::uint8_t> out(std::size_t(st.st_size));
-    REQUIRE(pread(fd, out.data(), out.size(), 0) == ssize_t(out.size()));
-    close(fd);
-    return out;
-}
-
 // A file on failfs, written through the mount with the offset pattern; removed at the end.
 class FuseFile {
 public:
@@ -245,7 +234,7 @@ public:
         return out;
     }
     // What reached the disk: the backing file, read beside FUSE.
-    std::vector<std::uint8_t> on_disk() const { return read_whole(g_fs.backing_path(name_)); }
+    std::vector<std::uint8_t> on_disk() const { return usermm_test::read_file(g_fs.backing_path(name_)); }
     // Drops the file's clean pages from the page cache (those no mapping holds), as reclaim would.
     void fadvise_dontneed() const {
         const int fd = open(path().c_str(), O_RDONLY | O_CLOEXEC);
