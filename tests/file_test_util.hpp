@@ -90,4 +90,33 @@ private:
     int fd_ = -1;
 };
 
+// The pattern's bytes of [off, off + len).
+inline std::vector<std::uint8_t> pattern_range(std::uint64_t off, std::size_t len) {
+    std::vector<std::uint8_t> bytes(len);
+    for (std::size_t i = 0; i < len; ++i) bytes[i] = pattern_byte(off + i);
+    return bytes;
+}
+
+// Writes the pattern's bytes of [off, off + len) into the file: the rest of a sparse file stays a
+// hole, which reads as zeros.
+inline void write_pattern(int fd, std::uint64_t off, std::size_t len) {
+    const std::vector<std::uint8_t> bytes = pattern_range(off, len);
+    if (pwrite(fd, bytes.data(), len, off_t(off)) != ssize_t(len)) std::abort();
+}
+
+// The file's bytes [off, off + len), read with pread (short at the end of the file).
+inline std::vector<std::uint8_t> read_range(int fd, std::uint64_t off, std::size_t len) {
+    std::vector<std::uint8_t> out(len);
+    const ssize_t n = pread(fd, out.data(), len, off_t(off));
+    if (n < 0) std::abort();
+    out.resize(std::size_t(n));
+    return out;
+}
+
+// Takes the file's pages out of the kernel's page cache. The kernel drops only clean pages that no
+// mapping holds: the file is written first, and pages mapped somewhere stay.
+inline void drop_page_cache(int fd) {
+    if (fdatasync(fd) != 0 || posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) != 0) std::abort();
+}
+
 }  // namespace usermm_test
