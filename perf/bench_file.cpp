@@ -98,6 +98,18 @@ struct Memory {
     }
 };
 
+// Every pass opens the file anew, as map_file(path) does, so that no pass inherits the kernel's
+// readahead state (struct file's f_ra, its mmap miss count) from the one before.
+struct File {
+    int fd;
+    File(const std::string& path, int flags) : fd(open(path.c_str(), flags | O_CLOEXEC)) {
+        if (fd < 0) die_errno("open");
+    }
+    ~File() { close(fd); }
+    File(const File&) = delete;
+    File& operator=(const File&) = delete;
+};
+
 struct Pass {
     double ms = 0;
     long major = 0;  // usermm's major_faults for usermm passes, the kernel's ru_majflt otherwise
@@ -125,12 +137,13 @@ Pass read_usermm(const std::string& path, std::size_t size, const std::vector<st
     return out;
 }
 
-Pass read_mmap(int fd, std::size_t size, const std::vector<std::size_t>& pages, bool random) {
+Pass read_mmap(const std::string& path, std::size_t size, const std::vector<std::size_t>& pages, bool random) {
+    const File file(path, O_RDONLY);
     const Memory before = Memory::now();
     Pass out;
     const long m0 = majflt();
     const std::uint64_t t0 = now_ns();
-    void* p = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    void* p = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, file.fd, 0);
     if (p == MAP_FAILED) die_errno("mmap");
     if (random && madvise(p, size, MADV_RANDOM) != 0) die_errno("madvise");
     out.sum = touch(static_cast<const char*>(p), pages);
@@ -159,7 +172,9 @@ void floor_handler(int, siginfo_t* si, void*) {
     if (mprotect(reinterpret_cast<void*>(start), len, PROT_READ) != 0) signal(SIGSEGV, SIG_DFL);
 }
 
-Pass read_floor(int fd, std::size_t size, const std::vector<std::size_t>& pages, std::size_t window) {
+Pass read_floor(const std::string& path, std::size_t size, const std::vector<std::size_t>& pages,
+                std::size_t window) {
+    const File file(path, O_RDONLY);
     int pipe_fds[2];
     if (pipe2(pipe_fds, O_CLOEXEC) != 0) die_errno("pipe2");
     const pid_t pid = fork();
@@ -171,7 +186,7 @@ Pass read_floor(int fd, std::size_t size, const std::vector<std::size_t>& pages,
         sigemptyset(&sa.sa_mask);
         Pass out;
         const std::uint64_t t0 = now_ns();
-        void* p = mmap(nullptr, size, PROT_NONE, MAP_PRIVATE, fd, 0);
+        void* p = mmap(nullptr, size, PROT_NONE, MAP_PRIVATE, file.fd, 0);
         if (p == MAP_FAILED) _exit(2);
         g_floor = {reinterpret_cast<std::uintptr_t>(p), size, window * kPage};
         if (sigaction(SIGSEGV, &sa, nullptr) != 0) _exit(3);
@@ -207,8 +222,9 @@ WritePass write_usermm(const std::string& path, std::size_t size, const std::vec
     return {double(t1 - t0) / 1e6, double(now_ns() - t1) / 1e6};
 }
 
-WritePass write_msync(int fd, std::size_t size, const std::vector<std::size_t>& dirty) {
-    char* p = static_cast<char*>(mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
+WritePass write_msync(const std::string& path, std::size_t size, const std::vector<std::size_t>& dirty) {
+    const File file(path, O_RDWR);
+    char* p = static_cast<char*>(mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, file.fd, 0));
     if (p == MAP_FAILED) die_errno("mmap");
     const std::uint64_t t0 = now_ns();
     for (std::size_t pg : dirty) p[pg * kPage] = char(p[pg * kPage] + 1);
@@ -285,17 +301,17 @@ int main() {
     WritePass wb_um, wb_k;
     const std::vector<std::function<void()>> seq_variants{
         [&] { seq_um = read_usermm(path, size, sequential, false); },
-        [&] { seq_k = read_mmap(fd, size, sequential, false); },
-        [&] { seq_f64 = read_floor(fd, size, sequential, 64); },
-        [&] { seq_f16 = read_floor(fd, size, sequential, 16); },
+        [&] { seq_k = read_mmap(path, size, sequential, false); },
+        [&] { seq_f64 = read_floor(path, size, sequential, 64); },
+        [&] { seq_f16 = read_floor(path, size, sequential, 16); },
     };
     const std::vector<std::function<void()>> rnd_variants{
         [&] { rnd_um = read_usermm(path, size, random, true); },
-        [&] { rnd_k = read_mmap(fd, size, random, true); },
+        [&] { rnd_k = read_mmap(path, size, random, true); },
     };
     const std::vector<std::function<void()>> wb_variants{
         [&] { wb_um = write_usermm(path, size, dirty); },
-        [&] { wb_k = write_msync(fd, size, dirty); },
+        [&] { wb_k = write_msync(path, size, dirty); },
     };
 
     run_rotated(fd, 0, seq_variants);
