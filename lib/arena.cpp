@@ -11,6 +11,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <sys/auxv.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <fmt/format.h>
@@ -155,12 +156,9 @@ void fork_prepare() {
     ArenaRegistry& reg = arena_registry();
     reg.lock.lock();
     for (std::size_t i = 0; i < reg.count; ++i) reg.arenas[i]->lock.lock();
-    for (std::size_t i = 0; i < reg.count; ++i) write_protect_shared_files(*reg.arenas[i]);
-    page_caches_fork_prepare();
 }
 
 void fork_release() {
-    page_caches_fork_done();
     ArenaRegistry& reg = arena_registry();
     for (std::size_t i = 0; i < reg.count; ++i) reg.arenas[i]->lock.unlock();
     reg.lock.unlock();
@@ -336,15 +334,20 @@ Arena::~Arena() {
         --reg.count;
     }
     a.lock.lock();  // faults already inside the arena finish first
-    // Nothing written to a shared file VMA is lost silently: what cannot be written is reported.
+    // Nothing written to a shared file VMA is lost silently: what cannot be written is reported,
+    // and the pages stay in the kernel's page cache, dirty, for its own write-back.
     for (Vma& v : a.tree) {
         if (!v.file) continue;
         try {
-            writeback(a, v, {v.start, v.end}, "usermm::Arena::~Arena");
+            writeback_now(a, v, {v.start, v.end}, "usermm::Arena::~Arena");
+        } catch (const std::exception& e) {
+            std::fprintf(stderr, "usermm: %s; what the write-back could not take is left to the kernel\n", e.what());
+        }
+        try {
+            release_file_pages(a, v, {v.start, v.end}, "usermm::Arena::~Arena");
         } catch (const std::exception& e) {
             std::fprintf(stderr, "usermm: %s; the data is lost with the arena\n", e.what());
         }
-        forget_file_users(a, v);
     }
     // Snapshots outlive their arena: they take every page they still read from it. A page of an
     // untouched part of the PTE table holds nothing: its slot stays kSlotInArena, which reads as
@@ -365,7 +368,7 @@ Arena::~Arena() {
     page_release(a.base, a.end - a.base);
     page_release(addr_of(a.pte), a.pte_bytes);
     page_release(addr_of(a.changed_groups), a.changed_group_bytes);
-    a.tree.clear_and_dispose([&a](Vma* v) { vma_free(&a, v); });
+    a.tree.clear_and_dispose([](Vma* v) { vma_free(v); });
     a.lock.unlock();
 }
 
@@ -408,11 +411,14 @@ void* Arena::map(std::size_t length, Prot prot, const MapOptions& options) {
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
     const std::uintptr_t start = place_vma(a, call, want, len, length);
     if (options.huge_pages) {
-        if (const int err = page_advise_huge(start, len))
-            fail(err, "{}: MADV_HUGEPAGE on addr {:#x} length {:#x} failed", call, start, length);
         // The advice is a VMA flag: the kernel splits the reservation at both ends, for good (no
-        // advice returns a range to the default), which the protections cannot show: edge marks do.
-        map_budget_charge(a, mark_edges(a, a.page_index(start), a.page_index(start + len)));
+        // advice returns a range to the default), unless a neighbour has it too; the protections
+        // cannot show that: edge marks do, read from the kernel.
+        const std::size_t first = a.page_index(start), last = a.page_index(start + len);
+        const long before = long(mappings_around(a, first, last).size());
+        const int err = page_advise_huge(start, len);
+        settle_edges(a, first, last, before, Across::Apart, Across::Apart);
+        if (err) fail(err, "{}: MADV_HUGEPAGE on addr {:#x} length {:#x} failed", call, start, length);
     }
     insert_vma(a, vma.release(), start, len);
     return ptr_of(start);
@@ -456,7 +462,8 @@ void Arena::unmap(void* addr, std::size_t length) {
         require_self_mem(call);
     // Throws, before anything is unmapped, if part of the range is not mapped or a shared file
     // VMA's dirty pages cannot be written.
-    for (Vma* v : vmas) writeback(a, *v, {std::max(v->start, r.start), std::min(v->end, r.end)}, call);
+    for (Vma* v : vmas) writeback_now(a, *v, {std::max(v->start, r.start), std::min(v->end, r.end)}, call);
+    for (Vma* v : vmas) release_file_pages(a, *v, {std::max(v->start, r.start), std::min(v->end, r.end)}, call);
     // A page of an untouched part of the PTE table holds nothing, and the discard leaves it so: its
     // slots stay kSlotInArena, reading the same zeros (a later grant of write access preserves it).
     for (const PageSpan& span : pte_spans(a, a.page_index(r.start), a.page_index(r.end)))
@@ -466,22 +473,19 @@ void Arena::unmap(void* addr, std::size_t length) {
     clear_ptes(a, r);
     split_at(a, r.start, lower_spare);
     split_at(a, r.end, upper_spare);
-    bool file = false;
     int file_err = 0;
     Range failed{};
     for (Vma* v : covering_vmas(a, call, r)) {
         if (v->file) {
-            file = true;
             if (const int err = unmap_file_part(a, *v, {v->start, v->end}); err && !file_err) {
                 file_err = err;
                 failed = {v->start, v->end};
             }
         }
         a.tree.erase(a.tree.iterator_to(*v));
-        vma_free(&a, v);
+        vma_free(v);
     }
     a.last_hit.store(nullptr, std::memory_order_relaxed);
-    if (file) recount_kernel_maps(a);
     if (file_err)
         fail(file_err, "{}: [{:#x}, {:#x}) is unmapped but could not become the arena's reservation again", call,
              failed.start, failed.end);
@@ -495,23 +499,49 @@ void Arena::prefault(void* addr, std::size_t length, Prot access) {
     if (access == Prot::None)
         fail(EINVAL, "{}: access Prot::None at addr {:#x} grants nothing; prefault needs Read, Write or Exec", call,
              r.start);
-    ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
-    if (a.snapshot_count) require_self_mem(call);  // snapshots take pages that gain write access
-    const std::vector<Vma*> vmas = covering_vmas(a, call, r);
-    for (const Vma* v : vmas)
-        if (!allows(v->prot, access))
-            fail(EACCES, "{}: access {} at addr {:#x}: VMA '{}' [{:#x}, {:#x}) is {}", call, to_string(access),
-                 std::max(v->start, r.start), v->name, v->start, v->end, to_string(v->prot));
-    for (Vma* v : vmas)  // file content first: nothing becomes accessible before it is complete
-        if (v->file) read_file_pages(a, *v, {std::max(v->start, r.start), std::min(v->end, r.end)}, call, true);
-    for (Vma* v : vmas) {
-        const Range part{std::max(v->start, r.start), std::min(v->end, r.end)};
-        const Prot grant = allows(access, Prot::Write) ? v->prot : (v->prot & ~Prot::Write);
-        std::size_t pages = change_pages(a, call, part, [grant](Prot old) { return old | grant; });
-        if (allows(access, Prot::Write) && tracking_engine() == TrackingEngine::Uffd && !v->file)
-            pages += unmark_tracked(a, call, part);
-        account_prefault(a, *v, pages);
+    // File pages are read after the arena's lock is released (no usermm lock is held across I/O):
+    // MADV_POPULATE_READ, or MADV_POPULATE_WRITE for a private VMA's copies.
+    struct Populate {
+        Range part;
+        int advice;
+    };
+    std::vector<Populate> reads;
+    {
+        ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
+        if (a.snapshot_count) require_self_mem(call);  // snapshots take pages that gain write access
+        const std::vector<Vma*> vmas = covering_vmas(a, call, r);
+        auto part_of = [&r](const Vma* v) { return Range{std::max(v->start, r.start), std::min(v->end, r.end)}; };
+        for (const Vma* v : vmas)
+            if (!allows(v->prot, access))
+                fail(EACCES, "{}: access {} at addr {:#x}: VMA '{}' [{:#x}, {:#x}) is {}", call, to_string(access),
+                     std::max(v->start, r.start), v->name, v->start, v->end, to_string(v->prot));
+        for (Vma* v : vmas)  // throws, before anything changes, if a file page lies past the end
+            if (v->file) count_prefault_reads(a, *v, part_of(v), call);
+        for (Vma* v : vmas) {
+            const Range part = part_of(v);
+            const Prot grant = allows(access, Prot::Write) ? v->prot : (v->prot & ~Prot::Write);
+            const std::size_t first = a.page_index(part.start), last = a.page_index(part.end);
+            // Write access alone does not make a shared file page dirty: only a write does (which
+            // the kernel then sees, and sync writes back).
+            std::vector<bool> clean;
+            if (v->file && v->share == Share::Shared && allows(grant, Prot::Write))
+                for (std::size_t i = first; i < last; ++i)
+                    clean.push_back(!(a.pte[i].load(std::memory_order_relaxed) & kPteDirtyFile));
+            std::size_t pages = change_pages(a, call, part, [grant](Prot old) { return old | grant; });
+            for (std::size_t k = 0; k < clean.size(); ++k)
+                if (clean[k]) a.pte[first + k].fetch_and(pte_t(~kPteDirtyFile), std::memory_order_relaxed);
+            if (allows(access, Prot::Write) && tracking_engine() == TrackingEngine::Uffd && !v->file)
+                pages += unmark_tracked(a, call, part);
+            account_prefault(a, *v, pages);
+            if (v->file)
+                reads.push_back({part, allows(access, Prot::Write) && v->share == Share::Private ? MADV_POPULATE_WRITE
+                                                                                                  : MADV_POPULATE_READ});
+        }
     }
+    for (const Populate& p : reads)
+        if (const int err = page_advise(p.part.start, p.part.end - p.part.start, p.advice))
+            fail(err == EFAULT ? EIO : err, "{}: reading the file pages of [{:#x}, {:#x}) failed (the kernel could not "
+                 "read them, or they are no longer mapped)", call, p.part.start, p.part.end);
 }
 
 Stats Arena::stats() const { return live_arena(core_, "usermm::Arena::stats").stats.load(); }
@@ -568,8 +598,9 @@ void Arena::verify() const {
         }
     }
 
-    // The kernel: /proc/self/maps must cover the arena without a gap, each page with its PTE's
-    // protection and backing (a page-cache memfd for file pages, anonymous memory otherwise).
+    // The kernel: its mappings must cover the arena without a gap, each page with its PTE's
+    // protection and backing (the VMA's file at the VMA's offset for file pages, anonymous memory
+    // otherwise).
     std::uintptr_t covered = a.base;
     const std::vector<KernelMapping> maps = kernel_mappings(a.base, a.end, call);
     auto check_page = [&](const KernelMapping& m, std::size_t i) {
@@ -578,15 +609,30 @@ void Arena::verify() const {
         if (mine != m.prot)
             fail(EFAULT, "{}: page {:#x} is {} in the kernel but {} in usermm", call, a.page_addr(i),
                  to_string(m.prot), to_string(mine));
-        if (m.page_cache != bool(v & kPteFile))
+        if (m.file() != bool(v & kPteFile))
             fail(EFAULT, "{}: page {:#x} is {} in the kernel but {} in usermm", call, a.page_addr(i),
-                 m.page_cache ? "a page-cache mapping" : "anonymous", m.page_cache ? "anonymous" : "a file page");
+                 m.file() ? "a file mapping" : "anonymous", m.file() ? "anonymous" : "a file page");
+    };
+    // A file mapping shows the file of each VMA it overlaps, at that VMA's offsets.
+    auto check_file = [&](const KernelMapping& m) {
+        for (auto v = a.tree.upper_bound(m.from); v != a.tree.end() && v->start < m.to; ++v) {
+            const std::uintptr_t at = std::max(v->start, m.from);
+            if (!v->file)
+                fail(EFAULT, "{}: the kernel maps a file (inode {}) at {:#x} in anonymous VMA '{}'", call, m.inode, at,
+                     v->name);
+            const std::uint64_t offset = m.offset + (at - m.from);
+            if (m.inode != v->file->ino || m.dev != v->file->dev || offset != v->file_page(at) << g_page_shift)
+                fail(EFAULT, "{}: page {:#x} of VMA '{}' shows inode {} at offset {:#x} in the kernel, but '{}' "
+                     "(inode {}) at offset {:#x} in usermm", call, at, v->name, m.inode, offset, v->file->path,
+                     v->file->ino, v->file_page(at) << g_page_shift);
+        }
     };
     std::size_t span = 0;
     for (const KernelMapping& m : maps) {
         if (m.from != covered) fail(EFAULT, "{}: the kernel has no mapping at {:#x} inside the arena", call, covered);
         const std::size_t first = a.page_index(m.from), last = a.page_index(m.to);
-        if (m.prot != Prot::None || m.page_cache) {
+        if (m.file()) check_file(m);
+        if (m.prot != Prot::None || m.file()) {
             for (std::size_t i = first; i < last; ++i) check_page(m, i);
         } else {  // what a zero PTE says: only the touched parts of the table can disagree
             while (span < spans.size() && spans[span].last <= first) ++span;

@@ -1,14 +1,13 @@
-// File VMAs in the API world: the registry of page caches (one per file in the process), map_file,
-// write-back (sync, unmap, destruction), advice, and reading ahead of faults.
+// File VMAs in the API world: map_file, write-back (sync, unmap, destruction), advice, and the
+// pages whose write-back failed.
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
-#include <mutex>
 #include <string>
 #include <vector>
 
@@ -25,186 +24,6 @@ namespace {
 
 constexpr auto kRelaxed = std::memory_order_relaxed;
 
-// A range of a file that a VMA shows, as map_file created it (splits of the VMA do not change
-// it; unmap trims it). DontNeed drops cached pages only where no other user shows them.
-struct CacheUser {
-    const ArenaCore* arena;
-    std::uintptr_t start;
-    std::uintptr_t end;
-    std::uint64_t pgoff;
-    std::uint64_t first_page() const { return pgoff; }
-    std::uint64_t last_page() const { return pgoff + ((end - start) >> g_page_shift); }
-};
-
-struct CacheEntry {
-    std::unique_ptr<PageCache> cache;
-    std::vector<CacheUser> users;
-    bool forked = false;  // a fork() copied its memfd's mappings into another process
-};
-
-// Everything here is under the mutex, except PageCache::refs, which a split of a VMA (holding one
-// reference already) raises without it.
-struct CacheRegistry {
-    std::mutex mutex;
-    std::vector<std::unique_ptr<CacheEntry>> entries;
-};
-
-// fork_prepare takes the registry's mutex too: a signal handler that forks while its thread holds
-// the mutex would wait for itself, so the mutex is held with the asynchronous signals blocked.
-struct RegistryLock {
-    AsyncSignalsBlocked blocked;  // first: restored after the unlock
-    std::lock_guard<std::mutex> lock;
-    explicit RegistryLock(std::mutex& m) : lock(m) {}
-};
-
-CacheRegistry& caches() {
-    static CacheRegistry* r = new CacheRegistry;  // outlives static destructors: arenas may too
-    return *r;
-}
-
-// Under the registry's mutex.
-CacheEntry& entry_of(const PageCache* c) {
-    for (auto& e : caches().entries)
-        if (e->cache.get() == c) return *e;
-    std::abort();  // a VMA refers to a cache the registry does not know: memory corruption
-}
-
-void close_fd(int& fd) {
-    if (fd >= 0) close(fd);
-    fd = -1;
-}
-
-std::size_t chunk_bytes() { return std::size_t(PageCache::kChunkPages) << g_page_shift; }
-constexpr std::size_t kStateBytes = PageCache::kChunkPages * sizeof(cache_state_t);
-constexpr long kMapsPerChunk = 2;  // the view and the state table, outside every arena
-
-// Gives the cache chunks for file pages [0, last).
-void add_chunks(PageCache& c, std::uint64_t last, const char* call) {
-    const std::size_t need = std::size_t((last + PageCache::kChunkPages - 1) >> PageCache::kChunkShift);
-    if (need <= c.chunk_count) return;
-    if (const int err = page_memfd_resize(c.memfd, std::uint64_t(need) * chunk_bytes()))
-        fail(err, "{}: cannot grow the page cache of '{}' to {:#x} bytes", call, c.path, need * chunk_bytes());
-    for (std::size_t k = c.chunk_count; k < need; ++k) {
-        auto chunk = std::make_unique<PageCache::Chunk>();
-        void* view = nullptr;
-        void* state = nullptr;
-        if (const int err = page_map_view(c.memfd, std::uint64_t(k) * chunk_bytes(), chunk_bytes(), &view))
-            fail(err, "{}: cannot map the page cache of '{}'", call, c.path);
-        if (const int err = page_alloc_shared_table(kStateBytes, &state)) {
-            page_release(addr_of(view), chunk_bytes());
-            fail(err, "{}: cannot allocate the page cache state of '{}'", call, c.path);
-        }
-        chunk->view = static_cast<std::byte*>(view);
-        chunk->state = static_cast<std::atomic<cache_state_t>*>(state);
-        c.chunks[k].store(chunk.release(), std::memory_order_release);
-        c.chunk_count = k + 1;
-        map_budget_charge_process(kMapsPerChunk);
-    }
-}
-
-// Frees what the cache holds; read-ahead pages never mapped count as wasted (into `a` if known).
-void destroy(ArenaCore* a, PageCache& c) {
-    std::uint64_t wasted = 0;
-    // Only the state table's pages that exist hold marks: reading the others would create them.
-    const std::size_t per_page = g_page_size / sizeof(cache_state_t);
-    std::vector<unsigned char> resident(kStateBytes / g_page_size);
-    for (std::size_t k = 0; k < c.chunk_count; ++k) {
-        PageCache::Chunk* chunk = c.chunks[k].load(kRelaxed);
-        const bool known = page_resident(addr_of(chunk->state), kStateBytes, resident.data()) == 0;
-        for (std::size_t t = 0; t < resident.size(); ++t) {
-            if (known && !(resident[t] & 1)) continue;
-            for (std::size_t i = t * per_page; i < (t + 1) * per_page; ++i)
-                wasted += (chunk->state[i].load(kRelaxed) & kCacheReadahead) != 0;
-        }
-        page_release(addr_of(chunk->view), chunk_bytes());
-        page_release(addr_of(chunk->state), kStateBytes);
-        delete chunk;
-    }
-    map_budget_charge_process(-kMapsPerChunk * long(c.chunk_count));
-    account_readahead_wasted(a, nullptr, wasted);
-    int write_fd = c.write_fd.exchange(-1);
-    close_fd(c.fd);
-    close_fd(write_fd);
-    close_fd(c.memfd);
-}
-
-// usermm's own descriptor of the file open as `fd`: a new open file description (through
-// /proc/self/fd), so that the caller's O_APPEND, O_DIRECT or O_NONBLOCK never apply to usermm's
-// reads and write-back, and the caller's later fcntl() cannot change them.
-int reopen(int fd, bool writable, const std::string& path, const char* call) {
-    char link[64];
-    std::snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
-    const int own = open(link, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
-    if (own < 0) fail(errno, "{}: cannot open fd {} ('{}') again for usermm's own use", call, fd, path);
-    return own;
-}
-
-// The cache of the file open as `fd` (created on first use), with chunks up to file page `last`
-// and a descriptor for writing if `writable`; one more VMA refers to it.
-PageCache& cache_get(int fd, const std::string& path, bool writable, std::uint64_t last, const char* call) {
-    struct stat st;
-    if (fstat(fd, &st) != 0) fail(errno, "{}: fd {} ('{}'): fstat failed", call, fd, path);
-    CacheRegistry& reg = caches();
-    RegistryLock lock(reg.mutex);
-    CacheEntry* e = nullptr;
-    for (auto& candidate : reg.entries)
-        if (candidate->cache->dev == st.st_dev && candidate->cache->ino == st.st_ino) e = candidate.get();
-    if (!e) {
-        auto fresh = std::make_unique<CacheEntry>();
-        fresh->cache = std::make_unique<PageCache>();
-        PageCache& c = *fresh->cache;
-        c.dev = st.st_dev;
-        c.ino = st.st_ino;
-        std::snprintf(c.path, sizeof c.path, "%s", path.c_str());
-        c.fd = reopen(fd, false, path, call);
-        const std::string name = "usermm:" + path.substr(path.find_last_of('/') + 1);
-        if (const int err = page_memfd_create(name.c_str(), 0, &c.memfd)) {
-            close_fd(c.fd);
-            fail(err, "{}: cannot create the page cache (memfd) of '{}'", call, path);
-        }
-        reg.entries.push_back(std::move(fresh));
-        e = reg.entries.back().get();
-    }
-    PageCache& c = *e->cache;
-    try {
-        add_chunks(c, last, call);
-        if (writable && c.write_fd.load() < 0) c.write_fd.store(reopen(fd, true, path, call));
-    } catch (...) {
-        if (c.refs.load() == 0) {  // a fresh cache nobody uses: it goes again
-            destroy(nullptr, c);
-            std::erase_if(reg.entries, [e](const auto& x) { return x.get() == e; });
-        }
-        throw;
-    }
-    c.refs.fetch_add(1);
-    return c;
-}
-
-void cache_put(ArenaCore* a, PageCache* c) {
-    CacheRegistry& reg = caches();
-    RegistryLock lock(reg.mutex);
-    if (c->refs.fetch_sub(1) != 1) return;
-    destroy(a, *c);
-    std::erase_if(reg.entries, [c](const auto& x) { return x->cache.get() == c; });
-}
-
-// Forgets that arena `a` shows [r.start, r.end) of the cache's file (unmap, destruction).
-void forget_users(const ArenaCore& a, const PageCache* c, Range r) {
-    CacheRegistry& reg = caches();
-    RegistryLock lock(reg.mutex);
-    std::vector<CacheUser>& users = entry_of(c).users;
-    std::vector<CacheUser> kept;
-    for (const CacheUser& u : users) {
-        if (u.arena != &a || u.end <= r.start || u.start >= r.end) {
-            kept.push_back(u);
-            continue;
-        }
-        if (u.start < r.start) kept.push_back({u.arena, u.start, r.start, u.pgoff});
-        if (u.end > r.end) kept.push_back({u.arena, r.end, u.end, u.pgoff + ((r.end - u.start) >> g_page_shift)});
-    }
-    users = std::move(kept);
-}
-
 std::string fd_path(int fd) {
     char link[64];
     std::snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
@@ -213,23 +32,64 @@ std::string fd_path(int fd) {
     return n > 0 ? std::string(target, std::size_t(n)) : std::string(link);
 }
 
-std::uint64_t file_size(const PageCache& c, const char* call) {
+std::uint64_t file_size(const MappedFile& f, const char* call) {
     std::uint64_t size = 0;
-    if (const int err = page_file_size(c.fd, &size)) fail(err, "{}: fstat of '{}' failed", call, c.path);
+    if (const int err = page_file_size(f.fd, &size)) fail(err, "{}: fstat of '{}' failed", call, f.path);
     return size;
 }
 
-std::uint64_t pages_of(std::uint64_t bytes) { return (bytes + g_page_size - 1) >> g_page_shift; }
+// usermm's own descriptor of the file open as `fd`, for the VMA's mapping, fstat and the writes of
+// saved pages: a new open file description (through /proc/self/fd), so that the caller's O_APPEND
+// or O_DIRECT never apply to usermm's writes, and so that the kernel never merges the mappings of
+// two VMAs (it merges only mappings of one open file). Where the open is refused (the process has
+// dropped the permissions the caller's open was granted), a duplicate of `fd` serves instead, as
+// mmap(2) accepts the descriptor; unless the duplicate's flags would change usermm's writes.
+int own_descriptor(int fd, int flags, bool writes, const std::string& path, const char* call) {
+    char link[64];
+    std::snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    const int own = open(link, (flags & O_ACCMODE) | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+    if (own >= 0) return own;
+    const int why = errno;
+    if (writes && (flags & (O_APPEND | O_DIRECT)))
+        fail(why, "{}: fd {} ('{}') is open with O_APPEND or O_DIRECT, and cannot be opened again without", call, fd,
+             path);
+    const int dup = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+    if (dup < 0) fail(errno, "{}: cannot duplicate fd {} ('{}')", call, fd, path);
+    return dup;
+}
 
-// The file pages of an address range of a file VMA.
-FileRange file_pages(const Vma& v, Range part) { return {v.file_page(part.start), v.file_page(part.end)}; }
+// The PTE bits of pages [first, last) that have `bit`, as runs.
+template <typename Fn>
+void for_each_marked(const ArenaCore& a, std::size_t first, std::size_t last, pte_t bit, Fn fn) {
+    for (const PageSpan& span : pte_spans(a, first, last))
+        for_each_run(span.first, span.last, [&](std::size_t i) { return (a.pte[i].load(kRelaxed) & bit) ? 1 : kNoRun; },
+                     [&](std::size_t i, std::size_t j, int) { fn(i, j); });
+}
+
+// Writes the saved copy of file page `page` into the page cache (a page past the end of the file
+// has nothing to keep). Returns 0 or the errno.
+int put_back(const MappedFile& f, const SavedPage& s, std::uint64_t size) {
+    const std::uint64_t at = s.page << g_page_shift;
+    if (at >= size) return 0;
+    return page_write_file(f.fd, s.content.get(), std::size_t(std::min<std::uint64_t>(g_page_size, size - at)), at);
+}
+
+void erase_saved(MappedFile& f, std::uint64_t first, std::uint64_t last) {
+    std::erase_if(f.saved, [&](const SavedPage& s) { return s.page >= first && s.page < last; });
+}
 
 }  // namespace
 
 // --- shared with arena.cpp, arena_ops.cpp and snapshot.cpp ---------------------------------------
 
-void detail::vma_free(ArenaCore* a, Vma* v) {
-    if (v->file) cache_put(a, v->file);
+void detail::file_put(MappedFile* f) {
+    if (!f || --f->refs) return;
+    close(f->fd);
+    delete f;
+}
+
+void detail::vma_free(Vma* v) {
+    file_put(v->file);
     delete v;
 }
 
@@ -243,21 +103,7 @@ void detail::vma_copy_file(Vma& to, const Vma& from) {
     to.ra_next.store(from.ra_next.load(kRelaxed), kRelaxed);
     to.ra_window.store(from.ra_window.load(kRelaxed), kRelaxed);
     to.ra_misses.store(from.ra_misses.load(kRelaxed), kRelaxed);
-    if (to.file) to.file->refs.fetch_add(1);
-}
-
-void detail::write_protect_shared_files(ArenaCore& a) {
-    for (const Vma& v : a.tree) {
-        if (!v.file || v.share != Share::Shared) continue;
-        auto writable = [&a](std::size_t i) {
-            const pte_t p = a.pte[i].load(kRelaxed);
-            return allows(pte_to_prot(p), Prot::Write) ? int(pte_prot(p)) : kNoRun;
-        };
-        // On a refusal protect_run re-read the PTEs from the kernel; the pages stay writable.
-        for_each_run(a.page_index(v.start), a.page_index(v.end), writable, [&a](std::size_t i, std::size_t j, int prot) {
-            reprotect_run(a, i, j, Prot(prot) & ~Prot::Write);
-        });
-    }
+    if (to.file) ++to.file->refs;
 }
 
 void detail::refuse_file_vmas(ArenaCore& a, const char* call, Range r) {
@@ -267,177 +113,211 @@ void detail::refuse_file_vmas(ArenaCore& a, const char* call, Range r) {
                  "snapshotted or dirty-tracked", call, r.start, r.end, it->name, it->start);
 }
 
-void detail::recount_kernel_maps(ArenaCore& a) {
-    map_budget_charge(a, long(kernel_mappings(a.base, a.end).size()) + 2 - a.kernel_maps.load());
-}
-
-void detail::page_caches_fork_prepare() { caches().mutex.lock(); }
-
-void detail::page_caches_fork_done() {
-    for (auto& e : caches().entries) e->forked = true;
-    caches().mutex.unlock();
-}
-
-void detail::writeback(ArenaCore& a, Vma& v, Range part, const char* call, FileSync* later) {
+void detail::writeback(ArenaCore& a, Vma& v, Range part, const char* call, FileSync& out) {
     if (!v.file || v.share != Share::Shared) return;
-    PageCache& c = *v.file;
-    const std::uint64_t eof = file_size(c, call);
+    MappedFile& f = *v.file;
     const std::size_t first = a.page_index(part.start), last = a.page_index(part.end);
-    // Write access goes first, so that the next write after the write-back is seen: one mprotect
-    // per run of mapped pages that holds a writable one (readable neighbours lose nothing).
+    // Copies of pages whose last write-back failed, which no access has put back yet: into the page
+    // cache now, where this write-back finds them.
+    if (!f.saved.empty()) {
+        const std::uint64_t size = file_size(f, call);
+        for_each_marked(a, first, last, kPteSaved, [&](std::size_t i, std::size_t j) {
+            for (std::size_t k = i; k < j; ++k) {
+                if (const SavedPage* s = f.find_saved(v.file_page(a.page_addr(k))))
+                    if (const int err = put_back(f, *s, size))
+                        fail(err, "{}: cannot write the saved copy of page {:#x} back into '{}'", call, a.page_addr(k),
+                             f.path);
+                a.pte[k].fetch_and(pte_t(~kPteSaved), kRelaxed);
+            }
+        });
+    }
+    // Write access goes, so that the next write after the write-back is seen: one mprotect per run
+    // of mapped pages that holds a writable one (readable neighbours lose nothing). That includes
+    // pages prefault() made writable without a write: the kernel writes them back only if written.
     auto mapped_as = [&a](std::size_t i) {
         const pte_t p = a.pte[i].load(kRelaxed);
         return pte_prot(p) ? int(pte_prot(p) & ~to_pte(Prot::Write)) : kNoRun;
     };
-    for_each_run(first, last, mapped_as, [&](std::size_t i, std::size_t j, int prot) {
-        while (i < j && !(a.pte[i].load(kRelaxed) & to_pte(Prot::Write))) ++i;
-        while (j > i && !(a.pte[j - 1].load(kRelaxed) & to_pte(Prot::Write))) --j;
-        if (i == j) return;
-        if (const int err = reprotect_run(a, i, j, Prot(prot)))
-            fail(err, "{}: mprotect of [{:#x}, {:#x}) to {} failed", call, a.page_addr(i), a.page_addr(j),
-                 to_string(Prot(prot)));
-    });
-    // Then one write per run of dirty pages (within a chunk of the cache's view): dirty through this
-    // VMA, or through any shared VMA of the file (the page cache's mark, like msync's). A page is
-    // clean once its write succeeded; the ones after a failure stay dirty. Another VMA that may
-    // still write the page without a fault keeps its own mark and writes it back itself.
-    std::vector<std::pair<std::size_t, std::size_t>> written;
-    auto cache_state = [&](std::size_t i) -> std::atomic<cache_state_t>& { return c.state(v.file_page(a.page_addr(i))); };
-    auto dirty = [&](std::size_t i) {
-        return (a.pte[i].load(kRelaxed) & kPteDirtyFile) || (cache_state(i).load(kRelaxed) & kCacheDirty) ? 1 : kNoRun;
-    };
-    std::uint64_t pages = 0, bytes = 0;
-    auto mark = [&](std::size_t i, std::size_t j, bool is_dirty) {
-        for (std::size_t k = i; k < j; ++k) {
-            if (is_dirty) {
-                a.pte[k].fetch_or(kPteDirtyFile, kRelaxed);
-                cache_state(k).fetch_or(kCacheDirty, kRelaxed);
-            } else {
-                a.pte[k].fetch_and(pte_t(~kPteDirtyFile), kRelaxed);
-                cache_state(k).fetch_and(cache_state_t(~kCacheDirty), kRelaxed);
-            }
-        }
-    };
-    try {
-        for_each_run(first, last, dirty, [&](std::size_t i, std::size_t j, int) {
-            for (std::size_t lo = i; lo < j;) {
-                const std::uint64_t f = v.file_page(a.page_addr(lo));
-                const std::size_t in_chunk = std::size_t(PageCache::kChunkPages - (f & (PageCache::kChunkPages - 1)));
-                const std::size_t hi = std::min(j, lo + in_chunk);
-                const std::uint64_t at = f << g_page_shift;
-                // Past the end of the file (it was truncated) there is nothing to write, as in the kernel.
-                const std::uint64_t end = std::min<std::uint64_t>(at + ((hi - lo) << g_page_shift), std::max(eof, at));
-                if (end > at) {
-                    if (const int err = page_write_file(c.write_fd, c.view(f, g_page_shift), std::size_t(end - at), at)) {
-                        account_writeback(a, v, 0, 0, true);
-                        fail(err, "{}: writing '{}' bytes [{:#x}, {:#x}) from addr {:#x} failed; the pages stay dirty",
-                             call, c.path, at, end, a.page_addr(lo));
-                    }
-                }
-                mark(lo, hi, false);
-                written.push_back({lo, hi});
-                pages += hi - lo;
-                bytes += end - at;
-                lo = hi;
-            }
+    for (const PageSpan& span : pte_spans(a, first, last))
+        for_each_run(span.first, span.last, mapped_as, [&](std::size_t i, std::size_t j, int prot) {
+            while (i < j && !(a.pte[i].load(kRelaxed) & to_pte(Prot::Write))) ++i;
+            while (j > i && !(a.pte[j - 1].load(kRelaxed) & to_pte(Prot::Write))) --j;
+            if (i == j) return;
+            if (const int err = reprotect_run(a, i, j, Prot(prot)))
+                fail(err, "{}: mprotect of [{:#x}, {:#x}) to {} failed", call, a.page_addr(i), a.page_addr(j),
+                     to_string(Prot(prot)));
         });
-        if (!written.empty() && later) {
-            later->cache = &c;
-            c.refs.fetch_add(1);
-            later->range = part;
-            for (const auto& [i, j] : written) later->pages.push_back({v.file_page(a.page_addr(i)), v.file_page(a.page_addr(j))});
-        } else if (!written.empty())
-            if (const int err = page_sync_file(c.write_fd)) {
-                account_writeback(a, v, 0, 0, true);
-                fail(err, "{}: fdatasync of '{}' failed after writing [{:#x}, {:#x}); the pages stay dirty", call,
-                     c.path, part.start, part.end);
-            }
-    } catch (const Error&) {
-        // fdatasync reports an error once: the pages written before it are not known to be on the
-        // disk, so they are dirty again for the next attempt.
-        for (const auto& [i, j] : written) mark(i, j, true);
-        throw;
+    // The dirty pages are clean from here on; the fdatasync that makes them so comes in finish().
+    std::uint64_t pages = 0, bytes = 0;
+    const std::uint64_t size = file_size(f, call);
+    for_each_marked(a, first, last, kPteDirtyFile, [&](std::size_t i, std::size_t j) {
+        for (std::size_t k = i; k < j; ++k) {
+            const std::uint64_t page = v.file_page(a.page_addr(k));
+            a.pte[k].fetch_and(pte_t(~kPteDirtyFile), kRelaxed);
+            out.pages.push_back({k, page});
+            const std::uint64_t at = page << g_page_shift;
+            // Past the end of the file (it was truncated) there is nothing to write, as in the kernel.
+            if (at < size) bytes += std::min<std::uint64_t>(g_page_size, size - at);
+        }
+        pages += j - i;
+    });
+    if (!out.file) {
+        out.file = &f;
+        ++f.refs;
+        out.range = part;
     }
     account_writeback(a, v, pages, bytes, false);
 }
 
-int detail::FileSync::finish(ArenaCore& a) {
-    if (!cache) return 0;
-    const int err = page_sync_file(cache->write_fd);
-    if (err) {
-        for (const auto& [first, last] : pages)
-            for (std::uint64_t p = first; p < last; ++p) cache->state(p).fetch_or(kCacheDirty, kRelaxed);
-        account_writeback_error(a);
+int detail::FileSync::finish() { return file ? page_sync_file(file->fd) : 0; }
+
+std::vector<SavedPage> detail::FileSync::copies() const {
+    std::vector<SavedPage> out;
+    for (const auto& [index, page] : pages) {
+        SavedPage s{page, std::make_unique<std::byte[]>(g_page_size)};
+        std::size_t got = 0;
+        // The kernel still holds the page (it was mapped, and clean pages go only under pressure);
+        // past the end of the file, or unreadable, it has nothing to lose.
+        if (page_read_file(file->fd, s.content.get(), g_page_size, page << g_page_shift, &got) == 0 && got > 0)
+            out.push_back(std::move(s));
     }
-    cache_put(&a, cache);
-    cache = nullptr;
-    return err;
+    return out;
 }
 
-void detail::read_file_pages(ArenaCore& a, Vma& v, Range part, const char* call, bool must) {
-    PageCache& c = *v.file;
-    const std::uint64_t size = file_size(c, call);
-    const std::uint64_t eof = pages_of(size);
-    const FileRange want = file_pages(v, part);
-    if (must && want.last > eof)
-        fail(EFAULT, "{}: addr {:#x} is past the end of '{}' (size {:#x})", call,
-             v.start + ((std::max(eof, want.first) - v.pgoff) << g_page_shift), c.path, size);
-    constexpr std::uint64_t kMaxRead = 256;  // pages per read system call
-    std::uint64_t pages = 0, bytes = 0;
-    for (std::uint64_t p = want.first; p < std::min(want.last, eof);) {
-        if (c.state(p).load(std::memory_order_acquire) & kCacheFilled) {
-            ++p;
-            continue;
+void detail::keep_failed(ArenaCore& a, FileSync& s, std::vector<SavedPage> copies) {
+    account_writeback_error(a);
+    MappedFile& f = *s.file;
+    for (SavedPage& c : copies) {
+        erase_saved(f, c.page, c.page + 1);
+        // Still shown by a VMA of this file, at the same place? Then the page waits there, PROT_NONE,
+        // for the next access or write-back to put the copy back; else the copy goes back now.
+        const auto at = std::find_if(s.pages.begin(), s.pages.end(), [&](const auto& p) { return p.second == c.page; });
+        const std::uintptr_t addr = a.page_addr(at->first);
+        Vma* v = find_vma(a, addr);
+        bool kept = false;
+        if (v && v->start <= addr && v->file == &f && v->file_page(addr) == c.page) {
+            const pte_t p = a.pte[at->first].load(kRelaxed);
+            kept = pte_prot(p) == 0 || reprotect_run(a, at->first, at->first + 1, Prot::None) == 0;
+            if (kept) a.pte[at->first].fetch_or(pte_t(kPteSaved | kPteDirtyFile), kRelaxed);
         }
-        const std::uint64_t chunk_end = (p & ~(PageCache::kChunkPages - 1)) + PageCache::kChunkPages;
-        const FileRange window{p, std::min({p + kMaxRead, want.last, eof, chunk_end})};
-        FileRead rd;
-        // With `must`, page p is needed: a read of it by another thread (a fault in another arena)
-        // is waited for, and the loop sees p filled next, or reads it itself.
-        const int err = filemap_read(c, must ? p : window.last, window, size, &rd);
-        if (err && must) {
-            account_file_read(a, v, pages + (rd.pages.last - rd.pages.first), bytes + rd.bytes);
-            if (err == ENODATA)
-                fail(EIO, "{}: short read of '{}' at offset {:#x} (the file ended early)", call, c.path, rd.at + rd.bytes);
-            fail(err, "{}: reading '{}' at offset {:#x} failed", call, c.path, rd.at + rd.bytes);
+        if (kept) {
+            const auto pos = std::lower_bound(f.saved.begin(), f.saved.end(), c.page,
+                                              [](const SavedPage& x, std::uint64_t page) { return x.page < page; });
+            f.saved.insert(pos, std::move(c));
+        } else {
+            std::uint64_t size = 0;
+            if (page_file_size(f.fd, &size) == 0) put_back(f, c, size);
         }
-        pages += rd.pages.last - rd.pages.first;
-        bytes += rd.bytes;
-        p = must ? std::max(p, rd.pages.last) : std::max(p + 1, rd.pages.last);
     }
-    account_file_read(a, v, pages, bytes);
+    a.last_hit.store(nullptr, kRelaxed);
+}
+
+void detail::writeback_now(ArenaCore& a, Vma& v, Range part, const char* call) {
+    FileSync s;
+    writeback(a, v, part, call, s);
+    if (const int err = s.finish()) {
+        keep_failed(a, s, s.copies());
+        fail(err, "{}: write-back of '{}' failed for [{:#x}, {:#x}); usermm keeps the pages for the next write-back",
+             call, v.file->path, part.start, part.end);
+    }
+}
+
+void detail::release_file_pages(ArenaCore& a, Vma& v, Range part, const char* call) {
+    if (!v.file) return;
+    MappedFile& f = *v.file;
+    const std::size_t first = a.page_index(part.start), last = a.page_index(part.end);
+    if (!f.saved.empty()) {
+        const std::uint64_t size = file_size(f, call);
+        for_each_marked(a, first, last, kPteSaved, [&](std::size_t i, std::size_t j) {
+            for (std::size_t k = i; k < j; ++k)
+                if (const SavedPage* s = f.find_saved(v.file_page(a.page_addr(k))))
+                    if (const int err = put_back(f, *s, size))
+                        fail(err, "{}: cannot write the saved copy of page {:#x} back into '{}'", call, a.page_addr(k),
+                             f.path);
+        });
+        erase_saved(f, v.file_page(part.start), v.file_page(part.end));
+    }
+    std::uint64_t wasted = 0;
+    for_each_marked(a, first, last, kPteReadahead, [&](std::size_t i, std::size_t j) { wasted += j - i; });
+    account_readahead_wasted(&a, &v, wasted);
 }
 
 int detail::unmap_file_part(ArenaCore& a, Vma& v, Range part) {
-    if (const int err = page_reserve_fixed(part.start, part.end - part.start)) return err;
+    (void)v;
     const std::size_t first = a.page_index(part.start), last = a.page_index(part.end);
+    const long before = long(mappings_around(a, first, last).size());
+    if (const int err = page_reserve_fixed(part.start, part.end - part.start)) return err;
     for (std::size_t i = first; i < last; ++i) a.pte[i].fetch_and(pte_t(~(kPteFile | kPteEdge)), kRelaxed);
-    settle_edges(a, first, last);  // the fresh piece's own anon_vma never merges with the arena's
-    forget_users(a, v.file, part);
-    if (tracking_engine() == TrackingEngine::Uffd) return uffd_register(part.start, part.end - part.start);
-    return 0;
+    int err = 0;
+    if (tracking_engine() == TrackingEngine::Uffd) err = uffd_register(part.start, part.end - part.start);
+    settle_edges(a, first, last, before);
+    return err;
 }
 
-void detail::forget_file_users(const ArenaCore& a, const Vma& v) { forget_users(a, v.file, {v.start, v.end}); }
-
-void detail::drop_cached_pages(ArenaCore& a, Vma& v, Range part) {
-    PageCache& c = *v.file;
-    const FileRange mine = file_pages(v, part);
-    // Under the mutex throughout: another VMA of the file registers itself (map_file) before it
-    // can fault, so none can map these pages while they go.
-    CacheRegistry& reg = caches();
-    RegistryLock lock(reg.mutex);
-    const CacheEntry& e = entry_of(&c);
-    if (e.forked) return;
-    for (const CacheUser& u : e.users) {
-        const bool this_range = u.arena == &a && u.start <= part.start && u.end >= part.end;
-        if (!this_range && u.first_page() < mine.last && u.last_page() > mine.first) return;
+void detail::readahead_file(ArenaCore& a, Vma& v, Range part) {
+    const std::size_t first = a.page_index(part.start), last = a.page_index(part.end);
+    std::uint64_t size = 0;
+    if (page_file_size(v.file->fd, &size) != 0) return;  // advice: nothing to read
+    const std::size_t eof = first + std::size_t(std::min<std::uint64_t>(
+                                        last - first, ((size + g_page_size - 1) >> g_page_shift) > v.file_page(part.start)
+                                                          ? ((size + g_page_size - 1) >> g_page_shift) - v.file_page(part.start)
+                                                          : 0));
+    std::vector<unsigned char> cached(kFileProbePages);
+    std::uint64_t fresh = 0, bytes = 0;
+    for (std::size_t i = first; i < eof; i += kFileProbePages) {
+        const std::size_t n = std::min(kFileProbePages, eof - i);
+        if (filemap_probe(a.page_addr(i), n, cached.data()) != 0) return;
+        for (std::size_t k = 0; k < n; ++k) {
+            if (cached[k] & 1) continue;
+            ++fresh;
+            const std::uint64_t at = v.file_page(a.page_addr(i + k)) << g_page_shift;
+            bytes += std::min<std::uint64_t>(g_page_size, size - at);
+            pte_t p = a.pte[i + k].load(kRelaxed);
+            if (pte_prot(p) == 0 && !(p & kPteSaved)) a.pte[i + k].store(pte_t(p | kPteReadahead), kRelaxed);
+        }
     }
-    if (page_memfd_punch(c.memfd, mine.first << g_page_shift, (mine.last - mine.first) << g_page_shift) != 0) return;
-    std::uint64_t wasted = 0;
-    for (std::uint64_t p = mine.first; p < mine.last; ++p)
-        wasted += (c.state(p).exchange(0, kRelaxed) & kCacheReadahead) != 0;
-    account_readahead_wasted(&a, &v, wasted);
+    if (eof > first) filemap_readahead(a.page_addr(first), (eof - first) << g_page_shift);
+    account_file_read(a, v, fresh, bytes);
+}
+
+void detail::count_prefault_reads(ArenaCore& a, Vma& v, Range part, const char* call) {
+    MappedFile& f = *v.file;
+    const std::uint64_t size = file_size(f, call);
+    const std::uint64_t eof = (size + g_page_size - 1) >> g_page_shift;
+    if (v.file_page(part.end) > eof)
+        fail(EFAULT, "{}: addr {:#x} is past the end of '{}' (size {:#x})", call,
+             v.start + ((std::max(eof, v.file_page(part.start)) - v.pgoff) << g_page_shift), f.path, size);
+    const std::size_t first = a.page_index(part.start), last = a.page_index(part.end);
+    std::vector<unsigned char> cached(kFileProbePages);
+    std::uint64_t fresh = 0, bytes = 0;
+    for (std::size_t i = first; i < last; i += kFileProbePages) {
+        const std::size_t n = std::min(kFileProbePages, last - i);
+        if (filemap_probe(a.page_addr(i), n, cached.data()) != 0) return;
+        for (std::size_t k = 0; k < n; ++k) {
+            if (cached[k] & 1) continue;
+            ++fresh;
+            const std::uint64_t at = v.file_page(a.page_addr(i + k)) << g_page_shift;
+            bytes += std::min<std::uint64_t>(g_page_size, size - at);
+        }
+    }
+    account_file_read(a, v, fresh, bytes);
+}
+
+void detail::advise_file(ArenaCore& a, Vma& v, Range part, Advice advice, const char* call) {
+    const int kernel = advice == Advice::Random ? MADV_RANDOM : advice == Advice::Sequential ? MADV_SEQUENTIAL : MADV_NORMAL;
+    const std::size_t first = a.page_index(part.start), last = a.page_index(part.end);
+    const long before = long(mappings_around(a, first, last).size());
+    if (const int err = page_advise(part.start, part.end - part.start, kernel)) {
+        settle_edges(a, first, last, before, Across::Apart, Across::Apart);
+        fail(err, "{}: madvise of [{:#x}, {:#x}) failed", call, part.start, part.end);
+    }
+    // Across each end: another mapping, or this file's mapping with the neighbour VMA's advice.
+    auto across = [&](std::uintptr_t addr) {
+        const Vma* n = addr >= a.base && addr < a.end ? find_vma(a, addr) : nullptr;
+        if (!n || n->start > addr || n->file != v.file) return Across::Apart;
+        return n->advice == advice ? Across::Same : Across::Apart;
+    };
+    settle_edges(a, first, last, before, across(part.start - g_page_size), across(part.end));
 }
 
 // --- Arena ---------------------------------------------------------------------------------------
@@ -453,7 +333,8 @@ void* Arena::map_file(const std::string& path, std::uint64_t offset, std::size_t
     static constexpr const char* call = "usermm::Arena::map_file";
     init_process();
     const bool writable = share == Share::Shared && allows(prot, Prot::Write);
-    const int fd = open(path.c_str(), (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
+    // O_NONBLOCK: a FIFO or a device must not block the open; map_file_as refuses them.
+    const int fd = open(path.c_str(), (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
     if (fd < 0) fail(errno, "{}: cannot open '{}' (offset {:#x})", call, path, offset);
     struct Closer {
         int fd;
@@ -466,16 +347,14 @@ void* Arena::map_file_as(int fd, const std::string& path, std::uint64_t offset, 
                          Share share, const MapOptions& options) {
     static constexpr const char* call = "usermm::Arena::map_file";
     ArenaCore& a = live_arena(core_, call);
-    require_self_mem(call);  // a private mapping's first write, and any unmap, go through it
     const std::uintptr_t want = addr_of(options.address);
     prot = check_prot(call, prot, want);
     const std::size_t len = round_up_length(call, length, want);
     if (offset & (g_page_size - 1)) fail(EINVAL, "{}: offset {:#x} of '{}' is not page-aligned", call, offset, path);
     if (share != Share::Private && share != Share::Shared)
         fail(EINVAL, "{}: share {} is neither Private nor Shared (offset {:#x})", call, unsigned(share), offset);
-    const std::uint64_t last_page = (offset >> g_page_shift) + (len >> g_page_shift);
-    if (offset > UINT64_MAX - len || last_page > PageCache::kMaxChunks * PageCache::kChunkPages)
-        fail(EOVERFLOW, "{}: offset {:#x} + length {:#x} is beyond the largest file usermm maps", call, offset, length);
+    if (len > std::uint64_t(INT64_MAX) || offset > std::uint64_t(INT64_MAX) - len)
+        fail(EOVERFLOW, "{}: offset {:#x} + length {:#x} is beyond the largest file offset", call, offset, length);
     if (len > a.end - a.base)
         fail(ENOMEM, "{}: length {:#x} exceeds the arena's size {:#x} (addr {:#x})", call, length, a.end - a.base, want);
     if (options.fault_around_pages > (std::size_t(1) << 20) || options.readahead_pages > (std::size_t(1) << 20))
@@ -494,10 +373,20 @@ void* Arena::map_file_as(int fd, const std::string& path, std::uint64_t offset, 
     if (!S_ISREG(st.st_mode)) fail(ENODEV, "{}: fd {} ('{}') is not a regular file", call, fd, path);
     if (want) check_range(a, call, options.address, length);
 
-    PageCache& cache = cache_get(fd, path, share == Share::Shared && may_write, last_page, call);
-    auto free_vma = [&a](Vma* v) { vma_free(&a, v); };
-    auto vma = std::unique_ptr<Vma, decltype(free_vma)>(new Vma, free_vma);
-    vma->file = &cache;
+    auto file = std::make_unique<MappedFile>();
+    file->fd = own_descriptor(fd, flags, share == Share::Shared && may_write, path, call);
+    file->dev = st.st_dev;
+    file->ino = st.st_ino;
+    file->writable = may_write;
+    file->refs = 1;
+    std::snprintf(file->path, sizeof file->path, "%s", path.c_str());
+    struct FileGuard {
+        std::unique_ptr<MappedFile>& f;
+        ~FileGuard() {
+            if (f) close(f->fd);
+        }
+    } file_guard{file};
+    auto vma = std::make_unique<Vma>();
     vma->pgoff = offset >> g_page_shift;
     vma->share = share;
     vma->may_write = share == Share::Private || may_write;
@@ -505,7 +394,7 @@ void* Arena::map_file_as(int fd, const std::string& path, std::uint64_t offset, 
     vma->fault_around_pages = std::uint32_t(options.fault_around_pages);
     vma->readahead_max = std::uint32_t(options.readahead_pages);
     vma->ra_next.store(vma->pgoff, kRelaxed);
-    set_name(*vma, options.name.empty() ? std::string_view(cache.path) : options.name);
+    set_name(*vma, options.name.empty() ? std::string_view(file->path) : options.name);
 
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
     const std::uintptr_t start = place_vma(a, call, want, len, length);
@@ -514,21 +403,22 @@ void* Arena::map_file_as(int fd, const std::string& path, std::uint64_t offset, 
         if (!a.snapshots[k]->anonymous_only && a.snapshots[k]->first < last && a.snapshots[k]->last > first)
             fail(EBUSY, "{}: range [{:#x}, {:#x}) is inside live snapshot {}; snapshots cover anonymous memory only",
                  call, start, start + len, a.snapshots[k]->sequence);
+    // A private mapping is moved into place from a mapping of its own, written once through
+    // /proc/self/mem (see page_map_file_fixed).
+    if (share == Share::Private) require_self_mem(call);
     preserve_range(a, call, {start, start + len});  // whole-arena snapshots read zeros there
-    if (const int err = page_map_file_fixed(start, len, cache.memfd, offset, share == Share::Shared)) {
+    const long before = long(mappings_around(a, first, last).size());
+    if (const int err = page_map_file_fixed(start, len, file->fd, offset, share == Share::Shared)) {
         // Whatever the kernel left there becomes reservation again, a piece of its own.
         const int again = page_reserve_fixed(start, len);
-        settle_edges(a, first, last);
+        if (!again && tracking_engine() == TrackingEngine::Uffd) uffd_register(start, len);
+        settle_edges(a, first, last, before);
         if (again) fail(again, "{}: [{:#x}, {:#x}) is lost to the arena after a failed mmap", call, start, start + len);
-        fail(err, "{}: cannot map the page cache of '{}' at {:#x}", call, path, start);
+        fail(err, "{}: cannot map '{}' (fd {}, offset {:#x}) at {:#x}", call, path, fd, offset, start);
     }
     for (std::size_t i = first; i < last; ++i) a.pte[i].fetch_or(kPteFile, kRelaxed);
-    settle_edges(a, first, last);
-    {
-        CacheRegistry& reg = caches();
-        RegistryLock lock(reg.mutex);
-        entry_of(&cache).users.push_back({&a, start, start + len, offset >> g_page_shift});
-    }
+    settle_edges(a, first, last, before);
+    vma->file = file.release();
     insert_vma(a, vma.release(), start, len);
     return ptr_of(start);
 }
@@ -538,36 +428,50 @@ void Arena::sync(void* addr, std::size_t length) {
     ArenaCore& a = live_arena(core_, call);
     const Range r = check_range(a, call, addr, length);
     std::vector<FileSync> pending;
-    // The writes under the arena's lock; the wait for the disk without it, so that faults go on
-    // meanwhile (msync, likewise, does not hold mmap_lock across its fsync).
+    // The write-protection under the arena's lock; the write-back itself without it, so that faults
+    // go on meanwhile (msync, likewise, does not hold mmap_lock across its fsync).
     {
         ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
         const std::vector<Vma*> vmas = covering_vmas(a, call, r);
         pending.reserve(vmas.size());
-        try {
-            for (Vma* v : vmas) {
-                pending.emplace_back();
-                writeback(a, *v, {std::max(v->start, r.start), std::min(v->end, r.end)}, call, &pending.back());
-            }
-        } catch (...) {
-            for (FileSync& s : pending) s.finish(a);
-            throw;
+        for (Vma* v : vmas) {
+            pending.emplace_back();
+            writeback(a, *v, {std::max(v->start, r.start), std::min(v->end, r.end)}, call, pending.back());
         }
     }
     int first_err = 0;
-    Range failed{};
     std::string path;
+    Range failed{};
     for (FileSync& s : pending) {
-        const std::string name = s.cache ? s.cache->path : "";
-        if (const int err = s.finish(a); err && !first_err) {
+        const int err = s.finish();
+        if (!err) continue;
+        std::vector<SavedPage> copies = s.copies();
+        {
+            ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
+            keep_failed(a, s, std::move(copies));
+        }
+        if (!first_err) {
             first_err = err;
+            path = s.file->path;
             failed = s.range;
-            path = name;
         }
     }
     if (first_err)
-        fail(first_err, "{}: fdatasync of '{}' failed after writing [{:#x}, {:#x}); the pages stay dirty", call, path,
-             failed.start, failed.end);
+        fail(first_err, "{}: write-back of '{}' failed for [{:#x}, {:#x}); usermm keeps the pages for the next "
+             "write-back", call, path, failed.start, failed.end);
+    // A successful write-back of the range ends the copies kept from failed ones (the pages still
+    // marked saved were not part of it: they failed again, or were kept meanwhile).
+    ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
+    for (auto it = a.tree.upper_bound(r.start); it != a.tree.end() && it->start < r.end; ++it) {
+        Vma& v = *it;
+        if (!v.file || v.file->saved.empty()) continue;
+        const Range part{std::max(v.start, r.start), std::min(v.end, r.end)};
+        std::erase_if(v.file->saved, [&](const SavedPage& s) {
+            if (s.page < v.file_page(part.start) || s.page >= v.file_page(part.end)) return false;
+            const std::uintptr_t at = part.start + std::uintptr_t((s.page - v.file_page(part.start)) << g_page_shift);
+            return !(a.pte_of(at).load(kRelaxed) & kPteSaved);
+        });
+    }
 }
 
 void Arena::advise(void* addr, std::size_t length, Advice advice) {
@@ -589,6 +493,7 @@ void Arena::advise(void* addr, std::size_t length, Advice advice) {
             split_at(a, r.start, lower_spare);
             split_at(a, r.end, upper_spare);
             for (Vma* v : covering_vmas(a, call, r)) {
+                if (v->file && v->advice != advice) advise_file(a, *v, part_of(v), advice, call);
                 v->advice = advice;
                 v->ra_window.store(0, kRelaxed);
                 v->ra_misses.store(0, kRelaxed);
@@ -598,17 +503,17 @@ void Arena::advise(void* addr, std::size_t length, Advice advice) {
             return;
         case Advice::WillNeed:
             for (Vma* v : vmas)
-                if (v->file) read_file_pages(a, *v, part_of(v), call, false);
+                if (v->file) readahead_file(a, *v, part_of(v));
             return;
         case Advice::DontNeed:
-            for (Vma* v : vmas) writeback(a, *v, part_of(v), call);  // nothing written is lost
+            for (Vma* v : vmas) writeback_now(a, *v, part_of(v), call);  // nothing written is lost
             for (Vma* v : vmas) {
                 const Range part = part_of(v);
+                release_file_pages(a, *v, part, call);
                 preserve_range(a, call, part);
                 change_pages(a, call, part, [](Prot) { return Prot::None; });
                 page_discard(part.start, part.end - part.start);
                 clear_ptes(a, part);
-                if (v->file) drop_cached_pages(a, *v, part);
             }
             return;
     }

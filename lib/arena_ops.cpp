@@ -1,9 +1,12 @@
 #include "arena_ops.hpp"
 
 #include <fcntl.h>
+#include <sys/ioctl.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -16,11 +19,77 @@
 
 namespace usermm::detail {
 
+namespace {
+
+// PROCMAP_QUERY (Linux 6.11): the kernel's VMA at or after an address, one ioctl on /proc/self/maps,
+// at a cost that does not grow with the process's mapping count. Debian 12's headers predate it.
+struct ProcmapQuery {
+    std::uint64_t size;
+    std::uint64_t query_flags;
+    std::uint64_t query_addr;
+    std::uint64_t vma_start;
+    std::uint64_t vma_end;
+    std::uint64_t vma_flags;
+    std::uint64_t vma_page_size;
+    std::uint64_t vma_offset;
+    std::uint64_t inode;
+    std::uint32_t dev_major;
+    std::uint32_t dev_minor;
+    std::uint32_t vma_name_size;
+    std::uint32_t build_id_size;
+    std::uint64_t vma_name_addr;
+    std::uint64_t build_id_addr;
+};
+constexpr unsigned long kProcmapQuery = _IOWR('f', 17, ProcmapQuery);
+constexpr std::uint64_t kQueryReadable = 0x01, kQueryWritable = 0x02, kQueryExecutable = 0x04, kQueryShared = 0x08;
+constexpr std::uint64_t kQueryCoveringOrNext = 0x10;
+
+std::atomic<bool> g_no_procmap_query{false};
+
+// The mappings overlapping [lo, hi) by PROCMAP_QUERY; false if this kernel does not answer it.
+bool query_mappings(int fd, std::uintptr_t lo, std::uintptr_t hi, std::vector<KernelMapping>& out) {
+    for (std::uintptr_t at = lo; at < hi;) {
+        ProcmapQuery q{};
+        q.size = sizeof q;
+        q.query_flags = kQueryCoveringOrNext;
+        q.query_addr = at;
+        if (ioctl(fd, kProcmapQuery, &q) != 0) {
+            if (errno == ENOENT) return true;  // nothing at or after `at`
+            if (errno == ENOTTY || errno == EINVAL) return false;
+            fail(errno, "usermm: PROCMAP_QUERY at {:#x} failed", at);
+        }
+        if (q.vma_start >= hi) return true;
+        const Prot prot = ((q.vma_flags & kQueryReadable) ? Prot::Read : Prot::None) |
+                          ((q.vma_flags & kQueryWritable) ? Prot::Write : Prot::None) |
+                          ((q.vma_flags & kQueryExecutable) ? Prot::Exec : Prot::None);
+        const std::uintptr_t start = std::max<std::uintptr_t>(q.vma_start, lo);
+        out.push_back({start, std::min<std::uintptr_t>(q.vma_end, hi), prot, (q.vma_flags & kQueryShared) != 0,
+                       q.inode, makedev(q.dev_major, q.dev_minor), q.vma_offset + (start - q.vma_start)});
+        at = q.vma_end;
+    }
+    return true;
+}
+
+}  // namespace
+
 std::vector<KernelMapping> kernel_mappings(std::uintptr_t lo, std::uintptr_t hi, const char* call) {
     std::vector<KernelMapping> out;
     errno = 0;
-    std::ifstream maps("/proc/self/maps");
     // An empty answer would read as an arena with no mappings: false corruption, wrong counts.
+    const int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        fail(errno ? errno : EIO, "{}: cannot open /proc/self/maps to read the kernel's mappings of [{:#x}, {:#x})", call,
+             lo, hi);
+    struct Closer {
+        int fd;
+        ~Closer() { close(fd); }
+    } closer{fd};
+    if (!g_no_procmap_query.load(std::memory_order_relaxed)) {
+        if (query_mappings(fd, lo, hi, out)) return out;
+        g_no_procmap_query.store(true, std::memory_order_relaxed);
+        out.clear();
+    }
+    std::ifstream maps("/proc/self/maps");
     if (!maps.is_open())
         fail(errno ? errno : EIO, "{}: cannot open /proc/self/maps to read the kernel's mappings of [{:#x}, {:#x})", call,
              lo, hi);
@@ -34,11 +103,9 @@ std::vector<KernelMapping> kernel_mappings(std::uintptr_t lo, std::uintptr_t hi,
             continue;
         const Prot prot = (perms[0] == 'r' ? Prot::Read : Prot::None) | (perms[1] == 'w' ? Prot::Write : Prot::None) |
                           (perms[2] == 'x' ? Prot::Exec : Prot::None);
-        // memfd_create names its files "memfd:NAME"; the page caches are named "usermm:FILE".
-        const bool page_cache = line.find("/memfd:usermm:") != std::string::npos;
         const std::uintptr_t start = std::max<std::uintptr_t>(from, lo);
-        out.push_back({start, std::min<std::uintptr_t>(to, hi), prot, page_cache, perms[3] == 's', inode,
-                       offset + (start - from)});
+        out.push_back({start, std::min<std::uintptr_t>(to, hi), prot, perms[3] == 's', inode,
+                       makedev(dev_major, dev_minor), offset + (start - from)});
     }
     if (maps.bad()) fail(EIO, "{}: cannot read /proc/self/maps for [{:#x}, {:#x})", call, lo, hi);
     return out;
@@ -186,23 +253,37 @@ void set_edge(ArenaCore& a, std::size_t page, bool edge) {
         a.pte[page].fetch_and(pte_t(~kPteEdge), std::memory_order_relaxed);
 }
 
-// The edge mark of `page` from `maps` (the arena's mappings, in order).
-void edge_from_kernel(ArenaCore& a, const std::vector<KernelMapping>& maps, std::size_t page) {
-    const std::uintptr_t at = a.page_addr(page);
-    const auto hi = std::lower_bound(maps.begin(), maps.end(), at,
-                                     [](const KernelMapping& m, std::uintptr_t x) { return m.from < x; });
-    set_edge(a, page, hi != maps.begin() && hi != maps.end() && hi->from == at && std::prev(hi)->to == at &&
-                          stay_apart(*std::prev(hi), *hi));
-}
-
 }  // namespace
 
-void settle_edges(ArenaCore& a, std::size_t first, std::size_t last) {
+std::vector<KernelMapping> mappings_around(const ArenaCore& a, std::size_t first, std::size_t last) {
+    const std::uintptr_t lo = first > 0 ? a.page_addr(first - 1) : a.base;
+    const std::uintptr_t hi = last < a.page_index(a.end) ? a.page_addr(last + 1) : a.end;
+    return kernel_mappings(lo, hi);
+}
+
+void settle_edges(ArenaCore& a, std::size_t first, std::size_t last, long before, Across lo, Across hi) {
+    const std::vector<KernelMapping> maps = mappings_around(a, first, last);
+    auto boundary_at = [&](std::size_t page) -> const KernelMapping* {
+        for (std::size_t k = 1; k < maps.size(); ++k)
+            if (maps[k].from == a.page_addr(page) && maps[k - 1].to == maps[k].from) return &maps[k];
+        return nullptr;
+    };
+    auto settle = [&](std::size_t page, Across across) {
+        const KernelMapping* m = boundary_at(page);
+        bool edge = false;
+        if (m) {
+            const KernelMapping& prev = *(m - 1);
+            edge = across == Across::Apart || prev.prot == m->prot;
+        }
+        set_edge(a, page, edge);
+    };
+    // Inside the range, the kernel's boundaries between pieces of one mapping with one set of flags.
     for (std::size_t i = first + 1; i < last; ++i) set_edge(a, i, false);
-    const std::vector<KernelMapping> maps = kernel_mappings(a.base, a.end);
-    edge_from_kernel(a, maps, first);
-    if (last < a.page_index(a.end)) edge_from_kernel(a, maps, last);
-    map_budget_recount(a, long(maps.size()));
+    for (std::size_t k = 1; k < maps.size(); ++k)
+        if (const std::size_t page = a.page_index(maps[k].from); page > first && page < last) settle(page, Across::Same);
+    settle(first, lo);
+    if (last < a.page_index(a.end)) settle(last, hi);
+    map_budget_charge(a, long(maps.size()) - before);
 }
 
 void inherit_edges(ArenaCore& a, const std::vector<KernelMapping>& maps) {
@@ -305,12 +386,6 @@ int reprotect_run(ArenaCore& a, std::size_t first, std::size_t last, Prot prot) 
     return 0;
 }
 
-long mark_edges(ArenaCore& a, std::size_t first, std::size_t last) {
-    long added = !(a.pte[first].fetch_or(kPteEdge, std::memory_order_relaxed) & kPteEdge);
-    if (last < a.page_index(a.end)) added += !(a.pte[last].fetch_or(kPteEdge, std::memory_order_relaxed) & kPteEdge);
-    return added;
-}
-
 // Before pages of `r` lose their content: live snapshots take what they still read from them.
 void preserve_range(ArenaCore& a, const char* call, Range r) {
     if (!a.snapshot_count) return;
@@ -359,7 +434,7 @@ void merge_range(ArenaCore& a, std::uintptr_t start, std::uintptr_t end) {
             next->pgoff = it->pgoff;
             Vma* dead = &*it;
             it = a.tree.erase(it);
-            vma_free(&a, dead);
+            vma_free(dead);
         } else {
             it = next;
         }

@@ -100,24 +100,38 @@ Prot check_prot(const char* call, Prot prot, std::uintptr_t addr);
 // The VMAs covering r in order; throws if any byte of it is not mapped.
 std::vector<Vma*> covering_vmas(ArenaCore& a, const char* call, Range r);
 
-// The kernel's mappings overlapping [lo, hi), clipped to it, in address order: one read of
-// /proc/self/maps, the only parser of it.
+// The kernel's mappings overlapping [lo, hi), clipped to it, in address order: PROCMAP_QUERY where
+// the kernel has it (a cost that grows with the mappings asked about, not with the process's), else
+// one read of /proc/self/maps; the only reader of either.
 struct KernelMapping {
     std::uintptr_t from;
     std::uintptr_t to;
     Prot prot;
-    bool page_cache;  // a mapping of one of usermm's page-cache memfds (a file VMA)
     bool shared;
     std::uint64_t inode;   // of the file mapped, 0 for anonymous memory
+    std::uint64_t dev;
     std::uint64_t offset;  // into the file, of `from`
+    bool file() const { return inode != 0; }
 };
-// Throws (naming `call`) if /proc/self/maps cannot be read.
+// Throws (naming `call`) if the mappings cannot be read.
 std::vector<KernelMapping> kernel_mappings(std::uintptr_t lo, std::uintptr_t hi, const char* call = "usermm");
-// Edge marks (kPteEdge) where the kernel keeps neighbouring mappings of the arena apart for good,
-// read from its mappings `maps`: at the boundaries before pages `first` and `last` of a mapping
-// just made there (the marks between them are cleared), or at every boundary (in a forked child).
-// Then the arena's count becomes the kernel's.
-void settle_edges(ArenaCore& a, std::size_t first, std::size_t last);
+// The kernel's mappings of pages [first, last) and one page on each side (within the arena).
+std::vector<KernelMapping> mappings_around(const ArenaCore& a, std::size_t first, std::size_t last);
+// After a change the PTEs cannot predict (a file mapped or unmapped at pages [first, last), the
+// kernel's advice flags changed there): edge marks (kPteEdge) at the boundaries in and around the
+// range where the kernel keeps neighbouring mappings apart whatever their protections, read from
+// the kernel; and the arena's count changes by the mappings there now less `before`,
+// mappings_around's count before the change. What lies across each end decides its mark:
+enum class Across {
+    Apart,  // another kernel mapping (each file VMA maps its own open file, anonymous pieces have
+            // anon_vmas of their own), or the same one with other madvise flags: a boundary there
+            // stays until the next settle_edges
+    Same,   // the same mapping with the same flags: apart only where equal protections stay apart
+};
+void settle_edges(ArenaCore& a, std::size_t first, std::size_t last, long before, Across lo = Across::Apart,
+                  Across hi = Across::Apart);
+// In a forked child: edge marks at every boundary the kernel has, from `maps`, and the arena's
+// count becomes the kernel's.
 void inherit_edges(ArenaCore& a, const std::vector<KernelMapping>& maps);
 // Pages [first, last) as the spans whose PTEs may be non-zero, in order: those whose page of the
 // PTE table the kernel holds (present or swapped out, as /proc/self/pagemap says). A page of the
@@ -185,9 +199,6 @@ int reprotect_run(ArenaCore& a, std::size_t first, std::size_t last, Prot prot);
 std::uintptr_t place_vma(ArenaCore& a, const char* call, std::uintptr_t want, std::size_t len, std::size_t length);
 // Puts a new VMA into the tree at [start, start + len) and merges it with its neighbours.
 void insert_vma(ArenaCore& a, Vma* vma, std::uintptr_t start, std::size_t len);
-// Marks kernel VMA boundaries at both ends of pages [first, last) (kPteEdge on `first` and on
-// `last` if it is in the arena); returns how many marks are new.
-long mark_edges(ArenaCore& a, std::size_t first, std::size_t last);
 
 // Gives every page of [r.start, r.end) the protection change(old) and records it, one mprotect per
 // run of pages that share their old protection. Pages that gain write access first give live

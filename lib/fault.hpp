@@ -37,9 +37,10 @@ struct vm_fault {
     bool had_data = false;          // the page's content survived its PROT_NONE (restore put it back)
     pte_t pte_seen = 0;             // a spurious fault's PTE, as the fault left it
     // File VMAs.
+    std::uint64_t file_size = 0;    // bytes, as fstat said at this fault
     std::uint64_t file_eof = 0;     // the first file page wholly past the end of the file
-    bool major = false;             // the faulting page was read from the file
-    std::uint32_t read_pages = 0;   // pages read from the file (readahead included)
+    bool major = false;             // the faulting page was not in the page cache
+    std::uint32_t read_pages = 0;   // pages the kernel reads for this fault (readahead included)
     std::uint64_t read_bytes = 0;
     std::uint32_t readahead_pages = 0;
     std::uint32_t readahead_hits = 0;

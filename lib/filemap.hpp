@@ -1,11 +1,12 @@
-// Reading file pages into the page cache, and deciding how much to read (the kernel's
-// mm/filemap.c and mm/readahead.c). Fault world, except where a comment says otherwise: no
-// allocation, only system calls, errno values out.
+// How much of a file a fault maps and reads ahead (the kernel's mm/filemap.c and mm/readahead.c).
+// The kernel's page cache holds the pages and does the I/O; usermm decides the window, starts the
+// readahead (MADV_WILLNEED, which does not wait), and asks which pages are in the cache (mincore)
+// to count major faults. Fault world: no allocation, only system calls, errno values out.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
-#include "page_cache.hpp"
 #include "vma.hpp"
 
 namespace usermm::detail {
@@ -16,36 +17,28 @@ struct FileRange {
     std::uint64_t last = 0;
 };
 
-// What a read did, for the caller's diagnostics and counters.
-struct FileRead {
-    FileRange pages;              // the pages read (empty if another thread had filled `need`)
-    std::uint64_t bytes = 0;      // bytes read from the file
-    std::uint64_t wanted = 0;     // bytes the read asked for
-    std::uint64_t at = 0;         // file offset of the read
-    int err = 0;                  // errno of the read system call, if it failed
-    bool need_read = false;       // this read filled `need` (a major fault, for a fault)
-};
+// The most pages one fault looks at (maps, reads ahead, asks the page cache about): 1 MiB at 4 KiB
+// pages, so that the residency answer fits the handler's stack.
+inline constexpr std::size_t kFileProbePages = 256;
 
-// The pages a fault on file page `page` should read, around or ahead of it (the read window), by
-// the VMA's advice and the readahead state: one page for Random; the largest window for
-// Sequential; otherwise a window that doubles on each sequential fault, starting from the aligned
-// fault-around window `around` — or one page once faults out of sequence keep missing the pages
-// read around earlier ones (Vma::ra_misses). Clamped to the VMA's file pages, to `eof` (the first page wholly
-// past the end of the file) and to the chunk of `page`.
+// The pages a fault on file page `page` should read ahead, around or ahead of it (the read
+// window), by the VMA's advice and the readahead state: one page for Random; the largest window
+// for Sequential; otherwise a window that doubles on each sequential fault, starting from the
+// aligned fault-around window `around` — or one page once faults out of sequence keep missing the
+// pages read around earlier ones (Vma::ra_misses). Clamped to the VMA's file pages and to `eof`
+// (the first page wholly past the end of the file).
 FileRange readahead_window(const Vma& vma, std::uint64_t page, FileRange around, std::uint64_t eof);
 
-// Makes file page `need` of the window filled: reads every page of `window` around `need` that is
-// neither filled nor being read, in one read, into the cache, unless another thread fills `need`
-// meanwhile (then waits for it and reads nothing). Pages other than `need` are marked read-ahead.
-// If the read fails or ends early before `need`, `need` is read again alone. Only pages read whole
-// (or up to the end of the file) become filled.
-// `need` == window.last means "no page is needed": a readahead of whatever of the window is free.
-// `eof_bytes` is the file's size; the window must end at or before the page that contains its end.
-// Returns 0 once `need` (or, for a readahead, some page) is filled; else the errno of the read, or
-// ENODATA for a short read (the file ended before fstat said).
-int filemap_read(PageCache& cache, std::uint64_t need, FileRange window, std::uint64_t eof_bytes, FileRead* out);
+// Records a readahead for the VMA's state: the next sequential fault will be at its end.
+void readahead_update(Vma& vma, FileRange read);
 
-// Records a read for the VMA's readahead state: the next sequential fault will be at its end.
-void readahead_update(Vma& vma, const FileRead& read);
+// Which of the pages at [addr, addr + n pages) the page cache holds up to date (a page being read
+// is not), one byte per page with bit 0 (mincore on the VMA's mapping of the file). n is at most
+// kFileProbePages. For a file the process neither owns nor may write, the kernel hides its page
+// cache and says every page is there.
+int filemap_probe(std::uintptr_t addr, std::size_t n, unsigned char* vec);
+
+// Starts reading the pages at [addr, addr + len) into the page cache, without waiting.
+int filemap_readahead(std::uintptr_t addr, std::size_t len);
 
 }  // namespace usermm::detail

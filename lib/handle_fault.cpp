@@ -13,6 +13,7 @@
 #include "filemap.hpp"
 #include "find_vma.hpp"
 #include "map_budget.hpp"
+#include "mapped_file.hpp"
 #include "page_ops.hpp"
 #include "snapshot.hpp"
 
@@ -76,19 +77,12 @@ struct PageRange {
 };
 
 // Publishes `prot` for the locked range: the kernel already has it, so the PTEs may say so. File
-// pages read ahead that become readable here count as readahead hits.
+// pages read ahead that become accessible here count as readahead hits.
 void publish(vm_fault& vmf, PageRange r, Prot prot) {
     ArenaCore& arena = *vmf.arena;
     for (std::size_t i = r.first; i < r.last; ++i) {
         const pte_t old = pte_t(arena.pte[i].load(kRelaxed) & ~kPteLocked);
-        if (vmf.vma->file) {
-            std::atomic<cache_state_t>& st = vmf.vma->file->state(vmf.vma->file_page(arena.page_addr(i)));
-            if (pte_prot(old) == 0)
-                vmf.readahead_hits += (st.fetch_and(cache_state_t(~kCacheReadahead), kRelaxed) & kCacheReadahead) != 0;
-            // Dirty in the page cache too, where every shared VMA of the file, in this process or
-            // a forked one, sees it: any of them writes it back.
-            if (allows(prot, Prot::Write) && vmf.vma->share == Share::Shared) st.fetch_or(kCacheDirty, kRelaxed);
-        }
+        vmf.readahead_hits += (old & kPteReadahead) && pte_prot(old) == 0 && prot != Prot::None;
         arena.pte[i].store(pte_with_prot(old, prot), kRelease);
         if (allows(prot, Prot::Write)) arena.note_changed(i);
     }
@@ -99,29 +93,23 @@ void unlock_unchanged(ArenaCore& arena, PageRange r) {
     for (std::size_t i = r.first; i < r.last; ++i) arena.pte[i].fetch_and(pte_t(~kPteLocked), kRelease);
 }
 
-// Extends a locked range over neighbours whose PTE is exactly `state` and that `ready(page)`
-// allows, locking each, without crossing `limit`. Stops at the first page another thread holds or
-// that is in another state.
+// Extends a locked range over neighbours whose PTE is exactly `state` (but for bits in `ignore`,
+// which stay as they are) and that `ready(page)` allows, locking each, without crossing `limit`.
+// Stops at the first page another thread holds or that is in another state.
 template <typename Ready>
-PageRange lock_neighbours(ArenaCore& arena, PageRange r, PageRange limit, pte_t state, Ready ready) {
+PageRange lock_neighbours(ArenaCore& arena, PageRange r, PageRange limit, pte_t state, Ready ready, pte_t ignore = 0) {
     auto lock = [&](std::size_t i) {
         if (!ready(i)) return false;
-        pte_t expected = state;
-        return arena.pte[i].compare_exchange_strong(expected, pte_t(state | kPteLocked), kAcquire, kRelaxed);
+        pte_t v = arena.pte[i].load(kRelaxed);
+        if ((v & ~ignore) != state) return false;
+        return arena.pte[i].compare_exchange_strong(v, pte_t(v | kPteLocked), kAcquire, kRelaxed);
     };
     while (r.first > limit.first && lock(r.first - 1)) --r.first;
     while (r.last < limit.last && lock(r.last)) ++r.last;
     return r;
 }
 
-// Whether a fault may map page i of its VMA: any page of anonymous memory; for a file VMA, a page
-// whose file page is in the page cache and not past the end of the file.
-bool page_ready(const vm_fault& vmf, std::size_t i) {
-    const Vma& vma = *vmf.vma;
-    if (!vma.file) return true;
-    const std::uint64_t f = vma.file_page(vmf.arena->page_addr(i));
-    return f < vmf.file_eof && (vma.file->state(f).load(kAcquire) & kCacheFilled);
-}
+constexpr auto any_page = [](std::size_t) { return true; };
 
 PageRange vma_pages(const ArenaCore& arena, const Vma& vma) {
     return {arena.page_index(vma.start), arena.page_index(vma.end)};
@@ -233,8 +221,8 @@ FaultResult install_failed(vm_fault& vmf, int err) {
 // kernel mapping splits nothing, so the kernel does not refuse it for the count: what the access
 // needs goes to every page of the kernel mapping around the fault (all have the faulting page's
 // protection and backing, whatever else their states say), as far as the VMA reaches.
-// Only if the mapping reaches beyond the VMA (or into pages not ready) does the kernel have to
-// split, and may refuse: then nothing can be done.
+// Only if the mapping reaches beyond the VMA does the kernel have to split, and may refuse: then
+// nothing can be done.
 //
 // Entered with the faulting page locked from state `cur` and its neighbours unlocked.
 FaultResult do_merging_fault(vm_fault& vmf, pte_t cur) {
@@ -244,7 +232,6 @@ FaultResult do_merging_fault(vm_fault& vmf, pte_t cur) {
     const pte_t kind = cur & (kPteProt | kPteFile);
     bool busy = false;  // the mapping goes on into a page another fault holds
     auto lock = [&](std::size_t i) {
-        if (!page_ready(vmf, i)) return false;
         for (pte_t v = arena.pte[i].load(kRelaxed);;) {
             if (v & kPteLocked) {
                 busy = (v & (kPteProt | kPteFile)) == kind;
@@ -297,8 +284,7 @@ FaultResult do_merging_fault(vm_fault& vmf, pte_t cur) {
 FaultResult do_degraded_fault(vm_fault& vmf, pte_t cur) {
     ArenaCore& arena = *vmf.arena;
     const std::size_t page = arena.page_index(vmf.address);
-    const PageRange run = lock_neighbours(arena, {page, page + 1}, vma_pages(arena, *vmf.vma), cur,
-                                          [&vmf](std::size_t i) { return page_ready(vmf, i); });
+    const PageRange run = lock_neighbours(arena, {page, page + 1}, vma_pages(arena, *vmf.vma), cur, any_page);
     int err = install(vmf, run, vmf.vma->prot, cur, Budget::Enforce);
     // Past RLIMIT_DATA a read still gets its pages, without write access (which is not counted).
     if (err == kDataLimit && vmf.access != Access::Write)
@@ -356,7 +342,7 @@ PageRange reach_granted_neighbours(vm_fault& vmf, PageRange r, Prot prot) {
     ArenaCore& arena = *vmf.arena;
     const PageRange vma = vma_pages(arena, *vmf.vma);
     const PageRange limit{r.first - std::min(r.first - vma.first, kReachPages), std::min(vma.last, r.last + kReachPages)};
-    PageRange wide = lock_neighbours(arena, r, limit, 0, [](std::size_t) { return true; });
+    PageRange wide = lock_neighbours(arena, r, limit, 0, any_page);
     auto granted = [&](std::size_t i) { return pte_prot(arena.pte[i].load(kRelaxed)) == to_pte(prot); };
     if (wide.first < r.first && !(wide.first > vma.first && granted(wide.first - 1))) {
         unlock_unchanged(arena, {wide.first, r.first});
@@ -385,7 +371,7 @@ FaultResult do_anonymous_fault(vm_fault& vmf, pte_t cur) {
     PageRange r{page, page + 1};
     if (const std::size_t window = vma.fault_around_pages; window > 1) {
         const PageRange limit = clamp(around_pages(vmf, window), vma_pages(arena, vma));
-        r = lock_neighbours(arena, r, limit, 0, [](std::size_t) { return true; });
+        r = lock_neighbours(arena, r, limit, 0, any_page);
         if (arena.kernel_maps.load(kRelaxed) > kReachAboveMaps) r = reach_granted_neighbours(vmf, r, prot);
     }
     return install_or_degrade(vmf, r, prot, 0, FaultKind::Anonymous);
@@ -401,6 +387,10 @@ FaultResult do_upgrade_fault(vm_fault& vmf, pte_t cur) {
 }
 
 // --- file VMAs: the kernel's do_read_fault, do_cow_fault and do_shared_fault ------------------
+//
+// The VMA's kernel mapping is the file: the kernel reads a page when the program touches it after
+// usermm granted access, so no usermm lock is held across the I/O. usermm decides the window,
+// starts its readahead, and counts a fault major when its page was not in the page cache.
 
 // The fault cannot be given the page's content: the program gets SIGBUS, as from the kernel.
 // The faulting page's PTE goes back to `cur`.
@@ -415,89 +405,161 @@ FaultResult file_bus_error(vm_fault& vmf, pte_t cur, const char* what, std::uint
     return FaultResult::BusError;
 }
 
-// The fault-around window around the faulting page (file page f), as file pages.
-FileRange around_window(const vm_fault& vmf, std::uint64_t f) {
-    const std::size_t page = vmf.arena->page_index(vmf.address);
-    const PageRange r = around_pages(vmf, std::max<std::size_t>(vmf.vma->fault_around_pages, 1));
-    return {f >= page - r.first ? f - (page - r.first) : 0, f + (r.last - page)};
-}
-
-void note_read(vm_fault& vmf, const FileRead& rd) {
-    const std::uint64_t n = rd.pages.last - rd.pages.first;
-    vmf.read_pages += std::uint32_t(n);
-    vmf.read_bytes += rd.bytes;
-    vmf.readahead_pages += std::uint32_t(n - (rd.need_read ? 1 : 0));
-    vmf.major |= rd.need_read;
-    readahead_update(*vmf.vma, rd);
-}
-
-// Makes the faulting page's file page present in the page cache: a major fault reads it with its
-// read window; a minor fault on a page read ahead whose window reaches the end of what was read
-// reads the next window now (the kernel's asynchronous readahead, done in the faulting thread).
-// Returns 0 or the errno of the read the fault needed.
-int filemap_fault(vm_fault& vmf, std::uint64_t f, std::uint64_t size, FileRead* failed) {
-    Vma& vma = *vmf.vma;
-    PageCache& cache = *vma.file;
-    const FileRange around = around_window(vmf, f);
-    const cache_state_t st = cache.state(f).load(kAcquire);
-    if (!(st & kCacheFilled)) {
-        FileRead rd;
-        if (f != vma.ra_next.load(kRelaxed) && vma.ra_misses.load(kRelaxed) < 10 * kReadaroundMisses)
-            vma.ra_misses.fetch_add(1, kRelaxed);
-        const FileRange window = readahead_window(vma, f, around, vmf.file_eof);
-        if (const int err = filemap_read(cache, f, window, size, &rd)) {
-            *failed = rd;
-            return err;
-        }
-        note_read(vmf, rd);
-        return 0;
+// What the page cache holds of the pages a fault looks at, asked once per fault.
+struct CacheProbe {
+    std::size_t first = 0;  // arena page indices [first, last)
+    std::size_t last = 0;
+    bool known = false;  // if mincore failed, every page counts as cached (minor)
+    unsigned char vec[kFileProbePages];
+    void ask(const ArenaCore& arena, PageRange r) {
+        first = r.first;
+        last = std::min(r.last, r.first + kFileProbePages);
+        known = filemap_probe(arena.page_addr(first), last - first, vec) == 0;
     }
-    if (const std::uint32_t misses = vma.ra_misses.load(kRelaxed))
-        vma.ra_misses.store(misses - 1, kRelaxed);  // racy on purpose: a heuristic, like the kernel's
-    const std::uint64_t next = vma.ra_next.load(kRelaxed);
-    if ((st & kCacheReadahead) && vma.advice != Advice::Random && around.last >= next && next < vmf.file_eof &&
-        next > f) {
-        const FileRange window = readahead_window(vma, next, {next, next + (around.last - around.first)}, vmf.file_eof);
-        FileRead rd;
-        if (filemap_read(cache, window.last, window, size, &rd) == 0) note_read(vmf, rd);
-    }
-    return 0;
+    bool cached(std::size_t i) const { return !known || i < first || i >= last || (vec[i - first] & 1); }
+};
+
+// The bytes of file page f that the file holds (all but the part of a last page past the end).
+std::uint64_t page_bytes(const vm_fault& vmf, std::uint64_t f) {
+    const std::uint64_t at = f << g_page_shift;
+    return at >= vmf.file_size ? 0 : std::min<std::uint64_t>(g_page_size, vmf.file_size - at);
 }
 
-// A read of a page the VMA has not mapped: the page and the pages of its fault-around window
-// that are in the page cache become readable (not writable, so that a write is still seen). A
-// sequential reader, whose readahead window has grown past fault-around, gets the pages read ahead
-// of it mapped at once, all but the last fault-around window: the fault there reads the next
-// window while the reader still has pages to go (filemap_fault), as the kernel's readahead marker
-// starts the next read before the reader reaches the end of the current one.
+// Marks page i as read ahead if the cache lacks it and it is untouched, unlocked and not marked
+// yet; true if this call marked it.
+bool mark_readahead(ArenaCore& arena, const CacheProbe& probe, std::size_t i) {
+    if (probe.cached(i)) return false;
+    pte_t v = arena.pte[i].load(kRelaxed);
+    return pte_prot(v) == 0 && !(v & (kPteLocked | kPteSaved | kPteReadahead)) &&
+           arena.pte[i].compare_exchange_strong(v, pte_t(v | kPteReadahead), kRelaxed, kRelaxed);
+}
+
+// A read of a page the VMA has not mapped. Around the faulting page, the fault-around window
+// becomes readable (not writable, so that a write is still seen), and the readahead window is
+// read ahead (MADV_WILLNEED starts the I/O and returns). A sequential reader, whose readahead
+// window has grown past fault-around, gets the pages read ahead of it mapped at once, all but the
+// last fault-around window: the fault there (on a page marked read ahead, whose window reaches
+// the end of the last readahead) starts the next readahead while the reader still has pages to
+// go, as the kernel's readahead marker does. The pages mapped are those the cache holds or that
+// this fault or an earlier one read ahead: the kernel's fault on any of them waits only for I/O
+// that usermm started and counted.
 FaultResult do_read_fault(vm_fault& vmf, pte_t cur) {
     ArenaCore& arena = *vmf.arena;
-    const Vma& vma = *vmf.vma;
+    Vma& vma = *vmf.vma;
     const std::size_t page = arena.page_index(vmf.address);
-    const std::size_t window = std::max<std::size_t>(vma.fault_around_pages, 1);
-    PageRange around = around_pages(vmf, window);
-    if (vma.advice != Advice::Random && vma.ra_window.load(kRelaxed) > window) {
-        const std::uint64_t f = vma.file_page(vmf.address), next = vma.ra_next.load(kRelaxed);
-        if (next > f + window) around.last = std::max<std::size_t>(around.last, page + std::size_t(next - f) - window);
+    const std::uint64_t f = vma.file_page(vmf.address);
+    auto file_of = [&](std::size_t i) { return i >= page ? f + (i - page) : f - (page - i); };
+    auto page_of = [&](std::uint64_t x) { return x >= f ? page + std::size_t(x - f) : page - std::size_t(f - x); };
+    const std::size_t window = std::clamp<std::size_t>(vma.fault_around_pages, 1, kFileProbePages / 4);
+    const PageRange vma_r = vma_pages(arena, vma);
+    const PageRange valid{vma_r.first, std::min<std::size_t>(vma_r.last, page_of(vmf.file_eof))};
+    const PageRange around = clamp(around_pages(vmf, window), valid);
+
+    CacheProbe probe;
+    probe.ask(arena, clamp({page - std::min(page, window), page + kFileProbePages - window}, valid));
+    // A page read ahead is in the page cache or on its way there: the kernel finds it (a minor
+    // fault, as the kernel counts it, if one that may wait for the read to end).
+    auto requested = [&](std::size_t i) { return probe.cached(i) || (arena.pte[i].load(kRelaxed) & kPteReadahead); };
+    const bool cached = probe.cached(page) || (cur & kPteReadahead);
+    const std::uint64_t next = vma.ra_next.load(kRelaxed);
+    if (!cached && f != next && vma.ra_misses.load(kRelaxed) < 10 * kReadaroundMisses)
+        vma.ra_misses.fetch_add(1, kRelaxed);
+    else if (const std::uint32_t misses = vma.ra_misses.load(kRelaxed); cached && misses)
+        vma.ra_misses.store(misses - 1, kRelaxed);  // racy on purpose: a heuristic, like the kernel's
+
+    FileRange ra;
+    if ((cur & kPteReadahead) && vma.advice != Advice::Random && file_of(around.last) >= next && next > f &&
+        next < vmf.file_eof)
+        ra = readahead_window(vma, next, {next, next + (around.last - around.first)}, vmf.file_eof);
+    else
+        ra = readahead_window(vma, f, {file_of(around.first), file_of(around.last)}, vmf.file_eof);
+    const PageRange ra_pages = clamp({page_of(ra.first), page_of(ra.last)}, {probe.first, probe.last});
+    readahead_update(vma, {file_of(ra_pages.first), file_of(ra_pages.last)});
+
+    PageRange grant = around;
+    if (vma.advice != Advice::Random && ra_pages.last - ra_pages.first > window && ra_pages.last > page + window)
+        grant.last = std::max(grant.last, ra_pages.last - window);
+    grant = clamp(grant, {probe.first, probe.last});
+
+    // The pages this fault has the kernel read (counted once per VMA: by the fault that locks or
+    // marks them, which no other fault of the arena can do at the same time): the faulting page if
+    // the cache lacks it, and the pages of the readahead window the cache lacks and no earlier fault
+    // read ahead. Those it maps at once are readahead hits as well (the pages marked before count
+    // in publish()); those beyond its mapping get the readahead mark.
+    auto ready = [&](std::size_t i) { return requested(i) || (i >= ra_pages.first && i < ra_pages.last); };
+    const PageRange r = lock_neighbours(arena, {page, page + 1}, grant, pte_t(cur & ~kPteReadahead), ready, kPteReadahead);
+    // Only what this fault claimed is read ahead by it, so that no page is read uncounted.
+    std::uint32_t fresh = 0;
+    PageRange run{0, 0};
+    auto flush = [&] {
+        if (run.first != run.last)
+            filemap_readahead(arena.page_addr(run.first), (run.last - run.first) << g_page_shift);
+    };
+    auto claim = [&](std::size_t i) {
+        if (i != page) {
+            ++fresh;
+            vmf.read_bytes += page_bytes(vmf, file_of(i));
+        }
+        if (run.last != i) {
+            flush();
+            run.first = i;
+        }
+        run.last = i + 1;
+    };
+    for (std::size_t i = r.first; i < std::min(r.last, ra_pages.last); ++i) {
+        if (i == page) {
+            if (!cached) claim(i);
+        } else if (i >= ra_pages.first && !probe.cached(i) && !(arena.pte[i].load(kRelaxed) & kPteReadahead)) {
+            claim(i);
+            ++vmf.readahead_hits;
+        }
     }
-    const PageRange limit = clamp(around, vma_pages(arena, vma));
-    const PageRange r =
-        lock_neighbours(arena, {page, page + 1}, limit, cur, [&vmf](std::size_t i) { return page_ready(vmf, i); });
+    for (std::size_t i = std::max(ra_pages.first, r.last); i < ra_pages.last; ++i)
+        if (mark_readahead(arena, probe, i)) claim(i);
+    flush();
+    if (!cached) vmf.read_bytes += page_bytes(vmf, f);
+    vmf.major = !cached;
+    vmf.read_pages += fresh + !cached;
+    vmf.readahead_pages += fresh;
     return install_or_degrade(vmf, r, grant_for(Access::Read, vma.prot), cur, FaultKind::File);
+}
+
+// The first access to a page is a write: whether the kernel must read the page first.
+void probe_written_page(vm_fault& vmf) {
+    CacheProbe probe;
+    const std::size_t page = vmf.arena->page_index(vmf.address);
+    probe.ask(*vmf.arena, {page, page + 1});
+    vmf.major = !probe.cached(page) && !(vmf.arena->pte[page].load(kRelaxed) & kPteReadahead);
+    vmf.read_pages += vmf.major;
+    if (vmf.major) vmf.read_bytes += page_bytes(vmf, vmf.vma->file_page(vmf.address));
 }
 
 // A write to a page of a private file VMA: it becomes writable, and the kernel copies the page
 // cache's page into the VMA's own at the write itself; the file and other VMAs never see it.
 FaultResult do_cow_fault(vm_fault& vmf, pte_t cur) {
+    probe_written_page(vmf);
     const std::size_t page = vmf.arena->page_index(vmf.address);
     return install_or_degrade(vmf, {page, page + 1}, vmf.vma->prot, cur, FaultKind::File);
 }
 
 // A write to a page of a shared file VMA: it becomes writable and dirty (install() counts it), in
-// the page cache every shared VMA of the file maps; write-back takes it to the file.
+// the page cache that every mapping of the file shares; write-back takes it to the file.
 FaultResult do_shared_fault(vm_fault& vmf, pte_t cur) {
+    probe_written_page(vmf);
     const std::size_t page = vmf.arena->page_index(vmf.address);
     return install_or_degrade(vmf, {page, page + 1}, vmf.vma->prot, cur, FaultKind::File);
+}
+
+// A page whose write-back failed, whose content usermm holds: the copy goes back into the page
+// cache (the kernel may have dropped the page and read the disk's older content) before the
+// program can see the page again. The copy stays until a write-back of the page succeeds.
+int restore_saved(const vm_fault& vmf, std::uint64_t f, std::uint64_t size) {
+    const MappedFile& file = *vmf.vma->file;
+    const SavedPage* saved = file.find_saved(f);
+    const std::uint64_t at = f << g_page_shift;
+    if (!saved || at >= size) return 0;
+    return page_write_file(file.fd, saved->content.get(), std::size_t(std::min<std::uint64_t>(g_page_size, size - at)),
+                           at);
 }
 
 // A fault in a file VMA, with its PTE locked from `cur`. The end of the file is looked up at every
@@ -507,16 +569,39 @@ FaultResult do_file_fault(vm_fault& vmf, pte_t cur) {
     const std::uint64_t f = vma.file_page(vmf.address);
     std::uint64_t size = 0;
     if (const int err = page_file_size(vma.file->fd, &size)) return file_bus_error(vmf, cur, "fstat of", 0, err);
+    vmf.file_size = size;
     vmf.file_eof = (size + g_page_size - 1) >> g_page_shift;
     if (f >= vmf.file_eof) return file_bus_error(vmf, cur, "the page is past the end of", f << g_page_shift, 0);
-    if (pte_prot(cur) != 0) return do_upgrade_fault(vmf, cur);  // the content is mapped already
-    FileRead failed;
-    if (const int err = filemap_fault(vmf, f, size, &failed)) {
-        if (err == ENODATA) return file_bus_error(vmf, cur, "short read of", failed.at + failed.bytes, 0);
-        return file_bus_error(vmf, cur, "reading", failed.at + failed.bytes, err);
+    if (cur & kPteSaved) {
+        if (const int err = restore_saved(vmf, f, size))
+            return file_bus_error(vmf, cur, "writing the saved copy of the page back to", f << g_page_shift, err);
+        cur = pte_t(cur & ~kPteSaved);
+        vmf.arena->pte_of(vmf.address).store(pte_t(cur | kPteLocked), kRelaxed);
     }
+    if (pte_prot(cur) != 0) return do_upgrade_fault(vmf, cur);  // the content is mapped already
     if (vmf.access != Access::Write) return do_read_fault(vmf, cur);
     return vma.share == Share::Shared ? do_shared_fault(vmf, cur) : do_cow_fault(vmf, cur);
+}
+
+// The kernel refused a page usermm had granted, with SIGBUS: the page lies past the end of the
+// file (it was truncated), or it could not be read (an I/O error) or given blocks (no space for a
+// page of a sparse file). Passed on, as with mmap.
+FaultResult do_file_sigbus(vm_fault& vmf) {
+    const Vma& vma = *vmf.vma;
+    const std::uint64_t at = vma.file_page(vmf.address) << g_page_shift;
+    std::uint64_t size = 0;
+    const int err = page_file_size(vma.file->fd, &size);
+    if (vmf.diag) {
+        RawLine& d = *vmf.diag;
+        d.str("usermm: SIGBUS: ").str(access_name(vmf.access)).str(" at ").hex(vmf.address).str(" in VMA '");
+        d.str(vma.name).str("': ");
+        if (!err && at >= size)
+            d.str("the page is past the end of '").str(vma.file->path).str("' (offset ").hex(at).str(", size ").hex(size).str(")");
+        else
+            d.str("the kernel could not read or allocate the page of '").str(vma.file->path).str("' at offset ").hex(at)
+                .str(" (an I/O error, or no space for a page of a sparse file)");
+    }
+    return FaultResult::BusError;
 }
 
 // Locks the faulting page's PTE and dispatches on its state. Another thread resolving the same
@@ -592,13 +677,15 @@ void describe_access_error(const vm_fault& vmf) {
 FaultResult handle_arena_fault(vm_fault& vmf) {
     Vma* vma = find_vma(*vmf.arena, vmf.address);
     if (vma && vma->start <= vmf.address) vmf.vma = vma;
-    // A SIGSEGV is a protection usermm set; a SIGBUS in an arena is a userfaultfd write-protect
-    // fault of the uffd engine, or else the kernel's verdict on the mapping, which demand-zero
-    // memory never earns.
+    // A SIGSEGV is a protection usermm set; a SIGBUS in an arena is the kernel's verdict on a file
+    // page, or a userfaultfd write-protect fault of the uffd engine (file VMAs are not registered),
+    // or else the kernel's verdict on the mapping, which demand-zero memory never earns.
     FaultResult r = FaultResult::AccessError;
     if (vmf.vma && vmf.signo == SIGSEGV)
         r = handle_pte_fault(vmf);
-    else if (vmf.vma && vmf.signo == SIGBUS && tracking_engine() == TrackingEngine::Uffd && !vmf.vma->file &&
+    else if (vmf.vma && vmf.signo == SIGBUS && vmf.vma->file)
+        r = do_file_sigbus(vmf);
+    else if (vmf.vma && vmf.signo == SIGBUS && tracking_engine() == TrackingEngine::Uffd &&
              allows(vmf.vma->prot, Prot::Write))
         r = do_wp_page(vmf);
     if (r == FaultResult::AccessError) describe_access_error(vmf);  // a BusError described itself

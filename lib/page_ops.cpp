@@ -74,13 +74,6 @@ int page_alloc_table(std::size_t len, void** out) {
     return 0;
 }
 
-int page_alloc_shared_table(std::size_t len, void** out) {
-    void* p = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (p == MAP_FAILED) return errno;
-    *out = p;
-    return 0;
-}
-
 int page_release(std::uintptr_t addr, std::size_t len) { return result(munmap(reinterpret_cast<void*>(addr), len)); }
 
 int page_protect(std::uintptr_t addr, std::size_t len, Prot prot) {
@@ -206,23 +199,11 @@ int page_write_raw_pages(std::uintptr_t addr, const std::byte* const* pages, std
     return 0;
 }
 
-namespace {
-constinit std::atomic<FileReadHook> g_read_hook{nullptr};
-constinit std::atomic<FileWriteHook> g_write_hook{nullptr};
-}  // namespace
-
-void set_file_io_hooks(FileReadHook read, FileWriteHook write) {
-    g_read_hook.store(read);
-    g_write_hook.store(write);
-}
-
 int page_read_file(int fd, void* buf, std::size_t len, std::uint64_t off, std::size_t* done) {
-    const FileReadHook hook = g_read_hook.load(std::memory_order_relaxed);
     char* p = static_cast<char*>(buf);
     *done = 0;
     while (*done < len) {
-        const ssize_t n = hook ? ssize_t(hook(fd, p + *done, len - *done, off + *done))
-                               : pread(fd, p + *done, len - *done, off_t(off + *done));
+        const ssize_t n = pread(fd, p + *done, len - *done, off_t(off + *done));
         if (n < 0 && errno == EINTR) continue;
         if (n < 0) return errno;
         if (n == 0) break;
@@ -232,10 +213,9 @@ int page_read_file(int fd, void* buf, std::size_t len, std::uint64_t off, std::s
 }
 
 int page_write_file(int fd, const void* buf, std::size_t len, std::uint64_t off) {
-    const FileWriteHook hook = g_write_hook.load(std::memory_order_relaxed);
     const char* p = static_cast<const char*>(buf);
     while (len) {
-        const ssize_t n = hook ? ssize_t(hook(fd, p, len, off)) : pwrite(fd, p, len, off_t(off));
+        const ssize_t n = pwrite(fd, p, len, off_t(off));
         if (n < 0 && errno == EINTR) continue;
         if (n < 0) return errno;
         if (n == 0) return EIO;
@@ -255,42 +235,34 @@ int page_file_size(int fd, std::uint64_t* size) {
 
 int page_sync_file(int fd) { return result(fdatasync(fd)); }
 
-int page_memfd_create(const char* name, std::uint64_t size, int* out) {
-    const int fd = memfd_create(name, MFD_CLOEXEC);
-    if (fd < 0) return errno;
-    if (ftruncate(fd, off_t(size)) != 0) {
-        const int err = errno;
-        close(fd);
-        return err;
-    }
-    *out = fd;
-    return 0;
+int page_advise(std::uintptr_t addr, std::size_t len, int advice) {
+    return result(madvise(reinterpret_cast<void*>(addr), len, advice));
 }
 
-int page_memfd_resize(int memfd, std::uint64_t size) { return result(ftruncate(memfd, off_t(size))); }
-
-int page_memfd_punch(int memfd, std::uint64_t off, std::uint64_t len) {
-    return result(fallocate(memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off_t(off), off_t(len)));
-}
-
-int page_map_view(int memfd, std::uint64_t off, std::size_t len, void** out) {
-    void* p = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, memfd, off_t(off));
-    if (p == MAP_FAILED) return errno;
-    *out = p;
-    return 0;
-}
-
-int page_map_file_fixed(std::uintptr_t addr, std::size_t len, int memfd, std::uint64_t off, bool shared) {
+int page_map_file_fixed(std::uintptr_t addr, std::size_t len, int fd, std::uint64_t off, bool shared) {
     void* want = reinterpret_cast<void*>(addr);
-    if (shared) return mmap(want, len, PROT_NONE, MAP_SHARED | MAP_FIXED | MAP_NORESERVE, memfd, off_t(off)) == MAP_FAILED ? errno : 0;
-    // A private mapping gets its anon_vma (a private copy of the first page, dropped again) where it
-    // has no neighbours, then moves into place: mapped there directly, it could merge into a
-    // neighbour first, and whether it merges with the other one later would depend on whose
-    // anon_vma it took. Moved, it never merges with either, and the map budget knows its edges.
-    void* p = mmap(nullptr, len, PROT_NONE, MAP_PRIVATE | MAP_NORESERVE, memfd, off_t(off));
+    auto in_place = [&] {
+        const int flags = (shared ? MAP_SHARED : MAP_PRIVATE) | MAP_FIXED | MAP_NORESERVE;
+        return mmap(want, len, PROT_NONE, flags, fd, off_t(off)) == MAP_FAILED ? errno : 0;
+    };
+    if (shared) return in_place();
+    // The private mapping gets its anon_vma where it has no neighbours, then moves into place:
+    // mapped there directly, it could merge into a neighbour first, and whether it merges with the
+    // other one later would depend on whose anon_vma it took. Moved, it merges with neither. The
+    // write reads the first page (MADV_RANDOM: that page alone, without the kernel's read-around),
+    // which leaves the page cache as it was: a page it was not holding goes again.
+    void* p = mmap(nullptr, len, PROT_NONE, MAP_PRIVATE | MAP_NORESERVE, fd, off_t(off));
     if (p == MAP_FAILED) return errno;
-    int err = write_once_and_discard(p);
-    if (!err && mremap(p, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, want) == MAP_FAILED) err = errno;
+    unsigned char cached = 1;
+    mincore(p, g_page_size, &cached);
+    madvise(p, len, MADV_RANDOM);
+    if (write_once_and_discard(p) != 0) {  // past the end of the file: nothing to copy
+        munmap(p, len);
+        return in_place();
+    }
+    madvise(p, len, MADV_NORMAL);
+    if (!(cached & 1)) posix_fadvise(fd, off_t(off), off_t(g_page_size), POSIX_FADV_DONTNEED);
+    const int err = mremap(p, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, want) == MAP_FAILED ? errno : 0;
     if (err) munmap(p, len);
     return err;
 }

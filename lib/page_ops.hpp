@@ -15,8 +15,6 @@ int page_reserve(std::size_t len, void** out);
 int page_reserve_at(std::uintptr_t addr, std::size_t len);
 // Anonymous read-write memory the kernel fills with zeros on demand (for metadata tables).
 int page_alloc_table(std::size_t len, void** out);
-// The same, shared with a forked child rather than copied (the page cache's state).
-int page_alloc_shared_table(std::size_t len, void** out);
 int page_release(std::uintptr_t addr, std::size_t len);
 int page_protect(std::uintptr_t addr, std::size_t len, Prot prot);
 // Which pages of the range are in memory now (mincore). vec gets one byte per page, bit 0 set.
@@ -49,35 +47,28 @@ int page_write_raw(std::uintptr_t addr, const void* src, std::size_t len);
 // up to 256 pages instead of a write per page. API world.
 int page_write_raw_pages(std::uintptr_t addr, const std::byte* const* pages, std::size_t n);
 
-// --- files and the page cache's memfd ---------------------------------------------------------
+// --- files ----------------------------------------------------------------------------------
 
 // Reads up to len bytes of the file at off into buf, as many as the file has: *done < len only at
 // the end of the file. Returns 0 or the errno of a failed read.
 int page_read_file(int fd, void* buf, std::size_t len, std::uint64_t off, std::size_t* done);
 // Writes all of buf to the file at off, or returns the errno (a write that makes no progress is EIO).
 int page_write_file(int fd, const void* buf, std::size_t len, std::uint64_t off);
-// For tests of I/O errors: replace the read and write system calls of the two functions above
-// (nullptr puts the real ones back). The hooks see the same arguments as pread/pwrite.
-using FileReadHook = long (*)(int fd, void* buf, std::size_t len, std::uint64_t off);
-using FileWriteHook = long (*)(int fd, const void* buf, std::size_t len, std::uint64_t off);
-void set_file_io_hooks(FileReadHook read, FileWriteHook write);
 int page_file_size(int fd, std::uint64_t* size);
 int page_sync_file(int fd);  // fdatasync
+// madvise(2) on the range, for the advice values the kernel's page cache takes (MADV_WILLNEED reads
+// ahead without waiting, MADV_RANDOM / MADV_SEQUENTIAL / MADV_NORMAL set the kernel's own
+// readahead, MADV_POPULATE_READ reads and maps the pages and waits).
+int page_advise(std::uintptr_t addr, std::size_t len, int advice);
 
-// A memfd of `size` bytes, close-on-exec; its size can grow later.
-int page_memfd_create(const char* name, std::uint64_t size, int* out);
-int page_memfd_resize(int memfd, std::uint64_t size);
-// Drops the memfd's pages in the byte range: they read as zeros again and free their memory.
-int page_memfd_punch(int memfd, std::uint64_t off, std::uint64_t len);
-// The runtime's own read-write view of part of the memfd, anywhere in the address space.
-int page_map_view(int memfd, std::uint64_t off, std::size_t len, void** out);
-// Replaces [addr, addr + len) of an arena by a PROT_NONE mapping of the memfd from off: shared, or
-// private (copy-on-write). A private mapping is written once while it is one piece, for the same
-// reason as page_reserve: its pieces must share one anon_vma to merge again after splits; and it
-// never merges with its neighbours.
-int page_map_file_fixed(std::uintptr_t addr, std::size_t len, int memfd, std::uint64_t off, bool shared);
+// Replaces [addr, addr + len) of an arena by a PROT_NONE mapping of the file open as fd, from off:
+// shared, or private (copy-on-write). A private mapping is written once while it is one piece, for
+// the same reason as page_reserve: its pieces must share one anon_vma to merge again after splits;
+// so that it merges with neither neighbour, that happens before it moves into place. (If its first
+// page cannot be written, past the end of the file, it is mapped in place without.)
+int page_map_file_fixed(std::uintptr_t addr, std::size_t len, int fd, std::uint64_t off, bool shared);
 // Puts a fresh piece of PROT_NONE anonymous reservation at [addr, addr + len), written once while
-// whole (see page_reserve). It never merges with the arena's other anonymous pieces.
+// whole (see page_reserve).
 int page_reserve_fixed(std::uintptr_t addr, std::size_t len);
 
 // How write access is withheld from pages whose next write must be seen (snapshots, dirty

@@ -16,8 +16,12 @@
 //    arena's last snapshot / since the last collect_dirty() that covered the page;
 //  - dirty-file: write access was granted since the page was last written back to its file (only
 //    shared file VMAs read it);
-//  - file: the page lies in a file VMA, whose kernel mapping is the page cache's memfd rather than
-//    the arena's anonymous memory, so it never merges with an anonymous neighbour;
+//  - file: the page lies in a file VMA, whose kernel mapping is the file rather than the arena's
+//    anonymous memory, so it never merges with an anonymous neighbour;
+//  - readahead: a file page usermm asked the kernel to read ahead of any access, not granted since
+//    (granted, it is a readahead hit; dropped, a readahead wasted);
+//  - saved: a shared file page whose write-back failed; usermm holds its content (MappedFile), and
+//    keeps it PROT_NONE until the copy is back in the page cache;
 //  - edge: a kernel VMA boundary may lie before this page whatever the neighbours' protections
 //    (the first page of a file mapping, the page after one, the pieces an unmapped file VMA leaves,
 //    the boundaries a forked child inherits), set where the kernel keeps the mappings apart for good.
@@ -51,6 +55,8 @@ inline constexpr pte_t kPteLocked = 0x80;        // a fault is installing this p
 inline constexpr pte_t kPteDirtyFile = 0x100;
 inline constexpr pte_t kPteFile = 0x200;
 inline constexpr pte_t kPteEdge = 0x400;
+inline constexpr pte_t kPteReadahead = 0x800;
+inline constexpr pte_t kPteSaved = 0x1000;
 inline constexpr pte_t kPteFlags = pte_t(~kPteProt & ~kPteLocked);
 
 inline constexpr pte_t pte_prot(pte_t v) { return v & kPteProt; }
@@ -58,9 +64,10 @@ inline constexpr pte_t to_pte(Prot p) { return pte_t(unsigned(p) & kPteProt); }
 inline constexpr Prot pte_to_prot(pte_t v) { return Prot(v & kPteProt); }
 
 // The PTE of a page whose kernel protection became `prot`, from its value `old` (lock bit clear).
-// Granting write makes the page populated and dirty and ends write tracking.
+// Granting write makes the page populated and dirty and ends write tracking. Any access granted
+// ends a readahead mark.
 inline constexpr pte_t pte_with_prot(pte_t old, Prot prot) {
-    const pte_t flags = old & kPteFlags;
+    const pte_t flags = pte_t(old & kPteFlags & (prot == Prot::None ? pte_t(~0) : pte_t(~kPteReadahead)));
     if (!allows(prot, Prot::Write)) return pte_t(flags | to_pte(prot));
     return pte_t((flags & ~kPteWriteTracked) | kPtePopulated | kPteDirty | kPteDirtyFile | to_pte(prot));
 }

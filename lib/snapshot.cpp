@@ -517,7 +517,7 @@ void Arena::restore(const Snapshot& snapshot) {
             (*heir)->stats.add(it->stats.load());
         Vma* dead = &*it;
         it = a.tree.erase(it);
-        vma_free(&a, dead);
+        vma_free(dead);
     }
     for (auto& v : fresh) a.tree.insert(*v.release());
     merge_range(a, r.start, r.end);

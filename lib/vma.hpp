@@ -22,7 +22,7 @@ namespace bi = boost::intrusive;
 inline constexpr std::size_t kVmaNameMax = 40;
 inline constexpr std::uint32_t kReadaroundMisses = 100;
 
-struct PageCache;
+struct MappedFile;
 
 // One mapped range of an arena, like the kernel's vm_area_struct. Created, split, merged and freed
 // only by the API world under the arena's write lock; the fault path reads it under the read lock.
@@ -32,17 +32,17 @@ struct Vma : bi::set_base_hook<bi::link_mode<bi::normal_link>, bi::optimize_size
     Prot prot = Prot::None;
     std::uint32_t fault_around_pages = 0;
     char name[kVmaNameMax] = {};
-    // File VMAs only (file == nullptr for anonymous memory): the page cache, the file page that
-    // `start` shows, how writes behave, and whether the file was opened for writing (the kernel's
+    // File VMAs only (file == nullptr for anonymous memory): the file, the file page that `start`
+    // shows, how writes behave, and whether the file was opened for writing (the kernel's
     // VM_MAYWRITE: a shared VMA may gain write access only then).
-    PageCache* file = nullptr;
+    MappedFile* file = nullptr;
     std::uint64_t pgoff = 0;
     Share share = Share::Private;
     Advice advice = Advice::Normal;
     bool may_write = false;
     std::uint32_t readahead_max = 0;  // pages
-    // Readahead state, a heuristic that faults update without a lock: where the last read ended
-    // (the file page a sequential reader faults on next) and how large it was.
+    // Readahead state, a heuristic that faults update without a lock: where the last readahead
+    // ended (the file page a sequential reader faults on next) and how large it was.
     std::atomic<std::uint64_t> ra_next{0};
     std::atomic<std::uint32_t> ra_window{0};
     // Faults that had to read a page out of sequence, less those that found theirs read already

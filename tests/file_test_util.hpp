@@ -34,6 +34,7 @@ public:
             if (pwrite(fd_, block.data(), n, off_t(at)) != ssize_t(n)) std::abort();
             at += n;
         }
+        drop_cache();
     }
     ~TempFile() {
         close(fd_);
@@ -41,6 +42,12 @@ public:
     }
     TempFile(const TempFile&) = delete;
     TempFile& operator=(const TempFile&) = delete;
+
+    // Writes the file's pages out and drops them from the kernel's page cache: the next access
+    // through any mapping reads the disk again (a major fault).
+    void drop_cache() const {
+        if (fdatasync(fd_) != 0 || posix_fadvise(fd_, 0, 0, POSIX_FADV_DONTNEED) != 0) std::abort();
+    }
 
     int fd() const { return fd_; }  // open read-write
     const std::string& path() const { return path_; }
