@@ -1,9 +1,9 @@
 // File VMAs against the kernel's mmap of the same file, side by side in one run. A 1 GiB file
 // (USERMM_BENCH_FILE_MIB sets the size, USERMM_BENCH_DIR where it lives) whose pages leave the
-// page cache (fdatasync, then posix_fadvise DONTNEED) before every pass. Every variant runs once per
-// round, in an order balanced over the rounds (run_balanced); the median of the rounds is reported
-// (USERMM_BENCH_ROUNDS, default 5), after one warm-up pass of each variant, since the first touch
-// of memory the VM has not used yet is slow.
+// page cache (fdatasync, then posix_fadvise DONTNEED) before every pass, and free memory warmed
+// (warm_free_memory). Every variant runs once per round, in an order balanced over the rounds
+// (run_balanced); the median of the rounds is reported (USERMM_BENCH_ROUNDS, default 5), after one
+// warm-up pass of each variant, since the first touch of memory the VM has not used yet is slow.
 //  - Cold sequential read, one byte of every page: usermm (Share::Private, Prot::Read, default
 //    options) against mmap(MAP_PRIVATE) and against the floor of any SIGSEGV-based runtime: the file
 //    mapped PROT_NONE in place, and a handler that mprotects the aligned window of W pages around
@@ -17,7 +17,8 @@
 //  - Memory after a full sequential read, as deltas over the pass: the page cache (Cached in
 //    /proc/meminfo) and the process's RSS and RssShmem (/proc/self/status), and the system's Shmem.
 // Every pass of a round checks that it read the same bytes as the others.
-// USERMM_BENCH_FILE_MIB=16 USERMM_BENCH_ROUNDS=1 is a smoke run of a second or two.
+// At 1 GiB a run takes about 100 s (2-core VM, loaded); USERMM_BENCH_FILE_MIB=16
+// USERMM_BENCH_ROUNDS=1 is a smoke run of a second or two.
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -252,15 +253,29 @@ std::string make_file(std::size_t size) {
     return path;
 }
 
-// Runs the variants of a group once each, the file's pages dropped before each, in the order of
-// row `round` of a Williams square (even n): over n rounds each variant runs in each place once and
-// follows each other variant once. On a VM a pass is slowed by what the pass before left (here a
-// kernel mmap read after a usermm read often took 2-4 times as long as after another mmap read).
-void run_balanced(int fd, std::size_t round, const std::vector<std::function<void()>>& variants) {
+// The VM gives memory that stays free for a while back to the host (free page reporting), and the
+// first touch of such a page again costs a trip to the host. Which free pages a pass gets depends on
+// the pass before it: here a kernel mmap read took 1.1-2.6 s after a usermm read and 0.3-0.4 s after
+// another mmap read, the difference all in the touches. Touching 1.5 times the file's size of
+// memory in huge pages and freeing it just before every pass puts warm pages first in the free
+// lists for all variants alike (the same read then took 0.4 s after a usermm read).
+void warm_free_memory(std::size_t bytes) {
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) die_errno("mmap");
+    madvise(p, bytes, MADV_HUGEPAGE);  // advice: without THP, 4 KiB pages warm the same memory
+    if (madvise(p, bytes, MADV_POPULATE_WRITE) != 0) die_errno("madvise(MADV_POPULATE_WRITE)");
+    munmap(p, bytes);
+}
+
+// Runs the variants of a group once each, the file's pages dropped and free memory warmed before
+// each, in the order of row `round` of a Williams square (even n): over n rounds each variant runs
+// in each place once and follows each other variant once.
+void run_balanced(int fd, std::size_t size, std::size_t round, const std::vector<std::function<void()>>& variants) {
     const std::size_t n = variants.size();
     for (std::size_t j = 0; j < n; ++j) {
         const std::size_t first_row = j % 2 ? (j + 1) / 2 : (n - j / 2) % n;
         drop_cache(fd);
+        warm_free_memory(size / 2 * 3);
         variants[(first_row + round) % n]();
     }
 }
@@ -318,9 +333,9 @@ int main() {
         [&] { wb_k = write_msync(path, size, dirty); },
     };
 
-    run_balanced(fd, 0, seq_variants);
-    run_balanced(fd, 0, rnd_variants);
-    run_balanced(fd, 0, wb_variants);
+    run_balanced(fd, size, 0, seq_variants);
+    run_balanced(fd, size, 0, rnd_variants);
+    run_balanced(fd, size, 0, wb_variants);
 
     struct Series {
         std::vector<double> um, k, f64, f16;
@@ -336,12 +351,12 @@ int main() {
         }
     } mem_um, mem_k;
     for (std::size_t round = 0; round < rounds; ++round) {
-        run_balanced(fd, round, seq_variants);
+        run_balanced(fd, size, round, seq_variants);
         if (seq_um.sum != seq_k.sum || seq_f64.sum != seq_k.sum || seq_f16.sum != seq_k.sum)
             die("the sequential passes read different bytes");
-        run_balanced(fd, round, rnd_variants);
+        run_balanced(fd, size, round, rnd_variants);
         if (rnd_um.sum != rnd_k.sum) die("the random passes read different bytes");
-        run_balanced(fd, round, wb_variants);
+        run_balanced(fd, size, round, wb_variants);
         seq.um.push_back(seq_um.ms);
         seq.k.push_back(seq_k.ms);
         seq.f64.push_back(seq_f64.ms);
