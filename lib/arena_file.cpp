@@ -83,7 +83,7 @@ void erase_saved(MappedFile& f, std::uint64_t first, std::uint64_t last) {
 // --- shared with arena.cpp, arena_ops.cpp and snapshot.cpp ---------------------------------------
 
 void detail::file_put(MappedFile* f) {
-    if (!f || --f->refs) return;
+    if (!f || f->refs.fetch_sub(1) != 1) return;
     close(f->fd);
     delete f;
 }
@@ -103,7 +103,7 @@ void detail::vma_copy_file(Vma& to, const Vma& from) {
     to.ra_next.store(from.ra_next.load(kRelaxed), kRelaxed);
     to.ra_window.store(from.ra_window.load(kRelaxed), kRelaxed);
     to.ra_misses.store(from.ra_misses.load(kRelaxed), kRelaxed);
-    if (to.file) ++to.file->refs;
+    if (to.file) to.file->refs.fetch_add(1);
 }
 
 void detail::refuse_file_vmas(ArenaCore& a, const char* call, Range r) {
@@ -163,7 +163,7 @@ void detail::writeback(ArenaCore& a, Vma& v, Range part, const char* call, FileS
     });
     if (!out.file) {
         out.file = &f;
-        ++f.refs;
+        f.refs.fetch_add(1);
         out.range = part;
     }
     account_writeback(a, v, pages, bytes, false);
@@ -246,38 +246,52 @@ int detail::unmap_file_part(ArenaCore& a, Vma& v, Range part) {
     (void)v;
     const std::size_t first = a.page_index(part.start), last = a.page_index(part.end);
     const long before = long(mappings_around(a, first, last).size());
-    if (const int err = page_reserve_fixed(part.start, part.end - part.start)) return err;
+    const int err = page_reserve_fixed(part.start, part.end - part.start, tracking_engine() == TrackingEngine::Uffd);
     for (std::size_t i = first; i < last; ++i) a.pte[i].fetch_and(pte_t(~(kPteFile | kPteEdge)), kRelaxed);
-    int err = 0;
-    if (tracking_engine() == TrackingEngine::Uffd) err = uffd_register(part.start, part.end - part.start);
     settle_edges(a, first, last, before);
     return err;
 }
 
-void detail::readahead_file(ArenaCore& a, Vma& v, Range part) {
-    const std::size_t first = a.page_index(part.start), last = a.page_index(part.end);
-    std::uint64_t size = 0;
-    if (page_file_size(v.file->fd, &size) != 0) return;  // advice: nothing to read
-    const std::size_t eof = first + std::size_t(std::min<std::uint64_t>(
-                                        last - first, ((size + g_page_size - 1) >> g_page_shift) > v.file_page(part.start)
-                                                          ? ((size + g_page_size - 1) >> g_page_shift) - v.file_page(part.start)
-                                                          : 0));
+namespace {
+
+// Calls fn(arena page, file offset) for each page of [first, last) the page cache lacks (mincore),
+// and returns how many and their bytes (the part of a last page past `size` excluded); false if
+// the kernel would not say.
+template <typename Fn>
+bool for_each_uncached(const ArenaCore& a, const Vma& v, std::size_t first, std::size_t last, std::uint64_t size,
+                       std::uint64_t& pages, std::uint64_t& bytes, Fn fn) {
     std::vector<unsigned char> cached(kFileProbePages);
-    std::uint64_t fresh = 0, bytes = 0;
-    for (std::size_t i = first; i < eof; i += kFileProbePages) {
-        const std::size_t n = std::min(kFileProbePages, eof - i);
-        if (filemap_probe(a.page_addr(i), n, cached.data()) != 0) return;
+    for (std::size_t i = first; i < last; i += kFileProbePages) {
+        const std::size_t n = std::min(kFileProbePages, last - i);
+        if (filemap_probe(a.page_addr(i), n, cached.data()) != 0) return false;
         for (std::size_t k = 0; k < n; ++k) {
             if (cached[k] & 1) continue;
-            ++fresh;
             const std::uint64_t at = v.file_page(a.page_addr(i + k)) << g_page_shift;
-            bytes += std::min<std::uint64_t>(g_page_size, size - at);
-            pte_t p = a.pte[i + k].load(kRelaxed);
-            if (pte_prot(p) == 0 && !(p & kPteSaved)) a.pte[i + k].store(pte_t(p | kPteReadahead), kRelaxed);
+            ++pages;
+            bytes += at < size ? std::min<std::uint64_t>(g_page_size, size - at) : 0;
+            fn(i + k);
         }
     }
-    if (eof > first) filemap_readahead(a.page_addr(first), (eof - first) << g_page_shift);
-    account_file_read(a, v, fresh, bytes);
+    return true;
+}
+
+}  // namespace
+
+void detail::readahead_file(ArenaCore& a, Vma& v, Range part) {
+    std::uint64_t size = 0;
+    if (page_file_size(v.file->fd, &size) != 0) return;  // advice: nothing to read
+    const std::uint64_t eof = (size + g_page_size - 1) >> g_page_shift;
+    const std::size_t first = a.page_index(part.start);
+    const std::size_t last = first + std::size_t(std::min<std::uint64_t>(
+                                         a.page_index(part.end) - first,
+                                         eof > v.file_page(part.start) ? eof - v.file_page(part.start) : 0));
+    std::uint64_t pages = 0, bytes = 0;
+    for_each_uncached(a, v, first, last, size, pages, bytes, [&a](std::size_t i) {
+        const pte_t p = a.pte[i].load(kRelaxed);
+        if (pte_prot(p) == 0 && !(p & kPteSaved)) a.pte[i].store(pte_t(p | kPteReadahead), kRelaxed);
+    });
+    if (last > first) filemap_readahead(a.page_addr(first), (last - first) << g_page_shift);
+    account_file_read(a, v, pages, bytes);
 }
 
 void detail::count_prefault_reads(ArenaCore& a, Vma& v, Range part, const char* call) {
@@ -287,20 +301,9 @@ void detail::count_prefault_reads(ArenaCore& a, Vma& v, Range part, const char* 
     if (v.file_page(part.end) > eof)
         fail(EFAULT, "{}: addr {:#x} is past the end of '{}' (size {:#x})", call,
              v.start + ((std::max(eof, v.file_page(part.start)) - v.pgoff) << g_page_shift), f.path, size);
-    const std::size_t first = a.page_index(part.start), last = a.page_index(part.end);
-    std::vector<unsigned char> cached(kFileProbePages);
-    std::uint64_t fresh = 0, bytes = 0;
-    for (std::size_t i = first; i < last; i += kFileProbePages) {
-        const std::size_t n = std::min(kFileProbePages, last - i);
-        if (filemap_probe(a.page_addr(i), n, cached.data()) != 0) return;
-        for (std::size_t k = 0; k < n; ++k) {
-            if (cached[k] & 1) continue;
-            ++fresh;
-            const std::uint64_t at = v.file_page(a.page_addr(i + k)) << g_page_shift;
-            bytes += std::min<std::uint64_t>(g_page_size, size - at);
-        }
-    }
-    account_file_read(a, v, fresh, bytes);
+    std::uint64_t pages = 0, bytes = 0;
+    for_each_uncached(a, v, a.page_index(part.start), a.page_index(part.end), size, pages, bytes, [](std::size_t) {});
+    account_file_read(a, v, pages, bytes);
 }
 
 void detail::advise_file(ArenaCore& a, Vma& v, Range part, Advice advice, const char* call) {
@@ -378,7 +381,7 @@ void* Arena::map_file_as(int fd, const std::string& path, std::uint64_t offset, 
     file->dev = st.st_dev;
     file->ino = st.st_ino;
     file->writable = may_write;
-    file->refs = 1;
+    file->refs.store(1);
     std::snprintf(file->path, sizeof file->path, "%s", path.c_str());
     struct FileGuard {
         std::unique_ptr<MappedFile>& f;
@@ -410,8 +413,7 @@ void* Arena::map_file_as(int fd, const std::string& path, std::uint64_t offset, 
     const long before = long(mappings_around(a, first, last).size());
     if (const int err = page_map_file_fixed(start, len, file->fd, offset, share == Share::Shared)) {
         // Whatever the kernel left there becomes reservation again, a piece of its own.
-        const int again = page_reserve_fixed(start, len);
-        if (!again && tracking_engine() == TrackingEngine::Uffd) uffd_register(start, len);
+        const int again = page_reserve_fixed(start, len, tracking_engine() == TrackingEngine::Uffd);
         settle_edges(a, first, last, before);
         if (again) fail(again, "{}: [{:#x}, {:#x}) is lost to the arena after a failed mmap", call, start, start + len);
         fail(err, "{}: cannot map '{}' (fd {}, offset {:#x}) at {:#x}", call, path, fd, offset, start);

@@ -425,24 +425,17 @@ std::uint64_t page_bytes(const vm_fault& vmf, std::uint64_t f) {
     return at >= vmf.file_size ? 0 : std::min<std::uint64_t>(g_page_size, vmf.file_size - at);
 }
 
-// Marks page i as read ahead if the cache lacks it and it is untouched, unlocked and not marked
-// yet; true if this call marked it.
-bool mark_readahead(ArenaCore& arena, const CacheProbe& probe, std::size_t i) {
-    if (probe.cached(i)) return false;
-    pte_t v = arena.pte[i].load(kRelaxed);
-    return pte_prot(v) == 0 && !(v & (kPteLocked | kPteSaved | kPteReadahead)) &&
-           arena.pte[i].compare_exchange_strong(v, pte_t(v | kPteReadahead), kRelaxed, kRelaxed);
-}
-
-// A read of a page the VMA has not mapped. Around the faulting page, the fault-around window
-// becomes readable (not writable, so that a write is still seen), and the readahead window is
-// read ahead (MADV_WILLNEED starts the I/O and returns). A sequential reader, whose readahead
-// window has grown past fault-around, gets the pages read ahead of it mapped at once, all but the
-// last fault-around window: the fault there (on a page marked read ahead, whose window reaches
-// the end of the last readahead) starts the next readahead while the reader still has pages to
-// go, as the kernel's readahead marker does. The pages mapped are those the cache holds or that
-// this fault or an earlier one read ahead: the kernel's fault on any of them waits only for I/O
-// that usermm started and counted.
+// A read of a page the VMA has not mapped: the page and its window become readable (not writable,
+// so that a write is still seen). The window is the readahead window (readahead_window: it grows
+// with a sequential reader, up to readahead_pages), or the fault-around window around the page,
+// whichever is larger; the kernel reads the pages its page cache lacks when the program touches
+// them, with its own readahead (which the VMA's advice sets: MADV_RANDOM reads the page alone), so
+// usermm holds no lock across the I/O and adds no system call to it. With Random advice, or once
+// faults out of sequence keep missing what was mapped around earlier ones, only pages the cache
+// holds are mapped around the faulting one: a page mapped is one the kernel need not read, or the
+// program's own. The fault is major if the page cache lacked its page; the pages of the window it
+// lacked count as read (the faulting page's fault-around and readahead), each once per VMA: only
+// the fault that locks a page counts it.
 FaultResult do_read_fault(vm_fault& vmf, pte_t cur) {
     ArenaCore& arena = *vmf.arena;
     Vma& vma = *vmf.vma;
@@ -450,77 +443,39 @@ FaultResult do_read_fault(vm_fault& vmf, pte_t cur) {
     const std::uint64_t f = vma.file_page(vmf.address);
     auto file_of = [&](std::size_t i) { return i >= page ? f + (i - page) : f - (page - i); };
     auto page_of = [&](std::uint64_t x) { return x >= f ? page + std::size_t(x - f) : page - std::size_t(f - x); };
-    const std::size_t window = std::clamp<std::size_t>(vma.fault_around_pages, 1, kFileProbePages / 4);
+    const std::size_t window = std::clamp<std::size_t>(vma.fault_around_pages, 1, kFileProbePages / 2);
     const PageRange vma_r = vma_pages(arena, vma);
     const PageRange valid{vma_r.first, std::min<std::size_t>(vma_r.last, page_of(vmf.file_eof))};
     const PageRange around = clamp(around_pages(vmf, window), valid);
+    const FileRange ra = readahead_window(vma, f, {file_of(around.first), file_of(around.last)}, vmf.file_eof);
+    PageRange grant{std::min(around.first, page_of(ra.first)), std::max(around.last, page_of(ra.last))};
+    grant = clamp(grant, {page >= kFileProbePages / 2 ? page - kFileProbePages / 2 : 0, page + kFileProbePages / 2});
 
     CacheProbe probe;
-    probe.ask(arena, clamp({page - std::min(page, window), page + kFileProbePages - window}, valid));
-    // A page read ahead is in the page cache or on its way there: the kernel finds it (a minor
-    // fault, as the kernel counts it, if one that may wait for the read to end).
-    auto requested = [&](std::size_t i) { return probe.cached(i) || (arena.pte[i].load(kRelaxed) & kPteReadahead); };
+    probe.ask(arena, grant);
     const bool cached = probe.cached(page) || (cur & kPteReadahead);
     const std::uint64_t next = vma.ra_next.load(kRelaxed);
     if (!cached && f != next && vma.ra_misses.load(kRelaxed) < 10 * kReadaroundMisses)
         vma.ra_misses.fetch_add(1, kRelaxed);
     else if (const std::uint32_t misses = vma.ra_misses.load(kRelaxed); cached && misses)
         vma.ra_misses.store(misses - 1, kRelaxed);  // racy on purpose: a heuristic, like the kernel's
+    readahead_update(vma, {file_of(std::max(grant.first, page)), file_of(grant.last)});
 
-    FileRange ra;
-    if ((cur & kPteReadahead) && vma.advice != Advice::Random && file_of(around.last) >= next && next > f &&
-        next < vmf.file_eof)
-        ra = readahead_window(vma, next, {next, next + (around.last - around.first)}, vmf.file_eof);
-    else
-        ra = readahead_window(vma, f, {file_of(around.first), file_of(around.last)}, vmf.file_eof);
-    const PageRange ra_pages = clamp({page_of(ra.first), page_of(ra.last)}, {probe.first, probe.last});
-    readahead_update(vma, {file_of(ra_pages.first), file_of(ra_pages.last)});
-
-    PageRange grant = around;
-    if (vma.advice != Advice::Random && ra_pages.last - ra_pages.first > window && ra_pages.last > page + window)
-        grant.last = std::max(grant.last, ra_pages.last - window);
-    grant = clamp(grant, {probe.first, probe.last});
-
-    // The pages this fault has the kernel read (counted once per VMA: by the fault that locks or
-    // marks them, which no other fault of the arena can do at the same time): the faulting page if
-    // the cache lacks it, and the pages of the readahead window the cache lacks and no earlier fault
-    // read ahead. Those it maps at once are readahead hits as well (the pages marked before count
-    // in publish()); those beyond its mapping get the readahead mark.
-    auto ready = [&](std::size_t i) { return requested(i) || (i >= ra_pages.first && i < ra_pages.last); };
+    const bool only_cached = ra.last - ra.first == 1;  // Random, or a random reader
+    auto ready = [&](std::size_t i) {
+        return !only_cached || probe.cached(i) || (arena.pte[i].load(kRelaxed) & kPteReadahead);
+    };
     const PageRange r = lock_neighbours(arena, {page, page + 1}, grant, pte_t(cur & ~kPteReadahead), ready, kPteReadahead);
-    // Only what this fault claimed is read ahead by it, so that no page is read uncounted.
-    std::uint32_t fresh = 0;
-    PageRange run{0, 0};
-    auto flush = [&] {
-        if (run.first != run.last)
-            filemap_readahead(arena.page_addr(run.first), (run.last - run.first) << g_page_shift);
-    };
-    auto claim = [&](std::size_t i) {
+    for (std::size_t i = r.first; i < r.last; ++i) {
+        if (probe.cached(i) || (arena.pte[i].load(kRelaxed) & kPteReadahead)) continue;
+        ++vmf.read_pages;
+        vmf.read_bytes += page_bytes(vmf, file_of(i));
         if (i != page) {
-            ++fresh;
-            vmf.read_bytes += page_bytes(vmf, file_of(i));
-        }
-        if (run.last != i) {
-            flush();
-            run.first = i;
-        }
-        run.last = i + 1;
-    };
-    for (std::size_t i = r.first; i < std::min(r.last, ra_pages.last); ++i) {
-        if (i == page) {
-            if (!cached) claim(i);
-        } else if (i >= ra_pages.first && !probe.cached(i) && !(arena.pte[i].load(kRelaxed) & kPteReadahead)) {
-            claim(i);
-            ++vmf.readahead_hits;
+            ++vmf.readahead_pages;
+            ++vmf.readahead_hits;  // read ahead and mapped at once
         }
     }
-    for (std::size_t i = std::max(ra_pages.first, r.last); i < ra_pages.last; ++i)
-        if (mark_readahead(arena, probe, i)) claim(i);
-    flush();
-    if (!cached) vmf.read_bytes += page_bytes(vmf, f);
     vmf.major = !cached;
-    vmf.read_pages += fresh + !cached;
-    vmf.readahead_pages += fresh;
     return install_or_degrade(vmf, r, grant_for(Access::Read, vma.prot), cur, FaultKind::File);
 }
 

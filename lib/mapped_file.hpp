@@ -36,8 +36,9 @@ struct MappedFile {
     ino_t ino = 0;
     bool writable = false;  // open for writing (the kernel's VM_MAYWRITE for a shared VMA)
     char path[kPathMax] = {};  // for diagnostics, truncated
-    // VMA nodes that refer to this file (the map_file's VMA and its splits); API world only.
-    std::size_t refs = 0;
+    // VMA nodes that refer to this file (the map_file's VMA and its splits), and write-backs in
+    // progress (Arena::sync drops its reference without the arena's lock); API world only.
+    std::atomic<std::size_t> refs{0};
     // Sorted by page. Changed only under the arena's write lock; faults read it under the read lock.
     std::vector<SavedPage> saved;
 

@@ -68,8 +68,10 @@ int page_advise(std::uintptr_t addr, std::size_t len, int advice);
 // page cannot be written, past the end of the file, it is mapped in place without.)
 int page_map_file_fixed(std::uintptr_t addr, std::size_t len, int fd, std::uint64_t off, bool shared);
 // Puts a fresh piece of PROT_NONE anonymous reservation at [addr, addr + len), written once while
-// whole (see page_reserve).
-int page_reserve_fixed(std::uintptr_t addr, std::size_t len);
+// whole (see page_reserve), and registered for userfaultfd write-protection first if `uffd` (the
+// registration changes the piece's flags: registered after the write, the piece would keep an
+// anon_vma of its own and never merge with its registered neighbours).
+int page_reserve_fixed(std::uintptr_t addr, std::size_t len, bool uffd);
 
 // How write access is withheld from pages whose next write must be seen (snapshots, dirty
 // tracking):

@@ -14,6 +14,18 @@
 
 namespace usermm_test {
 
+// A file's bytes, read with pread (through the kernel's page cache); aborts if it cannot be read.
+inline std::vector<std::uint8_t> read_file(const std::string& path) {
+    const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) std::abort();
+    struct stat st;
+    if (fstat(fd, &st) != 0) std::abort();
+    std::vector<std::uint8_t> out(std::size_t(st.st_size));
+    if (pread(fd, out.data(), out.size(), 0) != ssize_t(out.size())) std::abort();
+    close(fd);
+    return out;
+}
+
 inline std::uint8_t pattern_byte(std::uint64_t off) {
     std::uint64_t x = off * 0x9e3779b97f4a7c15ull;
     x ^= x >> 29;

@@ -24,6 +24,7 @@
 
 #include "file_test_util.hpp"
 #include "map_budget.hpp"
+#include "mapped_file.hpp"
 #include "page_ops.hpp"
 #include "vma.hpp"
 #include "test_util.hpp"
@@ -52,7 +53,9 @@ usermm::VmaInfo only_vma(const Arena& arena) {
 
 }  // namespace
 
-TEST_CASE("random reads see the file's bytes, and each page is read once, by a major fault") {
+// The kernel reads the pages, with its own read-around at the first access: usermm counts the pages
+// the page cache lacked when it mapped them, each once.
+TEST_CASE("random reads see the file's bytes, and each page is counted read at most once") {
     TempFile file(64 * kPage + 123);
     Arena arena(1 << 24);
     char* p = static_cast<char*>(arena.map_file(file.fd(), 0, file.size(), Prot::Read, Share::Private, {.name = "data"}));
@@ -66,8 +69,10 @@ TEST_CASE("random reads see the file's bytes, and each page is read once, by a m
     for (std::size_t off = file.size(); off < 65 * kPage; ++off) REQUIRE(read_byte(p + off) == 0);
     const usermm::Stats s = only_vma(arena).stats;
     CHECK(s.major_faults >= 1);
-    CHECK(s.file_pages_read == 65);  // every page once
-    CHECK(s.file_bytes_read == file.size());
+    CHECK(s.file_pages_read >= 1);
+    CHECK(s.file_pages_read <= 65);
+    CHECK(s.file_bytes_read <= file.size());
+    CHECK(s.file_bytes_read >= s.file_pages_read * kPage - kPage);
     arena.verify();
 }
 
@@ -184,7 +189,7 @@ TEST_CASE("readahead grows with a sequential scan and counts its hits") {
     char* p = static_cast<char*>(arena.map_file(file.fd(), 0, file.size(), Prot::Read, Share::Private));
     for (std::size_t off = 0; off < file.size(); off += kPage) REQUIRE(read_byte(p + off) == pattern_byte(off));
     const usermm::Stats s = only_vma(arena).stats;
-    CHECK(s.file_pages_read == 1024);
+    CHECK(s.file_pages_read <= 1024);   // what the kernel's readahead had not read when mapped
     CHECK(s.major_faults < 1024 / 16);  // windows grow past the fault-around window
     CHECK(s.readahead_hits == s.readahead_pages);
     CHECK(s.readahead_wasted == 0);
@@ -332,19 +337,31 @@ TEST_CASE("sync through one shared VMA writes what another VMA of the file wrote
 }
 
 // A random reader stops paying for read-around: once faults out of sequence keep missing what was
-// read around earlier ones, a fault reads its own page only (the kernel's mmap_miss).
+// mapped around earlier ones, a fault maps its own page and cached neighbours only (the kernel's
+// mmap_miss). With Random advice that holds from the first fault, and the kernel (MADV_RANDOM)
+// reads the page alone: every fault is major and reads one page.
 TEST_CASE("random faults fall back from read-around to single pages") {
     TempFile file(4096 * kPage);
-    Arena arena(1 << 26);
-    char* p = static_cast<char*>(arena.map_file(file.fd(), 0, file.size(), Prot::Read, Share::Private));
     std::vector<std::size_t> windows(128);
     for (std::size_t i = 0; i < windows.size(); ++i) windows[i] = i;
     std::shuffle(windows.begin(), windows.end(), std::mt19937_64(3));
+    {
+        Arena arena(1 << 26);
+        char* p = static_cast<char*>(arena.map_file(file.fd(), 0, file.size(), Prot::Read, Share::Private));
+        arena.advise(p, file.size(), Advice::Random);
+        for (std::size_t w : windows) REQUIRE(read_byte(p + (w * 32 + 5) * kPage) == pattern_byte((w * 32 + 5) * kPage));
+        const usermm::Stats s = only_vma(arena).stats;
+        CHECK(s.major_faults == 128);
+        CHECK(s.file_pages_read == 128);
+        CHECK(s.fault_around_pages == 0);
+    }
+    file.drop_cache();
+    Arena arena(1 << 26);
+    char* p = static_cast<char*>(arena.map_file(file.fd(), 0, file.size(), Prot::Read, Share::Private));
     for (std::size_t w : windows) REQUIRE(read_byte(p + (w * 32 + 5) * kPage) == pattern_byte((w * 32 + 5) * kPage));
     const usermm::Stats s = only_vma(arena).stats;
-    CHECK(s.major_faults == 128);
-    CHECK(s.file_pages_read >= 100 * 16);           // read-around while it might pay
-    CHECK(s.file_pages_read <= 102 * 16 + 27);      // then one page per fault
+    CHECK(s.major_faults <= 128);
+    CHECK(s.file_pages_read <= 102 * 16 + 27);  // windows of 16 while they might pay, then one page
 }
 
 // verify() compares what backs each page, not only its protection: a file page that usermm took
@@ -360,6 +377,28 @@ TEST_CASE("verify() notices a page whose backing usermm has wrong") {
     pte.fetch_and(usermm::detail::pte_t(~usermm::detail::kPteFile));
     CHECK_THROWS_WITH_AS(arena.verify(), doctest::Contains("a file mapping"), usermm::Error);
     pte.fetch_or(usermm::detail::kPteFile);
+    arena.verify();
+}
+
+// verify() checks that each file page is backed by the VMA's file at the VMA's offset (the inode
+// and offset the kernel shows), not only that it is a file page.
+TEST_CASE("verify() notices a file VMA whose offset or file usermm has wrong") {
+    TempFile file(8 * kPage), other(8 * kPage);
+    Arena arena(1 << 24);
+    char* p = static_cast<char*>(arena.map_file(file.fd(), 0, file.size(), Prot::Read, Share::Shared));
+    CHECK(read_byte(p + kPage) == pattern_byte(kPage));
+    arena.verify();
+    usermm::detail::Vma& v = *usermm::detail::ArenaAccess::core(arena).tree.begin();
+    ++v.pgoff;
+    CHECK_THROWS_WITH_AS(arena.verify(), doctest::Contains("at offset"), usermm::Error);
+    --v.pgoff;
+    arena.verify();
+    struct stat st;
+    REQUIRE(fstat(other.fd(), &st) == 0);
+    const ino_t ino = v.file->ino;
+    v.file->ino = st.st_ino;
+    CHECK_THROWS_WITH_AS(arena.verify(), doctest::Contains(file.path().c_str()), usermm::Error);
+    v.file->ino = ino;
     arena.verify();
 }
 

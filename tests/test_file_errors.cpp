@@ -175,17 +175,6 @@ private:
     bool mounted_ = false;
 };
 
-std::vector<std::uint8_t> read_all(const std::string& path) {
-    const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    REQUIRE(fd >= 0);
-    struct stat st;
-    REQUIRE(fstat(fd, &st) == 0);
-    std::vector<std::uint8_t> out(std::size_t(st.st_size));
-    REQUIRE(pread(fd, out.data(), out.size(), 0) == ssize_t(out.size()));
-    close(fd);
-    return out;
-}
-
 }  // namespace
 
 // Protects: a real ENOSPC (no injection): writes to the holes of a sparse file on a full tmpfs get
@@ -238,7 +227,7 @@ TEST_CASE("a full tmpfs: a write to a hole that gets no page is SIGBUS naming th
     CHECK(contains(end.err, "no space"));
     REQUIRE(last > 0);
     REQUIRE(last < pages);
-    const std::vector<std::uint8_t> content = read_all(data);
+    const std::vector<std::uint8_t> content = usermm_test::read_file(data);
     for (std::size_t i = 0; i < last; ++i) CHECK(content[i * kPage] == i + 1);
 }
 

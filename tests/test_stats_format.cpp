@@ -113,7 +113,7 @@ TEST_CASE("the full form shows every counter in order and every latency bucket, 
     CHECK(rows[counters + 1].name == "1-2 us");
     CHECK(rows.back().name == ">= 16384 us");
     CHECK(table.find("18446744073709551615  read-ahead pages") != std::string::npos);
-    CHECK(table.find("                   0  faults that read the file") != std::string::npos);
+    CHECK(table.find("                   0  faults whose file page was not in the page cache") != std::string::npos);
 }
 
 TEST_CASE("the full form of all-zero counters still shows every row") {

@@ -7,7 +7,7 @@
 // Rules for code that runs with usermm (see README.md for the long form):
 //  - System calls that write into or read from arena memory that has not been faulted in yet fail
 //    with EFAULT instead of faulting. Call Arena::prefault() on the buffer first; the same after a
-//    snapshot or collect_dirty(), which write-protect the pages until their next write.
+//    snapshot, collect_dirty() or sync(), which write-protect the pages until their next write.
 //  - Do not block SIGSEGV in threads that touch arena memory: the kernel then kills the process on
 //    the first fault instead of running the handler.
 //  - An alternate signal stack must hold signal_stack_size() bytes; a thread whose stack lies in
@@ -60,20 +60,25 @@ constexpr Prot& operator&=(Prot& a, Prot b) { return a = a & b; }
 // True when every right in `wanted` is in `p`.
 constexpr bool allows(Prot p, Prot wanted) { return (p & wanted) == wanted; }
 
-// How a file VMA treats writes, as mmap(2)'s MAP_PRIVATE and MAP_SHARED: a private VMA's writes go
-// to its own copies of the pages and never to the file; a shared VMA's writes reach the file at
-// write-back (sync, unmap, the arena's destruction) and are seen at once by every other shared
-// VMA of the same file in the process.
+// How a file VMA treats writes, as mmap(2)'s MAP_PRIVATE and MAP_SHARED (which is what the VMA's
+// kernel mapping is): a private VMA's writes go to its own copies of the pages and never to the
+// file; a shared VMA's writes go to the kernel's page cache, where every mapping of the file (in
+// any process) and read(2) see them at once, and are made durable by write-back (sync, unmap, the
+// arena's destruction).
 enum class Share : unsigned { Private, Shared };
 
 // Access-pattern advice, as madvise(2).
+// For file VMAs, Normal, Random and Sequential also set the kernel's own flags on the range
+// (MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL), which split its mapping where they change.
 enum class Advice : unsigned {
     Normal,      // readahead grows with sequential faults, from the fault-around window
     Random,      // read only the page a fault needs
     Sequential,  // read the largest window from the first fault on
-    WillNeed,    // read the range into the page cache now; the next access is a minor fault
+    WillNeed,    // start reading the range into the page cache and return (MADV_WILLNEED); an
+                 // access to a page read ahead is a minor fault
     DontNeed,    // drop the range's pages (shared dirty pages are written back first): the next
-                 // access reads the file again (file VMAs) or sees zeros (anonymous VMAs)
+                 // access sees the file (file VMAs: a private VMA's writes are gone; the kernel's
+                 // page cache keeps its pages, as with MADV_DONTNEED) or zeros (anonymous VMAs)
 };
 // "rwx" style, as in /proc/self/maps.
 std::string to_string(Prot p);
@@ -82,7 +87,7 @@ std::string to_string(Prot p);
 // struct, the formatter, the accounting code) sees the same fields in the same order.
 #define USERMM_STATS_FIELDS(X)                                                                  \
     X(minor_faults, "faults resolved without I/O")                                             \
-    X(major_faults, "faults that read the file (file VMAs): the pages were not in the page cache") \
+    X(major_faults, "faults whose file page was not in the page cache (file VMAs): the kernel read it") \
     X(read_faults, "resolved faults caused by a read")                                         \
     X(write_faults, "resolved faults caused by a write")                                       \
     X(exec_faults, "resolved faults caused by an instruction fetch")                           \
@@ -98,15 +103,15 @@ std::string to_string(Prot p);
     X(cow_bytes_copied, "bytes copied into snapshots before writes")                           \
     X(pages_restored, "pages written back into the arena by restore()")                        \
     X(dirty_pages_collected, "pages reported by collect_dirty()")                              \
-    X(file_pages_read, "pages read from files into the page cache")                            \
-    X(file_bytes_read, "bytes read from files (the part of a last page past the end excluded)") \
-    X(readahead_pages, "pages read besides the one a fault needed (readahead, WillNeed)")      \
+    X(file_pages_read, "file pages the kernel read for usermm: not in its page cache when asked for") \
+    X(file_bytes_read, "bytes of those pages (the part of a last page past the end excluded)") \
+    X(readahead_pages, "pages read besides the one a fault needed (readahead, WillNeed, prefault)") \
     X(readahead_hits, "read-ahead pages that a fault later mapped, or mapped at once")          \
-    X(readahead_wasted, "read-ahead pages dropped from the page cache without being mapped")    \
-    X(pages_dirtied, "shared file pages that a write made dirty")                               \
+    X(readahead_wasted, "read-ahead pages unmapped or dropped (DontNeed) without being mapped")  \
+    X(pages_dirtied, "shared file pages that a write made dirty (prefault's write access alone does not)") \
     X(pages_written_back, "dirty shared file pages written to their file")                      \
     X(bytes_written_back, "bytes written to files by write-back")                               \
-    X(writeback_errors, "write-backs the file system refused (the pages stay dirty)")           \
+    X(writeback_errors, "write-backs the file system refused (usermm keeps the pages' content)") \
     X(handler_ns, "nanoseconds spent in the fault handler")
 
 inline constexpr std::size_t kLatencyBuckets = 16;
@@ -138,9 +143,9 @@ public:
 
 struct MapOptions {
     // A name for usermm's diagnostics, vmas() and find_vma(); at most 39 bytes are kept. It is usermm's
-    // own: /proc/self/maps does not show it (an arena is anonymous memory there, a file VMA the memfd
-    // of usermm's page cache), since naming the kernel's VMAs (PR_SET_VMA_ANON_NAME) would split
-    // them and spend the mapping budget. A file VMA without a name takes its file's path.
+    // own: /proc/self/maps does not show it (an arena is anonymous memory there, a file VMA its
+    // file), since naming the kernel's VMAs (PR_SET_VMA_ANON_NAME) would split them and spend the
+    // mapping budget. A file VMA without a name takes its file's path.
     std::string_view name = {};
     // Place the VMA here (page-aligned, inside the arena, not overlapping another VMA); nullptr lets
     // the arena choose.
@@ -154,7 +159,8 @@ struct MapOptions {
     // each 2 MiB window becomes one huge page on first touch, and a snapshot write-protects it in
     // one step instead of 512: the way to short snapshot pauses for large resident heaps.
     bool huge_pages = false;
-    // File VMAs: the largest readahead window, in pages (the kernel's read_ahead_kb is 128 KiB).
+    // File VMAs: the largest readahead window, in pages (the kernel's read_ahead_kb is 128 KiB by
+    // default). One fault reads ahead and maps at most 128 pages, whatever this says.
     std::size_t readahead_pages = 64;
 };
 
@@ -167,15 +173,14 @@ struct VmaInfo {
     // File VMAs: the file's path, the offset of `start` in it, and how writes behave. The path is
     // the one map_file(path) was given or, for a descriptor, the one /proc/self/fd/N named when the
     // file was first mapped (ending in " (deleted)" if it was unlinked; the link itself if it could
-    // not be read); every VMA of the same file shows the path of its first mapping; at most 255
-    // bytes are kept. Empty for anonymous VMAs.
+    // not be read); at most 255 bytes are kept. Empty for anonymous VMAs.
     std::string file;
     std::uint64_t offset = 0;
     Share share = Share::Private;
     // Memory, in bytes (multiples of the page size). Committed: the pages that hold memory or may
     // gain some without a fault usermm sees: every page granted write access since it was last
-    // discarded (the kernel allocates it at its first write), and a file VMA's pages mapped from
-    // usermm's page cache. Resident: the committed pages the kernel holds in RAM now (mincore): a
+    // discarded (the kernel allocates it at its first write), and a file VMA's pages granted any
+    // access (the kernel maps them from its page cache). Resident: the committed pages the kernel holds in RAM now (mincore): a
     // page granted write access but never written holds nothing, unless a read mapped the zero
     // page there first, which mincore counts. Pages only read in an anonymous VMA map the shared
     // zero page and count in neither. vmas() and find_vma() read the page-state table only where
@@ -302,30 +307,38 @@ public:
                                     std::to_string(sizeof(T)) + "-byte objects overflows");
         return {static_cast<T*>(map(count * sizeof(T), prot, options)), count};
     }
-    // A VMA showing `length` bytes of a file from `offset` (page-aligned), like mmap(2) of the file:
-    // pages are read on first access (major faults), with fault-around and readahead. The file
-    // must be a regular file opened for reading, and for writing too if the VMA is Shared and
-    // writable. usermm opens its own descriptor of the file: the caller may close `fd` at once, and
-    // its O_APPEND or O_DIRECT do not apply to usermm's I/O. An access to a page not mapped yet that
-    // lies wholly past the end of the file (as fstat says at that fault) raises SIGBUS, as does an
-    // I/O error while reading it; the part of the last page past the end reads as zeros. Pages
-    // already mapped stay readable after the file is truncated (usermm cannot see a truncation).
-    // usermm's page cache is its own: a write to the file by other means (write(2), another
-    // process) is not seen by pages it has read already, until they are dropped (DontNeed, or the
-    // last VMA of the file goes).
+    // A VMA showing `length` bytes of a file from `offset` (page-aligned): the VMA's kernel mapping
+    // is the file itself (mmap(2) with MAP_FIXED in the arena, PROT_NONE until usermm grants
+    // access), so the kernel's page cache holds the only copy of each page, reads it, reclaims clean
+    // pages under memory pressure and keeps every mapping of the file coherent: a write(2) to the
+    // file is seen by a shared VMA and by a private VMA's pages not written yet, as with mmap. usermm
+    // decides at each fault what to grant and how far to read ahead (MADV_WILLNEED), and counts the
+    // fault major if its page was not in the page cache (mincore; for a file the process neither
+    // owns nor may write, the kernel hides that, and every fault counts as minor). No usermm lock is
+    // held while the kernel reads. The file must be a regular file the kernel can map (else ENODEV,
+    // also for a FIFO, which is never opened blocking), opened for reading, and for writing too if
+    // the VMA is Shared and writable. usermm opens the file again for its own use (through
+    // /proc/self/fd; where the process may no longer open it, it duplicates `fd`): the caller may
+    // close `fd` at once. An access to a page wholly past the end of the file raises SIGBUS with a
+    // diagnostic naming the file and the offset, whether the page was mapped before (the file was
+    // truncated) or not, as does an I/O error while the kernel reads it, or a write to a hole of a
+    // sparse file for which the file system has no space; the part of the last page past the end
+    // reads as zeros.
     void* map_file(int fd, std::uint64_t offset, std::size_t length, Prot prot, Share share,
                    const MapOptions& options = {});
     // The same, opening `path` itself (read-only, or read-write for a writable shared VMA).
     void* map_file(const std::string& path, std::uint64_t offset, std::size_t length, Prot prot, Share share,
                    const MapOptions& options = {});
-    // Like msync(MS_SYNC): the dirty pages of shared file VMAs in the range are written to their
-    // files (neighbours coalesced into one write) and made durable (fdatasync), then count as clean
-    // and lose write access so that the next write is seen. As with msync, that includes pages of
-    // the range written through another shared VMA of the same file (in any arena, or in a forked
-    // process); such a VMA that can still write the page without a fault writes it back again at
-    // its own sync. The fdatasync runs without the arena's lock: faults go on meanwhile. On an error (EIO, ENOSPC, EFBIG) it
-    // throws, naming the file and the byte range; the pages that were not written stay dirty, so a
-    // later sync can write them. The range must lie inside VMAs; anonymous VMAs in it are skipped.
+    // Like msync(MS_SYNC): the dirty pages of shared file VMAs in the range lose write access (so
+    // that the next write is seen, and a read(2) into them fails with EFAULT until then: prefault
+    // them first) and count as clean, and the kernel writes the file's dirty pages and waits
+    // (fdatasync, without the arena's lock: faults go on meanwhile). That includes pages written
+    // through any other mapping of the file, as with msync, and of the rest of the file. On an
+    // error (EIO, ENOSPC) it throws, naming the file and the byte range; the kernel marks such pages
+    // clean and may drop them, so usermm keeps a copy of each page the range had dirty, makes it
+    // inaccessible, and writes the copy back into the page cache at its next access or sync:
+    // nothing written is lost, even if the page cache is dropped in between. The range must lie
+    // inside VMAs; anonymous VMAs in it are skipped.
     void sync(void* addr, std::size_t length);
     // Like madvise(2); see Advice. The range must lie inside VMAs.
     void advise(void* addr, std::size_t length, Advice advice);
@@ -333,12 +346,16 @@ public:
     void protect(void* addr, std::size_t length, Prot prot);
     // Like munmap(2): the range must lie inside VMAs; its pages are discarded and the range becomes
     // PROT_NONE address space of the arena again. Dirty pages of shared file VMAs are written back
-    // first; if that fails, unmap throws and nothing is unmapped. The destructor writes back too,
-    // and reports a failure on stderr (it cannot throw).
+    // first (and the write-back is waited for); if that fails, unmap throws and nothing is
+    // unmapped. The destructor writes back too, and reports a failure on stderr (it cannot throw);
+    // the pages stay in the kernel's page cache then, dirty, for its own write-back.
     void unmap(void* addr, std::size_t length);
     // Grants `access` on the range now, so that system calls into it cannot fail with EFAULT. The
     // VMAs must allow `access`, which must grant something (Prot::None is EINVAL). Memory is still
-    // committed by the kernel only when touched.
+    // committed by the kernel only when touched. File pages are read (MADV_POPULATE_READ, or
+    // MADV_POPULATE_WRITE for a private VMA's writable copies) after the arena's lock is released;
+    // a page past the end of the file is EFAULT, an unreadable one EIO. Write access to a shared
+    // file page does not make it dirty: only a write does.
     void prefault(void* addr, std::size_t length, Prot access);
 
     // A snapshot of the whole arena's anonymous VMAs (file VMAs are skipped: their content is their
