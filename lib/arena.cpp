@@ -475,18 +475,26 @@ void Arena::unmap(void* addr, std::size_t length) {
     split_at(a, r.start, lower_spare);
     split_at(a, r.end, upper_spare);
     int file_err = 0;
+    bool kept = false;
     Range failed{};
     for (Vma* v : covering_vmas(a, call, r)) {
-        if (v->file) {
-            if (const int err = unmap_file_part(a, *v, {v->start, v->end}); err && !file_err) {
+        bool replaced = true;
+        if (v->file)
+            if (const int err = unmap_file_part(a, {v->start, v->end}, &replaced); err && !file_err) {
                 file_err = err;
+                kept = !replaced;
                 failed = {v->start, v->end};
             }
-        }
+        // A file mapping the kernel would not replace stays a VMA (PROT_NONE, written back,
+        // discarded): else anonymous memory placed there later would be the file's.
+        if (!replaced) continue;
         a.tree.erase(a.tree.iterator_to(*v));
         vma_free(v);
     }
     a.last_hit.store(nullptr, std::memory_order_relaxed);
+    if (file_err && kept)
+        fail(file_err, "{}: the kernel refused to replace the file mapping [{:#x}, {:#x}) (at vm.max_map_count?); "
+             "it stays mapped, PROT_NONE and written back", call, failed.start, failed.end);
     if (file_err)
         fail(file_err, "{}: [{:#x}, {:#x}) is unmapped but could not become the arena's reservation again", call,
              failed.start, failed.end);

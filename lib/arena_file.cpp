@@ -265,11 +265,12 @@ void detail::release_file_pages(ArenaCore& a, Vma& v, Range part, const char* ca
     account_readahead_wasted(&a, &v, wasted);
 }
 
-int detail::unmap_file_part(ArenaCore& a, Vma& v, Range part) {
-    (void)v;
+int detail::unmap_file_part(ArenaCore& a, Range part, bool* replaced) {
     const std::size_t first = a.page_index(part.start), last = a.page_index(part.end);
     const long before = long(mappings_around(a, first, last).size());
-    const int err = page_reserve_fixed(part.start, part.end - part.start, tracking_engine() == TrackingEngine::Uffd);
+    const int err = page_reserve_fixed(part.start, part.end - part.start, tracking_engine() == TrackingEngine::Uffd,
+                                       replaced);
+    if (!*replaced) return err;
     for (std::size_t i = first; i < last; ++i) a.pte[i].fetch_and(pte_t(~(kPteFile | kPteEdge)), kRelaxed);
     settle_edges(a, first, last, before);
     return err;
@@ -435,8 +436,13 @@ void* Arena::map_file_as(int fd, const std::string& path, std::uint64_t offset, 
     preserve_range(a, call, {start, start + len});  // whole-arena snapshots read zeros there
     const long before = long(mappings_around(a, first, last).size());
     if (const int err = page_map_file_fixed(start, len, file->fd, offset, share == Share::Shared)) {
-        // Whatever the kernel left there becomes reservation again, a piece of its own.
-        const int again = page_reserve_fixed(start, len, tracking_engine() == TrackingEngine::Uffd);
+        // A refused mmap leaves the reservation as it was (Linux 6.12 and later); else what the
+        // kernel left there becomes reservation again, a piece of its own.
+        const std::vector<KernelMapping> there = kernel_mappings(start, start + len, call);
+        const bool intact = !there.empty() && there.front().from == start && there.back().to == start + len &&
+                            std::none_of(there.begin(), there.end(), [](const KernelMapping& m) { return m.file(); });
+        bool replaced = false;
+        const int again = intact ? 0 : page_reserve_fixed(start, len, tracking_engine() == TrackingEngine::Uffd, &replaced);
         settle_edges(a, first, last, before);
         if (again) fail(again, "{}: [{:#x}, {:#x}) is lost to the arena after a failed mmap", call, start, start + len);
         fail(err, "{}: cannot map '{}' (fd {}, offset {:#x}) at {:#x}", call, path, fd, offset, start);

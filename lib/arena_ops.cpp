@@ -263,26 +263,17 @@ std::vector<KernelMapping> mappings_around(const ArenaCore& a, std::size_t first
 
 void settle_edges(ArenaCore& a, std::size_t first, std::size_t last, long before, Across lo, Across hi) {
     const std::vector<KernelMapping> maps = mappings_around(a, first, last);
-    auto boundary_at = [&](std::size_t page) -> const KernelMapping* {
-        for (std::size_t k = 1; k < maps.size(); ++k)
-            if (maps[k].from == a.page_addr(page) && maps[k - 1].to == maps[k].from) return &maps[k];
-        return nullptr;
-    };
-    auto settle = [&](std::size_t page, Across across) {
-        const KernelMapping* m = boundary_at(page);
-        bool edge = false;
-        if (m) {
-            const KernelMapping& prev = *(m - 1);
-            edge = across == Across::Apart || prev.prot == m->prot;
-        }
-        set_edge(a, page, edge);
-    };
-    // Inside the range, the kernel's boundaries between pieces of one mapping with one set of flags.
-    for (std::size_t i = first + 1; i < last; ++i) set_edge(a, i, false);
-    for (std::size_t k = 1; k < maps.size(); ++k)
-        if (const std::size_t page = a.page_index(maps[k].from); page > first && page < last) settle(page, Across::Same);
-    settle(first, lo);
-    if (last < a.page_index(a.end)) settle(last, hi);
+    const std::size_t npages = a.page_index(a.end);
+    for (std::size_t i = first; i <= last && i < npages; ++i) set_edge(a, i, false);
+    // One pass over the kernel's boundaries in and around the range: inside it, pieces of one
+    // mapping with one set of flags are apart only where equal protections stay apart.
+    for (std::size_t k = 1; k < maps.size(); ++k) {
+        if (maps[k - 1].to != maps[k].from) continue;
+        const std::size_t page = a.page_index(maps[k].from);
+        if (page < first || page > last || page >= npages) continue;
+        const Across across = page == first ? lo : page == last ? hi : Across::Same;
+        set_edge(a, page, across == Across::Apart || maps[k - 1].prot == maps[k].prot);
+    }
     map_budget_charge(a, long(maps.size()) - before);
 }
 

@@ -59,8 +59,9 @@ void forget_saved_after_fork(ArenaCore& a);
 void release_file_pages(ArenaCore& a, Vma& v, Range part, const char* call);
 // After the pages of `part` were made PROT_NONE and discarded: gives the range back to the arena's
 // anonymous reservation (unmap). Returns 0 or the errno of a step that failed, after which the PTEs
-// still agree with the kernel.
-int unmap_file_part(ArenaCore& a, Vma& v, Range part);
+// still agree with the kernel; *replaced says whether the file's mapping is gone (if not, the VMA
+// must stay, or anonymous memory placed there later would be the file's).
+int unmap_file_part(ArenaCore& a, Range part, bool* replaced);
 
 // Starts reading the file pages of `part` into the page cache without waiting (advice); they are
 // counted as read ahead.

@@ -286,10 +286,13 @@ FaultResult do_degraded_fault(vm_fault& vmf, pte_t cur) {
     ArenaCore& arena = *vmf.arena;
     const std::size_t page = arena.page_index(vmf.address);
     const PageRange run = lock_neighbours(arena, {page, page + 1}, vma_pages(arena, *vmf.vma), cur, any_page);
-    int err = install(vmf, run, vmf.vma->prot, cur, Budget::Enforce);
+    // A shared file page given write access counts as dirty: a read grants no write there.
+    const Vma& vma = *vmf.vma;
+    const Prot prot = vma.file && vma.share == Share::Shared ? grant_for(vmf.access, vma.prot) : vma.prot;
+    int err = install(vmf, run, prot, cur, Budget::Enforce);
     // Past RLIMIT_DATA a read still gets its pages, without write access (which is not counted).
     if (err == kDataLimit && vmf.access != Access::Write)
-        err = install(vmf, run, vmf.vma->prot & ~Prot::Write, cur, Budget::Enforce);
+        err = install(vmf, run, prot & ~Prot::Write, cur, Budget::Enforce);
     if (err) {
         if (err == kStateUnknown || err == kCopyFailed) return install_failed(vmf, err);
         unlock_unchanged(arena, {run.first, page});

@@ -46,9 +46,10 @@ int page_reserve(std::size_t len, void** out) {
     return 0;
 }
 
-int page_reserve_fixed(std::uintptr_t addr, std::size_t len, bool uffd) {
+int page_reserve_fixed(std::uintptr_t addr, std::size_t len, bool uffd, bool* replaced) {
     void* p = mmap(reinterpret_cast<void*>(addr), len, PROT_NONE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+    if (replaced) *replaced = p != MAP_FAILED;
     if (p == MAP_FAILED) return errno;
     if (uffd)
         if (const int err = uffd_register(addr, len)) return err;

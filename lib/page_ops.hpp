@@ -76,7 +76,8 @@ int page_map_file_fixed(std::uintptr_t addr, std::size_t len, int fd, std::uint6
 // whole (see page_reserve), and registered for userfaultfd write-protection first if `uffd` (the
 // registration changes the piece's flags: registered after the write, the piece would keep an
 // anon_vma of its own and never merge with its registered neighbours).
-int page_reserve_fixed(std::uintptr_t addr, std::size_t len, bool uffd);
+// *replaced says whether the old mapping is gone (the anonymous piece is there) when it fails.
+int page_reserve_fixed(std::uintptr_t addr, std::size_t len, bool uffd, bool* replaced = nullptr);
 
 // How write access is withheld from pages whose next write must be seen (snapshots, dirty
 // tracking):
