@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "account.hpp"
@@ -423,6 +424,20 @@ void* Arena::map_file_as(int fd, const std::string& path, std::uint64_t offset, 
     vma->ra_next.store(vma->pgoff, kRelaxed);
     set_name(*vma, options.name.empty() ? std::string_view(file->path) : options.name);
 
+    // A private mapping is made, and written once through /proc/self/mem, before the lock (the
+    // write reads the first page): see page_prepare_file_mapping.
+    if (share == Share::Private) require_self_mem(call);
+    void* prepared = nullptr;
+    if (const int err = page_prepare_file_mapping(file->fd, offset, len, share == Share::Shared, &prepared))
+        fail(err, "{}: cannot map '{}' (fd {}, offset {:#x})", call, path, fd, offset);
+    struct Prepared {
+        void*& p;
+        std::size_t len;
+        ~Prepared() {
+            if (p) page_release(addr_of(p), len);
+        }
+    } prepared_guard{prepared, len};
+
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
     const std::uintptr_t start = place_vma(a, call, want, len, length);
     const std::size_t first = a.page_index(start), last = a.page_index(start + len);
@@ -430,12 +445,10 @@ void* Arena::map_file_as(int fd, const std::string& path, std::uint64_t offset, 
         if (!a.snapshots[k]->anonymous_only && a.snapshots[k]->first < last && a.snapshots[k]->last > first)
             fail(EBUSY, "{}: range [{:#x}, {:#x}) is inside live snapshot {}; snapshots cover anonymous memory only",
                  call, start, start + len, a.snapshots[k]->sequence);
-    // A private mapping is moved into place from a mapping of its own, written once through
-    // /proc/self/mem (see page_map_file_fixed).
-    if (share == Share::Private) require_self_mem(call);
     preserve_range(a, call, {start, start + len});  // whole-arena snapshots read zeros there
     const long before = long(mappings_around(a, first, last).size());
-    if (const int err = page_map_file_fixed(start, len, file->fd, offset, share == Share::Shared)) {
+    void* moving = std::exchange(prepared, nullptr);  // page_place_file_mapping takes it, or unmaps it
+    if (const int err = page_place_file_mapping(start, len, file->fd, offset, share == Share::Shared, moving)) {
         // A refused mmap leaves the reservation as it was (Linux 6.12 and later); else what the
         // kernel left there becomes reservation again, a piece of its own.
         const std::vector<KernelMapping> there = kernel_mappings(start, start + len, call);

@@ -250,18 +250,9 @@ int page_advise(std::uintptr_t addr, std::size_t len, int advice) {
     return result(madvise(reinterpret_cast<void*>(addr), len, advice));
 }
 
-int page_map_file_fixed(std::uintptr_t addr, std::size_t len, int fd, std::uint64_t off, bool shared) {
-    void* want = reinterpret_cast<void*>(addr);
-    auto in_place = [&] {
-        const int flags = (shared ? MAP_SHARED : MAP_PRIVATE) | MAP_FIXED | MAP_NORESERVE;
-        return mmap(want, len, PROT_NONE, flags, fd, off_t(off)) == MAP_FAILED ? errno : 0;
-    };
-    if (shared) return in_place();
-    // The private mapping gets its anon_vma where it has no neighbours, then moves into place:
-    // mapped there directly, it could merge into a neighbour first, and whether it merges with the
-    // other one later would depend on whose anon_vma it took. Moved, it merges with neither. The
-    // write reads the first page (MADV_RANDOM: that page alone, without the kernel's read-around),
-    // which leaves the page cache as it was: a page it was not holding goes again.
+int page_prepare_file_mapping(int fd, std::uint64_t off, std::size_t len, bool shared, void** out) {
+    *out = nullptr;
+    if (shared) return 0;
     void* p = mmap(nullptr, len, PROT_NONE, MAP_PRIVATE | MAP_NORESERVE, fd, off_t(off));
     if (p == MAP_FAILED) return errno;
     unsigned char cached = 1;
@@ -269,13 +260,24 @@ int page_map_file_fixed(std::uintptr_t addr, std::size_t len, int fd, std::uint6
     madvise(p, len, MADV_RANDOM);
     if (write_once_and_discard(p) != 0) {  // past the end of the file: nothing to copy
         munmap(p, len);
-        return in_place();
+        return 0;
     }
     madvise(p, len, MADV_NORMAL);
     if (!(cached & 1)) posix_fadvise(fd, off_t(off), off_t(g_page_size), POSIX_FADV_DONTNEED);
-    const int err = mremap(p, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, want) == MAP_FAILED ? errno : 0;
-    if (err) munmap(p, len);
-    return err;
+    *out = p;
+    return 0;
+}
+
+int page_place_file_mapping(std::uintptr_t addr, std::size_t len, int fd, std::uint64_t off, bool shared,
+                            void* prepared) {
+    void* want = reinterpret_cast<void*>(addr);
+    if (prepared) {
+        const int err = mremap(prepared, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, want) == MAP_FAILED ? errno : 0;
+        if (err) munmap(prepared, len);
+        return err;
+    }
+    const int flags = (shared ? MAP_SHARED : MAP_PRIVATE) | MAP_FIXED | MAP_NORESERVE;
+    return mmap(want, len, PROT_NONE, flags, fd, off_t(off)) == MAP_FAILED ? errno : 0;
 }
 
 namespace {

@@ -66,12 +66,18 @@ int page_write_through_mapping(int fd, std::uint64_t off, const void* src, std::
 // readahead, MADV_POPULATE_READ reads and maps the pages and waits).
 int page_advise(std::uintptr_t addr, std::size_t len, int advice);
 
-// Replaces [addr, addr + len) of an arena by a PROT_NONE mapping of the file open as fd, from off:
-// shared, or private (copy-on-write). A private mapping is written once while it is one piece, for
-// the same reason as page_reserve: its pieces must share one anon_vma to merge again after splits;
-// so that it merges with neither neighbour, that happens before it moves into place. (If its first
-// page cannot be written, past the end of the file, it is mapped in place without.)
-int page_map_file_fixed(std::uintptr_t addr, std::size_t len, int fd, std::uint64_t off, bool shared);
+// A file VMA's kernel mapping, PROT_NONE, of the file open as fd from off, in two steps so that its
+// I/O happens before the arena's lock is taken. page_prepare_file_mapping makes a private mapping
+// anywhere and writes it once while it is one piece, for the same reason as page_reserve: its
+// pieces must share one anon_vma to merge again after splits (the write reads the first page,
+// MADV_RANDOM: that page alone, and leaves the page cache as it was); *out stays null for a shared
+// mapping, or where the first page lies past the end of the file (nothing to write). Then
+// page_place_file_mapping replaces [addr, addr + len) of an arena by it (moving the prepared one:
+// mapped in place, a private mapping could merge into a neighbour first, and whether it merged
+// with the other later would depend on whose anon_vma it took) or by a new mapping made in place.
+int page_prepare_file_mapping(int fd, std::uint64_t off, std::size_t len, bool shared, void** out);
+int page_place_file_mapping(std::uintptr_t addr, std::size_t len, int fd, std::uint64_t off, bool shared,
+                            void* prepared);
 // Puts a fresh piece of PROT_NONE anonymous reservation at [addr, addr + len), written once while
 // whole (see page_reserve), and registered for userfaultfd write-protection first if `uffd` (the
 // registration changes the piece's flags: registered after the write, the piece would keep an
