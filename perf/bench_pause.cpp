@@ -33,7 +33,7 @@
 
 #include "bench_util.hpp"
 
-#include "page_ops.hpp"
+#include "page_ops_api.hpp"
 
 using usermm_bench::median;
 using usermm_bench::now_ns;

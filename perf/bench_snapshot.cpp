@@ -23,7 +23,7 @@
 
 #include "bench_util.hpp"
 
-#include "page_ops.hpp"
+#include "page_ops_api.hpp"
 
 using usermm::Prot;
 

@@ -21,7 +21,7 @@
 #include <usermm/usermm.hpp>
 
 #include "file_test_util.hpp"
-#include "page_ops.hpp"
+#include "page_ops_api.hpp"
 #include "test_util.hpp"
 #include "vma.hpp"
 

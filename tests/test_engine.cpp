@@ -16,7 +16,7 @@
 
 #include <usermm/usermm.hpp>
 
-#include "page_ops.hpp"
+#include "page_ops_api.hpp"
 
 namespace {
 

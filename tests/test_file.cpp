@@ -25,7 +25,7 @@
 #include "file_test_util.hpp"
 #include "map_budget.hpp"
 #include "mapped_file.hpp"
-#include "page_ops.hpp"
+#include "page_ops_api.hpp"
 #include "vma.hpp"
 #include "test_util.hpp"
 

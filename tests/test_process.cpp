@@ -27,7 +27,7 @@
 #include <vector>
 
 #include "map_budget.hpp"
-#include "page_ops.hpp"
+#include "page_ops_api.hpp"
 #include "test_util.hpp"
 
 namespace {

@@ -6,7 +6,7 @@
 
 #include <usermm/usermm.hpp>
 
-#include "page_ops.hpp"
+#include "page_ops_api.hpp"
 #include "test_util.hpp"
 
 using namespace usermm_test;

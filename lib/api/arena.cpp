@@ -33,7 +33,7 @@
 #include "file_vma.hpp"
 #include "find_vma.hpp"
 #include "map_budget.hpp"
-#include "page_ops.hpp"
+#include "page_ops_api.hpp"
 #include "snapshot.hpp"
 
 namespace usermm {

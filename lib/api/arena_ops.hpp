@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "map_budget.hpp"
-#include "page_ops.hpp"
+#include "page_ops_api.hpp"
 #include "snapshot.hpp"
 #include "vma.hpp"
 

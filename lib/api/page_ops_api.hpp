@@ -1,0 +1,56 @@
+// The kernel calls only the API world makes: reservations and tables, file mappings, write-back,
+// the userfaultfd probe. Each returns 0 or an errno value, never logs, never throws; unlike the
+// fault world's (page_ops.hpp), they may block.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "page_ops.hpp"
+
+namespace usermm::detail {
+
+// Reserve `len` bytes of PROT_NONE address space that commits nothing.
+int page_reserve(std::size_t len, void** out);
+// The same at `addr` exactly, where nothing may be mapped yet (EEXIST otherwise).
+int page_reserve_at(std::uintptr_t addr, std::size_t len);
+// Anonymous read-write memory the kernel fills with zeros on demand (for metadata tables).
+int page_alloc_table(std::size_t len, void** out);
+int page_release(std::uintptr_t addr, std::size_t len);
+// Which pages of the range hold data of their own: present or swapped out, as /proc/self/pagemap
+// says (mincore says "not resident" for a swapped-out page, whose data is not lost). A page granted
+// write access but never touched holds nothing, whatever usermm's populated bit says. vec gets one
+// byte per page, bit 0 set where the page may hold data: every page, when pagemap cannot be read.
+void page_held(std::uintptr_t addr, std::size_t len, unsigned char* vec);
+// Ask for transparent huge pages in the range (MADV_HUGEPAGE).
+int page_advise_huge(std::uintptr_t addr, std::size_t len);
+// Drop the content of the range; the next touch sees zeros.
+int page_discard(std::uintptr_t addr, std::size_t len);
+// Reads up to len bytes of the file at off into buf, as many as the file has: *done < len only at
+// the end of the file. Returns 0 or the errno of a failed read.
+int page_read_file(int fd, void* buf, std::size_t len, std::uint64_t off, std::size_t* done);
+int page_sync_file(int fd);  // fdatasync
+// A file VMA's kernel mapping, PROT_NONE, of the file open as fd from off, in two steps so that its
+// I/O happens before the arena's lock is taken. page_prepare_file_mapping makes a private mapping
+// anywhere and writes it once while it is one piece, for the same reason as page_reserve: its
+// pieces must share one anon_vma to merge again after splits (the write reads the first page,
+// MADV_RANDOM: that page alone, and leaves the page cache as it was); *out stays null for a shared
+// mapping, or where the first page lies past the end of the file (nothing to write). Then
+// page_place_file_mapping replaces [addr, addr + len) of an arena by it (moving the prepared one:
+// mapped in place, a private mapping could merge into a neighbour first, and whether it merged
+// with the other later would depend on whose anon_vma it took) or by a new mapping made in place.
+int page_prepare_file_mapping(int fd, std::uint64_t off, std::size_t len, bool shared, void** out);
+int page_place_file_mapping(std::uintptr_t addr, std::size_t len, int fd, std::uint64_t off, bool shared,
+                            void* prepared);
+// Puts a fresh piece of PROT_NONE anonymous reservation at [addr, addr + len), written once while
+// whole (see page_reserve), and registered for userfaultfd write-protection first if `uffd` (the
+// registration changes the piece's flags: registered after the write, the piece would keep an
+// anon_vma of its own and never merge with its registered neighbours).
+// *replaced says whether the old mapping is gone (the anonymous piece is there) when it fails.
+int page_reserve_fixed(std::uintptr_t addr, std::size_t len, bool uffd, bool* replaced = nullptr);
+// API world, once: opens a userfaultfd and asks the running kernel (not the headers) for SIGBUS
+// mode, write-protect and WP_UNPOPULATED (without which write-protect silently skips pages never
+// touched). Returns 0, or the errno that makes the uffd engine unusable here.
+int uffd_probe();
+
+}  // namespace usermm::detail
