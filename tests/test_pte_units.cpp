@@ -380,3 +380,145 @@ TEST_CASE("clear_ptes: a discarded page keeps its dirty bits, backing and edge; 
     CHECK(wrong == 0);
     arena.verify();
 }
+
+// --- the transitions (lib/README.md, "The per-page state machine") --------------------------------
+//
+// Each case drives one transition through the public API (or, for keep_failed, the API world's
+// own step) and reads the page's PTE back; verify() then checks that the protection it names is the
+// kernel's.
+
+namespace {
+
+// A test arena of 64 MiB and its PTE table.
+struct PteArena {
+    usermm::Arena arena{64ull << 20};
+    ArenaCore& core = ArenaAccess::core(arena);
+    std::size_t ps = usermm::page_size();
+    pte_t at(const void* p) const { return pte_t(core.pte_of(reinterpret_cast<std::uintptr_t>(p)).load()); }
+    char* page(void* base, std::size_t i) const { return static_cast<char*>(base) + i * ps; }
+};
+
+constexpr pte_t kWritten = pte_t(to_pte(Prot::ReadWrite) | kPtePopulated | kPteDirty | kPteDirtyFile);
+constexpr pte_t kAllDirty = pte_t(kPteDirty | kPteDirtyFile);
+constexpr pte_t kPop = kPtePopulated;
+constexpr pte_t kF = kPteFile;
+
+bool uffd() { return usermm::engine() == usermm::Engine::Uffd; }
+
+}  // namespace
+
+TEST_CASE("untouched -> readable (read fault): the zero page, nothing populated, nothing dirty") {
+    PteArena t;
+    char* p = static_cast<char*>(t.arena.map(16 * t.ps, Prot::ReadWrite, {.fault_around_pages = 4}));
+    CHECK(t.at(p) == 0);
+    CHECK(usermm_test::read_byte(t.page(p, 1)) == 0);
+    for (std::size_t i = 0; i < 4; ++i) CHECK(t.at(t.page(p, i)) == R);  // the fault-around window
+    CHECK(t.at(t.page(p, 4)) == 0);
+    t.arena.verify();
+}
+
+TEST_CASE("untouched -> present writable (write fault), and readable -> writable (upgrade)") {
+    PteArena t;
+    char* p = static_cast<char*>(t.arena.map(4 * t.ps, Prot::ReadWrite, {.fault_around_pages = 1}));
+    usermm_test::write_byte(p, 1);
+    CHECK(t.at(p) == kWritten);
+    CHECK(usermm_test::read_byte(t.page(p, 1)) == 0);
+    CHECK(t.at(t.page(p, 1)) == R);
+    usermm_test::write_byte(t.page(p, 1), 2);
+    CHECK(t.at(t.page(p, 1)) == kWritten);
+    CHECK(t.at(t.page(p, 2)) == 0);
+    t.arena.verify();
+}
+
+TEST_CASE("protect narrows the access and keeps every flag; the next fault grants again") {
+    PteArena t;
+    char* p = static_cast<char*>(t.arena.map(2 * t.ps, Prot::ReadWrite, {.fault_around_pages = 1}));
+    usermm_test::write_byte(p, 1);
+    t.arena.protect(p, 2 * t.ps, Prot::Read);
+    CHECK(t.at(p) == pte_t(R | kPop | kAllDirty));
+    t.arena.protect(p, 2 * t.ps, Prot::ReadWrite);
+    CHECK(t.at(p) == pte_t(R | kPop | kAllDirty));  // protect never grants
+    CHECK(t.at(t.page(p, 1)) == 0);
+    t.arena.protect(p, 2 * t.ps, Prot::None);
+    CHECK(t.at(p) == pte_t(kPop | kAllDirty));
+    t.arena.protect(p, 2 * t.ps, Prot::ReadWrite);
+    CHECK(usermm_test::read_byte(p) == 1);  // the content was kept: a populated page, read again
+    CHECK(t.at(p) == pte_t(R | kPop | kAllDirty));
+    usermm_test::write_byte(p, 2);
+    CHECK(t.at(p) == kWritten);
+    t.arena.verify();
+}
+
+TEST_CASE("unmap and DontNeed discard: no access, populated gone, a page that held data is dirty") {
+    PteArena t;
+    char* p = static_cast<char*>(t.arena.map(3 * t.ps, Prot::ReadWrite, {.fault_around_pages = 1}));
+    usermm_test::write_byte(p, 1);
+    (void)usermm_test::read_byte(t.page(p, 1));
+    t.arena.advise(p, 3 * t.ps, Advice::DontNeed);
+    CHECK(t.at(p) == kPteDirty);  // written: dirty for snapshots and collect_dirty, not for a file
+    CHECK(t.at(t.page(p, 1)) == 0);  // only read: nothing changed
+    CHECK(usermm_test::read_byte(p) == 0);
+    CHECK(t.at(p) == pte_t(R | kPteDirty));
+    usermm_test::write_byte(t.page(p, 2), 1);
+    t.arena.unmap(p, 3 * t.ps);
+    CHECK(t.at(t.page(p, 2)) == kPteDirty);
+    CHECK(t.at(p) == kPteDirty);
+    t.arena.verify();
+}
+
+TEST_CASE("snapshot arms write tracking; the write after it copies, ends tracking, dirties") {
+    PteArena t;
+    char* p = static_cast<char*>(t.arena.map(2 * t.ps, Prot::ReadWrite, {.fault_around_pages = 1}));
+    usermm_test::write_byte(p, 1);
+    {
+        const usermm::Snapshot s = t.arena.snapshot();
+        // The snapshot took the dirty-snapshot bit (recorded as changed) and withheld write: the
+        // uffd engine keeps the protection and adds its mark, the mprotect engine takes write away.
+        const pte_t tracked = pte_t(kPteWriteTracked | kPop | kPteDirtyCollect | kPteDirtyFile);
+        CHECK(t.at(p) == pte_t(tracked | (uffd() ? RW : R)));
+        CHECK(t.at(t.page(p, 1)) == 0);  // untouched: nothing to track
+        t.arena.verify();
+        usermm_test::write_byte(p, 2);  // do_wp_page (uffd) or an upgrade (mprotect)
+        CHECK(t.at(p) == kWritten);
+        std::uint8_t old = 0;
+        s.read(p, &old, 1);
+        CHECK(old == 1);
+        t.arena.verify();
+    }
+    {
+        const usermm::Snapshot s = t.arena.snapshot();
+        CHECK((t.at(p) & kPteWriteTracked) != 0);
+    }
+    // Nobody needs the tracking any more: write access comes back, with no dirty bit for it.
+    CHECK(t.at(p) == pte_t(RW | kPop | kPteDirtyCollect | kPteDirtyFile));
+    t.arena.verify();
+}
+
+TEST_CASE("collect_dirty clears dirty-collect and arms write tracking") {
+    PteArena t;
+    char* p = static_cast<char*>(t.arena.map(2 * t.ps, Prot::ReadWrite, {.fault_around_pages = 1}));
+    usermm_test::write_byte(p, 1);
+    const usermm::DirtySet d = t.arena.collect_dirty(p, 2 * t.ps);
+    CHECK(d.contains(p));
+    CHECK(t.at(p) == pte_t(kPteWriteTracked | kPop | kPteDirtySnapshot | kPteDirtyFile | (uffd() ? RW : R)));
+    usermm_test::write_byte(p, 2);
+    CHECK(t.at(p) == kWritten);
+    t.arena.verify();
+}
+
+TEST_CASE("restore: pages written back are PROT_NONE, populated and dirty; pages that were zero are discarded") {
+    PteArena t;
+    char* p = static_cast<char*>(t.arena.map(2 * t.ps, Prot::ReadWrite, {.fault_around_pages = 1}));
+    usermm_test::write_byte(p, 1);
+    const usermm::Snapshot s = t.arena.snapshot();
+    usermm_test::write_byte(p, 2);
+    usermm_test::write_byte(t.page(p, 1), 3);  // untouched at the snapshot
+    t.arena.restore(s);
+    CHECK(t.at(p) == pte_t(kPop | kAllDirty));
+    CHECK(t.at(t.page(p, 1)) == pte_t(kPteDirtySnapshot | kPteDirtyCollect | kPteDirtyFile));
+    t.arena.verify();
+    CHECK(usermm_test::read_byte(p) == 1);
+    CHECK(t.at(p) == pte_t(R | kPop | kAllDirty));
+    CHECK(usermm_test::read_byte(t.page(p, 1)) == 0);
+    t.arena.verify();
+}
