@@ -15,6 +15,8 @@
 #include <usermm/usermm.hpp>
 
 #include "arena_ops.hpp"
+#include "file_test_util.hpp"
+#include "file_vma.hpp"
 #include "filemap.hpp"
 #include "map_budget.hpp"
 #include "pte.hpp"
@@ -521,4 +523,110 @@ TEST_CASE("restore: pages written back are PROT_NONE, populated and dirty; pages
     CHECK(t.at(p) == pte_t(R | kPop | kAllDirty));
     CHECK(usermm_test::read_byte(t.page(p, 1)) == 0);
     t.arena.verify();
+}
+
+// --- file pages ---------------------------------------------------------------------------------
+
+namespace {
+
+// A file VMA of `pages` pages right after a one-page anonymous VMA, so that its first page is a
+// kernel boundary inside the arena.
+struct FilePages {
+    PteArena t;
+    usermm_test::TempFile file;
+    char* p = nullptr;
+    FilePages(std::size_t pages, Prot prot, usermm::Share share, std::size_t fault_around = 1)
+        : file(pages * usermm::page_size()) {
+        char* anon = static_cast<char*>(t.arena.map(t.ps, Prot::ReadWrite));
+        p = static_cast<char*>(t.arena.map_file(file.fd(), 0, pages * t.ps, prot, share,
+                                                {.address = anon + t.ps, .fault_around_pages = fault_around}));
+    }
+    pte_t at(std::size_t i) const { return t.at(t.page(p, i)); }
+};
+
+}  // namespace
+
+TEST_CASE("map_file: every page file-backed, edge marks where the kernel's mappings begin") {
+    FilePages f(4, Prot::ReadWrite, usermm::Share::Shared);
+    CHECK(f.at(0) == pte_t(kF | kPteEdge));
+    for (std::size_t i = 1; i < 4; ++i) CHECK(f.at(i) == kF);
+    CHECK(f.t.at(f.t.page(f.p, 4)) == kPteEdge);  // the anonymous reservation after the file
+    f.t.arena.verify();
+}
+
+TEST_CASE("shared file page: read fault, write fault, sync takes write and dirty-file away") {
+    FilePages f(4, Prot::ReadWrite, usermm::Share::Shared);
+    CHECK(usermm_test::read_byte(f.t.page(f.p, 1)) == usermm_test::pattern_byte(f.t.ps));
+    CHECK(f.at(1) == pte_t(kF | R));  // nothing populated: the page cache holds the content
+    usermm_test::write_byte(f.t.page(f.p, 1), 7);
+    CHECK(f.at(1) == pte_t(kF | kWritten));
+    usermm_test::write_byte(f.t.page(f.p, 2), 8);
+    CHECK(f.at(2) == pte_t(kF | kWritten));
+    f.t.arena.sync(f.p, 4 * f.t.ps);
+    CHECK(f.at(1) == pte_t(kF | R | kPop | kPteDirty));
+    CHECK(f.at(2) == pte_t(kF | R | kPop | kPteDirty));
+    CHECK(f.at(3) == kF);
+    f.t.arena.verify();
+    usermm_test::write_byte(f.t.page(f.p, 1), 9);  // dirty again: the next sync writes it
+    CHECK(f.at(1) == pte_t(kF | kWritten));
+    f.t.arena.verify();
+}
+
+TEST_CASE("shared file page: prefault grants write without dirtying for the file") {
+    FilePages f(2, Prot::ReadWrite, usermm::Share::Shared);
+    f.t.arena.prefault(f.p, 2 * f.t.ps, Prot::ReadWrite);
+    CHECK(f.at(0) == pte_t(kF | kPteEdge | RW | kPop | kPteDirty));
+    CHECK(f.at(1) == pte_t(kF | RW | kPop | kPteDirty));
+    f.t.arena.verify();
+}
+
+TEST_CASE("private file page: the write makes the VMA's own copy, populated and dirty") {
+    FilePages f(2, Prot::ReadWrite, usermm::Share::Private);
+    usermm_test::write_byte(f.t.page(f.p, 1), 7);
+    CHECK(f.at(1) == pte_t(kF | kWritten));
+    f.t.arena.sync(f.p, 2 * f.t.ps);  // private VMAs are not written back: nothing changes
+    CHECK(f.at(1) == pte_t(kF | kWritten));
+    f.t.arena.verify();
+}
+
+TEST_CASE("readahead mark: set by WillNeed on untouched pages the page cache lacks, ended by the grant or the discard") {
+    FilePages f(8, Prot::Read, usermm::Share::Shared);
+    f.file.drop_cache();
+    f.t.arena.advise(f.p, 8 * f.t.ps, Advice::WillNeed);
+    for (std::size_t i = 1; i < 8; ++i) CHECK(f.at(i) == pte_t(kF | kPteReadahead));
+    CHECK(usermm_test::read_byte(f.t.page(f.p, 3)) == usermm_test::pattern_byte(3 * f.t.ps));
+    CHECK(f.at(3) == pte_t(kF | R));  // a readahead hit
+    f.t.arena.advise(f.t.page(f.p, 5), f.t.ps, Advice::DontNeed);
+    CHECK(f.at(5) == kF);  // a readahead wasted
+    CHECK(f.t.arena.stats().readahead_hits >= 1);
+    f.t.arena.verify();
+}
+
+// keep_failed is the API world's step after a failed fdatasync (tests/test_file_writeback.cpp
+// makes real ones fail, on failfs); here it is called after a write-back that succeeded, under
+// the arena's write lock as sync() calls it, to see what it leaves in the PTEs.
+TEST_CASE("saved after a failed write-back: PROT_NONE, dirty-file, saved; the next access puts the copy back") {
+    FilePages f(4, Prot::ReadWrite, usermm::Share::Shared);
+    usermm_test::write_byte(f.t.page(f.p, 1), 7);
+    (void)usermm_test::read_byte(f.t.page(f.p, 2));
+    {
+        FileSync s;
+        ExclusiveGuard<RwSpinLock> guard(f.t.core.lock);
+        Vma& v = *std::next(f.t.core.tree.begin());
+        REQUIRE(v.file != nullptr);
+        const std::uintptr_t start = reinterpret_cast<std::uintptr_t>(f.p);
+        writeback(f.t.core, v, {start, start + 4 * f.t.ps}, "test", s);
+        CHECK(f.at(1) == pte_t(kF | R | kPop | kPteDirty));
+        REQUIRE(s.finish() == 0);
+        keep_failed(f.t.core, s);
+    }
+    CHECK(f.at(1) == pte_t(kF | kPop | kAllDirty | kPteSaved));
+    CHECK(f.at(2) == pte_t(kF | R));  // clean and not writable: not at risk
+    f.t.arena.verify();
+    CHECK(usermm_test::read_byte(f.t.page(f.p, 1)) == 7);
+    CHECK(f.at(1) == pte_t(kF | R | kPop | kAllDirty));
+    f.t.arena.sync(f.p, 4 * f.t.ps);
+    CHECK(f.at(1) == pte_t(kF | R | kPop | kPteDirty));
+    CHECK(f.file.content()[f.t.ps] == 7);
+    f.t.arena.verify();
 }
