@@ -26,6 +26,9 @@
 //    (the first page of a file mapping, the page after one, the pieces an unmapped file VMA leaves,
 //    the boundaries a forked child inherits), set where the kernel keeps the mappings apart for good.
 //    The map budget counts a boundary there.
+// Bits 0xe000 are reserved for reclaim (swapped out, referenced, inactive). lib/README.md, "The
+// per-page state machine", tells the states from these flags and lists which world may make each
+// transition, with the bits it sets and clears.
 #pragma once
 
 #include <sys/mman.h>
