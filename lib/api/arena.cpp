@@ -280,6 +280,7 @@ Arena::Arena(std::size_t size, void* at) {
         fail(err, "usermm::Arena: cannot reserve size {:#x} bytes of address space{}", size,
              at ? fmt::format(" at {:#x}", addr_of(at)) : "");
     a.base = addr_of(base);
+    a.lock.set_order_key(a.base);
     a.end = a.base + len;
     static std::atomic<std::uint64_t> next_id{1};
     a.id = next_id.fetch_add(1);

@@ -14,12 +14,18 @@
 #include <cstdint>
 
 #include "fault_world.hpp"
+#include "lock_order.hpp"
 
 namespace usermm::detail {
 
 class RwSpinLock {
 public:
+    constexpr explicit RwSpinLock(LockRank rank) : rank_(rank) {}
+    // Orders locks of one rank (an arena's: its base address); see lock_order.hpp.
+    void set_order_key(std::uintptr_t key) { key_ = key; }
+
     void lock_shared() {
+        lock_order_acquire(this, rank_, key_);
         for (unsigned spins = 0;; ++spins) {
             std::uint32_t s = state_.load(std::memory_order_relaxed);
             if (!(s & kWriter) && state_.compare_exchange_weak(s, s + 1, std::memory_order_acquire))
@@ -27,9 +33,13 @@ public:
             spin_backoff(spins);
         }
     }
-    void unlock_shared() { state_.fetch_sub(1, std::memory_order_release); }
+    void unlock_shared() {
+        state_.fetch_sub(1, std::memory_order_release);
+        lock_order_release(this);
+    }
 
     void lock() {
+        lock_order_acquire(this, rank_, key_);
         for (unsigned spins = 0;; ++spins) {
             std::uint32_t s = state_.load(std::memory_order_relaxed);
             if (!(s & kWriter) && state_.compare_exchange_weak(s, s | kWriter, std::memory_order_acquire))
@@ -43,6 +53,7 @@ public:
     void unlock() {
         owner_.store(kNoOwner, std::memory_order_relaxed);
         state_.fetch_and(~kWriter, std::memory_order_release);
+        lock_order_release(this);
     }
 
     // True when the calling thread holds the write side. Only the owner ever stores its own id and
@@ -57,20 +68,28 @@ private:
 
     std::atomic<std::uint32_t> state_{0};
     std::atomic<pthread_t> owner_{kNoOwner};
+    LockRank rank_;
+    std::uintptr_t key_ = 0;
 };
 
 // A plain spin lock for short sections of the fault path that must not interleave.
 class SpinLock {
 public:
+    constexpr explicit SpinLock(LockRank rank) : rank_(rank) {}
     void lock() {
+        lock_order_acquire(this, rank_, 0);
         unsigned spins = 0;
         while (locked_.exchange(true, std::memory_order_acquire))
             while (locked_.load(std::memory_order_relaxed)) spin_backoff(spins++);
     }
-    void unlock() { locked_.store(false, std::memory_order_release); }
+    void unlock() {
+        locked_.store(false, std::memory_order_release);
+        lock_order_release(this);
+    }
 
 private:
     std::atomic<bool> locked_{false};
+    LockRank rank_;
 };
 
 template <class Lock>

@@ -101,13 +101,13 @@ struct ArenaCore {
     std::atomic<std::uint64_t>* changed_groups = nullptr;
     std::size_t changed_group_bytes = 0;
 
-    RwSpinLock lock;  // write side: API calls that change the tree or protections
+    RwSpinLock lock{LockRank::Arena};  // write side: API calls that change the tree or protections
     VmaTree tree;
     std::atomic<Vma*> last_hit{nullptr};  // find_vma's cache; reset by every tree change
     std::atomic<long> kernel_maps{0};     // kernel VMAs this arena consists of (see map_budget)
     // Held by a fault from counting the kernel VMAs its change makes until it is published, so that
     // neighbouring faults never count against the same stale neighbour (see install()).
-    SpinLock install_lock;
+    SpinLock install_lock{LockRank::Install};
     Counters stats;
     // Live snapshots, changed only under the write lock; faults read them under the read lock.
     SnapshotCore* snapshots[kMaxSnapshots] = {};

@@ -13,7 +13,7 @@ inline constexpr std::size_t kMaxArenas = 16384;
 // Every live arena, sorted by base. Changed by the API world under the write side of the registry
 // lock; the fault path holds the read side only until it holds the arena's own read lock.
 struct ArenaRegistry {
-    RwSpinLock lock;
+    RwSpinLock lock{LockRank::Registry};
     ArenaCore* arenas[kMaxArenas] = {};
     std::size_t count = 0;
 };
