@@ -9,7 +9,9 @@
 #include <ucontext.h>
 
 #include <atomic>
+#include <cerrno>
 #include <cstdint>
+#include <utility>
 
 #include "account.hpp"
 #include "decode.hpp"
@@ -163,7 +165,14 @@ extern "C" void usermm_fault_handler(int sig, siginfo_t* info, void* ucontext) {
     }
 }
 
+int install_sigbus(const struct sigaction& sa) {
+    if (const int err = std::exchange(g_test_fail_sigbus_install, 0)) return err;
+    return sigaction(SIGBUS, &sa, &g_previous_bus) == 0 ? 0 : errno;
+}
+
 }  // namespace
+
+int g_test_fail_sigbus_install = 0;
 
 int install_fault_handlers() {
     if (g_installed.exchange(true)) return 0;
@@ -173,12 +182,13 @@ int install_fault_handlers() {
     // Nothing asynchronous may interrupt a resolution: a handler that touched arena memory would
     // find the page locked by its own thread, or the read lock behind a waiting writer.
     sigfillset(&sa.sa_mask);
-    if (sigaction(SIGSEGV, &sa, &g_previous_segv) != 0 || sigaction(SIGBUS, &sa, &g_previous_bus) != 0) {
-        const int err = errno;
-        g_installed.store(false);
-        return err;
-    }
-    return 0;
+    int err = sigaction(SIGSEGV, &sa, &g_previous_segv) == 0 ? 0 : errno;
+    if (!err && (err = install_sigbus(sa)) != 0)
+        // Left half installed, a retry would record usermm's own handler as SIGSEGV's previous one,
+        // and pass_on would pass a foreign fault on to itself until the stack ran out.
+        sigaction(SIGSEGV, &g_previous_segv, nullptr);
+    if (err) g_installed.store(false);
+    return err;
 }
 
 }  // namespace usermm::detail

@@ -1,0 +1,88 @@
+// Signal entry and its raw log in the corners no other test reaches.
+//
+// The test process itself never creates an arena and never calls usermm::page_size(): every child
+// starts with SIGSEGV at SIG_DFL and installs "the program's own" handler before usermm's.
+#include <doctest/doctest.h>
+#include <usermm/usermm.hpp>
+
+#include <setjmp.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+
+#include "fault_entry.hpp"
+#include "test_util.hpp"
+
+namespace {
+
+using usermm::Arena;
+using usermm_test::ChildEnd;
+using usermm_test::run_in_child;
+
+constexpr unsigned kChildSeconds = 5;
+constexpr std::size_t kArenaSize = 16ull << 20;
+
+char* volatile g_null = nullptr;
+
+// A load the hardware must perform, even from NULL: UBSan would otherwise end the program first.
+__attribute__((no_sanitize("null"))) void read_at(char* p) { (void)*static_cast<volatile char*>(p); }
+
+struct sigaction current_action(int sig) {
+    struct sigaction now {};
+    sigaction(sig, nullptr, &now);
+    return now;
+}
+
+// A counter the child increments and the parent reads once the child is gone.
+struct SharedCount {
+    std::atomic<int>* count = static_cast<std::atomic<int>*>(
+        mmap(nullptr, sizeof(std::atomic<int>), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0));
+    SharedCount() {
+        REQUIRE(count != MAP_FAILED);
+        new (count) std::atomic<int>(0);
+    }
+    ~SharedCount() { munmap(count, sizeof *count); }
+    SharedCount(const SharedCount&) = delete;
+    SharedCount& operator=(const SharedCount&) = delete;
+};
+
+std::atomic<int>* g_runs = nullptr;
+sigjmp_buf g_escape;
+
+void counting_handler(int) {
+    g_runs->fetch_add(1);
+    siglongjmp(g_escape, 1);
+}
+
+}  // namespace
+
+// A retry after a half-done install recorded usermm's own SIGSEGV handler as the previous one:
+// the first foreign fault then passed itself on to itself until the stack ran out.
+TEST_CASE("an install that fails at SIGBUS leaves SIGSEGV as it was, and a retry chains to the program's handler") {
+    SharedCount runs;
+    const ChildEnd end = run_in_child(
+        [&] {
+            g_runs = runs.count;
+            struct sigaction sa {};
+            sa.sa_handler = counting_handler;
+            sigemptyset(&sa.sa_mask);
+            CHILD_CHECK(sigaction(SIGSEGV, &sa, nullptr) == 0);
+            usermm::detail::g_test_fail_sigbus_install = EINVAL;
+            CHILD_EXPECT_ERROR(usermm::page_size(), EINVAL, "cannot install the SIGSEGV/SIGBUS handlers");
+            CHILD_CHECK(current_action(SIGSEGV).sa_handler == counting_handler);
+            CHILD_CHECK(current_action(SIGBUS).sa_handler == SIG_DFL);
+
+            Arena arena(kArenaSize);
+            CHILD_CHECK(current_action(SIGSEGV).sa_handler != counting_handler);
+            if (sigsetjmp(g_escape, 1) == 0) read_at(g_null);
+            CHILD_CHECK(runs.count->load() == 1);
+        },
+        kChildSeconds);
+    INFO("child stderr: " << end.err);
+    CHECK(end.exited);
+    CHECK(end.exit_code == 0);
+    CHECK(runs.count->load() == 1);
+}
