@@ -12,8 +12,10 @@
 
 #include <atomic>
 #include <cerrno>
+#include <string>
 
 #include "fault_entry.hpp"
+#include "raw_log.hpp"
 #include "test_util.hpp"
 
 namespace {
@@ -85,4 +87,23 @@ TEST_CASE("an install that fails at SIGBUS leaves SIGSEGV as it was, and a retry
     CHECK(end.exited);
     CHECK(end.exit_code == 0);
     CHECK(runs.count->load() == 1);
+}
+
+// A full line, emitted with stderr closed, then emitted again with stderr open.
+TEST_CASE("a line emitted again after its write failed stays within its buffer") {
+    const ChildEnd end = run_in_child(
+        [] {
+            const int saved = dup(2);
+            CHILD_CHECK(saved >= 0);
+            usermm::detail::RawLine line;
+            for (int i = 0; i < 300; ++i) line.str("x");
+            close(2);
+            line.emit();
+            CHILD_CHECK(dup2(saved, 2) == 2);
+            line.emit();
+        },
+        kChildSeconds);
+    CHECK(end.exited);
+    CHECK(end.exit_code == 0);
+    CHECK(end.err == "\n");
 }
