@@ -70,16 +70,24 @@ void die_by(int sig) {
     raise(sig);
 }
 
-// Runs the previous handler as the kernel would have: with the interrupted code's mask plus the
-// handler's sa_mask plus the signal itself (unless SA_NODEFER), and reset to SIG_DFL first if it
-// asked for SA_RESETHAND.
-void call_previous(int sig, siginfo_t* info, void* ucontext) {
+// The previous handler, read once. The kernel resets a one-shot (SA_RESETHAND) handler to SIG_DFL
+// as it delivers the signal: of two threads that fault at once, one runs it and the other gets the
+// default action. An ignored signal is not delivered, so SIG_IGN is not reset.
+struct sigaction take_previous(int sig) {
     struct sigaction& prev = previous(sig);
-    const struct sigaction handler = prev;
-    if (handler.sa_flags & SA_RESETHAND) {
-        prev.sa_handler = SIG_DFL;
-        prev.sa_flags &= ~SA_SIGINFO;
-    }
+    std::atomic_ref<void (*)(int)> slot(prev.sa_handler);
+    struct sigaction taken {};
+    taken.sa_flags = prev.sa_flags;  // the flags and the mask never change once installed
+    taken.sa_mask = prev.sa_mask;
+    taken.sa_handler = slot.load();
+    if ((taken.sa_flags & SA_RESETHAND) && taken.sa_handler != SIG_DFL && taken.sa_handler != SIG_IGN)
+        taken.sa_handler = slot.exchange(SIG_DFL);
+    return taken;
+}
+
+// Runs the previous handler as the kernel would have: with the interrupted code's mask plus the
+// handler's sa_mask plus the signal itself (unless SA_NODEFER).
+void call_previous(int sig, const struct sigaction& handler, siginfo_t* info, void* ucontext) {
     sigset_t mask = static_cast<const ucontext_t*>(ucontext)->uc_sigmask, ours;
     for (int s = 1; s < NSIG; ++s)
         if (sigismember(&handler.sa_mask, s) == 1) sigaddset(&mask, s);
@@ -97,13 +105,13 @@ void call_previous(int sig, siginfo_t* info, void* ucontext) {
 
 // Passes a fault usermm does not resolve to whoever would have had it without usermm.
 void pass_on(int sig, siginfo_t* info, void* ucontext, RawLine& reason) {
-    const struct sigaction& prev = previous(sig);
+    const struct sigaction prev = take_previous(sig);
     const bool sent = info->si_code <= 0;  // kill(2), sigqueue(3), tgkill(2): not a fault
     // sa_handler and sa_sigaction share storage: SIG_DFL and SIG_IGN mean the same whatever the flags.
     if (prev.sa_handler == SIG_IGN) {
         if (sent) return;  // an ignored signal that was sent is dropped; a fault cannot be ignored
     } else if (prev.sa_handler != SIG_DFL) {
-        call_previous(sig, info, ucontext);
+        call_previous(sig, prev, info, ucontext);
         return;
     }
     reason.emit();
