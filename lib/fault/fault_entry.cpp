@@ -9,7 +9,9 @@
 #include <ucontext.h>
 
 #include <atomic>
+#include <cerrno>
 #include <cstdint>
+#include <utility>
 
 #include "account.hpp"
 #include "decode.hpp"
@@ -68,16 +70,24 @@ void die_by(int sig) {
     raise(sig);
 }
 
-// Runs the previous handler as the kernel would have: with the interrupted code's mask plus the
-// handler's sa_mask plus the signal itself (unless SA_NODEFER), and reset to SIG_DFL first if it
-// asked for SA_RESETHAND.
-void call_previous(int sig, siginfo_t* info, void* ucontext) {
+// The previous handler, read once. The kernel resets a one-shot (SA_RESETHAND) handler to SIG_DFL
+// as it delivers the signal: of two threads that fault at once, one runs it and the other gets the
+// default action. An ignored signal is not delivered, so SIG_IGN is not reset.
+struct sigaction take_previous(int sig) {
     struct sigaction& prev = previous(sig);
-    const struct sigaction handler = prev;
-    if (handler.sa_flags & SA_RESETHAND) {
-        prev.sa_handler = SIG_DFL;
-        prev.sa_flags &= ~SA_SIGINFO;
-    }
+    std::atomic_ref<void (*)(int)> slot(prev.sa_handler);
+    struct sigaction taken {};
+    taken.sa_flags = prev.sa_flags;  // the flags and the mask never change once installed
+    taken.sa_mask = prev.sa_mask;
+    taken.sa_handler = slot.load();
+    if ((taken.sa_flags & SA_RESETHAND) && taken.sa_handler != SIG_DFL && taken.sa_handler != SIG_IGN)
+        taken.sa_handler = slot.exchange(SIG_DFL);
+    return taken;
+}
+
+// Runs the previous handler as the kernel would have: with the interrupted code's mask plus the
+// handler's sa_mask plus the signal itself (unless SA_NODEFER).
+void call_previous(int sig, const struct sigaction& handler, siginfo_t* info, void* ucontext) {
     sigset_t mask = static_cast<const ucontext_t*>(ucontext)->uc_sigmask, ours;
     for (int s = 1; s < NSIG; ++s)
         if (sigismember(&handler.sa_mask, s) == 1) sigaddset(&mask, s);
@@ -95,13 +105,13 @@ void call_previous(int sig, siginfo_t* info, void* ucontext) {
 
 // Passes a fault usermm does not resolve to whoever would have had it without usermm.
 void pass_on(int sig, siginfo_t* info, void* ucontext, RawLine& reason) {
-    const struct sigaction& prev = previous(sig);
+    const struct sigaction prev = take_previous(sig);
     const bool sent = info->si_code <= 0;  // kill(2), sigqueue(3), tgkill(2): not a fault
     // sa_handler and sa_sigaction share storage: SIG_DFL and SIG_IGN mean the same whatever the flags.
     if (prev.sa_handler == SIG_IGN) {
         if (sent) return;  // an ignored signal that was sent is dropped; a fault cannot be ignored
     } else if (prev.sa_handler != SIG_DFL) {
-        call_previous(sig, info, ucontext);
+        call_previous(sig, prev, info, ucontext);
         return;
     }
     reason.emit();
@@ -163,7 +173,14 @@ extern "C" void usermm_fault_handler(int sig, siginfo_t* info, void* ucontext) {
     }
 }
 
+int install_sigbus(const struct sigaction& sa) {
+    if (const int err = std::exchange(g_test_fail_sigbus_install, 0)) return err;
+    return sigaction(SIGBUS, &sa, &g_previous_bus) == 0 ? 0 : errno;
+}
+
 }  // namespace
+
+int g_test_fail_sigbus_install = 0;
 
 int install_fault_handlers() {
     if (g_installed.exchange(true)) return 0;
@@ -173,12 +190,13 @@ int install_fault_handlers() {
     // Nothing asynchronous may interrupt a resolution: a handler that touched arena memory would
     // find the page locked by its own thread, or the read lock behind a waiting writer.
     sigfillset(&sa.sa_mask);
-    if (sigaction(SIGSEGV, &sa, &g_previous_segv) != 0 || sigaction(SIGBUS, &sa, &g_previous_bus) != 0) {
-        const int err = errno;
-        g_installed.store(false);
-        return err;
-    }
-    return 0;
+    int err = sigaction(SIGSEGV, &sa, &g_previous_segv) == 0 ? 0 : errno;
+    if (!err && (err = install_sigbus(sa)) != 0)
+        // Left half installed, a retry would record usermm's own handler as SIGSEGV's previous one,
+        // and pass_on would pass a foreign fault on to itself until the stack ran out.
+        sigaction(SIGSEGV, &g_previous_segv, nullptr);
+    if (err) g_installed.store(false);
+    return err;
 }
 
 }  // namespace usermm::detail

@@ -33,16 +33,18 @@ RawLine& RawLine::dec(std::uint64_t v) {
 }
 
 void RawLine::emit() {
-    buf_[len_++] = '\n';
+    buf_[len_++] = '\n';  // str, hex and dec leave room for it
     const char* p = buf_;
     std::size_t left = len_;
+    // Spent whether or not it is written: a line kept after a failed write would take a second
+    // '\n' one byte past the buffer.
+    len_ = 0;
     while (left) {
         ssize_t n = write(2, p, left);
         if (n <= 0) return;  // EINTR included: a diagnostic is not worth a loop in a dying process
         p += n;
         left -= std::size_t(n);
     }
-    len_ = 0;
 }
 
 }  // namespace usermm::detail

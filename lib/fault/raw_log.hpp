@@ -12,7 +12,8 @@ public:
     RawLine& str(const char* s);
     RawLine& hex(std::uintptr_t v);
     RawLine& dec(std::uint64_t v);
-    // Appends '\n' and writes the line to fd 2. Long lines are cut, never overrun.
+    // Appends '\n' and writes the line to fd 2; the line is then empty, written or not. Long lines
+    // are cut, never overrun.
     void emit();
 
 private:
