@@ -11,7 +11,6 @@
 
 #include <array>
 #include <atomic>
-#include <bit>
 #include <cerrno>
 #include <csignal>
 #include <cstdint>
@@ -26,6 +25,7 @@
 #include <utility>
 #include <vector>
 
+#include <boost/crc.hpp>
 #include <fmt/format.h>
 
 #include <usermm/memory_resource.hpp>
@@ -72,6 +72,15 @@ std::pair<int, std::string> error_of(Call&& call) {
 }
 
 bool contains(const std::string& s, std::string_view part) { return s.find(part) != std::string::npos; }
+
+// CRC-32C with the parameters README "Snapshot images" documents for version 3.
+using Crc32c = boost::crc_optimal<32, 0x1EDC6F41, 0xFFFFFFFF, 0xFFFFFFFF, true, true>;
+
+std::uint64_t crc32c(const std::uint8_t* p, std::size_t n) {
+    Crc32c crc;
+    crc.process_bytes(p, n);
+    return crc.checksum();
+}
 
 // An arena with one VMA whose pages 0..n-1 hold `tag + i` in their first word.
 struct Run {
@@ -391,7 +400,7 @@ struct Crafted {
         auto u64 = [&](std::uint64_t v) { out.insert(out.end(), reinterpret_cast<const std::uint8_t*>(&v), reinterpret_cast<const std::uint8_t*>(&v) + 8); };
         auto u32 = [&](std::uint32_t v) { out.insert(out.end(), reinterpret_cast<const std::uint8_t*>(&v), reinterpret_cast<const std::uint8_t*>(&v) + 4); };
         for (char c : std::string_view("USERMMSN")) out.push_back(std::uint8_t(c));
-        u32(2);
+        u32(3);
         u32(std::uint32_t(ps));
         u64(arena_base);
         u64(arena_size);
@@ -432,14 +441,7 @@ struct Crafted {
         u64(pages.size() + std::uint64_t(records_delta));
         u64(data);
         u64(out.size() + 16);
-        // The checksum over every 8-byte word before it, as lib/image.cpp computes it.
-        std::uint64_t h = 0x6a09e667f3bcc908ull;
-        for (std::size_t i = 0; i < out.size(); i += 8) {
-            std::uint64_t w;
-            std::memcpy(&w, out.data() + i, 8);
-            h = std::rotl(h ^ w, 29) * 0x9e3779b97f4a7c15ull;
-        }
-        u64(h);
+        u64(crc32c(out.data(), out.size()));
         return out;
     }
 };
@@ -824,4 +826,38 @@ TEST_CASE("images: a version-2 image with a flipped byte is refused naming the c
     const auto [err1, what1] = error_of([&] { (void)usermm::Arena::load(std::array{MemFd(log).get()}); });
     CHECK(err1 == EINVAL);
     CHECK_MESSAGE(contains(what1, "version 1"), what1);
+}
+
+TEST_CASE("images: version 3 ends with the CRC-32C of every byte before it; a flipped byte is refused naming it") {
+    const std::uint8_t check[] = {'1', '2', '3', '4', '5', '6', '7', '8', '9'};
+    REQUIRE(crc32c(check, sizeof check) == 0xE3069283);  // the CRC-32C check value: these are its parameters
+    Run run(8);
+    run.tag(0, 3, 500);
+    const MemFd file;
+    run.arena.snapshot().write_to(file.get());
+    const Bytes image = file.contents();
+    std::uint32_t version;
+    std::memcpy(&version, image.data() + 8, 4);
+    CHECK(version == 3);
+    std::uint64_t stored;
+    std::memcpy(&stored, image.data() + image.size() - 8, 8);
+    CHECK(stored == crc32c(image.data(), image.size() - 8));
+    CHECK(word_at(usermm::Arena::load(std::array{file.get()}), 2) == 502);
+
+    const std::size_t header = 104, vma = 64, page_record = 16;
+    struct Flip {
+        const char* where;
+        std::size_t at;
+    };
+    const std::size_t page1 = header + vma + page_record + usermm::page_size() + page_record;
+    for (const Flip& f : {Flip{"after the VMA name's terminator", header + 30}, Flip{"page 1's data", page1 + 9},
+                          Flip{"the checksum itself", image.size() - 3}}) {
+        INFO(f.where);
+        Bytes flipped = image;
+        flipped[f.at] ^= 0x04;
+        const auto [err, what] = error_of([&] { (void)usermm::Arena::load(std::array{MemFd(flipped).get()}); });
+        CHECK(err == EINVAL);
+        CHECK_MESSAGE(contains(what, "checksum"), what);
+        CHECK_MESSAGE(contains(what, "CRC-32C"), what);
+    }
 }
