@@ -11,7 +11,6 @@
 
 #include <array>
 #include <atomic>
-#include <bit>
 #include <cerrno>
 #include <csignal>
 #include <cstdint>
@@ -22,9 +21,11 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <utility>
 #include <vector>
 
+#include <boost/crc.hpp>
 #include <fmt/format.h>
 
 #include <usermm/memory_resource.hpp>
@@ -71,6 +72,15 @@ std::pair<int, std::string> error_of(Call&& call) {
 }
 
 bool contains(const std::string& s, std::string_view part) { return s.find(part) != std::string::npos; }
+
+// CRC-32C with the parameters README "Snapshot images" documents for version 3.
+using Crc32c = boost::crc_optimal<32, 0x1EDC6F41, 0xFFFFFFFF, 0xFFFFFFFF, true, true>;
+
+std::uint64_t crc32c(const std::uint8_t* p, std::size_t n) {
+    Crc32c crc;
+    crc.process_bytes(p, n);
+    return crc.checksum();
+}
 
 // An arena with one VMA whose pages 0..n-1 hold `tag + i` in their first word.
 struct Run {
@@ -390,7 +400,7 @@ struct Crafted {
         auto u64 = [&](std::uint64_t v) { out.insert(out.end(), reinterpret_cast<const std::uint8_t*>(&v), reinterpret_cast<const std::uint8_t*>(&v) + 8); };
         auto u32 = [&](std::uint32_t v) { out.insert(out.end(), reinterpret_cast<const std::uint8_t*>(&v), reinterpret_cast<const std::uint8_t*>(&v) + 4); };
         for (char c : std::string_view("USERMMSN")) out.push_back(std::uint8_t(c));
-        u32(2);
+        u32(3);
         u32(std::uint32_t(ps));
         u64(arena_base);
         u64(arena_size);
@@ -431,14 +441,7 @@ struct Crafted {
         u64(pages.size() + std::uint64_t(records_delta));
         u64(data);
         u64(out.size() + 16);
-        // The checksum over every 8-byte word before it, as lib/image.cpp computes it.
-        std::uint64_t h = 0x6a09e667f3bcc908ull;
-        for (std::size_t i = 0; i < out.size(); i += 8) {
-            std::uint64_t w;
-            std::memcpy(&w, out.data() + i, 8);
-            h = std::rotl(h ^ w, 29) * 0x9e3779b97f4a7c15ull;
-        }
-        u64(h);
+        u64(crc32c(out.data(), out.size()));
         return out;
     }
 };
@@ -721,4 +724,140 @@ TEST_CASE("images: std::pmr containers in a usermm::memory_resource survive an i
     const usermm::Arena here = usermm::Arena::load(std::array{image.get()}, {.at_original_base = true});
     CHECK(store_holds(*static_cast<Store*>(usermm::memory_resource::attach(heap).root()), kItems));
     CHECK(error_of([&] { (void)usermm::memory_resource::attach(static_cast<char*>(heap) + ps); }).first == EINVAL);
+}
+
+namespace {
+
+// tests/fixtures/image-v2.bin: a version-2 log of two images, written with 4 KiB pages by the
+// writer before version 3 (commit a1996c7). An arena of 8 pages with VMAs "fixture-rw" (pages 0-3,
+// read-write, fault-around 1) and "fixture-ro" (pages 5-6, read-only, fault-around 2); pages 1 and
+// 5 hold fixture_byte(). Snapshot 1 is the full image; then page 1 was zeroed and pages 2-3 made
+// read-only, and snapshot 2 is the increment to it (a zero record and the VMA table of three).
+constexpr std::size_t kFixturePage = 4096;
+constexpr std::uint64_t kFixtureBase = 0x7f816bb4a000ull;
+
+bool fixture_page_size() { return sysconf(_SC_PAGESIZE) == long(kFixturePage); }
+
+std::uint8_t fixture_byte(std::size_t page, std::size_t j) { return std::uint8_t((page * 37 + j * 7 + 1) % 256); }
+
+Bytes fixture_v2() {
+    const int fd = open(USERMM_TEST_FIXTURES "/image-v2.bin", O_RDONLY | O_CLOEXEC);
+    REQUIRE_MESSAGE(fd >= 0, USERMM_TEST_FIXTURES "/image-v2.bin: ", std::strerror(errno));
+    Bytes out(std::size_t(lseek(fd, 0, SEEK_END)));
+    const ssize_t n = pread(fd, out.data(), out.size(), 0);
+    close(fd);
+    REQUIRE(n == ssize_t(out.size()));
+    return out;
+}
+
+// The accessible pages of a loaded fixture: page 5, and page 1 if `page1_set`, hold fixture_byte();
+// all others are zero.
+void check_fixture_pages(const usermm::Arena& a, bool page1_set) {
+    const auto* p = static_cast<const std::uint8_t*>(a.base());
+    for (std::size_t page : {0, 1, 2, 3, 5, 6}) {
+        const bool set = page == 5 || (page1_set && page == 1);
+        std::size_t wrong = 0;
+        for (std::size_t j = 0; j < kFixturePage; ++j)
+            wrong += p[page * kFixturePage + j] != (set ? fixture_byte(page, j) : 0);
+        CHECK_MESSAGE(wrong == 0, "page ", page);
+    }
+}
+
+using Layout = std::vector<std::tuple<std::size_t, std::size_t, Prot, std::string, std::size_t>>;
+
+Layout layout_of(const usermm::Arena& a) {
+    Layout out;
+    for (const usermm::VmaInfo& v : a.vmas())
+        out.emplace_back(std::size_t(static_cast<const char*>(v.start) - static_cast<const char*>(a.base())) /
+                             kFixturePage,
+                         v.length / kFixturePage, v.prot, v.name, v.fault_around_pages);
+    return out;
+}
+
+}  // namespace
+
+TEST_CASE("images: a version-2 log written before version 3 still loads, and image_info lists it" *
+          doctest::skip(!fixture_page_size())) {
+    const Bytes log = fixture_v2();
+    const MemFd file(log);
+    const std::vector<usermm::ImageInfo> info = usermm::image_info(file.get());
+    REQUIRE(info.size() == 2);
+    CHECK(info[0].offset == 0);
+    CHECK(info[0].full());
+    CHECK(info[0].sequence == 1);
+    CHECK(info[0].original_base == reinterpret_cast<void*>(kFixtureBase));
+    CHECK(info[0].arena_size == 8 * kFixturePage);
+    CHECK(info[0].vma_count == 2);
+    CHECK(info[0].page_records == 2);
+    CHECK(info[0].data_pages == 2);
+    CHECK(info[1].offset == info[0].bytes);
+    CHECK(info[1].offset + info[1].bytes == log.size());
+    CHECK(info[1].base_chain == info[0].chain);
+    CHECK(info[1].base_sequence == 1);
+    CHECK(info[1].sequence == 2);
+    CHECK(info[1].vma_count == 3);
+    CHECK(info[1].page_records == 1);
+    CHECK(info[1].data_pages == 0);
+
+    {
+        const MemFd full(Bytes(log.begin(), log.begin() + std::ptrdiff_t(info[0].bytes)));
+        const usermm::Arena a = usermm::Arena::load(std::array{full.get()});
+        CHECK(layout_of(a) == Layout{{0, 4, Prot::ReadWrite, "fixture-rw", 1}, {5, 2, Prot::Read, "fixture-ro", 2}});
+        check_fixture_pages(a, true);
+        a.verify();
+    }
+    const usermm::Arena a = usermm::Arena::load(std::array{file.get()});
+    CHECK(layout_of(a) == Layout{{0, 2, Prot::ReadWrite, "fixture-rw", 1},
+                                 {2, 2, Prot::Read, "fixture-rw", 1},
+                                 {5, 2, Prot::Read, "fixture-ro", 2}});
+    check_fixture_pages(a, false);
+    a.verify();
+}
+
+TEST_CASE("images: a version-2 image with a flipped byte is refused naming the checksum; version 1 is refused" *
+          doctest::skip(!fixture_page_size())) {
+    Bytes log = fixture_v2();
+    Bytes flipped = log;
+    flipped[104 + 2 * 64 + 16 + 100] ^= 0x10;  // in page 1's data, after the header and VMA table
+    const auto [err, what] = error_of([&] { (void)usermm::Arena::load(std::array{MemFd(flipped).get()}); });
+    CHECK(err == EINVAL);
+    CHECK_MESSAGE(contains(what, "checksum"), what);
+    log[8] = 1;  // the version
+    const auto [err1, what1] = error_of([&] { (void)usermm::Arena::load(std::array{MemFd(log).get()}); });
+    CHECK(err1 == EINVAL);
+    CHECK_MESSAGE(contains(what1, "version 1"), what1);
+}
+
+TEST_CASE("images: version 3 ends with the CRC-32C of every byte before it; a flipped byte is refused naming it") {
+    const std::uint8_t check[] = {'1', '2', '3', '4', '5', '6', '7', '8', '9'};
+    REQUIRE(crc32c(check, sizeof check) == 0xE3069283);  // the CRC-32C check value: these are its parameters
+    Run run(8);
+    run.tag(0, 3, 500);
+    const MemFd file;
+    run.arena.snapshot().write_to(file.get());
+    const Bytes image = file.contents();
+    std::uint32_t version;
+    std::memcpy(&version, image.data() + 8, 4);
+    CHECK(version == 3);
+    std::uint64_t stored;
+    std::memcpy(&stored, image.data() + image.size() - 8, 8);
+    CHECK(stored == crc32c(image.data(), image.size() - 8));
+    CHECK(word_at(usermm::Arena::load(std::array{file.get()}), 2) == 502);
+
+    const std::size_t header = 104, vma = 64, page_record = 16;
+    struct Flip {
+        const char* where;
+        std::size_t at;
+    };
+    const std::size_t page1 = header + vma + page_record + usermm::page_size() + page_record;
+    for (const Flip& f : {Flip{"after the VMA name's terminator", header + 30}, Flip{"page 1's data", page1 + 9},
+                          Flip{"the checksum itself", image.size() - 3}}) {
+        INFO(f.where);
+        Bytes flipped = image;
+        flipped[f.at] ^= 0x04;
+        const auto [err, what] = error_of([&] { (void)usermm::Arena::load(std::array{MemFd(flipped).get()}); });
+        CHECK(err == EINVAL);
+        CHECK_MESSAGE(contains(what, "checksum"), what);
+        CHECK_MESSAGE(contains(what, "CRC-32C"), what);
+    }
 }

@@ -6,11 +6,11 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <boost/crc.hpp>
 #include <fmt/format.h>
 
 #include <algorithm>
 #include <array>
-#include <bit>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
@@ -908,15 +908,11 @@ TEST_CASE("load refuses a VMA record beyond the image's range, even under a vali
     const MemFd image;
     snap.write_to(image.get());
     Bytes bytes = image.contents();
-    // The checksum over every 8-byte word before it, as lib/image.cpp computes it.
+    // The image's checksum: the CRC-32C of every byte before it.
     auto checksum = [&] {
-        std::uint64_t h = 0x6a09e667f3bcc908ull;
-        for (std::size_t i = 0; i + 8 < bytes.size(); i += 8) {
-            std::uint64_t w;
-            std::memcpy(&w, bytes.data() + i, 8);
-            h = std::rotl(h ^ w, 29) * 0x9e3779b97f4a7c15ull;
-        }
-        return h;
+        boost::crc_optimal<32, 0x1EDC6F41, 0xFFFFFFFF, 0xFFFFFFFF, true, true> crc;
+        crc.process_bytes(bytes.data(), bytes.size() - 8);
+        return std::uint64_t(crc.checksum());
     };
     std::uint64_t stored;
     std::memcpy(&stored, bytes.data() + bytes.size() - 8, 8);

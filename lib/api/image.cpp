@@ -1,7 +1,7 @@
 // Snapshot images: the checkpoint format Snapshot::write_to writes and Arena::load reads.
 //
-// Version 2. Integers are little-endian; every record is a multiple of 8 bytes long.
-//   header  "USERMMSN", u32 version = 2, u32 page_size, u64 arena_base (where the arena was),
+// Version 3. Integers are little-endian; every record is a multiple of 8 bytes long.
+//   header  "USERMMSN", u32 version = 3, u32 page_size, u64 arena_base (where the arena was),
 //           u64 arena_size, u64 range_offset, u64 range_length, u64 chain[2] (the arena's random
 //           identity), u64 sequence, u64 base_chain[2], u64 base_sequence (both 0 for a full
 //           image, else the chain and sequence of the image this one is an increment to),
@@ -12,8 +12,9 @@
 //           2: the page is zero), u32 0} [data]
 //   end     {u64 UINT64_MAX, u32 kind = 0x444e45 ("END"), u32 0, u64 page_records, u64 data_pages,
 //           u64 image_bytes, u64 checksum}
-// Offsets are relative to the arena's base. The checksum is computed over every byte before it,
-// 8 bytes at a time (see Checksum). A full image holds every page that was not zero, each inside a
+// Offsets are relative to the arena's base. The checksum is the CRC-32C of every byte before it,
+// zero-extended to 64 bits (see Checksum). Version 2 differs only in its checksum, which load and
+// image_info still read. A full image holds every page that was not zero, each inside a
 // VMA; an increment holds every page that changed since its base (with zero records for pages that
 // became zero) and the complete VMA table. The end record's fixed size and image_bytes let a
 // reader find the images of an append-only log from its end (image_info).
@@ -21,10 +22,14 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <nmmintrin.h>
+
 #include <algorithm>
 #include <bit>
 #include <cstring>
 #include <optional>
+
+#include <boost/crc.hpp>
 
 #include "arena_ops.hpp"
 #include "file_vma.hpp"
@@ -38,7 +43,8 @@ using namespace detail;
 namespace {
 
 constexpr char kMagic[8] = {'U', 'S', 'E', 'R', 'M', 'M', 'S', 'N'};
-constexpr std::uint32_t kVersion = 2;
+constexpr std::uint32_t kVersion = 3;
+constexpr std::uint32_t kOldestVersion = 2;  // what load and image_info still read
 constexpr std::uint32_t kKindData = 1, kKindZero = 2, kKindEnd = 0x444e45;
 constexpr std::uint64_t kEndOffset = ~std::uint64_t(0);
 constexpr std::uint64_t kMaxAddress = 1ull << 47;  // the user half of an x86-64 address space
@@ -88,30 +94,66 @@ constexpr std::size_t kTrailer = sizeof(PageEntry) + sizeof(EndEntry);
 static_assert(sizeof(Header) % 8 == 0 && sizeof(VmaEntry) % 8 == 0 && sizeof(PageEntry) % 8 == 0);
 static_assert(std::endian::native == std::endian::little, "images are little-endian; add byte swaps here");
 
-// A 64-bit checksum over 8-byte words: each word is mixed in with a rotate and an odd multiply, so
-// that a changed, lost or reordered word changes the result. Not cryptographic: it catches
-// truncation and corruption, not forgery.
+// Version 3's checksum is CRC-32C (Castagnoli: polynomial 0x1EDC6F41, input and output reflected,
+// initial value and final XOR 0xFFFFFFFF; "123456789" gives 0xE3069283), the CRC of iSCSI and
+// ext4 metadata, so that any CRC-32C tool can check an image. boost::crc_optimal computes it a byte
+// at a time, at 0.18 GB/s on the test VM, a twelfth of version 2's checksum; the SSE4.2 crc32
+// instruction computes the same CRC 8 bytes at a time (4.6-6.3 GB/s there) and is used where the
+// CPU has it. Version 2's own checksum mixes each 8-byte word in with a rotate and an odd
+// multiply. Neither is cryptographic: they catch truncation and corruption, not forgery.
+using Crc32c = boost::crc_optimal<32, 0x1EDC6F41, 0xFFFFFFFF, 0xFFFFFFFF, true, true>;
+
+__attribute__((target("sse4.2"))) std::uint32_t crc32c_sse42(std::uint32_t crc, const unsigned char* p,
+                                                               std::size_t n) {
+    std::uint64_t c = crc;
+    for (std::size_t i = 0; i < n; i += 8) {
+        std::uint64_t w;
+        std::memcpy(&w, p + i, 8);
+        c = _mm_crc32_u64(c, w);
+    }
+    return std::uint32_t(c);
+}
+
+// The checksum of an image of `version` (2 or 3), over whole 8-byte words.
 class Checksum {
 public:
+    explicit Checksum(std::uint32_t version = kVersion)
+        : version2_(version == 2), sse42_(__builtin_cpu_supports("sse4.2")) {}
+
     void add(const void* p, std::size_t n) {
         const auto* bytes = static_cast<const unsigned char*>(p);
-        for (std::size_t i = 0; i < n; i += 8) {
-            std::uint64_t w;
-            std::memcpy(&w, bytes + i, 8);
-            h_ = std::rotl(h_ ^ w, 29) * 0x9e3779b97f4a7c15ull;
+        if (version2_) {
+            for (std::size_t i = 0; i < n; i += 8) {
+                std::uint64_t w;
+                std::memcpy(&w, bytes + i, 8);
+                h_ = std::rotl(h_ ^ w, 29) * 0x9e3779b97f4a7c15ull;
+            }
+        } else if (sse42_) {
+            crc_ = crc32c_sse42(crc_, bytes, n);
+        } else {
+            soft_.process_bytes(bytes, n);
         }
     }
-    std::uint64_t value() const { return h_; }
+    std::uint64_t value() const {
+        if (version2_) return h_;
+        return sse42_ ? ~crc_ : soft_.checksum();
+    }
+    const char* name() const { return version2_ ? "version 2's checksum" : "CRC-32C"; }
 
 private:
+    bool version2_;
+    bool sse42_;
     std::uint64_t h_ = 0x6a09e667f3bcc908ull;
+    std::uint32_t crc_ = 0xFFFFFFFF;  // the crc32 instruction's register: reflected, before the final XOR
+    Crc32c soft_;
 };
 
 // What is wrong with a header on its own, or an empty string. The same rules as map() and the
 // Arena constructor, so that a load never builds what the API would have refused.
 std::string header_problem(const Header& h) {
     if (std::memcmp(h.magic, kMagic, sizeof kMagic) != 0) return "not a usermm snapshot image";
-    if (h.version != kVersion) return fmt::format("version {} (this usermm reads version {})", h.version, kVersion);
+    if (h.version < kOldestVersion || h.version > kVersion)
+        return fmt::format("version {} (this usermm reads versions {} to {})", h.version, kOldestVersion, kVersion);
     if (h.page_size != g_page_size) return fmt::format("page size {} (this machine's is {})", h.page_size, g_page_size);
     if (h.arena_size == 0 || h.arena_size % g_page_size || h.arena_base == 0 || h.arena_base % g_page_size ||
         h.arena_base >= kMaxAddress ||
@@ -213,8 +255,13 @@ public:
         if (pos_ == len_ && !refill()) return false;
         ++image_;
         image_start_ = offset();
-        sum_ = Checksum();
         return true;
+    }
+    // The header says which checksum covers the image, itself included.
+    void get_header(Header& h) {
+        get_raw(&h, sizeof h, "header");
+        sum_ = Checksum(h.version);
+        sum_.add(&h, sizeof h);
     }
     void get(void* p, std::size_t n, const char* what) {
         get_raw(p, n, what);
@@ -231,7 +278,8 @@ public:
                     tail.data_pages, page_records, data_pages);
         if (tail.image_bytes != offset() - image_start_)
             corrupt("the end record says the image is {} bytes long, it is {}", tail.image_bytes, offset() - image_start_);
-        if (tail.checksum != expected) corrupt("checksum {:#x} does not match the content ({:#x})", tail.checksum, expected);
+        if (tail.checksum != expected)
+            corrupt("checksum {:#x} does not match the content ({}: {:#x})", tail.checksum, sum_.name(), expected);
     }
 
     int fd() const { return fd_; }
@@ -329,7 +377,7 @@ struct LoadedHeader {
 
 LoadedHeader read_header(ImageReader& in) {
     LoadedHeader l{};
-    in.get(&l.header, sizeof l.header, "header");
+    in.get_header(l.header);
     const Header& h = l.header;
     if (const std::string problem = header_problem(h); !problem.empty()) in.corrupt("{}", problem);
     std::uint64_t prev_end = h.range_offset;
