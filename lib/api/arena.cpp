@@ -431,8 +431,7 @@ void Arena::protect(void* addr, std::size_t length, Prot prot) {
     ArenaCore& a = live_arena(core_, call);
     const Range r = check_range(a, call, addr, length);
     prot = check_prot(call, prot, r.start);
-    auto lower_spare = std::make_unique<Vma>();
-    auto upper_spare = std::make_unique<Vma>();
+    SplitSpares spares;
 
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
     if (a.snapshot_count) require_self_mem(call);  // snapshots take pages that gain write access
@@ -442,19 +441,14 @@ void Arena::protect(void* addr, std::size_t length, Prot prot) {
             fail(EACCES, "{}: addr {:#x}: VMA '{}' is a shared mapping of '{}', which is not open for writing", call,
                  std::max(v->start, r.start), v->name, v->file->path);
     change_pages(a, call, r, [prot](Prot old) { return old & prot; });
-    split_at(a, r.start, lower_spare);
-    split_at(a, r.end, upper_spare);
-    for (Vma* v : covering_vmas(a, call, r)) v->prot = prot;
-    merge_range(a, r.start, r.end);
-    a.last_hit.store(nullptr, std::memory_order_relaxed);
+    change_vmas(a, call, r, spares, [prot](Vma& v) { v.prot = prot; });
 }
 
 void Arena::unmap(void* addr, std::size_t length) {
     static constexpr const char* call = "usermm::Arena::unmap";
     ArenaCore& a = live_arena(core_, call);
     const Range r = check_range(a, call, addr, length);
-    auto lower_spare = std::make_unique<Vma>();
-    auto upper_spare = std::make_unique<Vma>();
+    SplitSpares spares;
 
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
     // Snapshots take pages they cannot read directly, and file parts become reservation again,
@@ -466,15 +460,8 @@ void Arena::unmap(void* addr, std::size_t length) {
     // VMA's dirty pages cannot be written.
     for (Vma* v : vmas) writeback_now(a, *v, {std::max(v->start, r.start), std::min(v->end, r.end)}, call);
     for (Vma* v : vmas) release_file_pages(a, *v, {std::max(v->start, r.start), std::min(v->end, r.end)}, call);
-    // A page of an untouched part of the PTE table holds nothing, and the discard leaves it so: its
-    // slots stay kSlotInArena, reading the same zeros (a later grant of write access preserves it).
-    for (const PageSpan& span : pte_spans(a, a.page_index(r.start), a.page_index(r.end)))
-        preserve_range(a, call, {a.page_addr(span.first), a.page_addr(span.last)});
-    change_pages(a, call, r, [](Prot) { return Prot::None; });
-    page_discard(r.start, r.end - r.start);
-    clear_ptes(a, r);
-    split_at(a, r.start, lower_spare);
-    split_at(a, r.end, upper_spare);
+    discard_range(a, call, r);
+    split_range(a, r, spares);
     int file_err = 0;
     bool kept = false;
     Range failed{};

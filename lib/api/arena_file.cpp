@@ -96,13 +96,9 @@ void detail::vma_free(Vma* v) {
     delete v;
 }
 
-void detail::vma_copy_file(Vma& to, const Vma& from) {
-    to.file = from.file;
+void detail::vma_copy_attrs(Vma& to, const Vma& from) {
+    static_cast<VmaAttrs&>(to) = from;
     to.pgoff = from.pgoff;
-    to.share = from.share;
-    to.advice = from.advice;
-    to.may_write = from.may_write;
-    to.readahead_max = from.readahead_max;
     to.ra_next.store(from.ra_next.load(kRelaxed), kRelaxed);
     to.ra_window.store(from.ra_window.load(kRelaxed), kRelaxed);
     to.ra_misses.store(from.ra_misses.load(kRelaxed), kRelaxed);
@@ -534,8 +530,7 @@ void Arena::advise(void* addr, std::size_t length, Advice advice) {
     const Range r = check_range(a, call, addr, length);
     if (unsigned(advice) > unsigned(Advice::DontNeed))
         fail(EINVAL, "{}: advice {} is unknown (addr {:#x})", call, unsigned(advice), r.start);
-    auto lower_spare = std::make_unique<Vma>();
-    auto upper_spare = std::make_unique<Vma>();
+    SplitSpares spares;
     ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
     const std::vector<Vma*> vmas = covering_vmas(a, call, r);
     auto part_of = [&r](const Vma* v) { return Range{std::max(v->start, r.start), std::min(v->end, r.end)}; };
@@ -544,16 +539,12 @@ void Arena::advise(void* addr, std::size_t length, Advice advice) {
         case Advice::Random:
         case Advice::Sequential:
             // A property of the VMA, as in the kernel: the range becomes VMAs of its own.
-            split_at(a, r.start, lower_spare);
-            split_at(a, r.end, upper_spare);
-            for (Vma* v : covering_vmas(a, call, r)) {
-                if (v->file && v->advice != advice) advise_file(a, *v, part_of(v), advice, call);
-                v->advice = advice;
-                v->ra_window.store(0, kRelaxed);
-                v->ra_misses.store(0, kRelaxed);
-            }
-            merge_range(a, r.start, r.end);
-            a.last_hit.store(nullptr, kRelaxed);
+            change_vmas(a, call, r, spares, [&](Vma& v) {
+                if (v.file && v.advice != advice) advise_file(a, v, part_of(&v), advice, call);
+                v.advice = advice;
+                v.ra_window.store(0, kRelaxed);
+                v.ra_misses.store(0, kRelaxed);
+            });
             return;
         case Advice::WillNeed:
             for (Vma* v : vmas)
@@ -562,12 +553,8 @@ void Arena::advise(void* addr, std::size_t length, Advice advice) {
         case Advice::DontNeed:
             for (Vma* v : vmas) writeback_now(a, *v, part_of(v), call);  // nothing written is lost
             for (Vma* v : vmas) {
-                const Range part = part_of(v);
-                release_file_pages(a, *v, part, call);
-                preserve_range(a, call, part);
-                change_pages(a, call, part, [](Prot) { return Prot::None; });
-                page_discard(part.start, part.end - part.start);
-                clear_ptes(a, part);
+                release_file_pages(a, *v, part_of(v), call);
+                discard_range(a, call, part_of(v));
             }
             return;
     }

@@ -299,12 +299,7 @@ pte_t pte_after_discard(pte_t v) {
 }
 
 bool mergeable(const Vma& lo, const Vma& hi) {
-    const bool same_backing = lo.file == hi.file && lo.advice == hi.advice &&
-                              (!lo.file || (lo.share == hi.share && lo.may_write == hi.may_write &&
-                                            lo.readahead_max == hi.readahead_max &&
-                                            lo.file_page(lo.end) == hi.pgoff));
-    return lo.end == hi.start && lo.prot == hi.prot && lo.fault_around_pages == hi.fault_around_pages &&
-           same_backing && std::strcmp(lo.name, hi.name) == 0;
+    return lo.end == hi.start && lo.same_as(hi) && (!lo.file || lo.file_page(lo.end) == hi.pgoff);
 }
 
 }  // namespace
@@ -402,13 +397,25 @@ void split_at(ArenaCore& a, std::uintptr_t at, std::unique_ptr<Vma>& spare) {
     Vma* lower = spare.release();
     lower->start = it->start;
     lower->end = at;
-    lower->prot = it->prot;
-    lower->fault_around_pages = it->fault_around_pages;
-    std::memcpy(lower->name, it->name, kVmaNameMax);
-    vma_copy_file(*lower, *it);
+    vma_copy_attrs(*lower, *it);
     if (it->file) it->pgoff = it->file_page(at);
     it->start = at;
     a.tree.insert(*lower);
+}
+
+void split_range(ArenaCore& a, Range r, SplitSpares& spares) {
+    split_at(a, r.start, spares.lower);
+    split_at(a, r.end, spares.upper);
+}
+
+void discard_range(ArenaCore& a, const char* call, Range r) {
+    // A page of an untouched part of the PTE table holds nothing, and the discard leaves it so: its
+    // slots stay kSlotInArena, reading the same zeros (a later grant of write access preserves it).
+    for (const PageSpan& span : pte_spans(a, a.page_index(r.start), a.page_index(r.end)))
+        preserve_range(a, call, {a.page_addr(span.first), a.page_addr(span.last)});
+    change_pages(a, call, r, [](Prot) { return Prot::None; });
+    page_discard(r.start, r.end - r.start);
+    clear_ptes(a, r);
 }
 
 // Merges neighbouring VMAs in and around [start, end) where the kernel would (same protection, name

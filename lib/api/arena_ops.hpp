@@ -164,6 +164,28 @@ std::size_t unmark_tracked(ArenaCore& a, const char* call, Range r);
 void set_name(Vma& v, std::string_view name);
 void split_at(ArenaCore& a, std::uintptr_t at, std::unique_ptr<Vma>& spare);
 void merge_range(ArenaCore& a, std::uintptr_t start, std::uintptr_t end);
+
+// The two nodes a range's VMAs may need when split at both ends, allocated before the arena's
+// lock is taken (so that nothing allocates, and can fail, half-way through a change).
+struct SplitSpares {
+    std::unique_ptr<Vma> lower = std::make_unique<Vma>();
+    std::unique_ptr<Vma> upper = std::make_unique<Vma>();
+};
+void split_range(ArenaCore& a, Range r, SplitSpares& spares);
+// A change of VMA attributes over r (protect, advice): the VMAs are split at both ends of r,
+// change(v) runs for each VMA inside it, and neighbours merge again where the kernel would.
+template <typename Change>
+void change_vmas(ArenaCore& a, const char* call, Range r, SplitSpares& spares, Change change) {
+    split_range(a, r, spares);
+    for (Vma* v : covering_vmas(a, call, r)) change(*v);
+    merge_range(a, r.start, r.end);
+    a.last_hit.store(nullptr, std::memory_order_relaxed);
+}
+// The pages of r lose their content and access (unmap, DontNeed): live snapshots take what they
+// still read from them, the kernel drops them, and their PTEs are cleared. Shared file pages must
+// have been written back and their saved copies put back before (writeback_now,
+// release_file_pages).
+void discard_range(ArenaCore& a, const char* call, Range r);
 bool range_free(ArenaCore& a, std::uintptr_t start, std::size_t len);
 std::uintptr_t find_free(ArenaCore& a, std::uintptr_t hint, std::size_t len);
 

@@ -12,8 +12,9 @@ namespace usermm::detail {
 
 // Deletes a VMA node, dropping its reference to its file (closed with the last one).
 void vma_free(Vma* v);
-// A new node shows the same file as `from` (a split): one more reference.
-void vma_copy_file(Vma& to, const Vma& from);
+// A new node is what `from` is, at the same file offset (a split): its attributes, its readahead
+// state, and one more reference to its file.
+void vma_copy_attrs(Vma& to, const Vma& from);
 // Drops a reference to a file (FileSync's, or a VMA's).
 void file_put(MappedFile* f);
 

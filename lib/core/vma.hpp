@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -24,23 +25,36 @@ inline constexpr std::uint32_t kReadaroundMisses = 100;
 
 struct MappedFile;
 
-// One mapped range of an arena, like the kernel's vm_area_struct. Created, split, merged and freed
-// only by the API world under the arena's write lock; the fault path reads it under the read lock.
-struct Vma : bi::set_base_hook<bi::link_mode<bi::normal_link>, bi::optimize_size<true>> {
-    std::uintptr_t start = 0;  // page-aligned
-    std::uintptr_t end = 0;    // exclusive, page-aligned
+// What a VMA is, apart from where it lies: copied by assignment when a VMA splits, compared when
+// neighbours may merge (the kernel's vm_flags, vm_file and friends). A new attribute is one field
+// here, and same_as if two VMAs that differ in it must stay apart.
+struct VmaAttrs {
     Prot prot = Prot::None;
     std::uint32_t fault_around_pages = 0;
     char name[kVmaNameMax] = {};
-    // File VMAs only (file == nullptr for anonymous memory): the file, the file page that `start`
-    // shows, how writes behave, and whether the file was opened for writing (the kernel's
-    // VM_MAYWRITE: a shared VMA may gain write access only then).
-    MappedFile* file = nullptr;
-    std::uint64_t pgoff = 0;
-    Share share = Share::Private;
     Advice advice = Advice::Normal;
+    // File VMAs only (file == nullptr for anonymous memory): the file (each map_file's own; a copy
+    // of the pointer is a reference, see vma_copy_attrs), how writes behave, whether the file was
+    // opened for writing (the kernel's VM_MAYWRITE: a shared VMA may gain write access only then),
+    // and the largest readahead window.
+    MappedFile* file = nullptr;
+    Share share = Share::Private;
     bool may_write = false;
     std::uint32_t readahead_max = 0;  // pages
+
+    bool same_as(const VmaAttrs& o) const {
+        return prot == o.prot && fault_around_pages == o.fault_around_pages && std::strcmp(name, o.name) == 0 &&
+               advice == o.advice && file == o.file && share == o.share && may_write == o.may_write &&
+               readahead_max == o.readahead_max;
+    }
+};
+
+// One mapped range of an arena, like the kernel's vm_area_struct. Created, split, merged and freed
+// only by the API world under the arena's write lock; the fault path reads it under the read lock.
+struct Vma : bi::set_base_hook<bi::link_mode<bi::normal_link>, bi::optimize_size<true>>, VmaAttrs {
+    std::uintptr_t start = 0;  // page-aligned
+    std::uintptr_t end = 0;    // exclusive, page-aligned
+    std::uint64_t pgoff = 0;   // file VMAs: the file page that `start` shows
     // Readahead state, a heuristic that faults update without a lock: where the last readahead
     // ended (the file page a sequential reader faults on next) and how large it was.
     std::atomic<std::uint64_t> ra_next{0};
