@@ -42,7 +42,7 @@ using Bytes = std::vector<std::uint8_t>;
 
 [[maybe_unused]] const unsigned g_watchdog = alarm(120);
 
-const std::size_t kPage = usermm::page_size();
+const std::size_t kPage = usermm_test::os_page_size();
 constexpr unsigned kThreads = 4;
 
 // The sanitizers make every access several times slower: fewer rounds and steps there (races

@@ -53,7 +53,7 @@ using usermm_test::pattern_byte;
 
 [[maybe_unused]] const unsigned g_watchdog = alarm(60);
 
-const std::size_t kPage = usermm::page_size();
+const std::size_t kPage = usermm_test::os_page_size();
 constexpr long kFuseSuperMagic = 0x65735546;
 
 // The failfs mount of this process, or why there is none.
