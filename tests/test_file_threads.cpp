@@ -202,9 +202,10 @@ TEST_CASE("threads faulting the same file pages at once see whole pages, and eac
     for (auto& t : threads) t.join();
     INFO("first failure: ", failures.first());
     CHECK(failures.count() == 0);
-    // The threads did collide: some found a page that another thread resolved while they waited.
-    // Only a warning: on a loaded machine the threads may never run at the same time.
-    WARN(spurious > 0);
+    // How often a thread found a page that another one resolved while it waited: nothing forces
+    // the threads to run at once (on a loaded machine they may not), so the figure is reported,
+    // not checked; the checks above hold however the faults interleaved.
+    MESSAGE(spurious, " spurious faults (pages another thread resolved first) in ", kRounds, " rounds");
     arena.verify();
 }
 
