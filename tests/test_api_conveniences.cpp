@@ -34,7 +34,7 @@ using usermm::Share;
 
 namespace {
 
-const std::size_t kPage = usermm::page_size();
+const std::size_t kPage = usermm_test::os_page_size();
 
 std::string proc_self_maps() {
     std::ifstream in("/proc/self/maps");

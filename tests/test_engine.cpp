@@ -1,7 +1,8 @@
 // Which write-tracking engine runs: the one USERMM_ENGINE asks for, else userfaultfd exactly where
-// the running kernel offers what it needs. The suite runs once per engine (tests/CMakeLists.txt);
-// this test says which one a run had, so a kernel without userfaultfd write-protect (before 6.4, no
-// WP_UNPOPULATED) shows up as such instead of as a silent second mprotect run.
+// the running kernel offers what it needs. The tests the engine reaches run once per engine
+// (tests/CMakeLists.txt); this test says which one a run had, so a kernel without userfaultfd
+// write-protect (before 6.4, no WP_UNPOPULATED) shows up as such instead of as a silent second
+// mprotect run.
 #include <doctest/doctest.h>
 
 #include <fcntl.h>

@@ -43,7 +43,7 @@ using usermm_test::write_byte;
 
 [[maybe_unused]] const unsigned g_watchdog = alarm(60);
 
-const std::size_t kPage = usermm::page_size();
+const std::size_t kPage = usermm_test::os_page_size();
 
 usermm::VmaInfo only_vma(const Arena& arena) {
     const auto v = arena.vmas();

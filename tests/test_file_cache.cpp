@@ -52,7 +52,7 @@ using Bytes = std::vector<std::uint8_t>;
 
 [[maybe_unused]] const unsigned g_watchdog = alarm(150);
 
-const std::size_t kPage = usermm::page_size();
+const std::size_t kPage = usermm_test::os_page_size();
 constexpr std::uint64_t kMiB = 1ull << 20;
 constexpr std::uint64_t kGiB = 1ull << 30;
 

@@ -45,7 +45,7 @@ using usermm_test::write_byte;
 
 [[maybe_unused]] const unsigned g_watchdog = alarm(60);
 
-const std::size_t kPage = usermm::page_size();
+const std::size_t kPage = usermm_test::os_page_size();
 
 std::string hex(std::uint64_t v) { return fmt::format("{:#x}", v); }
 std::string hex(const void* p) { return hex(reinterpret_cast<std::uintptr_t>(p)); }

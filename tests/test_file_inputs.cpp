@@ -48,7 +48,7 @@ using usermm_test::write_byte;
 
 [[maybe_unused]] const unsigned g_watchdog = alarm(120);
 
-const std::size_t kPage = usermm::page_size();
+const std::size_t kPage = usermm_test::os_page_size();
 constexpr std::uint64_t kFourTiB = std::uint64_t(1) << 42;
 
 bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }

@@ -42,7 +42,7 @@ using Bytes = std::vector<std::uint8_t>;
 
 [[maybe_unused]] const unsigned g_watchdog = alarm(120);
 
-const std::size_t kPage = usermm::page_size();
+const std::size_t kPage = usermm_test::os_page_size();
 constexpr unsigned kThreads = 4;
 
 // The sanitizers make every access several times slower: fewer rounds and steps there (races
@@ -202,9 +202,10 @@ TEST_CASE("threads faulting the same file pages at once see whole pages, and eac
     for (auto& t : threads) t.join();
     INFO("first failure: ", failures.first());
     CHECK(failures.count() == 0);
-    // The threads did collide: some found a page that another thread resolved while they waited.
-    // Only a warning: on a loaded machine the threads may never run at the same time.
-    WARN(spurious > 0);
+    // How often a thread found a page that another one resolved while it waited: nothing forces
+    // the threads to run at once (on a loaded machine they may not), so the figure is reported,
+    // not checked; the checks above hold however the faults interleaved.
+    MESSAGE(spurious, " spurious faults (pages another thread resolved first) in ", kRounds, " rounds");
     arena.verify();
 }
 
@@ -348,7 +349,9 @@ TEST_CASE("shared writers while another thread syncs all the time: the last sync
                 }
                 syncs.fetch_add(1);
                 // sync() holds the arena's write lock through its writes and fdatasync: in a tight
-                // loop it would leave the writers' faults almost no time.
+                // loop it would leave the writers' faults almost no time. The pause sets up no
+                // race (writers and syncs overlap without it, and the checks hold either way); it
+                // only leaves the writers room.
                 std::this_thread::sleep_for(std::chrono::microseconds(rng() % 100));
             }
             sync.arrive_and_wait();

@@ -53,7 +53,7 @@ using usermm_test::pattern_byte;
 
 [[maybe_unused]] const unsigned g_watchdog = alarm(60);
 
-const std::size_t kPage = usermm::page_size();
+const std::size_t kPage = usermm_test::os_page_size();
 constexpr long kFuseSuperMagic = 0x65735546;
 
 // The failfs mount of this process, or why there is none.
@@ -613,8 +613,9 @@ TEST_CASE("a slow read holds no lock: protect and other faults in the arena go o
     {
         ReadMode slow("read-delay 3000");
         std::thread reader([&] { seen = usermm_test::read_byte(p + 40 * kPage); });
-        // Wait (bounded) until the kernel has asked failfs for the page: the reader's fault is
-        // resolved and its read is at the disk.
+        // Wait until the kernel has asked failfs for the page: the reader's fault is resolved and
+        // its read is at the disk. The sleep only paces a poll of what failfs reports, bounded at
+        // 2 s; the order of events comes from that report, not from the sleep.
         bool in_flight = false;
         for (int i = 0; i < 2000 && !(in_flight = g_fs.status().reads_in_flight > 0); ++i) usleep(1000);
         REQUIRE(in_flight);

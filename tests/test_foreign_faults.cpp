@@ -43,7 +43,7 @@ constexpr std::size_t kArenaSize = 16ull << 20;
 std::uintptr_t addr(const void* p) { return reinterpret_cast<std::uintptr_t>(p); }
 
 // The page size without usermm::page_size(), which would install usermm's handler in the test process.
-std::size_t page() { return std::size_t(sysconf(_SC_PAGESIZE)); }
+std::size_t page() { return usermm_test::os_page_size(); }
 
 // Read through a volatile, so the compiler cannot see that it is null.
 char* volatile g_null = nullptr;

@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -20,6 +21,10 @@
 #include <usermm/usermm.hpp>
 
 namespace usermm_test {
+
+// The page size from libc alone, for constants at namespace scope: usermm::page_size() sets the
+// process up (signal handlers, engine, environment), which must wait for main.
+inline std::size_t os_page_size() { return std::size_t(sysconf(_SC_PAGESIZE)); }
 
 // ThreadSanitizer keeps most of the address space for its shadow (an arena of 1 TiB, or a 64 GiB
 // snapshot store, cannot be reserved) and its allocator draws from RLIMIT_DATA: tests that need
