@@ -116,7 +116,13 @@ std::string to_string(Prot p);
 
 inline constexpr std::size_t kLatencyBuckets = 16;
 
+// The version of the counter list: raised whenever a counter is added, removed or changes its
+// meaning, so that a program built against one release of usermm can tell what a Stats it gets
+// from another holds (Stats::version). 2: file VMAs on the kernel's page cache (issue 9).
+inline constexpr std::uint32_t kStatsVersion = 2;
+
 struct Stats {
+    std::uint32_t version = kStatsVersion;
 #define USERMM_STATS_MEMBER(name, doc) std::uint64_t name = 0;
     USERMM_STATS_FIELDS(USERMM_STATS_MEMBER)
 #undef USERMM_STATS_MEMBER
