@@ -35,12 +35,12 @@
 
 #include "page_ops.hpp"
 
+using usermm_bench::kPage;
 using usermm_bench::median;
 using usermm_bench::now_ns;
 
 namespace {
 
-constexpr std::size_t kPage = 4096;
 constexpr std::size_t kRecord = 64;
 constexpr int kWriters = 2;
 constexpr std::uint64_t kTickNs = 1000000;  // writers write one burst per millisecond

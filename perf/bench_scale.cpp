@@ -21,6 +21,7 @@
 
 #include "bench_util.hpp"
 
+using usermm_bench::kPage;
 using usermm_bench::median;
 using usermm_bench::now_ns;
 
@@ -39,7 +40,7 @@ struct Costs {
 Costs measure(std::size_t size) {
     usermm::Arena arena(size);
     char* p = static_cast<char*>(arena.map(size, usermm::Prot::ReadWrite, {.name = "scale"}));
-    *reinterpret_cast<volatile char*>(p + (size / 3 & ~std::size_t(0xfff))) = 1;
+    *reinterpret_cast<volatile char*>(p + (size / 3 & ~(kPage - 1))) = 1;
     const std::uint64_t t0 = now_ns();
     arena.verify();
     const std::uint64_t t1 = now_ns();
@@ -58,7 +59,7 @@ SnapshotCosts measure_snapshots(std::size_t size) {
     SnapshotCosts c{};
     std::optional<usermm::Arena> arena(std::in_place, size);
     char* p = static_cast<char*>(arena->map(size, usermm::Prot::ReadWrite, {.name = "scale"}));
-    auto* page = reinterpret_cast<volatile char*>(p + (size / 3 & ~std::size_t(0xfff)));
+    auto* page = reinterpret_cast<volatile char*>(p + (size / 3 & ~(kPage - 1)));
     *page = 1;
     std::uint64_t t = now_ns();
     std::optional<usermm::Snapshot> snap(arena->snapshot());

@@ -27,12 +27,13 @@
 
 using usermm::Prot;
 
+using usermm_bench::kPage;
 using usermm_bench::median;
 using usermm_bench::now_ns;
 
 namespace {
 
-constexpr std::size_t kPage = 4096;
+constexpr std::size_t kHuge = 2ull << 20;  // a transparent huge page on x86-64
 constexpr std::size_t kWrites = 20000;  // first writes timed after each snapshot / fork
 constexpr int kRounds = 5;
 
@@ -102,7 +103,6 @@ struct Heap {
     usermm::Arena arena;
     char* data;
     Heap(std::size_t bytes, bool huge) : arena(bytes + (1ull << 30)) {
-        constexpr std::size_t kHuge = 2ull << 20;
         char* at =
             reinterpret_cast<char*>((reinterpret_cast<std::uintptr_t>(arena.base()) + kHuge - 1) & ~(kHuge - 1));
         data = static_cast<char*>(arena.map(
@@ -153,8 +153,8 @@ void heap_row(std::size_t bytes, bool huge) {
     fmt::print("{:>5} MiB {} ({:>4} MiB huge)  fork pause {:7.2f} ms | snapshot {:7.2f} ms = {:4.2f}x  repeat (1% "
                "changed) {:6.2f} ms = {:5.3f}x | first write: fork {:5.0f} ns, snapshot {:5.0f} ns = {:4.2f}x | copied "
                "{} pages for {} written\n",
-               bytes >> 20, huge ? "2M" : "4K", huge_mib, fp, sp, sp / fp, sr, sr / fp, fw, sw, sw / fw, copied / kPage,
-               std::min(kWrites, pages));
+               bytes >> 20, huge ? fmt::format("{}M", kHuge >> 20) : fmt::format("{}K", kPage >> 10), huge_mib, fp,
+               sp, sp / fp, sr, sr / fp, fw, sw, sw / fw, copied / kPage, std::min(kWrites, pages));
 }
 
 // The VM backs guest memory lazily; touch more than the largest heap so no variant pays for it.
