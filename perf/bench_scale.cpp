@@ -4,7 +4,8 @@
 // covers at most 2^32 pages), each with one page written. The floor is the same call on the 1 GiB
 // arena, measured in the same run; the ratios should stay near 1 (the PTE table of 64 TiB is
 // 32 GiB, of which one page was ever touched).
-// Usage: usermm-bench-scale [rounds [largest snapshot arena in TiB]] (defaults 5 and 8).
+// Usage: usermm-bench-scale [rounds [largest snapshot arena in TiB]] (defaults 5 and 8); `1 1` is a
+// smoke run.
 #include <fmt/format.h>
 #include <sys/wait.h>
 #include <unistd.h>

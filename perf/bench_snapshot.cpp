@@ -2,6 +2,8 @@
 // it, and the memory it costs, for resident heaps of 256 MiB, 1 GiB and 4 GiB, side by side in one
 // run. The engine is the default one (userfaultfd where the kernel has it); USERMM_ENGINE=mprotect
 // measures the other.
+// Usage: usermm-bench-snapshot [heap MiB]   (one heap of that size instead of the three; 4 is a
+// smoke run)
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
@@ -174,7 +176,8 @@ int main(int argc, char** argv) {
     fmt::print("usermm snapshot vs fork(): median of {} rounds, {} first writes to random pages, engine {}\n", kRounds,
                kWrites, uffd ? "uffd" : "mprotect");
     fmt::print("targets: snapshot pause <= 0.25x fork's; first write <= 1.5x fork's; copied = pages written\n");
-    warm_up(*std::max_element(sizes.begin(), sizes.end()) + (1ull << 30));
+    const std::size_t largest = *std::max_element(sizes.begin(), sizes.end());
+    warm_up(largest + std::min<std::size_t>(largest, 1ull << 30));
     for (bool huge : {false, true})
         for (std::size_t s : sizes) heap_row(s, huge);
     return 0;
