@@ -1,5 +1,8 @@
 // The core benchmark: first-touch cost of demand-zero memory against the kernel and against the
 // cheapest possible SIGSEGV handler, and find_vma's cost with few and many VMAs.
+// USERMM_BENCH_CORE_PAGES (pages per first-touch pass, default 32768), USERMM_BENCH_CORE_VMAS (VMAs
+// of the large tree, default 100,000) and USERMM_BENCH_ROUNDS (default 9) set the sizes;
+// USERMM_BENCH_CORE_PAGES=256 USERMM_BENCH_CORE_VMAS=1000 USERMM_BENCH_ROUNDS=1 is a smoke run.
 //
 // Every variant runs once per round, interleaved with the others, and the median of the rounds is
 // reported, so that the noise of a shared VM hits all of them alike; the figures that matter are
@@ -27,14 +30,17 @@
 
 using usermm::Prot;
 
+using usermm_bench::env_or;
+using usermm_bench::kPage;
 using usermm_bench::median;
 using usermm_bench::now_ns;
 
 namespace {
 
-constexpr std::size_t kPages = 32768;  // 128 MiB per pass
-constexpr int kRounds = 9;
-const std::size_t kPage = 4096;
+// The sizes of the run, set by main.
+std::size_t g_pages = 32768;  // per first-touch pass: 128 MiB with 4 KiB pages
+std::size_t g_many = 100000;
+std::size_t g_rounds = 9;
 
 // Touches one byte of each page in order; returns ns per page.
 double touch(char* p, std::size_t pages, bool write) {
@@ -49,9 +55,10 @@ double touch(char* p, std::size_t pages, bool write) {
 
 // (a) The kernel's own demand paging.
 double kernel_anonymous(bool write) {
-    void* p = mmap(nullptr, kPages * kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    const double ns = touch(static_cast<char*>(p), kPages, write);
-    munmap(p, kPages * kPage);
+    void* p =
+        mmap(nullptr, g_pages * kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    const double ns = touch(static_cast<char*>(p), g_pages, write);
+    munmap(p, g_pages * kPage);
     return ns;
 }
 
@@ -67,24 +74,24 @@ double minimal_handler(bool write) {
     sa.sa_flags = SA_SIGINFO;
     sigemptyset(&sa.sa_mask);
     sigaction(SIGSEGV, &sa, &saved);
-    void* p = mmap(nullptr, kPages * kPage, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    const double ns = touch(static_cast<char*>(p), kPages, write);
-    munmap(p, kPages * kPage);
+    void* p = mmap(nullptr, g_pages * kPage, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    const double ns = touch(static_cast<char*>(p), g_pages, write);
+    munmap(p, g_pages * kPage);
     sigaction(SIGSEGV, &saved, nullptr);
     return ns;
 }
 
 // (c), (d) usermm.
 double usermm_touch(usermm::Arena& arena, std::size_t fault_around, bool write) {
-    void* p = arena.map(kPages * kPage, Prot::ReadWrite, {.fault_around_pages = fault_around});
-    const double ns = touch(static_cast<char*>(p), kPages, write);
-    arena.unmap(p, kPages * kPage);
+    void* p = arena.map(g_pages * kPage, Prot::ReadWrite, {.fault_around_pages = fault_around});
+    const double ns = touch(static_cast<char*>(p), g_pages, write);
+    arena.unmap(p, g_pages * kPage);
     return ns;
 }
 
 // The VM backs guest memory lazily; touch more than any pass uses so that no variant pays for it.
 void warm_up() {
-    const std::size_t len = 1ull << 30;
+    const std::size_t len = 8 * g_pages * kPage;
     void* p = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     std::memset(p, 1, len);
     munmap(p, len);
@@ -97,7 +104,7 @@ struct Row {
 };
 
 std::vector<double> run_interleaved(std::vector<Row>& rows) {
-    for (int r = 0; r < kRounds; ++r)
+    for (std::size_t r = 0; r < g_rounds; ++r)
         for (auto& row : rows) row.samples.push_back(row.run());
     std::vector<double> out;
     for (auto& row : rows) out.push_back(median(row.samples));
@@ -114,7 +121,7 @@ void first_touch(usermm::Arena& arena, bool write) {
         {"(d) usermm, fault-around 16", [&arena, write] { return usermm_touch(arena, 16, write); }, {}},
     };
     const auto m = run_interleaved(rows);
-    fmt::print("\nfirst touch, sequential {} of {} pages           ns/page\n", write ? "writes" : "reads", kPages);
+    fmt::print("\nfirst touch, sequential {} of {} pages           ns/page\n", write ? "writes" : "reads", g_pages);
     for (std::size_t i = 0; i < rows.size(); ++i) fmt::print("  {:<40} {:>8.0f}\n", rows[i].name, m[i]);
     fmt::print("  (c)/(b) = {:.2f}   target <= 1.15   {}\n", m[2] / m[1], verdict(m[2] / m[1], 1.15));
     fmt::print("  (d)/(a) = {:.2f}   target <= 1.50   {}\n", m[3] / m[0], verdict(m[3] / m[0], 1.5));
@@ -151,8 +158,9 @@ double lookups(ManyVmas& m, const std::vector<std::uintptr_t>& addrs) {
 }
 
 void vma_lookup() {
-    constexpr std::size_t kFew = 10, kMany = 100000, kLookups = 1 << 20, kFaults = 10000;
-    ManyVmas few(kFew, 1), many(kMany, 1);
+    constexpr std::size_t kFew = 10, kLookups = 1 << 20;
+    const std::size_t faults = std::min<std::size_t>(10000, g_many / 10);
+    ManyVmas few(kFew, 1), many(g_many, 1);
     std::mt19937_64 rng(1);
     auto random_addrs = [&](const ManyVmas& vmas) {
         std::vector<std::uintptr_t> v(kLookups);
@@ -170,50 +178,50 @@ void vma_lookup() {
     const auto few_ordered = ordered_addrs(few), many_ordered = ordered_addrs(many);
     std::vector<Row> rows = {
         {"10 VMAs, random", [&] { return lookups(few, few_random); }, {}},
-        {"100,000 VMAs, random", [&] { return lookups(many, many_random); }, {}},
+        {fmt::format("{} VMAs, random", g_many), [&] { return lookups(many, many_random); }, {}},
         {"10 VMAs, in address order", [&] { return lookups(few, few_ordered); }, {}},
-        {"100,000 VMAs, in address order", [&] { return lookups(many, many_ordered); }, {}},
+        {fmt::format("{} VMAs, in address order", g_many), [&] { return lookups(many, many_ordered); }, {}},
     };
     const auto m = run_interleaved(rows);
     fmt::print("\nfind_vma (under the read lock, last-hit cache included)   ns/lookup\n");
     for (std::size_t i = 0; i < rows.size(); ++i) fmt::print("  {:<40} {:>8.1f}\n", rows[i].name, m[i]);
-    fmt::print("  random:   100,000 / 10 = {:.2f}   target <= 2.00   {}\n", m[1] / m[0], verdict(m[1] / m[0], 2.0));
-    fmt::print("  in order: 100,000 / 10 = {:.2f}   target <= 2.00   {}\n", m[3] / m[2], verdict(m[3] / m[2], 2.0));
+    fmt::print("  random:   {} / 10 = {:.2f}   target <= 2.00   {}\n", g_many, m[1] / m[0], verdict(m[1] / m[0], 2.0));
+    fmt::print("  in order: {} / 10 = {:.2f}   target <= 2.00   {}\n", g_many, m[3] / m[2], verdict(m[3] / m[2], 2.0));
 
     // The same lookup inside whole faults: first writes to 10,000 random pages spread over 10 big
-    // VMAs, or one page in each of 10,000 of the 100,000 one-page VMAs.
+    // VMAs, or one page in each of 10,000 of the 100,000 one-page VMAs (a tenth of the VMAs, if
+    // fewer).
     auto fault_pass = [&](std::size_t count) {
-        const std::size_t pages_each = count == kFew ? kFaults : 1;
+        const std::size_t pages_each = count == kFew ? faults : 1;
         ManyVmas vmas(count, pages_each);
         std::vector<char*> targets;
-        for (std::size_t i = 0; i < kFaults; ++i)
+        for (std::size_t i = 0; i < faults; ++i)
             targets.push_back(count == kFew ? vmas.starts[i % kFew] + (i / kFew) * kPage
                                             : vmas.starts[(i * 7919) % count]);
         std::shuffle(targets.begin(), targets.end(), rng);
         const std::uint64_t t0 = now_ns();
         for (char* t : targets) *reinterpret_cast<volatile char*>(t) = 1;
-        return double(now_ns() - t0) / double(kFaults);
+        return double(now_ns() - t0) / double(faults);
     };
     std::vector<Row> fault_rows = {
-        {"10 VMAs, 10,000 random first writes", [&] { return fault_pass(kFew); }, {}},
-        {"100,000 VMAs, 10,000 random first writes", [&] { return fault_pass(kMany); }, {}},
+        {fmt::format("10 VMAs, {} random first writes", faults), [&] { return fault_pass(kFew); }, {}},
+        {fmt::format("{} VMAs, {} random first writes", g_many, faults), [&] { return fault_pass(g_many); }, {}},
     };
     const auto f = run_interleaved(fault_rows);
     fmt::print("\nwhole fault, random pages (fault-around off)               ns/fault\n");
     for (std::size_t i = 0; i < fault_rows.size(); ++i) fmt::print("  {:<40} {:>8.0f}\n", fault_rows[i].name, f[i]);
-    fmt::print("  100,000 / 10 = {:.2f}\n", f[1] / f[0]);
+    fmt::print("  {} / 10 = {:.2f}\n", g_many, f[1] / f[0]);
 }
 
 }  // namespace
 
 int main() {
-    if (usermm::page_size() != kPage) {
-        fmt::print(stderr, "this benchmark assumes 4 KiB pages\n");
-        return 1;
-    }
+    g_pages = std::max<std::size_t>(1, env_or("USERMM_BENCH_CORE_PAGES", g_pages));
+    g_many = std::max<std::size_t>(10, env_or("USERMM_BENCH_CORE_VMAS", g_many));
+    g_rounds = std::max<std::size_t>(1, env_or("USERMM_BENCH_ROUNDS", g_rounds));
     usermm::Arena arena(64ull << 30);
     warm_up();
-    fmt::print("usermm core benchmark: median of {} interleaved rounds\n", kRounds);
+    fmt::print("usermm core benchmark: {} KiB pages, median of {} interleaved rounds\n", kPage >> 10, g_rounds);
     first_touch(arena, true);
     first_touch(arena, false);
     vma_lookup();

@@ -4,12 +4,15 @@
 // the image holds, not what the arena reserves.
 //
 // Every variant runs once per round, interleaved with the others, and the median of the rounds is
-// reported; the figures that matter are the ratios.
+// reported; the figures that matter are the ratios. USERMM_BENCH_IMAGE_MIB sets the dense image's
+// size (default 128), USERMM_BENCH_ROUNDS the rounds (default 7); USERMM_BENCH_IMAGE_MIB=4
+// USERMM_BENCH_ROUNDS=1 is a smoke run.
 #include <sys/mman.h>
 #include <unistd.h>
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <cstdlib>
@@ -21,12 +24,13 @@
 #include "bench_util.hpp"
 
 using usermm::Prot;
+using usermm_bench::env_or;
 using usermm_bench::median;
 using usermm_bench::now_ns;
 
 namespace {
 
-constexpr int kRounds = 7;
+std::size_t g_rounds = 7;  // set by main
 
 int image_fd() {
     const int fd = memfd_create("bench-image", MFD_CLOEXEC);
@@ -45,7 +49,7 @@ void dense(std::size_t pages) {
     }
     const std::size_t bytes = std::size_t(lseek(fd, 0, SEEK_END));
     std::vector<double> load_ns, floor_ns;
-    for (int r = 0; r < kRounds; ++r) {
+    for (std::size_t r = 0; r < g_rounds; ++r) {
         std::uint64_t t0 = now_ns();
         {
             const usermm::Arena loaded = usermm::Arena::load(std::array{fd});
@@ -81,7 +85,7 @@ void sparse(std::size_t size) {
         arena.snapshot(base + size - ps, ps).write_to(fd);
     }
     std::vector<double> load_ns, floor_ns;
-    for (int r = 0; r < kRounds; ++r) {
+    for (std::size_t r = 0; r < g_rounds; ++r) {
         std::uint64_t t0 = now_ns();
         { const usermm::Arena loaded = usermm::Arena::load(std::array{fd}); }
         load_ns.push_back(double(now_ns() - t0));
@@ -99,7 +103,9 @@ void sparse(std::size_t size) {
 }  // namespace
 
 int main() {
-    fmt::print("usermm image benchmark (median of {} rounds)\n", kRounds);
-    dense(32768);  // 128 MiB
+    const std::size_t dense_mib = std::max<std::size_t>(1, env_or("USERMM_BENCH_IMAGE_MIB", 128));
+    g_rounds = std::max<std::size_t>(1, env_or("USERMM_BENCH_ROUNDS", g_rounds));
+    fmt::print("usermm image benchmark (median of {} rounds)\n", g_rounds);
+    dense((dense_mib << 20) / usermm::page_size());
     for (std::size_t size : {std::size_t(1) << 30, std::size_t(1) << 40, std::size_t(64) << 40}) sparse(size);
 }

@@ -9,7 +9,7 @@
 //
 // Usage: usermm-bench-pause [vma MiB] [records] [ops/s] [rounds]   (defaults 8192 80000 400000 10)
 // The interval between checkpoints is chosen so that about half of the records' pages change in
-// it. USERMM_ENGINE=mprotect measures the portable engine.
+// it. USERMM_ENGINE=mprotect measures the portable engine. `64 1000 20000 2` is a smoke run.
 #include <sys/mman.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -35,12 +35,12 @@
 
 #include "page_ops_api.hpp"
 
+using usermm_bench::kPage;
 using usermm_bench::median;
 using usermm_bench::now_ns;
 
 namespace {
 
-constexpr std::size_t kPage = 4096;
 constexpr std::size_t kRecord = 64;
 constexpr int kWriters = 2;
 constexpr std::uint64_t kTickNs = 1000000;  // writers write one burst per millisecond

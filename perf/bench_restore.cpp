@@ -4,7 +4,8 @@
 //    against the pages the program wrote, and the size of the next increment (nothing written);
 //  - restore() of k changed pages of a warm heap: the restore, then a read pass and a write pass
 //    over the heap, against a read pass of the warm heap and the first writes after the snapshot.
-// Usage: usermm-bench-restore [heap MiB (1024)] [sparse VMA MiB (2048)] [rounds (5)]
+// Usage: usermm-bench-restore [heap MiB (1024)] [sparse VMA MiB (2048)] [rounds (5)]; `8 16 1` is a
+// smoke run.
 // The engine is the default one; USERMM_ENGINE=mprotect measures the other.
 #include <fcntl.h>
 #include <unistd.h>

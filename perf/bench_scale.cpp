@@ -4,7 +4,8 @@
 // covers at most 2^32 pages), each with one page written. The floor is the same call on the 1 GiB
 // arena, measured in the same run; the ratios should stay near 1 (the PTE table of 64 TiB is
 // 32 GiB, of which one page was ever touched).
-// Usage: usermm-bench-scale [rounds [largest snapshot arena in TiB]] (defaults 5 and 8).
+// Usage: usermm-bench-scale [rounds [largest snapshot arena in TiB]] (defaults 5 and 8); `1 1` is a
+// smoke run.
 #include <fmt/format.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -21,6 +22,7 @@
 
 #include "bench_util.hpp"
 
+using usermm_bench::kPage;
 using usermm_bench::median;
 using usermm_bench::now_ns;
 
@@ -39,7 +41,7 @@ struct Costs {
 Costs measure(std::size_t size) {
     usermm::Arena arena(size);
     char* p = static_cast<char*>(arena.map(size, usermm::Prot::ReadWrite, {.name = "scale"}));
-    *reinterpret_cast<volatile char*>(p + (size / 3 & ~std::size_t(0xfff))) = 1;
+    *reinterpret_cast<volatile char*>(p + (size / 3 & ~(kPage - 1))) = 1;
     const std::uint64_t t0 = now_ns();
     arena.verify();
     const std::uint64_t t1 = now_ns();
@@ -58,7 +60,7 @@ SnapshotCosts measure_snapshots(std::size_t size) {
     SnapshotCosts c{};
     std::optional<usermm::Arena> arena(std::in_place, size);
     char* p = static_cast<char*>(arena->map(size, usermm::Prot::ReadWrite, {.name = "scale"}));
-    auto* page = reinterpret_cast<volatile char*>(p + (size / 3 & ~std::size_t(0xfff)));
+    auto* page = reinterpret_cast<volatile char*>(p + (size / 3 & ~(kPage - 1)));
     *page = 1;
     std::uint64_t t = now_ns();
     std::optional<usermm::Snapshot> snap(arena->snapshot());

@@ -2,6 +2,8 @@
 // it, and the memory it costs, for resident heaps of 256 MiB, 1 GiB and 4 GiB, side by side in one
 // run. The engine is the default one (userfaultfd where the kernel has it); USERMM_ENGINE=mprotect
 // measures the other.
+// Usage: usermm-bench-snapshot [heap MiB]   (one heap of that size instead of the three; 4 is a
+// smoke run)
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
@@ -27,12 +29,13 @@
 
 using usermm::Prot;
 
+using usermm_bench::kPage;
 using usermm_bench::median;
 using usermm_bench::now_ns;
 
 namespace {
 
-constexpr std::size_t kPage = 4096;
+constexpr std::size_t kHuge = 2ull << 20;  // a transparent huge page on x86-64
 constexpr std::size_t kWrites = 20000;  // first writes timed after each snapshot / fork
 constexpr int kRounds = 5;
 
@@ -102,7 +105,6 @@ struct Heap {
     usermm::Arena arena;
     char* data;
     Heap(std::size_t bytes, bool huge) : arena(bytes + (1ull << 30)) {
-        constexpr std::size_t kHuge = 2ull << 20;
         char* at =
             reinterpret_cast<char*>((reinterpret_cast<std::uintptr_t>(arena.base()) + kHuge - 1) & ~(kHuge - 1));
         data = static_cast<char*>(arena.map(
@@ -153,8 +155,8 @@ void heap_row(std::size_t bytes, bool huge) {
     fmt::print("{:>5} MiB {} ({:>4} MiB huge)  fork pause {:7.2f} ms | snapshot {:7.2f} ms = {:4.2f}x  repeat (1% "
                "changed) {:6.2f} ms = {:5.3f}x | first write: fork {:5.0f} ns, snapshot {:5.0f} ns = {:4.2f}x | copied "
                "{} pages for {} written\n",
-               bytes >> 20, huge ? "2M" : "4K", huge_mib, fp, sp, sp / fp, sr, sr / fp, fw, sw, sw / fw, copied / kPage,
-               std::min(kWrites, pages));
+               bytes >> 20, huge ? fmt::format("{}M", kHuge >> 20) : fmt::format("{}K", kPage >> 10), huge_mib, fp,
+               sp, sp / fp, sr, sr / fp, fw, sw, sw / fw, copied / kPage, std::min(kWrites, pages));
 }
 
 // The VM backs guest memory lazily; touch more than the largest heap so no variant pays for it.
@@ -174,7 +176,8 @@ int main(int argc, char** argv) {
     fmt::print("usermm snapshot vs fork(): median of {} rounds, {} first writes to random pages, engine {}\n", kRounds,
                kWrites, uffd ? "uffd" : "mprotect");
     fmt::print("targets: snapshot pause <= 0.25x fork's; first write <= 1.5x fork's; copied = pages written\n");
-    warm_up(*std::max_element(sizes.begin(), sizes.end()) + (1ull << 30));
+    const std::size_t largest = *std::max_element(sizes.begin(), sizes.end());
+    warm_up(largest + std::min<std::size_t>(largest, 1ull << 30));
     for (bool huge : {false, true})
         for (std::size_t s : sizes) heap_row(s, huge);
     return 0;

@@ -1,13 +1,20 @@
-// What every benchmark needs: a monotonic clock and the median of interleaved rounds.
+// What every benchmark needs: a monotonic clock, the median of interleaved rounds, the page size
+// and the sizes a run asks for.
 #pragma once
 
 #include <time.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <vector>
 
 namespace usermm_bench {
+
+// The kernel's page size, read at start-up: a floor's signal handler needs it, and
+// usermm::page_size() at namespace scope would start usermm before main.
+inline const std::size_t kPage = std::size_t(sysconf(_SC_PAGESIZE));
 
 inline std::uint64_t now_ns() {
     timespec ts;
@@ -18,6 +25,12 @@ inline std::uint64_t now_ns() {
 inline double median(std::vector<double> v) {
     std::sort(v.begin(), v.end());
     return v[v.size() / 2];
+}
+
+// A size from the environment (the smoke run in perf/CMakeLists.txt sets tiny ones), or `fallback`.
+inline std::size_t env_or(const char* name, std::size_t fallback) {
+    const char* v = std::getenv(name);
+    return v && *v ? std::size_t(std::strtoull(v, nullptr, 10)) : fallback;
 }
 
 }  // namespace usermm_bench
