@@ -340,7 +340,7 @@ std::size_t unmark_tracked(ArenaCore& a, const char* call, Range r) {
     for (std::size_t i = a.page_index(r.start), last = a.page_index(r.end); i < last; ++i) {
         const pte_t v = a.pte[i].load(std::memory_order_relaxed);
         if (!(v & kPteWriteTracked)) continue;
-        a.pte[i].store(pte_with_prot(v, pte_to_prot(v)) & ~kPteWriteTracked, std::memory_order_relaxed);
+        a.pte[i].store(pte_t(pte_with_prot(v, pte_to_prot(v)) & ~kPteWriteTracked), std::memory_order_relaxed);
         a.note_changed(i);
         ++changed;
     }

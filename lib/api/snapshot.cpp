@@ -323,7 +323,7 @@ Snapshot Arena::take_snapshot(void* addr, std::size_t length, bool whole) {
             const pte_t v = a.pte[i].load(kRelaxed);
             if (!(v & kPteDirtySnapshot) || (v & kPteFile)) continue;
             record.mark(i);
-            a.pte[i].store(v & ~kPteDirtySnapshot, kRelaxed);
+            a.pte[i].store(pte_t(v & ~kPteDirtySnapshot), kRelaxed);
         }
         // Armed and recorded: the group has nothing new until a page of it changes again. A group
         // the range covers only in part keeps its mark for the pages outside.
@@ -593,7 +593,7 @@ DirtySet Arena::collect_dirty(void* addr, std::size_t length) {
                 const pte_t v = a.pte[i].load(kRelaxed);
                 if (!(v & kPteDirtyCollect)) continue;
                 if ((v & kPtePopulated) && (held[i - g] & 1)) dirty.push_back(i);
-                a.pte[i].store(v & ~kPteDirtyCollect, kRelaxed);
+                a.pte[i].store(pte_t(v & ~kPteDirtyCollect), kRelaxed);
             }
             g = next;
         }

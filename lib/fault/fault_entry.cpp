@@ -80,7 +80,7 @@ struct sigaction take_previous(int sig) {
     taken.sa_flags = prev.sa_flags;  // the flags and the mask never change once installed
     taken.sa_mask = prev.sa_mask;
     taken.sa_handler = slot.load();
-    if ((taken.sa_flags & SA_RESETHAND) && taken.sa_handler != SIG_DFL && taken.sa_handler != SIG_IGN)
+    if ((unsigned(taken.sa_flags) & unsigned(SA_RESETHAND)) && taken.sa_handler != SIG_DFL && taken.sa_handler != SIG_IGN)
         taken.sa_handler = slot.exchange(SIG_DFL);
     return taken;
 }
