@@ -558,7 +558,7 @@ TEST_CASE("the arena's destruction whose write-back fails says so on stderr, nam
 
 namespace {
 
-// Sets failfs's read behaviour for a scope; reads are good and quick again at the end.
+// Sets failfs's read behaviour for a scope; reads are good (and released) again at the end.
 class ReadMode {
 public:
     explicit ReadMode(const std::string& cmd) { REQUIRE(g_fs.command(cmd)); }
@@ -596,10 +596,11 @@ TEST_CASE("a read error is SIGBUS naming the file and the offset; pages read bef
     CHECK(end.err.find("could not read") != std::string::npos);
 }
 
-// Protects "no usermm lock is held across I/O": behind a read the disk takes its time over, the
+// Protects "no usermm lock is held across I/O": behind a read the disk holds until released, the
 // same arena's protect(), an anonymous first touch and another file page already cached go on.
-// The read is seen to be in flight (failfs counts it) before, and still after, they are done.
-TEST_CASE("a slow read holds no lock: protect and other faults in the arena go on meanwhile" *
+// The read is seen to be at the disk (failfs counts it) before they start, and is released only
+// after they are done.
+TEST_CASE("a stalled read holds no lock: protect and other faults in the arena go on meanwhile" *
           doctest::skip(!g_failfs_up)) {
     FuseFile file("slow-read", 64);
     file.fadvise_dontneed();
@@ -611,18 +612,20 @@ TEST_CASE("a slow read holds no lock: protect and other faults in the arena go o
     char* anon = static_cast<char*>(arena.map(16 * kPage, Prot::ReadWrite));
     std::uint8_t seen = 0;
     {
-        ReadMode slow("read-delay 3000");
+        ReadMode stalled("read-hold");
         std::thread reader([&] { seen = usermm_test::read_byte(p + 40 * kPage); });
-        // Wait until the kernel has asked failfs for the page: the reader's fault is resolved and
-        // its read is at the disk. The sleep only paces a poll of what failfs reports, bounded at
-        // 2 s; the order of events comes from that report, not from the sleep.
+        // The handshake: failfs reports the reader's READ as waiting (its fault is resolved and the
+        // kernel is at the disk). Each status read is itself a FUSE request; bounded by a count.
         bool in_flight = false;
-        for (int i = 0; i < 2000 && !(in_flight = g_fs.status().reads_in_flight > 0); ++i) usleep(1000);
+        for (int i = 0; i < 200000 && !(in_flight = g_fs.status().reads_in_flight > 0); ++i) {
+        }
+        if (!in_flight) g_fs.command("read-release");  // let the reader go before failing
         REQUIRE(in_flight);
         arena.protect(anon, kPage, Prot::Read);
         usermm_test::write_byte(anon + 4 * kPage, 1);
         CHECK(usermm_test::read_byte(p + 5) == pattern_byte(5));
-        CHECK(g_fs.status().reads_in_flight > 0);  // all of that while the read was still at the disk
+        CHECK(g_fs.status().reads_in_flight > 0);  // all of that while the read was still held
+        REQUIRE(g_fs.command("read-release"));
         reader.join();
     }
     CHECK(seen == pattern_byte(40 * kPage));

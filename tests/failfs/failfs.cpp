@@ -1,19 +1,19 @@
 // failfs: a FUSE file system for the tests whose writes fail on command.
 //
 // Write-back errors cannot be had on demand from a real disk: no local file system can be told to
-// fail its next write with EIO (nor a read, nor be slow on command); a full tmpfs fails a shared mapping's write at the fault (SIGBUS),
+// fail its next write with EIO (nor a read, nor stall on command); a full tmpfs fails a shared mapping's write at the fault (SIGBUS),
 // when it allocates the page, and RLIMIT_FSIZE only a write(2) past the limit, so neither reaches
 // the kernel's write-back of an mmap'ed page; device-mapper's error and flakey targets would, but
 // these machines have no device-mapper (no /dev/mapper/control). failfs is a real file system in
 // the kernel's sense (a FUSE mount, with the kernel's page cache, mmap, msync and write-back of
 // its own) that passes every request through to a backing directory, except that the WRITE
-// requests the kernel sends it can be made to fail, and READ requests to fail or to take their
-// time: the test then sees what a program sees when a disk fails, including the kernel marking the
-// pages clean after the failed write-back, or when a disk is slow.
+// requests the kernel sends it can be made to fail, and READ requests to fail or to wait until
+// released: the test then sees what a program sees when a disk fails, including the kernel marking
+// the pages clean after the failed write-back, or when a disk stalls.
 //
 //   failfs BACKING_DIR MOUNTPOINT READY_FD
 //
-// runs in the foreground, multi-threaded (a slow READ must not hold up the control file), until
+// runs in the foreground, multi-threaded (a held READ must not hold up the control file), until
 // the file system is unmounted (or SIGTERM). Once
 // the kernel has sent FUSE_INIT, the mount is usable and failfs writes one byte to READY_FD and
 // closes it: the test's handshake (EOF without the byte: the mount failed).
@@ -24,8 +24,9 @@
 //   "ENOSPC all"  every WRITE request fails with ENOSPC until "off"
 //   "off"         writes succeed again
 //   "read-EIO P"  READ requests that cover byte offset P of a file fail with EIO
-//   "read-delay M" every READ request takes M milliseconds more
-//   "read-off"    reads are good and quick again
+//   "read-hold"   READ requests wait, answered only at "read-release" (a disk that stalls)
+//   "read-release" the waiting READs are answered, and later ones at once
+//   "read-off"    reads are good again (and released)
 // Anything else is EINVAL. Reading /.failctl gives
 //   "writes W failed F fsyncs S unsynced U reads R inflight I\n"
 // the WRITE requests written and failed, the FSYNC requests, the writes since the last fsync (of
@@ -45,8 +46,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
-#include <chrono>
 #include <charconv>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -54,7 +55,6 @@
 #include <mutex>
 #include <string>
 #include <string_view>
-#include <thread>
 
 namespace {
 
@@ -69,7 +69,8 @@ int g_fail_errno = 0;
 unsigned long g_fail_left = 0;  // WRITE requests still to fail; ULONG_MAX: all
 unsigned long g_writes = 0, g_failed = 0, g_fsyncs = 0, g_unsynced = 0;
 long long g_read_bad = -1;  // a byte offset READs must not cover, or -1
-long g_read_delay_ms = 0;
+bool g_read_hold = false;
+std::condition_variable g_read_released;
 unsigned long g_reads = 0, g_reads_in_flight = 0;
 
 std::string backing_path(const char* path) { return g_backing + path; }
@@ -79,9 +80,14 @@ int neg_errno() { return -errno; }
 int apply_command(std::string_view cmd) {
     while (!cmd.empty() && (cmd.back() == '\n' || cmd.back() == ' ')) cmd.remove_suffix(1);
     const std::lock_guard lock(g_mutex);
-    if (cmd == "read-off") {
-        g_read_bad = -1;
-        g_read_delay_ms = 0;
+    if (cmd == "read-off" || cmd == "read-release") {
+        if (cmd == "read-off") g_read_bad = -1;
+        g_read_hold = false;
+        g_read_released.notify_all();
+        return 0;
+    }
+    if (cmd == "read-hold") {
+        g_read_hold = true;
         return 0;
     }
     if (cmd == "off") {
@@ -92,14 +98,11 @@ int apply_command(std::string_view cmd) {
     const std::size_t space = cmd.find(' ');
     if (space == std::string_view::npos) return -EINVAL;
     const std::string_view name = cmd.substr(0, space), count = cmd.substr(space + 1);
-    if (name == "read-EIO" || name == "read-delay") {
+    if (name == "read-EIO") {
         long long v = 0;
         const auto [end, ec] = std::from_chars(count.data(), count.data() + count.size(), v);
         if (ec != std::errc() || end != count.data() + count.size() || v < 0) return -EINVAL;
-        if (name == "read-EIO")
-            g_read_bad = v;
-        else
-            g_read_delay_ms = long(v);
+        g_read_bad = v;
         return 0;
     }
     int err = 0;
@@ -175,16 +178,14 @@ int ff_read(const char* path, char* buf, std::size_t size, off_t off, fuse_file_
         std::memcpy(buf, status.data() + off, n);
         return int(n);
     }
-    long delay = 0;
     bool bad = false;
     {
-        const std::lock_guard lock(g_mutex);
-        delay = g_read_delay_ms;
+        std::unique_lock lock(g_mutex);
         bad = g_read_bad >= off && g_read_bad < off + off_t(size);
         ++g_reads_in_flight;
+        // A stalled disk: the request waits for the test's release, while the others go on.
+        g_read_released.wait(lock, [] { return !g_read_hold; });
     }
-    // A slow disk: the request is answered late, while the others go on.
-    if (delay) std::this_thread::sleep_for(std::chrono::milliseconds(delay));
     const ssize_t n = bad ? -1 : pread(int(fi->fh), buf, size, off);
     const int err = bad ? EIO : errno;
     const std::lock_guard lock(g_mutex);
