@@ -35,6 +35,7 @@
 #include "map_budget.hpp"
 #include "page_ops_api.hpp"
 #include "snapshot.hpp"
+#include "vma_counters.hpp"
 
 namespace usermm {
 
@@ -156,9 +157,11 @@ void fork_prepare() {
     ArenaRegistry& reg = arena_registry();
     reg.lock.lock();
     for (std::size_t i = 0; i < reg.count; ++i) reg.arenas[i]->lock.lock();
+    vma_counters_lock_for_fork();
 }
 
 void fork_release() {
+    vma_counters_unlock_after_fork();
     ArenaRegistry& reg = arena_registry();
     for (std::size_t i = 0; i < reg.count; ++i) reg.arenas[i]->lock.unlock();
     reg.lock.unlock();
@@ -728,7 +731,7 @@ std::pair<std::size_t, std::size_t> vma_usage(const ArenaCore& a, const Vma& v) 
 VmaInfo vma_info(const ArenaCore& a, const Vma& v) {
     const auto [committed, resident] = vma_usage(a, v);
     return {ptr_of(v.start), v.end - v.start, v.prot, v.name, v.fault_around_pages, v.file ? v.file->path : "",
-            v.pgoff << g_page_shift, v.share, committed, resident, v.stats.load()};
+            v.pgoff << g_page_shift, v.share, committed, resident, v.stats->load()};
 }
 
 }  // namespace

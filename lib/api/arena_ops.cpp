@@ -428,7 +428,7 @@ void merge_range(ArenaCore& a, std::uintptr_t start, std::uintptr_t end) {
         if (next == a.tree.end()) break;
         if (mergeable(*it, *next)) {
             next->start = it->start;
-            next->stats.add(it->stats.load());
+            next->stats->add(it->stats->load());
             next->pgoff = it->pgoff;
             Vma* dead = &*it;
             it = a.tree.erase(it);

@@ -514,7 +514,7 @@ void Arena::restore(const Snapshot& snapshot) {
         }
         while (heir != fresh.end() && std::next(heir) != fresh.end() && (*std::next(heir))->start < it->end) ++heir;
         if (heir != fresh.end() && (*heir)->start < it->end && (*heir)->end > it->start)
-            (*heir)->stats.add(it->stats.load());
+            (*heir)->stats->add(it->stats->load());
         Vma* dead = &*it;
         it = a.tree.erase(it);
         vma_free(dead);
@@ -559,9 +559,7 @@ void Arena::restore(const Snapshot& snapshot) {
         }
         restored += j - i;
     }
-    s.stats.pages_restored.fetch_add(restored, kRelaxed);
-    a.stats.pages_restored.fetch_add(restored, kRelaxed);
-    process_counters().pages_restored.fetch_add(restored, kRelaxed);
+    account_restore(a, s, restored);
 }
 
 DirtySet Arena::collect_dirty(void* addr, std::size_t length) {
@@ -611,8 +609,7 @@ DirtySet Arena::collect_dirty(void* addr, std::size_t length) {
     arm_write_tracking(a, call, r);
     out.pages.reserve(dirty.size());
     for (std::size_t i : dirty) out.pages.push_back(ptr_of(a.page_addr(i)));
-    a.stats.dirty_pages_collected.fetch_add(out.pages.size(), kRelaxed);
-    process_counters().dirty_pages_collected.fetch_add(out.pages.size(), kRelaxed);
+    account_dirty_collected(a, out.pages.size());
     return out;
 }
 

@@ -25,6 +25,13 @@ inline constexpr std::uint32_t kReadaroundMisses = 100;
 
 struct MappedFile;
 
+// The kinds of VMA the fault path dispatches on (handle_pte_fault): one handler family each.
+enum class VmaKind : std::uint8_t {
+    Anonymous,    // demand-zero memory
+    FilePrivate,  // a file's pages, written to copies of the VMA's own (MAP_PRIVATE)
+    FileShared,   // a file's pages in the page cache that every mapping shares (MAP_SHARED)
+};
+
 // What a VMA is, apart from where it lies: copied by assignment when a VMA splits, compared when
 // neighbours may merge (the kernel's vm_flags, vm_file and friends). A new attribute is one field
 // here, and same_as if two VMAs that differ in it must stay apart.
@@ -42,6 +49,10 @@ struct VmaAttrs {
     bool may_write = false;
     std::uint32_t readahead_max = 0;  // pages
 
+    VmaKind kind() const {
+        return !file ? VmaKind::Anonymous : share == Share::Shared ? VmaKind::FileShared : VmaKind::FilePrivate;
+    }
+
     bool same_as(const VmaAttrs& o) const {
         return prot == o.prot && fault_around_pages == o.fault_around_pages && std::strcmp(name, o.name) == 0 &&
                advice == o.advice && file == o.file && share == o.share && may_write == o.may_write &&
@@ -51,9 +62,15 @@ struct VmaAttrs {
 
 // One mapped range of an arena, like the kernel's vm_area_struct. Created, split, merged and freed
 // only by the API world under the arena's write lock; the fault path reads it under the read lock.
-struct Vma : bi::set_base_hook<bi::link_mode<bi::normal_link>, bi::optimize_size<true>>, VmaAttrs {
+// What find_vma reads of a node (the tree links, then the bounds: base classes are laid out in
+// order) comes first, in one cache line; the counters live elsewhere (VmaCounters), so that a tree
+// of 10^5 VMAs is a few MB.
+struct VmaBounds {
     std::uintptr_t start = 0;  // page-aligned
     std::uintptr_t end = 0;    // exclusive, page-aligned
+};
+
+struct Vma : bi::set_base_hook<bi::link_mode<bi::normal_link>, bi::optimize_size<true>>, VmaBounds, VmaAttrs {
     std::uint64_t pgoff = 0;   // file VMAs: the file page that `start` shows
     // Readahead state, a heuristic that faults update without a lock: where the last readahead
     // ended (the file page a sequential reader faults on next) and how large it was.
@@ -62,7 +79,7 @@ struct Vma : bi::set_base_hook<bi::link_mode<bi::normal_link>, bi::optimize_size
     // Faults that had to read a page out of sequence, less those that found theirs read already
     // (the kernel's mmap_miss): past kReadaroundMisses, reading around a fault is not worth it.
     std::atomic<std::uint32_t> ra_misses{0};
-    Counters stats;
+    VmaCounters stats;
 
     std::uint64_t file_page(std::uintptr_t addr) const;  // the file page shown at addr
 };

@@ -75,7 +75,7 @@ std::uint64_t now_ns() {
 
 void account_fault(const vm_fault& vmf, FaultResult result) {
     const std::uint64_t ns = vmf.start_ns ? now_ns() - vmf.start_ns : 0;
-    if (vmf.vma) count(vmf.vma->stats, vmf, result, ns);
+    if (vmf.vma) count(*vmf.vma->stats, vmf, result, ns);
     if (vmf.arena) count(vmf.arena->stats, vmf, result, ns);
     count(g_process, vmf, result, ns);
 }
@@ -84,7 +84,7 @@ namespace {
 // Adds to one counter at every level: the VMA (if any), the arena and the process.
 void add(ArenaCore* arena, Vma* vma, std::atomic<std::uint64_t> Counters::*field, std::uint64_t n) {
     if (!n) return;
-    if (vma) (vma->stats.*field).fetch_add(n, kRelaxed);
+    if (vma) ((*vma->stats).*field).fetch_add(n, kRelaxed);
     if (arena) (arena->stats.*field).fetch_add(n, kRelaxed);
     (g_process.*field).fetch_add(n, kRelaxed);
 }
@@ -110,6 +110,20 @@ void account_writeback(ArenaCore& arena, Vma& vma, std::uint64_t pages, std::uin
     add(&arena, &vma, &Counters::pages_written_back, pages);
     add(&arena, &vma, &Counters::bytes_written_back, bytes);
     add(&arena, &vma, &Counters::writeback_errors, failed ? 1 : 0);
+}
+
+void account_snapshot_copy(SnapshotCore& snap) {
+    snap.stats.cow_faults.fetch_add(1, kRelaxed);
+    snap.stats.cow_bytes_copied.fetch_add(g_page_size, kRelaxed);
+}
+
+void account_restore(ArenaCore& arena, SnapshotCore& snap, std::uint64_t pages) {
+    snap.stats.pages_restored.fetch_add(pages, kRelaxed);
+    add(&arena, nullptr, &Counters::pages_restored, pages);
+}
+
+void account_dirty_collected(ArenaCore& arena, std::uint64_t pages) {
+    add(&arena, nullptr, &Counters::dirty_pages_collected, pages);
 }
 
 }  // namespace usermm::detail

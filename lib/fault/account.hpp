@@ -6,6 +6,7 @@
 
 #include "counters.hpp"
 #include "fault.hpp"
+#include "snapshot.hpp"
 
 namespace usermm::detail {
 
@@ -23,6 +24,12 @@ void account_file_read(ArenaCore& arena, Vma& vma, std::uint64_t pages, std::uin
 void account_readahead_wasted(ArenaCore* arena, Vma* vma, std::uint64_t pages);
 void account_writeback(ArenaCore& arena, Vma& vma, std::uint64_t pages, std::uint64_t bytes, bool failed);
 void account_writeback_error(ArenaCore& arena);  // when the VMA may be gone
+// A snapshot's own counters (its VMA, arena and process count the fault that copied, through
+// vm_fault::copies): one page it took before a write.
+void account_snapshot_copy(SnapshotCore& snap);
+// Pages written back into the arena by a restore of `snap`; pages reported by collect_dirty.
+void account_restore(ArenaCore& arena, SnapshotCore& snap, std::uint64_t pages);
+void account_dirty_collected(ArenaCore& arena, std::uint64_t pages);
 
 std::uint64_t now_ns();
 

@@ -2,8 +2,12 @@
 // per kind of resolution, in the manner of mm/memory.c's handle_pte_fault and its do_* functions.
 //
 // Every handler is entered with the arena's read lock held and the faulting page's PTE locked
-// (kPteLocked set by handle_pte_fault's CAS); it either publishes the page's new protection (which
-// unlocks it) or restores the PTE it found.
+// (kPteLocked set by handle_pte_fault's CAS). The page-lock rule, stated again at each do_*: a
+// handler that returns Resolved has published the page (and every neighbour it locked), which
+// unlocks it; Spurious, AccessError and BusError return with every PTE it locked as it found it,
+// unlocked; Fatal returns with the faulting page still locked, and with it every neighbour whose
+// kernel state is in doubt (install's Unknown and CopyFailed), since the process is about to die
+// (fault_entry's die_by) and no other thread may act on them meanwhile.
 #include <algorithm>
 #include <cerrno>
 #include <signal.h>
@@ -130,11 +134,21 @@ PageRange clamp(PageRange r, PageRange limit) {
 
 enum class Budget : std::uint8_t { Enforce, Exceed };
 
-// install()'s answers besides 0 and an errno value.
-constexpr int kOverBudget = -1;
-constexpr int kStateUnknown = -2;  // the kernel refused, and so did the attempt to undo a partial change
-constexpr int kDataLimit = -3;     // the kernel refused write access for RLIMIT_DATA
-constexpr int kCopyFailed = -4;    // a snapshot could not take a page's old content (diagnosed already)
+// What install() did with its locked range. Only Done publishes the range (and so unlocks
+// it); every other answer leaves all of it locked, in the state it was locked from, for the caller
+// to unlock (the refusals) or to keep locked on its way to death (Unknown, CopyFailed).
+struct InstallResult {
+    enum What : std::uint8_t {
+        Done,        // the kernel has the protection, the PTEs say so
+        OverBudget,  // the change would take the arena past its map budget; the kernel was not asked
+        Refused,     // the kernel refused with `err` (ENOMEM: no mapping to spare), and nothing changed
+        DataLimit,   // the kernel refused write access for RLIMIT_DATA, and nothing changed
+        Unknown,     // the kernel refused, and so did undoing its partial change: fatal
+        CopyFailed,  // a snapshot could not take a page's old content (diagnosed already): fatal
+    } what;
+    int err = 0;
+    bool fatal() const { return what == Unknown || what == CopyFailed; }
+};
 
 FaultResult fatal(vm_fault& vmf, const char* what, int err);
 
@@ -146,7 +160,7 @@ FaultResult fatal(vm_fault& vmf, const char* what, int err);
 // mprotect is not all-or-nothing: across several kernel VMAs it can change a prefix of the range
 // and then fail (ENOMEM at vm.max_map_count). A refusal is therefore undone by putting the whole
 // range back to `was`, so that the PTEs stay what the kernel has.
-int install(vm_fault& vmf, PageRange r, Prot prot, pte_t was, Budget budget) {
+InstallResult install(vm_fault& vmf, PageRange r, Prot prot, pte_t was, Budget budget) {
     ArenaCore& arena = *vmf.arena;
     const std::uintptr_t addr = arena.page_addr(r.first);
     const std::size_t len = (r.last - r.first) << g_page_shift;
@@ -155,38 +169,42 @@ int install(vm_fault& vmf, PageRange r, Prot prot, pte_t was, Budget budget) {
         for (std::size_t i = r.first; i < r.last; ++i)
             if (const int err = preserve_for_snapshots(arena, i, arena.pte[i].load(kRelaxed), &vmf.copies)) {
                 fatal(vmf, "reading the page for a snapshot", err);
-                return kCopyFailed;
+                return {InstallResult::CopyFailed};
             }
-    std::uint32_t dirtied = 0;
-    if (allows(prot, Prot::Write) && vmf.vma->file && vmf.vma->share == Share::Shared)
-        for (std::size_t i = r.first; i < r.last; ++i) dirtied += !(arena.pte[i].load(kRelaxed) & kPteDirtyFile);
     ExclusiveGuard guard(arena.install_lock);
     const long delta = map_count_delta(arena, r.first, r.last, prot);
     if (budget == Budget::Exceed)
         map_budget_charge(arena, delta);
     else if (!map_budget_try_charge(arena, delta))
-        return kOverBudget;
+        return {InstallResult::OverBudget};
     if (const int err = page_protect(addr, len, prot)) {
         map_budget_charge(arena, -delta);
         // ENOMEM: either RLIMIT_DATA, which counts the private memory granted write access, or
         // no mapping to spare (vm.max_map_count, with the program's own mappings): then usermm
         // holds no more than it does now, so that later faults degrade without asking.
         std::uint64_t data_limit = 0;
-        int why = err;
+        InstallResult why{InstallResult::Refused, err};
         if (err == ENOMEM && allows(prot, Prot::Write) && data_limit_reached(len, &data_limit))
-            why = kDataLimit;
+            why = {InstallResult::DataLimit, err};
         else if (err == ENOMEM)
             map_budget_refused();
-        return page_protect(addr, len, pte_to_prot(was)) == 0 ? why : kStateUnknown;
+        return page_protect(addr, len, pte_to_prot(was)) == 0 ? why : InstallResult{InstallResult::Unknown, err};
     }
     publish(vmf, r, prot);
     vmf.pages = std::uint32_t(std::min<std::size_t>(r.last - r.first, UINT32_MAX));
-    vmf.dirtied += dirtied;
-    return 0;
+    return {InstallResult::Done};
 }
 
-// Gives up on a fault usermm owns. The caller's locked PTEs stay locked: the process is about to be
-// killed, and other threads must not act on pages whose kernel state is unknown.
+// Shared file pages of the locked range that write access `prot` would make dirty: those not dirty
+// yet. Counted (vm_fault::dirtied) by the handler that grants the write, once it is installed.
+std::uint32_t pages_to_dirty(const vm_fault& vmf, PageRange r, Prot prot) {
+    if (!allows(prot, Prot::Write) || vmf.vma->kind() != VmaKind::FileShared) return 0;
+    std::uint32_t n = 0;
+    for (std::size_t i = r.first; i < r.last; ++i) n += !(vmf.arena->pte[i].load(kRelaxed) & kPteDirtyFile);
+    return n;
+}
+
+// Gives up on a fault usermm owns; the caller leaves its PTEs locked by the page-lock rule.
 FaultResult fatal(vm_fault& vmf, const char* what, int err) {
     if (vmf.diag) {
         vmf.diag->str("usermm: cannot resolve ").str(access_name(vmf.access)).str(" fault at ").hex(vmf.address);
@@ -210,10 +228,11 @@ FaultResult data_limit_fatal(vm_fault& vmf, PageRange r) {
     return FaultResult::Fatal;
 }
 
-FaultResult install_failed(vm_fault& vmf, int err) {
-    if (err == kCopyFailed) return FaultResult::Fatal;
-    return err == kStateUnknown ? fatal(vmf, "mprotect failed and could not be undone", 0)
-                                : fatal(vmf, "mprotect", err);
+// The range stays locked (see InstallResult).
+FaultResult install_failed(vm_fault& vmf, InstallResult done) {
+    if (done.what == InstallResult::CopyFailed) return FaultResult::Fatal;
+    return done.what == InstallResult::Unknown ? fatal(vmf, "mprotect failed and could not be undone", done.err)
+                                           : fatal(vmf, "mprotect", done.err);
 }
 
 // Even the degraded change would split a mapping, past the budget or past vm.max_map_count (which
@@ -224,7 +243,8 @@ FaultResult install_failed(vm_fault& vmf, int err) {
 // Only if the mapping reaches beyond the VMA does the kernel have to split, and may refuse: then
 // nothing can be done.
 //
-// Entered with the faulting page locked from state `cur` and its neighbours unlocked.
+// Entered with the faulting page locked from state `cur` and its neighbours unlocked; returns by
+// the page-lock rule at the top of this file.
 FaultResult do_merging_fault(vm_fault& vmf, pte_t cur) {
     ArenaCore& arena = *vmf.arena;
     const Vma& vma = *vmf.vma;
@@ -250,20 +270,28 @@ FaultResult do_merging_fault(vm_fault& vmf, pte_t cur) {
     while (run.last < limit.last && !(arena.pte[run.last].load(kRelaxed) & kPteEdge) && lock(run.last)) ++run.last;
     // What the access needs, as a fault grants it: the run may be large, and write access to it
     // would have live snapshots take every page of it first, and count against RLIMIT_DATA.
-    const int err = install(vmf, run, grant_for(vmf.access, vma.prot), cur, Budget::Exceed);
-    if (err == 0) {
+    const Prot prot = grant_for(vmf.access, vma.prot);
+    const std::uint32_t dirtied = pages_to_dirty(vmf, run, prot);
+    const InstallResult done = install(vmf, run, prot, cur, Budget::Exceed);
+    if (done.what == InstallResult::Done) {
         vmf.kind = FaultKind::Degraded;
+        vmf.dirtied += dirtied;
         return FaultResult::Resolved;
     }
-    if (err == kStateUnknown || err == kCopyFailed) return install_failed(vmf, err);
-    if (err == kDataLimit) {
+    if (done.fatal()) return install_failed(vmf, done);
+    if (done.what == InstallResult::DataLimit) {
         unlock_unchanged(arena, {run.first, page});
         unlock_unchanged(arena, {page + 1, run.last});
         return data_limit_fatal(vmf, {page, page + 1});
     }
-    unlock_unchanged(arena, run);
-    if (err == ENOMEM && busy) return FaultResult::Spurious;  // the access faults again, after the other fault
-    if (err != ENOMEM || !vmf.diag) return install_failed(vmf, err);
+    unlock_unchanged(arena, {run.first, page});
+    unlock_unchanged(arena, {page + 1, run.last});
+    const bool enomem = done.what == InstallResult::Refused && done.err == ENOMEM;
+    if (enomem && busy) {
+        unlock_unchanged(arena, {page, page + 1});
+        return FaultResult::Spurious;  // the access faults again, after the other fault
+    }
+    if (!enomem || !vmf.diag) return install_failed(vmf, done);
     RawLine& d = *vmf.diag;
     d.str("usermm: cannot resolve ").str(access_name(vmf.access)).str(" fault at ").hex(vmf.address);
     d.str(": vm.max_map_count (").dec(std::uint64_t(map_budget_max_map_count()));
@@ -281,47 +309,53 @@ FaultResult do_merging_fault(vm_fault& vmf, pte_t cur) {
 // discarded hold flags untouched ones lack): if the split that then takes does not fit the budget,
 // or the kernel refuses it, the whole mapping is granted (do_merging_fault).
 //
-// Entered with the faulting page locked from state `cur`; returns with it published.
+// Entered with the faulting page locked from state `cur` and its neighbours unlocked; returns by
+// the page-lock rule at the top of this file.
 FaultResult do_degraded_fault(vm_fault& vmf, pte_t cur) {
     ArenaCore& arena = *vmf.arena;
     const std::size_t page = arena.page_index(vmf.address);
     const PageRange run = lock_neighbours(arena, {page, page + 1}, vma_pages(arena, *vmf.vma), cur, any_page);
     // A shared file page given write access counts as dirty: a read grants no write there.
     const Vma& vma = *vmf.vma;
-    const Prot prot = vma.file && vma.share == Share::Shared ? grant_for(vmf.access, vma.prot) : vma.prot;
-    int err = install(vmf, run, prot, cur, Budget::Enforce);
+    const Prot prot = vma.kind() == VmaKind::FileShared ? grant_for(vmf.access, vma.prot) : vma.prot;
+    std::uint32_t dirtied = pages_to_dirty(vmf, run, prot);
+    InstallResult done = install(vmf, run, prot, cur, Budget::Enforce);
     // Past RLIMIT_DATA a read still gets its pages, without write access (which is not counted).
-    if (err == kDataLimit && vmf.access != Access::Write)
-        err = install(vmf, run, prot & ~Prot::Write, cur, Budget::Enforce);
-    if (err) {
-        if (err == kStateUnknown || err == kCopyFailed) return install_failed(vmf, err);
-        unlock_unchanged(arena, {run.first, page});
-        unlock_unchanged(arena, {page + 1, run.last});
-        if (err == kDataLimit) return data_limit_fatal(vmf, {page, page + 1});
-        if (err == ENOMEM || err == kOverBudget) return do_merging_fault(vmf, cur);
-        unlock_unchanged(arena, {page, page + 1});
-        return install_failed(vmf, err);
+    if (done.what == InstallResult::DataLimit && vmf.access != Access::Write) {
+        dirtied = 0;
+        done = install(vmf, run, prot & ~Prot::Write, cur, Budget::Enforce);
     }
-    vmf.kind = FaultKind::Degraded;
-    return FaultResult::Resolved;
+    if (done.what == InstallResult::Done) {
+        vmf.kind = FaultKind::Degraded;
+        vmf.dirtied += dirtied;
+        return FaultResult::Resolved;
+    }
+    if (done.fatal()) return install_failed(vmf, done);
+    unlock_unchanged(arena, {run.first, page});
+    unlock_unchanged(arena, {page + 1, run.last});
+    if (done.what == InstallResult::DataLimit) return data_limit_fatal(vmf, {page, page + 1});
+    if (done.what == InstallResult::OverBudget || done.err == ENOMEM) return do_merging_fault(vmf, cur);
+    return install_failed(vmf, done);
 }
 
 // Resolves `r` (all locked from `cur`) with `prot` within the map budget, else falls back: to the
-// faulting page alone, then to the degraded path.
+// faulting page alone, then to the degraded path. Returns by the page-lock rule at the top of this
+// file (a fall-back first unlocks the neighbours of `r` as found).
 FaultResult install_or_degrade(vm_fault& vmf, PageRange r, Prot prot, pte_t cur, FaultKind kind) {
     ArenaCore& arena = *vmf.arena;
     const std::size_t page = arena.page_index(vmf.address);
     for (;;) {
-        const int err = install(vmf, r, prot, cur, Budget::Enforce);
-        if (err == 0) {
+        const InstallResult done = install(vmf, r, prot, cur, Budget::Enforce);
+        if (done.what == InstallResult::Done) {
             vmf.kind = kind;
             return FaultResult::Resolved;
         }
-        if (err == kStateUnknown || err == kCopyFailed) return install_failed(vmf, err);
+        if (done.fatal()) return install_failed(vmf, done);
         unlock_unchanged(arena, {r.first, page});
         unlock_unchanged(arena, {page + 1, r.last});
         // Past RLIMIT_DATA only the faulting page is tried; a degraded run would ask for more.
-        if (r.last - r.first == 1) return err == kDataLimit ? data_limit_fatal(vmf, r) : do_degraded_fault(vmf, cur);
+        if (r.last - r.first == 1)
+            return done.what == InstallResult::DataLimit ? data_limit_fatal(vmf, r) : do_degraded_fault(vmf, cur);
         r = {page, page + 1};
     }
 }
@@ -364,7 +398,8 @@ PageRange reach_granted_neighbours(vm_fault& vmf, PageRange r, Prot prot) {
 // makes it writable, so the kernel gives it a zeroed private page. Fault-around grants the same to
 // the untouched pages of the aligned window around the fault, in the same mprotect. A page that
 // is PROT_NONE with its content kept (restore() wrote it back) is granted the same way, but its
-// read is no zero-page read.
+// read is no zero-page read. Entered with the page locked from `cur` (prot 0); returns by the
+// page-lock rule.
 FaultResult do_anonymous_fault(vm_fault& vmf, pte_t cur) {
     vmf.had_data = cur & kPtePopulated;
     ArenaCore& arena = *vmf.arena;
@@ -383,7 +418,8 @@ FaultResult do_anonymous_fault(vm_fault& vmf, pte_t cur) {
 
 // The page is mapped, with fewer rights than the access needs and the VMA allows: a write to a page
 // that was read first (the kernel's do_wp_page breaking its zero page into a private one), or an
-// instruction fetch from a page so far only read.
+// instruction fetch from a page so far only read. Entered with the page locked from `cur`;
+// returns by the page-lock rule.
 FaultResult do_upgrade_fault(vm_fault& vmf, pte_t cur) {
     const Prot prot = pte_to_prot(cur) | grant_for(vmf.access, vmf.vma->prot);
     const std::size_t page = vmf.arena->page_index(vmf.address);
@@ -439,7 +475,8 @@ std::uint64_t page_bytes(const vm_fault& vmf, std::uint64_t f) {
 // holds are mapped around the faulting one: a page mapped is one the kernel need not read, or the
 // program's own. The fault is major if the page cache lacked its page; the pages of the window it
 // lacked count as read (the faulting page's fault-around and readahead), each once per VMA: only
-// the fault that locks a page counts it.
+// the fault that locks a page counts it. Entered with the page locked from `cur` (prot 0); returns
+// by the page-lock rule.
 FaultResult do_read_fault(vm_fault& vmf, pte_t cur) {
     ArenaCore& arena = *vmf.arena;
     Vma& vma = *vmf.vma;
@@ -493,20 +530,28 @@ void probe_written_page(vm_fault& vmf) {
     if (vmf.major) vmf.read_bytes += page_bytes(vmf, vmf.vma->file_page(vmf.address));
 }
 
-// A write to a page of a private file VMA: it becomes writable, and the kernel copies the page
-// cache's page into the VMA's own at the write itself; the file and other VMAs never see it.
+// A write to a page of a private file VMA (untouched, or mapped read-only so far): it becomes
+// writable, and the kernel copies the page cache's page into the VMA's own at the write itself;
+// the file and other VMAs never see it. Entered with the page locked from `cur`; returns by the
+// page-lock rule.
 FaultResult do_cow_fault(vm_fault& vmf, pte_t cur) {
-    probe_written_page(vmf);
+    if (pte_prot(cur) == 0) probe_written_page(vmf);
     const std::size_t page = vmf.arena->page_index(vmf.address);
-    return install_or_degrade(vmf, {page, page + 1}, vmf.vma->prot, cur, FaultKind::File);
+    return install_or_degrade(vmf, {page, page + 1}, pte_to_prot(cur) | vmf.vma->prot, cur, FaultKind::File);
 }
 
-// A write to a page of a shared file VMA: it becomes writable and dirty (install() counts it), in
-// the page cache that every mapping of the file shares; write-back takes it to the file.
+// A write to a page of a shared file VMA (untouched, or mapped read-only so far: a clean page
+// after sync): it becomes writable and dirty, in the page cache that every mapping of the file
+// shares; write-back takes it to the file. Entered with the page locked from `cur`; returns by the
+// page-lock rule (a degraded fall-back counts the pages it dirties itself).
 FaultResult do_shared_fault(vm_fault& vmf, pte_t cur) {
-    probe_written_page(vmf);
+    if (pte_prot(cur) == 0) probe_written_page(vmf);
     const std::size_t page = vmf.arena->page_index(vmf.address);
-    return install_or_degrade(vmf, {page, page + 1}, vmf.vma->prot, cur, FaultKind::File);
+    const Prot prot = pte_to_prot(cur) | vmf.vma->prot;
+    const std::uint32_t dirtied = pages_to_dirty(vmf, {page, page + 1}, prot);
+    const FaultResult r = install_or_degrade(vmf, {page, page + 1}, prot, cur, FaultKind::File);
+    if (r == FaultResult::Resolved && vmf.kind == FaultKind::File) vmf.dirtied += dirtied;
+    return r;
 }
 
 // A page whose write-back failed, whose content usermm holds: the copy goes back into the page
@@ -527,6 +572,7 @@ int restore_saved(const vm_fault& vmf, std::uint64_t f, std::uint64_t size) {
 
 // A fault in a file VMA, with its PTE locked from `cur`. The end of the file is looked up at every
 // fault, so that a page past it (the file was truncated under the VMA) gets SIGBUS, never zeros.
+// Returns by the page-lock rule.
 FaultResult do_file_fault(vm_fault& vmf, pte_t cur) {
     const Vma& vma = *vmf.vma;
     const std::uint64_t f = vma.file_page(vmf.address);
@@ -541,14 +587,15 @@ FaultResult do_file_fault(vm_fault& vmf, pte_t cur) {
         cur = pte_t(cur & ~kPteSaved);
         vmf.arena->pte_of(vmf.address).store(pte_t(cur | kPteLocked), kRelaxed);
     }
-    if (pte_prot(cur) != 0) return do_upgrade_fault(vmf, cur);  // the content is mapped already
-    if (vmf.access != Access::Write) return do_read_fault(vmf, cur);
-    return vma.share == Share::Shared ? do_shared_fault(vmf, cur) : do_cow_fault(vmf, cur);
+    if (vmf.access == Access::Write)
+        return vma.kind() == VmaKind::FileShared ? do_shared_fault(vmf, cur) : do_cow_fault(vmf, cur);
+    // An instruction fetch from a page mapped for reading: the content is mapped already.
+    return pte_prot(cur) == 0 ? do_read_fault(vmf, cur) : do_upgrade_fault(vmf, cur);
 }
 
 // The kernel refused a page usermm had granted, with SIGBUS: the page lies past the end of the
 // file (it was truncated), or it could not be read (an I/O error) or given blocks (no space for a
-// page of a sparse file). Passed on, as with mmap.
+// page of a sparse file). Passed on, as with mmap. No PTE is locked.
 FaultResult do_file_sigbus(vm_fault& vmf) {
     const Vma& vma = *vmf.vma;
     const std::uint64_t at = vma.file_page(vmf.address) << g_page_shift;
@@ -567,7 +614,8 @@ FaultResult do_file_sigbus(vm_fault& vmf) {
     return FaultResult::BusError;
 }
 
-// Locks the faulting page's PTE and dispatches on its state. Another thread resolving the same
+// Locks the faulting page's PTE and dispatches on the VMA's kind and the page's state: the one
+// place that decides which handler family a fault belongs to. Another thread resolving the same
 // page holds the lock only for one mprotect, so waiting beats faulting again through the kernel.
 FaultResult handle_pte_fault(vm_fault& vmf) {
     Pte& pte = vmf.arena->pte_of(vmf.address);
@@ -582,8 +630,14 @@ FaultResult handle_pte_fault(vm_fault& vmf) {
         if (!allows(vmf.vma->prot, needed(vmf.access))) return FaultResult::AccessError;
         if (allows(pte_to_prot(cur), needed(vmf.access))) return FaultResult::Spurious;
         if (!pte.compare_exchange_weak(cur, cur | kPteLocked, kAcquire, kRelaxed)) continue;
-        if (vmf.vma->file) return do_file_fault(vmf, cur);
-        return pte_prot(cur) == 0 ? do_anonymous_fault(vmf, cur) : do_upgrade_fault(vmf, cur);
+        switch (vmf.vma->kind()) {
+            case VmaKind::Anonymous:
+                return pte_prot(cur) == 0 ? do_anonymous_fault(vmf, cur) : do_upgrade_fault(vmf, cur);
+            case VmaKind::FilePrivate:
+            case VmaKind::FileShared:
+                return do_file_fault(vmf, cur);
+        }
+        __builtin_unreachable();
     }
 }
 
@@ -591,7 +645,8 @@ FaultResult handle_pte_fault(vm_fault& vmf) {
 // raised as SIGBUS in the writing thread): the kernel's do_wp_page. Live snapshots take the old
 // content, then the mark goes and the write proceeds. A page not marked as tracked may still carry
 // a stale mark from an earlier tracking (protect() to None and back keeps it in the kernel): it is
-// cleared all the same, or the write would fault forever.
+// cleared all the same, or the write would fault forever. Locks the page itself; returns by the
+// page-lock rule.
 FaultResult do_wp_page(vm_fault& vmf) {
     ArenaCore& arena = *vmf.arena;
     const std::size_t page = arena.page_index(vmf.address);
@@ -609,10 +664,8 @@ FaultResult do_wp_page(vm_fault& vmf) {
     }
     const bool tracked = cur & kPteWriteTracked;
     if (tracked && arena.snapshot_count)
-        if (const int err = preserve_for_snapshots(arena, page, cur, &vmf.copies)) {
-            pte.store(cur, kRelease);
+        if (const int err = preserve_for_snapshots(arena, page, cur, &vmf.copies))
             return fatal(vmf, "reading the page for a snapshot", err);
-        }
     if (const int err = uffd_write_protect(arena.page_addr(page), g_page_size, false))
         return fatal(vmf, "UFFDIO_WRITEPROTECT", err);
     pte.store(pte_with_prot(cur, pte_to_prot(cur)), kRelease);
@@ -621,6 +674,22 @@ FaultResult do_wp_page(vm_fault& vmf) {
     vmf.kind = FaultKind::WriteProtect;
     vmf.pages = 1;
     return FaultResult::Resolved;
+}
+
+// A SIGSEGV is a protection usermm set (handle_pte_fault). A SIGBUS in an arena is the kernel's
+// verdict on a file page, or a userfaultfd write-protect fault of the uffd engine (file VMAs are
+// not registered), or else the kernel's verdict on the mapping, which demand-zero memory never
+// earns.
+FaultResult handle_bus_fault(vm_fault& vmf) {
+    switch (vmf.vma->kind()) {
+        case VmaKind::Anonymous:
+            return tracking_engine() == TrackingEngine::Uffd && allows(vmf.vma->prot, Prot::Write) ? do_wp_page(vmf)
+                                                                                                  : FaultResult::AccessError;
+        case VmaKind::FilePrivate:
+        case VmaKind::FileShared:
+            return do_file_sigbus(vmf);
+    }
+    __builtin_unreachable();
 }
 
 void describe_access_error(const vm_fault& vmf) {
@@ -640,17 +709,11 @@ void describe_access_error(const vm_fault& vmf) {
 FaultResult handle_arena_fault(vm_fault& vmf) {
     Vma* vma = find_vma(*vmf.arena, vmf.address);
     if (vma && vma->start <= vmf.address) vmf.vma = vma;
-    // A SIGSEGV is a protection usermm set; a SIGBUS in an arena is the kernel's verdict on a file
-    // page, or a userfaultfd write-protect fault of the uffd engine (file VMAs are not registered),
-    // or else the kernel's verdict on the mapping, which demand-zero memory never earns.
     FaultResult r = FaultResult::AccessError;
     if (vmf.vma && vmf.signo == SIGSEGV)
         r = handle_pte_fault(vmf);
-    else if (vmf.vma && vmf.signo == SIGBUS && vmf.vma->file)
-        r = do_file_sigbus(vmf);
-    else if (vmf.vma && vmf.signo == SIGBUS && tracking_engine() == TrackingEngine::Uffd &&
-             allows(vmf.vma->prot, Prot::Write))
-        r = do_wp_page(vmf);
+    else if (vmf.vma && vmf.signo == SIGBUS)
+        r = handle_bus_fault(vmf);
     if (r == FaultResult::AccessError) describe_access_error(vmf);  // a BusError described itself
     if (r == FaultResult::Spurious) vmf.pte_seen = vmf.arena->pte_of(vmf.address).load(kRelaxed);
     return r;

@@ -4,6 +4,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "account.hpp"
 #include "page_ops.hpp"
 #include "snapshot.hpp"
 
@@ -79,8 +80,7 @@ int preserve_for_snapshots(ArenaCore& arena, std::size_t page, pte_t pte, std::u
         }
         snap.index[page - snap.first] = at;
         slot.store(kSlotCopied, std::memory_order_release);
-        snap.stats.cow_faults.fetch_add(1, std::memory_order_relaxed);
-        snap.stats.cow_bytes_copied.fetch_add(g_page_size, std::memory_order_relaxed);
+        account_snapshot_copy(snap);
         ++*copies;
     }
     return 0;
