@@ -36,6 +36,7 @@
 #include "page_ops_api.hpp"
 #include "snapshot.hpp"
 #include "vma_counters.hpp"
+#include "write_tracking.hpp"
 
 namespace usermm {
 
@@ -127,22 +128,6 @@ void choose_tracking_engine() {
         fail(err, "usermm::Arena: USERMM_ENGINE=uffd, but userfaultfd write-protect in SIGBUS mode is not available");
 }
 
-// The pages whose write access the uffd engine withheld lost their marks in the child (the kernel
-// drops a child's userfaultfd registrations); the mprotect engine takes them over.
-void convert_tracked_pages_after_fork(ArenaCore& a) {
-    auto key = [&a](std::size_t i) {
-        const pte_t v = a.pte[i].load(std::memory_order_relaxed);
-        return (v & kPteWriteTracked) && (v & to_pte(Prot::Write)) ? int(v) : kNoRun;
-    };
-    auto convert = [&a](std::size_t i, std::size_t j, int v) {
-        if (reprotect_run(a, i, j, pte_to_prot(pte_t(v)) & ~Prot::Write) == 0) return;
-        // The pages stay writable, so their snapshots take them now rather than at a write.
-        std::uint32_t copies = 0;
-        for (std::size_t k = i; k < j; ++k) preserve_for_snapshots(a, k, pte_t(v), &copies);
-    };
-    for (const PageSpan& span : pte_spans(a, 0, a.page_index(a.end))) for_each_run(span.first, span.last, key, convert);
-}
-
 // fork(): no fault may be mid-way when the address space is copied, or the child would inherit a
 // locked PTE or a held read lock whose owner does not exist there. So the registry and every arena
 // are write-locked around fork, which waits for faults in flight, as the kernel's dup_mmap holds
@@ -174,7 +159,7 @@ void fork_child() {
     // The inherited descriptor refers to the parent's memory: it goes before anything can use it.
     // If no descriptor of the child's own can be had now, calls that need one fail (and try again).
     if (page_forget_self_mem()) page_self_mem();
-    const bool was_uffd = tracking_engine() == TrackingEngine::Uffd;
+    const WriteTracker& inherited = write_tracker();
     uffd_forget();
     ArenaRegistry& reg = arena_registry();
     // The kernel gave each inherited private VMA an anon_vma of its own, so they never merge again:
@@ -196,7 +181,7 @@ void fork_child() {
         ArenaCore& a = *reg.arenas[i];
         a.identity = new_arena_identity();  // the child's snapshots start a chain of their own
         forget_saved_after_fork(a);
-        if (was_uffd) convert_tracked_pages_after_fork(a);
+        inherited.after_fork(a);
         // Slots held by readers, and a restore in progress, belong to threads the child does not have.
         // A held slot was written, so it lies in a touched page of its table.
         a.restoring.store(false);
@@ -301,11 +286,9 @@ Arena::Arena(std::size_t size, void* at) {
         undo();
         fail(err, "usermm::Arena: cannot reserve the page tables for size {:#x}", size);
     }
-    if (tracking_engine() == TrackingEngine::Uffd) {
-        if (const int uerr = uffd_register(a.base, len)) {
-            undo();
-            fail(uerr, "usermm::Arena: cannot register size {:#x} with userfaultfd", size);
-        }
+    if (const int uerr = write_tracker().enrol(a.base, len)) {
+        undo();
+        fail(uerr, "usermm::Arena: cannot register size {:#x} with userfaultfd", size);
     }
 
     ArenaRegistry& reg = arena_registry();
@@ -532,7 +515,7 @@ void Arena::prefault(void* addr, std::size_t length, Prot access) {
             std::size_t pages = change_pages(a, call, part, [grant](Prot old) { return old | grant; });
             for (std::size_t k = 0; k < clean.size(); ++k)
                 if (clean[k]) a.pte[first + k].fetch_and(pte_t(~kPteDirtyFile), std::memory_order_relaxed);
-            if (allows(access, Prot::Write) && tracking_engine() == TrackingEngine::Uffd && !v->file)
+            if (allows(access, Prot::Write) && write_tracker().marks_outlive_protect() && !v->file)
                 pages += unmark_tracked(a, call, part);
             account_prefault(a, *v, pages);
             if (v->file)
@@ -650,39 +633,7 @@ void Arena::verify() const {
         fail(EFAULT, "{}: the kernel has {} mappings in the arena [{:#x}, {:#x}) but usermm counts {}", call,
              maps.size(), a.base, a.end, mine);
 
-    // The uffd engine withholds write access without changing the protection; only pagemap bit 57
-    // shows it. Every writable page usermm tracks must carry that bit, or its next write would go
-    // unseen by the snapshots that need it.
-    if (tracking_engine() == TrackingEngine::Uffd) {
-        // pagemap answers only reads of whole 8-byte entries, so no buffered stream.
-        const int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-        if (fd < 0) fail(errno, "{}: cannot open /proc/self/pagemap", call);
-        struct Closer {
-            int fd;
-            ~Closer() { close(fd); }
-        } closer{fd};
-        constexpr std::uint64_t kUffdWp = std::uint64_t(1) << 57;
-        auto tracked_writable = [&a](std::size_t i) {
-            const pte_t v = a.pte[i].load(std::memory_order_relaxed);
-            return (v & kPteWriteTracked) && (v & to_pte(Prot::Write)) ? 1 : kNoRun;
-        };
-        std::vector<std::uint64_t> entries;
-        for (const PageSpan& part : spans) {
-            for_each_run(part.first, part.last, tracked_writable, [&](std::size_t i, std::size_t j, int) {
-                entries.resize(j - i);  // one read per run of tracked pages
-                const std::size_t bytes = entries.size() * sizeof(std::uint64_t);
-                const off_t at = off_t((a.page_addr(i) >> g_page_shift) * sizeof(std::uint64_t));
-                const ssize_t n = pread(fd, entries.data(), bytes, at);
-                if (n != ssize_t(bytes))
-                    fail(n < 0 ? errno : EIO, "{}: cannot read /proc/self/pagemap for [{:#x}, {:#x})", call,
-                         a.page_addr(i), a.page_addr(j));
-                for (std::size_t k = i; k < j; ++k)
-                    if (!(entries[k - i] & kUffdWp))
-                        fail(EFAULT, "{}: page {:#x} is write-tracked but the kernel does not write-protect it", call,
-                             a.page_addr(k));
-            });
-        }
-    }
+    write_tracker().verify(a, call, spans);
 }
 
 // --- conveniences: find_vma, engine, Mapping -------------------------------------------------
@@ -747,7 +698,7 @@ std::optional<VmaInfo> Arena::find_vma(std::string_view name) const {
 
 Engine engine() {
     init_process();
-    return tracking_engine() == TrackingEngine::Uffd ? Engine::Uffd : Engine::Mprotect;
+    return write_tracker().engine();
 }
 
 Mapping::Mapping(Arena& arena, std::size_t length, Prot prot, const MapOptions& options)

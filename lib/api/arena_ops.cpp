@@ -16,6 +16,7 @@
 
 #include "file_vma.hpp"
 #include "find_vma.hpp"
+#include "write_tracking.hpp"
 
 namespace usermm::detail {
 
@@ -227,7 +228,7 @@ void resync_ptes(ArenaCore& a, std::size_t first, std::size_t last) {
         for (std::size_t i = a.page_index(m.from), end = a.page_index(m.to); i < end; ++i) {
             // /proc/self/maps does not show userfaultfd marks: a tracked page stays tracked.
             const pte_t old = a.pte[i].load(std::memory_order_relaxed);
-            const pte_t keep = tracking_engine() == TrackingEngine::Uffd ? pte_t(old & kPteWriteTracked) : pte_t(0);
+            const pte_t keep = write_tracker().marks_outlive_protect() ? pte_t(old & kPteWriteTracked) : pte_t(0);
             a.pte[i].store(pte_with_prot(old, m.prot) | keep, std::memory_order_relaxed);
             a.note_changed(i);
         }
@@ -334,7 +335,7 @@ std::size_t unmark_tracked(ArenaCore& a, const char* call, Range r) {
     // Write access granted by change_pages() cleared the tracked flag of pages that lacked it, but
     // not their marks; so the whole range is unmarked, after snapshots took what they need of it.
     preserve_range(a, call, r);
-    if (const int err = uffd_write_protect(r.start, r.end - r.start, false))
+    if (const int err = write_tracker().clear_marks(r.start, r.end - r.start))
         fail(err, "{}: cannot clear write-protection of [{:#x}, {:#x})", call, r.start, r.end);
     std::size_t changed = 0;
     for (std::size_t i = a.page_index(r.start), last = a.page_index(r.end); i < last; ++i) {

@@ -16,6 +16,7 @@
 #include "find_vma.hpp"
 #include "map_budget.hpp"
 #include "snapshot_read.hpp"
+#include "write_tracking.hpp"
 
 namespace usermm {
 
@@ -64,31 +65,22 @@ bool needed_by_a_snapshot(const ArenaCore& a, std::size_t page) {
 // get it back, one mprotect per run. Best effort: a page left tracked merely faults once more.
 // Only the touched parts of the page table are looked at (an untouched page is not tracked).
 void give_back_write_access(ArenaCore& a, std::size_t first, std::size_t last) {
-    const bool uffd = tracking_engine() == TrackingEngine::Uffd;
+    const WriteTracker& tracker = write_tracker();
     auto eligible = [&](std::size_t i) {
         const pte_t v = a.pte[i].load(kRelaxed);
         if (!(v & kPteWriteTracked) || (a.collect_armed && !(v & kPteDirtyCollect)) || needed_by_a_snapshot(a, i))
             return false;
-        if (uffd) return bool(v & to_pte(Prot::Write));  // a mark on a writable page
-        // Only a page whose write access alone was withheld: its VMA may have changed since, and
-        // a page reset to PROT_NONE (by restore, or protect) must fault to get anything back.
-        const Vma* vma = find_vma(a, a.page_addr(i));
-        return vma && vma->start <= a.page_addr(i) && allows(vma->prot, Prot::Write) &&
-               pte_to_prot(v) == (vma->prot & ~Prot::Write);
+        return tracker.withheld_only(a, i, v);
     };
     auto key = [&](std::size_t i) { return eligible(i) ? int(pte_prot(a.pte[i].load(kRelaxed))) : kNoRun; };
     auto give_back = [&](std::size_t i, std::size_t j, int prot) {
         // No dirty bits: the page has not changed. Where collect_dirty() is armed, eligible() took
         // only pages it already counts as dirty; a snapshot older than this one recorded the change.
-        if (uffd) {
-            if (uffd_write_protect(a.page_addr(i), (j - i) << g_page_shift, false) != 0) return;
-        } else if (protect_run(a, i, j, Prot(prot) | Prot::Write) != 0) {
-            return;  // best effort: the PTEs were re-read from the kernel
-        }
-        const pte_t write = uffd ? 0 : to_pte(Prot::Write);
+        // Best effort: after a refused mprotect the PTEs were re-read from the kernel.
+        if (tracker.disarm(a, i, j, pte_to_prot(pte_t(prot))) != 0) return;
         for (std::size_t k = i; k < j; ++k) {
             const pte_t v = a.pte[k].load(kRelaxed);
-            a.pte[k].store(pte_t((v & ~kPteWriteTracked) | kPtePopulated | write), kRelaxed);
+            a.pte[k].store(pte_t((v & ~kPteWriteTracked) | kPtePopulated | to_pte(Prot::Write)), kRelaxed);
             a.note_changed(k);
         }
     };
@@ -151,7 +143,7 @@ std::size_t next_changed_group(const ArenaCore& a, std::size_t g, std::size_t en
 // shootdown of its own inside the same call.
 void arm_write_tracking(ArenaCore& a, const char* call, Range r) {
     constexpr std::size_t kMaxBridge = 512;
-    const bool uffd = tracking_engine() == TrackingEngine::Uffd;
+    const WriteTracker& tracker = write_tracker();
     const pte_t write = to_pte(Prot::Write);
     const std::size_t last = a.page_index(r.end);
     auto value = [&](std::size_t i) { return a.pte[i].load(kRelaxed); };
@@ -162,7 +154,7 @@ void arm_write_tracking(ArenaCore& a, const char* call, Range r) {
     // A page tracked already, which arming it again (with the same call) leaves as it is.
     auto bridgeable = [&](std::size_t i, pte_t prot) {
         const pte_t v = value(i);
-        return (v & kPteWriteTracked) && pte_prot(v) == (uffd ? prot : pte_t(prot & ~write));
+        return (v & kPteWriteTracked) && pte_prot(v) == tracker.armed_prot(prot);
     };
     constexpr std::size_t kGroup = ArenaCore::kGroupPages;
     const std::size_t end_group = (last + kGroup - 1) / kGroup;
@@ -187,16 +179,12 @@ void arm_write_tracking(ArenaCore& a, const char* call, Range r) {
         const std::uintptr_t at = a.page_addr(i);
         const std::size_t len = (j - i) << g_page_shift;
         const Prot next = pte_to_prot(prot) & ~Prot::Write;
-        if (uffd) {
-            if (const int err = uffd_write_protect(at, len, true))
-                fail(err, "{}: UFFDIO_WRITEPROTECT of [{:#x}, {:#x}) failed", call, at, at + len);
-        } else if (const int err = protect_run(a, i, j, next)) {
-            fail(err, "{}: mprotect of [{:#x}, {:#x}) to {} failed", call, at, at + len, to_string(next));
-        }
+        if (const int err = tracker.arm(a, i, j, pte_to_prot(prot)))
+            fail(err, "{}: withholding write access from [{:#x}, {:#x}) ({} engine, protection {}) failed", call, at,
+                 at + len, tracker.engine() == Engine::Uffd ? "UFFDIO_WRITEPROTECT" : "mprotect", to_string(next));
         for (std::size_t k = i; k < j; ++k) {
             const pte_t v = value(k);
-            const pte_t kept = uffd ? pte_prot(v) : to_pte(next);
-            a.pte[k].store(pte_t((v & kPteFlags) | kPteWriteTracked | kept), kRelaxed);
+            a.pte[k].store(pte_t((v & kPteFlags) | kPteWriteTracked | tracker.armed_prot(pte_prot(v))), kRelaxed);
         }
         i = j;
     }
@@ -486,8 +474,7 @@ void Arena::restore(const Snapshot& snapshot) {
         while (m < runs.size() && runs[m].first == runs[m - 1].last) ++m;
         const Range part{a.page_addr(runs[k].first), a.page_addr(runs[m - 1].last)};
         change_pages(a, call, part, [](Prot) { return Prot::None; });
-        if (tracking_engine() == TrackingEngine::Uffd)
-            if (const int err = uffd_write_protect(part.start, part.end - part.start, false))
+        if (const int err = write_tracker().clear_marks(part.start, part.end - part.start))
                 fail(err, "{}: cannot clear write-protection of [{:#x}, {:#x})", call, part.start, part.end);
         for (std::size_t i = runs[k].first; i < runs[m - 1].last; ++i)
             a.pte[i].fetch_and(pte_t(~kPteWriteTracked), kRelaxed);

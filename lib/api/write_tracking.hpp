@@ -1,0 +1,55 @@
+// The two write-tracking engines behind one interface. An engine withholds write access from a page
+// whose next write usermm must see (a snapshot's copy-before-write, collect_dirty) without taking
+// anything else away, and gives it back. uffd: a userfaultfd write-protect mark; the protection
+// keeps Write, a write is a SIGBUS in the writing thread (do_wp_page). mprotect: the protection
+// loses Write; a write is a SIGSEGV (do_upgrade_fault). The fault world's side of it is
+// handle_bus_fault's test for a write-protect fault; everything else is here.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+
+#include <usermm/usermm.hpp>
+
+#include "arena_ops.hpp"
+#include "pte.hpp"
+#include "vma.hpp"
+
+namespace usermm::detail {
+
+class WriteTracker {
+public:
+    virtual Engine engine() const = 0;
+    // Whether a reservation must be registered before its pages can be tracked (page_reserve_fixed
+    // registers in the middle of making one), and registering an arena's whole reservation.
+    virtual bool registers() const = 0;
+    virtual int enrol(std::uintptr_t at, std::size_t len) const = 0;
+    // The PTE protection of a tracked page that had `prot` (with Write).
+    virtual pte_t armed_prot(pte_t prot) const = 0;
+    // Withholds write access from pages [i, j), all of protection `prot` (with Write): 0 or errno.
+    virtual int arm(ArenaCore& a, std::size_t i, std::size_t j, Prot prot) const = 0;
+    // Whether the tracked page i (PTE v) lacks write access only for tracking: the VMA allows it.
+    virtual bool withheld_only(ArenaCore& a, std::size_t i, pte_t v) const = 0;
+    // Gives write access back to tracked pages [i, j) whose PTE protection is `prot`: 0 or errno.
+    // The PTEs then have prot | Write.
+    virtual int disarm(ArenaCore& a, std::size_t i, std::size_t j, Prot prot) const = 0;
+    // Whether a page's tracking survives a change of its protection (a userfaultfd mark outlives
+    // mprotect): then a grant of write access outside a fault must clear_marks too, and /proc/self/maps
+    // does not show it.
+    virtual bool marks_outlive_protect() const = 0;
+    virtual int clear_marks(std::uintptr_t at, std::size_t len) const = 0;
+    // verify(): the kernel tracks every page the PTEs say are tracked.
+    virtual void verify(const ArenaCore& a, const char* call, std::span<const PageSpan> spans) const = 0;
+    // In a forked child, for each inherited arena: the kernel kept the protections but dropped the
+    // child's userfaultfd registrations; the child tracks with the mprotect engine from now on.
+    virtual void after_fork(ArenaCore& a) const = 0;
+
+protected:
+    ~WriteTracker() = default;
+};
+
+// The engine in use (tracking_engine()).
+const WriteTracker& write_tracker();
+
+}  // namespace usermm::detail
