@@ -10,7 +10,9 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <iterator>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "bench_util.hpp"
