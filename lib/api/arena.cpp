@@ -293,17 +293,15 @@ Arena::Arena(std::size_t size, void* at) {
 
     ArenaRegistry& reg = arena_registry();
     {
-        ApiGuard<ExclusiveGuard<RwSpinLock>> guard(reg.lock);
+        ApiGuard<std::lock_guard<RwSpinLock>> guard(reg.lock);
         if (reg.count == kMaxArenas) {
             undo();
             fail(ENOMEM, "usermm::Arena: more than {} arenas", kMaxArenas);
         }
-        std::size_t i = reg.count;
-        while (i > 0 && reg.arenas[i - 1]->base > a.base) {
-            reg.arenas[i] = reg.arenas[i - 1];
-            --i;
-        }
-        reg.arenas[i] = &a;
+        ArenaCore** const end = reg.arenas + reg.count;
+        ArenaCore** const slot = std::upper_bound(reg.arenas, end, a.base, base_below);
+        std::copy_backward(slot, end, end + 1);
+        *slot = &a;
         ++reg.count;
     }
     map_budget_charge(a, 1 + kArenaTableMaps);  // the reservation and its tables
@@ -315,10 +313,10 @@ Arena::~Arena() {
     ArenaCore& a = *core_;
     {
         ArenaRegistry& reg = arena_registry();
-        ApiGuard<ExclusiveGuard<RwSpinLock>> guard(reg.lock);
-        std::size_t i = 0;
-        while (reg.arenas[i] != &a) ++i;
-        std::copy(reg.arenas + i + 1, reg.arenas + reg.count, reg.arenas + i);
+        ApiGuard<std::lock_guard<RwSpinLock>> guard(reg.lock);
+        ArenaCore** const end = reg.arenas + reg.count;
+        ArenaCore** const at = std::find(reg.arenas, end, &a);
+        std::copy(at + 1, end, at);
         --reg.count;
     }
     a.lock.lock();  // faults already inside the arena finish first
@@ -396,7 +394,7 @@ void* Arena::map(std::size_t length, Prot prot, const MapOptions& options) {
     vma->fault_around_pages = std::uint32_t(options.fault_around_pages);
     set_name(*vma, options.name);
 
-    ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
+    ApiGuard<std::lock_guard<RwSpinLock>> guard(a.lock);
     const std::uintptr_t start = place_vma(a, call, want, len, length);
     if (options.huge_pages) {
         // The advice is a VMA flag: the kernel splits the reservation at both ends, for good (no
@@ -419,7 +417,7 @@ void Arena::protect(void* addr, std::size_t length, Prot prot) {
     prot = check_prot(call, prot, r.start);
     SplitSpares spares;
 
-    ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
+    ApiGuard<std::lock_guard<RwSpinLock>> guard(a.lock);
     if (a.snapshot_count) require_self_mem(call);  // snapshots take pages that gain write access
     // Throws, before anything changes, if part of the range is not mapped.
     for (const Vma* v : covering_vmas(a, call, r))
@@ -436,7 +434,7 @@ void Arena::unmap(void* addr, std::size_t length) {
     const Range r = check_range(a, call, addr, length);
     SplitSpares spares;
 
-    ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
+    ApiGuard<std::lock_guard<RwSpinLock>> guard(a.lock);
     // Snapshots take pages they cannot read directly, and file parts become reservation again,
     // through /proc/self/mem.
     const std::vector<Vma*> vmas = covering_vmas(a, call, r);
@@ -490,7 +488,7 @@ void Arena::prefault(void* addr, std::size_t length, Prot access) {
     };
     std::vector<Populate> reads;
     {
-        ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
+        ApiGuard<std::lock_guard<RwSpinLock>> guard(a.lock);
         if (a.snapshot_count) require_self_mem(call);  // snapshots take pages that gain write access
         const std::vector<Vma*> vmas = covering_vmas(a, call, r);
         auto part_of = [&r](const Vma* v) { return Range{std::max(v->start, r.start), std::min(v->end, r.end)}; };
@@ -547,7 +545,7 @@ std::vector<VmaInfo> Arena::vmas() const {
 void Arena::verify() const {
     static constexpr const char* call = "usermm::Arena::verify";
     ArenaCore& a = live_arena(core_, call);
-    ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
+    ApiGuard<std::lock_guard<RwSpinLock>> guard(a.lock);
 
     // The tree: ordered, disjoint, page-aligned, inside the arena.
     std::uintptr_t prev_end = a.base;

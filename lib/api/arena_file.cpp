@@ -434,7 +434,7 @@ void* Arena::map_file_as(int fd, const std::string& path, std::uint64_t offset, 
         }
     } prepared_guard{prepared, len};
 
-    ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
+    ApiGuard<std::lock_guard<RwSpinLock>> guard(a.lock);
     const std::uintptr_t start = place_vma(a, call, want, len, length);
     const std::size_t first = a.page_index(start), last = a.page_index(start + len);
     for (std::size_t k = 0; k < a.snapshot_count; ++k)
@@ -470,13 +470,13 @@ void Arena::sync(void* addr, std::size_t length) {
     std::vector<FileSync> pending;
     // Keeps the pages of the write-backs whose fdatasync failed, under the write lock.
     auto keep = [&a](const std::vector<const FileSync*>& failed) {
-        ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
+        ApiGuard<std::lock_guard<RwSpinLock>> guard(a.lock);
         for (const FileSync* s : failed) keep_failed(a, *s);
     };
     // The write-protection under the arena's lock; the write-back itself without it, so that faults
     // go on meanwhile (msync, likewise, does not hold mmap_lock across its fsync).
     {
-        ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
+        ApiGuard<std::lock_guard<RwSpinLock>> guard(a.lock);
         const std::vector<Vma*> vmas = covering_vmas(a, call, r);
         pending.reserve(vmas.size());
         try {
@@ -511,7 +511,7 @@ void Arena::sync(void* addr, std::size_t length) {
              "write-back", call, path, failed.start, failed.end);
     // A successful write-back of the range ends the copies kept from failed ones (the pages still
     // marked saved were not part of it: they were kept again meanwhile).
-    ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
+    ApiGuard<std::lock_guard<RwSpinLock>> guard(a.lock);
     for (auto it = a.tree.upper_bound(r.start); it != a.tree.end() && it->start < r.end; ++it) {
         Vma& v = *it;
         if (!v.file || v.file->saved.empty()) continue;
@@ -531,7 +531,7 @@ void Arena::advise(void* addr, std::size_t length, Advice advice) {
     if (unsigned(advice) > unsigned(Advice::DontNeed))
         fail(EINVAL, "{}: advice {} is unknown (addr {:#x})", call, unsigned(advice), r.start);
     SplitSpares spares;
-    ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
+    ApiGuard<std::lock_guard<RwSpinLock>> guard(a.lock);
     const std::vector<Vma*> vmas = covering_vmas(a, call, r);
     auto part_of = [&r](const Vma* v) { return Range{std::max(v->start, r.start), std::min(v->end, r.end)}; };
     switch (advice) {

@@ -527,7 +527,7 @@ void install_layout(ArenaCore& a, const LoadedHeader& l, const Runs& written) {
         set_name(*v, std::string_view(e.name, strnlen(e.name, kVmaNameMax)));
         vmas.push_back(std::move(v));
     }
-    ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
+    ApiGuard<std::lock_guard<RwSpinLock>> guard(a.lock);
     for (std::size_t i = 0; i < vmas.size(); ++i)
         insert_vma(a, vmas[i].release(), a.base + l.vmas[i].offset, l.vmas[i].length);
     for (auto [first, last] : written) {

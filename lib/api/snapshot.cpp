@@ -34,7 +34,7 @@ void give_back_write_access(ArenaCore& a, std::size_t first, std::size_t last);
 // tracked any more, and releases its store.
 void release_snapshot(SnapshotCore* s) {
     if (ArenaCore* a = s->arena) {
-        ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a->lock);
+        ApiGuard<std::lock_guard<RwSpinLock>> guard(a->lock);
         auto* end = a->snapshots + a->snapshot_count;
         std::remove(a->snapshots, end, s);
         a->snapshots[--a->snapshot_count] = nullptr;
@@ -282,7 +282,7 @@ Snapshot Arena::take_snapshot(void* addr, std::size_t length, bool whole) {
     ChangeRecord record{0, snap->first, snap->last, {}};
     a.history.reserve(a.history.size() + 1);
 
-    ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
+    ApiGuard<std::lock_guard<RwSpinLock>> guard(a.lock);
     if (!whole) refuse_file_vmas(a, call, r);
     if (a.snapshot_count == kMaxSnapshots)
         fail(EMFILE, "{}: the arena already has {} live snapshots (addr {:#x})", call, kMaxSnapshots, r.start);
@@ -353,7 +353,7 @@ void Arena::restore(const Snapshot& snapshot) {
     auto lower_spare = std::make_unique<Vma>();
     auto upper_spare = std::make_unique<Vma>();
 
-    ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
+    ApiGuard<std::lock_guard<RwSpinLock>> guard(a.lock);
     if (!s.anonymous_only) refuse_file_vmas(a, call, r);
     // A whole-arena snapshot leaves file VMAs alone: one where it holds anonymous memory is in the way.
     for (auto it = a.tree.upper_bound(r.start); it != a.tree.end() && it->start < r.end; ++it) {
@@ -555,7 +555,7 @@ DirtySet Arena::collect_dirty(void* addr, std::size_t length) {
     const Range r = check_range(a, call, addr, length);
     const std::size_t first = a.page_index(r.start), last = a.page_index(r.end);
     DirtySet out;
-    ApiGuard<ExclusiveGuard<RwSpinLock>> guard(a.lock);
+    ApiGuard<std::lock_guard<RwSpinLock>> guard(a.lock);
     refuse_file_vmas(a, call, r);
     // Write access granted since the last collection marks a page; it was written if the kernel
     // holds it (fault-around grants write to neighbours that may never be touched). Discarded

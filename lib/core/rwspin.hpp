@@ -12,6 +12,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <mutex>  // std::lock_guard takes the write side
 
 #include "fault_world.hpp"
 #include "lock_order.hpp"
@@ -92,6 +93,8 @@ private:
     LockRank rank_;
 };
 
+// The write side is taken with std::lock_guard. The read side has no standard guard without
+// std::shared_lock's ownership checks, which throw (the fault world is built without exceptions).
 template <class Lock>
 class SharedGuard {
 public:
@@ -99,18 +102,6 @@ public:
     ~SharedGuard() { l_.unlock_shared(); }
     SharedGuard(const SharedGuard&) = delete;
     SharedGuard& operator=(const SharedGuard&) = delete;
-
-private:
-    Lock& l_;
-};
-
-template <class Lock>
-class ExclusiveGuard {
-public:
-    explicit ExclusiveGuard(Lock& l) : l_(l) { l_.lock(); }
-    ~ExclusiveGuard() { l_.unlock(); }
-    ExclusiveGuard(const ExclusiveGuard&) = delete;
-    ExclusiveGuard& operator=(const ExclusiveGuard&) = delete;
 
 private:
     Lock& l_;

@@ -1,5 +1,6 @@
 #include "find_vma.hpp"
 
+#include <algorithm>
 #include <iterator>
 
 namespace usermm::detail {
@@ -10,6 +11,8 @@ constinit ArenaRegistry g_registry;
 
 ArenaRegistry& arena_registry() { return g_registry; }
 
+bool base_below(std::uintptr_t addr, const ArenaCore* arena) { return addr < arena->base; }
+
 ArenaCore* find_arena_lock_shared(std::uintptr_t addr, bool* self_deadlock) {
     *self_deadlock = false;
     if (g_registry.lock.held_by_me()) {  // an arena is being created or destroyed by this thread
@@ -17,17 +20,11 @@ ArenaCore* find_arena_lock_shared(std::uintptr_t addr, bool* self_deadlock) {
         return nullptr;
     }
     SharedGuard registry_guard(g_registry.lock);
-    // Binary search for the last arena whose base is at or below addr.
-    std::size_t lo = 0, hi = g_registry.count;
-    while (lo < hi) {
-        const std::size_t mid = (lo + hi) / 2;
-        if (g_registry.arenas[mid]->base <= addr)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    if (lo == 0) return nullptr;
-    ArenaCore* arena = g_registry.arenas[lo - 1];
+    // The last arena whose base is at or below addr.
+    ArenaCore* const* const arenas = g_registry.arenas;
+    ArenaCore* const* const above = std::upper_bound(arenas, arenas + g_registry.count, addr, base_below);
+    if (above == arenas) return nullptr;
+    ArenaCore* arena = *(above - 1);
     if (addr >= arena->end) return nullptr;
     if (arena->lock.held_by_me()) {
         *self_deadlock = true;

@@ -19,6 +19,8 @@ struct ArenaRegistry {
 };
 
 ArenaRegistry& arena_registry();
+// The registry's order, for std::upper_bound: whether `addr` lies below the arena's base.
+bool base_below(std::uintptr_t addr, const ArenaCore* arena);
 
 // Fault world. The arena containing `addr`, with its read lock taken, or nullptr. If the calling
 // thread holds that arena's write lock, returns it unlocked and sets *self_deadlock instead.

@@ -171,7 +171,7 @@ InstallResult install(vm_fault& vmf, PageRange r, Prot prot, pte_t was, Budget b
                 fatal(vmf, "reading the page for a snapshot", err);
                 return {InstallResult::CopyFailed};
             }
-    ExclusiveGuard guard(arena.install_lock);
+    std::lock_guard guard(arena.install_lock);
     const long delta = map_count_delta(arena, r.first, r.last, prot);
     if (budget == Budget::Exceed)
         map_budget_charge(arena, delta);
