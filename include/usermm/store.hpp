@@ -60,9 +60,10 @@ public:
 };
 
 struct SwapFileOptions {
-    // Bypass the page cache with O_DIRECT (where the file system refuses it, e.g. tmpfs, the pages
-    // written are dropped from the page cache after each batch instead), so that swapped pages do
-    // not stay in memory and defeat the resident limit.
+    // Bypass the page cache with O_DIRECT (where the file system refuses it, e.g. ramfs, or with
+    // false, the pages written or read are dropped from the page cache after each batch instead),
+    // so that swapped pages do not stay in memory and defeat the resident limit. tmpfs accepts
+    // O_DIRECT (Linux 6.6 on) but, like ramfs, is memory whichever way: put the file on a disk.
     bool direct = true;
 };
 
