@@ -590,6 +590,29 @@ TEST_CASE("threads writing the same shared file pages at once: every write reach
     arena.verify();
 }
 
+#if defined(__x86_64__)
+// An instruction fetch from a shared page that prefault(Write) made writable without a write: the
+// grant keeps Write, which makes the page dirty (as every write grant does), so it is counted as
+// dirtied and written back once.
+TEST_CASE("an instruction fetch from a clean writable shared page counts the page it makes dirty") {
+    TempFile file(kPage);
+    const std::uint8_t ret = 0xc3;
+    REQUIRE(pwrite(file.fd(), &ret, 1, 0) == 1);
+    Arena arena(1 << 24);
+    char* p = static_cast<char*>(arena.map_file(file.path(), 0, kPage, Prot::ReadWrite, Share::Shared));
+    arena.prefault(p, kPage, Prot::Write);
+    arena.protect(p, kPage, Prot::ReadWrite | Prot::Exec);
+    const Stats before = arena.stats();
+    reinterpret_cast<void (*)()>(p)();
+    const Stats after = arena.stats();
+    CHECK(after.exec_faults == before.exec_faults + 1);
+    CHECK(after.pages_dirtied == before.pages_dirtied + 1);
+    arena.sync(p, kPage);
+    CHECK(arena.stats().pages_written_back == after.pages_written_back + 1);
+    arena.verify();
+}
+#endif
+
 // Contract 6: prefault(Write) grants write access and nothing else; a write after it still reaches
 // the file at the next sync.
 TEST_CASE("prefault(Write) of a clean shared range dirties nothing: the next sync writes none of it") {

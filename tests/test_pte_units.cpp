@@ -611,7 +611,7 @@ TEST_CASE("saved after a failed write-back: PROT_NONE, dirty-file, saved; the ne
     (void)usermm_test::read_byte(f.t.page(f.p, 2));
     {
         FileSync s;
-        ExclusiveGuard<RwSpinLock> guard(f.t.core.lock);
+        std::lock_guard<RwSpinLock> guard(f.t.core.lock);
         Vma& v = *std::next(f.t.core.tree.begin());
         REQUIRE(v.file != nullptr);
         const std::uintptr_t start = reinterpret_cast<std::uintptr_t>(f.p);

@@ -231,7 +231,7 @@ FaultResult data_limit_fatal(vm_fault& vmf, PageRange r) {
 // The range stays locked (see InstallResult).
 FaultResult install_failed(vm_fault& vmf, InstallResult done) {
     if (done.what == InstallResult::CopyFailed) return FaultResult::Fatal;
-    return done.what == InstallResult::Unknown ? fatal(vmf, "mprotect failed and could not be undone", done.err)
+    return done.what == InstallResult::Unknown ? fatal(vmf, "mprotect (and undoing its partial change)", done.err)
                                            : fatal(vmf, "mprotect", done.err);
 }
 
@@ -270,7 +270,7 @@ FaultResult do_merging_fault(vm_fault& vmf, pte_t cur) {
     while (run.last < limit.last && !(arena.pte[run.last].load(kRelaxed) & kPteEdge) && lock(run.last)) ++run.last;
     // What the access needs, as a fault grants it: the run may be large, and write access to it
     // would have live snapshots take every page of it first, and count against RLIMIT_DATA.
-    const Prot prot = grant_for(vmf.access, vma.prot);
+    const Prot prot = grant_for(vmf.access, vma.prot) | pte_to_prot(cur);  // the run's pages all have cur's
     const std::uint32_t dirtied = pages_to_dirty(vmf, run, prot);
     const InstallResult done = install(vmf, run, prot, cur, Budget::Exceed);
     if (done.what == InstallResult::Done) {
@@ -317,7 +317,8 @@ FaultResult do_degraded_fault(vm_fault& vmf, pte_t cur) {
     const PageRange run = lock_neighbours(arena, {page, page + 1}, vma_pages(arena, *vmf.vma), cur, any_page);
     // A shared file page given write access counts as dirty: a read grants no write there.
     const Vma& vma = *vmf.vma;
-    const Prot prot = vma.kind() == VmaKind::FileShared ? grant_for(vmf.access, vma.prot) : vma.prot;
+    // What the page has stays (an instruction fetch from a writable page keeps Write).
+    const Prot prot = (vma.kind() == VmaKind::FileShared ? grant_for(vmf.access, vma.prot) : vma.prot) | pte_to_prot(cur);
     std::uint32_t dirtied = pages_to_dirty(vmf, run, prot);
     InstallResult done = install(vmf, run, prot, cur, Budget::Enforce);
     // Past RLIMIT_DATA a read still gets its pages, without write access (which is not counted).
@@ -423,7 +424,12 @@ FaultResult do_anonymous_fault(vm_fault& vmf, pte_t cur) {
 FaultResult do_upgrade_fault(vm_fault& vmf, pte_t cur) {
     const Prot prot = pte_to_prot(cur) | grant_for(vmf.access, vmf.vma->prot);
     const std::size_t page = vmf.arena->page_index(vmf.address);
-    return install_or_degrade(vmf, {page, page + 1}, prot, cur, FaultKind::Upgrade);
+    // An instruction fetch from a shared file page that prefault made writable without a write:
+    // the grant keeps Write, and so makes the page dirty (pte_with_prot) like any write grant.
+    const std::uint32_t dirtied = pages_to_dirty(vmf, {page, page + 1}, prot);
+    const FaultResult r = install_or_degrade(vmf, {page, page + 1}, prot, cur, FaultKind::Upgrade);
+    if (r == FaultResult::Resolved && vmf.kind == FaultKind::Upgrade) vmf.dirtied += dirtied;
+    return r;
 }
 
 // --- file VMAs: the kernel's do_read_fault, do_cow_fault and do_shared_fault ------------------
