@@ -79,6 +79,11 @@ enum class Advice : unsigned {
     DontNeed,    // drop the range's pages (shared dirty pages are written back first): the next
                  // access sees the file (file VMAs: a private VMA's writes are gone; the kernel's
                  // page cache keeps its pages, as with MADV_DONTNEED) or zeros (anonymous VMAs)
+    PageOut,     // anonymous VMAs of an arena with a store: evict the range's pages now, as
+                 // MADV_PAGEOUT (written to the store if they hold data; the next access reads
+                 // them back, a major fault). Pages a store write refused stay resident (store_errors)
+    Cold,        // anonymous VMAs of an arena with a store: the range's pages are first in line
+                 // for eviction, as MADV_COLD; nothing is evicted now
 };
 // "rwx" style, as in /proc/self/maps.
 std::string to_string(Prot p);
@@ -87,7 +92,7 @@ std::string to_string(Prot p);
 // struct, the formatter, the accounting code) sees the same fields in the same order.
 #define USERMM_STATS_FIELDS(X)                                                                  \
     X(minor_faults, "faults resolved without I/O")                                             \
-    X(major_faults, "faults whose file page was not in the page cache (file VMAs): the kernel read it") \
+    X(major_faults, "faults that had to wait for I/O: a file page not in the page cache, or a page read back from the store") \
     X(read_faults, "resolved faults caused by a read")                                         \
     X(write_faults, "resolved faults caused by a write")                                       \
     X(exec_faults, "resolved faults caused by an instruction fetch")                           \
@@ -112,14 +117,26 @@ std::string to_string(Prot p);
     X(pages_written_back, "dirty shared file pages written to their file")                      \
     X(bytes_written_back, "bytes written to files by write-back")                               \
     X(writeback_errors, "write-backs the file system refused (usermm keeps the pages' content)") \
+    X(pages_swapped_out, "anonymous pages written to the arena's store and dropped from memory") \
+    X(pages_swapped_in, "pages read back from the store (at a fault, or read ahead with one)")  \
+    X(swap_bytes_written, "bytes written to the store")                                         \
+    X(swap_bytes_read, "bytes read from the store")                                             \
+    X(swap_readahead_hits, "pages read ahead from the store that a later access used")           \
+    X(swap_readahead_wasted, "pages read ahead from the store and evicted again unused")         \
+    X(hinting_faults, "faults on pages made inaccessible (inactive) only to see whether they are used") \
+    X(pages_reclaimed, "pages reclaimed: swapped out, or dropped without I/O (zero, or clean in the store)") \
+    X(direct_reclaims, "faults that found the arena at its resident limit and reclaimed a batch first") \
+    X(store_errors, "store writes or reads that failed (a failed write keeps its page resident)") \
+    X(resident_pages, "anonymous pages that hold data in memory now (a gauge, not a count of events)") \
     X(handler_ns, "nanoseconds spent in the fault handler")
 
 inline constexpr std::size_t kLatencyBuckets = 16;
 
 // The version of the counter list: raised whenever a counter is added, removed or changes its
 // meaning, so that a program built against one release of usermm can tell what a Stats it gets
-// from another holds (Stats::version). 2: file VMAs on the kernel's page cache (issue 9).
-inline constexpr std::uint32_t kStatsVersion = 2;
+// from another holds (Stats::version). 2: file VMAs on the kernel's page cache (issue 9). 3: reclaim
+// and swap (pages_swapped_out ... resident_pages; major_faults counts swap-ins too).
+inline constexpr std::uint32_t kStatsVersion = 3;
 
 struct Stats {
     std::uint32_t version = kStatsVersion;
@@ -283,12 +300,42 @@ struct DirtySet {
     bool contains(const void* page_addr) const;
 };
 
+class Store;
+
+// Page replacement: which resident pages go first when an arena is over its resident limit. usermm
+// sees no accessed bits (unprivileged user space has none); what it knows of use comes from faults:
+// first touches, swap-ins, refaults of pages evicted recently, and hinting faults on pages it made
+// inaccessible (without dropping them) to see whether they are still used. Pages are reclaimed in
+// clusters of 32 (the kernel's SWAP_CLUSTER_MAX), which keeps the kernel's mappings few.
+enum class Policy {
+    Fifo,    // in the order clusters were first touched
+    Clock,   // FIFO with a second chance for clusters used since the hand last passed
+    S3Fifo,  // S3-FIFO (SOSP'23): a small probation queue, a main queue with use counts and a
+             // ghost queue of clusters evicted recently; scan-resistant. The default (README,
+             // "Reclaim and swap", has the measurements that chose it)
+};
+
+struct ArenaOptions {
+    // The most anonymous memory the arena may hold in RAM, in bytes (rounded down to clusters of
+    // 32 pages); 0 for no limit: then nothing of reclaim runs and the arena costs what it did. A
+    // limit needs a store. Over the high watermark (the limit less 1/16) a background reclaimer
+    // evicts down to the low one (the limit less 1/8); a fault that finds the arena at the limit
+    // reclaims a cluster itself first (direct reclaim), or waits for the reclaimer.
+    std::size_t resident_limit = 0;
+    // Where evicted pages go; must outlive the arena. One store may serve several arenas.
+    Store* store = nullptr;
+    Policy policy = Policy::S3Fifo;
+    // Called (on usermm's reclaimer thread) when the store refuses a write or a read, with the
+    // errno and the first page's address; without it, the first error is reported on stderr.
+    std::function<void(int error, const void* addr)> on_store_error;
+};
+
 // Every call on a moved-from Arena throws Error (EINVAL, "the arena was moved from"); assigning an
 // arena to it makes it usable again.
 class Arena {
 public:
     // Reserves `size` bytes (rounded up to pages) of PROT_NONE address space.
-    explicit Arena(std::size_t size);
+    explicit Arena(std::size_t size, const ArenaOptions& options = {});
     ~Arena();
     Arena(Arena&&) noexcept;
     Arena& operator=(Arena&&) noexcept;
@@ -386,6 +433,11 @@ public:
     // image before it in its chain (see ImageInfo). The data lands at a new address unless
     // `options` asks for the original one: offsets from base() are kept, pointers are not.
     static Arena load(std::span<const int> image_fds, const LoadOptions& options = {});
+
+    // Changes the resident limit (ArenaOptions::resident_limit; 0 removes it) of an arena made
+    // with a store, and reclaims down to a lower one before returning.
+    void set_resident_limit(std::size_t bytes);
+    std::size_t resident_limit() const;
 
     Stats stats() const;
     std::vector<VmaInfo> vmas() const;

@@ -248,7 +248,10 @@ Stats process_stats() { return process_counters().load(); }
 
 // --- Arena -------------------------------------------------------------------------------------
 
-Arena::Arena(std::size_t size) : Arena(size, nullptr) {}
+Arena::Arena(std::size_t size, const ArenaOptions& options) : Arena(size, nullptr) {
+    if (options.resident_limit || options.store)
+        fail(ENOTSUP, "usermm::Arena: resident limits and stores are not built yet (size {:#x})", size);
+}
 
 Arena::Arena(std::size_t size, void* at) {
     init_process();

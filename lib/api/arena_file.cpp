@@ -528,8 +528,11 @@ void Arena::advise(void* addr, std::size_t length, Advice advice) {
     static constexpr const char* call = "usermm::Arena::advise";
     ArenaCore& a = live_arena(core_, call);
     const Range r = check_range(a, call, addr, length);
-    if (unsigned(advice) > unsigned(Advice::DontNeed))
+    if (unsigned(advice) > unsigned(Advice::Cold))
         fail(EINVAL, "{}: advice {} is unknown (addr {:#x})", call, unsigned(advice), r.start);
+    if (advice == Advice::PageOut || advice == Advice::Cold)
+        fail(ENOTSUP, "{}: PageOut and Cold need an arena with a store, which is not built yet (addr {:#x})", call,
+             r.start);
     SplitSpares spares;
     ApiGuard<std::lock_guard<RwSpinLock>> guard(a.lock);
     const std::vector<Vma*> vmas = covering_vmas(a, call, r);
@@ -556,6 +559,9 @@ void Arena::advise(void* addr, std::size_t length, Advice advice) {
                 release_file_pages(a, *v, part_of(v), call);
                 discard_range(a, call, part_of(v));
             }
+            return;
+        case Advice::PageOut:
+        case Advice::Cold:
             return;
     }
 }
