@@ -19,7 +19,10 @@ if [[ -z "$classes" || -z "$functions" ]]; then
     echo "no USERMM_API class or function found in $include/usermm"
     exit 1
 fi
-public="^usermm::($(echo $classes $functions | tr ' ' '|'))(\[abi:[a-z0-9]+\])?(::|$)"
+# A template function's name starts with its return type.
+returns='^([^<(]* )?'
+public="${returns}usermm::($(echo $classes $functions | tr ' ' '|'))(\[abi:[a-z0-9]+\])?(::|$)"
+library="${returns}(std|__gnu_cxx|fmt)::"
 linker_defined='^(_init|_fini|_edata|_end|__bss_start)$'
 attached='^(vtable for |VTT for |construction vtable for .*-in-|typeinfo for |typeinfo name for |non-virtual thunk to |virtual thunk to |guard variable for )'
 # What a symbol names: its function or object, without the parameter list.
@@ -37,7 +40,7 @@ while read -r type name; do
     if internal "$e"; then
         echo "exports $name, which is usermm's internals"
         status=1
-    elif ! [[ "$e" =~ $public || ( "$type" =~ ^[VWuvw]$ && "$e" =~ ^(std|__gnu_cxx|fmt)(::|$) ) ]]; then
+    elif ! [[ "$e" =~ $public || ( "$type" =~ ^[VWuvw]$ && "$e" =~ $library ) ]]; then
         echo "exports $name ($type), which is not in usermm's public API"
         status=1
     fi
