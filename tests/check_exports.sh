@@ -23,20 +23,20 @@ fi
 returns='^([^<(]* )?'
 public="${returns}usermm::($(echo $classes $functions | tr ' ' '|'))(\[abi:[a-z0-9]+\])?(::|$)"
 library="${returns}(std|__gnu_cxx|fmt)::"
-linker_defined='^(_init|_fini|_edata|_end|__bss_start)$'
-attached='^(vtable for |VTT for |construction vtable for .*-in-|typeinfo for |typeinfo name for |non-virtual thunk to |virtual thunk to |guard variable for )'
-# What a symbol names: its function or object, without the parameter list.
-entity() { sed -E "s/$attached//; s/\(.*//" <<<"$1"; }
+attached='^(vtable for |typeinfo for |typeinfo name for |non-virtual thunk to |guard variable for )'
+# Lines "NAME<tab>ENTITY": the entity is what a symbol names, its function or object without the
+# parameter list.
+with_entity() { sed -E "h; s/$attached//; s/\(.*//; x; G; s/\n/\t/"; }
 internal() { [[ "$1" == *usermm::detail::* || "$1" == *"(anonymous namespace)"* ]]; }
 
-status=0 count=0
 # nm -C prints "ADDRESS TYPE NAME", the demangled name with spaces in it.
-exported=$(nm -D --defined-only -C "$lib" | cut -d' ' -f3- | sort -u)
-while read -r type name; do
-    [[ -z "$name" ]] && continue
-    count=$((count + 1))
-    [[ "$name" =~ $linker_defined ]] && continue
-    e=$(entity "$name")
+dynamic=$(nm -D --defined-only -C "$lib" | cut -d' ' -f2- | with_entity)
+exported=$(cut -d' ' -f2- <<<"$dynamic" | cut -f1 | sort -u)
+defined=$(nm --defined-only -C "${objects[@]}" | awk '$2 ~ /^[TDBR]$/' | cut -d' ' -f3- | sort -u | with_entity)
+
+status=0
+while IFS=$'\t' read -r symbol e; do
+    type=${symbol%% *} name=${symbol#* }
     if internal "$e"; then
         echo "exports $name, which is usermm's internals"
         status=1
@@ -44,15 +44,14 @@ while read -r type name; do
         echo "exports $name ($type), which is not in usermm's public API"
         status=1
     fi
-done < <(nm -D --defined-only -C "$lib" | cut -d' ' -f2-)
+done <<<"$dynamic"
 
-while read -r name; do
-    e=$(entity "$name")
+while IFS=$'\t' read -r name e; do
     if [[ "$e" == usermm::* ]] && ! internal "$e" && ! grep -qxF "$name" <<<"$exported"; then
         echo "does not export $name: a public class or function needs USERMM_API (include/usermm/export.hpp), internals belong in usermm::detail"
         status=1
     fi
-done < <(nm --defined-only -C "${objects[@]}" | awk '$2 ~ /^[TDBR]$/' | cut -d' ' -f3- | sort -u)
+done <<<"$defined"
 
-[[ $status -eq 0 ]] && echo "$(basename "$lib"): $count dynamic symbols, all usermm's public API"
+[[ $status -eq 0 ]] && echo "$(basename "$lib"): $(grep -c . <<<"$dynamic") dynamic symbols, all usermm's public API"
 exit $status
