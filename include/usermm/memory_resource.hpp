@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <memory_resource>
 
+#include <usermm/export.hpp>
+
 namespace usermm {
 
 // A heap over [addr, addr + length) of writable memory (a VMA from Arena::map, say). Its first
@@ -20,7 +22,7 @@ namespace usermm {
 // and to its own nodes, all inside the range; after loading the arena at its original base,
 // attach() makes the object usable again in the new process (it rewrites only the object, whose
 // code pointers belong to the process), and the container works as before.
-class memory_resource final : public std::pmr::memory_resource {
+class USERMM_API memory_resource final : public std::pmr::memory_resource {
 public:
     // Makes the range an empty heap. addr must be 16-byte aligned; throws usermm::Error (EINVAL)
     // if the range is too small for the heap's state.

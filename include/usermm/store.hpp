@@ -24,6 +24,8 @@
 #include <span>
 #include <string>
 
+#include <usermm/export.hpp>
+
 namespace usermm {
 
 // One page of a batch: its slot, its bytes, and the store's answer for it (0, or an errno value).
@@ -33,7 +35,7 @@ struct PageIo {
     int error = 0;
 };
 
-class Store {
+class USERMM_API Store {
 public:
     virtual ~Store() = default;
 
@@ -71,7 +73,7 @@ struct SwapFileOptions {
 // is sparse: it takes disk space only for slots written, lowest free slot first, so that it does
 // not grow past the most pages swapped out at once. The slot table lives in memory shared with
 // child processes, so retain() works across fork(). async_signal_safe() is true.
-class SwapFile final : public Store {
+class USERMM_API SwapFile final : public Store {
 public:
     SwapFile(std::string path, std::uint64_t size_bytes, SwapFileOptions options = {});
     ~SwapFile() override;

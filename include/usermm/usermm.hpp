@@ -33,6 +33,8 @@
 #include <type_traits>
 #include <vector>
 
+#include <usermm/export.hpp>
+
 namespace usermm {
 
 namespace detail {
@@ -86,7 +88,7 @@ enum class Advice : unsigned {
                  // for eviction, as MADV_COLD; nothing is evicted now
 };
 // "rwx" style, as in /proc/self/maps.
-std::string to_string(Prot p);
+USERMM_API std::string to_string(Prot p);
 
 // Counters kept per VMA, per arena and for the process. One list, so that every consumer (the
 // struct, the formatter, the accounting code) sees the same fields in the same order.
@@ -138,7 +140,7 @@ inline constexpr std::size_t kLatencyBuckets = 16;
 // and swap (pages_swapped_out ... resident_pages; major_faults counts swap-ins too).
 inline constexpr std::uint32_t kStatsVersion = 3;
 
-struct Stats {
+struct USERMM_API Stats {
     std::uint32_t version = kStatsVersion;
 #define USERMM_STATS_MEMBER(name, doc) std::uint64_t name = 0;
     USERMM_STATS_FIELDS(USERMM_STATS_MEMBER)
@@ -156,10 +158,10 @@ struct Stats {
 // non-zero counters and buckets (one line if all are zero); Full shows every one. <usermm/fmt.hpp>
 // makes Stats printable with fmt directly: "{}" (or "{:compact}") and "{:full}".
 enum class StatsFormat { Compact, Full };
-std::string format_stats(const Stats& s, StatsFormat format = StatsFormat::Compact);
+USERMM_API std::string format_stats(const Stats& s, StatsFormat format = StatsFormat::Compact);
 
 // Errors from the API. The message names the call, the bad argument and the address.
-class Error : public std::system_error {
+class USERMM_API Error : public std::system_error {
 public:
     Error(int errno_value, const std::string& what) : std::system_error(errno_value, std::generic_category(), what) {}
 };
@@ -239,7 +241,7 @@ struct ImageInfo {
 // found from the end of the file backwards): enough for a restart path to order files without a
 // manifest. Pages and checksums are not read; load checks those. Throws EINVAL if the file is not
 // a sequence of whole images, ESPIPE for a pipe.
-std::vector<ImageInfo> image_info(int fd);
+USERMM_API std::vector<ImageInfo> image_info(int fd);
 
 struct LoadOptions {
     // Reserve the new arena at the base the images were written from, so that pointers into the
@@ -254,7 +256,7 @@ struct LoadOptions {
 // written after it, plus a slot byte and a 4-byte store index per covered page, paged in only where
 // used. Several may be live at once. The destructor
 // releases the copies and gives write access back where no other snapshot needs it.
-class Snapshot {
+class USERMM_API Snapshot {
 public:
     Snapshot(Snapshot&&) noexcept;
     Snapshot& operator=(Snapshot&&) noexcept;
@@ -293,7 +295,7 @@ private:
 };
 
 // Pages written since the previous collect_dirty() of the range (or since they were mapped).
-struct DirtySet {
+struct USERMM_API DirtySet {
     std::vector<void*> pages;  // page addresses, ascending
     std::size_t size() const { return pages.size(); }
     bool empty() const { return pages.empty(); }
@@ -332,7 +334,7 @@ struct ArenaOptions {
 
 // Every call on a moved-from Arena throws Error (EINVAL, "the arena was moved from"); assigning an
 // arena to it makes it usable again.
-class Arena {
+class USERMM_API Arena {
 public:
     // Reserves `size` bytes (rounded up to pages) of PROT_NONE address space.
     explicit Arena(std::size_t size, const ArenaOptions& options = {});
@@ -463,7 +465,7 @@ private:
 // An anonymous VMA owned by an object, like a unique_ptr of a mapping: the destructor unmaps it with
 // the length it was mapped with (an unmap that fails then, because the program unmapped part of it
 // itself, is reported on stderr). It refers to the Arena object, which must outlive it and not move.
-class Mapping {
+class USERMM_API Mapping {
 public:
     Mapping() = default;
     // arena.map(length, prot, options), owned.
@@ -494,21 +496,21 @@ private:
 };
 
 // Counters summed over every arena the process has had, plus faults that belonged to none.
-Stats process_stats();
+USERMM_API Stats process_stats();
 
 // How write access is withheld from pages whose next write snapshots and collect_dirty() must see:
 // userfaultfd write-protection (the kernel marks the page table entry; no VMA split) or mprotect.
 // Chosen once per process (USERMM_ENGINE, else Uffd where the kernel offers it); a forked child
 // continues with Mprotect. Sets the process up if no arena has yet.
 enum class Engine { Uffd, Mprotect };
-Engine engine();
+USERMM_API Engine engine();
 
-std::size_t page_size();
+USERMM_API std::size_t page_size();
 
 // The smallest alternate signal stack (sigaltstack) on which usermm's handler can resolve any fault:
 // the kernel's signal frame for this CPU (getauxval(AT_MINSIGSTKSZ)) plus the handler's own
 // depth, measured, with a margin. A handler usermm passes a fault on to runs on the same stack and
 // needs its own share on top.
-std::size_t signal_stack_size();
+USERMM_API std::size_t signal_stack_size();
 
 }  // namespace usermm
