@@ -321,7 +321,7 @@ TEST_CASE("sync and advise: unknown advice is EINVAL, an unmapped range is ENOME
         CHECK(file.content() == content);
     };
 
-    for (const unsigned advice : {5u, 0x80000000u}) {
+    for (const unsigned advice : {unsigned(Advice::Cold) + 1, 0x80000000u}) {
         expect(failure_of([&] { arena.advise(p, kPage, Advice(advice)); }), EINVAL,
                {"usermm::Arena::advise", "advice", std::to_string(advice)});
         unchanged();
