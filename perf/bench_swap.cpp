@@ -576,6 +576,18 @@ std::size_t arg(int argc, char** argv, int i, std::size_t fallback) {
     return argc > i ? std::size_t(std::strtoull(argv[i], nullptr, 10)) : fallback;
 }
 
+void run(std::size_t limit_pages, std::size_t refs, std::size_t big_pages, std::size_t rounds) {
+    const std::uint64_t t0 = now_ns();
+    fmt::print("reclaim and swap: files in {}, {} KiB pages, engine {}\n", bench_dir(), kPage >> 10,
+               usermm::engine() == usermm::Engine::Uffd ? "uffd" : "mprotect");
+    under_the_limit(std::max<std::size_t>(4 * limit_pages, 1024), 2 * rounds + 1);
+    replacement_quality(limit_pages, refs);
+    usermm::SwapFile swap(temp_path("io"), big_pages * kPage + (1 << 20));
+    swap_in_latency(std::min<std::size_t>(big_pages, 16384), 4000, rounds, swap);
+    sequential(big_pages, rounds, swap);
+    fmt::print("\ntotal {:.1f} s\n", double(now_ns() - t0) / 1e9);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -587,15 +599,10 @@ int main(int argc, char** argv) {
         fmt::print(stderr, "usage: {} [limit pages >= 64] [references > 0] [MiB >= 1] [rounds > 0]\n", argv[0]);
         return 2;
     }
-    const std::uint64_t t0 = now_ns();
-    fmt::print("reclaim and swap: files in {}, {} KiB pages, engine {}\n", bench_dir(), kPage >> 10,
-               usermm::engine() == usermm::Engine::Uffd ? "uffd" : "mprotect");
-    under_the_limit(std::max<std::size_t>(4 * limit_pages, 1024), 2 * rounds + 1);
-    replacement_quality(limit_pages, refs);
-    {
-        usermm::SwapFile swap(temp_path("io"), big_pages * kPage + (1 << 20));
-        swap_in_latency(std::min<std::size_t>(big_pages, 16384), 4000, rounds, swap);
-        sequential(big_pages, rounds, swap);
+    try {
+        run(limit_pages, refs, big_pages, rounds);
+    } catch (const std::exception& e) {  // unwinds, so that the stores remove their files
+        fmt::print(stderr, "usermm-bench-swap: {}\n", e.what());
+        return 1;
     }
-    fmt::print("\ntotal {:.1f} s\n", double(now_ns() - t0) / 1e9);
 }
