@@ -24,6 +24,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <random>
@@ -698,10 +699,12 @@ int run(std::size_t table_mib, std::size_t limit_mib, int seconds) {
         return o;
     }());
     const std::span<Record> table = arena.map_span<Record>(records, usermm::Prot::ReadWrite, {.name = "table"});
+    const long rss_at_start = resident_kib();
     fmt::print("a {} MiB table of {} {}-byte records in an arena with a resident limit of {} MiB ({} pages) and a "
-               "{} ({}O_DIRECT); {} threads, Zipf 0.99 over its {} pages, {:.0f}% updates, for {} s\n",
+               "{} ({}O_DIRECT); {} threads, Zipf 0.99 over its {} pages, {:.0f}% updates, for {} s; VmRSS before: "
+               "{:.1f} MiB\n",
                table_mib, records, sizeof(Record), limit_mib, limit / page, store.describe(),
-               store.direct() ? "" : "not ", kThreads, pages, kUpdates * 100, seconds);
+               store.direct() ? "" : "not ", kThreads, pages, kUpdates * 100, seconds, double(rss_at_start) / 1024);
 
     std::atomic<int> phase{0};
     constexpr const char* kPhases[] = {"fill", "page out", "zipf", "check"};
@@ -755,7 +758,9 @@ int run(std::size_t table_mib, std::size_t limit_mib, int seconds) {
     phase = 2;
     const usermm_refstring::Zipf hot(pages, 0.99, 1);  // its page_of_rank: the pages in order of heat
     const usermm_refstring::ZipfRanks ranks(pages, 0.99);
-    std::vector<std::uint32_t> refs(std::min<std::size_t>(kMaxRefs, std::size_t(seconds) * 4'000'000));
+    // Left uninitialised, so that only the part written takes memory (and shows in VmRSS).
+    const std::size_t capacity = std::min<std::size_t>(kMaxRefs, std::size_t(seconds) * 4'000'000);
+    const auto recorded = std::make_unique_for_overwrite<std::uint32_t[]>(capacity);
     std::atomic<std::uint64_t> next_ref{0}, updates{0}, torn{0};
     std::vector<std::mutex> stripes(kStripes);
     std::atomic<bool> stop{false};
@@ -772,8 +777,8 @@ int run(std::size_t table_mib, std::size_t limit_mib, int seconds) {
                 const std::size_t i = std::size_t(pg) * per_page + in_page(rng);
                 const bool update = double(rng() >> 11) * 0x1.0p-53 < kUpdates;
                 const std::uint64_t at = next_ref.fetch_add(1, std::memory_order_relaxed);
-                if (at >= refs.size()) break;
-                refs[at] = pg;
+                if (at >= capacity) break;
+                recorded[at] = pg;
                 std::lock_guard lock(stripes[i % kStripes]);
                 Record& r = table[i];
                 if (update) {
@@ -788,17 +793,17 @@ int run(std::size_t table_mib, std::size_t limit_mib, int seconds) {
             updates += mine;
             torn += bad;
         });
-    while (since_ms(t0) < seconds * 1e3 && next_ref.load() < refs.size()) {
+    while (since_ms(t0) < seconds * 1e3 && next_ref.load() < capacity) {
         std::this_thread::sleep_for(std::chrono::milliseconds(10));
-        ops = std::min<std::uint64_t>(next_ref.load(), refs.size());
+        ops = std::min<std::uint64_t>(next_ref.load(), capacity);
     }
     stop = true;
     for (auto& t : threads) t.join();
     const double phase_s = since_ms(t0) / 1e3;
     const usermm::Stats after = arena.stats();
-    const std::size_t n = std::min<std::size_t>(next_ref.load(), refs.size());
+    const std::size_t n = std::min<std::size_t>(next_ref.load(), capacity);
     ops = n;
-    refs.resize(n);
+    const std::span<const std::uint32_t> refs(recorded.get(), n);
 
     phase = 3;
     t0 = std::chrono::steady_clock::now();

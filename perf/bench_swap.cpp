@@ -33,6 +33,7 @@
 #include <functional>
 #include <numeric>
 #include <random>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -227,6 +228,50 @@ Replay replay(const usermm_refstring::RefString& s, std::size_t limit_pages, use
     return out;
 }
 
+// Exact LRU with usermm's unit of reclaim: a miss loads its page alone, an eviction drops every
+// resident page of the least recently used aligned cluster. What any policy that reclaims
+// clusters, with perfect reference information, would pay: the part of usermm's gap to exact LRU
+// that comes from the clusters, not from the policy.
+std::uint64_t cluster_lru_faults(std::span<const std::uint32_t> refs, std::size_t frames, std::uint32_t page_count) {
+    constexpr std::uint32_t kNone = UINT32_MAX;
+    const std::size_t clusters = (page_count + kCluster - 1) / kCluster;
+    std::vector<std::uint32_t> newer(clusters, kNone), older(clusters, kNone), held(clusters);
+    std::vector<bool> resident(page_count), listed(clusters);
+    std::uint32_t head = kNone, tail = kNone;
+    const auto unlink_cluster = [&](std::uint32_t c) {
+        (newer[c] != kNone ? older[newer[c]] : head) = older[c];
+        (older[c] != kNone ? newer[older[c]] : tail) = newer[c];
+    };
+    std::size_t used = 0;
+    std::uint64_t faults = 0;
+    for (const std::uint32_t p : refs) {
+        const auto c = std::uint32_t(p / kCluster);
+        if (!resident[p]) {
+            ++faults;
+            if (used == frames) {
+                std::uint32_t victim = tail;
+                if (victim == c) victim = newer[victim];  // the faulting page's own cluster stays
+                unlink_cluster(victim);
+                listed[victim] = false;
+                const std::size_t first = std::size_t(victim) * kCluster;
+                for (std::size_t q = first; q < std::min<std::size_t>(page_count, first + kCluster); ++q) resident[q] = false;
+                used -= held[victim];
+                held[victim] = 0;
+            }
+            resident[p] = true;
+            ++held[c];
+            ++used;
+        }
+        if (listed[c]) unlink_cluster(c);
+        newer[c] = kNone;
+        older[c] = head;
+        (head != kNone ? newer[head] : tail) = c;
+        head = c;
+        listed[c] = true;
+    }
+    return faults;
+}
+
 constexpr usermm::Policy kArenaPolicies[] = {usermm::Policy::Fifo, usermm::Policy::Clock, usermm::Policy::S3Fifo};
 constexpr const char* kArenaPolicyNames[] = {"FIFO", "CLOCK", "S3-FIFO"};
 constexpr usermm_offline::Policy kOffline[] = {usermm_offline::Policy::Opt, usermm_offline::Policy::Lru,
@@ -237,6 +282,7 @@ struct QualityRow {
     std::string name;
     std::uint32_t pages = 0;
     std::uint64_t offline[std::size(kOffline)] = {};
+    std::uint64_t cluster_lru = 0;
     Replay arena[std::size(kArenaPolicies)];
 };
 
@@ -262,9 +308,14 @@ void replacement_quality(std::size_t limit_pages, std::size_t refs) {
     usermm::SwapFile swap(temp_path("refs"), std::uint64_t(4 * limit_pages + limit_pages) * kPage + (1 << 20));
     std::vector<QualityRow> rows;
     for (const auto& [name, s] : strings) {
-        QualityRow row{name, s.page_count, {}, {}};
-        for (std::size_t i = 0; i < std::size(kOffline); ++i) row.offline[i] = usermm_offline::faults(kOffline[i], s.pages, limit_pages);
-        for (std::size_t i = 0; i < std::size(kArenaPolicies); ++i) row.arena[i] = replay(s, limit_pages, kArenaPolicies[i], swap);
+        QualityRow row;
+        row.name = name;
+        row.pages = s.page_count;
+        for (std::size_t i = 0; i < std::size(kOffline); ++i)
+            row.offline[i] = usermm_offline::faults(kOffline[i], s.pages, limit_pages);
+        row.cluster_lru = cluster_lru_faults(s.pages, limit_pages, s.page_count);
+        for (std::size_t i = 0; i < std::size(kArenaPolicies); ++i)
+            row.arena[i] = replay(s, limit_pages, kArenaPolicies[i], swap);
         rows.push_back(row);
     }
 
@@ -279,14 +330,15 @@ void replacement_quality(std::size_t limit_pages, std::size_t refs) {
                "    whose pages were all written and paged out first. usermm reclaims aligned clusters of {} pages and "
                "evicts from its high watermark\n"
                "    (limit - 1/16) down to its low one (limit - 1/8): it has fewer units of replacement, and on "
-               "average fewer frames, than the simulations)\n",
-               kCluster);
-    fmt::print("  {:<14} {:>7} | {:>8} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8}\n", "string", "pages", "OPT", "LRU",
-               "FIFO", "CLOCK", "S3-FIFO", "u:FIFO", "u:CLOCK", "u:S3FIFO");
+               "average fewer frames, than the simulations.\n"
+               "    LRU/32: exact LRU evicting whole clusters of {} pages, pages loaded one by one at their faults)\n",
+               kCluster, kCluster);
+    fmt::print("  {:<14} {:>7} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8}\n", "string", "pages", "OPT",
+               "LRU", "FIFO", "CLOCK", "S3-FIFO", "LRU/32", "u:FIFO", "u:CLOCK", "u:S3FIFO");
     for (const QualityRow& r : rows) {
         fmt::print("  {:<14} {:>7} |", r.name, r.pages);
         for (const std::uint64_t f : r.offline) fmt::print(" {:>8}", f);
-        fmt::print(" |");
+        fmt::print(" {:>8} |", r.cluster_lru);
         for (const Replay& a : r.arena) fmt::print(" {:>8}", a.majors);
         fmt::print("\n");
     }
@@ -295,7 +347,7 @@ void replacement_quality(std::size_t limit_pages, std::size_t refs) {
         const double lru = double(r.offline[1]);
         fmt::print("  {:<14} {:>7} |", r.name, "");
         for (const std::uint64_t f : r.offline) fmt::print(" {:>8.3f}", double(f) / lru);
-        fmt::print(" |");
+        fmt::print(" {:>8.3f} |", double(r.cluster_lru) / lru);
         for (const Replay& a : r.arena) fmt::print(" {:>8.3f}", double(a.majors) / lru);
         fmt::print("\n");
     }
