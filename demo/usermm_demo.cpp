@@ -692,7 +692,7 @@ int run(std::size_t table_mib, std::size_t limit_mib, int seconds) {
     const std::string path = std::string(dir && *dir ? dir : "/var/tmp") + "/usermm-demo-swap-" +
                              std::to_string(getpid());
     usermm::SwapFile store(path, table_bytes + (64 << 20));
-    usermm::Arena arena(2 * table_bytes, [&] {
+    usermm::Arena arena(table_bytes, [&] {
         usermm::ArenaOptions o;
         o.resident_limit = limit;
         o.store = &store;

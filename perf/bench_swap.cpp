@@ -133,10 +133,10 @@ struct AlignedBuffer {
 
 volatile std::uint64_t g_sink;  // what the reads of a pass read, so that they are not optimised away
 
-// One pass: a fresh arena, `ops` random accesses over `pages` pages (every other one a write),
+// One pass: a fresh arena, `ops` random accesses over `pages` pages (half of them writes),
 // the first of each page included; ms.
 double fit_pass(std::size_t pages, std::size_t ops, usermm::SwapFile* swap, usermm::Stats* stats) {
-    usermm::Arena arena(4 * pages * kPage, swap ? with_store(*swap, 2 * pages * kPage) : usermm::ArenaOptions{});
+    usermm::Arena arena(2 * pages * kPage, swap ? with_store(*swap, 2 * pages * kPage) : usermm::ArenaOptions{});
     std::mt19937_64 rng(7);
     std::uint64_t read_sum = 0, writes = 0;
     const std::uint64_t t0 = now_ns();
@@ -198,7 +198,7 @@ struct Replay {
 Replay replay(const usermm_refstring::RefString& s, std::size_t limit_pages, usermm::Policy policy,
               usermm::SwapFile& swap) {
     const std::size_t bytes = std::size_t(s.page_count) * kPage;
-    usermm::Arena arena(bytes + (16 << 20), with_store(swap, limit_pages * kPage, policy));
+    usermm::Arena arena(bytes, with_store(swap, limit_pages * kPage, policy));
     char* p = static_cast<char*>(arena.map(bytes, Prot::ReadWrite, {.name = "refs"}));
     write_tags(p, s.page_count);
     arena.advise(p, bytes, Advice::PageOut);
@@ -386,7 +386,7 @@ struct SwapInPass {
 };
 
 SwapInPass usermm_random_swap_in(std::size_t pages, const std::vector<std::size_t>& order, usermm::SwapFile& swap) {
-    usermm::Arena arena(pages * kPage + (16 << 20), with_store(swap));
+    usermm::Arena arena(pages * kPage, with_store(swap));
     char* p = static_cast<char*>(arena.map(pages * kPage, Prot::ReadWrite, {.name = "swapped"}));
     write_tags(p, pages);
     arena.advise(p, pages * kPage, Advice::PageOut);
@@ -537,7 +537,7 @@ struct Bandwidth {
 };
 
 Bandwidth usermm_sequential(std::size_t pages, usermm::SwapFile& swap) {
-    usermm::Arena arena(pages * kPage + (16 << 20), with_store(swap));
+    usermm::Arena arena(pages * kPage, with_store(swap));
     char* p = static_cast<char*>(arena.map(pages * kPage, Prot::ReadWrite, {.name = "sequential"}));
     warm_free_memory(pages * kPage * 3 / 2);
     write_tags(p, pages);
