@@ -33,8 +33,10 @@
 #include <functional>
 #include <numeric>
 #include <random>
+#include <stdexcept>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <usermm/store.hpp>
@@ -55,10 +57,8 @@ namespace {
 constexpr std::size_t kCluster = 32;       // usermm's unit of reclaim, in pages
 constexpr std::size_t kChunk = 256 << 10;  // the floor's O_DIRECT transfer size
 
-[[noreturn]] void die(const std::string& what) {
-    fmt::print(stderr, "usermm-bench-swap: {}\n", what);
-    std::exit(1);
-}
+// Thrown, so that the stores alive unwind and remove their files; main reports it.
+[[noreturn]] void die(const std::string& what) { throw std::runtime_error(what); }
 [[noreturn]] void die_errno(const std::string& what) { die(fmt::format("{}: {}", what, std::strerror(errno))); }
 
 std::string bench_dir() {
@@ -92,22 +92,36 @@ void target_line(const std::string& what, double value, const std::string& op, d
     fmt::print("  {:<58} {:>7.3f} {} {:<5} {}\n", what, value, op, limit, met ? "met" : "MISSED");
 }
 
-// A file of `bytes` whose 8-byte words at each page start tag it as write_tags does, written
-// through the page cache, synced and dropped from it.
-int make_tagged_file(const std::string& path, std::size_t bytes) {
-    const int fd = open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    if (fd < 0) die_errno("open " + path);
-    std::vector<char> block(1 << 20);
-    for (std::size_t at = 0; at < bytes; at += block.size()) {
-        const std::size_t n = std::min(block.size(), bytes - at);
-        for (std::size_t pg = 0; pg < n / kPage; ++pg) word(block.data(), pg) = at / kPage + pg + 1;
-        if (pwrite(fd, block.data(), n, off_t(at)) != ssize_t(n)) die_errno("pwrite " + path);
+// A file of `bytes` whose first word of each page tags it as write_tags does, written through the
+// page cache, synced and dropped from it, then open with O_DIRECT; removed with the object.
+struct TaggedFile {
+    std::string path;
+    int fd = -1;
+    TaggedFile(std::string file, std::size_t bytes) : path(std::move(file)) {
+        const int w = open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+        if (w < 0) die_errno("open " + path);
+        std::vector<char> block(1 << 20);
+        for (std::size_t at = 0; at < bytes; at += block.size()) {
+            const std::size_t n = std::min(block.size(), bytes - at);
+            for (std::size_t pg = 0; pg < n / kPage; ++pg) word(block.data(), pg) = at / kPage + pg + 1;
+            if (pwrite(w, block.data(), n, off_t(at)) != ssize_t(n)) die_errno("pwrite " + path);
+        }
+        if (fsync(w) != 0) die_errno("fsync " + path);
+        posix_fadvise(w, 0, 0, POSIX_FADV_DONTNEED);
+        close(w);
+        fd = open(path.c_str(), O_RDWR | O_DIRECT | O_CLOEXEC);
+        if (fd < 0) {
+            unlink(path.c_str());
+            die_errno("open O_DIRECT " + path);
+        }
     }
-    if (fsync(fd) != 0) die_errno("fsync");
-    posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
-    close(fd);
-    return open(path.c_str(), O_RDWR | O_DIRECT | O_CLOEXEC);
-}
+    ~TaggedFile() {
+        close(fd);
+        unlink(path.c_str());
+    }
+    TaggedFile(const TaggedFile&) = delete;
+    TaggedFile& operator=(const TaggedFile&) = delete;
+};
 
 usermm::ArenaOptions with_store(usermm::Store& store, std::size_t limit_bytes = 0,
                                 usermm::Policy policy = usermm::ArenaOptions{}.policy) {
@@ -191,7 +205,7 @@ void under_the_limit(std::size_t pages, std::size_t rounds) {
 // ---- b. replacement quality ----
 
 struct Replay {
-    std::uint64_t majors = 0, minors = 0, hinting = 0, direct = 0, out = 0, in = 0;
+    std::uint64_t majors = 0, minors = 0, hinting = 0, direct = 0, out = 0, in = 0, ra_hits = 0, ra_wasted = 0;
     double seconds = 0;
 };
 
@@ -224,6 +238,8 @@ Replay replay(const usermm_refstring::RefString& s, std::size_t limit_pages, use
     out.direct = after.direct_reclaims - before.direct_reclaims;
     out.out = after.pages_swapped_out - before.pages_swapped_out;
     out.in = after.pages_swapped_in - before.pages_swapped_in;
+    out.ra_hits = after.swap_readahead_hits - before.swap_readahead_hits;
+    out.ra_wasted = after.swap_readahead_wasted - before.swap_readahead_wasted;
     if (wrong != 0) die(fmt::format("replay: {} pages read back wrong", wrong));
     return out;
 }
@@ -352,12 +368,16 @@ void replacement_quality(std::size_t limit_pages, std::size_t refs) {
         fmt::print("\n");
     }
     fmt::print("  usermm's replays: seconds, minor faults (hinting faults among them), direct reclaims, pages swapped "
-               "out / in\n");
+               "out / in, swap readahead hits / wasted\n"
+               "  (a page read ahead and then used is a hit, not a major fault: readahead, not replacement, saves "
+               "those)\n");
     for (const QualityRow& r : rows)
         for (std::size_t i = 0; i < std::size(kArenaPolicies); ++i) {
             const Replay& a = r.arena[i];
-            fmt::print("  {:<14} {:<8} {:>7.2f} s  minor {:>8} (hinting {:>8})  direct {:>7}  out {:>8}  in {:>8}\n",
-                       r.name, kArenaPolicyNames[i], a.seconds, a.minors, a.hinting, a.direct, a.out, a.in);
+            fmt::print("  {:<14} {:<8} {:>7.2f} s  minor {:>8} (hinting {:>8})  direct {:>7}  out {:>8}  in {:>8}  "
+                       "readahead {:>7} / {:>7}\n",
+                       r.name, kArenaPolicyNames[i], a.seconds, a.minors, a.hinting, a.direct, a.out, a.in, a.ra_hits,
+                       a.ra_wasted);
         }
     fmt::print("  targets (default policy: {}):\n", kArenaPolicyNames[def_i]);
     for (const QualityRow& r : rows) {
@@ -478,9 +498,8 @@ void swap_in_latency(std::size_t pages, std::size_t reads, std::size_t rounds, u
     std::mt19937_64 rng(11);
     for (std::size_t i = pages - 1; i > 0; --i) std::swap(order[i], order[rng() % (i + 1)]);
     order.resize(std::min(reads, pages));
-    const std::string path = temp_path("floor-random");
-    const int fd = make_tagged_file(path, pages * kPage);
-    if (fd < 0) die_errno("open O_DIRECT " + path);
+    const TaggedFile file(temp_path("floor-random"), pages * kPage);
+    const int fd = file.fd;
     AlignedBuffer bounce(kPage);
 
     std::vector<double> um_mean, um_p50, fl_mean, fl_p50, pr_mean, pr_p50, sig_mean, sig_p50;
@@ -509,8 +528,6 @@ void swap_in_latency(std::size_t pages, std::size_t reads, std::size_t rounds, u
             }
         }
     }
-    close(fd);
-    unlink(path.c_str());
     fmt::print("\nc. swap-in latency: {} reads of random swapped-out pages of {} MiB (SwapFile{}), µs per access, "
                "median of {} rounds\n",
                order.size(), pages * kPage >> 20, swap.direct() ? ", O_DIRECT" : ", NOT O_DIRECT", um_mean.size());
@@ -576,10 +593,8 @@ double direct_sequential(int fd, std::size_t bytes, char* buf, bool write) {
 
 void sequential(std::size_t pages, std::size_t rounds, usermm::SwapFile& swap) {
     const std::size_t bytes = pages * kPage;
-    const std::string rpath = temp_path("floor-seq-read"), wpath = temp_path("floor-seq-write");
-    const int rfd = make_tagged_file(rpath, bytes);
-    const int wfd = make_tagged_file(wpath, bytes);
-    if (rfd < 0 || wfd < 0) die_errno("open O_DIRECT");
+    const TaggedFile rfile(temp_path("floor-seq-read"), bytes), wfile(temp_path("floor-seq-write"), bytes);
+    const int rfd = rfile.fd, wfd = wfile.fd;
     AlignedBuffer buf(kChunk);
     std::memset(buf.data(), 0x5a, kChunk);
     std::vector<double> um_out, um_in, fl_read, fl_write;
@@ -603,10 +618,6 @@ void sequential(std::size_t pages, std::size_t rounds, usermm::SwapFile& swap) {
             }
         }
     }
-    close(rfd);
-    close(wfd);
-    unlink(rpath.c_str());
-    unlink(wpath.c_str());
     fmt::print("\nd. sequential: {} MiB written, paged out (PageOut) and read back in order; MB/s, median of {} "
                "rounds\n",
                bytes >> 20, um_in.size());
