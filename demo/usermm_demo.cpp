@@ -708,19 +708,19 @@ int run(std::size_t table_mib, std::size_t limit_mib, int seconds) {
 
     std::atomic<int> phase{0};
     constexpr const char* kPhases[] = {"fill", "page out", "zipf", "check"};
-    std::atomic<bool> done{false};
     std::atomic<std::uint64_t> ops{0};
     std::uint64_t peak_resident = 0;
     long peak_rss = 0;
-    std::thread monitor([&] {
+    // A jthread: an exception in this thread still stops and joins it, before the arena goes.
+    std::jthread monitor([&](std::stop_token stop_monitor) {
         usermm::Stats last = arena.stats();
         std::uint64_t last_ops = 0;
         auto next = std::chrono::steady_clock::now();
-        for (int t = 1; !done.load(); ++t) {
+        for (int t = 1; !stop_monitor.stop_requested(); ++t) {
             next += std::chrono::seconds(1);
-            while (!done.load() && std::chrono::steady_clock::now() < next)
+            while (!stop_monitor.stop_requested() && std::chrono::steady_clock::now() < next)
                 std::this_thread::sleep_for(std::chrono::milliseconds(20));
-            if (done.load()) break;
+            if (stop_monitor.stop_requested()) break;
             const usermm::Stats s = arena.stats();
             const long rss = resident_kib();
             const std::uint64_t n = ops.load();
@@ -814,7 +814,7 @@ int run(std::size_t table_mib, std::size_t limit_mib, int seconds) {
         version_sum += r.version;
     }
     const double check_s = since_ms(t0) / 1e3;
-    done = true;
+    monitor.request_stop();
     monitor.join();
 
     const std::uint64_t majors = after.major_faults - before.major_faults;
@@ -866,7 +866,14 @@ int main(int argc, char** argv) {
         const std::size_t table = argc == 5 ? std::strtoull(argv[2], nullptr, 10) : swapdemo::kDefaultTableMib;
         const std::size_t limit = argc == 5 ? std::strtoull(argv[3], nullptr, 10) : swapdemo::kDefaultLimitMib;
         const int seconds = argc == 5 ? std::atoi(argv[4]) : swapdemo::kDefaultSeconds;
-        if (limit >= 1 && table > limit && table <= (1ull << 20) && seconds >= 1) return swapdemo::run(table, limit, seconds);
+        if (limit >= 1 && table > limit && table <= (1ull << 20) && seconds >= 1) {
+            try {
+                return swapdemo::run(table, limit, seconds);
+            } catch (const std::exception& e) {  // unwinds, so that the SwapFile removes its file
+                std::fprintf(stderr, "usermm-demo swap: %s\n", e.what());
+                return 1;
+            }
+        }
     }
     if (argc != 2) {
         usage();
