@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
@@ -330,8 +331,10 @@ void replacement_quality(std::size_t limit_pages, std::size_t refs) {
         for (std::size_t i = 0; i < std::size(kOffline); ++i)
             row.offline[i] = usermm_offline::faults(kOffline[i], s.pages, limit_pages);
         row.cluster_lru = cluster_lru_faults(s.pages, limit_pages, s.page_count);
-        for (std::size_t i = 0; i < std::size(kArenaPolicies); ++i)
+        for (std::size_t i = 0; i < std::size(kArenaPolicies); ++i) {
+            fmt::print(stderr, "replaying {} with {}\n", name, kArenaPolicyNames[i]);  // progress: these take long
             row.arena[i] = replay(s, limit_pages, kArenaPolicies[i], swap);
+        }
         rows.push_back(row);
     }
 
@@ -646,9 +649,12 @@ void run(std::size_t limit_pages, std::size_t refs, std::size_t big_pages, std::
     fmt::print("reclaim and swap: files in {}, {} KiB pages, engine {}\n", bench_dir(), kPage >> 10,
                usermm::engine() == usermm::Engine::Uffd ? "uffd" : "mprotect");
     under_the_limit(std::max<std::size_t>(4 * limit_pages, 1024), 2 * rounds + 1);
+    std::fflush(stdout);
     replacement_quality(limit_pages, refs);
+    std::fflush(stdout);
     usermm::SwapFile swap(temp_path("io"), big_pages * kPage + (1 << 20));
     swap_in_latency(std::min<std::size_t>(big_pages, 16384), 4000, rounds, swap);
+    std::fflush(stdout);
     sequential(big_pages, rounds, swap);
     fmt::print("\ntotal {:.1f} s\n", double(now_ns() - t0) / 1e9);
 }
