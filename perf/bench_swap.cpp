@@ -371,16 +371,19 @@ void replacement_quality(std::size_t limit_pages, std::size_t refs) {
         fmt::print("\n");
     }
     fmt::print("  usermm's replays: seconds, minor faults (hinting faults among them), direct reclaims, pages swapped "
-               "out / in, swap readahead hits / wasted\n"
+               "out / in, swap readahead hits / wasted, and pages swapped in that none of majors, hits and wasted "
+               "counts\n"
                "  (a page read ahead and then used is a hit, not a major fault: readahead, not replacement, saves "
-               "those)\n");
+               "those;\n"
+               "   pages read ahead and still resident unused at the end are the only ones the counters may leave "
+               "out: at most the limit)\n");
     for (const QualityRow& r : rows)
         for (std::size_t i = 0; i < std::size(kArenaPolicies); ++i) {
             const Replay& a = r.arena[i];
             fmt::print("  {:<14} {:<8} {:>7.2f} s  minor {:>8} (hinting {:>8})  direct {:>7}  out {:>8}  in {:>8}  "
-                       "readahead {:>7} / {:>7}\n",
+                       "readahead {:>7} / {:>7}  uncounted {:>7}\n",
                        r.name, kArenaPolicyNames[i], a.seconds, a.minors, a.hinting, a.direct, a.out, a.in, a.ra_hits,
-                       a.ra_wasted);
+                       a.ra_wasted, std::int64_t(a.in) - std::int64_t(a.majors + a.ra_hits + a.ra_wasted));
         }
     fmt::print("  targets (default policy: {}):\n", kArenaPolicyNames[def_i]);
     for (const QualityRow& r : rows) {
