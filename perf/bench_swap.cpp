@@ -370,6 +370,13 @@ void replacement_quality(std::size_t limit_pages, std::size_t refs) {
         for (const Replay& a : r.arena) fmt::print(" {:>8.3f}", double(a.majors) / lru);
         fmt::print("\n");
     }
+    fmt::print("  usermm's pages swapped in (at major faults and read ahead), as a ratio to exact LRU: what "
+               "replacement alone,\n  without readahead's help, is judged by:\n");
+    for (const QualityRow& r : rows) {
+        fmt::print("  {:<14} {:>7} | {:>53} |", r.name, "", "");
+        for (const Replay& a : r.arena) fmt::print(" {:>8.3f}", double(a.in) / double(r.offline[1]));
+        fmt::print("\n");
+    }
     fmt::print("  usermm's replays: seconds, minor faults (hinting faults among them), direct reclaims, pages swapped "
                "out / in, swap readahead hits / wasted, and pages swapped in that none of majors, hits and wasted "
                "counts\n"
@@ -392,6 +399,10 @@ void replacement_quality(std::size_t limit_pages, std::size_t refs) {
             target_line(r.name + ": default / exact LRU", ratio, "<=", 1.1, ratio <= 1.1);
         else if (r.name.starts_with("scan mix") || r.name.starts_with("loop"))
             target_line(r.name + ": default / exact LRU (fewer faults)", ratio, "< ", 1.0, ratio < 1.0);
+        else
+            continue;
+        fmt::print("    (by pages swapped in instead of major faults: {:.3f})\n",
+                   double(r.arena[def_i].in) / double(r.offline[1]));
     }
 }
 
