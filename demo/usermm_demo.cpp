@@ -7,8 +7,8 @@
 //                          in a new process (which runs `usermm-demo checkpoint-restart ...`)
 //   usermm-demo swap [TABLE_MIB LIMIT_MIB SECONDS]
 //                          a 4 GiB table under a 512 MiB resident limit on a SwapFile: Zipf lookups and
-//                          updates from 4 threads, major faults next to exact LRU and OPT (`64 8 2`: a
-//                          smoke run)
+//                          updates from 4 threads for 30 s, major faults next to exact LRU and OPT
+//                          (`64 8 2`: a smoke run)
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
@@ -677,7 +677,9 @@ std::uint64_t checksum_of(const Record& r) {
 
 constexpr std::size_t kDefaultTableMib = 4096;
 constexpr std::size_t kDefaultLimitMib = 512;
-constexpr int kDefaultSeconds = 10;
+// Long enough for replacement to matter: starting paged out, 4 threads fill the 512 MiB in about 15 s
+// here (swap-ins of scattered pages, ~40 MB/s), and only then does the arena have to choose.
+constexpr int kDefaultSeconds = 30;
 constexpr unsigned kThreads = 4;
 constexpr double kUpdates = 0.2;                // of the accesses
 constexpr std::size_t kMaxRefs = 64ull << 20;   // recorded references at most (256 MiB)
