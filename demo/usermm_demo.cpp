@@ -677,8 +677,8 @@ std::uint64_t checksum_of(const Record& r) {
 
 constexpr std::size_t kDefaultTableMib = 4096;
 constexpr std::size_t kDefaultLimitMib = 512;
-// Long enough for replacement to matter: starting paged out, 4 threads fill the 512 MiB in about 15 s
-// here (swap-ins of scattered pages, ~40 MB/s), and only then does the arena have to choose.
+// Long enough for replacement to matter: starting paged out, 4 threads fill the 512 MiB in about 13 s
+// here (swap-ins of scattered pages at about 40 MB/s), and only then does the arena have to choose.
 constexpr int kDefaultSeconds = 30;
 constexpr unsigned kThreads = 4;
 constexpr double kUpdates = 0.2;                // of the accesses
