@@ -511,37 +511,53 @@ FaultResult do_swap_page(vm_fault& vmf, pte_t cur) {
     const bool sequential = page >= next && page - next < kClusterPages;
     const std::size_t window = sequential ? std::min<std::size_t>(kClusterPages, 2 * s.ra_window.load(kRelaxed)) : 1;
     s.ra_window.store(std::uint32_t(window), kRelaxed);
+    // Each page swapped in alone is a readable island in PROT_NONE memory: two kernel mappings.
+    // Past half the map budget the whole cluster comes in and is granted at once, so that the
+    // islands are no more than the clusters in memory (the resident limit bounds those).
+    const bool whole = map_budget_used() > map_budget_limit() / 2;
     const PageRange vma = vma_pages(arena, *vmf.vma);
-    PageRange r = lock_in_cluster(arena, page, {vma.first, std::min(vma.last, page + window)}, false,
-                                  [](pte_t v) { return (v & kPteSwapped) != 0; });
+    const PageRange limit = whole ? vma : PageRange{vma.first, std::min(vma.last, page + window)};
+    PageRange r = lock_in_cluster(arena, page, limit, whole, [](pte_t v) { return (v & kPteSwapped) != 0; });
     std::byte* buffer = swap_claim_buffer(s);
     PageIo io[kClusterPages];
     for (std::size_t i = r.first; i < r.last; ++i)
         io[i - r.first] = {s.slots[i].load(kRelaxed) - 1, buffer + ((i - r.first) << g_page_shift), 0};
     swap_store_read(s, io, r.last - r.first);
-    if (io[0].error) {
+    const std::size_t at = page - r.first;
+    if (io[at].error) {
         swap_release_buffer(s, buffer);
-        return swap_bus_error(vmf, r, io[0].slot, io[0].error);
+        return swap_bus_error(vmf, r, io[at].slot, io[at].error);
     }
-    std::size_t read = 1;  // readahead stops at the first page the store could not give
-    while (read < r.last - r.first && !io[read].error) ++read;
-    unlock_unchanged(arena, {r.first + read, r.last});
-    r.last = r.first + read;
+    // The others are read ahead: the run shrinks to the pages around the faulting one the store gave.
+    std::size_t lo = at, hi = at + 1;
+    while (lo > 0 && !io[lo - 1].error) --lo;
+    while (hi < r.last - r.first && !io[hi].error) ++hi;
+    unlock_unchanged(arena, {r.first, r.first + lo});
+    unlock_unchanged(arena, {r.first + hi, r.last});
+    const std::size_t read = hi - lo;
+    buffer += lo << g_page_shift;
+    r = {r.first + lo, r.first + hi};
+    std::byte* const claimed = buffer - (lo << g_page_shift);
     if (const int err = page_write_raw(arena.page_addr(r.first), buffer, read << g_page_shift)) {
-        swap_release_buffer(s, buffer);
+        swap_release_buffer(s, claimed);
         return fatal(vmf, "writing the swapped-in page into the arena (/proc/self/mem)", err);
     }
-    swap_release_buffer(s, buffer);
+    swap_release_buffer(s, claimed);
     // In memory now, still PROT_NONE: the state a kept page has, so a degraded grant may take it.
     for (std::size_t i = r.first; i < r.last; ++i) {
         const pte_t v = arena.pte[i].load(kRelaxed);
-        const pte_t now = pte_t((v & ~kPteSwapped) | (i == page ? 0 : kPteReadahead));
+        const pte_t now = pte_t((v & ~kPteSwapped) | (i == page || whole ? 0 : kPteReadahead));
         arena.note_resident(pte_t(v & ~kPteLocked), pte_t(now & ~kPteLocked));
         arena.pte[i].store(now, kRelaxed);
     }
     s.ra_next.store(r.last, kRelaxed);
     vmf.major = true;
     vmf.swapped_in = std::uint32_t(read);
+    if (whole) {  // mapped at once: read ahead and used, as a file fault's window counts
+        vmf.swap_hits = std::uint32_t(read - 1);
+        return install_or_degrade(vmf, r, grant_for(Access::Read, vmf.vma->prot), pte_t(cur & ~kPteSwapped),
+                                  FaultKind::Swap);
+    }
     unlock_unchanged(arena, {page + 1, r.last});  // read ahead, not granted
     return install_or_degrade(vmf, {page, page + 1}, grant_for(Access::Read, vmf.vma->prot), pte_t(cur & ~kPteSwapped),
                               FaultKind::Swap);
