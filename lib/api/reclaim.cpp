@@ -478,12 +478,30 @@ bool Reclaimer::pick(std::uint32_t* victim) {
     return false;
 }
 
+// Every cluster with pages in memory that no queue holds joins one: the reclaimer's safety net
+// when its queues run dry over the limit (memory filled by a path that did not mark its clusters).
+// Costs what the PTE table holds, and only then.
+void Reclaimer::rescan() {
+    for (const PageSpan& span : pte_spans(a_, 0, a_.page_index(a_.end)))
+        for (std::size_t i = span.first; i < span.last; ++i)
+            if (pte_resident(a_.pte[i].load(kRelaxed))) {
+                enqueue(std::uint32_t(i / kClusterPages));
+                i = (i / kClusterPages + 1) * kClusterPages - 1;
+            }
+}
+
 bool Reclaimer::reclaim_one() {
     std::lock_guard guard(queue_lock_);
     discover();
+    bool rescanned = false;
     for (int attempts = 0; attempts < 64; ++attempts) {
         std::uint32_t c = 0;
-        if (!pick(&c)) return false;
+        if (!pick(&c)) {
+            if (rescanned) return false;
+            rescan();
+            rescanned = true;
+            continue;
+        }
         bool evicted = false;
         for_each_piece(a_, c, [&](Vma& vma, std::size_t first, std::size_t last) {
             const Evicted e = evict(vma, first, last);
@@ -563,6 +581,7 @@ void swap_in_for_grant(ArenaCore& a, const char* call, std::size_t first, std::s
                 const pte_t v = a.pte[k].load(kRelaxed);
                 a.note_resident(v, pte_t(v & ~kPteSwapped));
                 a.pte[k].store(pte_t(v & ~kPteSwapped), kRelaxed);
+                if (k == i || k % kClusterPages == 0) swap_note_use(s, k);  // in memory: the reclaimer queues it
             }
             account_swap_in(a, j - i);
             i = j;

@@ -59,6 +59,7 @@ private:
     bool reclaim_to(std::int64_t target);  // false if it stopped for want of progress
     void deliver_errors();
     void discover();
+    void rescan();
     void enqueue(std::uint32_t cluster);
     bool pick(std::uint32_t* victim);
     void report(int err, std::uintptr_t addr);
