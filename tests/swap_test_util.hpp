@@ -39,20 +39,24 @@ inline std::uint64_t mix(std::uint64_t x) {
     return x ^ (x >> 32);
 }
 
-// Word i of page `index` at `version` (version 0: never written, all zeros).
-inline std::uint64_t word(std::size_t index, std::uint64_t version, std::size_t i) {
-    return version == 0 ? 0 : mix((std::uint64_t(index) << 32) ^ (version << 12) ^ i) | 1;
+// Page `index` at `version`: word i is seed + i * an odd constant, the seed drawn from both (so
+// every word differs between pages and versions); version 0 is a page never written, all zeros.
+inline std::uint64_t seed_of(std::size_t index, std::uint64_t version) {
+    return version == 0 ? 0 : mix((std::uint64_t(index) << 24) ^ version) | 1;
 }
+inline constexpr std::uint64_t kStep = 0x9e3779b97f4a7c15ull;
 
 inline void fill(void* p, std::size_t index, std::uint64_t version) {
+    const std::uint64_t seed = seed_of(index, version), step = version == 0 ? 0 : kStep;
     auto* w = static_cast<volatile std::uint64_t*>(p);
-    for (std::size_t i = 0; i < page() / 8; ++i) w[i] = word(index, version, i);
+    for (std::size_t i = 0; i < page() / 8; ++i) w[i] = seed + i * step;
 }
 
 inline bool holds(const void* p, std::size_t index, std::uint64_t version) {
+    const std::uint64_t seed = seed_of(index, version), step = version == 0 ? 0 : kStep;
     const auto* w = static_cast<const volatile std::uint64_t*>(p);
     for (std::size_t i = 0; i < page() / 8; ++i)
-        if (w[i] != word(index, version, i)) return false;
+        if (w[i] != seed + i * step) return false;
     return true;
 }
 
