@@ -88,8 +88,10 @@ private:
 };
 
 // A user-defined store in memory, with a mutex and vectors: the kind usermm must never call from
-// its signal handler. It remembers the threads that called read() and write(). Its slot table is
-// the process's own, so retain() refuses (the contract: fork() then reads the slots back first).
+// its signal handler. It remembers the threads that called read() and write(), and counts calls
+// on slots not allocated (a read of a released slot, a double release) instead of crashing. Its
+// slot table is the process's own, so retain() refuses (the contract: fork() then reads the slots
+// back first).
 class MemoryStore final : public usermm::Store {
 public:
     explicit MemoryStore(std::size_t pages) : capacity_(pages) {}
@@ -115,6 +117,10 @@ public:
     void release(std::span<const std::uint64_t> slots) override {
         std::lock_guard lock(mu_);
         for (std::uint64_t s : slots) {
+            if (!allocated(s)) {
+                ++misuse_;
+                continue;
+            }
             free_.push_back(s);
             data_[s].clear();
             --in_use_;
@@ -126,8 +132,9 @@ public:
         callers_.push_back(std::this_thread::get_id());
         ++writes_;
         for (PageIo& io : pages) {
-            std::memcpy(data_.at(io.slot).data(), io.data, page());
-            io.error = 0;
+            io.error = allocated(io.slot) ? 0 : EINVAL;
+            if (io.error == 0) std::memcpy(data_[io.slot].data(), io.data, page());
+            misuse_ += io.error != 0;
         }
     }
     void read(std::span<PageIo> pages) override {
@@ -135,8 +142,9 @@ public:
         callers_.push_back(std::this_thread::get_id());
         ++reads_;
         for (PageIo& io : pages) {
-            std::memcpy(io.data, data_.at(io.slot).data(), page());
-            io.error = 0;
+            io.error = allocated(io.slot) ? 0 : EINVAL;
+            if (io.error == 0) std::memcpy(io.data, data_[io.slot].data(), page());
+            misuse_ += io.error != 0;
         }
     }
     std::uint64_t capacity() const override { return capacity_; }
@@ -158,14 +166,20 @@ public:
         std::lock_guard lock(mu_);
         return in_use_;
     }
+    std::uint64_t misuse() const {
+        std::lock_guard lock(mu_);
+        return misuse_;
+    }
 
 private:
+    bool allocated(std::uint64_t slot) const { return slot < data_.size() && data_[slot].size() == page(); }
+
     mutable std::mutex mu_;
     const std::size_t capacity_;
     std::vector<std::vector<std::byte>> data_;
     std::vector<std::uint64_t> free_;
     std::vector<std::thread::id> callers_;
-    std::uint64_t reads_ = 0, writes_ = 0;
+    std::uint64_t reads_ = 0, writes_ = 0, misuse_ = 0;
     std::size_t in_use_ = 0;
 };
 
@@ -558,6 +572,7 @@ TEST_CASE("a user-defined store that is not async-signal-safe runs on usermm's t
     arena.verify();
     arena.unmap(p, n * page());
     CHECK(store.in_use() == 0);
+    CHECK(store.misuse() == 0);
     CHECK(arena.stats().resident_pages == 0);
 }
 
