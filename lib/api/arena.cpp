@@ -35,6 +35,7 @@
 #include "map_budget.hpp"
 #include "page_ops_api.hpp"
 #include "snapshot.hpp"
+#include "reclaim.hpp"
 #include "vma_counters.hpp"
 #include "write_tracking.hpp"
 
@@ -142,6 +143,13 @@ void fork_prepare() {
     ArenaRegistry& reg = arena_registry();
     reg.lock.lock();
     for (std::size_t i = 0; i < reg.count; ++i) reg.arenas[i]->lock.lock();
+    // The child refers to the same store slots as the parent: one more reference each, so that
+    // each process releases its own (the kernel's swap_duplicate).
+    for (std::size_t i = 0; i < reg.count; ++i)
+        if (reg.arenas[i]->reclaimer && !reg.arenas[i]->reclaimer->retain_for_fork())
+            std::fprintf(stderr, "usermm: fork: the store of arena [%#lx, %#lx) refused to share its slots with the "
+                                 "child; pages swapped out may read wrong in one of them\n",
+                         static_cast<unsigned long>(reg.arenas[i]->base), static_cast<unsigned long>(reg.arenas[i]->end));
     vma_counters_lock_for_fork();
 }
 
@@ -182,6 +190,7 @@ void fork_child() {
         a.identity = new_arena_identity();  // the child's snapshots start a chain of their own
         forget_saved_after_fork(a);
         inherited.after_fork(a);
+        if (a.reclaimer) a.reclaimer->after_fork_child();
         // Slots held by readers, and a restore in progress, belong to threads the child does not have.
         // A held slot was written, so it lies in a touched page of its table.
         a.restoring.store(false);
@@ -244,13 +253,35 @@ std::size_t signal_stack_size() {
 
 std::string to_string(Prot p) { return prot_letters(p).text; }
 
-Stats process_stats() { return process_counters().load(); }
+Stats process_stats() {
+    Stats s = process_counters().load();
+    ArenaRegistry& reg = arena_registry();
+    ApiGuard<SharedGuard<RwSpinLock>> guard(reg.lock);
+    for (std::size_t i = 0; i < reg.count; ++i)
+        s.resident_pages += std::uint64_t(std::max<std::int64_t>(0, reg.arenas[i]->resident.load(std::memory_order_relaxed)));
+    return s;
+}
 
 // --- Arena -------------------------------------------------------------------------------------
 
 Arena::Arena(std::size_t size, const ArenaOptions& options) : Arena(size, nullptr) {
-    if (options.resident_limit || options.store)
-        fail(ENOTSUP, "usermm::Arena: resident limits and stores are not built yet (size {:#x})", size);
+    if (!options.resident_limit && !options.store) return;
+    ArenaCore& a = *core_;
+    auto reclaimer = std::make_unique<Reclaimer>(a, options);  // throws on bad options: ~Arena undoes the rest
+    ApiGuard<std::lock_guard<RwSpinLock>> guard(a.lock);
+    a.reclaimer = reclaimer.release();
+}
+
+void Arena::set_resident_limit(std::size_t bytes) {
+    static constexpr const char* call = "usermm::Arena::set_resident_limit";
+    ArenaCore& a = live_arena(core_, call);
+    if (!a.reclaimer) fail(EINVAL, "{}: the arena (base {:#x}) has no store to evict to", call, a.base);
+    a.reclaimer->set_limit(call, bytes);
+}
+
+std::size_t Arena::resident_limit() const {
+    const ArenaCore& a = live_arena(core_, "usermm::Arena::resident_limit");
+    return a.swap ? std::size_t(a.swap->limit.load(std::memory_order_relaxed)) << g_page_shift : 0;
 }
 
 Arena::Arena(std::size_t size, void* at) {
@@ -314,6 +345,7 @@ Arena::Arena(std::size_t size, void* at) {
 Arena::~Arena() {
     if (!core_) return;
     ArenaCore& a = *core_;
+    if (a.reclaimer) a.reclaimer->stop_kswapd();
     {
         ArenaRegistry& reg = arena_registry();
         ApiGuard<std::lock_guard<RwSpinLock>> guard(reg.lock);
@@ -353,6 +385,7 @@ Arena::~Arena() {
                                  static_cast<unsigned long>(a.page_addr(page)));
         s.arena = nullptr;
     }
+    delete std::exchange(a.reclaimer, nullptr);  // the store's slots go back
     map_budget_charge(a, -a.kernel_maps.load());
     page_release(a.base, a.end - a.base);
     page_release(addr_of(a.pte), a.pte_bytes);
@@ -530,7 +563,12 @@ void Arena::prefault(void* addr, std::size_t length, Prot access) {
                  "read them, or they are no longer mapped)", call, p.part.start, p.part.end);
 }
 
-Stats Arena::stats() const { return live_arena(core_, "usermm::Arena::stats").stats.load(); }
+Stats Arena::stats() const {
+    const ArenaCore& a = live_arena(core_, "usermm::Arena::stats");
+    Stats s = a.stats.load();
+    s.resident_pages = std::uint64_t(std::max<std::int64_t>(0, a.resident.load(std::memory_order_relaxed)));
+    return s;
+}
 
 namespace {
 VmaInfo vma_info(const ArenaCore& a, const Vma& v);  // with find_vma, below

@@ -16,6 +16,7 @@
 #include "file_vma.hpp"
 #include "filemap.hpp"
 #include "find_vma.hpp"
+#include "reclaim.hpp"
 #include "write_tracking.hpp"
 
 namespace usermm {
@@ -530,9 +531,8 @@ void Arena::advise(void* addr, std::size_t length, Advice advice) {
     const Range r = check_range(a, call, addr, length);
     if (unsigned(advice) > unsigned(Advice::Cold))
         fail(EINVAL, "{}: advice {} is unknown (addr {:#x})", call, unsigned(advice), r.start);
-    if (advice == Advice::PageOut || advice == Advice::Cold)
-        fail(ENOTSUP, "{}: PageOut and Cold need an arena with a store, which is not built yet (addr {:#x})", call,
-             r.start);
+    if ((advice == Advice::PageOut || advice == Advice::Cold) && !a.reclaimer)
+        fail(EINVAL, "{}: PageOut and Cold need an arena with a store (addr {:#x})", call, r.start);
     SplitSpares spares;
     ApiGuard<std::lock_guard<RwSpinLock>> guard(a.lock);
     const std::vector<Vma*> vmas = covering_vmas(a, call, r);
@@ -560,8 +560,13 @@ void Arena::advise(void* addr, std::size_t length, Advice advice) {
                 discard_range(a, call, part_of(v));
             }
             return;
-        case Advice::PageOut:
+        case Advice::PageOut:  // file VMAs: their pages are the kernel's page cache, which reclaims them
+            for (Vma* v : vmas)
+                if (v->kind() == VmaKind::Anonymous) a.reclaimer->page_out(call, *v, part_of(v));
+            return;
         case Advice::Cold:
+            for (Vma* v : vmas)
+                if (v->kind() == VmaKind::Anonymous) a.reclaimer->cold(part_of(v));
             return;
     }
 }

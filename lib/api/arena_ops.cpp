@@ -229,7 +229,10 @@ void resync_ptes(ArenaCore& a, std::size_t first, std::size_t last) {
             // /proc/self/maps does not show userfaultfd marks: a tracked page stays tracked.
             const pte_t old = a.pte[i].load(std::memory_order_relaxed);
             const pte_t keep = write_tracker().marks_outlive_protect() ? pte_t(old & kPteWriteTracked) : pte_t(0);
-            a.pte[i].store(pte_with_prot(old, m.prot) | keep, std::memory_order_relaxed);
+            const pte_t now = pte_t(pte_with_prot(old, m.prot) | keep);
+            if (a.swap && allows(m.prot, Prot::Write)) swap_drop_copy(*a.swap, i);
+            a.note_resident(old, now);
+            a.pte[i].store(now, std::memory_order_relaxed);
             a.note_changed(i);
         }
     }
@@ -320,6 +323,8 @@ void clear_ptes(ArenaCore& a, Range r) {
                 const pte_t v = a.pte[k].load(std::memory_order_relaxed);
                 if (!v) continue;
                 const pte_t n = pte_after_discard(v);
+                if (a.swap) swap_drop_copy(*a.swap, k);  // a swapped-out page's content goes with it
+                a.note_resident(v, n);
                 kept |= n != 0;
                 a.pte[k].store(n, std::memory_order_relaxed);
                 if (n) a.note_changed(k);

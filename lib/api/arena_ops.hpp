@@ -18,6 +18,7 @@
 #include "map_budget.hpp"
 #include "page_ops_api.hpp"
 #include "snapshot.hpp"
+#include "swap_ops.hpp"
 #include "vma.hpp"
 
 namespace usermm::detail {
@@ -244,7 +245,11 @@ std::size_t change_pages(ArenaCore& a, const char* call, Range r, Change change)
                 fail(err, "{}: mprotect of [{:#x}, {:#x}) to {} failed", call, a.page_addr(i), a.page_addr(j),
                      to_string(next));
             for (std::size_t k = i; k < j; ++k) {
-                a.pte[k].store(pte_with_prot(a.pte[k].load(std::memory_order_relaxed), next), std::memory_order_relaxed);
+                const pte_t v = a.pte[k].load(std::memory_order_relaxed);
+                const pte_t now = pte_with_prot(v, next);
+                if (a.swap && allows(next, Prot::Write)) swap_drop_copy(*a.swap, k);
+                a.note_resident(v, now);
+                a.pte[k].store(now, std::memory_order_relaxed);
                 a.note_changed(k);
             }
             changed += j - i;

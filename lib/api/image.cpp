@@ -422,8 +422,9 @@ void read_pages(ImageReader& in, const LoadedHeader& l, ArenaCore& a, Runs& writ
             fail(err, "{}: cannot write [{:#x}, {:#x}) of the new arena", call, a.page_addr(batch_first),
                  a.page_addr(batch_first + batch_n));
         for (std::size_t k = batch_first; k < batch_first + batch_n; ++k) {
-            a.pte[k].store(pte_t(a.pte[k].load(std::memory_order_relaxed) | kPtePopulated | kPteDirty),
-                           std::memory_order_relaxed);
+            const pte_t v = a.pte[k].load(std::memory_order_relaxed);
+            a.note_resident(v, pte_t(v | kPtePopulated | kPteDirty));
+            a.pte[k].store(pte_t(v | kPtePopulated | kPteDirty), std::memory_order_relaxed);
             a.note_changed(k);
         }
         if (!written.empty() && written.back().second == batch_first)
@@ -459,6 +460,7 @@ void read_pages(ImageReader& in, const LoadedHeader& l, ArenaCore& a, Runs& writ
             if (v & kPtePopulated) {
                 if (const int err = page_discard(a.page_addr(page), g_page_size))
                     fail(err, "{}: cannot drop page {:#x} of the new arena", call, a.page_addr(page));
+                a.note_resident(v, pte_t(v & ~kPtePopulated));
                 a.pte[page].store(pte_t(v & ~kPtePopulated), std::memory_order_relaxed);
             }
         } else {

@@ -538,9 +538,13 @@ void Arena::restore(const Snapshot& snapshot) {
         }
         for (std::size_t k = i; k < j; ++k) {
             const pte_t v = a.pte[k].load(kRelaxed);
-            a.pte[k].store(run.put == WriteBack ? pte_t(v | kPtePopulated | kPteDirty)
-                                                : pte_t((v & ~kPtePopulated) | kPteDirtySnapshot),
-                           kRelaxed);
+            // A page swapped out is replaced: its store copy goes, the content is the snapshot's.
+            if (a.swap) swap_drop_copy(*a.swap, k);
+            const pte_t kept = pte_t(v & ~(kPteSwapped | kPteInactive | kPteReadahead));
+            const pte_t now = run.put == WriteBack ? pte_t(kept | kPtePopulated | kPteDirty)
+                                                   : pte_t((kept & ~kPtePopulated) | kPteDirtySnapshot);
+            a.note_resident(v, now);
+            a.pte[k].store(now, kRelaxed);
             a.note_changed(k);
             s.slot(k).store(run.put == WriteBack ? kSlotCopiedSynced : kSlotZeroSynced, kRelease);
         }

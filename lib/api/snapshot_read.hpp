@@ -25,8 +25,12 @@ inline void read_locked_from_arena(const SnapshotCore& s, std::size_t first, std
     unsigned char held[kReadBatch];
     const bool known = n <= sizeof held;
     if (known) page_held(a.page_addr(first), n << g_page_shift, held);
-    for (std::size_t k = 0; k < n; ++k)
-        zero[k] = !(a.pte[first + k].load(std::memory_order_acquire) & kPtePopulated) || (known && !(held[k] & 1));
+    bool swapped[kReadBatch];
+    for (std::size_t k = 0; k < n; ++k) {
+        const pte_t v = a.pte[first + k].load(std::memory_order_acquire);
+        swapped[k] = v & kPteSwapped;  // in the store: the kernel holds nothing for it
+        zero[k] = !swapped[k] && (!(v & kPtePopulated) || (known && !(held[k] & 1)));
+    }
     for (std::size_t k = 0; k < n; ++k) {
         const std::size_t page = first + k;
         std::byte* out = dst + (k << g_page_shift);
@@ -34,8 +38,18 @@ inline void read_locked_from_arena(const SnapshotCore& s, std::size_t first, std
             std::memset(out, 0, g_page_size);
             continue;
         }
+        if (swapped[k]) {
+            PageIo io{a.swap->slots[page].load(std::memory_order_relaxed) - 1, out, 0};
+            swap_store_read(*a.swap, &io, 1);
+            if (io.error) {
+                for (std::size_t u = 0; u < n; ++u) s.slot(first + u).store(kSlotInArena, std::memory_order_release);
+                fail(io.error, "usermm::Snapshot: cannot read swapped-out arena page {:#x} from the store", a.page_addr(page));
+            }
+            zero[k] = all_zeros(out);
+            continue;
+        }
         std::size_t run = 1;  // populated neighbours come in one read
-        while (k + run < n && !zero[k + run]) ++run;
+        while (k + run < n && !zero[k + run] && !swapped[k + run]) ++run;
         if (const int err = page_read_raw(a.page_addr(page), out, run << g_page_shift)) {
             for (std::size_t u = 0; u < n; ++u) s.slot(first + u).store(kSlotInArena, std::memory_order_release);
             fail(err, "usermm::Snapshot: cannot read arena page {:#x}", a.page_addr(page));

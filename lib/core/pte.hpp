@@ -26,7 +26,12 @@
 //    (the first page of a file mapping, the page after one, the pieces an unmapped file VMA leaves,
 //    the boundaries a forked child inherits), set where the kernel keeps the mappings apart for good.
 //    The map budget counts a boundary there.
-// Bits 0xe000 are reserved for reclaim (swapped out, referenced, inactive). lib/README.md, "The
+//  - swapped: an anonymous page whose content is in the arena's store (its slot in
+//    ArenaCore::swap_slots), not in memory; PROT_NONE, populated (it holds data), until a fault reads
+//    it back (do_swap_page);
+//  - inactive: a page the reclaimer made PROT_NONE without dropping its content, to see whether it
+//    is still used: its next touch is a hinting fault.
+// Bit 0x8000 is free. lib/README.md, "The
 // per-page state machine", tells the states from these flags and lists which world may make each
 // transition, with the bits it sets and clears.
 #pragma once
@@ -60,6 +65,8 @@ inline constexpr pte_t kPteFile = 0x200;
 inline constexpr pte_t kPteEdge = 0x400;
 inline constexpr pte_t kPteReadahead = 0x800;
 inline constexpr pte_t kPteSaved = 0x1000;
+inline constexpr pte_t kPteSwapped = 0x2000;
+inline constexpr pte_t kPteInactive = 0x4000;
 inline constexpr pte_t kPteFlags = pte_t(~kPteProt & ~kPteLocked);
 
 inline constexpr pte_t pte_prot(pte_t v) { return v & kPteProt; }
@@ -68,12 +75,16 @@ inline constexpr Prot pte_to_prot(pte_t v) { return Prot(v & kPteProt); }
 
 // The PTE of a page whose kernel protection became `prot`, from its value `old` (lock bit clear).
 // Granting write makes the page populated and dirty and ends write tracking. Any access granted
-// ends a readahead mark.
+// ends a readahead mark and an inactive one.
 inline constexpr pte_t pte_with_prot(pte_t old, Prot prot) {
-    const pte_t flags = pte_t(old & kPteFlags & (prot == Prot::None ? pte_t(~0) : pte_t(~kPteReadahead)));
+    const pte_t flags =
+        pte_t(old & kPteFlags & (prot == Prot::None ? pte_t(~0) : pte_t(~(kPteReadahead | kPteInactive))));
     if (!allows(prot, Prot::Write)) return pte_t(flags | to_pte(prot));
     return pte_t((flags & ~kPteWriteTracked) | kPtePopulated | kPteDirty | kPteDirtyFile | to_pte(prot));
 }
+
+// Whether a page holds data in memory: what the resident limit counts (ArenaCore::resident).
+inline constexpr bool pte_resident(pte_t v) { return (v & kPtePopulated) && !(v & kPteSwapped); }
 
 inline constexpr int to_mmap_prot(Prot p) {
     return (allows(p, Prot::Read) ? PROT_READ : 0) | (allows(p, Prot::Write) ? PROT_WRITE : 0) |

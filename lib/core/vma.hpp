@@ -15,6 +15,7 @@
 #include "counters.hpp"
 #include "pte.hpp"
 #include "rwspin.hpp"
+#include "swap.hpp"
 
 namespace usermm::detail {
 
@@ -24,6 +25,7 @@ inline constexpr std::size_t kVmaNameMax = 40;
 inline constexpr std::uint32_t kReadaroundMisses = 100;
 
 struct MappedFile;
+class Reclaimer;
 
 // The kinds of VMA the fault path dispatches on (handle_pte_fault): one handler family each.
 enum class VmaKind : std::uint8_t {
@@ -140,6 +142,11 @@ struct ArenaCore {
     // neighbouring faults never count against the same stale neighbour (see install()).
     SpinLock install_lock{LockRank::Install};
     Counters stats;
+    // Anonymous pages that hold data in memory (pte_resident), the count a resident limit holds
+    // down. Signed: an update and the one that undoes it may land in either order.
+    std::atomic<std::int64_t> resident{0};
+    ArenaSwap* swap = nullptr;  // arenas made with a store: the fault world's view of...
+    Reclaimer* reclaimer = nullptr;  // ...the API world's reclaimer, which owns it
     // Live snapshots, changed only under the write lock; faults read them under the read lock.
     SnapshotCore* snapshots[kMaxSnapshots] = {};
     std::size_t snapshot_count = 0;
@@ -159,6 +166,10 @@ struct ArenaCore {
     void note_changed(std::size_t page) const {
         const std::size_t group = page / kGroupPages;
         changed_groups[group / 64].fetch_or(std::uint64_t(1) << (group % 64), std::memory_order_relaxed);
+    }
+    // Keeps `resident` with a PTE that changes from `old` to `now`.
+    void note_resident(pte_t old, pte_t now) {
+        if (pte_resident(old) != pte_resident(now)) resident.fetch_add(pte_resident(now) ? 1 : -1, std::memory_order_relaxed);
     }
     bool group_changed(std::size_t group) const {
         return changed_groups[group / 64].load(std::memory_order_relaxed) >> (group % 64) & 1;

@@ -32,6 +32,8 @@ void count(Counters& c, const vm_fault& vmf, FaultResult result, std::uint64_t n
                 if (vmf.pages > 1) c.fault_around_pages.fetch_add(vmf.pages - 1, kRelaxed);
             } else if (vmf.kind == FaultKind::File) {
                 if (vmf.pages > 1) c.fault_around_pages.fetch_add(vmf.pages - 1, kRelaxed);
+            } else if (vmf.kind == FaultKind::Hinting) {
+                c.hinting_faults.fetch_add(1, kRelaxed);
             } else if (vmf.kind == FaultKind::Degraded) {
                 c.degraded_faults.fetch_add(1, kRelaxed);
                 c.degraded_pages.fetch_add(vmf.pages, kRelaxed);
@@ -43,6 +45,12 @@ void count(Counters& c, const vm_fault& vmf, FaultResult result, std::uint64_t n
             }
             if (vmf.readahead_hits) c.readahead_hits.fetch_add(vmf.readahead_hits, kRelaxed);
             if (vmf.dirtied) c.pages_dirtied.fetch_add(vmf.dirtied, kRelaxed);
+            if (vmf.swapped_in) {
+                c.pages_swapped_in.fetch_add(vmf.swapped_in, kRelaxed);
+                c.swap_bytes_read.fetch_add(std::uint64_t(vmf.swapped_in) << g_page_shift, kRelaxed);
+            }
+            if (vmf.swap_hits) c.swap_readahead_hits.fetch_add(vmf.swap_hits, kRelaxed);
+            if (vmf.throttled) c.direct_reclaims.fetch_add(1, kRelaxed);
             if (vmf.copies) {
                 c.cow_faults.fetch_add(1, kRelaxed);
                 c.cow_bytes_copied.fetch_add(std::uint64_t(vmf.copies) << g_page_shift, kRelaxed);
@@ -111,6 +119,15 @@ void account_writeback(ArenaCore& arena, Vma& vma, std::uint64_t pages, std::uin
     add(&arena, &vma, &Counters::bytes_written_back, bytes);
     add(&arena, &vma, &Counters::writeback_errors, failed ? 1 : 0);
 }
+
+void account_swap_out(ArenaCore& arena, Vma& vma, const SwapOut& out) {
+    add(&arena, &vma, &Counters::pages_swapped_out, out.written);
+    add(&arena, &vma, &Counters::swap_bytes_written, out.written << g_page_shift);
+    add(&arena, &vma, &Counters::pages_reclaimed, out.dropped);
+    add(&arena, &vma, &Counters::swap_readahead_wasted, out.wasted);
+}
+
+void account_store_error(ArenaCore& arena) { add(&arena, nullptr, &Counters::store_errors, 1); }
 
 void account_snapshot_copy(SnapshotCore& snap) {
     snap.stats.cow_faults.fetch_add(1, kRelaxed);

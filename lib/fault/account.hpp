@@ -24,6 +24,15 @@ void account_file_read(ArenaCore& arena, Vma& vma, std::uint64_t pages, std::uin
 void account_readahead_wasted(ArenaCore* arena, Vma* vma, std::uint64_t pages);
 void account_writeback(ArenaCore& arena, Vma& vma, std::uint64_t pages, std::uint64_t bytes, bool failed);
 void account_writeback_error(ArenaCore& arena);  // when the VMA may be gone
+// One eviction: pages written to the store, pages dropped from memory (written, zero, or clean in
+// the store), of them read ahead from the store and never used.
+struct SwapOut {
+    std::uint64_t written = 0;
+    std::uint64_t dropped = 0;
+    std::uint64_t wasted = 0;
+};
+void account_swap_out(ArenaCore& arena, Vma& vma, const SwapOut& out);
+void account_store_error(ArenaCore& arena);
 // A snapshot's own counters (its VMA, arena and process count the fault that copied, through
 // vm_fault::copies): one page it took before a write.
 void account_snapshot_copy(SnapshotCore& snap);

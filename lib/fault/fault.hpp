@@ -20,7 +20,7 @@ enum class FaultResult : std::uint8_t {
 };
 
 // What kind of resolution a fault got, for accounting.
-enum class FaultKind : std::uint8_t { None, Anonymous, Upgrade, Degraded, WriteProtect, File };
+enum class FaultKind : std::uint8_t { None, Anonymous, Upgrade, Degraded, WriteProtect, File, Swap, Hinting, SwapReadahead };
 
 struct vm_fault {
     // In: from decode.
@@ -45,6 +45,10 @@ struct vm_fault {
     std::uint32_t readahead_pages = 0;
     std::uint32_t readahead_hits = 0;
     std::uint32_t dirtied = 0;      // shared file pages that became dirty
+    // Swap.
+    std::uint32_t swapped_in = 0;   // pages read from the store (the faulting page and its readahead)
+    std::uint32_t swap_hits = 0;    // pages read ahead from the store that this fault mapped
+    bool throttled = false;         // the fault found the arena at its resident limit and waited
     std::uint64_t start_ns = 0;     // when the handler was entered, for the latency counters
     RawLine* diag = nullptr;        // why a fault is passed on; written only if it kills the process
 };

@@ -20,6 +20,7 @@
 #include "mapped_file.hpp"
 #include "page_ops.hpp"
 #include "snapshot.hpp"
+#include "swap_ops.hpp"
 
 namespace usermm::detail {
 
@@ -81,13 +82,22 @@ struct PageRange {
 };
 
 // Publishes `prot` for the locked range: the kernel already has it, so the PTEs may say so. File
-// pages read ahead that become accessible here count as readahead hits.
+// pages read ahead that become accessible here count as readahead hits. In an arena with a store,
+// a page given write access loses its store copy before anyone can write it (else an eviction
+// could drop the write, taking the copy for current), and its cluster counts as used.
 void publish(vm_fault& vmf, PageRange r, Prot prot) {
     ArenaCore& arena = *vmf.arena;
+    const bool file = vmf.vma->kind() != VmaKind::Anonymous;
     for (std::size_t i = r.first; i < r.last; ++i) {
         const pte_t old = pte_t(arena.pte[i].load(kRelaxed) & ~kPteLocked);
-        vmf.readahead_hits += (old & kPteReadahead) && pte_prot(old) == 0 && prot != Prot::None;
-        arena.pte[i].store(pte_with_prot(old, prot), kRelease);
+        vmf.readahead_hits += file && (old & kPteReadahead) && pte_prot(old) == 0 && prot != Prot::None;
+        const pte_t now = pte_with_prot(old, prot);
+        if (arena.swap) {
+            if (allows(prot, Prot::Write)) swap_drop_copy(*arena.swap, i);
+            if (i == r.first || i % kClusterPages == 0) swap_note_use(*arena.swap, i);
+        }
+        arena.note_resident(old, now);
+        arena.pte[i].store(now, kRelease);
         if (allows(prot, Prot::Write)) arena.note_changed(i);
     }
 }
@@ -409,7 +419,9 @@ FaultResult do_anonymous_fault(vm_fault& vmf, pte_t cur) {
     const Prot prot = grant_for(vmf.access, vma.prot);
 
     PageRange r{page, page + 1};
-    if (const std::size_t window = vma.fault_around_pages; window > 1) {
+    // With a resident limit, a write grants only its page: fault-around would count a window of
+    // pages as resident that the kernel fills only when they are written.
+    if (const std::size_t window = vma.fault_around_pages; window > 1 && !(arena.swap && vmf.access == Access::Write)) {
         const PageRange limit = clamp(around_pages(vmf, window), vma_pages(arena, vma));
         r = lock_neighbours(arena, r, limit, 0, any_page);
         if (arena.kernel_maps.load(kRelaxed) > kReachAboveMaps) r = reach_granted_neighbours(vmf, r, prot);
@@ -430,6 +442,110 @@ FaultResult do_upgrade_fault(vm_fault& vmf, pte_t cur) {
     const FaultResult r = install_or_degrade(vmf, {page, page + 1}, prot, cur, FaultKind::Upgrade);
     if (r == FaultResult::Resolved && vmf.kind == FaultKind::Upgrade) vmf.dirtied += dirtied;
     return r;
+}
+
+// --- swap: the kernel's do_swap_page, and the faults that tell the reclaimer what is used ------
+
+// Locks the pages around `page` in the cluster and VMA, unlocked, that `fits` accepts.
+template <typename Fits>
+PageRange lock_in_cluster(ArenaCore& arena, std::size_t page, PageRange vma, bool backwards, Fits fits) {
+    const std::size_t first = page / kClusterPages * kClusterPages;
+    const PageRange limit = clamp({first, first + kClusterPages}, vma);
+    auto lock = [&](std::size_t i) {
+        pte_t v = arena.pte[i].load(kRelaxed);
+        return !(v & kPteLocked) && fits(v) &&
+               arena.pte[i].compare_exchange_strong(v, pte_t(v | kPteLocked), kAcquire, kRelaxed);
+    };
+    PageRange r{page, page + 1};
+    while (backwards && r.first > limit.first && lock(r.first - 1)) --r.first;
+    while (r.last < limit.last && lock(r.last)) ++r.last;
+    return r;
+}
+
+// The store could not give the faulting page back: SIGBUS, as the kernel's swap-in error is. The
+// locked range goes back as it was.
+FaultResult swap_bus_error(vm_fault& vmf, PageRange r, std::uint64_t slot, int err) {
+    unlock_unchanged(*vmf.arena, r);
+    if (vmf.diag) {
+        RawLine& d = *vmf.diag;
+        d.str("usermm: SIGBUS: ").str(access_name(vmf.access)).str(" at ").hex(vmf.address).str(" in VMA '");
+        d.str(vmf.vma->name).str("' of arena [").hex(vmf.arena->base).str(", ").hex(vmf.arena->end);
+        d.str("): reading the swapped-out page from the store (slot ").dec(slot).str(") failed with errno ");
+        d.dec(std::uint64_t(err));
+    }
+    return FaultResult::BusError;
+}
+
+// A touch of a swapped-out page (the kernel's do_swap_page): the page is read from the store into
+// a buffer, written into the arena while it is still PROT_NONE (through /proc/self/mem), and only
+// then made readable: no thread sees a torn or zero page. A read keeps the store copy, so the page
+// stays clean until a write (a minor fault: do_upgrade_fault, which drops the copy). Swap readahead:
+// a reader that swaps in the page after the previous swap-in gets the swapped pages after it in the
+// cluster too, in the same store batch, a window that doubles up to the cluster; they stay PROT_NONE
+// with a readahead mark until touched (do_kept_run_fault counts the hit). Major. Entered with the
+// page locked from `cur`; returns by the page-lock rule.
+FaultResult do_swap_page(vm_fault& vmf, pte_t cur) {
+    ArenaCore& arena = *vmf.arena;
+    ArenaSwap& s = *arena.swap;
+    const std::size_t page = arena.page_index(vmf.address);
+    const bool sequential = s.ra_next.load(kRelaxed) == page;
+    const std::size_t window = sequential ? std::min<std::size_t>(kClusterPages, 2 * s.ra_window.load(kRelaxed)) : 1;
+    s.ra_window.store(std::uint32_t(window), kRelaxed);
+    const PageRange vma = vma_pages(arena, *vmf.vma);
+    PageRange r = lock_in_cluster(arena, page, {vma.first, std::min(vma.last, page + window)}, false,
+                                  [](pte_t v) { return (v & kPteSwapped) != 0; });
+    std::byte* buffer = swap_claim_buffer(s);
+    PageIo io[kClusterPages];
+    for (std::size_t i = r.first; i < r.last; ++i)
+        io[i - r.first] = {s.slots[i].load(kRelaxed) - 1, buffer + ((i - r.first) << g_page_shift), 0};
+    swap_store_read(s, io, r.last - r.first);
+    if (io[0].error) {
+        swap_release_buffer(s, buffer);
+        return swap_bus_error(vmf, r, io[0].slot, io[0].error);
+    }
+    std::size_t read = 1;  // readahead stops at the first page the store could not give
+    while (read < r.last - r.first && !io[read].error) ++read;
+    unlock_unchanged(arena, {r.first + read, r.last});
+    r.last = r.first + read;
+    if (const int err = page_write_raw(arena.page_addr(r.first), buffer, read << g_page_shift)) {
+        swap_release_buffer(s, buffer);
+        return fatal(vmf, "writing the swapped-in page into the arena (/proc/self/mem)", err);
+    }
+    swap_release_buffer(s, buffer);
+    // In memory now, still PROT_NONE: the state a kept page has, so a degraded grant may take it.
+    for (std::size_t i = r.first; i < r.last; ++i) {
+        const pte_t v = arena.pte[i].load(kRelaxed);
+        const pte_t now = pte_t((v & ~kPteSwapped) | (i == page ? 0 : kPteReadahead));
+        arena.note_resident(pte_t(v & ~kPteLocked), pte_t(now & ~kPteLocked));
+        arena.pte[i].store(now, kRelaxed);
+    }
+    s.ra_next.store(r.last, kRelaxed);
+    vmf.major = true;
+    vmf.swapped_in = std::uint32_t(read);
+    unlock_unchanged(arena, {page + 1, r.last});  // read ahead, not granted
+    return install_or_degrade(vmf, {page, page + 1}, grant_for(Access::Read, vmf.vma->prot), pte_t(cur & ~kPteSwapped),
+                              FaultKind::Swap);
+}
+
+// A touch of a page whose content is in memory behind PROT_NONE that the reclaimer or swap
+// readahead put there: `mark` is kPteInactive (the reclaimer made the cluster inaccessible to see
+// whether it is still used: a hinting fault, which tells it so) or kPteReadahead (read ahead from
+// the store: a readahead hit). A read gets every page of the cluster with the same mark back, read
+// only, in one change (the kernel's mappings stay as few as before); a write gets its page. Minor.
+// Entered with the page locked from `cur`; returns by the page-lock rule.
+FaultResult do_kept_run_fault(vm_fault& vmf, pte_t cur, pte_t mark) {
+    ArenaCore& arena = *vmf.arena;
+    const std::size_t page = arena.page_index(vmf.address);
+    const bool write = vmf.access == Access::Write;
+    const PageRange r = write ? PageRange{page, page + 1}
+                              : lock_in_cluster(arena, page, vma_pages(arena, *vmf.vma), true, [mark](pte_t v) {
+                                    return (v & mark) && pte_prot(v) == 0 && !(v & kPteSwapped);
+                                });
+    const Prot prot = write ? vmf.vma->prot : grant_for(Access::Read, vmf.vma->prot);
+    const FaultKind kind = mark == kPteInactive ? FaultKind::Hinting : FaultKind::SwapReadahead;
+    const FaultResult res = install_or_degrade(vmf, r, prot, cur, kind);
+    if (res == FaultResult::Resolved && kind == FaultKind::SwapReadahead) vmf.swap_hits = vmf.pages;
+    return res;
 }
 
 // --- file VMAs: the kernel's do_read_fault, do_cow_fault and do_shared_fault ------------------
@@ -638,6 +754,9 @@ FaultResult handle_pte_fault(vm_fault& vmf) {
         if (!pte.compare_exchange_weak(cur, cur | kPteLocked, kAcquire, kRelaxed)) continue;
         switch (vmf.vma->kind()) {
             case VmaKind::Anonymous:
+                if (cur & kPteSwapped) return do_swap_page(vmf, cur);
+                if (pte_prot(cur) == 0 && (cur & (kPteInactive | kPteReadahead)))
+                    return do_kept_run_fault(vmf, cur, cur & kPteInactive ? kPteInactive : kPteReadahead);
                 return pte_prot(cur) == 0 ? do_anonymous_fault(vmf, cur) : do_upgrade_fault(vmf, cur);
             case VmaKind::FilePrivate:
             case VmaKind::FileShared:
@@ -745,6 +864,7 @@ FaultResult handle_mm_fault(vm_fault& vmf) {
         return FaultResult::Foreign;
     }
     const FaultResult r = handle_arena_fault(vmf);
+    if (r == FaultResult::Resolved && vmf.arena->swap) vmf.throttled = swap_throttle(*vmf.arena);
     account_fault(vmf, r);
     vmf.arena->lock.unlock_shared();
     return r;

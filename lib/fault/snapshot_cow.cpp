@@ -7,6 +7,7 @@
 #include "account.hpp"
 #include "page_ops.hpp"
 #include "snapshot.hpp"
+#include "swap_ops.hpp"
 
 namespace usermm::detail {
 
@@ -14,8 +15,14 @@ namespace {
 
 // A readable page is copied directly; one whose protection forbids reading (it was protected
 // None, or reset by restore) is read through the kernel, since touching it here would fault
-// inside the fault handler.
-int copy_page(std::uintptr_t addr, pte_t pte, std::byte* dst) {
+// inside the fault handler; one swapped out is read from the arena's store.
+int copy_page(ArenaCore& arena, std::size_t page, pte_t pte, std::byte* dst) {
+    const std::uintptr_t addr = arena.page_addr(page);
+    if (pte & kPteSwapped) {
+        PageIo io{arena.swap->slots[page].load(std::memory_order_relaxed) - 1, dst, 0};
+        swap_store_read(*arena.swap, &io, 1);
+        return io.error;
+    }
     if (allows(pte_to_prot(pte), Prot::Read)) {
         std::memcpy(dst, reinterpret_cast<const void*>(addr), g_page_size);
         return 0;
@@ -67,7 +74,7 @@ int preserve_for_snapshots(ArenaCore& arena, std::size_t page, pte_t pte, std::u
             const std::size_t n = std::min<std::size_t>(step, snap.last - snap.first - at);
             page_populate(reinterpret_cast<std::uintptr_t>(dst), n << g_page_shift);  // a miss only costs faults
         }
-        if (const int err = copy_page(addr, pte, dst)) {
+        if (const int err = copy_page(arena, page, pte, dst)) {
             slot.store(kSlotInArena, std::memory_order_release);
             return err;
         }

@@ -1,0 +1,557 @@
+#include "reclaim.hpp"
+
+#include <signal.h>
+
+#include <algorithm>
+#include <bit>
+#include <cstdio>
+#include <cstring>
+
+#include "account.hpp"
+#include "find_vma.hpp"
+#include "map_budget.hpp"
+#include "page_ops.hpp"
+#include "page_ops_api.hpp"
+#include "snapshot.hpp"
+#include "swap_ops.hpp"
+#include "write_tracking.hpp"
+
+namespace usermm::detail {
+
+namespace {
+
+constexpr auto kRelaxed = std::memory_order_relaxed;
+constexpr long kIdleNs = 100'000'000;  // the reclaimer looks again this often while nothing wakes it
+
+std::uint8_t freq_of(std::uint8_t state) { return std::uint8_t((state & kClusterFreq) / kClusterFreqOne); }
+
+// Takes the PTE locks of pages [first, last), waiting for faults that hold one: a fault never waits
+// for a second PTE while it holds one, so waiting here cannot close a cycle.
+void lock_ptes(ArenaCore& a, std::size_t first, std::size_t last) {
+    for (std::size_t i = first; i < last; ++i)
+        for (unsigned spins = 0;; ++spins) {
+            pte_t v = a.pte[i].load(kRelaxed);
+            if (!(v & kPteLocked) &&
+                a.pte[i].compare_exchange_weak(v, pte_t(v | kPteLocked), std::memory_order_acquire, kRelaxed))
+                break;
+            spin_backoff(spins);
+        }
+}
+
+void unlock_ptes(ArenaCore& a, std::size_t first, std::size_t last) {
+    for (std::size_t i = first; i < last; ++i) a.pte[i].fetch_and(pte_t(~kPteLocked), std::memory_order_release);
+}
+
+// Makes the locked pages [first, last) PROT_NONE, counting the kernel mappings the change makes
+// against the map budget as a fault's install() does; their PTEs lose their protection and gain
+// `mark`. False with nothing changed if the budget or the kernel refuses.
+bool protect_none_locked(ArenaCore& a, std::size_t first, std::size_t last, pte_t mark) {
+    std::lock_guard guard(a.install_lock);
+    const long delta = map_count_delta(a, first, last, Prot::None);
+    if (!map_budget_try_charge(a, delta)) return false;
+    if (page_protect(a.page_addr(first), (last - first) << g_page_shift, Prot::None) != 0) {
+        map_budget_charge(a, -delta);
+        // A prefix may have changed: put every run back as the PTEs say it was.
+        for (std::size_t i = first; i < last;) {
+            std::size_t j = i + 1;
+            const pte_t prot = pte_prot(a.pte[i].load(kRelaxed));
+            while (j < last && pte_prot(a.pte[j].load(kRelaxed)) == prot) ++j;
+            page_protect(a.page_addr(i), (j - i) << g_page_shift, pte_to_prot(prot));
+            i = j;
+        }
+        return false;
+    }
+    for (std::size_t i = first; i < last; ++i) {
+        const pte_t v = a.pte[i].load(kRelaxed);
+        a.pte[i].store(pte_t((v & ~kPteProt) | (pte_resident(v) ? mark : 0)), kRelaxed);
+    }
+    return true;
+}
+
+// Every anonymous VMA piece of cluster c: fn(vma, first page, last page).
+template <typename Fn>
+void for_each_piece(ArenaCore& a, std::size_t c, Fn fn) {
+    const std::size_t first = c * kClusterPages;
+    const std::size_t last = std::min(first + kClusterPages, a.page_index(a.end));
+    for (auto it = a.tree.upper_bound(a.page_addr(first)); it != a.tree.end() && it->start < a.page_addr(last); ++it) {
+        if (it->kind() != VmaKind::Anonymous) continue;
+        fn(*it, std::max(first, a.page_index(it->start)), std::min(last, a.page_index(it->end)));
+    }
+}
+
+void* start_thread(pthread_t* t, void* (*fn)(void*), void* arg) {
+    // The threads never touch arena memory and take no signal meant for the program.
+    sigset_t all, old;
+    sigfillset(&all);
+    sigdelset(&all, SIGSEGV);
+    sigdelset(&all, SIGBUS);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    const int err = pthread_create(t, nullptr, fn, arg);
+    pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    if (err) fail(err, "usermm::Arena: cannot start the reclaimer's thread");
+    return nullptr;
+}
+
+}  // namespace
+
+Reclaimer::Reclaimer(ArenaCore& a, const ArenaOptions& options)
+    : a_(a), policy_(options.policy), on_error_(options.on_store_error) {
+    static constexpr const char* call = "usermm::Arena";
+    const std::size_t size = a.end - a.base;
+    if (!options.store)
+        fail(EINVAL, "{}: resident_limit {:#x} needs a store (size {:#x})", call, options.resident_limit, size);
+    const std::uint64_t limit = (options.resident_limit >> g_page_shift) / kClusterPages * kClusterPages;
+    if (options.resident_limit && limit < 2 * kClusterPages)
+        fail(EINVAL, "{}: resident_limit {:#x} is smaller than one batch of reclaim ({} pages of {} bytes, twice)", call,
+             options.resident_limit, kClusterPages, g_page_size);
+    if (unsigned(options.policy) > unsigned(Policy::S3Fifo))
+        fail(EINVAL, "{}: policy {} is unknown (size {:#x})", call, unsigned(options.policy), size);
+    const std::size_t pages = size >> g_page_shift;
+    clusters_ = (pages + kClusterPages - 1) / kClusterPages;
+    swap_.store = options.store;
+    swap_.direct = options.store->async_signal_safe();
+    swap_.slot_bytes = pages * sizeof(std::uint64_t);
+    swap_.cluster_bytes = clusters_;
+    swap_.fresh_bytes = (clusters_ + 63) / 64 * sizeof(std::uint64_t);
+    const std::size_t buffer_bytes = (kSwapBuffers + 1) * (kClusterPages << g_page_shift);
+    void* slots = nullptr;
+    void* clusters = nullptr;
+    void* fresh = nullptr;
+    void* buffers = nullptr;
+    int err = page_alloc_table(swap_.slot_bytes, &slots);
+    if (!err) err = page_alloc_table(swap_.cluster_bytes, &clusters);
+    if (!err) err = page_alloc_table(swap_.fresh_bytes, &fresh);
+    if (!err) err = page_alloc_table(buffer_bytes, &buffers);
+    if (err) {
+        for (auto [p, n] : {std::pair{slots, swap_.slot_bytes}, {clusters, swap_.cluster_bytes}, {fresh, swap_.fresh_bytes},
+                            {buffers, buffer_bytes}})
+            if (p) page_release(addr_of(p), n);
+        fail(err, "{}: cannot reserve the swap tables for size {:#x}", call, size);
+    }
+    swap_.slots = static_cast<std::atomic<std::uint64_t>*>(slots);
+    swap_.clusters = static_cast<std::atomic<std::uint8_t>*>(clusters);
+    swap_.fresh = static_cast<std::atomic<std::uint64_t>*>(fresh);
+    swap_.buffers = static_cast<std::byte*>(buffers);
+    buffer_ = swap_.buffers + kSwapBuffers * (kClusterPages << g_page_shift);
+    swap_.limit.store(limit, kRelaxed);
+    start_threads();
+    a.swap = &swap_;
+}
+
+Reclaimer::~Reclaimer() {
+    stop_.store(true);
+    swap_.wake.fetch_add(1);
+    futex_wake(swap_.wake);
+    swap_.io_wake.fetch_add(1);
+    futex_wake(swap_.io_wake);
+    if (kswapd_running_) pthread_join(kswapd_, nullptr);
+    if (io_running_) pthread_join(io_, nullptr);
+    // Every slot the arena still holds goes back to the store.
+    std::vector<std::uint64_t> held;
+    for (const PageSpan& span : pte_spans(a_, 0, a_.page_index(a_.end)))
+        for (std::size_t i = span.first; i < span.last; ++i)
+            if (const std::uint64_t s = swap_.slots[i].load(kRelaxed)) held.push_back(s - 1);
+    if (!held.empty()) swap_.store->release(held);
+    a_.swap = nullptr;
+    page_release(addr_of(swap_.slots), swap_.slot_bytes);
+    page_release(addr_of(swap_.clusters), swap_.cluster_bytes);
+    page_release(addr_of(swap_.fresh), swap_.fresh_bytes);
+    page_release(addr_of(swap_.buffers), (kSwapBuffers + 1) * (kClusterPages << g_page_shift));
+}
+
+void Reclaimer::stop_kswapd() {
+    kswapd_stop_.store(true);
+    swap_.wake.fetch_add(1);
+    futex_wake(swap_.wake);
+    if (kswapd_running_) pthread_join(kswapd_, nullptr);
+    kswapd_running_ = false;
+}
+
+void Reclaimer::start_threads() {
+    if (!swap_.direct && !io_running_) {
+        start_thread(&io_, io_main, this);
+        io_running_ = true;
+    }
+    if (swap_.limit.load(kRelaxed) && !kswapd_running_ && !kswapd_stop_.load()) {
+        start_thread(&kswapd_, kswapd_main, this);
+        kswapd_running_ = true;
+    }
+}
+
+void Reclaimer::set_limit(const char* call, std::uint64_t bytes) {
+    const std::uint64_t pages = (bytes >> g_page_shift) / kClusterPages * kClusterPages;
+    if (bytes && pages < 2 * kClusterPages)
+        fail(EINVAL, "{}: resident limit {:#x} is smaller than one batch of reclaim ({} pages of {} bytes, twice)", call,
+             bytes, kClusterPages, g_page_size);
+    swap_.limit.store(pages, kRelaxed);
+    start_threads();
+    swap_.wake.fetch_add(1);
+    futex_wake(swap_.wake);
+    if (pages) reclaim_to(std::int64_t(pages - pages / 8));
+}
+
+void Reclaimer::report(int err, std::uintptr_t addr) {
+    account_store_error(a_);
+    if (on_error_) {
+        on_error_(err, reinterpret_cast<const void*>(addr));
+        return;
+    }
+    if (!swap_.reported.exchange(true))
+        std::fprintf(stderr,
+                     "usermm: %s refused to take pages of arena [%#lx, %#lx) (first at %#lx): %s; they stay in memory, "
+                     "over the resident limit if need be (reported once)\n",
+                     swap_.store->describe().c_str(), static_cast<unsigned long>(a_.base),
+                     static_cast<unsigned long>(a_.end), static_cast<unsigned long>(addr), std::strerror(err));
+}
+
+// Pages [first, last) of `vma` (one cluster at most) leave memory: those that hold data go to the
+// store, unless it holds them already (swapped in by a read, not written since), zero pages are
+// dropped. The pages are PROT_NONE from before their content is read until they are back (no write
+// can slip between the copy and the drop), and their PTEs are locked meanwhile, so a fault on one
+// waits and then finds it swapped out. Live snapshots take what they still need first. A store
+// that refuses any page leaves them all as they were.
+Reclaimer::Evicted Reclaimer::evict(Vma& vma, std::size_t first, std::size_t last) {
+    Evicted result;
+    lock_ptes(a_, first, last);
+    std::size_t resident = 0;
+    bool tracked = false;
+    for (std::size_t i = first; i < last; ++i) {
+        const pte_t v = a_.pte[i].load(kRelaxed);
+        resident += pte_resident(v);
+        tracked |= (v & kPteWriteTracked) != 0;
+    }
+    if (!resident) {
+        unlock_ptes(a_, first, last);
+        result.done = true;
+        return result;
+    }
+    pte_t was[kClusterPages];
+    for (std::size_t i = first; i < last; ++i) was[i - first] = pte_t(a_.pte[i].load(kRelaxed) & ~kPteLocked);
+    if (!protect_none_locked(a_, first, last, 0)) {
+        unlock_ptes(a_, first, last);
+        return result;
+    }
+    auto put_back = [&] {
+        std::lock_guard guard(a_.install_lock);
+        for (std::size_t i = first; i < last;) {
+            std::size_t j = i + 1;
+            while (j < last && pte_prot(was[j - first]) == pte_prot(was[i - first])) ++j;
+            const long delta = map_count_delta(a_, i, j, pte_to_prot(was[i - first]));
+            if (page_protect(a_.page_addr(i), (j - i) << g_page_shift, pte_to_prot(was[i - first])) == 0) {
+                map_budget_charge(a_, delta);
+                for (std::size_t k = i; k < j; ++k) a_.pte[k].store(pte_t(was[k - first] | kPteLocked), kRelaxed);
+            }
+            i = j;
+        }
+        unlock_ptes(a_, first, last);
+    };
+    std::uint32_t copies = 0;
+    for (std::size_t i = first; i < last && a_.snapshot_count; ++i)
+        if (pte_resident(was[i - first]))
+            if (const int err = preserve_for_snapshots(a_, i, pte_t(was[i - first] & ~kPteProt), &copies)) {
+                put_back();
+                result.error = err;
+                return result;
+            }
+    // A userfaultfd mark would outlive the drop and make the swap-in's write through /proc/self/mem fail.
+    if (tracked && write_tracker().marks_outlive_protect())
+        write_tracker().clear_marks(a_.page_addr(first), (last - first) << g_page_shift);
+
+    enum Fate : std::uint8_t { Keep, Zero, Clean, Write };
+    Fate fate[kClusterPages];
+    PageIo io[kClusterPages];
+    std::size_t writes = 0;
+    for (std::size_t i = first; i < last;) {
+        if (!pte_resident(was[i - first])) {
+            fate[i - first] = Keep;
+            ++i;
+            continue;
+        }
+        std::size_t j = i + 1;
+        while (j < last && pte_resident(was[j - first])) ++j;
+        std::byte* dst = buffer_ + ((i - first) << g_page_shift);
+        if (const int err = page_read_raw(a_.page_addr(i), dst, (j - i) << g_page_shift)) {
+            put_back();
+            result.error = err;
+            return result;
+        }
+        for (std::size_t k = i; k < j; ++k) {
+            std::byte* page = buffer_ + ((k - first) << g_page_shift);
+            if (swap_.slots[k].load(kRelaxed))
+                fate[k - first] = Clean;
+            else if (all_zeros(page))
+                fate[k - first] = Zero;
+            else {
+                fate[k - first] = Write;
+                io[writes++] = {0, page, 0};
+            }
+        }
+        i = j;
+    }
+    if (writes) {
+        std::uint64_t slots[kClusterPages];
+        std::size_t got = 0;
+        try {  // a user's store may throw: its pages stay, as for an error it reports
+            got = swap_.store->allocate({slots, writes});
+            for (std::size_t k = 0; k < got; ++k) io[k].slot = slots[k];
+            if (got == writes) swap_.store->write({io, writes});
+        } catch (...) {
+            for (std::size_t k = 0; k < writes; ++k) io[k].error = EIO;
+        }
+        int err = got == writes ? 0 : ENOSPC;
+        for (std::size_t k = 0; k < writes && !err; ++k) err = io[k].error;
+        if (err) {
+            swap_.store->release({slots, got});
+            put_back();
+            result.error = err;
+            return result;
+        }
+    }
+    page_discard(a_.page_addr(first), (last - first) << g_page_shift);
+    std::size_t written = 0;
+    for (std::size_t i = first; i < last; ++i) {
+        const pte_t v = was[i - first];
+        pte_t now = pte_t(v & ~(kPteProt | kPteWriteTracked | kPteInactive | kPteReadahead));
+        switch (fate[i - first]) {
+            case Keep:  // untouched, swapped out already, or read-only zero page: nothing in memory now
+                break;
+            case Zero:
+                now = pte_t(now & ~kPtePopulated);
+                break;
+            case Write:
+                swap_.slots[i].store(io[written++].slot + 1, kRelaxed);
+                now = pte_t(now | kPteSwapped);
+                break;
+            case Clean:
+                result.out.wasted += (v & kPteReadahead) != 0;
+                now = pte_t(now | kPteSwapped);
+                break;
+        }
+        a_.note_resident(v, now);
+        a_.pte[i].store(pte_t(now | kPteLocked), kRelaxed);
+    }
+    unlock_ptes(a_, first, last);
+    result.out.written = writes;
+    result.out.dropped = resident;
+    account_swap_out(a_, vma, result.out);
+    result.done = true;
+    return result;
+}
+
+// Second chance: the cluster's pages in memory become PROT_NONE with their content kept, marked
+// inactive, so that the next touch of one is a hinting fault that marks the cluster used again.
+bool Reclaimer::deactivate(std::size_t c) {
+    bool any = false;
+    for_each_piece(a_, c, [&](Vma&, std::size_t first, std::size_t last) {
+        lock_ptes(a_, first, last);
+        bool granted = false;
+        for (std::size_t i = first; i < last; ++i) {
+            const pte_t v = a_.pte[i].load(kRelaxed);
+            granted |= pte_resident(v) && pte_prot(v) != 0;
+        }
+        if (granted) any |= protect_none_locked(a_, first, last, kPteInactive);
+        unlock_ptes(a_, first, last);
+    });
+    return any;
+}
+
+// Clusters a fault used while the reclaimer did not know them join the policy's queues.
+void Reclaimer::discover() {
+    const std::size_t words = (clusters_ + 63) / 64;
+    for (std::size_t w = 0; w < words; ++w) {
+        std::uint64_t bits = swap_.fresh[w].load(kRelaxed);
+        if (!bits) continue;
+        bits = swap_.fresh[w].exchange(0, kRelaxed);
+        while (bits) {
+            const std::size_t c = w * 64 + std::size_t(std::countr_zero(bits));
+            bits &= bits - 1;
+            enqueue(std::uint32_t(c));
+        }
+    }
+}
+
+void Reclaimer::enqueue(std::uint32_t c) {
+    const std::uint8_t old = swap_.clusters[c].fetch_or(kClusterQueued, kRelaxed);
+    if (old & kClusterQueued) return;
+    if (policy_ == Policy::S3Fifo && !(old & kClusterGhost)) {
+        small_.push_back(c);
+    } else {
+        swap_.clusters[c].fetch_and(std::uint8_t(~kClusterGhost), kRelaxed);
+        main_.push_back(c);  // S3-FIFO: a refault of a cluster evicted recently skips probation
+    }
+}
+
+// The next victim. FIFO: the oldest cluster. CLOCK: the oldest not used since the hand last
+// passed; a used one loses its mark, is made inactive (so that its next use is seen) and goes to
+// the back. S3-FIFO: from the small queue while it holds more than a tenth of the limit (a used
+// cluster moves on to the main queue, an unused one is evicted and remembered in the ghost queue),
+// else from the main queue, where a cluster's use count buys it that many more passes.
+bool Reclaimer::pick(std::uint32_t* victim) {
+    const std::size_t limit_clusters = std::max<std::uint64_t>(1, swap_.limit.load(kRelaxed) / kClusterPages);
+    auto take_use = [&](std::uint32_t c) {  // folds the fault world's use bit into the count
+        const std::uint8_t state = swap_.clusters[c].fetch_and(std::uint8_t(~kClusterUsed), kRelaxed);
+        std::uint8_t freq = freq_of(state);
+        if (state & kClusterUsed) freq = std::uint8_t(std::min(3, freq + 1));
+        return freq;
+    };
+    auto set_freq = [&](std::uint32_t c, std::uint8_t f) {
+        std::uint8_t s = swap_.clusters[c].load(kRelaxed);
+        while (!swap_.clusters[c].compare_exchange_weak(s, std::uint8_t((s & ~kClusterFreq) | f * kClusterFreqOne), kRelaxed)) {
+        }
+    };
+    auto chosen = [&](std::uint32_t c) {
+        swap_.clusters[c].fetch_and(std::uint8_t(~(kClusterQueued | kClusterFreq)), kRelaxed);
+        *victim = c;
+        return true;
+    };
+    for (std::size_t budget = 2 * (small_.size() + main_.size()) + 1; budget > 0; --budget) {
+        const bool from_small = policy_ == Policy::S3Fifo && !small_.empty() && (small_.size() * 10 >= limit_clusters || main_.empty());
+        std::deque<std::uint32_t>& q = from_small ? small_ : main_;
+        if (q.empty()) return false;
+        const std::uint32_t c = q.front();
+        q.pop_front();
+        if (policy_ == Policy::Fifo) return chosen(c);
+        const std::uint8_t freq = take_use(c);
+        if (from_small) {
+            if (freq > 0) {
+                set_freq(c, 0);
+                deactivate(c);
+                main_.push_back(c);
+                continue;
+            }
+            swap_.clusters[c].fetch_or(kClusterGhost, kRelaxed);
+            ghost_.push_back(c);
+            while (ghost_.size() > limit_clusters) {
+                swap_.clusters[ghost_.front()].fetch_and(std::uint8_t(~kClusterGhost), kRelaxed);
+                ghost_.pop_front();
+            }
+            return chosen(c);
+        }
+        if (freq > 0) {
+            set_freq(c, policy_ == Policy::Clock ? 0 : std::uint8_t(freq - 1));
+            deactivate(c);
+            main_.push_back(c);
+            continue;
+        }
+        return chosen(c);
+    }
+    return false;
+}
+
+bool Reclaimer::reclaim_one() {
+    std::lock_guard guard(queue_lock_);
+    discover();
+    for (int attempts = 0; attempts < 64; ++attempts) {
+        std::uint32_t c = 0;
+        if (!pick(&c)) return false;
+        bool evicted = false;
+        for_each_piece(a_, c, [&](Vma& vma, std::size_t first, std::size_t last) {
+            const Evicted e = evict(vma, first, last);
+            if (e.error) report(e.error, a_.page_addr(first));
+            if (!e.done) enqueue(c);  // busy, refused or failed: it stays in line
+            evicted |= e.done && e.out.dropped > 0;
+        });
+        if (evicted) return true;
+    }
+    return false;
+}
+
+void Reclaimer::reclaim_to(std::int64_t target) {
+    while (!stop_.load(kRelaxed) && !kswapd_stop_.load(kRelaxed) && a_.resident.load(kRelaxed) > target) {
+        bool progress = false;
+        {
+            ApiGuard<SharedGuard<RwSpinLock>> guard(a_.lock);
+            progress = reclaim_one();
+        }
+        swap_.progress.fetch_add(1, std::memory_order_release);
+        futex_wake(swap_.progress);
+        if (!progress) return;
+    }
+}
+
+void Reclaimer::page_out(const char* call, Vma& vma, Range part) {
+    std::lock_guard guard(queue_lock_);
+    for (std::size_t i = a_.page_index(part.start), last = a_.page_index(part.end); i < last;) {
+        const std::size_t j = std::min(last, (i / kClusterPages + 1) * kClusterPages);
+        const Evicted e = evict(vma, i, j);
+        if (e.error) report(e.error, a_.page_addr(i));
+        if (!e.done && !e.error)
+            fail(ENOMEM, "{}: evicting [{:#x}, {:#x}) would take the arena past its kernel mapping budget", call,
+                 a_.page_addr(i), a_.page_addr(j));
+        i = j;
+    }
+}
+
+void Reclaimer::cold(Range part) {
+    std::lock_guard guard(queue_lock_);
+    discover();
+    const std::size_t first = a_.page_index(part.start) / kClusterPages;
+    const std::size_t last = (a_.page_index(part.end) + kClusterPages - 1) / kClusterPages;
+    for (std::size_t c = last; c-- > first;) {
+        const std::uint8_t old = swap_.clusters[c].fetch_and(std::uint8_t(~(kClusterUsed | kClusterFreq)), kRelaxed);
+        if (!(old & kClusterQueued)) swap_.clusters[c].fetch_or(kClusterQueued, kRelaxed);
+        // First in line; a stale entry further back is skipped when its turn comes (it is not queued twice
+        // in effect: eviction of an empty cluster does nothing).
+        (policy_ == Policy::S3Fifo ? small_ : main_).push_front(std::uint32_t(c));
+    }
+}
+
+bool Reclaimer::retain_for_fork() {
+    std::vector<std::uint64_t> held;
+    for (const PageSpan& span : pte_spans(a_, 0, a_.page_index(a_.end)))
+        for (std::size_t i = span.first; i < span.last; ++i)
+            if (const std::uint64_t s = swap_.slots[i].load(kRelaxed)) held.push_back(s - 1);
+    return held.empty() || swap_.store->retain(held) == 0;
+}
+
+void Reclaimer::after_fork_child() {
+    kswapd_running_ = false;  // the parent's threads; the child has none
+    io_running_ = false;
+    for (SwapRequest& r : swap_.requests) r.state.store(kIoFree, kRelaxed);
+    swap_.buffers_busy.store(0, kRelaxed);
+    start_threads();
+}
+
+void* Reclaimer::kswapd_main(void* self) {
+    Reclaimer& r = *static_cast<Reclaimer*>(self);
+    ArenaSwap& s = r.swap_;
+    while (!r.stop_.load() && !r.kswapd_stop_.load()) {
+        const std::uint32_t seen = s.wake.load(std::memory_order_acquire);
+        const std::int64_t limit = std::int64_t(s.limit.load(kRelaxed));
+        if (limit && r.a_.resident.load(kRelaxed) > limit - limit / 16) {
+            r.reclaim_to(limit - limit / 8);
+            continue;
+        }
+        s.progress.fetch_add(1, std::memory_order_release);
+        futex_wake(s.progress);
+        futex_wait(s.wake, seen, kIdleNs);
+    }
+    return nullptr;
+}
+
+void* Reclaimer::io_main(void* self) {
+    Reclaimer& r = *static_cast<Reclaimer*>(self);
+    ArenaSwap& s = r.swap_;
+    while (!r.stop_.load()) {
+        const std::uint32_t seen = s.io_wake.load(std::memory_order_acquire);
+        bool any = false;
+        for (SwapRequest& q : s.requests) {
+            if (q.state.load(std::memory_order_acquire) != kIoPosted) continue;
+            any = true;
+            try {  // a user's store may throw: every page of the batch fails then
+                if (q.release)
+                    for (std::size_t k = 0; k < q.count; ++k) s.store->release({&q.pages[k].slot, 1});
+                else
+                    s.store->read({q.pages, q.count});
+            } catch (...) {
+                for (std::size_t k = 0; k < q.count; ++k) q.pages[k].error = EIO;
+            }
+            q.state.store(kIoDone, std::memory_order_release);
+            futex_wake(q.state);
+        }
+        if (!any) futex_wait(s.io_wake, seen, kIdleNs);
+    }
+    return nullptr;
+}
+
+}  // namespace usermm::detail

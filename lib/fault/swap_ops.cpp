@@ -1,0 +1,106 @@
+#include "swap_ops.hpp"
+
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <bit>
+
+#include "fault_world.hpp"
+
+namespace usermm::detail {
+
+namespace {
+constexpr auto kRelaxed = std::memory_order_relaxed;
+
+std::uint32_t* futex_word(std::atomic<std::uint32_t>& word) { return reinterpret_cast<std::uint32_t*>(&word); }
+
+// Hands a batch to the I/O thread and waits for it.
+void through_io_thread(ArenaSwap& s, PageIo* pages, std::size_t n, bool release) {
+    for (unsigned spins = 0;; ++spins) {
+        for (SwapRequest& r : s.requests) {
+            std::uint32_t free = kIoFree;
+            if (!r.state.compare_exchange_strong(free, kIoClaimed, std::memory_order_acquire, kRelaxed)) continue;
+            r.pages = pages;
+            r.count = n;
+            r.release = release;
+            r.state.store(kIoPosted, std::memory_order_release);
+            s.io_wake.fetch_add(1, std::memory_order_release);
+            futex_wake(s.io_wake);
+            while (r.state.load(std::memory_order_acquire) != kIoDone) futex_wait(r.state, kIoPosted, 0);
+            r.state.store(kIoFree, std::memory_order_release);
+            return;
+        }
+        spin_backoff(spins);  // every request slot is taken: another fault's batch finishes first
+    }
+}
+}  // namespace
+
+void futex_wait(std::atomic<std::uint32_t>& word, std::uint32_t seen, long timeout_ns) {
+    timespec ts{timeout_ns / 1000000000, timeout_ns % 1000000000};
+    syscall(SYS_futex, futex_word(word), FUTEX_WAIT_PRIVATE, seen, timeout_ns ? &ts : nullptr, nullptr, 0);
+}
+
+void futex_wake(std::atomic<std::uint32_t>& word) {
+    syscall(SYS_futex, futex_word(word), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
+}
+
+void swap_store_read(ArenaSwap& s, PageIo* pages, std::size_t n) {
+    if (s.direct)
+        s.store->read({pages, n});
+    else
+        through_io_thread(s, pages, n, false);
+}
+
+void swap_drop_copy(ArenaSwap& s, std::size_t page) {
+    const std::uint64_t held = s.slots[page].exchange(0, kRelaxed);
+    if (!held) return;
+    PageIo one{held - 1, nullptr, 0};
+    if (s.direct)
+        s.store->release({&one.slot, 1});
+    else
+        through_io_thread(s, &one, 1, true);
+}
+
+std::byte* swap_claim_buffer(ArenaSwap& s) {
+    for (unsigned spins = 0;; ++spins) {
+        std::uint32_t busy = s.buffers_busy.load(kRelaxed);
+        const std::uint32_t free = ~busy & ((1u << kSwapBuffers) - 1);
+        if (free) {
+            const std::uint32_t bit = free & -free;
+            if (s.buffers_busy.compare_exchange_weak(busy, busy | bit, std::memory_order_acquire, kRelaxed))
+                return s.buffers + std::size_t(std::countr_zero(bit)) * (kClusterPages << g_page_shift);
+            continue;
+        }
+        spin_backoff(spins);
+    }
+}
+
+void swap_release_buffer(ArenaSwap& s, std::byte* buffer) {
+    const std::size_t i = std::size_t(buffer - s.buffers) / (kClusterPages << g_page_shift);
+    s.buffers_busy.fetch_and(~(1u << i), std::memory_order_release);
+}
+
+void swap_note_use(ArenaSwap& s, std::size_t page) {
+    const std::size_t c = page / kClusterPages;
+    const std::uint8_t old = s.clusters[c].fetch_or(kClusterUsed, kRelaxed);
+    if (!(old & kClusterQueued)) s.fresh[c / 64].fetch_or(std::uint64_t(1) << (c % 64), kRelaxed);
+}
+
+bool swap_throttle(ArenaCore& a) {
+    ArenaSwap& s = *a.swap;
+    const std::uint64_t limit = s.limit.load(kRelaxed);
+    if (!limit || a.resident.load(kRelaxed) < std::int64_t(limit)) return false;
+    // A few rounds of the reclaimer's batches at most: a reclaimer that cannot make progress (the
+    // store refuses writes) must not stop the program, only let it run over the limit.
+    for (int round = 0; round < 8 && a.resident.load(kRelaxed) >= std::int64_t(limit); ++round) {
+        const std::uint32_t seen = s.progress.load(std::memory_order_acquire);
+        s.wake.fetch_add(1, std::memory_order_release);
+        futex_wake(s.wake);
+        futex_wait(s.progress, seen, 2000000);
+    }
+    return true;
+}
+
+}  // namespace usermm::detail

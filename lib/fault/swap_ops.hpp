@@ -1,0 +1,35 @@
+// The fault world's side of reclaim and swap: store calls, swap-in buffers, the cluster a fault
+// used, and the wait of a fault that finds its arena at the resident limit.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "vma.hpp"
+
+namespace usermm::detail {
+
+// Futexes on 32-bit atomics (async-signal-safe: one system call each). futex_wait returns when the
+// value is no longer `seen`, at a wake, or after timeout_ns (0: none).
+void futex_wait(std::atomic<std::uint32_t>& word, std::uint32_t seen, long timeout_ns);
+void futex_wake(std::atomic<std::uint32_t>& word);
+
+// Reads a batch from the arena's store: directly if the store may run in a signal handler, else
+// through usermm's I/O thread, waiting for it. Each page's `error` says how it went.
+void swap_store_read(ArenaSwap& s, PageIo* pages, std::size_t n);
+// Gives a page's store copy up (a write is about to make it stale, or the page is discarded).
+void swap_drop_copy(ArenaSwap& s, std::size_t page);
+
+// A buffer of kClusterPages pages for one swap-in, waited for if all are taken.
+std::byte* swap_claim_buffer(ArenaSwap& s);
+void swap_release_buffer(ArenaSwap& s, std::byte* buffer);
+
+// A fault resolved page `page`: its cluster is used, and queued by the reclaimer if it is new.
+void swap_note_use(ArenaSwap& s, std::size_t page);
+
+// After a fault, under the arena's read lock: if the arena is at its resident limit, wakes the
+// reclaimer and waits for its progress, a bounded time (the read lock held keeps the arena alive;
+// a writer waiting meanwhile waits no longer than that). True if it waited.
+bool swap_throttle(ArenaCore& a);
+
+}  // namespace usermm::detail
