@@ -4,6 +4,7 @@
 // reads, a user-defined store that is not async-signal-safe, and SwapFile's slots reused.
 #include <doctest/doctest.h>
 
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -40,7 +41,7 @@ using usermm_test::check_survived;
 
 constexpr Policy kPolicies[] = {Policy::Fifo, Policy::Clock, Policy::S3Fifo};
 
-const char* name(Policy p) { return p == Policy::Fifo ? "Fifo" : p == Policy::Clock ? "Clock" : "S3Fifo"; }
+std::string name(Policy p) { return p == Policy::Fifo ? "Fifo" : p == Policy::Clock ? "Clock" : "S3Fifo"; }
 
 // A store in front of a SwapFile that refuses writes (EIO) for the next `fail_writes` pages, and
 // every read while `fail_reads` is set. It does not claim async-signal-safety (it allocates), so
@@ -87,31 +88,35 @@ private:
     SwapFile& inner_;
 };
 
-// A user-defined store in memory, with a mutex and vectors: the kind usermm must never call from
-// its signal handler. It remembers the threads that called read() and write(), and counts calls
-// on slots not allocated (a read of a released slot, a double release) instead of crashing. Its
-// slot table is the process's own, so retain() refuses (the contract: fork() then reads the slots
-// back first).
+// A user-defined store with a mutex and a vector: the kind usermm must never call from its
+// signal handler. It remembers the threads that called read() and write(), and counts calls on
+// slots not allocated (a read of a released slot, a double release) instead of crashing. Its page
+// data lies in shared memory (as a store on a device would be shared with a child) but its slot
+// table is the process's own, handed out lowest slot first: so retain() refuses, and the contract
+// says that fork() then reads the slots back into the arena before the child exists; otherwise a
+// child that frees and reuses a slot overwrites a page its parent still has there.
 class MemoryStore final : public usermm::Store {
 public:
-    explicit MemoryStore(std::size_t pages) : capacity_(pages) {}
+    explicit MemoryStore(std::size_t pages)
+        : capacity_(pages),
+          data_(static_cast<std::byte*>(
+              mmap(nullptr, pages * page(), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0))),
+          used_(pages, false) {
+        if (data_ == MAP_FAILED) std::abort();
+    }
+    ~MemoryStore() override { munmap(data_, capacity_ * page()); }
+    MemoryStore(const MemoryStore&) = delete;
+    MemoryStore& operator=(const MemoryStore&) = delete;
 
     std::size_t allocate(std::span<std::uint64_t> slots) override {
         std::lock_guard lock(mu_);
         std::size_t n = 0;
-        for (; n < slots.size(); ++n) {
-            if (!free_.empty()) {
-                slots[n] = free_.back();
-                free_.pop_back();
-            } else if (data_.size() < capacity_) {
-                slots[n] = data_.size();
-                data_.emplace_back();
-            } else {
-                break;
+        for (std::uint64_t s = 0; s < capacity_ && n < slots.size(); ++s)
+            if (!used_[s]) {
+                used_[s] = true;
+                slots[n++] = s;
+                ++in_use_;
             }
-            data_[slots[n]].assign(page(), std::byte{0});
-            ++in_use_;
-        }
         return n;
     }
     void release(std::span<const std::uint64_t> slots) override {
@@ -121,8 +126,7 @@ public:
                 ++misuse_;
                 continue;
             }
-            free_.push_back(s);
-            data_[s].clear();
+            used_[s] = false;
             --in_use_;
         }
     }
@@ -133,7 +137,7 @@ public:
         ++writes_;
         for (PageIo& io : pages) {
             io.error = allocated(io.slot) ? 0 : EINVAL;
-            if (io.error == 0) std::memcpy(data_[io.slot].data(), io.data, page());
+            if (io.error == 0) std::memcpy(data_ + io.slot * page(), io.data, page());
             misuse_ += io.error != 0;
         }
     }
@@ -143,7 +147,7 @@ public:
         ++reads_;
         for (PageIo& io : pages) {
             io.error = allocated(io.slot) ? 0 : EINVAL;
-            if (io.error == 0) std::memcpy(io.data, data_[io.slot].data(), page());
+            if (io.error == 0) std::memcpy(io.data, data_ + io.slot * page(), page());
             misuse_ += io.error != 0;
         }
     }
@@ -172,12 +176,12 @@ public:
     }
 
 private:
-    bool allocated(std::uint64_t slot) const { return slot < data_.size() && data_[slot].size() == page(); }
+    bool allocated(std::uint64_t slot) const { return slot < capacity_ && used_[slot]; }
 
     mutable std::mutex mu_;
     const std::size_t capacity_;
-    std::vector<std::vector<std::byte>> data_;
-    std::vector<std::uint64_t> free_;
+    std::byte* const data_;
+    std::vector<bool> used_;
     std::vector<std::thread::id> callers_;
     std::uint64_t reads_ = 0, writes_ = 0, misuse_ = 0;
     std::size_t in_use_ = 0;
@@ -556,13 +560,18 @@ TEST_CASE("a user-defined store that is not async-signal-safe runs on usermm's t
     CHECK(store.in_use() <= n);
     arena.verify();
 
-    // retain() refuses: the child's pages are read back before it exists, and it reads them all.
-    const std::size_t in_use = store.in_use();
-    CHECK(in_use > 0);
+    // retain() refuses: the pages are read back before the child exists. The child reads them
+    // all, then overwrites them and pages them out (reusing the lowest slots of its own table);
+    // the parent's pages must not change.
+    CHECK(store.in_use() > 0);
     const auto child = usermm_test::run_guarded(
         [&] {
             std::size_t bad = 0;
             for (std::size_t i = 0; i < n; ++i) bad += !holds(p + i * page(), i, 1);
+            CHILD_CHECK(bad == 0);
+            for (std::size_t i = 0; i < n; ++i) fill(p + i * page(), i, 2);
+            arena.advise(p, n * page(), Advice::PageOut);
+            for (std::size_t i = 0; i < n; ++i) bad += !holds(p + i * page(), i, 2);
             CHILD_CHECK(bad == 0);
         },
         20);
@@ -607,4 +616,77 @@ TEST_CASE("SwapFile slots are reused: in use never more than the pages swapped o
     arena.unmap(p, n * page());
     CHECK(swap.slots_in_use() == 0);
     CHECK(arena.stats().resident_pages == 0);
+}
+
+// Each order of snapshot, eviction, swap-in and write, one thread, so that a failure names it.
+TEST_CASE("a snapshot's content is right whatever was swapped out before or after it, and restore brings it back") {
+    constexpr std::size_t n = 2 * kCluster;
+    auto all = [&](auto&& fn) {
+        std::size_t wrong = 0;
+        for (std::size_t i = 0; i < n; ++i) wrong += !fn(i);
+        return wrong;
+    };
+    SwapFile swap(swap_path(), 16 << 20);
+    Arena arena(64 << 20, options(&swap));
+    char* p = map_aligned(arena, n);
+    auto write_all = [&](std::uint64_t v) {
+        for (std::size_t i = 0; i < n; ++i) fill(p + i * page(), i, v);
+    };
+    auto page_out = [&] { arena.advise(p, n * page(), Advice::PageOut); };
+    std::vector<std::uint8_t> image(n * page());
+    auto snapshot_holds = [&](const usermm::Snapshot& s, std::uint64_t v) {
+        s.read(p, image.data(), image.size());
+        return all([&](std::size_t i) { return holds(image.data() + i * page(), i, v); });
+    };
+    auto arena_holds = [&](std::uint64_t v) { return all([&](std::size_t i) { return holds(p + i * page(), i, v); }); };
+
+    SUBCASE("swapped out, then the snapshot, then written") {
+        write_all(1);
+        page_out();
+        usermm::Snapshot s = arena.snapshot(p, n * page());
+        CHECK(snapshot_holds(s, 1) == 0);
+        write_all(2);
+        CHECK(snapshot_holds(s, 1) == 0);
+        page_out();
+        CHECK(snapshot_holds(s, 1) == 0);
+        CHECK(arena_holds(2) == 0);
+    }
+    SUBCASE("the snapshot, then swapped out, then written") {
+        write_all(1);
+        usermm::Snapshot s = arena.snapshot(p, n * page());
+        page_out();
+        CHECK(snapshot_holds(s, 1) == 0);
+        write_all(2);
+        CHECK(snapshot_holds(s, 1) == 0);
+        CHECK(arena_holds(2) == 0);
+    }
+    SUBCASE("swapped in clean, then the snapshot, dropped clean, then written") {
+        write_all(1);
+        page_out();
+        CHECK(arena_holds(1) == 0);
+        usermm::Snapshot s = arena.snapshot(p, n * page());
+        page_out();
+        write_all(2);
+        CHECK(snapshot_holds(s, 1) == 0);
+        CHECK(arena_holds(2) == 0);
+    }
+    SUBCASE("restore over swapped-out pages, and restored pages swapped out") {
+        write_all(1);
+        usermm::Snapshot s = arena.snapshot(p, n * page());
+        write_all(2);
+        page_out();
+        arena.restore(s);
+        CHECK(arena_holds(1) == 0);
+        page_out();
+        CHECK(arena_holds(1) == 0);
+        write_all(3);
+        page_out();
+        CHECK(snapshot_holds(s, 1) == 0);
+        arena.restore(s);
+        CHECK(arena_holds(1) == 0);
+    }
+    arena.verify();
+    arena.unmap(p, n * page());
+    CHECK(arena.stats().resident_pages == 0);
+    CHECK(swap.slots_in_use() == 0);
 }
