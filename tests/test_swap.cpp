@@ -690,3 +690,29 @@ TEST_CASE("a snapshot's content is right whatever was swapped out before or afte
     CHECK(arena.stats().resident_pages == 0);
     CHECK(swap.slots_in_use() == 0);
 }
+
+// restore() writes back every page changed since the snapshot: under a limit, it must leave the
+// arena within it (evicting as it goes, or restoring into the store), or the next fault waits
+// for a reclaimer that has nothing it may evict.
+TEST_CASE("restore under a resident limit stays within it, and the arena goes on") {
+    constexpr std::size_t limit = 4 * kCluster, n = 4 * limit;
+    SwapFile swap(swap_path(), 64 << 20);
+    Arena arena(64 << 20, options(&swap, limit));
+    char* p = map_aligned(arena, n);
+    for (std::size_t i = 0; i < n; ++i) fill(p + i * page(), i, 1);
+    usermm::Snapshot snap = arena.snapshot(p, n * page());
+    for (std::size_t i = 0; i < n; ++i) fill(p + i * page(), i, 2);
+    arena.restore(snap);
+    const Stats s = arena.stats();
+    CHECK(s.pages_restored == n);
+    // Past this, an arena over its limit with nothing to evict would hang the reads below.
+    REQUIRE(s.resident_pages <= limit + 2 * kCluster);
+    std::size_t wrong = 0;
+    for (std::size_t i = 0; i < n; ++i) wrong += !holds(p + i * page(), i, 1);
+    CHECK(wrong == 0);
+    for (std::size_t i = 0; i < n; ++i) fill(p + i * page(), i, 3);
+    for (std::size_t i = 0; i < n; ++i) wrong += !holds(p + i * page(), i, 3);
+    CHECK(wrong == 0);
+    CHECK(arena.stats().resident_pages <= limit + 2 * kCluster);
+    arena.verify();
+}
