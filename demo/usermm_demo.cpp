@@ -5,6 +5,10 @@
 //   usermm-demo checkpoint [KEYS]
 //                          an 8 GiB key-value table: checkpoints under writers, a roll-back, a restart
 //                          in a new process (which runs `usermm-demo checkpoint-restart ...`)
+//   usermm-demo swap [TABLE_MIB LIMIT_MIB SECONDS]
+//                          a 4 GiB table under a 512 MiB resident limit on a SwapFile: Zipf lookups and
+//                          updates from 4 threads for 30 s, major faults next to exact LRU and OPT
+//                          (`64 8 2`: a smoke run)
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
@@ -13,12 +17,14 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <random>
@@ -26,10 +32,15 @@
 #include <string>
 #include <string_view>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <usermm/fmt.hpp>
+#include <usermm/store.hpp>
 #include <usermm/usermm.hpp>
+
+#include "offline_policies.hpp"
+#include "refstring.hpp"
 
 namespace {
 
@@ -635,7 +646,213 @@ int restart(int argc, char** argv) {
 }
 
 }  // namespace checkpoint
-void usage() { std::fprintf(stderr, "usage: usermm-demo lazy|snapshot|file|checkpoint [KEYS]\n"); }
+// Reclaim and swap (issue 11): a table larger than the arena may hold in memory, on a SwapFile.
+// Threads look records up and update them, picking pages by Zipf 0.99 (the hot pages scattered
+// over the table) and a record of the page uniformly; a monitor prints every second what the
+// arena holds against its limit and what moves to and from the store. Each thread takes a number
+// from one shared counter just before each access and writes the page there, so that the
+// recorded reference string is the order in which the accesses began (two accesses of the same
+// instant may have reached the arena in the other order); exact LRU, FIFO and Belady's OPT run
+// on that string afterwards with as many frames as the limit has pages, next to the major faults
+// the arena took. The measured phase starts with the whole table paged out, as the simulations
+// start with empty frames. Every record holds its key, a version (its updates) and a checksum:
+// lookups check the record they read, and at the end every record is checked and the versions
+// must add up to the updates made.
+namespace swapdemo {
+
+struct Record {
+    std::uint64_t key;
+    std::uint64_t version;
+    std::uint64_t payload[5];
+    std::uint64_t checksum;
+};
+static_assert(sizeof(Record) == 64);
+
+std::uint64_t checksum_of(const Record& r) {
+    std::uint64_t h = 0xcbf29ce484222325ull;
+    for (std::uint64_t w : {r.key, r.version, r.payload[0], r.payload[1], r.payload[2], r.payload[3], r.payload[4]})
+        h = (h ^ w) * 0x100000001b3ull;
+    return h;
+}
+
+constexpr std::size_t kDefaultTableMib = 4096;
+constexpr std::size_t kDefaultLimitMib = 512;
+// Long enough for replacement to matter: starting paged out, 4 threads fill the 512 MiB in about 13 s
+// here (swap-ins of scattered pages at about 40 MB/s), and only then does the arena have to choose.
+constexpr int kDefaultSeconds = 30;
+constexpr unsigned kThreads = 4;
+constexpr double kUpdates = 0.2;                // of the accesses
+constexpr std::size_t kMaxRefs = 64ull << 20;   // recorded references at most (256 MiB)
+constexpr std::size_t kStripes = 4096;          // record locks
+
+int run(std::size_t table_mib, std::size_t limit_mib, int seconds) {
+    const std::size_t page = usermm::page_size();
+    const std::size_t table_bytes = table_mib << 20, limit = limit_mib << 20;
+    const std::size_t records = table_bytes / sizeof(Record), per_page = page / sizeof(Record);
+    const auto pages = std::uint32_t(table_bytes / page);
+    const char* dir = std::getenv("TMPDIR");
+    const std::string path = std::string(dir && *dir ? dir : "/var/tmp") + "/usermm-demo-swap-" +
+                             std::to_string(getpid());
+    usermm::SwapFile store(path, table_bytes + (64 << 20));
+    usermm::Arena arena(table_bytes, [&] {
+        usermm::ArenaOptions o;
+        o.resident_limit = limit;
+        o.store = &store;
+        return o;
+    }());
+    const std::span<Record> table = arena.map_span<Record>(records, usermm::Prot::ReadWrite, {.name = "table"});
+    const long rss_at_start = resident_kib();
+    fmt::print("a {} MiB table of {} {}-byte records in an arena with a resident limit of {} MiB ({} pages) and a "
+               "{} ({}O_DIRECT); {} threads, Zipf 0.99 over its {} pages, {:.0f}% updates, for {} s; VmRSS before: "
+               "{:.1f} MiB\n",
+               table_mib, records, sizeof(Record), limit_mib, limit / page, store.describe(),
+               store.direct() ? "" : "not ", kThreads, pages, kUpdates * 100, seconds, double(rss_at_start) / 1024);
+
+    std::atomic<int> phase{0};
+    constexpr const char* kPhases[] = {"fill", "page out", "zipf", "check"};
+    std::atomic<std::uint64_t> ops{0};
+    std::uint64_t peak_resident = 0;
+    long peak_rss = 0;
+    // A jthread: an exception in this thread still stops and joins it, before the arena goes.
+    std::jthread monitor([&](std::stop_token stop_monitor) {
+        usermm::Stats last = arena.stats();
+        std::uint64_t last_ops = 0;
+        auto next = std::chrono::steady_clock::now();
+        for (int t = 1; !stop_monitor.stop_requested(); ++t) {
+            next += std::chrono::seconds(1);
+            while (!stop_monitor.stop_requested() && std::chrono::steady_clock::now() < next)
+                std::this_thread::sleep_for(std::chrono::milliseconds(20));
+            if (stop_monitor.stop_requested()) break;
+            const usermm::Stats s = arena.stats();
+            const long rss = resident_kib();
+            const std::uint64_t n = ops.load();
+            peak_resident = std::max<std::uint64_t>(peak_resident, s.resident_pages);
+            peak_rss = std::max(peak_rss, rss);
+            fmt::print("{:3} s {:<8} resident {:6.1f} / {} MiB (VmRSS {:6.1f} MiB)  major {:7} minor {:7} hinting "
+                       "{:6}  swap in {:6.1f} out {:6.1f} MB/s  readahead hits {:6}  direct reclaims {:5}  "
+                       "{:8} accesses\n",
+                       t, kPhases[phase.load()], double(s.resident_pages * page) / (1 << 20), limit_mib,
+                       double(rss) / 1024, s.major_faults - last.major_faults, s.minor_faults - last.minor_faults,
+                       s.hinting_faults - last.hinting_faults,
+                       double(s.swap_bytes_read - last.swap_bytes_read) / 1e6,
+                       double(s.swap_bytes_written - last.swap_bytes_written) / 1e6,
+                       s.swap_readahead_hits - last.swap_readahead_hits, s.direct_reclaims - last.direct_reclaims,
+                       n - last_ops);
+            std::fflush(stdout);
+            last = s;
+            last_ops = n;
+        }
+    });
+
+    auto t0 = std::chrono::steady_clock::now();
+    for (std::size_t i = 0; i < records; ++i) {
+        Record& r = table[i];
+        r = Record{i, 0, {i, ~i, i * 3, i * 5, i * 7}, 0};
+        r.checksum = checksum_of(r);
+    }
+    fmt::print("filled the table in {:.1f} s\n", since_ms(t0) / 1e3);
+    phase = 1;
+    t0 = std::chrono::steady_clock::now();
+    arena.advise(table.data(), table.size_bytes(), usermm::Advice::PageOut);
+    fmt::print("paged the whole table out in {:.1f} s: the simulations below start with empty frames too\n",
+               since_ms(t0) / 1e3);
+
+    phase = 2;
+    const usermm_refstring::Zipf hot(pages, 0.99, 1);  // its page_of_rank: the pages in order of heat
+    const usermm_refstring::ZipfRanks ranks(pages, 0.99);
+    // Left uninitialised, so that only the part written takes memory (and shows in VmRSS).
+    const std::size_t capacity = std::min<std::size_t>(kMaxRefs, std::size_t(seconds) * 4'000'000);
+    const auto recorded = std::make_unique_for_overwrite<std::uint32_t[]>(capacity);
+    std::atomic<std::uint64_t> next_ref{0}, updates{0}, torn{0};
+    std::vector<std::mutex> stripes(kStripes);
+    std::atomic<bool> stop{false};
+    const usermm::Stats before = arena.stats();
+    t0 = std::chrono::steady_clock::now();
+    std::vector<std::thread> threads;
+    for (unsigned w = 0; w < kThreads; ++w)
+        threads.emplace_back([&, w] {
+            std::mt19937_64 rng(100 + w);
+            std::uniform_int_distribution<std::size_t> in_page(0, per_page - 1);
+            std::uint64_t mine = 0, bad = 0;
+            while (!stop.load(std::memory_order_relaxed)) {
+                const std::uint32_t pg = hot.page_of_rank(ranks(rng));
+                const std::size_t i = std::size_t(pg) * per_page + in_page(rng);
+                const bool update = double(rng() >> 11) * 0x1.0p-53 < kUpdates;
+                const std::uint64_t at = next_ref.fetch_add(1, std::memory_order_relaxed);
+                if (at >= capacity) break;
+                recorded[at] = pg;
+                std::lock_guard lock(stripes[i % kStripes]);
+                Record& r = table[i];
+                if (update) {
+                    ++r.version;
+                    for (auto& p : r.payload) p = rng();
+                    r.checksum = checksum_of(r);
+                    ++mine;
+                } else {
+                    bad += r.key != i || r.checksum != checksum_of(r);
+                }
+            }
+            updates += mine;
+            torn += bad;
+        });
+    while (since_ms(t0) < seconds * 1e3 && next_ref.load() < capacity) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+        ops = std::min<std::uint64_t>(next_ref.load(), capacity);
+    }
+    stop = true;
+    for (auto& t : threads) t.join();
+    const double phase_s = since_ms(t0) / 1e3;
+    const usermm::Stats after = arena.stats();
+    const std::size_t n = std::min<std::size_t>(next_ref.load(), capacity);
+    ops = n;
+    const std::span<const std::uint32_t> refs(recorded.get(), n);
+
+    phase = 3;
+    t0 = std::chrono::steady_clock::now();
+    std::uint64_t version_sum = 0, bad = torn.load();
+    for (std::size_t i = 0; i < records; ++i) {
+        const Record& r = table[i];
+        bad += r.key != i || r.checksum != checksum_of(r);
+        version_sum += r.version;
+    }
+    const double check_s = since_ms(t0) / 1e3;
+    monitor.request_stop();
+    monitor.join();
+
+    const std::uint64_t majors = after.major_faults - before.major_faults;
+    fmt::print("\n{} accesses in {:.1f} s ({:.0f} a second), {} updates; the arena took {} major faults ({} pages "
+               "swapped in, {} read ahead and used), {} hinting faults, {} direct reclaims\n",
+               n, phase_s, double(n) / phase_s, updates.load(), majors,
+               after.pages_swapped_in - before.pages_swapped_in,
+               after.swap_readahead_hits - before.swap_readahead_hits, after.hinting_faults - before.hinting_faults,
+               after.direct_reclaims - before.direct_reclaims);
+    const std::size_t frames = limit / page;
+    t0 = std::chrono::steady_clock::now();
+    const std::uint64_t lru = usermm_offline::lru_faults(refs, frames);
+    const std::uint64_t fifo = usermm_offline::fifo_faults(refs, frames);
+    const std::uint64_t opt = usermm_offline::opt_faults(refs, frames);
+    fmt::print("the same reference string simulated with {} frames (page-granular; usermm reclaims clusters of 32 "
+               "pages, down to 1/8 below its limit) in {:.1f} s:\n",
+               frames, since_ms(t0) / 1e3);
+    for (const auto& [name, faults] : {std::pair{"usermm (major faults)", majors}, std::pair{"exact LRU", lru},
+                                       std::pair{"FIFO", fifo}, std::pair{"OPT (Belady)", opt}})
+        fmt::print("  {:<24} {:>10} faults  {:6.3f} x LRU  {:6.3f} x OPT\n", name, faults,
+                   double(faults) / double(lru), double(faults) / double(opt));
+    const bool resident_ok = peak_resident * page <= limit + kThreads * 32 * page;
+    fmt::print("peak resident {:.1f} MiB against the limit of {} MiB (sampled every second; peak VmRSS {:.1f} MiB)\n",
+               double(peak_resident * page) / (1 << 20), limit_mib, double(peak_rss) / 1024);
+    fmt::print("checked all {} records in {:.1f} s: {} bad (torn, missing or misplaced, counting those lookups saw); "
+               "versions add up to the {} updates: {}\n",
+               records, check_s, bad, updates.load(), version_sum == updates.load() ? "yes" : "NO");
+    fmt::print("\narena stats:\n{}", arena.stats());
+    return bad == 0 && version_sum == updates.load() && resident_ok ? 0 : 1;
+}
+
+}  // namespace swapdemo
+
+void usage() {
+    std::fprintf(stderr, "usage: usermm-demo lazy|snapshot|file|checkpoint [KEYS]|swap [TABLE_MIB LIMIT_MIB SECONDS]\n");
+}
 
 }  // namespace
 
@@ -646,6 +863,19 @@ int main(int argc, char** argv) {
         // An even number of keys (each writer has half), at most one per record of the table.
         const std::uint64_t keys = argc == 3 ? std::strtoull(argv[2], nullptr, 10) : checkpoint::kDefaultKeys;
         if (keys >= 2 && keys % 2 == 0 && keys <= checkpoint::kSlots) return checkpoint::run(argv[0], keys);
+    }
+    if (what == "swap" && (argc == 2 || argc == 5)) {
+        const std::size_t table = argc == 5 ? std::strtoull(argv[2], nullptr, 10) : swapdemo::kDefaultTableMib;
+        const std::size_t limit = argc == 5 ? std::strtoull(argv[3], nullptr, 10) : swapdemo::kDefaultLimitMib;
+        const int seconds = argc == 5 ? std::atoi(argv[4]) : swapdemo::kDefaultSeconds;
+        if (limit >= 1 && table > limit && table <= (1ull << 20) && seconds >= 1) {
+            try {
+                return swapdemo::run(table, limit, seconds);
+            } catch (const std::exception& e) {  // unwinds, so that the SwapFile removes its file
+                std::fprintf(stderr, "usermm-demo swap: %s\n", e.what());
+                return 1;
+            }
+        }
     }
     if (argc != 2) {
         usage();

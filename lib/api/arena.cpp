@@ -549,7 +549,7 @@ void Arena::prefault(void* addr, std::size_t length, Prot access) {
             std::size_t pages = change_pages(a, call, part, [grant](Prot old) { return old | grant; });
             for (std::size_t k = 0; k < clean.size(); ++k)
                 if (clean[k]) a.pte[first + k].fetch_and(pte_t(~kPteDirtyFile), std::memory_order_relaxed);
-            if (allows(access, Prot::Write) && write_tracker().marks_outlive_protect() && !v->file)
+            if (allows(access, Prot::Write) && write_tracker().marks_outlive_protect && !v->file)
                 pages += unmark_tracked(a, call, part);
             account_prefault(a, *v, pages);
             if (v->file)
@@ -737,7 +737,7 @@ std::optional<VmaInfo> Arena::find_vma(std::string_view name) const {
 
 Engine engine() {
     init_process();
-    return write_tracker().engine();
+    return write_tracker().engine;
 }
 
 Mapping::Mapping(Arena& arena, std::size_t length, Prot prot, const MapOptions& options)

@@ -267,7 +267,7 @@ void detail::release_file_pages(ArenaCore& a, Vma& v, Range part, const char* ca
 int detail::unmap_file_part(ArenaCore& a, Range part, bool* replaced) {
     const std::size_t first = a.page_index(part.start), last = a.page_index(part.end);
     const long before = long(mappings_around(a, first, last).size());
-    const int err = page_reserve_fixed(part.start, part.end - part.start, write_tracker().registers(), replaced);
+    const int err = page_reserve_fixed(part.start, part.end - part.start, write_tracker().registers, replaced);
     if (!*replaced) return err;
     for (std::size_t i = first; i < last; ++i) a.pte[i].fetch_and(pte_t(~(kPteFile | kPteEdge)), kRelaxed);
     settle_edges(a, first, last, before);
@@ -452,7 +452,7 @@ void* Arena::map_file_as(int fd, const std::string& path, std::uint64_t offset, 
         const bool intact = !there.empty() && there.front().from == start && there.back().to == start + len &&
                             std::none_of(there.begin(), there.end(), [](const KernelMapping& m) { return m.file(); });
         bool replaced = false;
-        const int again = intact ? 0 : page_reserve_fixed(start, len, write_tracker().registers(), &replaced);
+        const int again = intact ? 0 : page_reserve_fixed(start, len, write_tracker().registers, &replaced);
         settle_edges(a, first, last, before);
         if (again) fail(again, "{}: [{:#x}, {:#x}) is lost to the arena after a failed mmap", call, start, start + len);
         fail(err, "{}: cannot map '{}' (fd {}, offset {:#x}) at {:#x}", call, path, fd, offset, start);

@@ -228,7 +228,7 @@ void resync_ptes(ArenaCore& a, std::size_t first, std::size_t last) {
         for (std::size_t i = a.page_index(m.from), end = a.page_index(m.to); i < end; ++i) {
             // /proc/self/maps does not show userfaultfd marks: a tracked page stays tracked.
             const pte_t old = a.pte[i].load(std::memory_order_relaxed);
-            const pte_t keep = write_tracker().marks_outlive_protect() ? pte_t(old & kPteWriteTracked) : pte_t(0);
+            const pte_t keep = write_tracker().marks_outlive_protect ? pte_t(old & kPteWriteTracked) : pte_t(0);
             const pte_t now = pte_t(pte_with_prot(old, m.prot) | keep);
             if (a.swap && allows(m.prot, Prot::Write)) swap_drop_copy(*a.swap, i);
             a.note_resident(old, now);

@@ -228,6 +228,11 @@ void insert_vma(ArenaCore& a, Vma* vma, std::uintptr_t start, std::size_t len);
 // snapshots what they need. Under the write lock, so no PTE is
 // locked. If the kernel refuses partway, the PTEs are re-read from the kernel before the error is
 // thrown.
+// API world, under the write lock: the swapped-out pages of [first, last) are read back from the
+// store (in memory again, still PROT_NONE, their store copies kept), so that a grant of access
+// outside a fault never lands on a page the kernel holds nothing for. In reclaim.cpp.
+void swap_in_for_grant(ArenaCore& a, const char* call, std::size_t first, std::size_t last);
+
 template <typename Change>
 std::size_t change_pages(ArenaCore& a, const char* call, Range r, Change change) {
     std::size_t changed = 0;
@@ -236,6 +241,7 @@ std::size_t change_pages(ArenaCore& a, const char* call, Range r, Change change)
     // Untouched pages (zero PTEs) need nothing if the change leaves no access at no access.
     const std::vector<PageSpan> spans =
         change(Prot::None) == Prot::None ? pte_spans(a, first, last) : std::vector<PageSpan>{{first, last}};
+    if (a.swap && change(Prot::None) != Prot::None) swap_in_for_grant(a, call, first, last);
     for (const PageSpan& span : spans) {
         for_each_run(span.first, span.last, prot_of, [&](std::size_t i, std::size_t j, int old) {
             const Prot next = change(Prot(old));
@@ -247,7 +253,10 @@ std::size_t change_pages(ArenaCore& a, const char* call, Range r, Change change)
             for (std::size_t k = i; k < j; ++k) {
                 const pte_t v = a.pte[k].load(std::memory_order_relaxed);
                 const pte_t now = pte_with_prot(v, next);
-                if (a.swap && allows(next, Prot::Write)) swap_drop_copy(*a.swap, k);
+                if (a.swap && allows(next, Prot::Write)) {
+                    swap_drop_copy(*a.swap, k);
+                    if (k == i || k % kClusterPages == 0) swap_note_use(*a.swap, k);  // the reclaimer queues it
+                }
                 a.note_resident(v, now);
                 a.pte[k].store(now, std::memory_order_relaxed);
                 a.note_changed(k);

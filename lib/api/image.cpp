@@ -492,7 +492,10 @@ void drop_outside_vmas(ArenaCore& a, const LoadedHeader& l, Runs& written) {
         if (first >= last) return;
         if (const int err = page_discard(a.page_addr(first), (last - first) << g_page_shift))
             fail(err, "{}: cannot drop [{:#x}, {:#x}) of the new arena", call, a.page_addr(first), a.page_addr(last));
-        for (std::size_t k = first; k < last; ++k) a.pte[k].store(0, std::memory_order_relaxed);
+        for (std::size_t k = first; k < last; ++k) {
+            a.note_resident(a.pte[k].load(std::memory_order_relaxed), 0);
+            a.pte[k].store(0, std::memory_order_relaxed);
+        }
     };
     for (auto [first, last] : merged) {
         std::size_t page = first;
@@ -542,9 +545,11 @@ void install_layout(ArenaCore& a, const LoadedHeader& l, const Runs& written) {
                 if (const int err = protect_run(a, page, end, v->prot))
                     fail(err, "{}: mprotect of [{:#x}, {:#x}) to {} failed", call, at, a.page_addr(end),
                          to_string(v->prot));
-                for (std::size_t k = page; k < end; ++k)
-                    a.pte[k].store(pte_with_prot(a.pte[k].load(std::memory_order_relaxed), v->prot),
-                                   std::memory_order_relaxed);
+                for (std::size_t k = page; k < end; ++k) {
+                    const pte_t old = a.pte[k].load(std::memory_order_relaxed);
+                    a.note_resident(old, pte_with_prot(old, v->prot));
+                    a.pte[k].store(pte_with_prot(old, v->prot), std::memory_order_relaxed);
+                }
             }
             page = end;
         }

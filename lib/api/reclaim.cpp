@@ -51,14 +51,22 @@ bool protect_none_locked(ArenaCore& a, std::size_t first, std::size_t last, pte_
     if (!map_budget_try_charge(a, delta)) return false;
     if (page_protect(a.page_addr(first), (last - first) << g_page_shift, Prot::None) != 0) {
         map_budget_charge(a, -delta);
-        // A prefix may have changed: put every run back as the PTEs say it was.
+        // A prefix may have changed: put every run back as the PTEs say it was, or, if the kernel
+        // refuses that too, make the PTEs what the kernel has.
+        bool undone = true;
         for (std::size_t i = first; i < last;) {
             std::size_t j = i + 1;
             const pte_t prot = pte_prot(a.pte[i].load(kRelaxed));
             while (j < last && pte_prot(a.pte[j].load(kRelaxed)) == prot) ++j;
-            page_protect(a.page_addr(i), (j - i) << g_page_shift, pte_to_prot(prot));
+            undone &= page_protect(a.page_addr(i), (j - i) << g_page_shift, pte_to_prot(prot)) == 0;
             i = j;
         }
+        if (!undone)  // the PTEs stay locked: only their protection changes
+            for (const KernelMapping& m : kernel_mappings(a.page_addr(first), a.page_addr(last), "usermm: reclaim"))
+                for (std::size_t i = std::max(first, a.page_index(m.from)); i < std::min(last, a.page_index(m.to)); ++i) {
+                    const pte_t v = a.pte[i].load(kRelaxed);
+                    a.pte[i].store(pte_t((v & ~kPteProt) | to_pte(m.prot)), kRelaxed);
+                }
         return false;
     }
     for (std::size_t i = first; i < last; ++i) {
@@ -134,7 +142,18 @@ Reclaimer::Reclaimer(ArenaCore& a, const ArenaOptions& options)
     swap_.buffers = static_cast<std::byte*>(buffers);
     buffer_ = swap_.buffers + kSwapBuffers * (kClusterPages << g_page_shift);
     swap_.limit.store(limit, kRelaxed);
-    start_threads();
+    try {
+        start_threads();
+    } catch (...) {
+        stop_.store(true);
+        swap_.io_wake.fetch_add(1);
+        futex_wake(swap_.io_wake);
+        if (io_running_) pthread_join(io_, nullptr);
+        for (auto [p, n] : {std::pair{slots, swap_.slot_bytes}, {clusters, swap_.cluster_bytes}, {fresh, swap_.fresh_bytes},
+                            {buffers, buffer_bytes}})
+            page_release(addr_of(p), n);
+        throw;
+    }
     a.swap = &swap_;
 }
 
@@ -167,12 +186,15 @@ void Reclaimer::stop_kswapd() {
     kswapd_running_ = false;
 }
 
+// The I/O thread for a store that may not run in a signal handler; the reclaimer for every arena
+// with a store (it reports store errors, and reclaims once there is a limit).
 void Reclaimer::start_threads() {
+    std::lock_guard guard(threads_lock_);
     if (!swap_.direct && !io_running_) {
         start_thread(&io_, io_main, this);
         io_running_ = true;
     }
-    if (swap_.limit.load(kRelaxed) && !kswapd_running_ && !kswapd_stop_.load()) {
+    if (!kswapd_running_ && !kswapd_stop_.load()) {
         start_thread(&kswapd_, kswapd_main, this);
         kswapd_running_ = true;
     }
@@ -190,18 +212,36 @@ void Reclaimer::set_limit(const char* call, std::uint64_t bytes) {
     if (pages) reclaim_to(std::int64_t(pages - pages / 8));
 }
 
+// Counted at once; reported on the reclaimer's thread, with no lock held (deliver_errors), since a
+// callback may call the arena.
 void Reclaimer::report(int err, std::uintptr_t addr) {
     account_store_error(a_);
-    if (on_error_) {
-        on_error_(err, reinterpret_cast<const void*>(addr));
-        return;
+    {
+        std::lock_guard guard(errors_lock_);
+        errors_.push_back({err, addr});
     }
-    if (!swap_.reported.exchange(true))
+    swap_.wake.fetch_add(1);
+    futex_wake(swap_.wake);
+}
+
+void Reclaimer::deliver_errors() {
+    std::vector<std::pair<int, std::uintptr_t>> errors;
+    {
+        std::lock_guard guard(errors_lock_);
+        errors.swap(errors_);
+    }
+    for (auto [err, addr] : errors) {
+        if (on_error_) {
+            on_error_(err, reinterpret_cast<const void*>(addr));
+            continue;
+        }
+        if (swap_.reported.exchange(true)) continue;
         std::fprintf(stderr,
                      "usermm: %s refused to take pages of arena [%#lx, %#lx) (first at %#lx): %s; they stay in memory, "
                      "over the resident limit if need be (reported once)\n",
                      swap_.store->describe().c_str(), static_cast<unsigned long>(a_.base),
                      static_cast<unsigned long>(a_.end), static_cast<unsigned long>(addr), std::strerror(err));
+    }
 }
 
 // Pages [first, last) of `vma` (one cluster at most) leave memory: those that hold data go to the
@@ -253,10 +293,6 @@ Reclaimer::Evicted Reclaimer::evict(Vma& vma, std::size_t first, std::size_t las
                 result.error = err;
                 return result;
             }
-    // A userfaultfd mark would outlive the drop and make the swap-in's write through /proc/self/mem fail.
-    if (tracked && write_tracker().marks_outlive_protect())
-        write_tracker().clear_marks(a_.page_addr(first), (last - first) << g_page_shift);
-
     enum Fate : std::uint8_t { Keep, Zero, Clean, Write };
     Fate fate[kClusterPages];
     PageIo io[kClusterPages];
@@ -307,6 +343,10 @@ Reclaimer::Evicted Reclaimer::evict(Vma& vma, std::size_t first, std::size_t las
             return result;
         }
     }
+    // Past the point of no return: the tracking of the pages ends with them (a failed eviction
+    // above keeps its marks). The kernel drops an anonymous page's userfaultfd mark with the page.
+    if (tracked && write_tracker().marks_outlive_protect)
+        write_tracker().clear_marks(a_.page_addr(first), (last - first) << g_page_shift);
     page_discard(a_.page_addr(first), (last - first) << g_page_shift);
     std::size_t written = 0;
     for (std::size_t i = first; i < last; ++i) {
@@ -456,7 +496,7 @@ bool Reclaimer::reclaim_one() {
     return false;
 }
 
-void Reclaimer::reclaim_to(std::int64_t target) {
+bool Reclaimer::reclaim_to(std::int64_t target) {
     while (!stop_.load(kRelaxed) && !kswapd_stop_.load(kRelaxed) && a_.resident.load(kRelaxed) > target) {
         bool progress = false;
         {
@@ -465,8 +505,9 @@ void Reclaimer::reclaim_to(std::int64_t target) {
         }
         swap_.progress.fetch_add(1, std::memory_order_release);
         futex_wake(swap_.progress);
-        if (!progress) return;
+        if (!progress) return false;
     }
+    return true;
 }
 
 void Reclaimer::page_out(const char* call, Vma& vma, Range part) {
@@ -496,6 +537,38 @@ void Reclaimer::cold(Range part) {
     }
 }
 
+void swap_in_for_grant(ArenaCore& a, const char* call, std::size_t first, std::size_t last) {
+    ArenaSwap& s = *a.swap;
+    for (const PageSpan& span : pte_spans(a, first, last))
+        for (std::size_t i = span.first; i < span.last;) {
+            if (!(a.pte[i].load(kRelaxed) & kPteSwapped)) {
+                ++i;
+                continue;
+            }
+            std::size_t j = i + 1;
+            while (j < span.last && j - i < kClusterPages && (a.pte[j].load(kRelaxed) & kPteSwapped)) ++j;
+            std::vector<std::byte> buffer((j - i) << g_page_shift);
+            std::vector<PageIo> io(j - i);
+            for (std::size_t k = i; k < j; ++k)
+                io[k - i] = {s.slots[k].load(kRelaxed) - 1, buffer.data() + ((k - i) << g_page_shift), 0};
+            s.store->read(io);
+            for (const PageIo& p : io)
+                if (p.error)
+                    fail(p.error, "{}: cannot read swapped-out page {:#x} back from {}", call,
+                         a.page_addr(i + std::size_t(&p - io.data())), s.store->describe());
+            if (const int err = page_write_raw(a.page_addr(i), buffer.data(), buffer.size()))
+                fail(err, "{}: cannot write swapped-in pages [{:#x}, {:#x}) into the arena", call, a.page_addr(i),
+                     a.page_addr(j));
+            for (std::size_t k = i; k < j; ++k) {
+                const pte_t v = a.pte[k].load(kRelaxed);
+                a.note_resident(v, pte_t(v & ~kPteSwapped));
+                a.pte[k].store(pte_t(v & ~kPteSwapped), kRelaxed);
+            }
+            account_swap_in(a, j - i);
+            i = j;
+        }
+}
+
 bool Reclaimer::retain_for_fork() {
     std::vector<std::uint64_t> held;
     for (const PageSpan& span : pte_spans(a_, 0, a_.page_index(a_.end)))
@@ -518,10 +591,19 @@ void* Reclaimer::kswapd_main(void* self) {
     while (!r.stop_.load() && !r.kswapd_stop_.load()) {
         const std::uint32_t seen = s.wake.load(std::memory_order_acquire);
         const std::int64_t limit = std::int64_t(s.limit.load(kRelaxed));
-        if (limit && r.a_.resident.load(kRelaxed) > limit - limit / 16) {
-            r.reclaim_to(limit - limit / 8);
-            continue;
+        bool progress = false;
+        try {  // a user's store or error callback may throw: the reclaimer goes on
+            r.deliver_errors();
+            if (limit && r.a_.resident.load(kRelaxed) > limit - limit / 16) progress = r.reclaim_to(limit - limit / 8);
+        } catch (const std::exception& e) {
+            std::fprintf(stderr, "usermm: the reclaimer of arena [%#lx, %#lx): %s\n", static_cast<unsigned long>(r.a_.base),
+                         static_cast<unsigned long>(r.a_.end), e.what());
+        } catch (...) {
         }
+        r.deliver_errors();
+        if (progress) continue;
+        // Under the limit, or nothing can be evicted now (the store refuses, everything is busy):
+        // faults waiting at the limit go on over it, and the reclaimer looks again after a while.
         s.progress.fetch_add(1, std::memory_order_release);
         futex_wake(s.progress);
         futex_wait(s.wake, seen, kIdleNs);
@@ -539,9 +621,11 @@ void* Reclaimer::io_main(void* self) {
             if (q.state.load(std::memory_order_acquire) != kIoPosted) continue;
             any = true;
             try {  // a user's store may throw: every page of the batch fails then
-                if (q.release)
-                    for (std::size_t k = 0; k < q.count; ++k) s.store->release({&q.pages[k].slot, 1});
-                else
+                if (q.release) {
+                    std::uint64_t slots[kClusterPages];
+                    for (std::size_t k = 0; k < q.count; ++k) slots[k] = q.pages[k].slot;
+                    s.store->release({slots, q.count});
+                } else
                     s.store->read({q.pages, q.count});
             } catch (...) {
                 for (std::size_t k = 0; k < q.count; ++k) q.pages[k].error = EIO;

@@ -53,7 +53,8 @@ private:
     bool deactivate(std::size_t cluster);
     // Under the arena's read lock: one cluster chosen by the policy and evicted. False when none can be.
     bool reclaim_one();
-    void reclaim_to(std::int64_t target);
+    bool reclaim_to(std::int64_t target);  // false if it stopped for want of progress
+    void deliver_errors();
     void discover();
     void enqueue(std::uint32_t cluster);
     bool pick(std::uint32_t* victim);
@@ -71,6 +72,9 @@ private:
 
     std::mutex queue_lock_;  // after the arena's lock, before its install lock
     std::deque<std::uint32_t> small_, main_, ghost_;
+    std::mutex errors_lock_;  // a leaf
+    std::vector<std::pair<int, std::uintptr_t>> errors_;  // to report on the reclaimer's thread
+    std::mutex threads_lock_;
     std::atomic<bool> stop_{false};
     std::atomic<bool> kswapd_stop_{false};
     bool kswapd_running_ = false;

@@ -181,7 +181,7 @@ void arm_write_tracking(ArenaCore& a, const char* call, Range r) {
         const Prot next = pte_to_prot(prot) & ~Prot::Write;
         if (const int err = tracker.arm(a, i, j, pte_to_prot(prot)))
             fail(err, "{}: withholding write access from [{:#x}, {:#x}) ({} engine, protection {}) failed", call, at,
-                 at + len, tracker.engine() == Engine::Uffd ? "UFFDIO_WRITEPROTECT" : "mprotect", to_string(next));
+                 at + len, tracker.engine == Engine::Uffd ? "UFFDIO_WRITEPROTECT" : "mprotect", to_string(next));
         for (std::size_t k = i; k < j; ++k) {
             const pte_t v = value(k);
             a.pte[k].store(pte_t((v & kPteFlags) | kPteWriteTracked | tracker.armed_prot(pte_prot(v))), kRelaxed);
@@ -544,6 +544,7 @@ void Arena::restore(const Snapshot& snapshot) {
             const pte_t now = run.put == WriteBack ? pte_t(kept | kPtePopulated | kPteDirty)
                                                    : pte_t((kept & ~kPtePopulated) | kPteDirtySnapshot);
             a.note_resident(v, now);
+            if (a.swap && run.put == WriteBack && (k == i || k % kClusterPages == 0)) swap_note_use(*a.swap, k);
             a.pte[k].store(now, kRelaxed);
             a.note_changed(k);
             s.slot(k).store(run.put == WriteBack ? kSlotCopiedSynced : kSlotZeroSynced, kRelease);
@@ -581,7 +582,7 @@ DirtySet Arena::collect_dirty(void* addr, std::size_t length) {
             for (std::size_t i = k; i < next; ++i) {
                 const pte_t v = a.pte[i].load(kRelaxed);
                 if (!(v & kPteDirtyCollect)) continue;
-                if ((v & kPtePopulated) && (held[i - g] & 1)) dirty.push_back(i);
+                if ((v & kPtePopulated) && ((v & kPteSwapped) || (held[i - g] & 1))) dirty.push_back(i);
                 a.pte[i].store(pte_t(v & ~kPteDirtyCollect), kRelaxed);
             }
             g = next;

@@ -22,14 +22,18 @@ inline void read_locked_from_arena(const SnapshotCore& s, std::size_t first, std
     // Populated means write access was granted; a page granted it by fault-around and never
     // written holds nothing, and reads as zeros. A page read before maps the kernel's zero page:
     // its content says so.
+    // The PTEs first: a page seen swapped out is read from the store, whose copy stays while the
+    // slot is held even if a read fault swaps the page in meanwhile; asked in the other order, a
+    // page swapped in between would count as not held, and read as zeros.
+    pte_t ptes[kReadBatch];
+    for (std::size_t k = 0; k < n; ++k) ptes[k] = a.pte[first + k].load(std::memory_order_acquire);
     unsigned char held[kReadBatch];
     const bool known = n <= sizeof held;
     if (known) page_held(a.page_addr(first), n << g_page_shift, held);
     bool swapped[kReadBatch];
     for (std::size_t k = 0; k < n; ++k) {
-        const pte_t v = a.pte[first + k].load(std::memory_order_acquire);
-        swapped[k] = v & kPteSwapped;  // in the store: the kernel holds nothing for it
-        zero[k] = !swapped[k] && (!(v & kPtePopulated) || (known && !(held[k] & 1)));
+        swapped[k] = ptes[k] & kPteSwapped;  // in the store: the kernel holds nothing for it
+        zero[k] = !swapped[k] && (!(ptes[k] & kPtePopulated) || (known && !(held[k] & 1)));
     }
     for (std::size_t k = 0; k < n; ++k) {
         const std::size_t page = first + k;

@@ -18,35 +18,34 @@
 
 namespace usermm::detail {
 
-class WriteTracker {
-public:
-    virtual Engine engine() const = 0;
+// A table of operations, as the kernel's vm_operations_struct, rather than virtual functions:
+// two constant tables, no objects to construct, and nothing for a sanitizer's vptr check to read
+// (which it cannot in a process out of descriptors).
+struct WriteTracker {
+    Engine engine;
     // Whether a reservation must be registered before its pages can be tracked (page_reserve_fixed
     // registers in the middle of making one), and registering an arena's whole reservation.
-    virtual bool registers() const = 0;
-    virtual int enrol(std::uintptr_t at, std::size_t len) const = 0;
+    bool registers;
+    int (*enrol)(std::uintptr_t at, std::size_t len);
     // The PTE protection of a tracked page that had `prot` (with Write).
-    virtual pte_t armed_prot(pte_t prot) const = 0;
+    pte_t (*armed_prot)(pte_t prot);
     // Withholds write access from pages [i, j), all of protection `prot` (with Write): 0 or errno.
-    virtual int arm(ArenaCore& a, std::size_t i, std::size_t j, Prot prot) const = 0;
+    int (*arm)(ArenaCore& a, std::size_t i, std::size_t j, Prot prot);
     // Whether the tracked page i (PTE v) lacks write access only for tracking: the VMA allows it.
-    virtual bool withheld_only(ArenaCore& a, std::size_t i, pte_t v) const = 0;
+    bool (*withheld_only)(ArenaCore& a, std::size_t i, pte_t v);
     // Gives write access back to tracked pages [i, j) whose PTE protection is `prot`: 0 or errno.
     // The PTEs then have prot | Write.
-    virtual int disarm(ArenaCore& a, std::size_t i, std::size_t j, Prot prot) const = 0;
+    int (*disarm)(ArenaCore& a, std::size_t i, std::size_t j, Prot prot);
     // Whether a page's tracking survives a change of its protection (a userfaultfd mark outlives
-    // mprotect): then a grant of write access outside a fault must clear_marks too, and /proc/self/maps
-    // does not show it.
-    virtual bool marks_outlive_protect() const = 0;
-    virtual int clear_marks(std::uintptr_t at, std::size_t len) const = 0;
+    // mprotect): then a grant of write access outside a fault must clear_marks too, and
+    // /proc/self/maps does not show it.
+    bool marks_outlive_protect;
+    int (*clear_marks)(std::uintptr_t at, std::size_t len);
     // verify(): the kernel tracks every page the PTEs say are tracked.
-    virtual void verify(const ArenaCore& a, const char* call, std::span<const PageSpan> spans) const = 0;
+    void (*verify)(const ArenaCore& a, const char* call, std::span<const PageSpan> spans);
     // In a forked child, for each inherited arena: the kernel kept the protections but dropped the
     // child's userfaultfd registrations; the child tracks with the mprotect engine from now on.
-    virtual void after_fork(ArenaCore& a) const = 0;
-
-protected:
-    ~WriteTracker() = default;
+    void (*after_fork)(ArenaCore& a);
 };
 
 // The engine in use (tracking_engine()).

@@ -83,8 +83,9 @@ inline constexpr pte_t pte_with_prot(pte_t old, Prot prot) {
     return pte_t((flags & ~kPteWriteTracked) | kPtePopulated | kPteDirty | kPteDirtyFile | to_pte(prot));
 }
 
-// Whether a page holds data in memory: what the resident limit counts (ArenaCore::resident).
-inline constexpr bool pte_resident(pte_t v) { return (v & kPtePopulated) && !(v & kPteSwapped); }
+// Whether an anonymous page holds data in memory: what the resident limit counts
+// (ArenaCore::resident). File pages are the kernel's page cache, which reclaims them itself.
+inline constexpr bool pte_resident(pte_t v) { return (v & kPtePopulated) && !(v & (kPteSwapped | kPteFile)); }
 
 inline constexpr int to_mmap_prot(Prot p) {
     return (allows(p, Prot::Read) ? PROT_READ : 0) | (allows(p, Prot::Write) ? PROT_WRITE : 0) |

@@ -129,6 +129,11 @@ void account_swap_out(ArenaCore& arena, Vma& vma, const SwapOut& out) {
 
 void account_store_error(ArenaCore& arena) { add(&arena, nullptr, &Counters::store_errors, 1); }
 
+void account_swap_in(ArenaCore& arena, std::uint64_t pages) {
+    add(&arena, nullptr, &Counters::pages_swapped_in, pages);
+    add(&arena, nullptr, &Counters::swap_bytes_read, pages << g_page_shift);
+}
+
 void account_snapshot_copy(SnapshotCore& snap) {
     snap.stats.cow_faults.fetch_add(1, kRelaxed);
     snap.stats.cow_bytes_copied.fetch_add(g_page_size, kRelaxed);

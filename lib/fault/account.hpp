@@ -33,6 +33,7 @@ struct SwapOut {
 };
 void account_swap_out(ArenaCore& arena, Vma& vma, const SwapOut& out);
 void account_store_error(ArenaCore& arena);
+void account_swap_in(ArenaCore& arena, std::uint64_t pages);  // read back by the API world (prefault)
 // A snapshot's own counters (its VMA, arena and process count the fault that copied, through
 // vm_fault::copies): one page it took before a write.
 void account_snapshot_copy(SnapshotCore& snap);

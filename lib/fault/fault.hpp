@@ -49,6 +49,9 @@ struct vm_fault {
     std::uint32_t swapped_in = 0;   // pages read from the store (the faulting page and its readahead)
     std::uint32_t swap_hits = 0;    // pages read ahead from the store that this fault mapped
     bool throttled = false;         // the fault found the arena at its resident limit and waited
+    // Store slots whose copies a write grant made stale, released once the install lock is let go.
+    std::uint64_t stale_slots[8];
+    std::uint32_t stale_count = 0;
     std::uint64_t start_ns = 0;     // when the handler was entered, for the latency counters
     RawLine* diag = nullptr;        // why a fault is passed on; written only if it kills the process
 };

@@ -90,10 +90,20 @@ void publish(vm_fault& vmf, PageRange r, Prot prot) {
     const bool file = vmf.vma->kind() != VmaKind::Anonymous;
     for (std::size_t i = r.first; i < r.last; ++i) {
         const pte_t old = pte_t(arena.pte[i].load(kRelaxed) & ~kPteLocked);
-        vmf.readahead_hits += file && (old & kPteReadahead) && pte_prot(old) == 0 && prot != Prot::None;
+        // A page read ahead (from the file, or from the store) that becomes accessible is a hit,
+        // whichever fault grants it (a hinting fault may, if the reclaimer deactivated it first).
+        const bool hit = (old & kPteReadahead) && pte_prot(old) == 0 && prot != Prot::None;
+        vmf.readahead_hits += file && hit;
+        vmf.swap_hits += !file && hit;
         const pte_t now = pte_with_prot(old, prot);
         if (arena.swap) {
-            if (allows(prot, Prot::Write)) swap_drop_copy(*arena.swap, i);
+            if (const std::uint64_t held = allows(prot, Prot::Write) ? swap_take_copy(*arena.swap, i) : 0) {
+                if (vmf.stale_count == std::size(vmf.stale_slots)) {  // rare: a degraded grant over many
+                    swap_release_slots(*arena.swap, vmf.stale_slots, vmf.stale_count);
+                    vmf.stale_count = 0;
+                }
+                vmf.stale_slots[vmf.stale_count++] = held - 1;
+            }
             if (i == r.first || i % kClusterPages == 0) swap_note_use(*arena.swap, i);
         }
         arena.note_resident(old, now);
@@ -263,7 +273,8 @@ FaultResult do_merging_fault(vm_fault& vmf, pte_t cur) {
     bool busy = false;  // the mapping goes on into a page another fault holds
     auto lock = [&](std::size_t i) {
         for (pte_t v = arena.pte[i].load(kRelaxed);;) {
-            if (v & kPteSaved) return false;  // its saved content goes back at its own fault first
+            // Its saved or swapped-out content goes back at its own fault first.
+            if (v & (kPteSaved | kPteSwapped)) return false;
             if (v & kPteLocked) {
                 busy = (v & (kPteProt | kPteFile)) == kind;
                 return false;
@@ -419,9 +430,15 @@ FaultResult do_anonymous_fault(vm_fault& vmf, pte_t cur) {
     const Prot prot = grant_for(vmf.access, vma.prot);
 
     PageRange r{page, page + 1};
-    // With a resident limit, a write grants only its page: fault-around would count a window of
-    // pages as resident that the kernel fills only when they are written.
-    if (const std::size_t window = vma.fault_around_pages; window > 1 && !(arena.swap && vmf.access == Access::Write)) {
+    // With a resident limit, a write's fault-around counts its whole window as resident, which the
+    // kernel fills only as it is written: an overcount, corrected when reclaim finds the untouched
+    // pages zero and drops them without I/O. Near the limit it would make reclaim run early, so
+    // there a write grants only its page.
+    const std::size_t window = vma.fault_around_pages;
+    const std::uint64_t resident_limit = arena.swap ? arena.swap->limit.load(kRelaxed) : 0;
+    const bool room = !resident_limit || arena.resident.load(kRelaxed) + std::int64_t(window) <=
+                                             std::int64_t(resident_limit - resident_limit / 4);
+    if (window > 1 && (vmf.access != Access::Write || room)) {
         const PageRange limit = clamp(around_pages(vmf, window), vma_pages(arena, vma));
         r = lock_neighbours(arena, r, limit, 0, any_page);
         if (arena.kernel_maps.load(kRelaxed) > kReachAboveMaps) r = reach_granted_neighbours(vmf, r, prot);
@@ -488,40 +505,59 @@ FaultResult do_swap_page(vm_fault& vmf, pte_t cur) {
     ArenaCore& arena = *vmf.arena;
     ArenaSwap& s = *arena.swap;
     const std::size_t page = arena.page_index(vmf.address);
-    const bool sequential = s.ra_next.load(kRelaxed) == page;
+    // Sequential: at or just past where the last swap-in's readahead ended (pages in between may
+    // be in memory still, and need no read).
+    const std::uint64_t next = s.ra_next.load(kRelaxed);
+    const bool sequential = page >= next && page - next < kClusterPages;
     const std::size_t window = sequential ? std::min<std::size_t>(kClusterPages, 2 * s.ra_window.load(kRelaxed)) : 1;
     s.ra_window.store(std::uint32_t(window), kRelaxed);
+    // Each page swapped in alone is a readable island in PROT_NONE memory: two kernel mappings.
+    // Past half the map budget the whole cluster comes in and is granted at once, so that the
+    // islands are no more than the clusters in memory (the resident limit bounds those).
+    const bool whole = map_budget_used() > map_budget_limit() / 2;
     const PageRange vma = vma_pages(arena, *vmf.vma);
-    PageRange r = lock_in_cluster(arena, page, {vma.first, std::min(vma.last, page + window)}, false,
-                                  [](pte_t v) { return (v & kPteSwapped) != 0; });
+    const PageRange limit = whole ? vma : PageRange{vma.first, std::min(vma.last, page + window)};
+    PageRange r = lock_in_cluster(arena, page, limit, whole, [](pte_t v) { return (v & kPteSwapped) != 0; });
     std::byte* buffer = swap_claim_buffer(s);
     PageIo io[kClusterPages];
     for (std::size_t i = r.first; i < r.last; ++i)
         io[i - r.first] = {s.slots[i].load(kRelaxed) - 1, buffer + ((i - r.first) << g_page_shift), 0};
     swap_store_read(s, io, r.last - r.first);
-    if (io[0].error) {
+    const std::size_t at = page - r.first;
+    if (io[at].error) {
         swap_release_buffer(s, buffer);
-        return swap_bus_error(vmf, r, io[0].slot, io[0].error);
+        return swap_bus_error(vmf, r, io[at].slot, io[at].error);
     }
-    std::size_t read = 1;  // readahead stops at the first page the store could not give
-    while (read < r.last - r.first && !io[read].error) ++read;
-    unlock_unchanged(arena, {r.first + read, r.last});
-    r.last = r.first + read;
+    // The others are read ahead: the run shrinks to the pages around the faulting one the store gave.
+    std::size_t lo = at, hi = at + 1;
+    while (lo > 0 && !io[lo - 1].error) --lo;
+    while (hi < r.last - r.first && !io[hi].error) ++hi;
+    unlock_unchanged(arena, {r.first, r.first + lo});
+    unlock_unchanged(arena, {r.first + hi, r.last});
+    const std::size_t read = hi - lo;
+    buffer += lo << g_page_shift;
+    r = {r.first + lo, r.first + hi};
+    std::byte* const claimed = buffer - (lo << g_page_shift);
     if (const int err = page_write_raw(arena.page_addr(r.first), buffer, read << g_page_shift)) {
-        swap_release_buffer(s, buffer);
+        swap_release_buffer(s, claimed);
         return fatal(vmf, "writing the swapped-in page into the arena (/proc/self/mem)", err);
     }
-    swap_release_buffer(s, buffer);
+    swap_release_buffer(s, claimed);
     // In memory now, still PROT_NONE: the state a kept page has, so a degraded grant may take it.
     for (std::size_t i = r.first; i < r.last; ++i) {
         const pte_t v = arena.pte[i].load(kRelaxed);
-        const pte_t now = pte_t((v & ~kPteSwapped) | (i == page ? 0 : kPteReadahead));
+        const pte_t now = pte_t((v & ~kPteSwapped) | (i == page || whole ? 0 : kPteReadahead));
         arena.note_resident(pte_t(v & ~kPteLocked), pte_t(now & ~kPteLocked));
         arena.pte[i].store(now, kRelaxed);
     }
     s.ra_next.store(r.last, kRelaxed);
     vmf.major = true;
     vmf.swapped_in = std::uint32_t(read);
+    if (whole) {  // mapped at once: read ahead and used, as a file fault's window counts
+        vmf.swap_hits = std::uint32_t(read - 1);
+        return install_or_degrade(vmf, r, grant_for(Access::Read, vmf.vma->prot), pte_t(cur & ~kPteSwapped),
+                                  FaultKind::Swap);
+    }
     unlock_unchanged(arena, {page + 1, r.last});  // read ahead, not granted
     return install_or_degrade(vmf, {page, page + 1}, grant_for(Access::Read, vmf.vma->prot), pte_t(cur & ~kPteSwapped),
                               FaultKind::Swap);
@@ -543,9 +579,7 @@ FaultResult do_kept_run_fault(vm_fault& vmf, pte_t cur, pte_t mark) {
                                 });
     const Prot prot = write ? vmf.vma->prot : grant_for(Access::Read, vmf.vma->prot);
     const FaultKind kind = mark == kPteInactive ? FaultKind::Hinting : FaultKind::SwapReadahead;
-    const FaultResult res = install_or_degrade(vmf, r, prot, cur, kind);
-    if (res == FaultResult::Resolved && kind == FaultKind::SwapReadahead) vmf.swap_hits = vmf.pages;
-    return res;
+    return install_or_degrade(vmf, r, prot, cur, kind);
 }
 
 // --- file VMAs: the kernel's do_read_fault, do_cow_fault and do_shared_fault ------------------
@@ -864,6 +898,7 @@ FaultResult handle_mm_fault(vm_fault& vmf) {
         return FaultResult::Foreign;
     }
     const FaultResult r = handle_arena_fault(vmf);
+    if (vmf.arena->swap) swap_release_slots(*vmf.arena->swap, vmf.stale_slots, vmf.stale_count);
     if (r == FaultResult::Resolved && vmf.arena->swap) vmf.throttled = swap_throttle(*vmf.arena);
     account_fault(vmf, r);
     vmf.arena->lock.unlock_shared();

@@ -5,7 +5,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <bit>
+#include <climits>
 
 #include "fault_world.hpp"
 
@@ -53,14 +55,28 @@ void swap_store_read(ArenaSwap& s, PageIo* pages, std::size_t n) {
         through_io_thread(s, pages, n, false);
 }
 
+std::uint64_t swap_take_copy(ArenaSwap& s, std::size_t page) { return s.slots[page].exchange(0, kRelaxed); }
+
+void swap_release_slots(ArenaSwap& s, std::uint64_t* slots, std::size_t n) {
+    if (!n) return;
+    if (s.direct) {
+        s.store->release({slots, n});
+        return;
+    }
+    PageIo io[kClusterPages];
+    for (std::size_t done = 0; done < n;) {
+        const std::size_t k = std::min(n - done, kClusterPages);
+        for (std::size_t i = 0; i < k; ++i) io[i] = {slots[done + i], nullptr, 0};
+        through_io_thread(s, io, k, true);
+        done += k;
+    }
+}
+
 void swap_drop_copy(ArenaSwap& s, std::size_t page) {
-    const std::uint64_t held = s.slots[page].exchange(0, kRelaxed);
-    if (!held) return;
-    PageIo one{held - 1, nullptr, 0};
-    if (s.direct)
-        s.store->release({&one.slot, 1});
-    else
-        through_io_thread(s, &one, 1, true);
+    if (std::uint64_t held = swap_take_copy(s, page)) {
+        --held;
+        swap_release_slots(s, &held, 1);
+    }
 }
 
 std::byte* swap_claim_buffer(ArenaSwap& s) {

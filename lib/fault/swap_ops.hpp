@@ -19,6 +19,10 @@ void futex_wake(std::atomic<std::uint32_t>& word);
 void swap_store_read(ArenaSwap& s, PageIo* pages, std::size_t n);
 // Gives a page's store copy up (a write is about to make it stale, or the page is discarded).
 void swap_drop_copy(ArenaSwap& s, std::size_t page);
+// The same in two steps, for a fault that holds the install lock: the copy stops counting at
+// once (0, or the slot + 1 to release), and the slots are released once the lock is let go.
+std::uint64_t swap_take_copy(ArenaSwap& s, std::size_t page);
+void swap_release_slots(ArenaSwap& s, std::uint64_t* slots, std::size_t n);
 
 // A buffer of kClusterPages pages for one swap-in, waited for if all are taken.
 std::byte* swap_claim_buffer(ArenaSwap& s);
