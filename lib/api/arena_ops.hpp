@@ -12,6 +12,7 @@
 #include <array>
 #include <cstdint>
 #include <memory>
+#include <new>
 #include <string_view>
 #include <vector>
 
@@ -228,6 +229,17 @@ void insert_vma(ArenaCore& a, Vma* vma, std::uintptr_t start, std::size_t len);
 // snapshots what they need. Under the write lock, so no PTE is
 // locked. If the kernel refuses partway, the PTEs are re-read from the kernel before the error is
 // thrown.
+// Page-aligned memory for `pages` pages: what a store may hand to O_DIRECT I/O as it is.
+struct PageBuffer {
+    struct Free {
+        void operator()(std::byte* p) const { ::operator delete[](p, std::align_val_t(g_page_size)); }
+    };
+    std::unique_ptr<std::byte[], Free> bytes;
+    explicit PageBuffer(std::size_t pages)
+        : bytes(static_cast<std::byte*>(::operator new[](pages << g_page_shift, std::align_val_t(g_page_size)))) {}
+    std::byte* data() const { return bytes.get(); }
+};
+
 // API world, under the write lock: the swapped-out pages of [first, last) are read back from the
 // store (in memory again, still PROT_NONE, their store copies kept), so that a grant of access
 // outside a fault never lands on a page the kernel holds nothing for. In reclaim.cpp.

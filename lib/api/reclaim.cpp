@@ -547,7 +547,7 @@ void swap_in_for_grant(ArenaCore& a, const char* call, std::size_t first, std::s
             }
             std::size_t j = i + 1;
             while (j < span.last && j - i < kClusterPages && (a.pte[j].load(kRelaxed) & kPteSwapped)) ++j;
-            std::vector<std::byte> buffer((j - i) << g_page_shift);
+            const PageBuffer buffer(j - i);
             std::vector<PageIo> io(j - i);
             for (std::size_t k = i; k < j; ++k)
                 io[k - i] = {s.slots[k].load(kRelaxed) - 1, buffer.data() + ((k - i) << g_page_shift), 0};
@@ -556,7 +556,7 @@ void swap_in_for_grant(ArenaCore& a, const char* call, std::size_t first, std::s
                 if (p.error)
                     fail(p.error, "{}: cannot read swapped-out page {:#x} back from {}", call,
                          a.page_addr(i + std::size_t(&p - io.data())), s.store->describe());
-            if (const int err = page_write_raw(a.page_addr(i), buffer.data(), buffer.size()))
+            if (const int err = page_write_raw(a.page_addr(i), buffer.data(), (j - i) << g_page_shift))
                 fail(err, "{}: cannot write swapped-in pages [{:#x}, {:#x}) into the arena", call, a.page_addr(i),
                      a.page_addr(j));
             for (std::size_t k = i; k < j; ++k) {
@@ -569,12 +569,31 @@ void swap_in_for_grant(ArenaCore& a, const char* call, std::size_t first, std::s
         }
 }
 
+// A store whose slots cannot be shared (retain refuses, as a store with a slot table private to the
+// process must): the arena's swapped-out pages come back into memory and give their slots up, so
+// that neither process refers to a slot the other may reuse. The arena is over its limit until
+// the reclaimers catch up.
 bool Reclaimer::retain_for_fork() {
     std::vector<std::uint64_t> held;
     for (const PageSpan& span : pte_spans(a_, 0, a_.page_index(a_.end)))
         for (std::size_t i = span.first; i < span.last; ++i)
             if (const std::uint64_t s = swap_.slots[i].load(kRelaxed)) held.push_back(s - 1);
-    return held.empty() || swap_.store->retain(held) == 0;
+    if (held.empty() || swap_.store->retain(held) == 0) return true;
+    try {
+        swap_in_for_grant(a_, "usermm: fork", 0, a_.page_index(a_.end));
+    } catch (const std::exception&) {
+        return false;  // pages stay out: the caller says so
+    }
+    for (const PageSpan& span : pte_spans(a_, 0, a_.page_index(a_.end)))
+        for (std::size_t i = span.first; i < span.last; ++i) swap_.slots[i].store(0, kRelaxed);
+    swap_.store->release(held);
+    return true;
+}
+
+void Reclaimer::shrink_locked() {
+    const std::int64_t limit = std::int64_t(swap_.limit.load(kRelaxed));
+    while (limit && a_.resident.load(kRelaxed) > limit - limit / 8 && reclaim_one()) {
+    }
 }
 
 void Reclaimer::after_fork_child() {

@@ -35,6 +35,9 @@ public:
     // Under the arena's write lock: Advice::PageOut and Advice::Cold on part of an anonymous VMA.
     void page_out(const char* call, Vma& vma, Range part);
     void cold(Range part);
+    // Under the arena's write lock, after a call that filled memory without faults (restore):
+    // evicts down to the low watermark, so that the arena leaves the call within its limit.
+    void shrink_locked();
     // The arena is being destroyed: the reclaimer stops before the arena's lock is taken for good
     // (the I/O thread stays, for snapshots that read swapped pages on the way out).
     void stop_kswapd();

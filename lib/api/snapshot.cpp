@@ -16,6 +16,7 @@
 #include "find_vma.hpp"
 #include "map_budget.hpp"
 #include "snapshot_read.hpp"
+#include "reclaim.hpp"
 #include "write_tracking.hpp"
 
 namespace usermm {
@@ -552,6 +553,7 @@ void Arena::restore(const Snapshot& snapshot) {
         restored += j - i;
     }
     account_restore(a, s, restored);
+    if (a.reclaimer) a.reclaimer->shrink_locked();
 }
 
 DirtySet Arena::collect_dirty(void* addr, std::size_t length) {

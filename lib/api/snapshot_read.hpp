@@ -86,7 +86,7 @@ inline bool same_as_snapshot(const SnapshotCore& base, std::size_t page, const s
 template <typename Fn>
 void visit_snapshot_pages(const SnapshotCore& s, std::size_t first, std::size_t last, Fn fn, bool visit_zeros = true) {
     AsyncSignalsBlocked blocked;
-    std::vector<std::byte> buffer(kReadBatch << g_page_shift);
+    const PageBuffer buffer(kReadBatch);  // aligned: swapped-out pages are read into it from the store
     std::vector<PageSpan> spans = slot_spans(s, first, last);
     if (s.arena) spans = span_union(std::move(spans), pte_spans(*s.arena, first, last));
     spans.push_back({last, last});
