@@ -1,7 +1,8 @@
 // Reclaim and swap, one thread at a time: PageOut and the counters of eviction (data written, zero
 // pages dropped, clean pages dropped without I/O), do_swap_page (a major fault that brings the
 // content back), Cold, the resident limit and its bound, bad input, stores that fail writes and
-// reads, a user-defined store that is not async-signal-safe, and SwapFile's slots reused.
+// reads, a user-defined store that is not async-signal-safe (and cannot share its slots across
+// fork), SwapFile's slots reused, and snapshots and restore over swapped pages.
 #include <doctest/doctest.h>
 
 #include <sys/mman.h>
