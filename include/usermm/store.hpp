@@ -15,7 +15,10 @@
 //  - Slots are reference-counted across fork(): before fork usermm calls retain() for every slot an
 //    arena refers to, so that the parent and the child each release their own reference (the
 //    kernel's swap_duplicate). A store whose slot table is private to a process must make retain()
-//    fail (ENOTSUP): fork() then reads the slots back into the arena before the child exists.
+//    fail (ENOTSUP): fork() then reads the slots back into the arena before the child exists, and
+//    the child's arena stops using the store (it keeps its memory, without a resident limit; one
+//    line on stderr), since two processes handing out the same slots of one device would overwrite
+//    each other's pages.
 #pragma once
 
 #include <cstddef>

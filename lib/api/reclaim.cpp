@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <utility>
 #include <cstdio>
 #include <cstring>
 
@@ -201,6 +202,9 @@ void Reclaimer::start_threads() {
 }
 
 void Reclaimer::set_limit(const char* call, std::uint64_t bytes) {
+    if (detached_)
+        fail(EINVAL, "{}: {} could not be shared with this process at fork: the arena (base {:#x}) no longer evicts", call,
+             swap_.store->describe(), a_.base);
     const std::uint64_t pages = (bytes >> g_page_shift) / kClusterPages * kClusterPages;
     if (bytes && pages < 2 * kClusterPages)
         fail(EINVAL, "{}: resident limit {:#x} is smaller than one batch of reclaim ({} pages of {} bytes, twice)", call,
@@ -252,6 +256,10 @@ void Reclaimer::deliver_errors() {
 // that refuses any page leaves them all as they were.
 Reclaimer::Evicted Reclaimer::evict(Vma& vma, std::size_t first, std::size_t last) {
     Evicted result;
+    if (detached_) {
+        result.done = true;
+        return result;
+    }
     lock_ptes(a_, first, last);
     std::size_t resident = 0;
     bool tracked = false;
@@ -598,6 +606,7 @@ bool Reclaimer::retain_for_fork() {
         for (std::size_t i = span.first; i < span.last; ++i)
             if (const std::uint64_t s = swap_.slots[i].load(kRelaxed)) held.push_back(s - 1);
     if (held.empty() || swap_.store->retain(held) == 0) return true;
+    unshared_ = true;
     try {
         swap_in_for_grant(a_, "usermm: fork", 0, a_.page_index(a_.end));
     } catch (const std::exception&) {
@@ -618,6 +627,13 @@ void Reclaimer::shrink_locked() {
 void Reclaimer::after_fork_child() {
     kswapd_running_ = false;  // the parent's threads; the child has none
     io_running_ = false;
+    if (std::exchange(unshared_, false)) {
+        detached_ = true;
+        swap_.limit.store(0, kRelaxed);
+        std::fprintf(stderr, "usermm: fork: %s cannot share its slots with a child (Store::retain refused): the child's arena "
+                             "[%#lx, %#lx) keeps its memory, without a resident limit\n",
+                     swap_.store->describe().c_str(), static_cast<unsigned long>(a_.base), static_cast<unsigned long>(a_.end));
+    }
     for (SwapRequest& r : swap_.requests) r.state.store(kIoFree, kRelaxed);
     swap_.buffers_busy.store(0, kRelaxed);
     start_threads();

@@ -81,6 +81,10 @@ private:
     std::mutex threads_lock_;
     std::atomic<bool> stop_{false};
     std::atomic<bool> kswapd_stop_{false};
+    // The store refused to share its slots at a fork: in the child the arena stops using it (two
+    // processes handing out the same slots of one device would overwrite each other's pages).
+    bool unshared_ = false;
+    bool detached_ = false;
     bool kswapd_running_ = false;
     bool io_running_ = false;
     pthread_t kswapd_{};
