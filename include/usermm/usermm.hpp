@@ -329,7 +329,7 @@ struct ArenaOptions {
     Policy policy = Policy::S3Fifo;
     // Called (on usermm's reclaimer thread) when the store refuses a write or a read, with the
     // errno and the first page's address; without it, the first error is reported on stderr.
-    std::function<void(int error, const void* addr)> on_store_error;
+    std::function<void(int error, const void* addr)> on_store_error = {};  // = {}: designated initializers may leave it out
 };
 
 // Every call on a moved-from Arena throws Error (EINVAL, "the arena was moved from"); assigning an
