@@ -181,7 +181,8 @@ TEST_CASE("four threads over a working set four times the limit: VmRSS and resid
     const std::uint64_t rss_bound = (limit + slack) * page() + (8ull << 20);
     INFO("VmRSS peak " << (peak_rss.load() >> 10) << " kB, baseline " << (baseline >> 10) << " kB");
     CHECK(peak_rss.load() > baseline);
-    CHECK(peak_rss.load() - baseline <= rss_bound);
+    // Under TSan VmRSS holds its shadow memory too (about five times what the threads touch).
+    if (!usermm_test::kSkipUnderTsan) CHECK(peak_rss.load() - baseline <= rss_bound);
     arena.verify();
 }
 

@@ -185,6 +185,7 @@ void Reclaimer::stop_kswapd() {
     futex_wake(swap_.wake);
     if (kswapd_running_) pthread_join(kswapd_, nullptr);
     kswapd_running_ = false;
+    deliver_errors();  // what the reclaimer had not reported yet, before the arena goes
 }
 
 // The I/O thread for a store that may not run in a signal handler; the reclaimer for every arena
