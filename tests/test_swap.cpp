@@ -11,6 +11,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
@@ -436,6 +438,83 @@ TEST_CASE("a resident limit holds a working set four times larger: the count sta
         arena.unmap(p, n * page());
         CHECK(arena.stats().resident_pages == 0);
         CHECK(swap.slots_in_use() == 0);
+    }
+}
+
+// A store in front of a SwapFile whose first write blocks until the test opens the gate: in the
+// test below that is the reclaimer's first batch, so that the faults that follow find the arena at
+// its hard limit with the reclaimer stuck. Not async-signal-safe (a mutex): usermm calls it on its
+// own threads.
+class GateStore final : public usermm::Store {
+public:
+    explicit GateStore(SwapFile& inner) : inner_(inner) {}
+    std::size_t allocate(std::span<std::uint64_t> slots) override { return inner_.allocate(slots); }
+    void release(std::span<const std::uint64_t> slots) override { inner_.release(slots); }
+    int retain(std::span<const std::uint64_t> slots) override { return inner_.retain(slots); }
+    void read(std::span<PageIo> pages) override { inner_.read(pages); }
+    void write(std::span<PageIo> pages) override {
+        {
+            std::unique_lock lock(mu_);
+            if (!first_taken_) {
+                first_taken_ = true;
+                cv_.notify_all();
+                cv_.wait(lock, [&] { return open_; });
+            }
+        }
+        inner_.write(pages);
+    }
+    std::uint64_t capacity() const override { return inner_.capacity(); }
+    std::string describe() const override { return "gated " + inner_.describe(); }
+
+    bool wait_blocked() {
+        std::unique_lock lock(mu_);
+        return cv_.wait_for(lock, std::chrono::seconds(20), [&] { return first_taken_; });
+    }
+    void open() {
+        std::lock_guard lock(mu_);
+        open_ = true;
+        cv_.notify_all();
+    }
+
+private:
+    SwapFile& inner_;
+    std::mutex mu_;
+    std::condition_variable cv_;
+    bool first_taken_ = false;
+    bool open_ = false;
+};
+
+TEST_CASE("direct reclaim: with the reclaimer stuck in the store, faults at the limit evict batches themselves") {
+    for (Policy policy : kPolicies) {
+        CAPTURE(name(policy));
+        constexpr std::size_t limit = 16 * kCluster, n = 2 * limit;
+        SwapFile swap(swap_path(), 64 << 20);
+        GateStore gate(swap);
+        Arena arena(64 << 20, options(&gate, limit, policy));
+        char* p = map_aligned(arena, n);
+        // Past the high watermark (the limit less a sixteenth), under the limit: the reclaimer
+        // starts, and its first batch blocks in the store.
+        const std::size_t start = limit - kCluster / 2;
+        for (std::size_t i = 0; i < start; ++i) fill(p + i * page(), i, 1);
+        REQUIRE(gate.wait_blocked());
+        const Stats before = arena.stats();
+        std::uint64_t peak = 0;
+        const std::size_t end = limit + 4 * kCluster;
+        for (std::size_t i = start; i < end; ++i) {
+            fill(p + i * page(), i, 1);
+            peak = std::max(peak, arena.stats().resident_pages);
+        }
+        const Stats d = minus(arena.stats(), before);
+        CHECK(d.direct_reclaims >= 4);
+        CHECK(d.reclaim_stalls == 0);
+        CHECK(peak <= limit);
+        CHECK(d.pages_swapped_out >= 4 * kCluster);
+        gate.open();
+        std::size_t wrong = 0;
+        for (std::size_t i = 0; i < end; ++i) wrong += !holds(p + i * page(), i, 1);
+        CHECK(wrong == 0);
+        CHECK(arena.stats().store_errors == 0);
+        arena.verify();
     }
 }
 

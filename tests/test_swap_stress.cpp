@@ -171,8 +171,13 @@ TEST_CASE("four threads over a working set four times the limit: VmRSS and resid
     CHECK(s.pages_swapped_out > 0);
     CHECK(s.pages_swapped_in > 0);
     CHECK(s.major_faults > 0);
-    // A faulting thread waits at the limit; each of the four may hold two clusters past it.
-    const std::uint64_t slack = threads * 2 * kCluster;
+    // A fault that finds the arena at the limit evicts a batch itself (or, with none chosen yet,
+    // waits for the reclaimer): each of the four threads may have brought one batch in (a swap-in
+    // with its readahead) before it does. Measured here: the limit plus three pages.
+    const std::uint64_t slack = threads * kCluster;
+    INFO("peak resident " << peak_resident.load() << ", limit " << limit << ", direct reclaims " << s.direct_reclaims
+                          << ", stalls " << s.reclaim_stalls);
+    CHECK(s.direct_reclaims > 0);
     CHECK(peak_resident.load() <= limit + slack);
     // The same bound on the kernel's count, plus 8 MiB: usermm's page-state table and policy
     // queues for 16,384 pages and its eviction buffers (a few hundred KiB), the five threads'

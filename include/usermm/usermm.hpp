@@ -127,7 +127,8 @@ USERMM_API std::string to_string(Prot p);
     X(swap_readahead_wasted, "pages read ahead from the store and evicted again unused")         \
     X(hinting_faults, "faults on pages made inaccessible (inactive) only to see whether they are used") \
     X(pages_reclaimed, "pages reclaimed: swapped out, or dropped without I/O (zero, or clean in the store)") \
-    X(direct_reclaims, "faults that found the arena at its resident limit and reclaimed a batch first") \
+    X(direct_reclaims, "faults that found the arena at its resident limit and evicted a batch themselves") \
+    X(reclaim_stalls, "faults at the resident limit with no batch to evict, that waited for the reclaimer") \
     X(store_errors, "store writes or reads that failed (a failed write keeps its page resident)") \
     X(resident_pages, "anonymous pages that hold data in memory now (a gauge, not a count of events)") \
     X(handler_ns, "nanoseconds spent in the fault handler")

@@ -103,10 +103,6 @@ int page_advise_huge(std::uintptr_t addr, std::size_t len) {
     return result(madvise(reinterpret_cast<void*>(addr), len, MADV_HUGEPAGE));
 }
 
-int page_discard(std::uintptr_t addr, std::size_t len) {
-    return result(madvise(reinterpret_cast<void*>(addr), len, MADV_DONTNEED));
-}
-
 int page_read_file(int fd, void* buf, std::size_t len, std::uint64_t off, std::size_t* done) {
     char* p = static_cast<char*>(buf);
     *done = 0;

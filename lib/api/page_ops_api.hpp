@@ -24,8 +24,6 @@ int page_release(std::uintptr_t addr, std::size_t len);
 void page_held(std::uintptr_t addr, std::size_t len, unsigned char* vec);
 // Ask for transparent huge pages in the range (MADV_HUGEPAGE).
 int page_advise_huge(std::uintptr_t addr, std::size_t len);
-// Drop the content of the range; the next touch sees zeros.
-int page_discard(std::uintptr_t addr, std::size_t len);
 // Reads up to len bytes of the file at off into buf, as many as the file has: *done < len only at
 // the end of the file. Returns 0 or the errno of a failed read.
 int page_read_file(int fd, void* buf, std::size_t len, std::uint64_t off, std::size_t* done);

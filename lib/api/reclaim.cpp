@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "account.hpp"
+#include "evict.hpp"
 #include "find_vma.hpp"
 #include "map_budget.hpp"
 #include "page_ops.hpp"
@@ -26,67 +27,32 @@ constexpr long kIdleNs = 100'000'000;  // the reclaimer looks again this often w
 
 std::uint8_t freq_of(std::uint8_t state) { return std::uint8_t((state & kClusterFreq) / kClusterFreqOne); }
 
-// Takes the PTE locks of pages [first, last), waiting for faults that hold one: a fault never waits
-// for a second PTE while it holds one, so waiting here cannot close a cycle.
-void lock_ptes(ArenaCore& a, std::size_t first, std::size_t last) {
-    for (std::size_t i = first; i < last; ++i)
-        for (unsigned spins = 0;; ++spins) {
-            pte_t v = a.pte[i].load(kRelaxed);
-            if (!(v & kPteLocked) &&
-                a.pte[i].compare_exchange_weak(v, pte_t(v | kPteLocked), std::memory_order_acquire, kRelaxed))
-                break;
-            spin_backoff(spins);
+// mprotect failed part way and could not be undone: the locked PTEs become what the kernel has.
+void repair_from_kernel(ArenaCore& a, std::size_t first, std::size_t last) {
+    for (const KernelMapping& m : kernel_mappings(a.page_addr(first), a.page_addr(last), "usermm: reclaim"))
+        for (std::size_t i = std::max(first, a.page_index(m.from)); i < std::min(last, a.page_index(m.to)); ++i) {
+            const pte_t v = a.pte[i].load(kRelaxed);
+            a.pte[i].store(pte_t((v & ~kPteProt) | to_pte(m.prot)), kRelaxed);
         }
 }
 
-void unlock_ptes(ArenaCore& a, std::size_t first, std::size_t last) {
-    for (std::size_t i = first; i < last; ++i) a.pte[i].fetch_and(pte_t(~kPteLocked), std::memory_order_release);
-}
-
-// Makes the locked pages [first, last) PROT_NONE, counting the kernel mappings the change makes
-// against the map budget as a fault's install() does; their PTEs lose their protection and gain
-// `mark`. False with nothing changed if the budget or the kernel refuses.
-bool protect_none_locked(ArenaCore& a, std::size_t first, std::size_t last, pte_t mark) {
-    std::lock_guard guard(a.install_lock);
-    const long delta = map_count_delta(a, first, last, Prot::None);
-    if (!map_budget_try_charge(a, delta)) return false;
-    if (page_protect(a.page_addr(first), (last - first) << g_page_shift, Prot::None) != 0) {
-        map_budget_charge(a, -delta);
-        // A prefix may have changed: put every run back as the PTEs say it was, or, if the kernel
-        // refuses that too, make the PTEs what the kernel has.
-        bool undone = true;
-        for (std::size_t i = first; i < last;) {
-            std::size_t j = i + 1;
-            const pte_t prot = pte_prot(a.pte[i].load(kRelaxed));
-            while (j < last && pte_prot(a.pte[j].load(kRelaxed)) == prot) ++j;
-            undone &= page_protect(a.page_addr(i), (j - i) << g_page_shift, pte_to_prot(prot)) == 0;
-            i = j;
+// The reclaimer calls the store itself; a user's store may throw: its pages stay then, as for an
+// error it reports.
+int write_catching(ArenaSwap& s, PageIo* pages, std::size_t n) {
+    std::uint64_t slots[kClusterPages];
+    std::size_t got = 0;
+    try {
+        return swap_write_batch(*s.store, pages, n, slots, &got);
+    } catch (...) {
+        try {
+            s.store->release({slots, got});
+        } catch (...) {
         }
-        if (!undone)  // the PTEs stay locked: only their protection changes
-            for (const KernelMapping& m : kernel_mappings(a.page_addr(first), a.page_addr(last), "usermm: reclaim"))
-                for (std::size_t i = std::max(first, a.page_index(m.from)); i < std::min(last, a.page_index(m.to)); ++i) {
-                    const pte_t v = a.pte[i].load(kRelaxed);
-                    a.pte[i].store(pte_t((v & ~kPteProt) | to_pte(m.prot)), kRelaxed);
-                }
-        return false;
+        return EIO;
     }
-    for (std::size_t i = first; i < last; ++i) {
-        const pte_t v = a.pte[i].load(kRelaxed);
-        a.pte[i].store(pte_t((v & ~kPteProt) | (pte_resident(v) ? mark : 0)), kRelaxed);
-    }
-    return true;
 }
 
-// Every anonymous VMA piece of cluster c: fn(vma, first page, last page).
-template <typename Fn>
-void for_each_piece(ArenaCore& a, std::size_t c, Fn fn) {
-    const std::size_t first = c * kClusterPages;
-    const std::size_t last = std::min(first + kClusterPages, a.page_index(a.end));
-    for (auto it = a.tree.upper_bound(a.page_addr(first)); it != a.tree.end() && it->start < a.page_addr(last); ++it) {
-        if (it->kind() != VmaKind::Anonymous) continue;
-        fn(*it, std::max(first, a.page_index(it->start)), std::min(last, a.page_index(it->end)));
-    }
-}
+constexpr EvictOps kReclaimerOps{true, write_catching, repair_from_kernel};
 
 void* start_thread(pthread_t* t, void* (*fn)(void*), void* arg) {
     // The threads never touch arena memory and take no signal meant for the program.
@@ -235,6 +201,10 @@ void Reclaimer::deliver_errors() {
         std::lock_guard guard(errors_lock_);
         errors.swap(errors_);
     }
+    if (swap_.fault_error.load(kRelaxed)) {  // from a fault's direct reclaim, counted already
+        const std::uintptr_t addr = swap_.fault_error_addr.load(kRelaxed);
+        errors.push_back({swap_.fault_error.exchange(0, kRelaxed), addr});
+    }
     for (auto [err, addr] : errors) {
         if (on_error_) {
             on_error_(err, reinterpret_cast<const void*>(addr));
@@ -249,142 +219,14 @@ void Reclaimer::deliver_errors() {
     }
 }
 
-// Pages [first, last) of `vma` (one cluster at most) leave memory: those that hold data go to the
-// store, unless it holds them already (swapped in by a read, not written since), zero pages are
-// dropped. The pages are PROT_NONE from before their content is read until they are back (no write
-// can slip between the copy and the drop), and their PTEs are locked meanwhile, so a fault on one
-// waits and then finds it swapped out. Live snapshots take what they still need first. A store
-// that refuses any page leaves them all as they were.
-Reclaimer::Evicted Reclaimer::evict(Vma& vma, std::size_t first, std::size_t last) {
-    Evicted result;
+// One cluster's piece, by the reclaimer: evict_pages, unless the arena stopped using its store.
+Evicted Reclaimer::evict(Vma& vma, std::size_t first, std::size_t last) {
     if (detached_) {
+        Evicted result;
         result.done = true;
         return result;
     }
-    lock_ptes(a_, first, last);
-    std::size_t resident = 0;
-    bool tracked = false;
-    for (std::size_t i = first; i < last; ++i) {
-        const pte_t v = a_.pte[i].load(kRelaxed);
-        resident += pte_resident(v);
-        tracked |= (v & kPteWriteTracked) != 0;
-    }
-    if (!resident) {
-        unlock_ptes(a_, first, last);
-        result.done = true;
-        return result;
-    }
-    pte_t was[kClusterPages];
-    for (std::size_t i = first; i < last; ++i) was[i - first] = pte_t(a_.pte[i].load(kRelaxed) & ~kPteLocked);
-    if (!protect_none_locked(a_, first, last, 0)) {
-        unlock_ptes(a_, first, last);
-        return result;
-    }
-    auto put_back = [&] {
-        std::lock_guard guard(a_.install_lock);
-        for (std::size_t i = first; i < last;) {
-            std::size_t j = i + 1;
-            while (j < last && pte_prot(was[j - first]) == pte_prot(was[i - first])) ++j;
-            const long delta = map_count_delta(a_, i, j, pte_to_prot(was[i - first]));
-            if (page_protect(a_.page_addr(i), (j - i) << g_page_shift, pte_to_prot(was[i - first])) == 0) {
-                map_budget_charge(a_, delta);
-                for (std::size_t k = i; k < j; ++k) a_.pte[k].store(pte_t(was[k - first] | kPteLocked), kRelaxed);
-            }
-            i = j;
-        }
-        unlock_ptes(a_, first, last);
-    };
-    std::uint32_t copies = 0;
-    for (std::size_t i = first; i < last && a_.snapshot_count; ++i)
-        if (pte_resident(was[i - first]))
-            if (const int err = preserve_for_snapshots(a_, i, pte_t(was[i - first] & ~kPteProt), &copies)) {
-                put_back();
-                result.error = err;
-                return result;
-            }
-    enum Fate : std::uint8_t { Keep, Zero, Clean, Write };
-    Fate fate[kClusterPages];
-    PageIo io[kClusterPages];
-    std::size_t writes = 0;
-    for (std::size_t i = first; i < last;) {
-        if (!pte_resident(was[i - first])) {
-            fate[i - first] = Keep;
-            ++i;
-            continue;
-        }
-        std::size_t j = i + 1;
-        while (j < last && pte_resident(was[j - first])) ++j;
-        std::byte* dst = buffer_ + ((i - first) << g_page_shift);
-        if (const int err = page_read_raw(a_.page_addr(i), dst, (j - i) << g_page_shift)) {
-            put_back();
-            result.error = err;
-            return result;
-        }
-        for (std::size_t k = i; k < j; ++k) {
-            std::byte* page = buffer_ + ((k - first) << g_page_shift);
-            if (swap_.slots[k].load(kRelaxed))
-                fate[k - first] = Clean;
-            else if (all_zeros(page))
-                fate[k - first] = Zero;
-            else {
-                fate[k - first] = Write;
-                io[writes++] = {0, page, 0};
-            }
-        }
-        i = j;
-    }
-    if (writes) {
-        std::uint64_t slots[kClusterPages];
-        std::size_t got = 0;
-        try {  // a user's store may throw: its pages stay, as for an error it reports
-            got = swap_.store->allocate({slots, writes});
-            for (std::size_t k = 0; k < got; ++k) io[k].slot = slots[k];
-            if (got == writes) swap_.store->write({io, writes});
-        } catch (...) {
-            for (std::size_t k = 0; k < writes; ++k) io[k].error = EIO;
-        }
-        int err = got == writes ? 0 : ENOSPC;
-        for (std::size_t k = 0; k < writes && !err; ++k) err = io[k].error;
-        if (err) {
-            swap_.store->release({slots, got});
-            put_back();
-            result.error = err;
-            return result;
-        }
-    }
-    // Past the point of no return: the tracking of the pages ends with them (a failed eviction
-    // above keeps its marks). The kernel drops an anonymous page's userfaultfd mark with the page.
-    if (tracked && write_tracker().marks_outlive_protect)
-        write_tracker().clear_marks(a_.page_addr(first), (last - first) << g_page_shift);
-    page_discard(a_.page_addr(first), (last - first) << g_page_shift);
-    std::size_t written = 0;
-    for (std::size_t i = first; i < last; ++i) {
-        const pte_t v = was[i - first];
-        pte_t now = pte_t(v & ~(kPteProt | kPteWriteTracked | kPteInactive | kPteReadahead));
-        switch (fate[i - first]) {
-            case Keep:  // untouched, swapped out already, or read-only zero page: nothing in memory now
-                break;
-            case Zero:
-                now = pte_t(now & ~kPtePopulated);
-                break;
-            case Write:
-                swap_.slots[i].store(io[written++].slot + 1, kRelaxed);
-                now = pte_t(now | kPteSwapped);
-                break;
-            case Clean:
-                result.out.wasted += (v & kPteReadahead) != 0;
-                now = pte_t(now | kPteSwapped);
-                break;
-        }
-        a_.note_resident(v, now);
-        a_.pte[i].store(pte_t(now | kPteLocked), kRelaxed);
-    }
-    unlock_ptes(a_, first, last);
-    result.out.written = writes;
-    result.out.dropped = resident;
-    account_swap_out(a_, vma, result.out);
-    result.done = true;
-    return result;
+    return evict_pages(a_, vma, first, last, buffer_, kReclaimerOps);
 }
 
 // Second chance: the cluster's pages in memory become PROT_NONE with their content kept, marked
@@ -398,7 +240,10 @@ bool Reclaimer::deactivate(std::size_t c) {
             const pte_t v = a_.pte[i].load(kRelaxed);
             granted |= pte_resident(v) && pte_prot(v) != 0;
         }
-        if (granted) any |= protect_none_locked(a_, first, last, kPteInactive);
+        if (granted) {
+            bool unknown = false;  // repair_from_kernel always knows
+            any |= protect_none_locked(a_, first, last, kPteInactive, repair_from_kernel, &unknown);
+        }
         unlock_ptes(a_, first, last);
     });
     return any;
@@ -449,7 +294,7 @@ bool Reclaimer::pick(std::uint32_t* victim) {
         }
     };
     auto chosen = [&](std::uint32_t c) {
-        swap_.clusters[c].fetch_and(std::uint8_t(~(kClusterQueued | kClusterFreq)), kRelaxed);
+        swap_.clusters[c].fetch_and(std::uint8_t(~(kClusterQueued | kClusterFreq | kClusterUsed)), kRelaxed);
         *victim = c;
         return true;
     };
@@ -499,18 +344,35 @@ void Reclaimer::rescan() {
             }
 }
 
+// The victims chosen ahead go first (a fault at the hard limit may have taken some); one used
+// since it was chosen is passed over (its fault marked it fresh: discover queues it again).
+bool Reclaimer::next_victim(std::uint32_t* victim) {
+    while (swap_take_victim(swap_, victim))
+        if (!(swap_.clusters[*victim].load(kRelaxed) & kClusterUsed)) return true;
+    return pick(victim);
+}
+
+// Keeps kVictims clusters chosen for the faults that will find the arena at its hard limit. Only
+// the reclaimer offers (under queue_lock_), so a free place stays free until it fills it.
+void Reclaimer::choose_ahead() {
+    std::size_t room = 0;
+    for (const auto& v : swap_.victims) room += v.load(kRelaxed) == kNoVictim;
+    for (std::uint32_t c = 0; room > 0 && pick(&c); --room) swap_offer_victim(swap_, c);
+}
+
 bool Reclaimer::reclaim_one() {
     std::lock_guard guard(queue_lock_);
     discover();
     bool rescanned = false;
     for (int attempts = 0; attempts < 64; ++attempts) {
         std::uint32_t c = 0;
-        if (!pick(&c)) {
+        if (!next_victim(&c)) {
             if (rescanned) return false;
             rescan();
             rescanned = true;
             continue;
         }
+        choose_ahead();  // before this batch's I/O, which may be slow
         bool evicted = false;
         for_each_piece(a_, c, [&](Vma& vma, std::size_t first, std::size_t last) {
             const Evicted e = evict(vma, first, last);
@@ -676,12 +538,20 @@ void* Reclaimer::io_main(void* self) {
             if (q.state.load(std::memory_order_acquire) != kIoPosted) continue;
             any = true;
             try {  // a user's store may throw: every page of the batch fails then
-                if (q.release) {
-                    std::uint64_t slots[kClusterPages];
-                    for (std::size_t k = 0; k < q.count; ++k) slots[k] = q.pages[k].slot;
-                    s.store->release({slots, q.count});
-                } else
-                    s.store->read({q.pages, q.count});
+                switch (q.op) {
+                    case SwapOp::Read:
+                        s.store->read({q.pages, q.count});
+                        break;
+                    case SwapOp::Write:
+                        q.error = write_catching(s, q.pages, q.count);
+                        break;
+                    case SwapOp::Release: {
+                        std::uint64_t slots[kClusterPages];
+                        for (std::size_t k = 0; k < q.count; ++k) slots[k] = q.pages[k].slot;
+                        s.store->release({slots, q.count});
+                        break;
+                    }
+                }
             } catch (...) {
                 for (std::size_t k = 0; k < q.count; ++k) q.pages[k].error = EIO;
             }

@@ -17,6 +17,7 @@
 
 #include "account.hpp"
 #include "arena_ops.hpp"
+#include "evict.hpp"
 #include "vma.hpp"
 
 namespace usermm::detail {
@@ -47,11 +48,6 @@ public:
     void after_fork_child();
 
 private:
-    struct Evicted {
-        SwapOut out;
-        int error = 0;      // the store's, for a page that could not be written
-        bool done = false;  // false: nothing could be done now (busy, or the map budget)
-    };
     Evicted evict(Vma& vma, std::size_t first, std::size_t last);
     bool deactivate(std::size_t cluster);
     // Under the arena's read lock: one cluster chosen by the policy and evicted. False when none can be.
@@ -62,6 +58,8 @@ private:
     void rescan();
     void enqueue(std::uint32_t cluster);
     bool pick(std::uint32_t* victim);
+    bool next_victim(std::uint32_t* victim);
+    void choose_ahead();
     void report(int err, std::uintptr_t addr);
     void start_threads();
     static void* kswapd_main(void* self);

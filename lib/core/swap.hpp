@@ -27,15 +27,21 @@ inline constexpr std::uint8_t kClusterFreqOne = 0x08;
 // signal handler. The faulting thread fills it, bumps `state` to kIoPosted and waits (futex) until
 // the I/O thread sets kIoDone.
 inline constexpr std::uint32_t kIoFree = 0, kIoClaimed = 1, kIoPosted = 2, kIoDone = 3;
+enum class SwapOp : std::uint8_t { Read, Write, Release };  // Write: allocate slots, then write
 struct SwapRequest {
     std::atomic<std::uint32_t> state{kIoFree};
-    bool release = false;  // release the slots instead of reading them
+    SwapOp op = SwapOp::Read;
+    int error = 0;  // Write: the batch's error (EvictOps::write)
     PageIo* pages = nullptr;
     std::size_t count = 0;
 };
 inline constexpr std::size_t kSwapRequests = 16;
-// Buffers a fault reads a cluster into before the pages become accessible: claimed with a bit each.
+// Buffers a fault reads a cluster into before the pages become accessible, or copies a cluster
+// out of for its direct reclaim: claimed with a bit each.
 inline constexpr std::size_t kSwapBuffers = 8;
+// Victims the reclaimer chose ahead, for a fault's direct reclaim (and its own next batches).
+inline constexpr std::size_t kVictims = 8;
+inline constexpr std::uint32_t kNoVictim = ~std::uint32_t(0);
 
 struct ArenaSwap {
     Store* store = nullptr;
@@ -62,6 +68,18 @@ struct ArenaSwap {
     SwapRequest requests[kSwapRequests];
     std::atomic<std::uint32_t> io_wake{0};  // futex: the I/O thread sleeps on it
     std::atomic<bool> reported{false};      // the first store error was reported
+    // The next clusters to evict, in the policy's order, taken by whichever reclaims first (a
+    // cluster index, or kNoVictim): the policy's queues live in the API world, so the reclaimer
+    // chooses for the faults that will find the arena at its hard limit.
+    std::atomic<std::uint32_t> victims[kVictims];
+    // A store error met by a fault's direct reclaim, for the reclaimer's thread to report (errors
+    // met while one waits are counted, and reported with it).
+    std::atomic<int> fault_error{0};
+    std::atomic<std::uintptr_t> fault_error_addr{0};
+
+    ArenaSwap() {
+        for (auto& v : victims) v.store(kNoVictim, std::memory_order_relaxed);
+    }
 };
 
 }  // namespace usermm::detail

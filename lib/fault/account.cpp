@@ -50,7 +50,8 @@ void count(Counters& c, const vm_fault& vmf, FaultResult result, std::uint64_t n
                 c.swap_bytes_read.fetch_add(std::uint64_t(vmf.swapped_in) << g_page_shift, kRelaxed);
             }
             if (vmf.swap_hits) c.swap_readahead_hits.fetch_add(vmf.swap_hits, kRelaxed);
-            if (vmf.throttled) c.direct_reclaims.fetch_add(1, kRelaxed);
+            if (vmf.direct_reclaim) c.direct_reclaims.fetch_add(1, kRelaxed);
+            if (vmf.stalled) c.reclaim_stalls.fetch_add(1, kRelaxed);
             if (vmf.copies) {
                 c.cow_faults.fetch_add(1, kRelaxed);
                 c.cow_bytes_copied.fetch_add(std::uint64_t(vmf.copies) << g_page_shift, kRelaxed);

@@ -48,7 +48,8 @@ struct vm_fault {
     // Swap.
     std::uint32_t swapped_in = 0;   // pages read from the store (the faulting page and its readahead)
     std::uint32_t swap_hits = 0;    // pages read ahead from the store that this fault mapped
-    bool throttled = false;         // the fault found the arena at its resident limit and waited
+    bool direct_reclaim = false;    // the fault found the arena at its resident limit and evicted a batch
+    bool stalled = false;           // ... and found none to evict, and waited for the reclaimer
     // Store slots whose copies a write grant made stale, released once the install lock is let go.
     std::uint64_t stale_slots[8];
     std::uint32_t stale_count = 0;

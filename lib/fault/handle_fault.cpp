@@ -13,6 +13,7 @@
 #include <signal.h>
 
 #include "account.hpp"
+#include "evict.hpp"
 #include "fault.hpp"
 #include "filemap.hpp"
 #include "find_vma.hpp"
@@ -897,9 +898,9 @@ FaultResult handle_mm_fault(vm_fault& vmf) {
         account_fault(vmf, FaultResult::Foreign);
         return FaultResult::Foreign;
     }
-    const FaultResult r = handle_arena_fault(vmf);
+    FaultResult r = handle_arena_fault(vmf);
     if (vmf.arena->swap) swap_release_slots(*vmf.arena->swap, vmf.stale_slots, vmf.stale_count);
-    if (r == FaultResult::Resolved && vmf.arena->swap) vmf.throttled = swap_throttle(*vmf.arena);
+    if (r == FaultResult::Resolved && vmf.arena->swap) r = direct_reclaim(vmf);
     account_fault(vmf, r);
     vmf.arena->lock.unlock_shared();
     return r;

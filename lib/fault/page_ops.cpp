@@ -29,6 +29,10 @@ int page_resident(std::uintptr_t addr, std::size_t len, unsigned char* vec) {
     return result(mincore(reinterpret_cast<void*>(addr), len, vec));
 }
 
+int page_discard(std::uintptr_t addr, std::size_t len) {
+    return result(madvise(reinterpret_cast<void*>(addr), len, MADV_DONTNEED));
+}
+
 int page_populate(std::uintptr_t addr, std::size_t len) {
     return result(madvise(reinterpret_cast<void*>(addr), len, MADV_POPULATE_WRITE));
 }

@@ -13,6 +13,8 @@ namespace usermm::detail {
 int page_protect(std::uintptr_t addr, std::size_t len, Prot prot);
 // Which pages of the range are in memory now (mincore). vec gets one byte per page, bit 0 set.
 int page_resident(std::uintptr_t addr, std::size_t len, unsigned char* vec);
+// Drop the content of the range (MADV_DONTNEED); the next touch sees zeros.
+int page_discard(std::uintptr_t addr, std::size_t len);
 // Commit memory for the range now (MADV_POPULATE_WRITE), so that first writes do not fault.
 int page_populate(std::uintptr_t addr, std::size_t len);
 

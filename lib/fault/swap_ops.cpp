@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <cerrno>
 #include <climits>
 
 #include "fault_world.hpp"
@@ -18,21 +19,23 @@ constexpr auto kRelaxed = std::memory_order_relaxed;
 
 std::uint32_t* futex_word(std::atomic<std::uint32_t>& word) { return reinterpret_cast<std::uint32_t*>(&word); }
 
-// Hands a batch to the I/O thread and waits for it.
-void through_io_thread(ArenaSwap& s, PageIo* pages, std::size_t n, bool release) {
+// Hands a batch to the I/O thread and waits for it; the batch's error for a write.
+int through_io_thread(ArenaSwap& s, PageIo* pages, std::size_t n, SwapOp op) {
     for (unsigned spins = 0;; ++spins) {
         for (SwapRequest& r : s.requests) {
             std::uint32_t free = kIoFree;
             if (!r.state.compare_exchange_strong(free, kIoClaimed, std::memory_order_acquire, kRelaxed)) continue;
             r.pages = pages;
             r.count = n;
-            r.release = release;
+            r.op = op;
+            r.error = 0;
             r.state.store(kIoPosted, std::memory_order_release);
             s.io_wake.fetch_add(1, std::memory_order_release);
             futex_wake(s.io_wake);
             while (r.state.load(std::memory_order_acquire) != kIoDone) futex_wait(r.state, kIoPosted, 0);
+            const int err = r.error;
             r.state.store(kIoFree, std::memory_order_release);
-            return;
+            return err;
         }
         spin_backoff(spins);  // every request slot is taken: another fault's batch finishes first
     }
@@ -52,7 +55,7 @@ void swap_store_read(ArenaSwap& s, PageIo* pages, std::size_t n) {
     if (s.direct)
         s.store->read({pages, n});
     else
-        through_io_thread(s, pages, n, false);
+        through_io_thread(s, pages, n, SwapOp::Read);
 }
 
 std::uint64_t swap_take_copy(ArenaSwap& s, std::size_t page) { return s.slots[page].exchange(0, kRelaxed); }
@@ -67,7 +70,7 @@ void swap_release_slots(ArenaSwap& s, std::uint64_t* slots, std::size_t n) {
     for (std::size_t done = 0; done < n;) {
         const std::size_t k = std::min(n - done, kClusterPages);
         for (std::size_t i = 0; i < k; ++i) io[i] = {slots[done + i], nullptr, 0};
-        through_io_thread(s, io, k, true);
+        through_io_thread(s, io, k, SwapOp::Release);
         done += k;
     }
 }
@@ -104,19 +107,53 @@ void swap_note_use(ArenaSwap& s, std::size_t page) {
     if (!(old & kClusterQueued)) s.fresh[c / 64].fetch_or(std::uint64_t(1) << (c % 64), kRelaxed);
 }
 
-bool swap_throttle(ArenaCore& a) {
+int swap_write_batch(Store& store, PageIo* pages, std::size_t n, std::uint64_t* slots, std::size_t* got) {
+    *got = store.allocate({slots, n});
+    for (std::size_t k = 0; k < *got; ++k) pages[k].slot = slots[k];
+    int err = *got == n ? 0 : ENOSPC;
+    if (!err) store.write({pages, n});
+    for (std::size_t k = 0; k < n && !err; ++k) err = pages[k].error;
+    if (err) store.release({slots, *got});
+    return err;
+}
+
+int swap_store_write(ArenaSwap& s, PageIo* pages, std::size_t n) {
+    if (!s.direct) return through_io_thread(s, pages, n, SwapOp::Write);
+    std::uint64_t slots[kClusterPages];
+    std::size_t got = 0;
+    return swap_write_batch(*s.store, pages, n, slots, &got);
+}
+
+bool swap_offer_victim(ArenaSwap& s, std::uint32_t cluster) {
+    for (auto& v : s.victims) {
+        std::uint32_t none = kNoVictim;
+        if (v.compare_exchange_strong(none, cluster, std::memory_order_release, kRelaxed)) return true;
+    }
+    return false;
+}
+
+bool swap_take_victim(ArenaSwap& s, std::uint32_t* cluster) {
+    for (auto& v : s.victims)
+        if (v.load(kRelaxed) != kNoVictim) {
+            const std::uint32_t c = v.exchange(kNoVictim, std::memory_order_acquire);
+            if (c == kNoVictim) continue;
+            *cluster = c;
+            return true;
+        }
+    return false;
+}
+
+void swap_wait_for_reclaim(ArenaCore& a) {
     ArenaSwap& s = *a.swap;
-    const std::uint64_t limit = s.limit.load(kRelaxed);
-    if (!limit || a.resident.load(kRelaxed) < std::int64_t(limit)) return false;
+    const std::int64_t limit = std::int64_t(s.limit.load(kRelaxed));
     // A few rounds of the reclaimer's batches at most: a reclaimer that cannot make progress (the
     // store refuses writes) must not stop the program, only let it run over the limit.
-    for (int round = 0; round < 8 && a.resident.load(kRelaxed) >= std::int64_t(limit); ++round) {
+    for (int round = 0; round < 8 && limit && a.resident.load(kRelaxed) >= limit; ++round) {
         const std::uint32_t seen = s.progress.load(std::memory_order_acquire);
         s.wake.fetch_add(1, std::memory_order_release);
         futex_wake(s.wake);
         futex_wait(s.progress, seen, 2000000);
     }
-    return true;
 }
 
 }  // namespace usermm::detail

@@ -31,9 +31,21 @@ void swap_release_buffer(ArenaSwap& s, std::byte* buffer);
 // A fault resolved page `page`: its cluster is used, and queued by the reclaimer if it is new.
 void swap_note_use(ArenaSwap& s, std::size_t page);
 
-// After a fault, under the arena's read lock: if the arena is at its resident limit, wakes the
-// reclaimer and waits for its progress, a bounded time (the read lock held keeps the arena alive;
-// a writer waiting meanwhile waits no longer than that). True if it waited.
-bool swap_throttle(ArenaCore& a);
+// Allocates a slot per page and writes the batch (a direct store's, or the I/O thread's call):
+// 0, or the batch's error (ENOSPC: too few slots; else the first page's), with every slot it
+// allocated released again. *got: the slots allocated so far (for a caller that catches a throw).
+int swap_write_batch(Store& store, PageIo* pages, std::size_t n, std::uint64_t* slots, std::size_t* got);
+// The same from the fault world: directly, or through the I/O thread.
+int swap_store_write(ArenaSwap& s, PageIo* pages, std::size_t n);
+
+// The victims the reclaimer chose ahead: it offers (false when all kVictims places are taken),
+// whichever reclaims next takes one (false when there is none).
+bool swap_offer_victim(ArenaSwap& s, std::uint32_t cluster);
+bool swap_take_victim(ArenaSwap& s, std::uint32_t* cluster);
+
+// Under the arena's read lock, when the arena is at its resident limit and nothing could be
+// evicted at once: wakes the reclaimer and waits for its progress, a bounded time (the read lock
+// held keeps the arena alive; a writer waiting meanwhile waits no longer than that).
+void swap_wait_for_reclaim(ArenaCore& a);
 
 }  // namespace usermm::detail

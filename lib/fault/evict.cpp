@@ -1,0 +1,249 @@
+#include "evict.hpp"
+
+#include <cerrno>
+#include <mutex>
+
+#include "fault_world.hpp"
+#include "map_budget.hpp"
+#include "page_ops.hpp"
+#include "snapshot.hpp"
+#include "swap_ops.hpp"
+
+namespace usermm::detail {
+
+namespace {
+constexpr auto kRelaxed = std::memory_order_relaxed;
+}  // namespace
+
+void lock_ptes(ArenaCore& a, std::size_t first, std::size_t last) {
+    for (std::size_t i = first; i < last; ++i)
+        for (unsigned spins = 0;; ++spins) {
+            pte_t v = a.pte[i].load(kRelaxed);
+            if (!(v & kPteLocked) &&
+                a.pte[i].compare_exchange_weak(v, pte_t(v | kPteLocked), std::memory_order_acquire, kRelaxed))
+                break;
+            spin_backoff(spins);
+        }
+}
+
+bool try_lock_ptes(ArenaCore& a, std::size_t first, std::size_t last) {
+    for (std::size_t i = first; i < last; ++i) {
+        pte_t v = a.pte[i].load(kRelaxed);
+        if ((v & kPteLocked) ||
+            !a.pte[i].compare_exchange_strong(v, pte_t(v | kPteLocked), std::memory_order_acquire, kRelaxed)) {
+            unlock_ptes(a, first, i);
+            return false;
+        }
+    }
+    return true;
+}
+
+void unlock_ptes(ArenaCore& a, std::size_t first, std::size_t last) {
+    for (std::size_t i = first; i < last; ++i) a.pte[i].fetch_and(pte_t(~kPteLocked), std::memory_order_release);
+}
+
+bool protect_none_locked(ArenaCore& a, std::size_t first, std::size_t last, pte_t mark,
+                         void (*repair)(ArenaCore&, std::size_t, std::size_t), bool* unknown) {
+    std::lock_guard guard(a.install_lock);
+    const long delta = map_count_delta(a, first, last, Prot::None);
+    if (!map_budget_try_charge(a, delta)) return false;
+    if (page_protect(a.page_addr(first), (last - first) << g_page_shift, Prot::None) != 0) {
+        map_budget_charge(a, -delta);
+        // A prefix may have changed: put every run back as the PTEs say it was.
+        bool undone = true;
+        for (std::size_t i = first; i < last;) {
+            std::size_t j = i + 1;
+            const pte_t prot = pte_prot(a.pte[i].load(kRelaxed));
+            while (j < last && pte_prot(a.pte[j].load(kRelaxed)) == prot) ++j;
+            undone &= page_protect(a.page_addr(i), (j - i) << g_page_shift, pte_to_prot(prot)) == 0;
+            i = j;
+        }
+        if (!undone) {
+            if (repair)
+                repair(a, first, last);
+            else
+                *unknown = true;
+        }
+        return false;
+    }
+    for (std::size_t i = first; i < last; ++i) {
+        const pte_t v = a.pte[i].load(kRelaxed);
+        a.pte[i].store(pte_t((v & ~kPteProt) | (pte_resident(v) ? mark : 0)), kRelaxed);
+    }
+    return true;
+}
+
+Evicted evict_pages(ArenaCore& a, Vma& vma, std::size_t first, std::size_t last, std::byte* buffer, const EvictOps& ops) {
+    Evicted result;
+    ArenaSwap& s = *a.swap;
+    if (ops.wait_for_ptes)
+        lock_ptes(a, first, last);
+    else if (!try_lock_ptes(a, first, last))
+        return result;
+    std::size_t resident = 0;
+    bool tracked = false;
+    for (std::size_t i = first; i < last; ++i) {
+        const pte_t v = a.pte[i].load(kRelaxed);
+        resident += pte_resident(v);
+        tracked |= (v & kPteWriteTracked) != 0;
+    }
+    if (!resident) {
+        unlock_ptes(a, first, last);
+        result.done = true;
+        return result;
+    }
+    pte_t was[kClusterPages];
+    for (std::size_t i = first; i < last; ++i) was[i - first] = pte_t(a.pte[i].load(kRelaxed) & ~kPteLocked);
+    if (!protect_none_locked(a, first, last, 0, ops.repair, &result.unknown)) {
+        if (!result.unknown) unlock_ptes(a, first, last);
+        return result;
+    }
+    auto put_back = [&] {
+        std::lock_guard guard(a.install_lock);
+        for (std::size_t i = first; i < last;) {
+            std::size_t j = i + 1;
+            while (j < last && pte_prot(was[j - first]) == pte_prot(was[i - first])) ++j;
+            const long delta = map_count_delta(a, i, j, pte_to_prot(was[i - first]));
+            if (page_protect(a.page_addr(i), (j - i) << g_page_shift, pte_to_prot(was[i - first])) == 0) {
+                map_budget_charge(a, delta);
+                for (std::size_t k = i; k < j; ++k) a.pte[k].store(pte_t(was[k - first] | kPteLocked), kRelaxed);
+            }
+            i = j;
+        }
+        unlock_ptes(a, first, last);
+    };
+    std::uint32_t copies = 0;
+    for (std::size_t i = first; i < last && a.snapshot_count; ++i)
+        if (pte_resident(was[i - first]))
+            if (const int err = preserve_for_snapshots(a, i, pte_t(was[i - first] & ~kPteProt), &copies)) {
+                put_back();
+                result.error = err;
+                return result;
+            }
+    enum Fate : std::uint8_t { Keep, Zero, Clean, Write };
+    Fate fate[kClusterPages];
+    PageIo io[kClusterPages];
+    std::size_t writes = 0;
+    for (std::size_t i = first; i < last;) {
+        if (!pte_resident(was[i - first])) {
+            fate[i - first] = Keep;
+            ++i;
+            continue;
+        }
+        std::size_t j = i + 1;
+        while (j < last && pte_resident(was[j - first])) ++j;
+        std::byte* dst = buffer + ((i - first) << g_page_shift);
+        if (const int err = page_read_raw(a.page_addr(i), dst, (j - i) << g_page_shift)) {
+            put_back();
+            result.error = err;
+            return result;
+        }
+        for (std::size_t k = i; k < j; ++k) {
+            std::byte* page = buffer + ((k - first) << g_page_shift);
+            if (s.slots[k].load(kRelaxed))
+                fate[k - first] = Clean;
+            else if (all_zeros(page))
+                fate[k - first] = Zero;
+            else {
+                fate[k - first] = Write;
+                io[writes++] = {0, page, 0};
+            }
+        }
+        i = j;
+    }
+    if (writes)
+        if (const int err = ops.write(s, io, writes)) {
+            put_back();
+            result.error = err;
+            return result;
+        }
+    // Past the point of no return: the tracking of the pages ends with them (a failed eviction
+    // above keeps its marks). userfaultfd's marks outlive a protection change; the kernel drops an
+    // anonymous page's mark with the page, but not the marker it leaves where the page was.
+    if (tracked && tracking_engine() == TrackingEngine::Uffd)
+        uffd_write_protect(a.page_addr(first), (last - first) << g_page_shift, false);
+    page_discard(a.page_addr(first), (last - first) << g_page_shift);
+    std::size_t written = 0;
+    for (std::size_t i = first; i < last; ++i) {
+        const pte_t v = was[i - first];
+        pte_t now = pte_t(v & ~(kPteProt | kPteWriteTracked | kPteInactive | kPteReadahead));
+        switch (fate[i - first]) {
+            case Keep:  // untouched, swapped out already, or read-only zero page: nothing in memory now
+                break;
+            case Zero:
+                now = pte_t(now & ~kPtePopulated);
+                break;
+            case Write:
+                s.slots[i].store(io[written++].slot + 1, kRelaxed);
+                now = pte_t(now | kPteSwapped);
+                break;
+            case Clean:
+                result.out.wasted += (v & kPteReadahead) != 0;
+                now = pte_t(now | kPteSwapped);
+                break;
+        }
+        a.note_resident(v, now);
+        a.pte[i].store(pte_t(now | kPteLocked), kRelaxed);
+    }
+    unlock_ptes(a, first, last);
+    result.out.written = writes;
+    result.out.dropped = resident;
+    account_swap_out(a, vma, result.out);
+    result.done = true;
+    return result;
+}
+
+FaultResult direct_reclaim(vm_fault& vmf) {
+    ArenaCore& a = *vmf.arena;
+    ArenaSwap& s = *a.swap;
+    const std::int64_t limit = std::int64_t(s.limit.load(kRelaxed));
+    if (!limit || a.resident.load(kRelaxed) < limit) return FaultResult::Resolved;
+    s.wake.fetch_add(1, std::memory_order_release);  // the reclaimer chooses the next victims
+    futex_wake(s.wake);
+    static constexpr EvictOps kFaultOps{false, swap_store_write, nullptr};
+    std::byte* buffer = nullptr;
+    bool unknown = false;
+    std::uintptr_t unknown_at = 0;
+    for (std::size_t tries = 0; tries < kVictims && !vmf.direct_reclaim && !unknown; ++tries) {
+        std::uint32_t c = 0;
+        if (!swap_take_victim(s, &c)) break;
+        // Used since it was chosen: its fault told the reclaimer (swap_note_use), which queues it again.
+        if (s.clusters[c].load(kRelaxed) & kClusterUsed) continue;
+        if (!buffer) buffer = swap_claim_buffer(s);
+        bool again = false;
+        for_each_piece(a, c, [&](Vma& vma, std::size_t first, std::size_t last) {
+            if (unknown) return;
+            const Evicted e = evict_pages(a, vma, first, last, buffer, kFaultOps);
+            if (e.unknown) {
+                unknown = true;
+                unknown_at = a.page_addr(first);
+                return;
+            }
+            if (e.error) {
+                account_store_error(a);
+                int none = 0;
+                if (s.fault_error.compare_exchange_strong(none, e.error, kRelaxed))
+                    s.fault_error_addr.store(a.page_addr(first), kRelaxed);
+            }
+            again |= !e.done;
+            vmf.direct_reclaim |= e.done && e.out.dropped > 0;
+        });
+        if (again)  // busy or refused: back in the reclaimer's queues
+            s.fresh[c / 64].fetch_or(std::uint64_t(1) << (c % 64), kRelaxed);
+    }
+    if (buffer) swap_release_buffer(s, buffer);
+    if (unknown) {
+        if (vmf.diag)
+            vmf.diag->str("usermm: direct reclaim at ")
+                .hex(unknown_at)
+                .str(": mprotect failed part way and could not be undone; the pages' protection is unknown");
+        return FaultResult::Fatal;
+    }
+    if (!vmf.direct_reclaim && a.resident.load(kRelaxed) >= limit) {
+        vmf.stalled = true;
+        swap_wait_for_reclaim(a);
+    }
+    return FaultResult::Resolved;
+}
+
+}  // namespace usermm::detail
