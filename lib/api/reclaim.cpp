@@ -39,7 +39,7 @@ void repair_from_kernel(ArenaCore& a, std::size_t first, std::size_t last) {
 // The reclaimer calls the store itself; a user's store may throw: its pages stay then, as for an
 // error it reports.
 int write_catching(ArenaSwap& s, PageIo* pages, std::size_t n) {
-    std::uint64_t slots[kClusterPages];
+    std::uint64_t slots[kEvictRunPages];
     std::size_t got = 0;
     try {
         return swap_write_batch(*s.store, pages, n, slots, &got);
@@ -88,7 +88,7 @@ Reclaimer::Reclaimer(ArenaCore& a, const ArenaOptions& options)
     swap_.slot_bytes = pages * sizeof(std::uint64_t);
     swap_.cluster_bytes = clusters_;
     swap_.fresh_bytes = (clusters_ + 63) / 64 * sizeof(std::uint64_t);
-    const std::size_t buffer_bytes = (kSwapBuffers + 1) * (kClusterPages << g_page_shift);
+    const std::size_t buffer_bytes = kSwapBuffers * (kClusterPages << g_page_shift);
     void* slots = nullptr;
     void* clusters = nullptr;
     void* fresh = nullptr;
@@ -107,7 +107,6 @@ Reclaimer::Reclaimer(ArenaCore& a, const ArenaOptions& options)
     swap_.clusters = static_cast<std::atomic<std::uint8_t>*>(clusters);
     swap_.fresh = static_cast<std::atomic<std::uint64_t>*>(fresh);
     swap_.buffers = static_cast<std::byte*>(buffers);
-    buffer_ = swap_.buffers + kSwapBuffers * (kClusterPages << g_page_shift);
     swap_.limit.store(limit, kRelaxed);
     try {
         start_threads();
@@ -142,7 +141,7 @@ Reclaimer::~Reclaimer() {
     page_release(addr_of(swap_.slots), swap_.slot_bytes);
     page_release(addr_of(swap_.clusters), swap_.cluster_bytes);
     page_release(addr_of(swap_.fresh), swap_.fresh_bytes);
-    page_release(addr_of(swap_.buffers), (kSwapBuffers + 1) * (kClusterPages << g_page_shift));
+    page_release(addr_of(swap_.buffers), kSwapBuffers * (kClusterPages << g_page_shift));
 }
 
 void Reclaimer::stop_kswapd() {
@@ -226,7 +225,7 @@ Evicted Reclaimer::evict(Vma& vma, std::size_t first, std::size_t last) {
         result.done = true;
         return result;
     }
-    return evict_pages(a_, vma, first, last, buffer_, kReclaimerOps);
+    return evict_pages(a_, vma, first, last, kReclaimerOps);
 }
 
 // Second chance: the cluster's pages in memory become PROT_NONE with their content kept, marked
@@ -242,7 +241,7 @@ bool Reclaimer::deactivate(std::size_t c) {
         }
         if (granted) {
             bool unknown = false;  // repair_from_kernel always knows
-            any |= protect_none_locked(a_, first, last, kPteInactive, repair_from_kernel, &unknown);
+            any |= protect_locked(a_, first, last, Prot::None, kPteInactive, repair_from_kernel, &unknown);
         }
         unlock_ptes(a_, first, last);
     });
@@ -353,15 +352,17 @@ bool Reclaimer::next_victim(std::uint32_t* victim) {
 }
 
 // Keeps kVictims clusters chosen for the faults that will find the arena at its hard limit. Only
-// the reclaimer offers (under queue_lock_), so a free place stays free until it fills it.
+// the reclaimer offers (under queue_lock_), so room it sees stays until it fills it.
 void Reclaimer::choose_ahead() {
-    std::size_t room = 0;
-    for (const auto& v : swap_.victims) room += v.load(kRelaxed) == kNoVictim;
-    for (std::uint32_t c = 0; room > 0 && pick(&c); --room) swap_offer_victim(swap_, c);
+    const std::uint64_t held = swap_.victims_tail.load(kRelaxed) - swap_.victims_head.load(kRelaxed);
+    for (std::uint32_t c = 0, room = std::uint32_t(kVictims - held); room > 0 && pick(&c); --room)
+        swap_offer_victim(swap_, c);
 }
 
-bool Reclaimer::reclaim_one() {
+bool Reclaimer::reclaim_one(std::int64_t target) {
     std::lock_guard guard(queue_lock_);
+    // Another reclaimer (kswapd and set_resident_limit's caller) got there while this one waited.
+    if (a_.resident.load(kRelaxed) <= target) return true;
     discover();
     bool rescanned = false;
     for (int attempts = 0; attempts < 64; ++attempts) {
@@ -390,7 +391,7 @@ bool Reclaimer::reclaim_to(std::int64_t target) {
         bool progress = false;
         {
             ApiGuard<SharedGuard<RwSpinLock>> guard(a_.lock);
-            progress = reclaim_one();
+            progress = reclaim_one(target);
         }
         swap_.progress.fetch_add(1, std::memory_order_release);
         futex_wake(swap_.progress);
@@ -402,7 +403,7 @@ bool Reclaimer::reclaim_to(std::int64_t target) {
 void Reclaimer::page_out(const char* call, Vma& vma, Range part) {
     std::lock_guard guard(queue_lock_);
     for (std::size_t i = a_.page_index(part.start), last = a_.page_index(part.end); i < last;) {
-        const std::size_t j = std::min(last, (i / kClusterPages + 1) * kClusterPages);
+        const std::size_t j = std::min(last, (i / kClusterPages) * kClusterPages + kEvictRunPages);
         const Evicted e = evict(vma, i, j);
         if (e.error) report(e.error, a_.page_addr(i));
         if (!e.done && !e.error)
@@ -483,7 +484,7 @@ bool Reclaimer::retain_for_fork() {
 
 void Reclaimer::shrink_locked() {
     const std::int64_t limit = std::int64_t(swap_.limit.load(kRelaxed));
-    while (limit && a_.resident.load(kRelaxed) > limit - limit / 8 && reclaim_one()) {
+    while (limit && a_.resident.load(kRelaxed) > limit - limit / 8 && reclaim_one(limit - limit / 8)) {
     }
 }
 

@@ -50,8 +50,9 @@ public:
 private:
     Evicted evict(Vma& vma, std::size_t first, std::size_t last);
     bool deactivate(std::size_t cluster);
-    // Under the arena's read lock: one cluster chosen by the policy and evicted. False when none can be.
-    bool reclaim_one();
+    // Under the arena's read lock: one cluster chosen by the policy and evicted, unless the arena is
+    // at `target` pages or below already. False when none can be evicted.
+    bool reclaim_one(std::int64_t target);
     bool reclaim_to(std::int64_t target);  // false if it stopped for want of progress
     void deliver_errors();
     void discover();
@@ -69,7 +70,6 @@ private:
     ArenaSwap swap_;
     Policy policy_;
     std::function<void(int, const void*)> on_error_;
-    std::byte* buffer_ = nullptr;  // the reclaimer's own kClusterPages pages, for copying out
     std::size_t clusters_ = 0;
 
     std::mutex queue_lock_;  // after the arena's lock, before its install lock

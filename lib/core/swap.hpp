@@ -36,12 +36,10 @@ struct SwapRequest {
     std::size_t count = 0;
 };
 inline constexpr std::size_t kSwapRequests = 16;
-// Buffers a fault reads a cluster into before the pages become accessible, or copies a cluster
-// out of for its direct reclaim: claimed with a bit each.
+// Buffers a fault reads a cluster into before the pages become accessible: claimed with a bit each.
 inline constexpr std::size_t kSwapBuffers = 8;
 // Victims the reclaimer chose ahead, for a fault's direct reclaim (and its own next batches).
 inline constexpr std::size_t kVictims = 8;
-inline constexpr std::uint32_t kNoVictim = ~std::uint32_t(0);
 
 struct ArenaSwap {
     Store* store = nullptr;
@@ -68,18 +66,17 @@ struct ArenaSwap {
     SwapRequest requests[kSwapRequests];
     std::atomic<std::uint32_t> io_wake{0};  // futex: the I/O thread sleeps on it
     std::atomic<bool> reported{false};      // the first store error was reported
-    // The next clusters to evict, in the policy's order, taken by whichever reclaims first (a
-    // cluster index, or kNoVictim): the policy's queues live in the API world, so the reclaimer
-    // chooses for the faults that will find the arena at its hard limit.
+    // The next clusters to evict, in the policy's order, taken by whichever reclaims first: the
+    // policy's queues live in the API world, so the reclaimer chooses for the faults that will
+    // find the arena at its hard limit. A ring: the reclaimer alone fills it at victims_tail;
+    // reclaimers take at victims_head with a CAS (64-bit counts do not wrap).
     std::atomic<std::uint32_t> victims[kVictims];
+    std::atomic<std::uint64_t> victims_head{0};
+    std::atomic<std::uint64_t> victims_tail{0};
     // A store error met by a fault's direct reclaim, for the reclaimer's thread to report (errors
     // met while one waits are counted, and reported with it).
     std::atomic<int> fault_error{0};
     std::atomic<std::uintptr_t> fault_error_addr{0};
-
-    ArenaSwap() {
-        for (auto& v : victims) v.store(kNoVictim, std::memory_order_relaxed);
-    }
 };
 
 }  // namespace usermm::detail

@@ -42,20 +42,20 @@ void unlock_ptes(ArenaCore& a, std::size_t first, std::size_t last) {
     for (std::size_t i = first; i < last; ++i) a.pte[i].fetch_and(pte_t(~kPteLocked), std::memory_order_release);
 }
 
-bool protect_none_locked(ArenaCore& a, std::size_t first, std::size_t last, pte_t mark,
-                         void (*repair)(ArenaCore&, std::size_t, std::size_t), bool* unknown) {
+bool protect_locked(ArenaCore& a, std::size_t first, std::size_t last, Prot prot, pte_t mark,
+                    void (*repair)(ArenaCore&, std::size_t, std::size_t), bool* unknown) {
     std::lock_guard guard(a.install_lock);
-    const long delta = map_count_delta(a, first, last, Prot::None);
+    const long delta = map_count_delta(a, first, last, prot);
     if (!map_budget_try_charge(a, delta)) return false;
-    if (page_protect(a.page_addr(first), (last - first) << g_page_shift, Prot::None) != 0) {
+    if (page_protect(a.page_addr(first), (last - first) << g_page_shift, prot) != 0) {
         map_budget_charge(a, -delta);
         // A prefix may have changed: put every run back as the PTEs say it was.
         bool undone = true;
         for (std::size_t i = first; i < last;) {
             std::size_t j = i + 1;
-            const pte_t prot = pte_prot(a.pte[i].load(kRelaxed));
-            while (j < last && pte_prot(a.pte[j].load(kRelaxed)) == prot) ++j;
-            undone &= page_protect(a.page_addr(i), (j - i) << g_page_shift, pte_to_prot(prot)) == 0;
+            const pte_t was = pte_prot(a.pte[i].load(kRelaxed));
+            while (j < last && pte_prot(a.pte[j].load(kRelaxed)) == was) ++j;
+            undone &= page_protect(a.page_addr(i), (j - i) << g_page_shift, pte_to_prot(was)) == 0;
             i = j;
         }
         if (!undone) {
@@ -68,12 +68,17 @@ bool protect_none_locked(ArenaCore& a, std::size_t first, std::size_t last, pte_
     }
     for (std::size_t i = first; i < last; ++i) {
         const pte_t v = a.pte[i].load(kRelaxed);
-        a.pte[i].store(pte_t((v & ~kPteProt) | (pte_resident(v) ? mark : 0)), kRelaxed);
+        a.pte[i].store(pte_t((v & ~kPteProt) | to_pte(prot) | (pte_resident(v) ? mark : 0)), kRelaxed);
     }
     return true;
 }
 
-Evicted evict_pages(ArenaCore& a, Vma& vma, std::size_t first, std::size_t last, std::byte* buffer, const EvictOps& ops) {
+namespace {
+
+// evict_pages for runs of up to N pages: the arrays below live on the caller's stack (a signal
+// handler's, for a fault's direct reclaim).
+template <std::size_t N>
+__attribute__((noinline)) Evicted evict_run(ArenaCore& a, Vma& vma, std::size_t first, std::size_t last, const EvictOps& ops) {
     Evicted result;
     ArenaSwap& s = *a.swap;
     if (ops.wait_for_ptes)
@@ -92,12 +97,8 @@ Evicted evict_pages(ArenaCore& a, Vma& vma, std::size_t first, std::size_t last,
         result.done = true;
         return result;
     }
-    pte_t was[kClusterPages];
+    pte_t was[N];
     for (std::size_t i = first; i < last; ++i) was[i - first] = pte_t(a.pte[i].load(kRelaxed) & ~kPteLocked);
-    if (!protect_none_locked(a, first, last, 0, ops.repair, &result.unknown)) {
-        if (!result.unknown) unlock_ptes(a, first, last);
-        return result;
-    }
     auto put_back = [&] {
         std::lock_guard guard(a.install_lock);
         for (std::size_t i = first; i < last;) {
@@ -112,6 +113,22 @@ Evicted evict_pages(ArenaCore& a, Vma& vma, std::size_t first, std::size_t last,
         }
         unlock_ptes(a, first, last);
     };
+    // The pages with content become read-only while the store copies them in place (no write can
+    // slip in: a writer faults and waits for the PTE lock); swapped-out pages stay PROT_NONE (a
+    // reader must fault, not see the kernel's zeros). All become PROT_NONE before they are dropped.
+    for (std::size_t i = first; i < last;) {
+        if (!pte_resident(was[i - first])) {
+            ++i;
+            continue;
+        }
+        std::size_t j = i + 1;
+        while (j < last && pte_resident(was[j - first])) ++j;
+        if (!protect_locked(a, i, j, Prot::Read, 0, ops.repair, &result.unknown)) {
+            if (!result.unknown) put_back();
+            return result;
+        }
+        i = j;
+    }
     std::uint32_t copies = 0;
     for (std::size_t i = first; i < last && a.snapshot_count; ++i)
         if (pte_resident(was[i - first]))
@@ -121,35 +138,21 @@ Evicted evict_pages(ArenaCore& a, Vma& vma, std::size_t first, std::size_t last,
                 return result;
             }
     enum Fate : std::uint8_t { Keep, Zero, Clean, Write };
-    Fate fate[kClusterPages];
-    PageIo io[kClusterPages];
+    Fate fate[N];
+    PageIo io[N];
     std::size_t writes = 0;
-    for (std::size_t i = first; i < last;) {
-        if (!pte_resident(was[i - first])) {
+    for (std::size_t i = first; i < last; ++i) {
+        std::byte* page = reinterpret_cast<std::byte*>(a.page_addr(i));
+        if (!pte_resident(was[i - first]))
             fate[i - first] = Keep;
-            ++i;
-            continue;
+        else if (s.slots[i].load(kRelaxed))
+            fate[i - first] = Clean;
+        else if (all_zeros(page))
+            fate[i - first] = Zero;
+        else {
+            fate[i - first] = Write;
+            io[writes++] = {0, page, 0};
         }
-        std::size_t j = i + 1;
-        while (j < last && pte_resident(was[j - first])) ++j;
-        std::byte* dst = buffer + ((i - first) << g_page_shift);
-        if (const int err = page_read_raw(a.page_addr(i), dst, (j - i) << g_page_shift)) {
-            put_back();
-            result.error = err;
-            return result;
-        }
-        for (std::size_t k = i; k < j; ++k) {
-            std::byte* page = buffer + ((k - first) << g_page_shift);
-            if (s.slots[k].load(kRelaxed))
-                fate[k - first] = Clean;
-            else if (all_zeros(page))
-                fate[k - first] = Zero;
-            else {
-                fate[k - first] = Write;
-                io[writes++] = {0, page, 0};
-            }
-        }
-        i = j;
     }
     if (writes)
         if (const int err = ops.write(s, io, writes)) {
@@ -157,6 +160,12 @@ Evicted evict_pages(ArenaCore& a, Vma& vma, std::size_t first, std::size_t last,
             result.error = err;
             return result;
         }
+    if (!protect_locked(a, first, last, Prot::None, 0, ops.repair, &result.unknown)) {
+        if (result.unknown) return result;
+        for (std::size_t k = 0; k < writes; ++k) swap_release_slots(s, &io[k].slot, 1);  // rare: one at a time
+        put_back();
+        return result;
+    }
     // Past the point of no return: the tracking of the pages ends with them (a failed eviction
     // above keeps its marks). userfaultfd's marks outlive a protection change; the kernel drops an
     // anonymous page's mark with the page, but not the marker it leaves where the page was.
@@ -193,6 +202,13 @@ Evicted evict_pages(ArenaCore& a, Vma& vma, std::size_t first, std::size_t last,
     return result;
 }
 
+}  // namespace
+
+Evicted evict_pages(ArenaCore& a, Vma& vma, std::size_t first, std::size_t last, const EvictOps& ops) {
+    return last - first <= kClusterPages ? evict_run<kClusterPages>(a, vma, first, last, ops)
+                                         : evict_run<kEvictRunPages>(a, vma, first, last, ops);
+}
+
 FaultResult direct_reclaim(vm_fault& vmf) {
     ArenaCore& a = *vmf.arena;
     ArenaSwap& s = *a.swap;
@@ -201,7 +217,6 @@ FaultResult direct_reclaim(vm_fault& vmf) {
     s.wake.fetch_add(1, std::memory_order_release);  // the reclaimer chooses the next victims
     futex_wake(s.wake);
     static constexpr EvictOps kFaultOps{false, swap_store_write, nullptr};
-    std::byte* buffer = nullptr;
     bool unknown = false;
     std::uintptr_t unknown_at = 0;
     for (std::size_t tries = 0; tries < kVictims && !vmf.direct_reclaim && !unknown; ++tries) {
@@ -209,11 +224,10 @@ FaultResult direct_reclaim(vm_fault& vmf) {
         if (!swap_take_victim(s, &c)) break;
         // Used since it was chosen: its fault told the reclaimer (swap_note_use), which queues it again.
         if (s.clusters[c].load(kRelaxed) & kClusterUsed) continue;
-        if (!buffer) buffer = swap_claim_buffer(s);
         bool again = false;
         for_each_piece(a, c, [&](Vma& vma, std::size_t first, std::size_t last) {
             if (unknown) return;
-            const Evicted e = evict_pages(a, vma, first, last, buffer, kFaultOps);
+            const Evicted e = evict_pages(a, vma, first, last, kFaultOps);
             if (e.unknown) {
                 unknown = true;
                 unknown_at = a.page_addr(first);
@@ -231,7 +245,6 @@ FaultResult direct_reclaim(vm_fault& vmf) {
         if (again)  // busy or refused: back in the reclaimer's queues
             s.fresh[c / 64].fetch_or(std::uint64_t(1) << (c % 64), kRelaxed);
     }
-    if (buffer) swap_release_buffer(s, buffer);
     if (unknown) {
         if (vmf.diag)
             vmf.diag->str("usermm: direct reclaim at ")

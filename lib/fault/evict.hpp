@@ -33,21 +33,25 @@ struct Evicted {
     bool unknown = false;  // the kernel's protection of the pages is unknown; their PTEs stay locked
 };
 
-// Pages [first, last) of `vma` (one cluster at most) leave memory: those that hold data go to the
-// store, unless it holds them already (swapped in by a read, not written since); zero pages are
-// dropped. The pages are PROT_NONE from before their content is read until they are back (no
-// write can slip between the copy and the drop) and their PTEs locked meanwhile, so a fault on one
-// waits and then finds it swapped out. Live snapshots take what they still need first. A store
-// that refuses any page leaves them all as they were. `buffer` holds kClusterPages pages. Under
-// the arena's read lock.
-Evicted evict_pages(ArenaCore& a, Vma& vma, std::size_t first, std::size_t last, std::byte* buffer, const EvictOps& ops);
+// The longest run one eviction takes (PageOut's: 1 MiB of 4 KiB pages in one store batch); the
+// reclaimers evict a cluster at a time.
+inline constexpr std::size_t kEvictRunPages = 8 * kClusterPages;
 
-// Makes the locked pages [first, last) PROT_NONE, counting the kernel mappings the change makes
-// against the map budget as a fault's install() does; their PTEs lose their protection and those
-// with content gain `mark`. False if the budget or the kernel refuses: then the pages are as they
-// were, or, where even that failed, as `repair` found them (*unknown set where it cannot).
-bool protect_none_locked(ArenaCore& a, std::size_t first, std::size_t last, pte_t mark,
-                         void (*repair)(ArenaCore&, std::size_t, std::size_t), bool* unknown);
+// Pages [first, last) of `vma` (at most kEvictRunPages) leave memory: those that hold data go to
+// the store, unless it holds them already (swapped in by a read, not written since); zero pages
+// are dropped. The store reads the pages where they are, read-only from before their content is
+// looked at until they are dropped (no write can slip between the copy and the drop), then
+// PROT_NONE; their PTEs are locked meanwhile, so a fault on one waits and then finds it swapped
+// out. Live snapshots take what they still need first. A store that refuses any page leaves them
+// all as they were. Under the arena's read lock.
+Evicted evict_pages(ArenaCore& a, Vma& vma, std::size_t first, std::size_t last, const EvictOps& ops);
+
+// Gives the locked pages [first, last) `prot`, counting the kernel mappings the change makes
+// against the map budget as a fault's install() does; their PTEs get it, and those with content
+// gain `mark`. False if the budget or the kernel refuses: then the pages are as they were, or,
+// where even that failed, as `repair` found them (*unknown set where it cannot).
+bool protect_locked(ArenaCore& a, std::size_t first, std::size_t last, Prot prot, pte_t mark,
+                    void (*repair)(ArenaCore&, std::size_t, std::size_t), bool* unknown);
 
 // Takes the PTE locks of pages [first, last), waiting for faults that hold one: a fault never waits
 // for a second PTE while it holds one, so waiting here cannot close a cycle.

@@ -125,22 +125,25 @@ int swap_store_write(ArenaSwap& s, PageIo* pages, std::size_t n) {
 }
 
 bool swap_offer_victim(ArenaSwap& s, std::uint32_t cluster) {
-    for (auto& v : s.victims) {
-        std::uint32_t none = kNoVictim;
-        if (v.compare_exchange_strong(none, cluster, std::memory_order_release, kRelaxed)) return true;
-    }
-    return false;
+    const std::uint64_t tail = s.victims_tail.load(kRelaxed);
+    if (tail - s.victims_head.load(std::memory_order_acquire) >= kVictims) return false;
+    s.victims[tail % kVictims].store(cluster, kRelaxed);
+    s.victims_tail.store(tail + 1, std::memory_order_release);
+    return true;
 }
 
 bool swap_take_victim(ArenaSwap& s, std::uint32_t* cluster) {
-    for (auto& v : s.victims)
-        if (v.load(kRelaxed) != kNoVictim) {
-            const std::uint32_t c = v.exchange(kNoVictim, std::memory_order_acquire);
-            if (c == kNoVictim) continue;
+    std::uint64_t head = s.victims_head.load(kRelaxed);
+    for (;;) {
+        if (head == s.victims_tail.load(std::memory_order_acquire)) return false;
+        // The place cannot be filled again before head moves past it, so a successful CAS means
+        // the value read is the one offered there.
+        const std::uint32_t c = s.victims[head % kVictims].load(kRelaxed);
+        if (s.victims_head.compare_exchange_weak(head, head + 1, std::memory_order_acq_rel, kRelaxed)) {
             *cluster = c;
             return true;
         }
-    return false;
+    }
 }
 
 void swap_wait_for_reclaim(ArenaCore& a) {

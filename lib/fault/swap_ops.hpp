@@ -35,11 +35,12 @@ void swap_note_use(ArenaSwap& s, std::size_t page);
 // 0, or the batch's error (ENOSPC: too few slots; else the first page's), with every slot it
 // allocated released again. *got: the slots allocated so far (for a caller that catches a throw).
 int swap_write_batch(Store& store, PageIo* pages, std::size_t n, std::uint64_t* slots, std::size_t* got);
-// The same from the fault world: directly, or through the I/O thread.
+// The same from the fault world (a cluster at most): directly, or through the I/O thread.
 int swap_store_write(ArenaSwap& s, PageIo* pages, std::size_t n);
 
-// The victims the reclaimer chose ahead: it offers (false when all kVictims places are taken),
-// whichever reclaims next takes one (false when there is none).
+// The victims the reclaimer chose ahead, first chosen first taken: it offers (false when all
+// kVictims places are taken; only the reclaimer offers), whichever reclaims next takes one (false
+// when there is none).
 bool swap_offer_victim(ArenaSwap& s, std::uint32_t cluster);
 bool swap_take_victim(ArenaSwap& s, std::uint32_t* cluster);
 
