@@ -2,6 +2,7 @@
 // objects. Environment variables are read once, when the first arena sets the process up, so the
 // test process itself never creates an arena: every case runs in a forked child of its own.
 #include <doctest/doctest.h>
+#include <usermm/store.hpp>
 #include <usermm/usermm.hpp>
 
 #include <fcntl.h>
@@ -333,6 +334,20 @@ TEST_CASE("faults of every kind run on an alternate stack of usermm::signal_stac
             }
             write_byte(p + 100 * ps, 3);
             armed.emplace(arena.snapshot(p, 256 * ps));
+            // Swapped out: its next read is do_swap_page, a store read into a buffer on the way.
+            char swap_path[] = "/var/tmp/usermm-altstack-swap-XXXXXX";
+            const int swap_fd = mkstemp(swap_path);
+            CHILD_CHECK(swap_fd >= 0);
+            close(swap_fd);
+            usermm::SwapFile swap(swap_path, 1 << 20);
+            unlink(swap_path);
+            usermm::ArenaOptions with_swap;
+            with_swap.store = &swap;
+            Arena swapped(kArenaSize, with_swap);
+            char* q = static_cast<char*>(swapped.map(32 * ps, Prot::ReadWrite));
+            write_byte(q, 9);
+            swapped.advise(q, 32 * ps, usermm::Advice::PageOut);
+            CHILD_CHECK(swapped.stats().pages_swapped_out == 1);
 
             const std::uint64_t cow_before = arena.stats().cow_faults;
             const std::size_t size = usermm::signal_stack_size();
@@ -347,6 +362,7 @@ TEST_CASE("faults of every kind run on an alternate stack of usermm::signal_stac
                 write_byte(p + 200 * ps, 7);                         // copy-before-write of a PROT_NONE page
                 CHILD_CHECK(usermm_test::read_byte(file) == 0);      // a file read (major fault)
                 write_byte(file + 32 * ps, 8);                       // a private file write
+                CHILD_CHECK(usermm_test::read_byte(q) == 9);         // a swap-in (major fault)
                 if (sigsetjmp(g_escape, 1) == 0) usermm_test::read_byte(g_unmapped);  // passed on
             });
             std::fprintf(stderr, "signal_stack_size %zu, AT_MINSIGSTKSZ %lu, floor %zu, usermm %zu (+%zu)\n", size,
@@ -354,8 +370,11 @@ TEST_CASE("faults of every kind run on an alternate stack of usermm::signal_stac
             CHILD_CHECK(used < size);
             CHILD_CHECK(used > floor);  // the faults did run on the alternate stack
             CHILD_CHECK(arena.stats().cow_faults == cow_before + 2);  // both copies happened on it
+            CHILD_CHECK(swapped.stats().pages_swapped_in == 1);
 #if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
-            CHILD_CHECK(used - floor < 2048);  // the handler's own depth, measured at ~1.2 KiB
+            // The handler's own depth: ~1.2 KiB for the first-half faults; ~2.9 KiB for a swap-in,
+            // whose page list and the SwapFile's I/O vector live on this stack.
+            CHILD_CHECK(used - floor < 3584);
 #endif
         },
         kChildSeconds);

@@ -240,7 +240,8 @@ std::size_t page_size() {
 
 std::size_t signal_stack_size() {
     // The handler's own depth, measured by tests/test_process.cpp on every kind of fault, is about
-    // 1.2 KiB; the rest is margin. It holds only without lazy binding (see CMakeLists.txt).
+    // 1.2 KiB, 2.9 KiB for a swap-in (its page list and the SwapFile's I/O vector); the rest is
+    // margin. It holds only without lazy binding (see CMakeLists.txt).
     // Sanitizers' instrumentation makes every frame much larger.
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
     constexpr std::size_t kHandlerStack = 65536;
