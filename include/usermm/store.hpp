@@ -58,8 +58,9 @@ public:
 
     // Pages the store can hold at once.
     virtual std::uint64_t capacity() const = 0;
-    // True if read() and write() may run in a signal handler (no allocation, no locks, only
-    // async-signal-safe system calls): then a fault reads its own page, without a thread switch.
+    // True if allocate(), release(), read() and write() may run in a signal handler (no
+    // allocation, no locks, only async-signal-safe system calls, no exception): then a fault reads
+    // its own page, and evicts a batch at the resident limit (direct reclaim), without a thread switch.
     virtual bool async_signal_safe() const noexcept { return false; }
     // For diagnostics: what and where the store is ("swap file /var/tmp/app.swap").
     virtual std::string describe() const = 0;

@@ -88,7 +88,7 @@ Reclaimer::Reclaimer(ArenaCore& a, const ArenaOptions& options)
     swap_.slot_bytes = pages * sizeof(std::uint64_t);
     swap_.cluster_bytes = clusters_;
     swap_.fresh_bytes = (clusters_ + 63) / 64 * sizeof(std::uint64_t);
-    const std::size_t buffer_bytes = kSwapBuffers * (kClusterPages << g_page_shift);
+    const std::size_t buffer_bytes = (kSwapBuffers * kClusterPages + kEvictRunPages) << g_page_shift;
     void* slots = nullptr;
     void* clusters = nullptr;
     void* fresh = nullptr;
@@ -107,6 +107,7 @@ Reclaimer::Reclaimer(ArenaCore& a, const ArenaOptions& options)
     swap_.clusters = static_cast<std::atomic<std::uint8_t>*>(clusters);
     swap_.fresh = static_cast<std::atomic<std::uint64_t>*>(fresh);
     swap_.buffers = static_cast<std::byte*>(buffers);
+    buffer_ = swap_.buffers + ((kSwapBuffers * kClusterPages) << g_page_shift);
     swap_.limit.store(limit, kRelaxed);
     try {
         start_threads();
@@ -141,7 +142,7 @@ Reclaimer::~Reclaimer() {
     page_release(addr_of(swap_.slots), swap_.slot_bytes);
     page_release(addr_of(swap_.clusters), swap_.cluster_bytes);
     page_release(addr_of(swap_.fresh), swap_.fresh_bytes);
-    page_release(addr_of(swap_.buffers), kSwapBuffers * (kClusterPages << g_page_shift));
+    page_release(addr_of(swap_.buffers), (kSwapBuffers * kClusterPages + kEvictRunPages) << g_page_shift);
 }
 
 void Reclaimer::stop_kswapd() {
@@ -200,10 +201,8 @@ void Reclaimer::deliver_errors() {
         std::lock_guard guard(errors_lock_);
         errors.swap(errors_);
     }
-    if (swap_.fault_error.load(kRelaxed)) {  // from a fault's direct reclaim, counted already
-        const std::uintptr_t addr = swap_.fault_error_addr.load(kRelaxed);
-        errors.push_back({swap_.fault_error.exchange(0, kRelaxed), addr});
-    }
+    if (const int err = swap_.fault_error.exchange(0, std::memory_order_acquire))  // a fault's, counted already
+        errors.push_back({err, swap_.fault_error_addr.load(kRelaxed)});
     for (auto [err, addr] : errors) {
         if (on_error_) {
             on_error_(err, reinterpret_cast<const void*>(addr));
@@ -225,7 +224,7 @@ Evicted Reclaimer::evict(Vma& vma, std::size_t first, std::size_t last) {
         result.done = true;
         return result;
     }
-    return evict_pages(a_, vma, first, last, kReclaimerOps);
+    return evict_pages(a_, vma, first, last, buffer_, kReclaimerOps);
 }
 
 // Second chance: the cluster's pages in memory become PROT_NONE with their content kept, marked
@@ -500,6 +499,7 @@ void Reclaimer::after_fork_child() {
     }
     for (SwapRequest& r : swap_.requests) r.state.store(kIoFree, kRelaxed);
     swap_.buffers_busy.store(0, kRelaxed);
+    swap_.fault_error.store(0, kRelaxed);  // the parent's to report
     start_threads();
 }
 

@@ -70,6 +70,7 @@ private:
     ArenaSwap swap_;
     Policy policy_;
     std::function<void(int, const void*)> on_error_;
+    std::byte* buffer_ = nullptr;  // kEvictRunPages pages: what eviction copies of pages the program may not read
     std::size_t clusters_ = 0;
 
     std::mutex queue_lock_;  // after the arena's lock, before its install lock

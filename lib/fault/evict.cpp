@@ -78,7 +78,8 @@ namespace {
 // evict_pages for runs of up to N pages: the arrays below live on the caller's stack (a signal
 // handler's, for a fault's direct reclaim).
 template <std::size_t N>
-__attribute__((noinline)) Evicted evict_run(ArenaCore& a, Vma& vma, std::size_t first, std::size_t last, const EvictOps& ops) {
+__attribute__((noinline)) Evicted evict_run(ArenaCore& a, Vma& vma, std::size_t first, std::size_t last, std::byte* buffer,
+                                           const EvictOps& ops) {
     Evicted result;
     ArenaSwap& s = *a.swap;
     if (ops.wait_for_ptes)
@@ -113,18 +114,37 @@ __attribute__((noinline)) Evicted evict_run(ArenaCore& a, Vma& vma, std::size_t 
         }
         unlock_ptes(a, first, last);
     };
-    // The pages with content become read-only while the store copies them in place (no write can
-    // slip in: a writer faults and waits for the PTE lock); swapped-out pages stay PROT_NONE (a
-    // reader must fault, not see the kernel's zeros). All become PROT_NONE before they are dropped.
+    // Pages with content that the program may read are written by the store in place: those it may
+    // also write lose write access meanwhile (a writer faults and waits for the PTE lock). Those it
+    // may not read (prot 0: inactive, read ahead, or protect(None) with content kept) stay so, and
+    // are copied out through /proc/self/mem into `buffer` instead; swapped-out pages stay
+    // PROT_NONE too (a reader must fault, not see the kernel's zeros). All become PROT_NONE
+    // before they are dropped.
     for (std::size_t i = first; i < last;) {
-        if (!pte_resident(was[i - first])) {
+        const pte_t prot = pte_prot(was[i - first]);
+        if (!pte_resident(was[i - first]) || !allows(pte_to_prot(prot), Prot::Read | Prot::Write)) {
             ++i;
             continue;
         }
         std::size_t j = i + 1;
-        while (j < last && pte_resident(was[j - first])) ++j;
-        if (!protect_locked(a, i, j, Prot::Read, 0, ops.repair, &result.unknown)) {
+        while (j < last && pte_resident(was[j - first]) && pte_prot(was[j - first]) == prot) ++j;
+        if (!protect_locked(a, i, j, pte_to_prot(prot) & ~Prot::Write, 0, ops.repair, &result.unknown)) {
             if (!result.unknown) put_back();
+            return result;
+        }
+        i = j;
+    }
+    auto hidden = [&](std::size_t i) { return pte_resident(was[i - first]) && pte_prot(was[i - first]) == 0; };
+    for (std::size_t i = first; i < last;) {
+        if (!hidden(i)) {
+            ++i;
+            continue;
+        }
+        std::size_t j = i + 1;
+        while (j < last && hidden(j)) ++j;
+        if (const int err = page_read_raw(a.page_addr(i), buffer + ((i - first) << g_page_shift), (j - i) << g_page_shift)) {
+            put_back();
+            result.error = err;
             return result;
         }
         i = j;
@@ -142,7 +162,7 @@ __attribute__((noinline)) Evicted evict_run(ArenaCore& a, Vma& vma, std::size_t 
     PageIo io[N];
     std::size_t writes = 0;
     for (std::size_t i = first; i < last; ++i) {
-        std::byte* page = reinterpret_cast<std::byte*>(a.page_addr(i));
+        std::byte* page = hidden(i) ? buffer + ((i - first) << g_page_shift) : reinterpret_cast<std::byte*>(a.page_addr(i));
         if (!pte_resident(was[i - first]))
             fate[i - first] = Keep;
         else if (s.slots[i].load(kRelaxed))
@@ -204,9 +224,10 @@ __attribute__((noinline)) Evicted evict_run(ArenaCore& a, Vma& vma, std::size_t 
 
 }  // namespace
 
-Evicted evict_pages(ArenaCore& a, Vma& vma, std::size_t first, std::size_t last, const EvictOps& ops) {
-    return last - first <= kClusterPages ? evict_run<kClusterPages>(a, vma, first, last, ops)
-                                         : evict_run<kEvictRunPages>(a, vma, first, last, ops);
+Evicted evict_pages(ArenaCore& a, Vma& vma, std::size_t first, std::size_t last, std::byte* buffer,
+                    const EvictOps& ops) {
+    return last - first <= kClusterPages ? evict_run<kClusterPages>(a, vma, first, last, buffer, ops)
+                                         : evict_run<kEvictRunPages>(a, vma, first, last, buffer, ops);
 }
 
 FaultResult direct_reclaim(vm_fault& vmf) {
@@ -217,6 +238,7 @@ FaultResult direct_reclaim(vm_fault& vmf) {
     s.wake.fetch_add(1, std::memory_order_release);  // the reclaimer chooses the next victims
     futex_wake(s.wake);
     static constexpr EvictOps kFaultOps{false, swap_store_write, nullptr};
+    std::byte* buffer = nullptr;  // claimed before any PTE lock is taken
     bool unknown = false;
     std::uintptr_t unknown_at = 0;
     for (std::size_t tries = 0; tries < kVictims && !vmf.direct_reclaim && !unknown; ++tries) {
@@ -224,10 +246,11 @@ FaultResult direct_reclaim(vm_fault& vmf) {
         if (!swap_take_victim(s, &c)) break;
         // Used since it was chosen: its fault told the reclaimer (swap_note_use), which queues it again.
         if (s.clusters[c].load(kRelaxed) & kClusterUsed) continue;
+        if (!buffer) buffer = swap_claim_buffer(s);
         bool again = false;
         for_each_piece(a, c, [&](Vma& vma, std::size_t first, std::size_t last) {
             if (unknown) return;
-            const Evicted e = evict_pages(a, vma, first, last, kFaultOps);
+            const Evicted e = evict_pages(a, vma, first, last, buffer, kFaultOps);
             if (e.unknown) {
                 unknown = true;
                 unknown_at = a.page_addr(first);
@@ -235,9 +258,11 @@ FaultResult direct_reclaim(vm_fault& vmf) {
             }
             if (e.error) {
                 account_store_error(a);
+                // The address first: the reclaimer reads it after it sees the error (another
+                // fault's failure may overwrite it, an address that failed all the same).
+                if (!s.fault_error.load(kRelaxed)) s.fault_error_addr.store(a.page_addr(first), kRelaxed);
                 int none = 0;
-                if (s.fault_error.compare_exchange_strong(none, e.error, kRelaxed))
-                    s.fault_error_addr.store(a.page_addr(first), kRelaxed);
+                s.fault_error.compare_exchange_strong(none, e.error, std::memory_order_release, kRelaxed);
             }
             again |= !e.done;
             vmf.direct_reclaim |= e.done && e.out.dropped > 0;
@@ -245,6 +270,7 @@ FaultResult direct_reclaim(vm_fault& vmf) {
         if (again)  // busy or refused: back in the reclaimer's queues
             s.fresh[c / 64].fetch_or(std::uint64_t(1) << (c % 64), kRelaxed);
     }
+    if (buffer) swap_release_buffer(s, buffer);
     if (unknown) {
         if (vmf.diag)
             vmf.diag->str("usermm: direct reclaim at ")

@@ -39,12 +39,13 @@ inline constexpr std::size_t kEvictRunPages = 8 * kClusterPages;
 
 // Pages [first, last) of `vma` (at most kEvictRunPages) leave memory: those that hold data go to
 // the store, unless it holds them already (swapped in by a read, not written since); zero pages
-// are dropped. The store reads the pages where they are, read-only from before their content is
-// looked at until they are dropped (no write can slip between the copy and the drop), then
-// PROT_NONE; their PTEs are locked meanwhile, so a fault on one waits and then finds it swapped
-// out. Live snapshots take what they still need first. A store that refuses any page leaves them
-// all as they were. Under the arena's read lock.
-Evicted evict_pages(ArenaCore& a, Vma& vma, std::size_t first, std::size_t last, const EvictOps& ops);
+// are dropped. The store reads the pages the program may read where they are, read-only from
+// before their content is looked at until they are dropped (no write can slip between the copy
+// and the drop); those it may not read are copied into `buffer` (last - first pages) first and
+// stay inaccessible. Then PROT_NONE. Their PTEs are locked meanwhile, so a fault on one waits and
+// then finds it swapped out. Live snapshots take what they still need first. A store that refuses
+// any page leaves them all as they were. Under the arena's read lock.
+Evicted evict_pages(ArenaCore& a, Vma& vma, std::size_t first, std::size_t last, std::byte* buffer, const EvictOps& ops);
 
 // Gives the locked pages [first, last) `prot`, counting the kernel mappings the change makes
 // against the map budget as a fault's install() does; their PTEs get it, and those with content
