@@ -495,8 +495,8 @@ FaultResult swap_bus_error(vm_fault& vmf, PageRange r, std::uint64_t slot, int e
 }
 
 // A touch of a swapped-out page (the kernel's do_swap_page): the page is read from the store into
-// a buffer, written into the arena while it is still PROT_NONE (through /proc/self/mem), and only
-// then made readable: no thread sees a torn or zero page. A read keeps the store copy, so the page
+// a buffer, written into the arena while it is still PROT_NONE (UFFDIO_COPY, or /proc/self/mem),
+// and only then made readable: no thread sees a torn or zero page. A read keeps the store copy, so the page
 // stays clean until a write (a minor fault: do_upgrade_fault, which drops the copy). Swap readahead:
 // a reader that swaps in the page after the previous swap-in gets the swapped pages after it in the
 // cluster too, in the same store batch, a window that doubles up to the cluster; they stay PROT_NONE
@@ -539,10 +539,14 @@ FaultResult do_swap_page(vm_fault& vmf, pte_t cur) {
     buffer += lo << g_page_shift;
     r = {r.first + lo, r.first + hi};
     std::byte* const claimed = buffer - (lo << g_page_shift);
-    if (const int err = page_write_raw(arena.page_addr(r.first), buffer, read << g_page_shift)) {
-        swap_release_buffer(s, claimed);
-        return fatal(vmf, "writing the swapped-in page into the arena (/proc/self/mem)", err);
-    }
+    // On the uffd engine the arena is registered with userfaultfd: UFFDIO_COPY fills the empty
+    // pages without the kernel zeroing them first; /proc/self/mem where it cannot.
+    const std::uintptr_t at_addr = arena.page_addr(r.first);
+    if (tracking_engine() != TrackingEngine::Uffd || uffd_copy(at_addr, buffer, read << g_page_shift) != 0)
+        if (const int err = page_write_raw(at_addr, buffer, read << g_page_shift)) {
+            swap_release_buffer(s, claimed);
+            return fatal(vmf, "writing the swapped-in page into the arena (/proc/self/mem)", err);
+        }
     swap_release_buffer(s, claimed);
     // In memory now, still PROT_NONE: the state a kept page has, so a degraded grant may take it.
     for (std::size_t i = r.first; i < r.last; ++i) {

@@ -183,6 +183,20 @@ int uffd_write_protect(std::uintptr_t addr, std::size_t len, bool protect) {
     return ioctl_result(ioctl(g_uffd.load(std::memory_order_relaxed), UFFDIO_WRITEPROTECT, &wp));
 }
 
+int uffd_copy(std::uintptr_t dst, const void* src, std::size_t len) {
+    for (std::size_t done = 0; done < len;) {
+        uffdio_copy c{};
+        c.dst = dst + done;
+        c.src = reinterpret_cast<std::uintptr_t>(src) + done;
+        c.len = len - done;
+        c.mode = UFFDIO_COPY_MODE_DONTWAKE;  // SIGBUS mode: nobody waits on the descriptor
+        if (ioctl(g_uffd.load(std::memory_order_relaxed), UFFDIO_COPY, &c) == 0) return 0;
+        if (errno != EAGAIN || c.copy <= 0) return errno;
+        done += std::size_t(c.copy);  // interrupted part way: the rest again
+    }
+    return 0;
+}
+
 void uffd_forget() {
     const int fd = g_uffd.exchange(-1);
     if (fd >= 0) close(fd);

@@ -65,6 +65,10 @@ void set_tracking_engine(TrackingEngine e);
 int uffd_register(std::uintptr_t addr, std::size_t len);
 // Sets or clears userfaultfd write-protection on a range.
 int uffd_write_protect(std::uintptr_t addr, std::size_t len, bool protect);
+// Fills pages of a registered range that are not in memory with a copy of src, atomically per page
+// and whatever their protection (UFFDIO_COPY): cheaper than /proc/self/mem, which makes the kernel
+// zero each page before the copy. EEXIST if a page is in memory already.
+int uffd_copy(std::uintptr_t dst, const void* src, std::size_t len);
 // In a forked child: the inherited descriptor belongs to the parent's address space, and the
 // kernel dropped the child's registrations and write-protect marks. The child continues with the
 // mprotect engine.
