@@ -113,7 +113,11 @@ int swap_write_batch(Store& store, PageIo* pages, std::size_t n, std::uint64_t* 
     int err = *got == n ? 0 : ENOSPC;
     if (!err) store.write({pages, n});
     for (std::size_t k = 0; k < n && !err; ++k) err = pages[k].error;
-    if (err) store.release({slots, *got});
+    if (err) {
+        const std::size_t allocated = *got;
+        *got = 0;  // released here: a caller that catches a throw from release() must not again
+        store.release({slots, allocated});
+    }
     return err;
 }
 
