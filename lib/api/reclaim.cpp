@@ -263,6 +263,7 @@ void Reclaimer::discover() {
 }
 
 void Reclaimer::enqueue(std::uint32_t c) {
+    if (swap_.clusters[c].load(kRelaxed) & kClusterChosen) return;  // in the ring: its taker decides
     const std::uint8_t old = swap_.clusters[c].fetch_or(kClusterQueued, kRelaxed);
     if (old & kClusterQueued) return;
     if (policy_ == Policy::S3Fifo && !(old & kClusterGhost)) {
@@ -302,6 +303,7 @@ bool Reclaimer::pick(std::uint32_t* victim) {
         if (q.empty()) return false;
         const std::uint32_t c = q.front();
         q.pop_front();
+        if (swap_.clusters[c].load(kRelaxed) & kClusterChosen) continue;  // a stale entry (Cold's) of one in the ring
         if (policy_ == Policy::Fifo) return chosen(c);
         const std::uint8_t freq = take_use(c);
         if (from_small) {
@@ -343,19 +345,17 @@ void Reclaimer::rescan() {
 }
 
 // The victims chosen ahead go first (a fault at the hard limit may have taken some); one used
-// since it was chosen is passed over (its fault marked it fresh: discover queues it again).
-bool Reclaimer::next_victim(std::uint32_t* victim) {
-    while (swap_take_victim(swap_, victim))
-        if (!(swap_.clusters[*victim].load(kRelaxed) & kClusterUsed)) return true;
-    return pick(victim);
-}
+// since it was chosen is given back to the queues (swap_take_victim).
+bool Reclaimer::next_victim(std::uint32_t* victim) { return swap_take_victim(swap_, victim) || pick(victim); }
 
 // Keeps kVictims clusters chosen for the faults that will find the arena at its hard limit. Only
 // the reclaimer offers (under queue_lock_), so room it sees stays until it fills it.
 void Reclaimer::choose_ahead() {
     const std::uint64_t held = swap_.victims_tail.load(kRelaxed) - swap_.victims_head.load(kRelaxed);
-    for (std::uint32_t c = 0, room = std::uint32_t(kVictims - held); room > 0 && pick(&c); --room)
+    for (std::uint32_t c = 0, room = std::uint32_t(kVictims - held); room > 0 && pick(&c); --room) {
+        swap_.clusters[c].fetch_or(kClusterChosen, kRelaxed);
         swap_offer_victim(swap_, c);
+    }
 }
 
 bool Reclaimer::reclaim_one(std::int64_t target) {

@@ -22,6 +22,9 @@ inline constexpr std::uint8_t kClusterQueued = 0x02;  // in one of the policy's 
 inline constexpr std::uint8_t kClusterGhost = 0x04;   // evicted recently (S3-FIFO's ghost queue)
 inline constexpr std::uint8_t kClusterFreq = 0x18;    // S3-FIFO's use count, 0..3
 inline constexpr std::uint8_t kClusterFreqOne = 0x08;
+// In the ring of victims chosen ahead (ArenaSwap::victims): no queue takes it meanwhile; whoever
+// takes it from the ring clears the bit, and queues it again (its fresh bit) if it was used since.
+inline constexpr std::uint8_t kClusterChosen = 0x20;
 
 // A store call the fault world hands to usermm's I/O thread, for a store that may not run in a
 // signal handler. The faulting thread fills it, bumps `state` to kIoPosted and waits (futex) until
@@ -76,6 +79,9 @@ struct ArenaSwap {
     // A store error met by a fault's direct reclaim, for the reclaimer's thread to report (errors
     // met while one waits are counted, and reported with it).
     std::atomic<int> fault_error{0};
+    // The store's last write batch failed: faults at the limit neither evict nor wait (every one
+    // would fail or stall in turn) until a batch succeeds again; the arena runs over its limit.
+    std::atomic<bool> store_failing{false};
     std::atomic<std::uintptr_t> fault_error_addr{0};
 };
 

@@ -185,12 +185,15 @@ __attribute__((noinline)) Evicted evict_run(ArenaCore& a, Vma& vma, std::size_t 
             io[writes++] = {0, page, 0};
         }
     }
-    if (writes)
-        if (const int err = ops.write(s, io, writes)) {
+    if (writes) {
+        const int err = ops.write(s, io, writes);
+        if (s.store_failing.load(kRelaxed) != (err != 0)) s.store_failing.store(err != 0, kRelaxed);
+        if (err) {
             put_back();
             result.error = err;
             return result;
         }
+    }
     if (!protect_locked(a, first, last, Prot::None, 0, ops.repair, &result.unknown)) {
         if (result.unknown) return result;
         for (std::size_t k = 0; k < writes; ++k) swap_release_slots(s, &io[k].slot, 1);  // rare: one at a time
@@ -245,7 +248,7 @@ FaultResult direct_reclaim(vm_fault& vmf) {
     ArenaCore& a = *vmf.arena;
     ArenaSwap& s = *a.swap;
     const std::int64_t limit = std::int64_t(s.limit.load(kRelaxed));
-    if (!limit || a.resident.load(kRelaxed) < limit) return FaultResult::Resolved;
+    if (!limit || a.resident.load(kRelaxed) < limit || s.store_failing.load(kRelaxed)) return FaultResult::Resolved;
     s.wake.fetch_add(1, std::memory_order_release);  // the reclaimer chooses the next victims
     futex_wake(s.wake);
     static constexpr EvictOps kFaultOps{false, swap_store_write, nullptr};
@@ -255,8 +258,6 @@ FaultResult direct_reclaim(vm_fault& vmf) {
     for (std::size_t tries = 0; tries < kVictims && !vmf.direct_reclaim && !unknown; ++tries) {
         std::uint32_t c = 0;
         if (!swap_take_victim(s, &c)) break;
-        // Used since it was chosen: its fault told the reclaimer (swap_note_use), which queues it again.
-        if (s.clusters[c].load(kRelaxed) & kClusterUsed) continue;
         if (!buffer) buffer = swap_claim_buffer(s);
         bool again = false;
         for_each_piece(a, c, [&](Vma& vma, std::size_t first, std::size_t last) {

@@ -143,10 +143,15 @@ bool swap_take_victim(ArenaSwap& s, std::uint32_t* cluster) {
         // The place cannot be filled again before head moves past it, so a successful CAS means
         // the value read is the one offered there.
         const std::uint32_t c = s.victims[head % kVictims].load(kRelaxed);
-        if (s.victims_head.compare_exchange_weak(head, head + 1, std::memory_order_acq_rel, kRelaxed)) {
+        if (!s.victims_head.compare_exchange_weak(head, head + 1, std::memory_order_acq_rel, kRelaxed)) continue;
+        const std::uint8_t old = s.clusters[c].fetch_and(std::uint8_t(~kClusterChosen), kRelaxed);
+        if (!(old & kClusterUsed)) {
             *cluster = c;
             return true;
         }
+        // Used since it was chosen: back to the reclaimer's queues, and the next one.
+        s.fresh[c / 64].fetch_or(std::uint64_t(1) << (c % 64), kRelaxed);
+        head = s.victims_head.load(kRelaxed);
     }
 }
 

@@ -40,7 +40,7 @@ int swap_store_write(ArenaSwap& s, PageIo* pages, std::size_t n);
 
 // The victims the reclaimer chose ahead, first chosen first taken: it offers (false when all
 // kVictims places are taken; only the reclaimer offers), whichever reclaims next takes one (false
-// when there is none).
+// when there is none). One used since it was chosen is not taken but given back to the reclaimer.
 bool swap_offer_victim(ArenaSwap& s, std::uint32_t cluster);
 bool swap_take_victim(ArenaSwap& s, std::uint32_t* cluster);
 
