@@ -159,11 +159,8 @@ struct FloorMapping {
 } g_floor;
 
 void floor_handler(int, siginfo_t* si, void*) {
-    const auto addr = reinterpret_cast<std::uintptr_t>(si->si_addr);
-    if (addr < g_floor.base || addr - g_floor.base >= g_floor.length) {
-        signal(SIGSEGV, SIG_DFL);  // not ours: the access faults again and kills the child
-        return;
-    }
+    std::uintptr_t addr = 0;
+    if (!floor_fault(si, g_floor.base, g_floor.length, &addr)) return;
     const std::uintptr_t start = addr - (addr - g_floor.base) % g_floor.window_bytes;
     const std::size_t len = std::min(g_floor.window_bytes, g_floor.base + g_floor.length - start);
     if (mprotect(reinterpret_cast<void*>(start), len, PROT_READ) != 0) signal(SIGSEGV, SIG_DFL);

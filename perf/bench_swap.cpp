@@ -422,6 +422,19 @@ struct SwapInPass {
     usermm::Stats stats;
 };
 
+// Reads each page of `order` once, timing each read (ns); *wrong counts pages whose tag is not theirs.
+std::vector<double> timed_reads(const char* p, const std::vector<std::size_t>& order, std::size_t* wrong) {
+    std::vector<double> ns;
+    ns.reserve(order.size());
+    for (const std::size_t pg : order) {
+        const std::uint64_t t0 = now_ns();
+        const std::uint64_t v = read_word(p, pg);
+        ns.push_back(double(now_ns() - t0));
+        *wrong += v != pg + 1;
+    }
+    return ns;
+}
+
 SwapInPass usermm_random_swap_in(std::size_t pages, const std::vector<std::size_t>& order, usermm::SwapFile& swap) {
     usermm::Arena arena(pages * kPage, with_store(swap));
     char* p = static_cast<char*>(arena.map(pages * kPage, Prot::ReadWrite, {.name = "swapped"}));
@@ -429,15 +442,8 @@ SwapInPass usermm_random_swap_in(std::size_t pages, const std::vector<std::size_
     arena.advise(p, pages * kPage, Advice::PageOut);
     warm_free_memory(pages * kPage * 3 / 2);
     const usermm::Stats before = arena.stats();
-    std::vector<double> ns;
-    ns.reserve(order.size());
     std::size_t wrong = 0;
-    for (const std::size_t pg : order) {
-        const std::uint64_t t0 = now_ns();
-        const std::uint64_t v = read_word(p, pg);
-        ns.push_back(double(now_ns() - t0));
-        wrong += v != pg + 1;
-    }
+    std::vector<double> ns = timed_reads(p, order, &wrong);
     if (wrong != 0) die(fmt::format("random swap-in: {} pages read back wrong", wrong));
     SwapInPass out{summarise(std::move(ns)), arena.stats()};
     const usermm::Stats& a = out.stats;
@@ -458,11 +464,8 @@ struct FloorState {
 } g_floor;
 
 void floor_handler(int, siginfo_t* si, void*) {
-    const auto addr = reinterpret_cast<std::uintptr_t>(si->si_addr);
-    if (addr < g_floor.base || addr - g_floor.base >= g_floor.length) {
-        signal(SIGSEGV, SIG_DFL);  // not ours: the access faults again and kills the process
-        return;
-    }
+    std::uintptr_t addr = 0;
+    if (!floor_fault(si, g_floor.base, g_floor.length, &addr)) return;
     const std::uintptr_t page = addr & ~std::uintptr_t(kPage - 1);
     if (g_floor.fd >= 0 && pread(g_floor.fd, g_floor.bounce, kPage, off_t(page - g_floor.base)) != ssize_t(kPage))
         signal(SIGSEGV, SIG_DFL);
@@ -483,18 +486,11 @@ Latency floor_faults(std::size_t pages, const std::vector<std::size_t>& order, i
     sigemptyset(&sa.sa_mask);
     if (sigaction(SIGSEGV, &sa, &saved) != 0) die_errno("sigaction");
     warm_free_memory(pages * kPage * 3 / 2);
-    std::vector<double> ns;
-    ns.reserve(order.size());
     std::size_t wrong = 0;
-    for (const std::size_t pg : order) {
-        const std::uint64_t t0 = now_ns();
-        const std::uint64_t v = read_word(p, pg);
-        ns.push_back(double(now_ns() - t0));
-        wrong += fd >= 0 && v != pg + 1;
-    }
+    std::vector<double> ns = timed_reads(p, order, &wrong);
     sigaction(SIGSEGV, &saved, nullptr);
     munmap(p, pages * kPage);
-    if (wrong != 0) die(fmt::format("the floor read {} pages wrong", wrong));
+    if (fd >= 0 && wrong != 0) die(fmt::format("the floor read {} pages wrong", wrong));
     return summarise(std::move(ns));
 }
 

@@ -2,6 +2,7 @@
 // and the sizes a run asks for.
 #pragma once
 
+#include <signal.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -34,3 +35,13 @@ inline std::size_t env_or(const char* name, std::size_t fallback) {
 }
 
 }  // namespace usermm_bench
+
+// In a floor's SIGSEGV handler: the fault's address, if it lies in [base, base + length). Any other
+// fault is not the floor's: the default action is put back, so that the access faults again and
+// kills the process, as it would have without the floor.
+inline bool floor_fault(const siginfo_t* si, std::uintptr_t base, std::size_t length, std::uintptr_t* addr) {
+    *addr = reinterpret_cast<std::uintptr_t>(si->si_addr);
+    if (*addr >= base && *addr - base < length) return true;
+    signal(SIGSEGV, SIG_DFL);
+    return false;
+}

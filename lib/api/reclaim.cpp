@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <memory>
 #include <utility>
 #include <cstdio>
 #include <cstring>
@@ -428,6 +429,8 @@ void Reclaimer::cold(Range part) {
 
 void swap_in_for_grant(ArenaCore& a, const char* call, std::size_t first, std::size_t last) {
     ArenaSwap& s = *a.swap;
+    std::unique_ptr<PageBuffer> buffer;  // one cluster's, made at the first swapped page
+    PageIo io[kClusterPages];
     for (const PageSpan& span : pte_spans(a, first, last))
         for (std::size_t i = span.first; i < span.last;) {
             if (!(a.pte[i].load(kRelaxed) & kPteSwapped)) {
@@ -436,16 +439,15 @@ void swap_in_for_grant(ArenaCore& a, const char* call, std::size_t first, std::s
             }
             std::size_t j = i + 1;
             while (j < span.last && j - i < kClusterPages && (a.pte[j].load(kRelaxed) & kPteSwapped)) ++j;
-            const PageBuffer buffer(j - i);
-            std::vector<PageIo> io(j - i);
+            if (!buffer) buffer = std::make_unique<PageBuffer>(kClusterPages);
             for (std::size_t k = i; k < j; ++k)
-                io[k - i] = {s.slots[k].load(kRelaxed) - 1, buffer.data() + ((k - i) << g_page_shift), 0};
-            s.store->read(io);
-            for (const PageIo& p : io)
-                if (p.error)
-                    fail(p.error, "{}: cannot read swapped-out page {:#x} back from {}", call,
-                         a.page_addr(i + std::size_t(&p - io.data())), s.store->describe());
-            if (const int err = page_write_raw(a.page_addr(i), buffer.data(), (j - i) << g_page_shift))
+                io[k - i] = {s.slots[k].load(kRelaxed) - 1, buffer->data() + ((k - i) << g_page_shift), 0};
+            s.store->read({io, j - i});
+            for (std::size_t k = i; k < j; ++k)
+                if (io[k - i].error)
+                    fail(io[k - i].error, "{}: cannot read swapped-out page {:#x} back from {}", call, a.page_addr(k),
+                         s.store->describe());
+            if (const int err = page_write_raw(a.page_addr(i), buffer->data(), (j - i) << g_page_shift))
                 fail(err, "{}: cannot write swapped-in pages [{:#x}, {:#x}) into the arena", call, a.page_addr(i),
                      a.page_addr(j));
             for (std::size_t k = i; k < j; ++k) {

@@ -18,6 +18,8 @@ std::size_t latency_bucket(std::uint64_t ns) {
 
 // Applies one fault to one level (VMA, arena or process).
 void count(Counters& c, const vm_fault& vmf, FaultResult result, std::uint64_t ns) {
+    if (vmf.direct_reclaim) c.direct_reclaims.fetch_add(1, kRelaxed);  // before the fault, whatever it became
+    if (vmf.stalled) c.reclaim_stalls.fetch_add(1, kRelaxed);
     switch (result) {
         case FaultResult::Resolved:
             (vmf.major ? c.major_faults : c.minor_faults).fetch_add(1, kRelaxed);
@@ -50,8 +52,6 @@ void count(Counters& c, const vm_fault& vmf, FaultResult result, std::uint64_t n
                 c.swap_bytes_read.fetch_add(std::uint64_t(vmf.swapped_in) << g_page_shift, kRelaxed);
             }
             if (vmf.swap_hits) c.swap_readahead_hits.fetch_add(vmf.swap_hits, kRelaxed);
-            if (vmf.direct_reclaim) c.direct_reclaims.fetch_add(1, kRelaxed);
-            if (vmf.stalled) c.reclaim_stalls.fetch_add(1, kRelaxed);
             if (vmf.copies) {
                 c.cow_faults.fetch_add(1, kRelaxed);
                 c.cow_bytes_copied.fetch_add(std::uint64_t(vmf.copies) << g_page_shift, kRelaxed);

@@ -61,8 +61,10 @@ void lock_ptes(ArenaCore& a, std::size_t first, std::size_t last);
 bool try_lock_ptes(ArenaCore& a, std::size_t first, std::size_t last);
 void unlock_ptes(ArenaCore& a, std::size_t first, std::size_t last);
 
-// After a fault resolved, under the arena's read lock: an arena at its hard resident limit
-// reclaims a batch in the faulting thread, as the kernel's direct reclaim does: the next victim the
+// Before a fault is resolved, under the arena's read lock and holding no PTE lock: an arena at its
+// hard resident limit reclaims a batch in the faulting thread, as the kernel's direct reclaim does
+// before it allocates a page (so that the page the fault brings in is not exposed to a reclaimer
+// while the fault waits): the next victim the
 // reclaimer chose (a cluster used since is passed over), evicted here with the store called
 // directly or through the I/O thread. With no victim ready (the reclaimer has not chosen yet, or
 // every one was busy) the fault waits for the reclaimer a bounded time. Fatal only if the kernel's

@@ -902,9 +902,12 @@ FaultResult handle_mm_fault(vm_fault& vmf) {
         account_fault(vmf, FaultResult::Foreign);
         return FaultResult::Foreign;
     }
-    FaultResult r = handle_arena_fault(vmf);
+    // At the hard resident limit the fault reclaims first, as the kernel's direct reclaim does
+    // before it allocates: reclaiming after, it could wait while the reclaimer takes the page it
+    // has just brought in, and the access fault again, without end.
+    FaultResult r = vmf.arena->swap ? direct_reclaim(vmf) : FaultResult::Resolved;
+    if (r == FaultResult::Resolved) r = handle_arena_fault(vmf);
     if (vmf.arena->swap) swap_release_slots(*vmf.arena->swap, vmf.stale_slots, vmf.stale_count);
-    if (r == FaultResult::Resolved && vmf.arena->swap) r = direct_reclaim(vmf);
     account_fault(vmf, r);
     vmf.arena->lock.unlock_shared();
     return r;
