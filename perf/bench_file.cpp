@@ -246,20 +246,6 @@ std::string make_file(std::size_t size) {
     return path;
 }
 
-// The VM gives memory that stays free for a while back to the host (free page reporting), and the
-// first touch of such a page again costs a trip to the host. Which free pages a pass gets depends on
-// the pass before it: here a kernel mmap read took 1.1-2.6 s after a usermm read and 0.3-0.4 s after
-// another mmap read, the difference all in the touches. Touching 1.5 times the file's size of
-// memory in huge pages and freeing it just before every pass puts warm pages first in the free
-// lists for all variants alike (the same read then took 0.4 s after a usermm read).
-void warm_free_memory(std::size_t bytes) {
-    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (p == MAP_FAILED) die_errno("mmap");
-    madvise(p, bytes, MADV_HUGEPAGE);  // advice: without THP, 4 KiB pages warm the same memory
-    if (madvise(p, bytes, MADV_POPULATE_WRITE) != 0) die_errno("madvise(MADV_POPULATE_WRITE)");
-    munmap(p, bytes);
-}
-
 // Runs the variants of a group once each, the file's pages dropped and free memory warmed before
 // each, in the order of row `round` of a Williams square (even n): over n rounds each variant runs
 // in each place once and follows each other variant once.

@@ -69,14 +69,6 @@ std::string bench_dir() {
 
 std::string temp_path(const char* what) { return fmt::format("{}/usermm-bench-swap-{}-{}", bench_dir(), what, getpid()); }
 
-void warm_free_memory(std::size_t bytes) {
-    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (p == MAP_FAILED) die_errno("mmap");
-    madvise(p, bytes, MADV_HUGEPAGE);  // advice: without THP, 4 KiB pages warm the same memory
-    if (madvise(p, bytes, MADV_POPULATE_WRITE) != 0) die_errno("madvise(MADV_POPULATE_WRITE)");
-    munmap(p, bytes);
-}
-
 std::uint64_t& word(char* base, std::size_t page, std::size_t i = 0) {
     return reinterpret_cast<std::uint64_t*>(base + page * kPage)[i];
 }
