@@ -420,6 +420,9 @@ void Reclaimer::cold(Range part) {
     const std::size_t last = (a_.page_index(part.end) + kClusterPages - 1) / kClusterPages;
     for (std::size_t c = last; c-- > first;) {
         const std::uint8_t old = swap_.clusters[c].fetch_and(std::uint8_t(~(kClusterUsed | kClusterFreq)), kRelaxed);
+        // In the ring: next in line already. Queued as well, it would be lost once pick drops
+        // the entry (a chosen cluster's entry is stale), and no queue would take it again.
+        if (old & kClusterChosen) continue;
         if (!(old & kClusterQueued)) swap_.clusters[c].fetch_or(kClusterQueued, kRelaxed);
         // First in line; a stale entry further back is skipped when its turn comes (it is not queued twice
         // in effect: eviction of an empty cluster does nothing).
