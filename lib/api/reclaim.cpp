@@ -263,9 +263,18 @@ void Reclaimer::discover() {
     }
 }
 
-void Reclaimer::enqueue(std::uint32_t c) {
-    if (swap_.clusters[c].load(kRelaxed) & kClusterChosen) return;  // in the ring: its taker decides
+// The one way into the queues, so that a cluster marked queued is always in one. A chosen one is
+// in the ring, next in line already: its taker decides (an entry made now would be dropped as
+// stale, leaving the cluster marked queued in no queue, never to be evicted again).
+void Reclaimer::enqueue(std::uint32_t c, Place place) {
+    if (swap_.clusters[c].load(kRelaxed) & kClusterChosen) return;
     const std::uint8_t old = swap_.clusters[c].fetch_or(kClusterQueued, kRelaxed);
+    if (place == Place::First) {
+        // A stale entry further back is skipped when its turn comes (it is not queued twice in
+        // effect: eviction of an empty cluster does nothing).
+        (policy_ == Policy::S3Fifo ? small_ : main_).push_front(c);
+        return;
+    }
     if (old & kClusterQueued) return;
     if (policy_ == Policy::S3Fifo && !(old & kClusterGhost)) {
         small_.push_back(c);
@@ -419,14 +428,8 @@ void Reclaimer::cold(Range part) {
     const std::size_t first = a_.page_index(part.start) / kClusterPages;
     const std::size_t last = (a_.page_index(part.end) + kClusterPages - 1) / kClusterPages;
     for (std::size_t c = last; c-- > first;) {
-        const std::uint8_t old = swap_.clusters[c].fetch_and(std::uint8_t(~(kClusterUsed | kClusterFreq)), kRelaxed);
-        // In the ring: next in line already. Queued as well, it would be lost once pick drops
-        // the entry (a chosen cluster's entry is stale), and no queue would take it again.
-        if (old & kClusterChosen) continue;
-        if (!(old & kClusterQueued)) swap_.clusters[c].fetch_or(kClusterQueued, kRelaxed);
-        // First in line; a stale entry further back is skipped when its turn comes (it is not queued twice
-        // in effect: eviction of an empty cluster does nothing).
-        (policy_ == Policy::S3Fifo ? small_ : main_).push_front(std::uint32_t(c));
+        swap_.clusters[c].fetch_and(std::uint8_t(~(kClusterUsed | kClusterFreq)), kRelaxed);
+        enqueue(std::uint32_t(c), Place::First);
     }
 }
 

@@ -57,7 +57,8 @@ private:
     void deliver_errors();
     void discover();
     void rescan();
-    void enqueue(std::uint32_t cluster);
+    enum class Place : bool { Last, First };  // First: Advice::Cold's, first in line
+    void enqueue(std::uint32_t cluster, Place place = Place::Last);
     bool pick(std::uint32_t* victim);
     bool next_victim(std::uint32_t* victim);
     void choose_ahead();
