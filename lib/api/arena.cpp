@@ -675,6 +675,7 @@ void Arena::verify() const {
              maps.size(), a.base, a.end, mine);
 
     write_tracker().verify(a, call, spans);
+    if (a.reclaimer) a.reclaimer->verify(call);
 }
 
 // --- conveniences: find_vma, engine, Mapping -------------------------------------------------

@@ -6,6 +6,7 @@
 #include <bit>
 #include <memory>
 #include <utility>
+#include <vector>
 #include <cstdio>
 #include <cstring>
 
@@ -487,6 +488,24 @@ bool Reclaimer::retain_for_fork() {
         for (std::size_t i = span.first; i < span.last; ++i) swap_.slots[i].store(0, kRelaxed);
     swap_.store->release(held);
     return true;
+}
+
+void Reclaimer::verify(const char* call) {
+    std::lock_guard guard(queue_lock_);
+    std::vector<bool> queued(clusters_), chosen(clusters_);
+    for (const std::deque<std::uint32_t>* q : {&small_, &main_})
+        for (const std::uint32_t c : *q) queued[c] = true;
+    for (std::uint64_t k = swap_.victims_head.load(kRelaxed); k != swap_.victims_tail.load(kRelaxed); ++k)
+        chosen[swap_.victims[k % kVictims].load(kRelaxed)] = true;
+    for (std::size_t c = 0; c < clusters_; ++c) {
+        const std::uint8_t bits = swap_.clusters[c].load(kRelaxed);
+        if ((bits & kClusterQueued) && !queued[c])
+            fail(EFAULT, "{}: the cluster at {:#x} is marked queued but no queue of the reclaimer holds it", call,
+                 a_.page_addr(c * kClusterPages));
+        if ((bits & kClusterChosen) && !chosen[c])
+            fail(EFAULT, "{}: the cluster at {:#x} is marked chosen but is not among the victims chosen ahead", call,
+                 a_.page_addr(c * kClusterPages));
+    }
 }
 
 void Reclaimer::shrink_locked() {

@@ -46,6 +46,9 @@ public:
     // (false if the store refused); in the child, the threads again.
     bool retain_for_fork();
     void after_fork_child();
+    // Under the arena's write lock, for Arena::verify: a cluster marked queued is in a queue, and one
+    // marked chosen is in the victims ring; one marked but in neither could never be evicted again.
+    void verify(const char* call);
 
 private:
     Evicted evict(Vma& vma, std::size_t first, std::size_t last);
