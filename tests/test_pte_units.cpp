@@ -34,25 +34,24 @@ constexpr Prot kAllProts[] = {Prot::None,          Prot::Read,          Prot::Wr
                               Prot::Exec,          Prot::Read | Prot::Exec, Prot::Write | Prot::Exec,
                               Prot::ReadWrite | Prot::Exec};
 
-// The bits pte.hpp names. The rest of the 16 are reserved (lib/README.md).
+// The bits pte.hpp names: all 16.
 constexpr pte_t kNamedBits = kPteProt | kPtePopulated | kPteWriteTracked | kPteDirtySnapshot | kPteDirtyCollect |
                              kPteLocked | kPteDirtyFile | kPteFile | kPteEdge | kPteReadahead | kPteSaved |
-                             kPteSwapped | kPteInactive;
-constexpr pte_t kReservedBits = pte_t(~kNamedBits);
+                             kPteSwapped | kPteInactive | kPteGuard;
 
 }  // namespace
 
-TEST_CASE("pte.hpp: the named bits are distinct and leave 0x8000 reserved") {
+TEST_CASE("pte.hpp: the named bits are distinct and use all 16") {
     const pte_t bits[] = {kPtePopulated, kPteWriteTracked, kPteDirtySnapshot, kPteDirtyCollect, kPteLocked,
                           kPteDirtyFile, kPteFile,         kPteEdge,          kPteReadahead,    kPteSaved,
-                          kPteSwapped,   kPteInactive};
+                          kPteSwapped,   kPteInactive,     kPteGuard};
     pte_t seen = kPteProt;
     for (const pte_t b : bits) {
         CHECK((b & (b - 1)) == 0);  // one bit each
         CHECK((seen & b) == 0);
         seen = pte_t(seen | b);
     }
-    CHECK(kReservedBits == 0x8000);
+    CHECK(kNamedBits == 0xffff);
     CHECK(kPteFlags == pte_t(~(kPteProt | kPteLocked)));
 }
 
@@ -77,12 +76,13 @@ TEST_CASE("pte_with_prot: the protection is set, each flag kept, set or cleared 
             ok = ok && bit(kPteDirtyCollect) == (write || was(kPteDirtyCollect));
             ok = ok && bit(kPteDirtyFile) == (write || was(kPteDirtyFile));
             ok = ok && bit(kPteWriteTracked) == (!write && was(kPteWriteTracked));
-            // Any access ends a readahead mark and an inactive one; PROT_NONE keeps them.
+            // Any access ends a readahead mark, an inactive one and a stack guard; PROT_NONE keeps them.
             ok = ok && bit(kPteReadahead) == (!any && was(kPteReadahead));
             ok = ok && bit(kPteInactive) == (!any && was(kPteInactive));
-            // Backing, kernel boundaries, saved or swapped content and the reserved bits are not
-            // the protection's business.
-            for (const pte_t kept : {kPteFile, kPteEdge, kPteSaved, kPteSwapped, kReservedBits})
+            ok = ok && bit(kPteGuard) == (!any && was(kPteGuard));
+            // Backing, kernel boundaries and saved or swapped content are not the protection's
+            // business.
+            for (const pte_t kept : {kPteFile, kPteEdge, kPteSaved, kPteSwapped})
                 ok = ok && (got & kept) == (old & kept);
             if (!ok && wrong++ < 5) {
                 INFO("old " << std::hex << old << " prot " << unsigned(prot) << " -> " << got);

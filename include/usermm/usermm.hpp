@@ -39,6 +39,7 @@ namespace usermm {
 
 namespace detail {
 struct ArenaCore;
+struct StackCore;
 struct ArenaAccess;
 struct SnapshotCore;
 }
@@ -131,6 +132,9 @@ USERMM_API std::string to_string(Prot p);
     X(reclaim_stalls, "faults at the resident limit with no batch to evict, that waited for the reclaimer") \
     X(store_errors, "store writes or reads that failed (a failed write keeps its page resident)") \
     X(resident_pages, "anonymous pages that hold data in memory now (a gauge, not a count of events)") \
+    X(stack_growth_faults, "faults that grew a stack (map_stack) below its committed part: minor faults of kind stack_grow") \
+    X(stack_pages_grown, "stack pages those faults (and Stack::ensure) committed")                \
+    X(stack_overflows, "accesses past the end of a stack by the code running on it")             \
     X(handler_ns, "nanoseconds spent in the fault handler")
 
 inline constexpr std::size_t kLatencyBuckets = 16;
@@ -138,8 +142,9 @@ inline constexpr std::size_t kLatencyBuckets = 16;
 // The version of the counter list: raised whenever a counter is added, removed or changes its
 // meaning, so that a program built against one release of usermm can tell what a Stats it gets
 // from another holds (Stats::version). 2: file VMAs on the kernel's page cache (issue 9). 3: reclaim
-// and swap (pages_swapped_out ... resident_pages; major_faults counts swap-ins too).
-inline constexpr std::uint32_t kStatsVersion = 3;
+// and swap (pages_swapped_out ... resident_pages; major_faults counts swap-ins too). 4: stacks
+// (stack_growth_faults, stack_pages_grown, stack_overflows).
+inline constexpr std::uint32_t kStatsVersion = 4;
 
 struct USERMM_API Stats {
     std::uint32_t version = kStatsVersion;
@@ -304,6 +309,8 @@ struct USERMM_API DirtySet {
 };
 
 class Store;
+class Stack;
+struct StackOptions;
 
 // Page replacement: which resident pages go first when an arena is over its resident limit. usermm
 // sees no accessed bits (unprivileged user space has none); what it knows of use comes from faults:
@@ -385,6 +392,13 @@ public:
     // The same, opening `path` itself (read-only, or read-write for a writable shared VMA).
     void* map_file(const std::string& path, std::uint64_t offset, std::size_t length, Prot prot, Share share,
                    const MapOptions& options = {});
+    // A stack of `size` bytes (rounded up to pages) that grows down by faults, as the kernel's
+    // expand_stack grows a process's stack: see Stack and StackOptions. Its VMA is Read+Write
+    // anonymous memory with a permanent guard below it; it belongs to the Stack, so protect(),
+    // advise() and unmap() refuse it (EINVAL). Gives the calling thread an alternate signal stack
+    // (install_signal_stack), without which a fault on a usermm stack cannot be handled.
+    Stack map_stack(std::size_t size, const StackOptions& options);
+    Stack map_stack(std::size_t size);
     // Like msync(MS_SYNC): the dirty pages of shared file VMAs in the range lose write access (so
     // that the next write is seen, and a read(2) into them fails with EFAULT until then: prefault
     // them first) and count as clean, and the kernel writes the file's dirty pages and waits
@@ -495,6 +509,163 @@ private:
     void* addr_ = nullptr;
     std::size_t length_ = 0;
 };
+
+// --- stacks ----------------------------------------------------------------------------------
+
+// How a stack keeps its uncommitted part and its guard inaccessible.
+enum class GuardMode : unsigned {
+    Auto,      // Markers where the kernel has them (probed once), else ProtNone; USERMM_STACK_GUARDS=
+               // markers|protnone overrides it for the whole process
+    Markers,   // MADV_GUARD_INSTALL guard markers (Linux 6.13): page-table entries, no kernel VMA of
+               // their own: stacks side by side are one kernel mapping, whatever their number
+    ProtNone,  // PROT_NONE: each stack costs two kernel mappings, counted against the map budget
+};
+
+struct StackOptions {
+    // A name for diagnostics, vmas() and StackOverflow; at most 39 bytes are kept.
+    std::string_view name = {};
+    // Committed below the part in use at creation and at every growth (rounded up to pages), so
+    // that a system call writing into a local buffer this large finds it committed (README,
+    // "Stacks": when a system call can still see EFAULT). Committed memory costs nothing until
+    // touched: the kernel allocates each page at its first write.
+    std::size_t headroom = 64 << 10;
+    // The permanent guard below the stack, rounded up to pages: an access there by the code
+    // running on the stack is an overflow. It catches a frame up to this large that skips pages.
+    std::size_t guard = 64 << 10;
+    // A fault at most this far below the committed part grows the stack; further down it grows
+    // only within 64 KiB of the faulting thread's stack pointer, if that lies on the stack (the
+    // kernel's old expand_stack check); any other access there is an overflow (the stack pointer is
+    // on the stack) or a wild access (it is not), never a silent grant.
+    std::size_t gap = 64 << 10;
+    GuardMode guard_mode = GuardMode::Auto;
+};
+
+class StackPool;
+
+// A stack in an arena, owning its VMA: [bottom(), top()) is usable, committed on demand from the
+// top; the destructor unmaps it (or gives it back to its pool). Must not outlive its arena.
+// Switching to it (swapcontext, Boost.Context, assembly) is the program's; the thread that runs on
+// it needs an alternate signal stack (install_signal_stack).
+class USERMM_API Stack {
+public:
+    Stack() = default;
+    Stack(Stack&& other) noexcept;
+    Stack& operator=(Stack&& other) noexcept;
+    Stack(const Stack&) = delete;
+    Stack& operator=(const Stack&) = delete;
+    ~Stack();
+
+    explicit operator bool() const { return core_ != nullptr; }
+    void* top() const;     // the initial stack pointer: one past the highest byte
+    void* bottom() const;  // the lowest usable byte; the guard lies below
+    std::size_t size() const;       // top() - bottom()
+    std::size_t committed() const;  // bytes from the top that are committed (no guard)
+    // The most of the stack used since it was made (or last shrunk by its pool), in bytes from the
+    // top: the deepest page the kernel holds, found by mincore over the committed part.
+    std::size_t peak() const;
+    // Commits at least `bytes` below the calling thread's stack pointer if it runs on this stack,
+    // else below top(): for a system call into a local buffer deeper than the headroom.
+    void ensure(std::size_t bytes);
+    std::string_view name() const;
+    std::uint64_t id() const;  // unique in the process, as in StackOverflow
+    GuardMode guard_mode() const;  // Markers or ProtNone, as chosen
+
+private:
+    friend class Arena;
+    friend class StackPool;
+    Stack(detail::ArenaCore* arena, detail::StackCore* core, StackPool* pool) : arena_(arena), core_(core), pool_(pool) {}
+    void reset() noexcept;
+    detail::ArenaCore* arena_ = nullptr;
+    detail::StackCore* core_ = nullptr;
+    StackPool* pool_ = nullptr;
+};
+
+struct StackPoolOptions {
+    std::size_t max_size = 1 << 20;      // each stack's size
+    std::size_t keep_resident_pages = 2;  // what a returned stack keeps of its memory, from the top
+    std::size_t max_idle = 4096;          // idle stacks kept; a stack returned beyond them is unmapped
+    StackOptions stack = {};              // name and guards of the stacks made
+};
+
+class StackPoolAllocator;  // Boost.Context's StackAllocator: <usermm/boost_context.hpp>
+
+// Stacks recycled: acquire() hands out an idle stack without an mmap or mprotect, guards in place;
+// a stack given back (its Stack destroyed) is shrunk to keep_resident_pages (MADV_DONTNEED; a stack
+// that grew gets its guard markers back, dropping the grown pages) and kept. Thread-safe. The pool
+// must outlive the stacks it hands out, and its arena the pool.
+class USERMM_API StackPool {
+public:
+    explicit StackPool(Arena& arena, const StackPoolOptions& options = {});
+    ~StackPool();
+    StackPool(const StackPool&) = delete;
+    StackPool& operator=(const StackPool&) = delete;
+
+    Stack acquire();
+    StackPoolAllocator allocator();  // defined in <usermm/boost_context.hpp>
+    std::size_t idle() const;
+    std::size_t stack_size() const;
+    // For allocators that keep only the top: acquire() without the Stack object, and its return.
+    void* acquire_top();
+    void release_top(void* top) noexcept;
+
+private:
+    friend class Stack;
+    void give_back(detail::StackCore* core) noexcept;
+    struct State;
+    std::shared_ptr<State> state_;
+};
+
+// What on_stack_overflow's handler is told. Everything was prepared before the fault (no memory is
+// allocated in the signal handler): the name is a copy.
+struct StackOverflow {
+    enum class Where : unsigned {
+        Stack,        // a usermm stack (map_stack, StackPool)
+        MainThread,   // the main thread's stack (watch_thread_stacks)
+        Thread,       // another thread's stack (watch_thread_stacks)
+    };
+    Where where = Where::Stack;
+    std::uint64_t id = 0;         // Stack::id(); 0 for thread stacks
+    const void* address = nullptr;  // the access that overflowed
+    const void* sp = nullptr;       // the stack pointer then
+    const void* low = nullptr;      // the stack's usable bounds [low, high)
+    const void* high = nullptr;
+    std::size_t peak = 0;           // usermm stacks: the most committed, in bytes from the top
+    char name_buf[40] = {};
+    std::string_view name() const { return name_buf; }
+};
+
+// The overflow handler: runs in the signal handler, on the thread's alternate signal stack, with
+// the interrupted code's signal mask. It may leave by siglongjmp (to a sigsetjmp(env, 1) point on
+// another stack, or higher on the same stack), as often as overflows happen; if it returns, the
+// overflow is treated as without a handler. It must be async-signal-safe: an overflow can happen
+// anywhere, inside malloc too, and jumping out of one leaves whatever that code held (README,
+// "Stacks"). Without a handler, an overflow writes one line naming the stack, then goes to the
+// SIGSEGV handler installed before usermm's or kills the process by SIGSEGV, as the kernel would.
+using StackOverflowHandler = void (*)(const StackOverflow&);
+// Sets the handler (nullptr for none) for the whole process; returns the previous one.
+USERMM_API StackOverflowHandler on_stack_overflow(StackOverflowHandler handler);
+
+// Overflows of the main thread's stack and of pthread stacks (each thread's guard page) are
+// classified and reported too, with the stack pointer from the signal context and the kernel's
+// mappings (PROCMAP_QUERY), for every thread; each thread needs an alternate signal stack for it:
+// the calling thread gets one, threads created after this call get one at creation (usermm
+// wraps pthread_create). Idempotent.
+USERMM_API void watch_thread_stacks();
+// Gives the calling thread an alternate signal stack of max(SIGSTKSZ, AT_MINSIGSTKSZ, 64 KiB,
+// signal_stack_size()) bytes with a guard below it, freed at thread exit, unless it has one at
+// least that large. Idempotent and cheap when done.
+USERMM_API void install_signal_stack();
+
+// Stacks of the whole process now.
+struct StackStats {
+    std::size_t live = 0;             // stacks mapped (pooled idle ones included)
+    std::size_t committed_bytes = 0;  // their guard-free parts
+    std::uint64_t growth_faults = 0;  // since the process began
+    std::uint64_t overflows = 0;
+    long kernel_maps = 0;             // kernel mappings the stacks' guards cost (ProtNone: 2 each)
+    GuardMode mode = GuardMode::Auto; // what Auto resolves to on this kernel
+};
+USERMM_API StackStats stack_stats();
 
 // Counters summed over every arena the process has had, plus faults that belonged to none.
 USERMM_API Stats process_stats();

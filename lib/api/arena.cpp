@@ -458,6 +458,7 @@ void Arena::protect(void* addr, std::size_t length, Prot prot) {
     ApiGuard<std::lock_guard<RwSpinLock>> guard(a.lock);
     if (a.snapshot_count) require_self_mem(call);  // snapshots take pages that gain write access
     // Throws, before anything changes, if part of the range is not mapped.
+    refuse_stack_vmas(covering_vmas(a, call, r), call);
     for (const Vma* v : covering_vmas(a, call, r))
         if (allows(prot, Prot::Write) && !v->may_write && v->file && v->share == Share::Shared)
             fail(EACCES, "{}: addr {:#x}: VMA '{}' is a shared mapping of '{}', which is not open for writing", call,
@@ -476,6 +477,7 @@ void Arena::unmap(void* addr, std::size_t length) {
     // Snapshots take pages they cannot read directly, and file parts become reservation again,
     // through /proc/self/mem.
     const std::vector<Vma*> vmas = covering_vmas(a, call, r);
+    refuse_stack_vmas(vmas, call);
     if (a.snapshot_count || std::any_of(vmas.begin(), vmas.end(), [](const Vma* v) { return v->file != nullptr; }))
         require_self_mem(call);
     // Throws, before anything is unmapped, if part of the range is not mapped or a shared file

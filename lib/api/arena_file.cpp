@@ -17,6 +17,7 @@
 #include "filemap.hpp"
 #include "find_vma.hpp"
 #include "reclaim.hpp"
+#include "stack.hpp"
 #include "write_tracking.hpp"
 
 namespace usermm {
@@ -95,6 +96,7 @@ void detail::file_put(MappedFile* f) {
 
 void detail::vma_free(Vma* v) {
     file_put(v->file);
+    delete v->stack;  // a stack VMA never splits: the core is its own
     delete v;
 }
 
@@ -536,6 +538,7 @@ void Arena::advise(void* addr, std::size_t length, Advice advice) {
     SplitSpares spares;
     ApiGuard<std::lock_guard<RwSpinLock>> guard(a.lock);
     const std::vector<Vma*> vmas = covering_vmas(a, call, r);
+    refuse_stack_vmas(vmas, call);
     auto part_of = [&r](const Vma* v) { return Range{std::max(v->start, r.start), std::min(v->end, r.end)}; };
     switch (advice) {
         case Advice::Normal:

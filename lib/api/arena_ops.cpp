@@ -15,35 +15,13 @@
 #include <string>
 
 #include "file_vma.hpp"
+#include "procmap.hpp"
 #include "find_vma.hpp"
 #include "write_tracking.hpp"
 
 namespace usermm::detail {
 
 namespace {
-
-// PROCMAP_QUERY (Linux 6.11): the kernel's VMA at or after an address, one ioctl on /proc/self/maps,
-// at a cost that does not grow with the process's mapping count. Debian 12's headers predate it.
-struct ProcmapQuery {
-    std::uint64_t size;
-    std::uint64_t query_flags;
-    std::uint64_t query_addr;
-    std::uint64_t vma_start;
-    std::uint64_t vma_end;
-    std::uint64_t vma_flags;
-    std::uint64_t vma_page_size;
-    std::uint64_t vma_offset;
-    std::uint64_t inode;
-    std::uint32_t dev_major;
-    std::uint32_t dev_minor;
-    std::uint32_t vma_name_size;
-    std::uint32_t build_id_size;
-    std::uint64_t vma_name_addr;
-    std::uint64_t build_id_addr;
-};
-constexpr unsigned long kProcmapQuery = _IOWR('f', 17, ProcmapQuery);
-constexpr std::uint64_t kQueryReadable = 0x01, kQueryWritable = 0x02, kQueryExecutable = 0x04, kQueryShared = 0x08;
-constexpr std::uint64_t kQueryCoveringOrNext = 0x10;
 
 std::atomic<bool> g_no_procmap_query{false};
 

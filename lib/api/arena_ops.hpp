@@ -72,9 +72,22 @@ void init_process();
 // A random identity for an arena's snapshot chain (getrandom), in image.cpp.
 std::array<std::uint64_t, 2> new_arena_identity();
 
+// An API call on a thread whose stack lies in the arena (a usermm stack) could need a growth fault
+// while it holds the arena's lock, which that fault must take too: one byte of each page the call
+// may use is read first, so that growth happens now. A read makes the kernel allocate nothing (it
+// maps its zero page).
+inline void probe_own_stack(const ArenaCore& a) {
+    constexpr std::size_t kApiStackDepth = 32 << 10;
+    const auto sp = reinterpret_cast<std::uintptr_t>(__builtin_frame_address(0));
+    if (sp < a.base || sp >= a.end) return;
+    for (std::uintptr_t at = sp - kApiStackDepth; at < sp; at += g_page_size)
+        (void)*reinterpret_cast<const volatile char*>(at);
+}
+
 // The arena behind an Arena object: a moved-from one has none, and every call on it says so.
 inline ArenaCore& live_arena(const std::unique_ptr<ArenaCore>& core, const char* call) {
     if (!core) fail(EINVAL, "{}: the arena was moved from", call);
+    probe_own_stack(*core);
     return *core;
 }
 
@@ -101,6 +114,8 @@ Range check_range(const ArenaCore& a, const char* call, const void* addr, std::s
 Prot check_prot(const char* call, Prot prot, std::uintptr_t addr);
 // The VMAs covering r in order; throws if any byte of it is not mapped.
 std::vector<Vma*> covering_vmas(ArenaCore& a, const char* call, Range r);
+// Throws EINVAL if one of them is a stack VMA, which only its Stack changes (in stack.cpp).
+void refuse_stack_vmas(const std::vector<Vma*>& vmas, const char* call);
 
 // The kernel's mappings overlapping [lo, hi), clipped to it, in address order: PROCMAP_QUERY where
 // the kernel has it (a cost that grows with the mappings asked about, not with the process's), else

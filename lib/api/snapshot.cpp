@@ -150,7 +150,7 @@ void arm_write_tracking(ArenaCore& a, const char* call, Range r) {
     auto value = [&](std::size_t i) { return a.pte[i].load(kRelaxed); };
     auto candidate = [&](std::size_t i, pte_t prot) {
         const pte_t v = value(i);
-        return pte_prot(v) == prot && !(v & kPteWriteTracked);
+        return pte_prot(v) == prot && !(v & (kPteWriteTracked | kPteGuard));  // a stack's guard holds nothing
     };
     // A page tracked already, which arming it again (with the same call) leaves as it is.
     auto bridgeable = [&](std::size_t i, pte_t prot) {

@@ -31,7 +31,11 @@
 //    it back (do_swap_page);
 //  - inactive: a page the reclaimer made PROT_NONE without dropping its content, to see whether it
 //    is still used: its next touch is a hinting fault.
-// Bit 0x8000 is free. lib/README.md, "The
+//  - guard: a page of a stack VMA (map_stack) below the stack's committed part, or of its
+//    permanent guard: the kernel holds a guard marker there (MADV_GUARD_INSTALL, with the VMA's
+//    protection, Read+Write) or PROT_NONE (the fallback). A fault on it is expand_stack's: growth
+//    or an overflow. Never populated.
+// No bit is free. lib/README.md, "The
 // per-page state machine", tells the states from these flags and lists which world may make each
 // transition, with the bits it sets and clears.
 #pragma once
@@ -67,6 +71,7 @@ inline constexpr pte_t kPteReadahead = 0x800;
 inline constexpr pte_t kPteSaved = 0x1000;
 inline constexpr pte_t kPteSwapped = 0x2000;
 inline constexpr pte_t kPteInactive = 0x4000;
+inline constexpr pte_t kPteGuard = 0x8000;       // a stack page not committed yet (guard marker or PROT_NONE)
 inline constexpr pte_t kPteFlags = pte_t(~kPteProt & ~kPteLocked);
 
 inline constexpr pte_t pte_prot(pte_t v) { return v & kPteProt; }
@@ -75,10 +80,10 @@ inline constexpr Prot pte_to_prot(pte_t v) { return Prot(v & kPteProt); }
 
 // The PTE of a page whose kernel protection became `prot`, from its value `old` (lock bit clear).
 // Granting write makes the page populated and dirty and ends write tracking. Any access granted
-// ends a readahead mark and an inactive one.
+// ends a readahead mark, an inactive one and a stack guard.
 inline constexpr pte_t pte_with_prot(pte_t old, Prot prot) {
-    const pte_t flags =
-        pte_t(old & kPteFlags & (prot == Prot::None ? pte_t(~0) : pte_t(~(kPteReadahead | kPteInactive))));
+    const pte_t flags = pte_t(old & kPteFlags &
+                              (prot == Prot::None ? pte_t(~0) : pte_t(~(kPteReadahead | kPteInactive | kPteGuard))));
     if (!allows(prot, Prot::Write)) return pte_t(flags | to_pte(prot));
     return pte_t((flags & ~kPteWriteTracked) | kPtePopulated | kPteDirty | kPteDirtyFile | to_pte(prot));
 }

@@ -25,6 +25,7 @@ inline constexpr std::size_t kVmaNameMax = 40;
 inline constexpr std::uint32_t kReadaroundMisses = 100;
 
 struct MappedFile;
+struct StackCore;
 class Reclaimer;
 
 // The kinds of VMA the fault path dispatches on (handle_pte_fault): one handler family each.
@@ -50,6 +51,9 @@ struct VmaAttrs {
     Share share = Share::Private;
     bool may_write = false;
     std::uint32_t readahead_max = 0;  // pages
+    // Stack VMAs only (map_stack): anonymous memory that grows down by faults (expand_stack). Its
+    // own; a stack VMA never splits or merges.
+    StackCore* stack = nullptr;
 
     VmaKind kind() const {
         return !file ? VmaKind::Anonymous : share == Share::Shared ? VmaKind::FileShared : VmaKind::FilePrivate;
@@ -58,7 +62,7 @@ struct VmaAttrs {
     bool same_as(const VmaAttrs& o) const {
         return prot == o.prot && fault_around_pages == o.fault_around_pages && std::strcmp(name, o.name) == 0 &&
                advice == o.advice && file == o.file && share == o.share && may_write == o.may_write &&
-               readahead_max == o.readahead_max;
+               readahead_max == o.readahead_max && stack == o.stack;
     }
 };
 

@@ -36,6 +36,9 @@ void count(Counters& c, const vm_fault& vmf, FaultResult result, std::uint64_t n
                 if (vmf.pages > 1) c.fault_around_pages.fetch_add(vmf.pages - 1, kRelaxed);
             } else if (vmf.kind == FaultKind::Hinting) {
                 c.hinting_faults.fetch_add(1, kRelaxed);
+            } else if (vmf.kind == FaultKind::StackGrow) {
+                c.stack_growth_faults.fetch_add(1, kRelaxed);
+                c.stack_pages_grown.fetch_add(vmf.pages, kRelaxed);
             } else if (vmf.kind == FaultKind::Degraded) {
                 c.degraded_faults.fetch_add(1, kRelaxed);
                 c.degraded_pages.fetch_add(vmf.pages, kRelaxed);
@@ -67,6 +70,9 @@ void count(Counters& c, const vm_fault& vmf, FaultResult result, std::uint64_t n
         case FaultResult::BusError:
         case FaultResult::Fatal:
             c.access_errors.fetch_add(1, kRelaxed);
+            return;
+        case FaultResult::StackOverflow:
+            c.stack_overflows.fetch_add(1, kRelaxed);
             return;
     }
     c.handler_ns.fetch_add(ns, kRelaxed);

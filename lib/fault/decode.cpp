@@ -56,4 +56,16 @@ Access decode_access(const void* ucontext) {
 #endif
 }
 
+std::uintptr_t decode_sp(const void* ucontext) {
+    const auto* uc = static_cast<const ucontext_t*>(ucontext);
+#if defined(__x86_64__)
+    return std::uintptr_t(uc->uc_mcontext.gregs[REG_RSP]);
+#elif defined(__aarch64__)
+    return std::uintptr_t(uc->uc_mcontext.sp);
+#else
+    (void)uc;
+    return 0;
+#endif
+}
+
 }  // namespace usermm::detail

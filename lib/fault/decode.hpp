@@ -12,6 +12,8 @@ namespace usermm::detail {
 // For the machine this library was built for; Access::Unknown when the context does not say, and
 // handle_mm_fault then infers the access from the page's state.
 Access decode_access(const void* ucontext);
+// The interrupted code's stack pointer, 0 where the context does not say.
+std::uintptr_t decode_sp(const void* ucontext);
 
 // The per-architecture parsers, built on every architecture so that tests can feed them synthetic
 // contexts.

@@ -17,16 +17,19 @@ enum class FaultResult : std::uint8_t {
     AccessError,  // in an arena, but a hole or an access the VMA forbids
     BusError,     // a file page with no content to show: past the end of the file, or unreadable
     Fatal,        // usermm cannot resolve a fault it owns (the kernel refused); never loop on it
+    StackOverflow,  // an access past a stack's end by the code running on it (vm_fault::overflow)
 };
 
 // What kind of resolution a fault got, for accounting.
-enum class FaultKind : std::uint8_t { None, Anonymous, Upgrade, Degraded, WriteProtect, File, Swap, Hinting, SwapReadahead };
+enum class FaultKind : std::uint8_t { None, Anonymous, Upgrade, Degraded, WriteProtect, File, Swap, Hinting, SwapReadahead, StackGrow };
 
 struct vm_fault {
     // In: from decode.
     std::uintptr_t address = 0;
     Access access = Access::Unknown;
     int signo = 0;
+    std::uintptr_t sp = 0;          // the faulting thread's stack pointer (0 if unknown)
+    StackOverflow* overflow = nullptr;  // filled in for a StackOverflow result
     // Filled by find_vma.
     ArenaCore* arena = nullptr;
     Vma* vma = nullptr;

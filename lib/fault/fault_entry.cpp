@@ -15,6 +15,7 @@
 
 #include "account.hpp"
 #include "decode.hpp"
+#include "expand_stack.hpp"
 #include "fault.hpp"
 #include "fault_world.hpp"
 #include "page_ops.hpp"
@@ -118,6 +119,25 @@ void pass_on(int sig, siginfo_t* info, void* ucontext, RawLine& reason) {
     die_by(sig);
 }
 
+// An overflow goes to the program's handler first (no lock is held now: it may leave by
+// siglongjmp), with the interrupted code's mask, so that it may fault on arena memory itself. If
+// it returns, or there is none, the overflow is treated as the kernel treats one: `reason` gets
+// the line, and the signal goes on.
+void report_overflow(const StackOverflow& o, void* ucontext, RawLine& reason) {
+    if (const StackOverflowHandler handler = g_overflow_handler.load(std::memory_order_acquire)) {
+        sigset_t all;
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &static_cast<const ucontext_t*>(ucontext)->uc_sigmask, nullptr);
+        handler(o);
+        pthread_sigmask(SIG_SETMASK, &all, nullptr);
+    }
+    reason.str("usermm: SIGSEGV: stack overflow at ").hex(reinterpret_cast<std::uintptr_t>(o.address));
+    reason.str(" (stack pointer ").hex(reinterpret_cast<std::uintptr_t>(o.sp)).str(") on ");
+    if (o.where == StackOverflow::Where::Stack) reason.str("stack '").str(o.name_buf).str("' id ").dec(o.id).str(" ");
+    else reason.str("the ").str(o.name_buf).str("'s stack ");
+    reason.str("[").hex(reinterpret_cast<std::uintptr_t>(o.low)).str(", ").hex(reinterpret_cast<std::uintptr_t>(o.high)).str(")");
+}
+
 extern "C" void usermm_fault_handler(int sig, siginfo_t* info, void* ucontext) {
     ErrnoSaver saved_errno;
     RawLine reason;
@@ -132,6 +152,9 @@ extern "C" void usermm_fault_handler(int sig, siginfo_t* info, void* ucontext) {
     }
     vmf.start_ns = now_ns();
     vmf.access = decode_access(ucontext);
+    vmf.sp = decode_sp(ucontext);
+    StackOverflow overflow;
+    vmf.overflow = &overflow;
     vmf.diag = &reason;
     switch (handle_mm_fault(vmf)) {
         case FaultResult::Resolved:
@@ -162,6 +185,10 @@ extern "C" void usermm_fault_handler(int sig, siginfo_t* info, void* ucontext) {
             pass_on(SIGBUS, &bus, ucontext, reason);
             return;
         }
+        case FaultResult::StackOverflow:
+            report_overflow(overflow, ucontext, reason);
+            pass_on(sig, info, ucontext, reason);
+            return;
         case FaultResult::Fatal:
             // A fault usermm owns but cannot resolve: retrying would loop forever.
             if (const int err = page_self_mem())

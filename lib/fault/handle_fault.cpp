@@ -14,6 +14,7 @@
 
 #include "account.hpp"
 #include "evict.hpp"
+#include "expand_stack.hpp"
 #include "fault.hpp"
 #include "filemap.hpp"
 #include "find_vma.hpp"
@@ -789,6 +790,9 @@ FaultResult handle_pte_fault(vm_fault& vmf) {
         }
         if (!decoded) vmf.access = infer_access(cur, vmf.vma->prot);
         if (!allows(vmf.vma->prot, needed(vmf.access))) return FaultResult::AccessError;
+        // A stack's guard page has the VMA's protection in the kernel (its marker is what faults):
+        // it is expand_stack's, whatever the protection says, and expand_stack locks for itself.
+        if (cur & kPteGuard) return expand_stack(vmf);
         if (allows(pte_to_prot(cur), needed(vmf.access))) return FaultResult::Spurious;
         if (!pte.compare_exchange_weak(cur, cur | kPteLocked, kAcquire, kRelaxed)) continue;
         switch (vmf.vma->kind()) {
@@ -866,6 +870,10 @@ void describe_access_error(const vm_fault& vmf) {
         return;
     }
     d.str(": VMA '").str(vmf.vma->name).str("' [").hex(vmf.vma->start).str(", ").hex(vmf.vma->end);
+    if (vmf.vma->stack && (vmf.arena->pte_of(vmf.address).load(kRelaxed) & kPteGuard)) {
+        d.str(") is a stack; the address is in its guard, and the stack pointer ").hex(vmf.sp).str(" is not on it");
+        return;
+    }
     d.str(") ").str(prot_letters(vmf.vma->prot).text).str(" does not allow it");
 }
 
@@ -899,8 +907,9 @@ FaultResult handle_mm_fault(vm_fault& vmf) {
         return FaultResult::Fatal;
     }
     if (!vmf.arena) {
-        account_fault(vmf, FaultResult::Foreign);
-        return FaultResult::Foreign;
+        const FaultResult r = classify_thread_overflow(vmf);
+        account_fault(vmf, r);
+        return r;
     }
     // At the hard resident limit the fault reclaims first, as the kernel's direct reclaim does
     // before it allocates: reclaiming after, it could wait while the reclaimer takes the page it

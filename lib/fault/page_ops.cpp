@@ -37,6 +37,21 @@ int page_populate(std::uintptr_t addr, std::size_t len) {
     return result(madvise(reinterpret_cast<void*>(addr), len, MADV_POPULATE_WRITE));
 }
 
+// Linux 6.13's values; Debian 12's headers lack them.
+constexpr int kMadvGuardInstall = 102;
+constexpr int kMadvGuardRemove = 103;
+
+int page_guard_install(std::uintptr_t addr, std::size_t len) {
+    // The kernel may stop early to let a signal in (EINTR) and wants the call again.
+    int err;
+    while ((err = result(madvise(reinterpret_cast<void*>(addr), len, kMadvGuardInstall))) == EINTR) {}
+    return err;
+}
+
+int page_guard_remove(std::uintptr_t addr, std::size_t len) {
+    return result(madvise(reinterpret_cast<void*>(addr), len, kMadvGuardRemove));
+}
+
 namespace {
 // The descriptor of /proc/self/mem and the process that opened it, as pid << 32 | fd in one word,
 // so that a process never uses a descriptor of another process's memory: a forked child inherits

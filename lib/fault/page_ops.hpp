@@ -17,6 +17,11 @@ int page_resident(std::uintptr_t addr, std::size_t len, unsigned char* vec);
 int page_discard(std::uintptr_t addr, std::size_t len);
 // Commit memory for the range now (MADV_POPULATE_WRITE), so that first writes do not fault.
 int page_populate(std::uintptr_t addr, std::size_t len);
+// Guard markers (MADV_GUARD_INSTALL, Linux 6.13): an access to the range raises SIGSEGV whatever the
+// mapping's protection, without a kernel VMA of their own; installing drops the pages' content.
+// Markers survive MADV_DONTNEED and mprotect; removing them leaves the pages empty (zeros).
+int page_guard_install(std::uintptr_t addr, std::size_t len);
+int page_guard_remove(std::uintptr_t addr, std::size_t len);
 
 // Copies to or from arena memory whatever its protection, through /proc/self/mem: the kernel's
 // access to the process's own memory ignores PROT_NONE for private mappings, faults in nothing
