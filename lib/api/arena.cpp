@@ -677,6 +677,7 @@ void Arena::verify() const {
              maps.size(), a.base, a.end, mine);
 
     write_tracker().verify(a, call, spans);
+    verify_stacks(a, call);
     if (a.reclaimer) a.reclaimer->verify(call);
 }
 

@@ -116,6 +116,9 @@ Prot check_prot(const char* call, Prot prot, std::uintptr_t addr);
 std::vector<Vma*> covering_vmas(ArenaCore& a, const char* call, Range r);
 // Throws EINVAL if one of them is a stack VMA, which only its Stack changes (in stack.cpp).
 void refuse_stack_vmas(const std::vector<Vma*>& vmas, const char* call);
+// verify()'s part for stack VMAs: guard pages exactly below the committed part, in usermm and (on
+// kernels whose pagemap shows guard markers) in the kernel. Under the write lock.
+void verify_stacks(const ArenaCore& a, const char* call);
 
 // The kernel's mappings overlapping [lo, hi), clipped to it, in address order: PROCMAP_QUERY where
 // the kernel has it (a cost that grows with the mappings asked about, not with the process's), else

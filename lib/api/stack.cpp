@@ -1,6 +1,7 @@
 // Stacks: map_stack, Stack, StackPool, the overflow handler, alternate signal stacks and the watch
 // on thread stacks. The fault world's part is fault/expand_stack.cpp.
 #include <dlfcn.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sys/auxv.h>
@@ -200,6 +201,68 @@ Stack Arena::map_stack(std::size_t size, const StackOptions& options) {
     g_stack_gauges.committed_pages.fetch_add(std::int64_t(last - mid), kRelaxed);
     if (!core->markers) g_stack_gauges.kernel_maps.fetch_add(2, kRelaxed);
     return Stack(&a, core.release(), nullptr);
+}
+
+namespace {
+
+constexpr std::uint64_t kPagemapGuard = std::uint64_t(1) << 58;  // PM_GUARD_REGION (Linux 6.15)
+
+// Whether /proc/self/pagemap shows guard markers on this kernel: asked of a page given one.
+bool pagemap_shows_guards() {
+    static const bool shows = [] {
+        if (!markers_work()) return false;
+        void* p = mmap(nullptr, g_page_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) return false;
+        std::uint64_t entry = 0;
+        const int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+        const bool ok = fd >= 0 && page_guard_install(addr_of(p), g_page_size) == 0 &&
+                        pread(fd, &entry, sizeof entry, off_t((addr_of(p) >> g_page_shift) * sizeof entry)) ==
+                            ssize_t(sizeof entry) &&
+                        (entry & kPagemapGuard);
+        if (fd >= 0) close(fd);
+        munmap(p, g_page_size);
+        return ok;
+    }();
+    return shows;
+}
+
+}  // namespace
+
+void detail::verify_stacks(const ArenaCore& a, const char* call) {
+    const int pagemap = pagemap_shows_guards() ? open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC) : -1;
+    std::vector<std::uint64_t> entries;
+    try {
+        for (const Vma& v : a.tree) {
+            const StackCore* s = v.stack;
+            if (!s) continue;
+            const std::uintptr_t low = s->committed_low.load(kRelaxed);
+            if (s->start != v.start || s->end != v.end || low < s->floor || low > s->end)
+                fail(EFAULT, "{}: stack '{}' [{:#x}, {:#x}) has its committed part from {:#x}, outside [{:#x}, {:#x}]",
+                     call, s->name, v.start, v.end, low, s->floor, s->end);
+            for (std::uintptr_t at = v.start; at < v.end; at += g_page_size) {
+                const bool guard = a.pte_of(at).load(kRelaxed) & kPteGuard;
+                if (guard != (at < low))
+                    fail(EFAULT, "{}: page {:#x} of stack '{}' is {} in usermm, but the committed part begins at {:#x}",
+                         call, at, s->name, guard ? "a guard page" : "committed", low);
+            }
+            if (pagemap < 0 || !s->markers) continue;
+            entries.resize((v.end - v.start) >> g_page_shift);
+            const off_t off = off_t((v.start >> g_page_shift) * sizeof(std::uint64_t));
+            const std::size_t bytes = entries.size() * sizeof(std::uint64_t);
+            if (pread(pagemap, entries.data(), bytes, off) != ssize_t(bytes))
+                fail(errno ? errno : EIO, "{}: reading /proc/self/pagemap for stack '{}' failed", call, s->name);
+            for (std::size_t k = 0; k < entries.size(); ++k) {
+                const std::uintptr_t at = v.start + (k << g_page_shift);
+                if (bool(entries[k] & kPagemapGuard) != (at < low))
+                    fail(EFAULT, "{}: page {:#x} of stack '{}' {} a guard marker in the kernel, but usermm's committed "
+                         "part begins at {:#x}", call, at, s->name, entries[k] & kPagemapGuard ? "has" : "lacks", low);
+            }
+        }
+    } catch (...) {
+        if (pagemap >= 0) close(pagemap);
+        throw;
+    }
+    if (pagemap >= 0) close(pagemap);
 }
 
 void detail::refuse_stack_vmas(const std::vector<Vma*>& vmas, const char* call) {
