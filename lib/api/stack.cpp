@@ -52,16 +52,23 @@ bool markers_work() {
     return works;
 }
 
-// What GuardMode::Auto means in this process: USERMM_STACK_GUARDS, else what the kernel has.
+// What GuardMode::Auto means in this process: USERMM_STACK_GUARDS (read once, with the rule of
+// the other variables: a value usermm cannot use is reported and the default applies; one it
+// cannot honour fails), else what the kernel has.
 GuardMode auto_mode(const char* call) {
-    const char* env = std::getenv("USERMM_STACK_GUARDS");
-    if (!env || !*env) return markers_work() ? GuardMode::Markers : GuardMode::ProtNone;
-    if (std::strcmp(env, "protnone") == 0) return GuardMode::ProtNone;
-    if (std::strcmp(env, "markers") != 0)
-        fail(EINVAL, "{}: USERMM_STACK_GUARDS={} is neither 'markers' nor 'protnone'", call, env);
-    if (!markers_work())
+    enum class Wanted { Default, Markers, ProtNone };
+    static const Wanted wanted = [] {
+        const char* v = std::getenv("USERMM_STACK_GUARDS");
+        if (!v || !*v) return Wanted::Default;
+        if (std::strcmp(v, "markers") == 0) return Wanted::Markers;
+        if (std::strcmp(v, "protnone") == 0) return Wanted::ProtNone;
+        std::fprintf(stderr, "usermm: USERMM_STACK_GUARDS is '%s'; it must be 'markers' or 'protnone': the default applies\n", v);
+        return Wanted::Default;
+    }();
+    if (wanted == Wanted::ProtNone) return GuardMode::ProtNone;
+    if (wanted == Wanted::Markers && !markers_work())
         fail(ENOTSUP, "{}: USERMM_STACK_GUARDS=markers, but this kernel has no MADV_GUARD_INSTALL (Linux 6.13)", call);
-    return GuardMode::Markers;
+    return markers_work() ? GuardMode::Markers : GuardMode::ProtNone;
 }
 
 GuardMode resolve_mode(GuardMode asked, const char* call) {
