@@ -622,6 +622,8 @@ struct StackOverflow {
         Stack,        // a usermm stack (map_stack, StackPool)
         MainThread,   // the main thread's stack (watch_thread_stacks)
         Thread,       // another thread's stack (watch_thread_stacks)
+        SignalStack,  // the alternate signal stack usermm gave the thread (install_signal_stack):
+                      // an emergency, reported in one line, then death by SIGSEGV; no handler runs
     };
     Where where = Where::Stack;
     std::uint64_t id = 0;         // Stack::id(); 0 for thread stacks

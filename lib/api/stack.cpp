@@ -489,6 +489,7 @@ struct SignalStack {
     std::size_t len = 0;
     ~SignalStack() {
         if (!mem) return;
+        t_signal_stack_guard = {0, 0, 0};
         stack_t off{};
         off.ss_flags = SS_DISABLE;
         sigaltstack(&off, nullptr);
@@ -527,6 +528,7 @@ void install_signal_stack() {
     }
     t_signal_stack.mem = mem;
     t_signal_stack.len = len;
+    t_signal_stack_guard = {addr_of(mem), addr_of(mem) + guard, addr_of(mem) + len};
 }
 
 void watch_thread_stacks() {

@@ -151,6 +151,8 @@ FaultResult expand_stack(vm_fault& vmf) {
     return FaultResult::Resolved;
 }
 
+thread_local constinit SignalStackGuard t_signal_stack_guard __attribute__((tls_model("initial-exec"))) = {0, 0, 0};
+
 namespace {
 
 struct MapsEntry {
@@ -178,11 +180,13 @@ FaultResult thread_overflow(vm_fault& vmf, StackOverflow::Where where, std::uint
     o.low = reinterpret_cast<const void*>(low);
     o.high = reinterpret_cast<const void*>(high);
     o.peak = high - std::min(high, low);
-    static constexpr char kMain[] = "main thread", kThread[] = "thread";
+    static constexpr char kMain[] = "main thread", kThread[] = "thread", kSignal[] = "alternate signal stack";
     if (where == StackOverflow::Where::MainThread)
         std::memcpy(o.name_buf, kMain, sizeof kMain);
-    else
+    else if (where == StackOverflow::Where::Thread)
         std::memcpy(o.name_buf, kThread, sizeof kThread);
+    else
+        std::memcpy(o.name_buf, kSignal, sizeof kSignal);
     g_stack_gauges.overflows.fetch_add(1, kRelaxed);
     return FaultResult::StackOverflow;
 }
@@ -196,7 +200,10 @@ FaultResult thread_overflow(vm_fault& vmf, StackOverflow::Where where, std::uint
 // overflow lands in it, with the stack pointer in the guard or in the stack just above. The stack
 // pointer makes it the faulting thread's own stack: a wild pointer into someone's guard is not.
 FaultResult classify_thread_overflow(vm_fault& vmf) {
-    if (!g_watch_threads.load(kRelaxed) || !vmf.overflow || !vmf.sp) return FaultResult::Foreign;
+    if (!vmf.overflow) return FaultResult::Foreign;
+    if (vmf.address >= t_signal_stack_guard.lo && vmf.address < t_signal_stack_guard.hi)
+        return thread_overflow(vmf, StackOverflow::Where::SignalStack, t_signal_stack_guard.hi, t_signal_stack_guard.top);
+    if (!g_watch_threads.load(kRelaxed) || !vmf.sp) return FaultResult::Foreign;
     // Opened for each fault: a forked child's /proc/self is its own only when opened there.
     const int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
     if (fd < 0) return FaultResult::Foreign;

@@ -30,9 +30,21 @@ inline std::atomic<bool> g_watch_threads{false};
 inline std::atomic<std::uintptr_t> g_main_stack_end{0};
 inline std::atomic<std::uintptr_t> g_main_stack_limit{0};
 
+// The guard below the alternate signal stack usermm gave this thread (install_signal_stack), so
+// that its overflow (by an overflow handler, which runs there with SIGSEGV unblocked) is told
+// apart: the kernel delivers that second SIGSEGV at the top of the alternate stack again, since
+// the stack pointer has left it.
+struct SignalStackGuard {
+    std::uintptr_t lo;   // the guard [lo, hi)
+    std::uintptr_t hi;   // the stack [hi, top)
+    std::uintptr_t top;
+};
+extern thread_local constinit SignalStackGuard t_signal_stack_guard __attribute__((tls_model("initial-exec")));
+
 // A fault outside every arena, with thread stacks watched: an overflow of the faulting thread's
 // own stack (the main thread's [stack], or a pthread stack's guard) fills vmf.overflow and returns
-// StackOverflow; anything else stays Foreign. No lock.
+// StackOverflow; so does a fault in the guard of this thread's alternate signal stack, watched or
+// not (Where::SignalStack). Anything else stays Foreign. No lock.
 FaultResult classify_thread_overflow(vm_fault& vmf);
 
 }  // namespace usermm::detail

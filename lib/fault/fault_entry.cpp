@@ -124,12 +124,20 @@ void pass_on(int sig, siginfo_t* info, void* ucontext, RawLine& reason) {
 // it returns, or there is none, the overflow is treated as the kernel treats one: `reason` gets
 // the line, and the signal goes on.
 void report_overflow(const StackOverflow& o, void* ucontext, RawLine& reason) {
-    if (const StackOverflowHandler handler = g_overflow_handler.load(std::memory_order_acquire)) {
+    const bool emergency = o.where == StackOverflow::Where::SignalStack;
+    const StackOverflowHandler handler = emergency ? nullptr : g_overflow_handler.load(std::memory_order_acquire);
+    if (handler) {
         sigset_t all;
         sigfillset(&all);
         pthread_sigmask(SIG_SETMASK, &static_cast<const ucontext_t*>(ucontext)->uc_sigmask, nullptr);
         handler(o);
         pthread_sigmask(SIG_SETMASK, &all, nullptr);
+    }
+    if (emergency) {
+        reason.str("usermm: SIGSEGV: the alternate signal stack overflowed at ").hex(reinterpret_cast<std::uintptr_t>(o.address));
+        reason.str(" (a stack overflow handler, or a signal handler, used more than its ").dec(reinterpret_cast<std::uintptr_t>(o.high) - reinterpret_cast<std::uintptr_t>(o.low));
+        reason.str(" bytes)");
+        return;
     }
     reason.str("usermm: SIGSEGV: stack overflow at ").hex(reinterpret_cast<std::uintptr_t>(o.address));
     reason.str(" (stack pointer ").hex(reinterpret_cast<std::uintptr_t>(o.sp)).str(") on ");
@@ -187,6 +195,13 @@ extern "C" void usermm_fault_handler(int sig, siginfo_t* info, void* ucontext) {
         }
         case FaultResult::StackOverflow:
             report_overflow(overflow, ucontext, reason);
+            if (overflow.where == StackOverflow::Where::SignalStack) {
+                // Running at the top of the alternate stack again, over the frames below: nothing
+                // of them may run, and no handler may run here.
+                reason.emit();
+                die_by(sig);
+                return;
+            }
             pass_on(sig, info, ucontext, reason);
             return;
         case FaultResult::Fatal:
