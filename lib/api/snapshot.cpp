@@ -356,6 +356,11 @@ void Arena::restore(const Snapshot& snapshot) {
 
     ApiGuard<std::lock_guard<RwSpinLock>> guard(a.lock);
     if (!s.anonymous_only) refuse_file_vmas(a, call, r);
+    // A stack belongs to its Stack object, which restore cannot put back or take away.
+    for (auto it = a.tree.upper_bound(r.start); it != a.tree.end() && it->start < r.end; ++it)
+        if (it->stack)
+            fail(ENOTSUP, "{}: [{:#x}, {:#x}) holds stack '{}' [{:#x}, {:#x}), which restore does not support", call,
+                 r.start, r.end, it->name, it->start, it->end);
     // A whole-arena snapshot leaves file VMAs alone: one where it holds anonymous memory is in the way.
     for (auto it = a.tree.upper_bound(r.start); it != a.tree.end() && it->start < r.end; ++it) {
         if (!it->file) continue;

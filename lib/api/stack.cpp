@@ -110,6 +110,15 @@ void shrink_stack(ArenaCore& a, StackCore& s, std::size_t keep_pages, const char
             if (const int err = page_guard_install(grown.start, grown.end - grown.start))
                 fail(err, "{}: MADV_GUARD_INSTALL on [{:#x}, {:#x}) of stack '{}' failed", call, grown.start,
                      grown.end, s.name);
+            // Pages evicted, or write-tracked by the mprotect engine, have less than Read+Write in the
+            // kernel: a guard page has the VMA's protection under its marker.
+            const bool all_rw = std::all_of(a.pte + first, a.pte + last, [](const Pte& p) {
+                return pte_to_prot(p.load(std::memory_order_relaxed)) == Prot::ReadWrite;
+            });
+            if (!all_rw)
+                if (const int err = protect_run(a, first, last, Prot::ReadWrite))
+                    fail(err, "{}: mprotect of [{:#x}, {:#x}) of stack '{}' to rw failed", call, grown.start,
+                         grown.end, s.name);
         } else {
             if (const int err = protect_run(a, first, last, Prot::None))
                 fail(err, "{}: mprotect of [{:#x}, {:#x}) of stack '{}' to none failed", call, grown.start, grown.end,
