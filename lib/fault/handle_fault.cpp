@@ -275,8 +275,9 @@ FaultResult do_merging_fault(vm_fault& vmf, pte_t cur) {
     bool busy = false;  // the mapping goes on into a page another fault holds
     auto lock = [&](std::size_t i) {
         for (pte_t v = arena.pte[i].load(kRelaxed);;) {
-            // Its saved or swapped-out content goes back at its own fault first.
-            if (v & (kPteSaved | kPteSwapped)) return false;
+            // Its saved or swapped-out content goes back at its own fault first; a stack's guard
+            // page (PROT_NONE in the fallback) is expand_stack's.
+            if (v & (kPteSaved | kPteSwapped | kPteGuard)) return false;
             if (v & kPteLocked) {
                 busy = (v & (kPteProt | kPteFile)) == kind;
                 return false;
