@@ -395,7 +395,8 @@ public:
     // A stack of `size` bytes (rounded up to pages) that grows down by faults, as the kernel's
     // expand_stack grows a process's stack: see Stack and StackOptions. Its VMA is Read+Write
     // anonymous memory with a permanent guard below it; it belongs to the Stack, so protect(),
-    // advise() and unmap() refuse it (EINVAL). Gives the calling thread an alternate signal stack
+    // advise(), prefault() and unmap() refuse it (EINVAL; Stack::ensure commits), and restore() a
+    // range that holds one (ENOTSUP). Gives the calling thread an alternate signal stack
     // (install_signal_stack), without which a fault on a usermm stack cannot be handled.
     Stack map_stack(std::size_t size, const StackOptions& options);
     Stack map_stack(std::size_t size);

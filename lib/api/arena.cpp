@@ -531,6 +531,7 @@ void Arena::prefault(void* addr, std::size_t length, Prot access) {
         ApiGuard<std::lock_guard<RwSpinLock>> guard(a.lock);
         if (a.snapshot_count) require_self_mem(call);  // snapshots take pages that gain write access
         const std::vector<Vma*> vmas = covering_vmas(a, call, r);
+        refuse_stack_vmas(vmas, call);  // Stack::ensure commits a stack
         auto part_of = [&r](const Vma* v) { return Range{std::max(v->start, r.start), std::min(v->end, r.end)}; };
         for (const Vma* v : vmas)
             if (!allows(v->prot, access))
