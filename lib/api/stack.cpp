@@ -97,11 +97,17 @@ void destroy_stack(ArenaCore& a, StackCore* s, const char* call) {
     if (!markers) g_stack_gauges.kernel_maps.fetch_sub(2, kRelaxed);
 }
 
+// Where what an idle stack keeps of its memory begins: keep_pages from the top, or the committed
+// headroom if that is less.
+std::uintptr_t kept_from(const StackCore& s, std::size_t keep_pages) {
+    return s.end - std::min(s.end - s.initial_low, keep_pages << g_page_shift);
+}
+
 // Gives an idle stack back its shape at creation: pages below keep_pages from the top dropped,
 // guards back where it grew. Under the write lock (PTEs change; no fault is in flight).
 void shrink_stack(ArenaCore& a, StackCore& s, std::size_t keep_pages, const char* call) {
     const std::uintptr_t low = s.committed_low.load(kRelaxed);
-    const std::uintptr_t keep = std::max(s.end - std::min(s.end - s.floor, keep_pages << g_page_shift), s.initial_low);
+    const std::uintptr_t keep = kept_from(s, keep_pages);
     if (low < s.initial_low) {
         const Range grown{low, s.initial_low};
         const std::size_t first = a.page_index(grown.start), last = a.page_index(grown.end);
@@ -466,7 +472,21 @@ void StackPool::give_back(StackCore* s) noexcept {
             std::lock_guard guard(state_->lock);
             keep = !state_->closed && state_->idle.size() < state_->options.max_idle;
         }
-        {
+        // The common case changes no PTE: a stack that did not grow only has its headroom emptied,
+        // under the read side (faults go on), unless something keeps account of discarded
+        // content (snapshots, collect_dirty, a store).
+        bool shrunk = false;
+        if (keep && s->committed_low.load(kRelaxed) == s->initial_low) {
+            ApiGuard<SharedGuard<RwSpinLock>> lock(a.lock);
+            if (!a.snapshot_count && !a.collect_armed && !a.swap) {
+                const std::uintptr_t keep_from = kept_from(*s, state_->keep_pages);
+                if (keep_from > s->initial_low) page_discard(s->initial_low, keep_from - s->initial_low);
+                s->lowest.store(s->initial_low, kRelaxed);
+                s->deepest.store(s->end, kRelaxed);
+                shrunk = true;
+            }
+        }
+        if (!shrunk) {
             ApiGuard<std::lock_guard<RwSpinLock>> lock(a.lock);
             if (keep)
                 shrink_stack(a, *s, state_->keep_pages, call);
