@@ -73,15 +73,13 @@ void init_process();
 std::array<std::uint64_t, 2> new_arena_identity();
 
 // An API call on a thread whose stack lies in the arena (a usermm stack) could need a growth fault
-// while it holds the arena's lock, which that fault must take too: one byte of each page the call
-// may use is read first, so that growth happens now. A read makes the kernel allocate nothing (it
-// maps its zero page).
-inline void probe_own_stack(const ArenaCore& a) {
-    constexpr std::size_t kApiStackDepth = 32 << 10;
+// while it holds the arena's lock, which that fault takes too (behind a waiting writer: a
+// deadlock). So the stack is committed first, far enough below the stack pointer for any call, the
+// way Stack::ensure commits (in stack.cpp). A thread whose stack is elsewhere pays one comparison.
+void commit_api_stack(ArenaCore& a);
+inline void probe_own_stack(ArenaCore& a) {
     const auto sp = reinterpret_cast<std::uintptr_t>(__builtin_frame_address(0));
-    if (sp < a.base || sp >= a.end) return;
-    for (std::uintptr_t at = sp - kApiStackDepth; at < sp; at += g_page_size)
-        (void)*reinterpret_cast<const volatile char*>(at);
+    if (sp >= a.base && sp < a.end) commit_api_stack(a);
 }
 
 // The arena behind an Arena object: a moved-from one has none, and every call on it says so.

@@ -7,17 +7,21 @@
 #include <sys/auxv.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <fstream>
 #include <mutex>
 #include <new>
 #include <sstream>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "account.hpp"
@@ -80,6 +84,28 @@ GuardMode resolve_mode(GuardMode asked, const char* call) {
 }
 
 std::uintptr_t current_sp() { return addr_of(__builtin_frame_address(0)); }
+
+}  // namespace
+
+void detail::commit_api_stack(ArenaCore& a) {
+    constexpr std::uintptr_t kApiStackDepth = 32 << 10;
+    // What this function needs itself, touched now, without a lock: a growth fault here is an
+    // ordinary one (and a stack with less than this left overflows, as the call would).
+    constexpr std::size_t kOwnDepth = 4096;
+    volatile char own[kOwnDepth];
+    own[0] = 0;
+    const std::uintptr_t sp = addr_of(const_cast<char*>(&own[0]));
+    ApiGuard<SharedGuard<RwSpinLock>> lock(a.lock);
+    Vma* v = find_vma(a, sp);
+    if (!v || v->start > sp || !v->stack) return;
+    StackCore& s = *v->stack;
+    const std::uintptr_t low = sp - std::min(sp - s.floor, kApiStackDepth);
+    if (low >= s.committed_low.load(std::memory_order_acquire)) return;
+    std::uint32_t pages = 0, copies = 0;
+    stack_commit(a, s, low, &pages, &copies);  // if the kernel refuses, a growth fault will try again
+}
+
+namespace {
 
 // Discards a stack's VMA and frees it (its core with it). Under the write lock.
 void destroy_stack(ArenaCore& a, StackCore* s, const char* call) {
@@ -388,25 +414,59 @@ struct StackPool::State {
     ArenaCore* arena = nullptr;
     Arena* owner = nullptr;
     StackPoolOptions options;
-    std::size_t keep_pages = 0;
     std::mutex lock;  // a leaf: taken with no usermm lock held, and none taken under it
-    std::vector<StackCore*> idle;
+    // Idle stacks, most recently given back last (handed out first: its pages are the warmest).
+    // Those not shrunk yet still hold what their last user touched; once kShrinkBatch of them
+    // wait, the oldest are shrunk together, so that a stack given back and soon taken again (the
+    // common case) costs no system call at all.
+    struct Idle {
+        StackCore* stack;
+        bool shrunk;
+    };
+    std::deque<Idle> idle;
+    std::size_t unshrunk = 0;
+    std::unordered_map<std::uintptr_t, StackCore*> out_by_top;  // acquire_top's, for release_top
     bool closed = false;
+
+    void shrink(const std::vector<Idle>& batch);
 };
+
+namespace {
+
+constexpr std::size_t kShrinkBatch = 64;
+
+// process_madvise(2) on the calling process takes every advice since Linux 6.13, and PIDFD_SELF
+// names it since 6.15: one call empties a batch of stacks. Elsewhere, one madvise each.
+constexpr int kPidfdSelf = -10000;
+std::atomic<bool> g_no_process_madvise{false};
+
+void discard_ranges(std::vector<iovec>& ranges) {
+    if (ranges.empty()) return;
+    if (!g_no_process_madvise.load(kRelaxed)) {
+        const long done = syscall(SYS_process_madvise, kPidfdSelf, ranges.data(), ranges.size(), MADV_DONTNEED, 0u);
+        std::size_t total = 0;
+        for (const iovec& v : ranges) total += v.iov_len;
+        if (done == long(total)) return;
+        if (done < 0 && (errno == EINVAL || errno == EBADF || errno == ENOSYS || errno == EPERM))
+            g_no_process_madvise.store(true, kRelaxed);
+    }
+    for (const iovec& v : ranges) page_discard(addr_of(v.iov_base), v.iov_len);
+}
+
+}  // namespace
 
 StackPool::StackPool(Arena& arena, const StackPoolOptions& options) : state_(std::make_shared<State>()) {
     static constexpr const char* call = "usermm::StackPool::StackPool";
+    arena.base();  // throws for a moved-from arena
     state_->arena = &ArenaAccess::core(arena);
-    if (!state_->arena) fail(EINVAL, "{}: the arena was moved from", call);
     state_->owner = &arena;
     state_->options = options;
-    state_->keep_pages = options.keep_resident_pages;
     if (options.max_size == 0) fail(EINVAL, "{}: max_size is 0", call);
     resolve_mode(options.stack.guard_mode, call);
 }
 
 StackPool::~StackPool() {
-    std::vector<StackCore*> idle;
+    std::deque<State::Idle> idle;
     {
         std::lock_guard guard(state_->lock);
         state_->closed = true;
@@ -416,7 +476,7 @@ StackPool::~StackPool() {
     ArenaCore& a = *state_->arena;
     probe_own_stack(a);
     ApiGuard<std::lock_guard<RwSpinLock>> lock(a.lock);
-    for (StackCore* s : idle) destroy_stack(a, s, "usermm::StackPool::~StackPool");
+    for (const State::Idle& i : idle) destroy_stack(a, i.stack, "usermm::StackPool::~StackPool");
 }
 
 Stack StackPool::acquire() {
@@ -424,9 +484,10 @@ Stack StackPool::acquire() {
     {
         std::lock_guard guard(state_->lock);
         if (!state_->idle.empty()) {
-            StackCore* s = state_->idle.back();
+            const State::Idle i = state_->idle.back();
             state_->idle.pop_back();
-            return Stack(state_->arena, s, this);
+            state_->unshrunk -= !i.shrunk;
+            return Stack(state_->arena, i.stack, this);
         }
     }
     Stack made = state_->owner->map_stack(state_->options.max_size, state_->options.stack);
@@ -444,19 +505,22 @@ std::size_t StackPool::stack_size() const { return round_pages(state_->options.m
 void* StackPool::acquire_top() {
     Stack s = acquire();
     StackCore* core = std::exchange(s.core_, nullptr);
+    std::lock_guard guard(state_->lock);
+    state_->out_by_top.emplace(core->end, core);
     return ptr_of(core->end);
 }
 
 void StackPool::release_top(void* top) noexcept {
-    ArenaCore& a = *state_->arena;
     StackCore* s = nullptr;
     {
-        probe_own_stack(a);
-        ApiGuard<SharedGuard<RwSpinLock>> lock(a.lock);
-        if (const Vma* v = find_vma(a, addr_of(top) - 1); v && v->stack && v->end == addr_of(top)) s = v->stack;
+        std::lock_guard guard(state_->lock);
+        if (const auto it = state_->out_by_top.find(addr_of(top)); it != state_->out_by_top.end()) {
+            s = it->second;
+            state_->out_by_top.erase(it);
+        }
     }
     if (!s) {
-        std::fprintf(stderr, "usermm: StackPool::release_top: %p is the top of no stack of the pool's arena\n", top);
+        std::fprintf(stderr, "usermm: StackPool::release_top: %p is the top of no stack this pool handed out\n", top);
         return;
     }
     give_back(s);
@@ -466,40 +530,70 @@ void StackPool::give_back(StackCore* s) noexcept {
     static constexpr const char* call = "usermm::StackPool::give_back";
     ArenaCore& a = *state_->arena;
     try {
-        probe_own_stack(a);
-        bool keep;
+        const bool grew = s->committed_low.load(kRelaxed) != s->initial_low;
+        std::vector<State::Idle> batch;
         {
             std::lock_guard guard(state_->lock);
-            keep = !state_->closed && state_->idle.size() < state_->options.max_idle;
-        }
-        // The common case changes no PTE: a stack that did not grow only has its headroom emptied,
-        // under the read side (faults go on), unless something keeps account of discarded
-        // content (snapshots, collect_dirty, a store).
-        bool shrunk = false;
-        if (keep && s->committed_low.load(kRelaxed) == s->initial_low) {
-            ApiGuard<SharedGuard<RwSpinLock>> lock(a.lock);
-            if (!a.snapshot_count && !a.collect_armed && !a.swap) {
-                const std::uintptr_t keep_from = kept_from(*s, state_->keep_pages);
-                if (keep_from > s->initial_low) page_discard(s->initial_low, keep_from - s->initial_low);
-                s->lowest.store(s->initial_low, kRelaxed);
-                s->deepest.store(s->end, kRelaxed);
-                shrunk = true;
+            const bool keep = !state_->closed && state_->idle.size() < state_->options.max_idle;
+            if (keep && !grew) {
+                // Kept as it is: shrunk later, with others, if it stays idle.
+                state_->idle.push_back({s, false});
+                if (++state_->unshrunk < 2 * kShrinkBatch) return;
+                for (auto it = state_->idle.begin(); it != state_->idle.end() && batch.size() < kShrinkBatch;)
+                    if (!it->shrunk) {
+                        batch.push_back(*it);
+                        it = state_->idle.erase(it);
+                    } else {
+                        ++it;
+                    }
+                state_->unshrunk -= batch.size();
+                s = nullptr;
+            } else if (keep) {
+                batch.push_back({s, false});  // grew: shrunk now, under the write lock
+                s = nullptr;
             }
         }
-        if (!shrunk) {
+        probe_own_stack(a);
+        if (s) {  // not kept
             ApiGuard<std::lock_guard<RwSpinLock>> lock(a.lock);
-            if (keep)
-                shrink_stack(a, *s, state_->keep_pages, call);
-            else
-                destroy_stack(a, s, call);
+            destroy_stack(a, s, call);
+            return;
         }
-        if (keep) {
-            std::lock_guard guard(state_->lock);
-            state_->idle.push_back(s);
-        }
+        state_->shrink(batch);
+        std::lock_guard guard(state_->lock);
+        for (auto it = batch.rbegin(); it != batch.rend(); ++it) state_->idle.push_front({it->stack, true});
     } catch (const std::exception& e) {
         std::fprintf(stderr, "usermm: %s\n", e.what());
     }
+}
+
+// Shrinks idle stacks to keep_resident_pages. A stack that did not grow only has its headroom
+// emptied, which changes no PTE: under the read side (faults go on), all of them in one system
+// call, unless something keeps account of discarded content (snapshots, collect_dirty, a store),
+// which needs the write side, as does a stack that grew (its guard goes back).
+void StackPool::State::shrink(const std::vector<Idle>& batch) {
+    static constexpr const char* call = "usermm::StackPool::give_back";
+    ArenaCore& a = *arena;
+    const std::size_t keep_pages = options.keep_resident_pages;
+    auto grew = [](const StackCore* s) { return s->committed_low.load(kRelaxed) != s->initial_low; };
+    {
+        ApiGuard<SharedGuard<RwSpinLock>> arena_lock(a.lock);
+        if (!a.snapshot_count && !a.collect_armed && !a.swap &&
+            std::none_of(batch.begin(), batch.end(), [&](const Idle& i) { return grew(i.stack); })) {
+            std::vector<iovec> ranges;
+            for (const Idle& i : batch) {
+                StackCore& s = *i.stack;
+                if (const std::uintptr_t from = kept_from(s, keep_pages); from > s.initial_low)
+                    ranges.push_back({ptr_of(s.initial_low), from - s.initial_low});
+                s.lowest.store(s.initial_low, kRelaxed);
+                s.deepest.store(s.end, kRelaxed);
+            }
+            discard_ranges(ranges);
+            return;
+        }
+    }
+    ApiGuard<std::lock_guard<RwSpinLock>> arena_lock(a.lock);
+    for (const Idle& i : batch) shrink_stack(a, *i.stack, keep_pages, call);
 }
 
 // --- overflow handler, alternate signal stacks, thread stacks ------------------------------------
