@@ -1060,14 +1060,26 @@ int run(std::size_t count) {
             finished += !f;
         }
     const double finish_s = since_ms(t_finish) / 1000;
+    fmt::print("\nthe other {} fibers finished in {:.1f} s\n", finished, finish_s);
+    ok = ok && finished == count - 1;
+
+    // 5. Unmapping, one stack at a time (each under the arena's write lock): all of them up to
+    // kUnmapAll; beyond, that many, and the process's exit frees the rest, to keep the demo short.
+    constexpr std::size_t kUnmapAll = 100000;
+    const std::size_t unmap = std::min(count, kUnmapAll);
     const auto t_free = std::chrono::steady_clock::now();
-    stacks.clear();
+    for (std::size_t i = 0; i < unmap; ++i) stacks[i] = usermm::Stack();
     const double free_s = since_ms(t_free) / 1000;
     const usermm::StackStats st3 = usermm::stack_stats();
-    ok = ok && finished == count - 1 && st3.live == st0.live;
-    fmt::print("\nthe other {} fibers finished in {:.1f} s; their stacks unmapped in {:.1f} s; stacks live now: {}\n",
-               finished, finish_s, free_s, st3.live);
+    ok = ok && st3.live == st0.live + (count - unmap);
+    fmt::print("unmapped {} stacks in {:.1f} s ({:.1f} us each); stacks live now: {}{}\n", unmap, free_s,
+               free_s * 1e6 / double(unmap), st3.live,
+               unmap < count ? ", left to the process's exit" : "");
     fmt::print("total: {:.1f} s; {}\n", since_ms(t_start) / 1000, ok ? "ok" : "FAILED");
+    if (unmap < count) {
+        std::fflush(stdout);
+        _exit(ok ? 0 : 1);  // the stacks still mapped go with the address space
+    }
     return ok ? 0 : 1;
 }
 
