@@ -9,12 +9,19 @@
 //                          a 4 GiB table under a 512 MiB resident limit on a SwapFile: Zipf lookups and
 //                          updates from 4 threads for 30 s, major faults next to exact LRU and OPT
 //                          (`64 8 2`: a smoke run)
+//   usermm-demo fibers [COUNT]
+//                          1,000,000 Boost.Context fibers on usermm stacks that grow by faults, each
+//                          recursing to a random depth and yielding; then one recurses without end and
+//                          its overflow is caught (COUNT lowers the number of fibers)
 #include <fcntl.h>
+#include <setjmp.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <boost/context/fiber.hpp>
+#include <boost/context/preallocated.hpp>
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -850,8 +857,236 @@ int run(std::size_t table_mib, std::size_t limit_mib, int seconds) {
 
 }  // namespace swapdemo
 
+namespace fiberdemo {
+
+namespace ctx = boost::context;
+
+constexpr std::size_t kDefaultFibers = 1000000;
+constexpr std::size_t kStackSize = 64 << 10;  // reserved per fiber; its guard lies below, 64 KiB more
+constexpr std::size_t kFrame = 1024;           // one level of the recursion
+constexpr int kMaxDepth = 48;                  // 48 KiB of frames at most: within the 64 KiB
+
+long map_count() {
+    FILE* f = std::fopen("/proc/self/maps", "r");
+    long n = 0;
+    for (int c; f && (c = std::fgetc(f)) != EOF;) n += c == '\n';
+    if (f) std::fclose(f);
+    return n;
+}
+
+long meminfo_kib(const char* field) {
+    FILE* f = std::fopen("/proc/meminfo", "r");
+    long kib = -1;
+    char line[256];
+    const std::size_t n = std::strlen(field);
+    while (f && std::fgets(line, sizeof line, f))
+        if (std::strncmp(line, field, n) == 0 && line[n] == ':') {
+            kib = std::strtol(line + n + 1, nullptr, 10);
+            break;
+        }
+    if (f) std::fclose(f);
+    return kib;
+}
+
+// The recursion: `depth` frames of kFrame bytes, each written, then a yield at the bottom.
+__attribute__((noinline)) int dive(int depth, ctx::fiber& caller) {
+    volatile char frame[kFrame - 64];
+    frame[0] = char(depth);
+    if (depth == 0) {
+        caller = std::move(caller).resume();
+        return frame[0];
+    }
+    return dive(depth - 1, caller) + frame[0];
+}
+
+// The runaway: no end but the overflow (g_never is never reached).
+volatile int g_never = -1;
+__attribute__((noinline)) int endless(int depth) {
+    volatile char frame[kFrame - 64];
+    frame[0] = char(depth);
+    if (depth == g_never) return 0;
+    return endless(depth + 1) + frame[0];
+}
+
+// The overflow handler's way back into the runaway fiber's own entry frame, and what it was told.
+sigjmp_buf* volatile g_escape = nullptr;
+usermm::StackOverflow g_caught;
+volatile sig_atomic_t g_overflows_seen = 0;
+
+// Runs in usermm's SIGSEGV handler, on the thread's alternate signal stack: copies the report (no
+// allocation, no formatting) and jumps back to the sigsetjmp point on the overflowing fiber's stack.
+void on_overflow(const usermm::StackOverflow& o) {
+    if (!g_escape) return;  // not the runaway: reported as an overflow without a handler
+    g_caught = o;
+    g_overflows_seen = g_overflows_seen + 1;
+    siglongjmp(*g_escape, 1);
+}
+
+// Fiber i's depth: mostly shallow, a few deep (geometric, mean ~1.9 frames), as a server's
+// connections are mostly idle.
+int depth_of(std::uint64_t i) {
+    std::mt19937_64 rng(i * 0x9E3779B97F4A7C15ull + 1);
+    std::geometric_distribution<int> d(0.35);
+    return std::min(d(rng), kMaxDepth);
+}
+
+// The stack's allocator for Boost: the memory is a usermm::Stack the demo owns (a named one per
+// fiber); Boost gives nothing back. usermm::StackPool::allocator() (<usermm/boost_context.hpp>)
+// is the other way, with stacks recycled.
+struct OwnedStack {
+    void deallocate(ctx::stack_context&) noexcept {}
+};
+
+int run(std::size_t count) {
+    const std::size_t page = usermm::page_size();
+    // What a fiber costs here, about: 1.4 pages touched on average, its stack's bookkeeping and the
+    // kernel's page tables. Fewer fibers if the machine has not the memory.
+    const std::size_t per_fiber = 8 << 10;
+    const long avail_kib = meminfo_kib("MemAvailable");
+    if (avail_kib > 0 && double(count) * per_fiber > 0.7 * double(avail_kib) * 1024) {
+        const std::size_t fit = std::size_t(0.7 * double(avail_kib) * 1024 / per_fiber);
+        fmt::print("MemAvailable is {} MiB: {} fibers instead of {}\n", avail_kib >> 10, fit, count);
+        count = fit;
+    }
+    if (count < 2) {
+        std::fprintf(stderr, "usermm-demo fibers: too little memory\n");
+        return 1;
+    }
+    const std::size_t runaway = (count * 3 / 4 + 17) % count;
+    const auto t_start = std::chrono::steady_clock::now();
+    usermm::Arena arena(1ull << 40);
+    usermm::on_stack_overflow(on_overflow);
+    const long rss0 = resident_kib(), maps0 = map_count();
+    const usermm::StackStats st0 = usermm::stack_stats();
+
+    // 1. The stacks: a 64 KiB reservation each, named, its top page committed (headroom 4 KiB);
+    // the rest commits by growth faults, as the kernel's expand_stack does.
+    std::vector<usermm::Stack> stacks;
+    stacks.reserve(count);
+    char name[40];
+    for (std::size_t i = 0; i < count; ++i) {
+        const auto r = fmt::format_to_n(name, sizeof name - 1, "fiber-{}", i);
+        stacks.push_back(arena.map_stack(kStackSize, {.name = std::string_view(name, r.size), .headroom = page}));
+    }
+    const double make_s = since_ms(t_start) / 1000;
+
+    // 2. The fibers: each runs until it has recursed to its depth and yields there.
+    const auto t_run = std::chrono::steady_clock::now();
+    std::vector<ctx::fiber> fibers;
+    fibers.reserve(count);
+    std::uint64_t frames = 0;
+    int deepest = 0;
+    volatile bool runaway_reported = false;
+    for (std::size_t i = 0; i < count; ++i) {
+        ctx::stack_context sc;
+        sc.sp = stacks[i].top();
+        sc.size = stacks[i].size();
+        const int depth = depth_of(i);
+        frames += std::uint64_t(depth);
+        deepest = std::max(deepest, depth);
+        ctx::fiber f{std::allocator_arg, ctx::preallocated(sc.sp, sc.size, sc), OwnedStack{},
+                     [depth, runaway = i == runaway, &runaway_reported](ctx::fiber&& caller) {
+                         dive(depth, caller);  // returns when resumed again
+                         if (runaway) {
+                             // The way back from the overflow handler: on this fiber's own stack,
+                             // in its entry frame, above everything the recursion will use.
+                             sigjmp_buf env;
+                             if (sigsetjmp(env, 1) == 0) {
+                                 g_escape = &env;
+                                 endless(0);
+                             }
+                             g_escape = nullptr;
+                             runaway_reported = true;
+                         }
+                         return std::move(caller);
+                     }};
+        fibers.push_back(std::move(f).resume());
+    }
+    const double run_s = since_ms(t_run) / 1000;
+    const long rss1 = resident_kib(), maps1 = map_count();
+    const usermm::StackStats st1 = usermm::stack_stats();
+    const double reserved_gib = double(count) * double(2 * kStackSize) / double(1ull << 30);
+    fmt::print("{} fibers on usermm stacks of {} KiB (guard: {} KiB more, {}), made in {:.1f} s, run to their yield "
+               "in {:.1f} s\n",
+               count, kStackSize >> 10, kStackSize >> 10,
+               st1.mode == usermm::GuardMode::Markers ? "guard markers" : "PROT_NONE", make_s, run_s);
+    fmt::print("each recursed to a random depth of 1 KiB frames and yields there: {:.2f} frames on average, {} at most\n",
+               double(frames) / double(count), deepest);
+    fmt::print("reserved: {:.1f} GiB of stacks and guards; committed: {:.1f} MiB; resident: +{:.1f} MiB "
+               "({:.2f} KiB a fiber: its pages, usermm's bookkeeping, {} bytes of page state per reserved page)\n",
+               reserved_gib, double(st1.committed_bytes) / (1 << 20), double(rss1 - rss0) / 1024,
+               double(rss1 - rss0) / double(count), sizeof(std::uint16_t));
+    fmt::print("kernel mappings: {} lines of /proc/self/maps before the stacks, {} with them (vm.max_map_count: {}); "
+               "the stacks' guards cost {}\n",
+               maps0, maps1, [] {
+                   FILE* f = std::fopen("/proc/sys/vm/max_map_count", "r");
+                   long v = -1;
+                   if (f && std::fscanf(f, "%ld", &v) != 1) v = -1;
+                   if (f) std::fclose(f);
+                   return v;
+               }(),
+               st1.kernel_maps);
+    fmt::print("  (Boost's protected_fixedsize_stack would need {} mappings: 2 a stack)\n", 2 * count);
+    fmt::print("growth faults: {} (a fault below a stack's committed part, granted as expand_stack does)\n",
+               st1.growth_faults - st0.growth_faults);
+
+    // 3. The runaway: one fiber, resumed, recurses without end.
+    fmt::print("\nfiber-{} now recurses without end...\n", runaway);
+    fibers[runaway] = std::move(fibers[runaway]).resume();
+    const usermm::StackStats st2 = usermm::stack_stats();
+    bool ok = runaway_reported && g_overflows_seen == 1 && !fibers[runaway];
+    if (runaway_reported) {
+        const usermm::StackOverflow& o = g_caught;
+        const auto lo = reinterpret_cast<std::uintptr_t>(o.low), hi = reinterpret_cast<std::uintptr_t>(o.high);
+        fmt::print("caught: stack overflow in '{}' (id {}): access at {} with the stack pointer at {}, {} bytes below "
+                   "the stack's bottom; stack [{:#x}, {:#x}), {} KiB, peak {} KiB\n",
+                   o.name(), o.id, o.address, o.sp,
+                   lo - std::min(lo, reinterpret_cast<std::uintptr_t>(o.address)), lo, hi, (hi - lo) >> 10,
+                   o.peak >> 10);
+        fmt::print("the handler ran on the alternate signal stack and siglongjmp'ed into the fiber's entry frame; "
+                   "the fiber returned normally\n");
+        ok = ok && o.name() == fmt::format("fiber-{}", runaway);
+    } else {
+        fmt::print("the overflow was NOT caught\n");
+    }
+    fmt::print("overflows counted by usermm: {}\n", st2.overflows - st0.overflows);
+
+    // 4. The rest finish.
+    const auto t_finish = std::chrono::steady_clock::now();
+    std::size_t finished = 0;
+    for (auto& f : fibers)
+        if (f) {
+            f = std::move(f).resume();
+            finished += !f;
+        }
+    const double finish_s = since_ms(t_finish) / 1000;
+    fmt::print("\nthe other {} fibers finished in {:.1f} s\n", finished, finish_s);
+    ok = ok && finished == count - 1;
+
+    // 5. Unmapping, one stack at a time (each under the arena's write lock): all of them up to
+    // kUnmapAll; beyond, that many, and the process's exit frees the rest, to keep the demo short.
+    constexpr std::size_t kUnmapAll = 100000;
+    const std::size_t unmap = std::min(count, kUnmapAll);
+    const auto t_free = std::chrono::steady_clock::now();
+    for (std::size_t i = 0; i < unmap; ++i) stacks[i] = usermm::Stack();
+    const double free_s = since_ms(t_free) / 1000;
+    const usermm::StackStats st3 = usermm::stack_stats();
+    ok = ok && st3.live == st0.live + (count - unmap);
+    fmt::print("unmapped {} stacks in {:.1f} s ({:.1f} us each); stacks live now: {}{}\n", unmap, free_s,
+               free_s * 1e6 / double(unmap), st3.live,
+               unmap < count ? ", left to the process's exit" : "");
+    fmt::print("total: {:.1f} s; {}\n", since_ms(t_start) / 1000, ok ? "ok" : "FAILED");
+    if (unmap < count) {
+        std::fflush(stdout);
+        _exit(ok ? 0 : 1);  // the stacks still mapped go with the address space
+    }
+    return ok ? 0 : 1;
+}
+
+}  // namespace fiberdemo
+
 void usage() {
-    std::fprintf(stderr, "usage: usermm-demo lazy|snapshot|file|checkpoint [KEYS]|swap [TABLE_MIB LIMIT_MIB SECONDS]\n");
+    std::fprintf(stderr, "usage: usermm-demo lazy|snapshot|file|checkpoint [KEYS]|swap [TABLE_MIB LIMIT_MIB SECONDS]|fibers [COUNT]\n");
 }
 
 }  // namespace
@@ -873,6 +1108,17 @@ int main(int argc, char** argv) {
                 return swapdemo::run(table, limit, seconds);
             } catch (const std::exception& e) {  // unwinds, so that the SwapFile removes its file
                 std::fprintf(stderr, "usermm-demo swap: %s\n", e.what());
+                return 1;
+            }
+        }
+    }
+    if (what == "fibers" && argc <= 3) {
+        const std::size_t count = argc == 3 ? std::strtoull(argv[2], nullptr, 10) : fiberdemo::kDefaultFibers;
+        if (count >= 2 && count <= 4 * fiberdemo::kDefaultFibers) {
+            try {
+                return fiberdemo::run(count);
+            } catch (const std::exception& e) {
+                std::fprintf(stderr, "usermm-demo fibers: %s\n", e.what());
                 return 1;
             }
         }
