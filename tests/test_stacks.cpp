@@ -6,11 +6,10 @@
 // see EFAULT, and stacks survive fork() and snapshots. Every death happens in a forked child.
 // ctest runs this file three times: on the default engine, on the mprotect engine, and with
 // USERMM_STACK_GUARDS=protnone (the PROT_NONE fallback instead of guard markers).
-#if defined(__SANITIZE_ADDRESS__)
-// Boost.Context annotates its switches for ASan only in its ucontext implementation.
-#define BOOST_USE_UCONTEXT
-#define BOOST_USE_ASAN
-#endif
+// Boost.Context annotates its switches for ASan (BOOST_USE_ASAN) only in its ucontext
+// implementation, which needs a libboost_context built for it (fiber_activation_record::current());
+// Debian's is built for fcontext, so under ASan the fibers switch unannotated: ASan then warns about
+// the stack switch at a noreturn call, which these tests do not make on a fiber.
 #include <boost/context/fiber.hpp>
 
 #include <doctest/doctest.h>
@@ -200,11 +199,14 @@ constexpr std::size_t KiB = 1024;
 // A fault usermm cannot get past repeats forever: SIGALRM ends the file visibly instead.
 [[maybe_unused]] const unsigned g_watchdog = alarm(120);
 
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-constexpr bool kSanitized = true;
+// ThreadSanitizer intercepts signals and runs the program's SIGUSR1 handler from its own wrapper:
+// an overflow inside it dies silently there. Its mappings (shadow) also grow with memory touched.
+#if defined(__SANITIZE_THREAD__)
+constexpr bool kTsan = true;
 #else
-constexpr bool kSanitized = false;
+constexpr bool kTsan = false;
 #endif
+
 
 std::size_t page() { return usermm::page_size(); }
 
@@ -439,7 +441,7 @@ TEST_CASE("a stack given back to its pool is shrunk; acquire reuses it without a
         CHECK(!bf);
     }
     CHECK(pool.idle() == 1);
-    CHECK(usermm_test::process_mappings() <= maps_before);
+    if (!kTsan) CHECK(usermm_test::process_mappings() <= maps_before);
     CHECK(usermm_test::mappings_within(arena.base(), arena.size()) == arena_maps_before);
     CHECK(resident_pages(arena.base(), arena.size()) <= 2);
     arena.verify();
@@ -506,15 +508,15 @@ TEST_CASE("an overflow of a usermm stack is caught on the alternate stack and le
 
 // --- 4. thread stacks -----------------------------------------------------------------------------
 
-// The sanitizers keep stacks of their own bookkeeping (ASan's redzones and fake frames, TSan's
-// shadow call stack, which siglongjmp out of a signal handler on another stack unwinds by sp) and
-// intercept pthread_create: the thread-stack overflows are checked in plain builds.
+// The main thread's overflow under the sanitizers: ASan's instrumented prologue stores into the new
+// frame above the stack pointer even in push_forever, which meets the library bug described at the
+// store case below; under TSan the child dies without a word (TSan's signal wrapper on a main stack
+// at its limit). The pthread case runs everywhere.
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
 constexpr bool kSkipThreadStacks = true;
 #else
 constexpr bool kSkipThreadStacks = false;
 #endif
-
 namespace {
 // Recursion whose only stores are the calls' pushes: the access that overflows lies just below the
 // stack pointer (a push writes before it moves it).
@@ -641,8 +643,7 @@ void* overflow_thread(void* p) {
 }
 }  // namespace
 
-TEST_CASE("an overflow of a pthread's stack is caught after watch_thread_stacks, twice" *
-          doctest::skip(kSkipThreadStacks)) {
+TEST_CASE("an overflow of a pthread's stack is caught after watch_thread_stacks, twice") {
     const usermm_test::ChildEnd end = usermm_test::run_guarded(
         [] {
             usermm::watch_thread_stacks();
@@ -811,7 +812,7 @@ namespace {
 void recurse_in_handler(int) { forever(0); }
 }  // namespace
 
-TEST_CASE("an overflow inside a signal handler running on the overflowing stack is caught") {
+TEST_CASE("an overflow inside a signal handler running on the overflowing stack is caught" * doctest::skip(kTsan)) {
     const usermm_test::ChildEnd end = usermm_test::run_guarded(
         [] {
             struct sigaction sa {};

@@ -2,11 +2,10 @@
 // alive at once, cost about the pages they touched plus usermm's per-page table, and few kernel
 // mappings (guard markers split no kernel VMA); with the PROT_NONE fallback and a small map budget,
 // making stacks ends with an error naming vm.max_map_count, not a crash.
-#if defined(__SANITIZE_ADDRESS__)
-// Boost.Context annotates its switches for ASan only in its ucontext implementation.
-#define BOOST_USE_UCONTEXT
-#define BOOST_USE_ASAN
-#endif
+// Boost.Context annotates its switches for ASan (BOOST_USE_ASAN) only in its ucontext
+// implementation, which needs a libboost_context built for it (fiber_activation_record::current());
+// Debian's is built for fcontext, so under ASan the fibers switch unannotated: ASan then warns about
+// the stack switch at a noreturn call, which these tests do not make on a fiber.
 #include <boost/context/fiber.hpp>
 
 #include <doctest/doctest.h>
@@ -198,6 +197,14 @@ constexpr std::size_t kFibers = 10'000;
 constexpr std::size_t kFibers = 100'000;
 #endif
 constexpr std::size_t kStackSize = 1 * MiB;
+// ThreadSanitizer's shadow of the stacks' ranges (it resets the shadow of whole ranges that change
+// protection) is counted in RSS: 1.3 GiB for 2,000 stacks measured. The RSS bounds are checked in
+// the other builds.
+#if defined(__SANITIZE_THREAD__)
+constexpr bool kCheckRss = false;
+#else
+constexpr bool kCheckRss = true;
+#endif
 
 long statm_resident_pages() {
     FILE* f = std::fopen("/proc/self/statm", "r");
@@ -279,8 +286,8 @@ TEST_CASE("100,000 fibers on 1 MiB usermm stacks: RSS is the pages they touched,
                           << " MiB, page table " << pte_pages * ps / MiB << " MiB); kernel mappings " << maps
                           << " (arena " << arena_maps << ", before " << maps_before << ", max "
                           << usermm_test::max_map_count() << "); stack kernel maps " << now.kernel_maps);
-        CHECK(rss >= long(touched_low));
-        CHECK(rss <= long(touched_high + pte_pages + per_stack_heap_pages + 16 * MiB / ps));
+        if (kCheckRss) CHECK(rss >= long(touched_low));
+        if (kCheckRss) CHECK(rss <= long(touched_high + pte_pages + per_stack_heap_pages + 16 * MiB / ps));
         // Far below vm.max_map_count: with guard markers the stacks side by side are a handful of
         // kernel mappings; with PROT_NONE guards (USERMM_STACK_GUARDS=protnone) they would be
         // 200,000, which the budget refuses, so this test runs on markers.
@@ -309,7 +316,7 @@ TEST_CASE("100,000 fibers on 1 MiB usermm stacks: RSS is the pages they touched,
     // The stacks' pages went back to the kernel; what stays is the page-state table (never
     // shrunk) and the heap malloc keeps.
     const std::size_t table_pages = (kFibers * (kStackSize + 64 * KiB) / ps * 2) / ps + 1;
-    CHECK(statm_resident_pages() - rss_before < long(table_pages + 96 * MiB / ps));
+    if (kCheckRss) CHECK(statm_resident_pages() - rss_before < long(table_pages + 96 * MiB / ps));
 }
 
 // --- the PROT_NONE fallback under a small map budget ---------------------------------------------
