@@ -54,6 +54,25 @@ private:
     sigset_t saved_;
 };
 
+// An API call running on a usermm stack (a fiber's) could need a growth fault while it holds an
+// arena's lock, which that fault takes too (behind a waiting writer: a deadlock; the write side: a
+// fatal diagnostic). So the outermost usermm lock a thread takes is preceded by committing what
+// the call may use below its stack pointer, the way Stack::ensure commits (in stack.cpp). Only
+// threads whose stack pointer lies where usermm stacks have been made pay more than a compare.
+void prepare_api_stack();
+class ApiStackPrepared {
+public:
+    ApiStackPrepared() {
+        if (t_depth++ == 0) prepare_api_stack();
+    }
+    ~ApiStackPrepared() { --t_depth; }
+    ApiStackPrepared(const ApiStackPrepared&) = delete;
+    ApiStackPrepared& operator=(const ApiStackPrepared&) = delete;
+
+private:
+    static inline thread_local unsigned t_depth = 0;
+};
+
 // Holds one of usermm's locks with the asynchronous signals blocked.
 template <typename Guard>
 class ApiGuard {
@@ -63,7 +82,8 @@ public:
     ApiGuard& operator=(const ApiGuard&) = delete;
 
 private:
-    AsyncSignalsBlocked blocked_;  // declared first: restored after the lock is released
+    ApiStackPrepared stack_;       // before anything is held
+    AsyncSignalsBlocked blocked_;  // restored after the lock is released
     Guard guard_;
 };
 
@@ -72,20 +92,9 @@ void init_process();
 // A random identity for an arena's snapshot chain (getrandom), in image.cpp.
 std::array<std::uint64_t, 2> new_arena_identity();
 
-// An API call on a thread whose stack lies in the arena (a usermm stack) could need a growth fault
-// while it holds the arena's lock, which that fault takes too (behind a waiting writer: a
-// deadlock). So the stack is committed first, far enough below the stack pointer for any call, the
-// way Stack::ensure commits (in stack.cpp). A thread whose stack is elsewhere pays one comparison.
-void commit_api_stack(ArenaCore& a);
-inline void probe_own_stack(ArenaCore& a) {
-    const auto sp = reinterpret_cast<std::uintptr_t>(__builtin_frame_address(0));
-    if (sp >= a.base && sp < a.end) commit_api_stack(a);
-}
-
 // The arena behind an Arena object: a moved-from one has none, and every call on it says so.
 inline ArenaCore& live_arena(const std::unique_ptr<ArenaCore>& core, const char* call) {
     if (!core) fail(EINVAL, "{}: the arena was moved from", call);
-    probe_own_stack(*core);
     return *core;
 }
 

@@ -191,6 +191,32 @@ void arm_write_tracking(ArenaCore& a, const char* call, Range r) {
     }
 }
 
+// Stack VMAs are never write-tracked: the thread running on a stack may be inside an API call
+// that holds the arena's write lock, where a fault on its own stack cannot be resolved (a snapshot
+// taken from a fiber write-protects the very frames it runs on). A snapshot copies their
+// committed pages at once instead, and every snapshot and collection counts those pages as
+// changed, since their writes are not seen.
+template <typename Fn>
+void for_each_stack_part(ArenaCore& a, Range r, Fn fn) {
+    for (auto it = a.tree.upper_bound(r.start); it != a.tree.end() && it->start < r.end; ++it)
+        if (it->stack) fn(Range{std::max(it->start, r.start), std::min(it->end, r.end)});
+}
+
+void arm_write_tracking_but_stacks(ArenaCore& a, const char* call, Range r) {
+    if (!a.stack_count) return arm_write_tracking(a, call, r);
+    std::uintptr_t at = r.start;
+    for_each_stack_part(a, r, [&](Range part) {
+        if (part.start > at) arm_write_tracking(a, call, {at, part.start});
+        at = part.end;
+    });
+    if (at < r.end) arm_write_tracking(a, call, {at, r.end});
+}
+
+bool in_stack(const ArenaCore& a, std::size_t page) {
+    const Vma* v = find_vma(const_cast<ArenaCore&>(a), a.page_addr(page));
+    return v && v->stack && v->start <= a.page_addr(page);
+}
+
 void check_live(const SnapshotCore* s, const char* call) {
     if (!s) fail(EINVAL, "{}: the snapshot was moved from", call);
 }
@@ -299,7 +325,9 @@ Snapshot Arena::take_snapshot(void* addr, std::size_t length, bool whole) {
         snap->vmas.push_back(v);
     }
     // The anonymous VMAs' pages (between VMAs nothing is writable).
-    for (const SnapshotCore::VmaRecord& v : snap->vmas) arm_write_tracking(a, call, {v.start, v.end});
+    for (const SnapshotCore::VmaRecord& v : snap->vmas) arm_write_tracking_but_stacks(a, call, {v.start, v.end});
+    bool stacks = false;
+    if (a.stack_count) for_each_stack_part(a, r, [&](Range) { stacks = true; });
     constexpr std::size_t kGroup = ArenaCore::kGroupPages;
     const std::size_t end_group = (snap->last + kGroup - 1) / kGroup;
     for (std::size_t i = snap->first; i < snap->last;) {
@@ -308,20 +336,27 @@ Snapshot Arena::take_snapshot(void* addr, std::size_t length, bool whole) {
             i = std::min(snap->last, next_changed_group(a, group + 1, end_group) * kGroup);
             continue;
         }
+        bool untracked = false;  // a stack's committed page, which stays changed
         for (; i < group_end; ++i) {
             const pte_t v = a.pte[i].load(kRelaxed);
             if (!(v & kPteDirtySnapshot) || (v & kPteFile)) continue;
             record.mark(i);
+            if (stacks && (v & kPtePopulated) && in_stack(a, i)) {
+                untracked = true;
+                continue;
+            }
             a.pte[i].store(pte_t(v & ~kPteDirtySnapshot), kRelaxed);
         }
         // Armed and recorded: the group has nothing new until a page of it changes again. A group
         // the range covers only in part keeps its mark for the pages outside.
-        if (group * kGroup >= snap->first && (group + 1) * kGroup <= snap->last) a.clear_group(group);
+        if (!untracked && group * kGroup >= snap->first && (group + 1) * kGroup <= snap->last) a.clear_group(group);
     }
     snap->arena = &a;
     snap->sequence = record.sequence = ++a.snapshot_sequence;
     a.history.push_back(std::move(record));
     a.snapshots[a.snapshot_count++] = snap.get();
+    // The stacks' content now (see arm_write_tracking_but_stacks).
+    if (stacks) for_each_stack_part(a, r, [&](Range part) { preserve_range(a, call, part); });
     return Snapshot(std::move(snap));
 }
 
@@ -590,7 +625,9 @@ DirtySet Arena::collect_dirty(void* addr, std::size_t length) {
                 const pte_t v = a.pte[i].load(kRelaxed);
                 if (!(v & kPteDirtyCollect)) continue;
                 if ((v & kPtePopulated) && ((v & kPteSwapped) || (held[i - g] & 1))) dirty.push_back(i);
-                a.pte[i].store(pte_t(v & ~kPteDirtyCollect), kRelaxed);
+                // A stack's page is not write-tracked: it counts as written at every collection.
+                if (!(a.stack_count && (v & kPtePopulated) && in_stack(a, i)))
+                    a.pte[i].store(pte_t(v & ~kPteDirtyCollect), kRelaxed);
             }
             g = next;
         }
@@ -605,7 +642,7 @@ DirtySet Arena::collect_dirty(void* addr, std::size_t length) {
     dirty.erase(std::unique(dirty.begin(), dirty.end()), dirty.end());
     a.discarded = std::move(kept);
     a.collect_armed = true;
-    arm_write_tracking(a, call, r);
+    arm_write_tracking_but_stacks(a, call, r);
     out.pages.reserve(dirty.size());
     for (std::size_t i : dirty) out.pages.push_back(ptr_of(a.page_addr(i)));
     account_dirty_collected(a, out.pages.size());

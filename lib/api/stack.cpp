@@ -87,22 +87,35 @@ std::uintptr_t current_sp() { return addr_of(__builtin_frame_address(0)); }
 
 }  // namespace
 
-void detail::commit_api_stack(ArenaCore& a) {
+namespace {
+// Where usermm stacks have ever been made: a thread whose stack pointer lies outside needs nothing.
+std::atomic<std::uintptr_t> g_stacks_low{~std::uintptr_t(0)};
+std::atomic<std::uintptr_t> g_stacks_high{0};
+}  // namespace
+
+void detail::prepare_api_stack() {
     constexpr std::uintptr_t kApiStackDepth = 32 << 10;
-    // What this function needs itself, touched now, without a lock: a growth fault here is an
+    const std::uintptr_t here = addr_of(__builtin_frame_address(0));
+    if (here < g_stacks_low.load(kRelaxed) || here >= g_stacks_high.load(kRelaxed)) return;
+    // What this function needs itself, touched now, with no lock held: a growth fault here is an
     // ordinary one (and a stack with less than this left overflows, as the call would).
     constexpr std::size_t kOwnDepth = 4096;
     volatile char own[kOwnDepth];
     own[0] = 0;
     const std::uintptr_t sp = addr_of(const_cast<char*>(&own[0]));
-    ApiGuard<SharedGuard<RwSpinLock>> lock(a.lock);
-    Vma* v = find_vma(a, sp);
-    if (!v || v->start > sp || !v->stack) return;
-    StackCore& s = *v->stack;
-    const std::uintptr_t low = sp - std::min(sp - s.floor, kApiStackDepth);
-    if (low >= s.committed_low.load(std::memory_order_acquire)) return;
-    std::uint32_t pages = 0, copies = 0;
-    stack_commit(a, s, low, &pages, &copies);  // if the kernel refuses, a growth fault will try again
+    AsyncSignalsBlocked blocked;
+    bool self = false;
+    ArenaCore* a = find_arena_lock_shared(sp, &self);
+    if (!a || self) return;  // self: this thread holds the lock already (a fork handler); not taken
+    if (Vma* v = find_vma(*a, sp); v && v->start <= sp && v->stack) {
+        StackCore& s = *v->stack;
+        const std::uintptr_t low = sp - std::min(sp - s.floor, kApiStackDepth);
+        std::uint32_t pages = 0, copies = 0;
+        // If the kernel refuses, a growth fault will try again.
+        if (low < s.committed_low.load(std::memory_order_acquire) && stack_commit(*a, s, low, &pages, &copies) == 0)
+            account_stack_grown(*a, *v, pages);
+    }
+    a->lock.unlock_shared();
 }
 
 namespace {
@@ -118,6 +131,7 @@ void destroy_stack(ArenaCore& a, StackCore* s, const char* call) {
     a.tree.erase(a.tree.iterator_to(*v));
     vma_free(v);
     a.last_hit.store(nullptr, kRelaxed);
+    --a.stack_count;
     g_stack_gauges.live.fetch_sub(1, kRelaxed);
     g_stack_gauges.committed_pages.fetch_sub(committed, kRelaxed);
     if (!markers) g_stack_gauges.kernel_maps.fetch_sub(2, kRelaxed);
@@ -142,15 +156,6 @@ void shrink_stack(ArenaCore& a, StackCore& s, std::size_t keep_pages, const char
             if (const int err = page_guard_install(grown.start, grown.end - grown.start))
                 fail(err, "{}: MADV_GUARD_INSTALL on [{:#x}, {:#x}) of stack '{}' failed", call, grown.start,
                      grown.end, s.name);
-            // Pages evicted, or write-tracked by the mprotect engine, have less than Read+Write in the
-            // kernel: a guard page has the VMA's protection under its marker.
-            const bool all_rw = std::all_of(a.pte + first, a.pte + last, [](const Pte& p) {
-                return pte_to_prot(p.load(std::memory_order_relaxed)) == Prot::ReadWrite;
-            });
-            if (!all_rw)
-                if (const int err = protect_run(a, first, last, Prot::ReadWrite))
-                    fail(err, "{}: mprotect of [{:#x}, {:#x}) of stack '{}' to rw failed", call, grown.start,
-                         grown.end, s.name);
         } else {
             if (const int err = protect_run(a, first, last, Prot::None))
                 fail(err, "{}: mprotect of [{:#x}, {:#x}) of stack '{}' to none failed", call, grown.start, grown.end,
@@ -192,6 +197,11 @@ Stack Arena::map_stack(std::size_t size, const StackOptions& options) {
     const std::size_t len = round_up_length(call, size, 0, "size");
     const std::size_t guard = std::max(g_page_size, round_pages(options.guard));
     const std::size_t headroom = std::min(len, std::max(g_page_size, round_pages(options.headroom)));
+    // A stack's pages are never evicted, write-tracked or made inaccessible: the thread on it may
+    // be inside a usermm call that holds the arena's lock, where its own faults cannot be resolved.
+    if (a.swap)
+        fail(ENOTSUP, "{}: the arena has a store (a resident limit), whose reclaimer would evict pages a thread runs on; "
+             "make stacks in an arena without one", call);
     if (len > a.end - a.base || guard > a.end - a.base - len)
         fail(ENOMEM, "{}: size {:#x} with its guard of {:#x} exceeds the arena's size {:#x}", call, size, guard,
              a.end - a.base);
@@ -245,8 +255,11 @@ Stack Arena::map_stack(std::size_t size, const StackOptions& options) {
     core->deepest.store(end, kRelaxed);
     vma->stack = core.get();
     insert_vma(a, vma.release(), start, guard + len);
+    ++a.stack_count;
     g_stack_gauges.live.fetch_add(1, kRelaxed);
     g_stack_gauges.committed_pages.fetch_add(std::int64_t(last - mid), kRelaxed);
+    for (std::uintptr_t lo = g_stacks_low.load(kRelaxed); start < lo && !g_stacks_low.compare_exchange_weak(lo, start);) {}
+    for (std::uintptr_t hi = g_stacks_high.load(kRelaxed); end > hi && !g_stacks_high.compare_exchange_weak(hi, end);) {}
     if (!core->markers) g_stack_gauges.kernel_maps.fetch_add(2, kRelaxed);
     return Stack(&a, core.release(), nullptr);
 }
@@ -346,7 +359,6 @@ void Stack::reset() noexcept {
         return;
     }
     try {
-        probe_own_stack(*arena_);
         ApiGuard<std::lock_guard<RwSpinLock>> lock(arena_->lock);
         destroy_stack(*arena_, s, "usermm::Stack::~Stack");
     } catch (const std::exception& e) {
@@ -398,12 +410,12 @@ void Stack::ensure(std::size_t bytes) {
     if (bytes > from - s.floor)
         fail(ENOMEM, "{}: {:#x} bytes below {:#x} reach past the bottom {:#x} of stack '{}'", call, bytes, from, s.floor,
              s.name);
-    probe_own_stack(*arena_);
     std::uint32_t pages = 0, copies = 0;
     int err;
     {
         ApiGuard<SharedGuard<RwSpinLock>> lock(arena_->lock);
         err = stack_commit(*arena_, s, from - bytes, &pages, &copies);
+        if (!err) account_stack_grown(*arena_, *find_vma(*arena_, s.start), pages);
     }
     if (err) fail(err, "{}: committing stack '{}' down to {:#x} failed", call, s.name, from - bytes);
 }
@@ -474,7 +486,6 @@ StackPool::~StackPool() {
     }
     if (idle.empty()) return;
     ArenaCore& a = *state_->arena;
-    probe_own_stack(a);
     ApiGuard<std::lock_guard<RwSpinLock>> lock(a.lock);
     for (const State::Idle& i : idle) destroy_stack(a, i.stack, "usermm::StackPool::~StackPool");
 }
@@ -553,7 +564,6 @@ void StackPool::give_back(StackCore* s) noexcept {
                 s = nullptr;
             }
         }
-        probe_own_stack(a);
         if (s) {  // not kept
             ApiGuard<std::lock_guard<RwSpinLock>> lock(a.lock);
             destroy_stack(a, s, call);

@@ -159,6 +159,7 @@ struct ArenaCore {
     std::uint64_t snapshot_sequence = 0;
     std::atomic<bool> restoring{false};
     bool collect_armed = false;  // collect_dirty() has been used: write tracking matters to it
+    std::size_t stack_count = 0;  // stack VMAs (map_stack)
     std::vector<ChangeRecord> history;
     std::vector<std::pair<std::size_t, std::size_t>> discarded;  // page ranges, since collect_dirty
 

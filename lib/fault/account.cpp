@@ -109,6 +109,10 @@ void account_prefault(ArenaCore& arena, Vma& vma, std::uint64_t pages) {
     add(&arena, &vma, &Counters::prefault_pages, pages);
 }
 
+void account_stack_grown(ArenaCore& arena, Vma& vma, std::uint64_t pages) {
+    add(&arena, &vma, &Counters::stack_pages_grown, pages);
+}
+
 void account_file_read(ArenaCore& arena, Vma& vma, std::uint64_t pages, std::uint64_t bytes) {
     add(&arena, &vma, &Counters::file_pages_read, pages);
     add(&arena, &vma, &Counters::file_bytes_read, bytes);

@@ -20,6 +20,8 @@ void account_fault(const vm_fault& vmf, FaultResult result);
 // prefault (all of them read ahead of any fault); read-ahead pages dropped unmapped (vma and arena
 // may be null when the cache outlived the VMA or arena that read them); one write-back of a VMA's dirty pages.
 void account_prefault(ArenaCore& arena, Vma& vma, std::uint64_t pages);
+// Stack pages committed outside a fault (Stack::ensure, an API call on a usermm stack).
+void account_stack_grown(ArenaCore& arena, Vma& vma, std::uint64_t pages);
 void account_file_read(ArenaCore& arena, Vma& vma, std::uint64_t pages, std::uint64_t bytes);
 void account_readahead_wasted(ArenaCore* arena, Vma* vma, std::uint64_t pages);
 void account_writeback(ArenaCore& arena, Vma& vma, std::uint64_t pages, std::uint64_t bytes, bool failed);

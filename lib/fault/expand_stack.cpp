@@ -68,7 +68,7 @@ void fill_overflow(const vm_fault& vmf, const StackCore& s) {
 }  // namespace
 
 // Locks the guard pages of [low, committed_low) (nobody else locks guard pages but a grower of
-// the same stack, which holds `growing`), makes the kernel grant them, and publishes them
+// the same stack, which holds `growing`: no reclaimer runs in an arena with stacks), makes the kernel grant them, and publishes them
 // populated with the VMA's Read+Write. Pages that gain write access give live snapshots their old
 // content first (none: a guard page reads as zeros).
 int stack_commit(ArenaCore& arena, StackCore& s, std::uintptr_t low, std::uint32_t* pages, std::uint32_t* copies) {
@@ -179,7 +179,7 @@ FaultResult thread_overflow(vm_fault& vmf, StackOverflow::Where where, std::uint
     o.sp = reinterpret_cast<const void*>(vmf.sp);
     o.low = reinterpret_cast<const void*>(low);
     o.high = reinterpret_cast<const void*>(high);
-    o.peak = high - std::min(high, low);
+    o.peak = 0;  // not known for thread stacks
     static constexpr char kMain[] = "main thread", kThread[] = "thread", kSignal[] = "alternate signal stack";
     if (where == StackOverflow::Where::MainThread)
         std::memcpy(o.name_buf, kMain, sizeof kMain);
@@ -212,7 +212,9 @@ FaultResult classify_thread_overflow(vm_fault& vmf) {
     const std::uintptr_t a = vmf.address, sp = vmf.sp;
     const std::uintptr_t main_end = g_main_stack_end.load(kRelaxed);
     if (query_covering_or_next(fd, a, &v)) {
-        if (v.end == main_end && a < v.start && sp >= a && sp < main_end && sp - a <= kStackPointerReach)
+        // The overflowing access is a push below the stack pointer, or a store into a frame just
+        // allocated above it (sub rsp first): both with the stack pointer below the stack's end.
+        if (v.end == main_end && a < v.start && sp < main_end && a + kStackPointerReach >= sp)
             r = thread_overflow(vmf, StackOverflow::Where::MainThread, g_main_stack_limit.load(kRelaxed), main_end);
         else if (v.start <= a && !(v.flags & (kQueryReadable | kQueryWritable | kQueryExecutable)) &&
                  query_covering_or_next(fd, v.end, &w) && w.start == v.end && (w.flags & kQueryWritable) &&

@@ -789,11 +789,16 @@ FaultResult handle_pte_fault(vm_fault& vmf) {
             spin_backoff(spins);
             continue;
         }
+        // A stack's guard page has the VMA's protection in the kernel (its marker is what faults):
+        // it is expand_stack's, whatever the protection says (an access not decoded counts as a
+        // write), and expand_stack locks for itself.
+        if (cur & kPteGuard) {
+            if (!decoded) vmf.access = Access::Write;
+            if (!allows(vmf.vma->prot, needed(vmf.access))) return FaultResult::AccessError;
+            return expand_stack(vmf);
+        }
         if (!decoded) vmf.access = infer_access(cur, vmf.vma->prot);
         if (!allows(vmf.vma->prot, needed(vmf.access))) return FaultResult::AccessError;
-        // A stack's guard page has the VMA's protection in the kernel (its marker is what faults):
-        // it is expand_stack's, whatever the protection says, and expand_stack locks for itself.
-        if (cur & kPteGuard) return expand_stack(vmf);
         if (allows(pte_to_prot(cur), needed(vmf.access))) return FaultResult::Spurious;
         if (!pte.compare_exchange_weak(cur, cur | kPteLocked, kAcquire, kRelaxed)) continue;
         switch (vmf.vma->kind()) {
