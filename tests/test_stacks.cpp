@@ -14,6 +14,7 @@
 
 #include <doctest/doctest.h>
 #include <usermm/boost_context.hpp>
+#include <usermm/store.hpp>
 #include <usermm/usermm.hpp>
 
 #include <fcntl.h>
@@ -26,160 +27,13 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "test_util.hpp"
 
-// ---- shared with test_stacks_scale.cpp (the same block; each test is one file) ----
-// Helpers for the stack tests (test_stacks, test_stacks_scale): a ucontext fiber that runs on a
-// usermm stack (annotated for ThreadSanitizer, whose shadow call stack must follow the switches),
-// recursion to a depth measured by addresses, endless recursion, and an overflow handler that
-// records what it was told and leaves by siglongjmp.
-
-#include <setjmp.h>
-#include <signal.h>
-#include <ucontext.h>
-
-#include <cstddef>
-#include <cstdint>
-#include <cstdlib>
-#include <functional>
-#include <utility>
-
-#include <usermm/usermm.hpp>
-
-#if defined(__SANITIZE_THREAD__)
-extern "C" {
-void* __tsan_get_current_fiber(void);
-void* __tsan_create_fiber(unsigned flags);
-void __tsan_destroy_fiber(void* fiber);
-void __tsan_switch_to_fiber(void* fiber, unsigned flags);
-}
-#endif
-
-namespace stack_test {
-
-inline std::uintptr_t addr(const void* p) { return reinterpret_cast<std::uintptr_t>(p); }
-
-// The current stack pointer, near enough: the address of this frame.
-__attribute__((noinline)) inline std::uintptr_t current_sp() {
-    volatile char here = 0;
-    return addr(const_cast<char*>(&here));
-}
-
-// A context of its own on [bottom, bottom + size), switched to and from with swapcontext.
-class Fiber {
-public:
-    Fiber(void* bottom, std::size_t size, std::function<void()> body) : body_(std::move(body)) {
-        if (getcontext(&ctx_) != 0) std::abort();
-        ctx_.uc_stack.ss_sp = bottom;
-        ctx_.uc_stack.ss_size = size;
-        ctx_.uc_link = nullptr;
-        const auto self = reinterpret_cast<std::uintptr_t>(this);
-        makecontext(&ctx_, reinterpret_cast<void (*)()>(&Fiber::trampoline), 2, unsigned(self >> 32),
-                    unsigned(self & 0xffffffffu));
-#if defined(__SANITIZE_THREAD__)
-        tsan_fiber_ = __tsan_create_fiber(0);
-#endif
-    }
-    explicit Fiber(usermm::Stack& s, std::function<void()> body) : Fiber(s.bottom(), s.size(), std::move(body)) {}
-    ~Fiber() {
-#if defined(__SANITIZE_THREAD__)
-        __tsan_destroy_fiber(tsan_fiber_);
-#endif
-    }
-    Fiber(const Fiber&) = delete;
-    Fiber& operator=(const Fiber&) = delete;
-
-    // Runs the fiber until it yields or ends.
-    void resume() {
-#if defined(__SANITIZE_THREAD__)
-        tsan_caller_ = __tsan_get_current_fiber();
-        __tsan_switch_to_fiber(tsan_fiber_, 0);
-#endif
-        if (swapcontext(&caller_, &ctx_) != 0) std::abort();
-    }
-    // From inside the fiber: back to whoever resumed it.
-    void yield() {
-#if defined(__SANITIZE_THREAD__)
-        __tsan_switch_to_fiber(tsan_caller_, 0);
-#endif
-        if (swapcontext(&ctx_, &caller_) != 0) std::abort();
-    }
-    bool done() const { return done_; }
-    // For an overflow handler that leaves the fiber by siglongjmp: ThreadSanitizer is told first.
-    void left_by_jump() {
-#if defined(__SANITIZE_THREAD__)
-        __tsan_switch_to_fiber(tsan_caller_, 0);
-#endif
-    }
-    // Runs to the end.
-    void run() {
-        while (!done_) resume();
-    }
-
-private:
-    static void trampoline(unsigned hi, unsigned lo) {
-        auto* f = reinterpret_cast<Fiber*>((std::uintptr_t(hi) << 32) | lo);
-        f->body_();
-        f->done_ = true;
-        f->yield();
-        std::abort();  // never resumed after its end
-    }
-    ucontext_t ctx_{};
-    ucontext_t caller_{};
-    std::function<void()> body_;
-    bool done_ = false;
-    [[maybe_unused]] void* tsan_fiber_ = nullptr;
-    [[maybe_unused]] void* tsan_caller_ = nullptr;
-};
-
-inline volatile int g_never = 0;  // never set: keeps the recursions below from being proved endless
-
-// Recurses until a frame lies at or below `limit`, calls at_bottom(arg) there, and returns.
-__attribute__((noinline)) inline std::size_t dive(std::uintptr_t limit, void (*at_bottom)(void*), void* arg) {
-    volatile char buf[900];
-    buf[0] = 1;
-    buf[899] = 2;
-    if (addr(const_cast<char*>(&buf[0])) > limit) return dive(limit, at_bottom, arg) + buf[0];
-    if (at_bottom) at_bottom(arg);
-    return buf[899];
-}
-
-// Recurses without end (a frame of ~300 bytes each, every one touched).
-__attribute__((noinline)) inline int forever(int n) {
-    volatile char buf[256];
-    buf[n & 255] = char(n);
-    if (g_never) return n;
-    return forever(n + 1) + buf[(n * 7) & 255];
-}
-
-// What the last overflow handler call saw, and where to jump.
-struct OverflowRecord {
-    usermm::StackOverflow seen{};
-    volatile int calls = 0;
-    volatile bool on_alt_stack = false;
-    std::uintptr_t handler_frame = 0;
-};
-inline OverflowRecord g_overflow;
-inline thread_local sigjmp_buf* t_leave_to = nullptr;
-inline thread_local Fiber* t_fiber = nullptr;  // the fiber an overflow leaves, for ThreadSanitizer
-
-inline void record_and_leave(const usermm::StackOverflow& o) {
-    g_overflow.seen = o;
-    g_overflow.calls = g_overflow.calls + 1;
-    stack_t ss{};
-    sigaltstack(nullptr, &ss);
-    g_overflow.on_alt_stack = (ss.ss_flags & SS_ONSTACK) != 0;
-    volatile char here = 0;
-    g_overflow.handler_frame = addr(const_cast<char*>(&here));
-    if (t_fiber) t_fiber->left_by_jump();
-    if (t_leave_to) siglongjmp(*t_leave_to, 1);
-}
-
-}  // namespace stack_test
-// ---- end of the shared block ----
+#include "stack_test_util.hpp"
 
 namespace {
 
@@ -1057,4 +911,116 @@ TEST_CASE("a snapshot of an arena with a stack reads the stack's old content whi
     f.resume();
     CHECK(f.done());
     arena.verify();
+}
+
+// --- 12. usermm calls made on a usermm stack ------------------------------------------------------
+
+// A fiber's own stack is never write-protected: a snapshot taken from the fiber copies its
+// committed pages at once, and the fiber goes on writing them (under the snapshot's write lock too).
+TEST_CASE("a fiber takes a snapshot of its own arena, and the snapshot holds its stack as it was") {
+    Arena arena(1ull << 30);
+    Stack s = arena.map_stack(1 << 20, {.name = "snapshotter"});
+    void* heap = arena.map(64 * KiB, Prot::ReadWrite);
+    std::memset(heap, 'h', 64 * KiB);
+    char* local = nullptr;
+    std::optional<usermm::Snapshot> snap;
+    Fiber f(s, [&] {
+        char buf[8192];
+        std::memset(buf, 'x', sizeof buf);
+        local = buf;
+        snap.emplace(arena.snapshot());
+        std::memset(buf, 'y', sizeof buf);  // after the snapshot: the snapshot keeps 'x'
+        void* more = arena.map(64 * KiB, Prot::ReadWrite);
+        usermm_test::write_byte(more, 1);
+        arena.unmap(more, 64 * KiB);
+        usermm::Snapshot second = arena.snapshot();  // and again, with the first live
+        buf[0] = 'z';
+        f.yield();
+    });
+    f.resume();
+    REQUIRE(snap);
+    std::vector<char> old(8192);
+    snap->read(local, old.data(), old.size());
+    CHECK(std::all_of(old.begin(), old.end(), [](char c) { return c == 'x'; }));
+    CHECK(local[0] == 'z');
+    CHECK(local[1] == 'y');
+    arena.verify();
+    f.run();
+}
+
+// A stack page is not write-tracked, so collect_dirty reports it at every collection that finds it
+// in memory: nothing written is missed.
+TEST_CASE("collect_dirty reports a stack's pages written after the collection") {
+    Arena arena(1ull << 30);
+    Stack s = arena.map_stack(256 * KiB);
+    char* page_top = static_cast<char*>(s.top()) - page();
+    page_top[0] = 1;
+    (void)arena.collect_dirty(s.bottom(), s.size());
+    page_top[0] = 2;
+    const usermm::DirtySet dirty = arena.collect_dirty(s.bottom(), s.size());
+    CHECK(dirty.contains(page_top));
+    arena.verify();
+}
+
+// A usermm call on a fiber commits what it may need below the stack pointer first, stopping at
+// the stack's floor: on a small stack, and on a stack with a tiny headroom calling another arena.
+TEST_CASE("usermm calls from a fiber on a 16 KiB stack, and on a stack of another arena, do not fault under a lock") {
+    Arena arena(1ull << 30), other(1ull << 30);
+    Stack small = arena.map_stack(16 * KiB, {.name = "small"});
+    Fiber f(small, [&] {
+        const usermm::Stats st = arena.stats();
+        CHECK(st.version == usermm::kStatsVersion);
+        void* p = arena.map(page(), Prot::ReadWrite);
+        arena.unmap(p, page());
+    });
+    f.run();
+    Stack tight = arena.map_stack(1 << 20, {.name = "tight", .headroom = 4 * KiB});
+    Fiber g(tight, [&] {
+        // Down to where the committed part ends, then into the other arena's calls.
+        dive(addr(tight.top()) - 200 * KiB, [](void* o) {
+            auto& other_arena = *static_cast<Arena*>(o);
+            void* p = other_arena.map(page(), Prot::ReadWrite);
+            other_arena.protect(p, page(), Prot::Read);
+            other_arena.unmap(p, page());
+            other_arena.verify();
+        }, &other);
+    });
+    g.run();
+    arena.verify();
+}
+
+TEST_CASE("map_stack refuses an arena with a store (ENOTSUP): its reclaimer would evict pages a thread runs on") {
+    char dir[] = "/tmp/usermm-stack-store-XXXXXX";
+    REQUIRE(mkdtemp(dir));
+    const std::string path = std::string(dir) + "/swap";
+    {
+        usermm::SwapFile store(path, 64ull << 20);
+        Arena arena(1ull << 30, {.resident_limit = 16ull << 20, .store = &store});
+        try {
+            (void)arena.map_stack(1 << 20);
+            FAIL("map_stack in an arena with a store did not throw");
+        } catch (const usermm::Error& e) {
+            CHECK(e.code().value() == ENOTSUP);
+            CHECK(std::string(e.what()).find("usermm::Arena::map_stack") != std::string::npos);
+        }
+    }
+    unlink(path.c_str());
+    rmdir(dir);
+}
+
+// The overflow handler runs on the alternate signal stack: one that overflows that stack is an
+// emergency, one line and death, never a loop.
+TEST_CASE("an overflow handler that overflows the alternate signal stack dies with one line" *
+          doctest::skip(kTsan)) {
+    const usermm_test::ChildEnd end = usermm_test::run_in_child([] {
+        Arena arena(1ull << 30);
+        usermm::on_stack_overflow([](const StackOverflow&) { forever(0); });
+        Stack s = arena.map_stack(256 * KiB, {.name = "doomed"});
+        Fiber f(s, [] { forever(0); });
+        f.resume();
+        _exit(3);  // never: the process dies in the handler
+    }, 60);
+    CHECK(end.signal == SIGSEGV);
+    CHECK(end.err.find("alternate signal stack overflowed") != std::string::npos);
+    CHECK(std::count(end.err.begin(), end.err.end(), '\n') == 1);
 }
