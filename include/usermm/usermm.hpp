@@ -590,10 +590,12 @@ struct StackPoolOptions {
 
 class StackPoolAllocator;  // Boost.Context's StackAllocator: <usermm/boost_context.hpp>
 
-// Stacks recycled: acquire() hands out an idle stack without an mmap or mprotect, guards in place;
-// a stack given back (its Stack destroyed) is shrunk to keep_resident_pages (MADV_DONTNEED; a stack
-// that grew gets its guard markers back, dropping the grown pages) and kept. Thread-safe. The pool
-// must outlive the stacks it hands out, and its arena the pool.
+// Stacks recycled: acquire() hands out the idle stack given back last, guards in place, without a
+// system call. A stack given back (its Stack destroyed) that grew gets its guard markers back at
+// once, dropping the grown pages; one that did not grow is kept as it is, and once 128 such wait,
+// the oldest 64 are shrunk to keep_resident_pages together (one MADV_DONTNEED call for all; guard
+// markers survive it). Thread-safe. The pool must outlive the stacks it hands out, and its arena
+// the pool.
 class USERMM_API StackPool {
 public:
     explicit StackPool(Arena& arena, const StackPoolOptions& options = {});
