@@ -83,12 +83,22 @@ struct SnapshotCore {
 // Whether a page's bytes are all zeros: a snapshot records such a page as zero rather than copy it.
 // It reads arena pages that writers may write as soon as their protection is lifted: the kernel
 // orders the two, which ThreadSanitizer cannot see. Left uninstrumented, it also gives no shadow
-// memory to every page it checks (a prefault of gigabytes would need gigabytes of it).
-__attribute__((no_sanitize("thread"))) inline bool all_zeros(const std::byte* page) {
+// memory to every page it checks (a prefault of gigabytes would need gigabytes of it). A stack's
+// page holds AddressSanitizer's poisoned redzones, which a snapshot copies as they are.
+__attribute__((no_sanitize("thread", "address"))) inline bool all_zeros(const std::byte* page) {
     const auto* words = reinterpret_cast<const std::uint64_t*>(page);
     for (std::size_t k = 0; k < g_page_size / sizeof *words; ++k)
         if (words[k]) return false;
     return true;
+}
+
+// Copies an arena page, for the same reasons uninstrumented; a loop the compiler may not turn into
+// a call of memcpy, which the sanitizers intercept.
+__attribute__((no_sanitize("thread", "address"), optimize("no-tree-loop-distribute-patterns"))) inline void
+copy_arena_page(std::byte* dst, const std::byte* page) {
+    auto* to = reinterpret_cast<std::uint64_t*>(dst);
+    const auto* from = reinterpret_cast<const std::uint64_t*>(page);
+    for (std::size_t k = 0; k < g_page_size / sizeof *to; ++k) to[k] = from[k];
 }
 
 // The state of a page's slot once nobody holds it: a reader copying the page out of the arena holds

@@ -24,7 +24,7 @@ int copy_page(ArenaCore& arena, std::size_t page, pte_t pte, std::byte* dst) {
         return io.error;
     }
     if (allows(pte_to_prot(pte), Prot::Read)) {
-        std::memcpy(dst, reinterpret_cast<const void*>(addr), g_page_size);
+        copy_arena_page(dst, reinterpret_cast<const std::byte*>(addr));
         return 0;
     }
     return page_read_raw(addr, dst, g_page_size);
