@@ -653,8 +653,8 @@ USERMM_API StackOverflowHandler on_stack_overflow(StackOverflowHandler handler);
 // Overflows of the main thread's stack and of pthread stacks (each thread's guard page) are
 // classified and reported too, with the stack pointer from the signal context and the kernel's
 // mappings (PROCMAP_QUERY), for every thread; each thread needs an alternate signal stack for it:
-// the calling thread gets one, threads created after this call get one at creation (usermm
-// wraps pthread_create). Idempotent.
+// the calling thread gets one, threads created after this call (or after the first map_stack)
+// get one at creation (usermm wraps pthread_create). Idempotent.
 USERMM_API void watch_thread_stacks();
 // Gives the calling thread an alternate signal stack of max(SIGSTKSZ, AT_MINSIGSTKSZ, 64 KiB,
 // signal_stack_size()) bytes with a guard below it, freed at thread exit, unless it has one at

@@ -256,6 +256,7 @@ Stack Arena::map_stack(std::size_t size, const StackOptions& options) {
     vma->stack = core.get();
     insert_vma(a, vma.release(), start, guard + len);
     ++a.stack_count;
+    g_stacks_made.store(true, std::memory_order_release);
     g_stack_gauges.live.fetch_add(1, kRelaxed);
     g_stack_gauges.committed_pages.fetch_add(std::int64_t(last - mid), kRelaxed);
     for (std::uintptr_t lo = g_stacks_low.load(kRelaxed); start < lo && !g_stacks_low.compare_exchange_weak(lo, start);) {}
@@ -704,9 +705,10 @@ StackStats stack_stats() {
 
 }  // namespace usermm
 
-// Threads created once thread stacks are watched start on a trampoline that gives them an
-// alternate signal stack first: without one, the kernel cannot deliver the SIGSEGV of an overflow
-// and kills the process. The program's pthread_create resolves here (the library precedes libc);
+// Threads created once thread stacks are watched, or once a usermm stack exists (a thread may run
+// fibers on it), start on a trampoline that gives them an alternate signal stack first: without
+// one, the kernel cannot deliver the SIGSEGV of an overflow or a growth fault, and kills the
+// process. The program's pthread_create resolves here (the library precedes libc);
 // the real one is the next definition, libc's or a sanitizer's.
 namespace {
 struct ThreadStart {
@@ -730,7 +732,9 @@ using PthreadCreate = int (*)(pthread_t*, const pthread_attr_t*, void* (*)(void*
 
 extern "C" USERMM_API int pthread_create(pthread_t* thread, const pthread_attr_t* attr, void* (*fn)(void*), void* arg) {
     static const auto real = reinterpret_cast<PthreadCreate>(dlsym(RTLD_NEXT, "pthread_create"));
-    if (!usermm::detail::g_watch_threads.load(std::memory_order_acquire)) return real(thread, attr, fn, arg);
+    if (!usermm::detail::g_watch_threads.load(std::memory_order_acquire) &&
+        !usermm::detail::g_stacks_made.load(std::memory_order_acquire))
+        return real(thread, attr, fn, arg);
     auto* start = new (std::nothrow) ThreadStart{fn, arg};
     if (!start) return EAGAIN;
     const int rc = real(thread, attr, watched_thread_start, start);

@@ -25,6 +25,7 @@ int stack_commit(ArenaCore& arena, StackCore& stack, std::uintptr_t low, std::ui
 // The overflow handler (on_stack_overflow), and whether thread stacks are watched.
 inline std::atomic<StackOverflowHandler> g_overflow_handler{nullptr};
 inline std::atomic<bool> g_watch_threads{false};
+inline std::atomic<bool> g_stacks_made{false};  // a usermm stack has existed in this process
 // The main thread's stack ([stack] in /proc/self/maps): its end, and the lowest address it may
 // grow to (RLIMIT_STACK), recorded by watch_thread_stacks.
 inline std::atomic<std::uintptr_t> g_main_stack_end{0};
