@@ -613,16 +613,24 @@ TEST_CASE("a NULL store, a write to a Read VMA and a wild write into a stack's g
 
 // --- 6. no handler ------------------------------------------------------------------------------------
 
-TEST_CASE("without a handler, an overflow writes one line naming the stack and dies by SIGSEGV") {
-    const usermm_test::ChildEnd end = usermm_test::run_in_child(
-        [] {
+namespace {
+// A child whose fiber on stack `name` recurses without end, with `handler` installed (or none).
+usermm_test::ChildEnd overflow_in_child(const char* name, usermm::StackOverflowHandler handler) {
+    return usermm_test::run_in_child(
+        [name, handler] {
+            if (handler) usermm::on_stack_overflow(handler);
             Arena arena(256ull << 20);
-            Stack s = arena.map_stack(256 * KiB, {.name = "noisy-fiber"});
+            Stack s = arena.map_stack(256 * KiB, {.name = name});
             Fiber f(s, [] { forever(0); });
             f.run();
             _exit(0);
         },
         30);
+}
+}  // namespace
+
+TEST_CASE("without a handler, an overflow writes one line naming the stack and dies by SIGSEGV") {
+    const usermm_test::ChildEnd end = overflow_in_child("noisy-fiber", nullptr);
     INFO(end.err);
     CHECK(end.signal == SIGSEGV);
     CHECK(end.err.find("stack overflow") != std::string::npos);
@@ -638,16 +646,7 @@ TEST_CASE("without a handler, an overflow writes one line naming the stack and d
 }
 
 TEST_CASE("a handler that returns leaves the overflow to the default: one line and SIGSEGV") {
-    const usermm_test::ChildEnd end = usermm_test::run_in_child(
-        [] {
-            usermm::on_stack_overflow([](const StackOverflow&) {});
-            Arena arena(256ull << 20);
-            Stack s = arena.map_stack(256 * KiB, {.name = "returning"});
-            Fiber f(s, [] { forever(0); });
-            f.run();
-            _exit(0);
-        },
-        30);
+    const usermm_test::ChildEnd end = overflow_in_child("returning", [](const StackOverflow&) {});
     INFO(end.err);
     CHECK(end.signal == SIGSEGV);
     CHECK(end.err.find("returning") != std::string::npos);
