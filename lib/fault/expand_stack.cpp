@@ -144,6 +144,10 @@ FaultResult expand_stack(vm_fault& vmf) {
         return FaultResult::Fatal;
     }
     if (!pages) return FaultResult::Spurious;
+    // The faulting page is written the moment the fault returns: allocated now, in the same system
+    // call's neighbourhood, it spares the retried write the kernel's own fault (an exception more,
+    // the dearer part on a VM). A failure leaves that to the retried write.
+    if (vmf.access == Access::Write) page_populate(page, g_page_size);
     lower_to(s.deepest, page);
     g_stack_gauges.growth_faults.fetch_add(1, kRelaxed);
     vmf.kind = FaultKind::StackGrow;
