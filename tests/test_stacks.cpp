@@ -17,10 +17,12 @@
 #include <usermm/store.hpp>
 #include <usermm/usermm.hpp>
 
+#include <alloca.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -1020,4 +1022,78 @@ TEST_CASE("an overflow handler that overflows the alternate signal stack dies wi
     CHECK(end.signal == SIGSEGV);
     CHECK(end.err.find("alternate signal stack overflowed") != std::string::npos);
     CHECK(std::count(end.err.begin(), end.err.end(), '\n') == 1);
+}
+
+// --- 13. second review's cases ----------------------------------------------------------------------
+
+// A stack made inside a live snapshot's range: the snapshot reads its pages as zeros, whatever the
+// stack writes later (its pages are never write-tracked).
+TEST_CASE("a snapshot taken before a stack is made reads the stack's pages as zeros") {
+    Arena arena(64ull << 20);
+    usermm::Snapshot snap = arena.snapshot();
+    Stack s = arena.map_stack(1 << 20);
+    char* top_page = static_cast<char*>(s.top()) - page();
+    std::memset(top_page, 0xab, page());
+    unsigned char seen[16] = {};
+    snap.read(top_page, seen, sizeof seen);
+    CHECK(seen[0] == 0);
+    usermm::Snapshot second = arena.snapshot();
+    std::memset(top_page, 0xcd, page());
+    snap.read(top_page, seen, sizeof seen);
+    CHECK(seen[0] == 0);
+    second.read(top_page, seen, sizeof seen);
+    CHECK(seen[0] == 0xab);
+    arena.verify();
+}
+
+namespace {
+struct ForkAt {
+    Stack* stack;
+    std::size_t above;  // bytes between the stack pointer and the committed part's end at fork()
+    int status = -1;
+    Fiber* fiber = nullptr;
+};
+}  // namespace
+
+// fork() from a fiber whose stack pointer is just above the committed part: usermm's fork handlers
+// hold every lock, and commit below the stack pointer before they take them.
+TEST_CASE("fork from a fiber with little committed below its stack pointer: the child lives") {
+    Arena arena(256ull << 20);
+    for (std::size_t above = 0; above < 12 * KiB; above += 768) {
+        Stack s = arena.map_stack(1 << 20, {.headroom = 4 * KiB});
+        ForkAt at{&s, above};
+        Fiber f(s, [&at] {
+            const std::uintptr_t sp = stack_test::current_sp();
+            const std::uintptr_t low = addr(at.stack->top()) - at.stack->committed();
+            // Down to `above` over the committed part's end, with nothing below it touched.
+            if (sp - low > at.above + 1024) {
+                volatile char* p = static_cast<volatile char*>(alloca(sp - low - at.above - 512));
+                p[0] = 1;
+            }
+            const pid_t pid = fork();
+            if (pid == 0) _exit(0);
+            waitpid(pid, &at.status, 0);
+        });
+        f.run();
+        INFO("above " << above);
+        CHECK((WIFEXITED(at.status) && WEXITSTATUS(at.status) == 0));
+    }
+}
+
+// A pooled stack's shrink empties pages below those it keeps: collect_dirty reports them changed.
+TEST_CASE("collect_dirty reports the pages a pool's shrink emptied") {
+    Arena arena(64ull << 20);
+    StackPool pool(arena, {.max_size = 1 << 20, .keep_resident_pages = 2});
+    (void)arena.collect_dirty(arena.base(), arena.size());
+    char* emptied = nullptr;
+    {
+        Stack s = pool.acquire();
+        char* top = static_cast<char*>(s.top());
+        emptied = top - 8 * page();  // in the headroom, below the kept pages
+        std::memset(emptied, 0xab, page());
+        CHECK(arena.collect_dirty(arena.base(), arena.size()).contains(emptied));
+        usermm_test::write_byte(top - s.committed() - page(), 1);  // a growth: shrunk at once when given back
+    }
+    CHECK(arena.collect_dirty(arena.base(), arena.size()).contains(emptied));
+    arena.verify();
 }

@@ -138,6 +138,8 @@ void choose_tracking_engine() {
 thread_local sigset_t t_mask_before_fork;
 
 void fork_prepare() {
+    // The handlers run on the forking thread's stack, a fiber's perhaps, with every lock held.
+    prepare_api_stack();
     const sigset_t async = async_signals();
     pthread_sigmask(SIG_BLOCK, &async, &t_mask_before_fork);
     ArenaRegistry& reg = arena_registry();
@@ -356,6 +358,8 @@ Arena::~Arena() {
         std::copy(at + 1, end, at);
         --reg.count;
     }
+    ApiStackPrepared stack_prepared;  // the lock below is taken as an ApiGuard's would be
+    AsyncSignalsBlocked blocked;
     a.lock.lock();  // faults already inside the arena finish first
     // Nothing written to a shared file VMA is lost silently: what cannot be written is reported,
     // and the pages stay in the kernel's page cache, dirty, for its own write-back.

@@ -175,9 +175,10 @@ void shrink_stack(ArenaCore& a, StackCore& s, std::size_t keep_pages, const char
         s.committed_low.store(s.initial_low, kRelaxed);
         g_stack_gauges.committed_pages.fetch_sub(std::int64_t(last - first), kRelaxed);
     }
-    // Between the headroom and what is kept: committed, emptied.
+    // Between the headroom and what is kept: committed, emptied (collect_dirty reports it changed).
     if (keep > s.initial_low) {
         preserve_range(a, call, {s.initial_low, keep});
+        note_discarded(a, a.page_index(s.initial_low), a.page_index(keep));
         page_discard(s.initial_low, keep - s.initial_low);
     }
     s.lowest.store(s.initial_low, kRelaxed);
@@ -238,6 +239,9 @@ Stack Arena::map_stack(std::size_t size, const StackOptions& options) {
         fail(err, "{}: making the stack [{:#x}, {:#x}) failed{}", call, start, end,
              err == ENOMEM ? fmt::format(" (at vm.max_map_count, {}?)", map_budget_max_map_count()) : std::string());
     }
+    // Live snapshots of the range read these pages as zeros, whatever the stack writes later (its
+    // pages are never write-tracked): untouched, they are recorded so now.
+    preserve_range(a, call, {start, end});
     for (std::size_t i = first; i < mid; ++i)
         a.pte[i].store(pte_t(kPteGuard | (core->markers ? to_pte(Prot::ReadWrite) : 0)), kRelaxed);
     for (std::size_t i = mid; i < last; ++i) {
