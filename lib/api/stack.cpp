@@ -165,7 +165,6 @@ void shrink_stack(ArenaCore& a, StackCore& s, std::size_t keep_pages, const char
         note_discarded(a, first, last);
         for (std::size_t i = first; i < last; ++i) {
             const pte_t v = a.pte[i].load(kRelaxed);
-            if (a.swap) swap_drop_copy(*a.swap, i);
             const pte_t n = pte_t(kPteGuard | (s.markers ? to_pte(Prot::ReadWrite) : 0) | (v & kPteDirty) |
                                   ((v & kPtePopulated) ? kPteDirtySnapshot : 0));
             a.note_resident(v, n);
@@ -584,7 +583,7 @@ void StackPool::give_back(StackCore* s) noexcept {
 
 // Shrinks idle stacks to keep_resident_pages. A stack that did not grow only has its headroom
 // emptied, which changes no PTE: under the read side (faults go on), all of them in one system
-// call, unless something keeps account of discarded content (snapshots, collect_dirty, a store),
+// call, unless something keeps account of discarded content (snapshots, collect_dirty),
 // which needs the write side, as does a stack that grew (its guard goes back).
 void StackPool::State::shrink(const std::vector<Idle>& batch) {
     static constexpr const char* call = "usermm::StackPool::give_back";
@@ -593,7 +592,7 @@ void StackPool::State::shrink(const std::vector<Idle>& batch) {
     auto grew = [](const StackCore* s) { return s->committed_low.load(kRelaxed) != s->initial_low; };
     {
         ApiGuard<SharedGuard<RwSpinLock>> arena_lock(a.lock);
-        if (!a.snapshot_count && !a.collect_armed && !a.swap &&
+        if (!a.snapshot_count && !a.collect_armed &&
             std::none_of(batch.begin(), batch.end(), [&](const Idle& i) { return grew(i.stack); })) {
             std::vector<iovec> ranges;
             for (const Idle& i : batch) {

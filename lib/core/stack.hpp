@@ -46,7 +46,6 @@ struct StackGauges {
     std::atomic<std::int64_t> live{0};
     std::atomic<std::int64_t> committed_pages{0};  // of live stacks, guard-free
     std::atomic<std::uint64_t> growth_faults{0};
-    std::atomic<std::uint64_t> grown_pages{0};
     std::atomic<std::uint64_t> overflows{0};
     std::atomic<std::int64_t> kernel_maps{0};      // kernel mappings stacks added (PROT_NONE fallback)
 };

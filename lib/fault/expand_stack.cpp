@@ -19,7 +19,6 @@
 #include "page_ops.hpp"
 #include "procmap.hpp"
 #include "snapshot.hpp"
-#include "swap_ops.hpp"
 
 namespace usermm::detail {
 
@@ -68,9 +67,10 @@ void fill_overflow(const vm_fault& vmf, const StackCore& s) {
 }  // namespace
 
 // Locks the guard pages of [low, committed_low) (nobody else locks guard pages but a grower of
-// the same stack, which holds `growing`: no reclaimer runs in an arena with stacks), makes the kernel grant them, and publishes them
-// populated with the VMA's Read+Write. Pages that gain write access give live snapshots their old
-// content first (none: a guard page reads as zeros).
+// the same stack, which holds `growing`: no reclaimer runs in an arena with stacks, map_stack
+// refuses one with a store), makes the kernel grant them, and publishes them populated with the
+// VMA's Read+Write. Pages that gain write access give live snapshots their old content first
+// (none: a guard page reads as zeros).
 int stack_commit(ArenaCore& arena, StackCore& s, std::uintptr_t low, std::uint32_t* pages, std::uint32_t* copies) {
     *pages = 0;
     low = std::max(page_down(low), s.floor);
@@ -109,7 +109,6 @@ int stack_commit(ArenaCore& arena, StackCore& s, std::uintptr_t low, std::uint32
     for (std::size_t i = first; i < last; ++i) {
         const pte_t old = pte_t(arena.pte[i].load(kRelaxed) & ~kPteLocked);
         const pte_t now = pte_with_prot(old, Prot::ReadWrite);
-        if (arena.swap && (i == first || i % kClusterPages == 0)) swap_note_use(*arena.swap, i);
         arena.note_resident(old, now);
         arena.pte[i].store(now, kRelease);
         arena.note_changed(i);
@@ -117,7 +116,6 @@ int stack_commit(ArenaCore& arena, StackCore& s, std::uintptr_t low, std::uint32
     s.committed_low.store(low, kRelease);
     lower_to(s.lowest, low);
     g_stack_gauges.committed_pages.fetch_add(std::int64_t(last - first), kRelaxed);
-    g_stack_gauges.grown_pages.fetch_add(last - first, kRelaxed);
     *pages = std::uint32_t(last - first);
     return 0;
 }
