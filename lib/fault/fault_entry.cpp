@@ -124,26 +124,30 @@ void pass_on(int sig, siginfo_t* info, void* ucontext, RawLine& reason) {
 // it returns, or there is none, the overflow is treated as the kernel treats one: `reason` gets
 // the line, and the signal goes on.
 void report_overflow(const StackOverflow& o, void* ucontext, RawLine& reason) {
-    const bool emergency = o.where == StackOverflow::Where::SignalStack;
-    const StackOverflowHandler handler = emergency ? nullptr : g_overflow_handler.load(std::memory_order_acquire);
-    if (handler) {
+    if (const StackOverflowHandler handler = g_overflow_handler.load(std::memory_order_acquire)) {
         sigset_t all;
         sigfillset(&all);
         pthread_sigmask(SIG_SETMASK, &static_cast<const ucontext_t*>(ucontext)->uc_sigmask, nullptr);
         handler(o);
         pthread_sigmask(SIG_SETMASK, &all, nullptr);
     }
-    if (emergency) {
-        reason.str("usermm: SIGSEGV: the alternate signal stack overflowed at ").hex(reinterpret_cast<std::uintptr_t>(o.address));
-        reason.str(" (a stack overflow handler, or a signal handler, used more than its ").dec(reinterpret_cast<std::uintptr_t>(o.high) - reinterpret_cast<std::uintptr_t>(o.low));
-        reason.str(" bytes)");
-        return;
-    }
-    reason.str("usermm: SIGSEGV: stack overflow at ").hex(reinterpret_cast<std::uintptr_t>(o.address));
-    reason.str(" (stack pointer ").hex(reinterpret_cast<std::uintptr_t>(o.sp)).str(") on ");
-    if (o.where == StackOverflow::Where::Stack) reason.str("stack '").str(o.name_buf).str("' id ").dec(o.id).str(" ");
-    else reason.str("the ").str(o.name_buf).str("'s stack ");
-    reason.str("[").hex(reinterpret_cast<std::uintptr_t>(o.low)).str(", ").hex(reinterpret_cast<std::uintptr_t>(o.high)).str(")");
+    auto at = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p); };
+    reason.str("usermm: SIGSEGV: stack overflow at ").hex(at(o.address)).str(" (stack pointer ").hex(at(o.sp));
+    if (o.where == StackOverflow::Where::Stack)
+        reason.str(") on stack '").str(o.name_buf).str("' id ").dec(o.id);
+    else
+        reason.str(") on the ").str(o.name_buf).str("'s stack");
+    reason.str(" [").hex(at(o.low)).str(", ").hex(at(o.high)).str(")");
+}
+
+// The alternate signal stack overflowed (an overflow handler went too deep): this handler runs at
+// its top again, over the frames below, so nothing of them and no handler may run: one line, death.
+void die_of_signal_stack_overflow(int sig, const StackOverflow& o, RawLine& reason) {
+    const auto bytes = std::uint64_t(reinterpret_cast<std::uintptr_t>(o.high) - reinterpret_cast<std::uintptr_t>(o.low));
+    reason.str("usermm: SIGSEGV: the alternate signal stack overflowed at ").hex(reinterpret_cast<std::uintptr_t>(o.address));
+    reason.str(" (a stack overflow handler, or a signal handler, used more than its ").dec(bytes).str(" bytes)");
+    reason.emit();
+    die_by(sig);
 }
 
 extern "C" void usermm_fault_handler(int sig, siginfo_t* info, void* ucontext) {
@@ -194,14 +198,11 @@ extern "C" void usermm_fault_handler(int sig, siginfo_t* info, void* ucontext) {
             return;
         }
         case FaultResult::StackOverflow:
-            report_overflow(overflow, ucontext, reason);
             if (overflow.where == StackOverflow::Where::SignalStack) {
-                // Running at the top of the alternate stack again, over the frames below: nothing
-                // of them may run, and no handler may run here.
-                reason.emit();
-                die_by(sig);
+                die_of_signal_stack_overflow(sig, overflow, reason);
                 return;
             }
+            report_overflow(overflow, ucontext, reason);
             pass_on(sig, info, ucontext, reason);
             return;
         case FaultResult::Fatal:
