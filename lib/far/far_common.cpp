@@ -1,0 +1,342 @@
+#include "far_common.hpp"
+
+#include <pthread.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <time.h>
+#include <sched.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <bit>
+#include <cerrno>
+#include <charconv>
+
+namespace usermm::far {
+
+Endpoint parse_endpoint(const char* call, const std::string& address) {
+    const std::size_t colon = address.rfind(':');
+    Endpoint e;
+    e.text = address;
+    if (colon == std::string::npos || colon == 0)
+        fail(EINVAL, "{}: server address '{}' is not host:port", call, address);
+    e.host = address.substr(0, colon);
+    const char* first = address.data() + colon + 1;
+    const char* last = address.data() + address.size();
+    const auto [end, ec] = std::from_chars(first, last, e.port);
+    if (ec != std::errc() || end != last || e.port <= 0 || e.port > 65535)
+        fail(EINVAL, "{}: server address '{}' has no port in 1..65535", call, address);
+    return e;
+}
+
+// --- the slot table ------------------------------------------------------------------------------
+
+struct SlotTable::Header {
+    pthread_mutex_t lock;
+    std::uint64_t next_fresh;  // slots below it were handed out at least once
+    std::uint64_t free_count;  // of free_[]
+    std::uint64_t in_use;
+    std::uint64_t copies[kMaxServers];
+};
+
+struct SlotTable::Entry {
+    std::uint32_t refs;
+    std::uint32_t generation;
+    ServerMask where;  // atomic_ref: written after a write, read by readers without the lock
+};
+
+namespace {
+template <typename T>
+std::atomic_ref<T> at(T& v) {
+    return std::atomic_ref<T>(v);
+}
+}  // namespace
+
+SlotTable::SlotTable(const char* call, std::uint64_t capacity) : capacity_(capacity) {
+    if (capacity == 0 || capacity > (std::uint64_t(1) << 36))
+        fail(EINVAL, "{}: capacity {} slots is not in 1..2^36", call, capacity);
+    const std::size_t page = std::size_t(sysconf(_SC_PAGESIZE));
+    const std::size_t header = (sizeof(Header) + page - 1) / page * page;
+    bytes_ = header + std::size_t(capacity) * (sizeof(Entry) + sizeof(std::uint64_t));
+    bytes_ = (bytes_ + page - 1) / page * page;
+    // Reserved whole and paged in as slots are used; shared, so that a forked child uses the same.
+    void* p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) fail(errno, "{}: cannot reserve a slot table of {} bytes for {} slots", call, bytes_, capacity);
+    header_ = static_cast<Header*>(p);
+    entries_ = reinterpret_cast<Entry*>(static_cast<char*>(p) + header);
+    free_ = reinterpret_cast<std::uint64_t*>(entries_ + capacity);
+    pthread_mutexattr_t attr;
+    pthread_mutexattr_init(&attr);
+    pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+    // A process killed while it holds the lock (a child killed by a test) must not stop the others.
+    pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
+    pthread_mutex_init(&header_->lock, &attr);
+    pthread_mutexattr_destroy(&attr);
+}
+
+SlotTable::~SlotTable() {
+    pthread_mutex_destroy(&header_->lock);
+    munmap(header_, bytes_);
+}
+
+void SlotTable::lock() const {
+    // The table's counts are changed under the lock in steps that leave it consistent at each
+    // store; a holder that died left at worst one slot's count unchanged.
+    if (pthread_mutex_lock(&header_->lock) == EOWNERDEAD) pthread_mutex_consistent(&header_->lock);
+}
+
+void SlotTable::unlock() const { pthread_mutex_unlock(&header_->lock); }
+
+std::size_t SlotTable::allocate(std::span<std::uint64_t> out) {
+    lock();
+    std::size_t n = 0;
+    for (; n < out.size(); ++n) {
+        std::uint64_t slot;
+        if (header_->free_count)
+            slot = free_[--header_->free_count];
+        else if (header_->next_fresh < capacity_)
+            slot = header_->next_fresh++;
+        else
+            break;
+        Entry& e = entries_[slot];
+        e.refs = 1;
+        ++e.generation;
+        at(e.where).store(0, std::memory_order_relaxed);
+        out[n] = slot;
+    }
+    header_->in_use += n;
+    unlock();
+    return n;
+}
+
+void SlotTable::release(std::span<const std::uint64_t> slots, std::vector<Dead>& dead) {
+    lock();
+    for (const std::uint64_t slot : slots) {
+        if (slot >= capacity_ || entries_[slot].refs == 0) continue;  // not ours to drop: nothing changes
+        Entry& e = entries_[slot];
+        if (--e.refs) continue;
+        const ServerMask where = at(e.where).exchange(0, std::memory_order_relaxed);
+        for (ServerMask m = where; m; m &= m - 1) --header_->copies[std::countr_zero(m)];
+        dead.push_back({slot, e.generation, where});
+        free_[header_->free_count++] = slot;
+        --header_->in_use;
+    }
+    unlock();
+}
+
+int SlotTable::retain(std::span<const std::uint64_t> slots) {
+    lock();
+    for (const std::uint64_t slot : slots)
+        if (slot >= capacity_ || entries_[slot].refs == 0 || entries_[slot].refs == UINT32_MAX) {
+            unlock();
+            return EINVAL;
+        }
+    for (const std::uint64_t slot : slots) ++entries_[slot].refs;
+    unlock();
+    return 0;
+}
+
+std::uint32_t SlotTable::generation(std::uint64_t slot) const {
+    return slot < capacity_ ? at(entries_[slot].generation).load(std::memory_order_relaxed) : 0;
+}
+
+ServerMask SlotTable::where(std::uint64_t slot) const {
+    return slot < capacity_ ? at(entries_[slot].where).load(std::memory_order_acquire) : 0;
+}
+
+void SlotTable::set_where(std::uint64_t slot, ServerMask where) {
+    if (slot >= capacity_) return;
+    lock();
+    at(entries_[slot].where).store(where, std::memory_order_release);
+    for (ServerMask m = where; m; m &= m - 1) ++header_->copies[std::countr_zero(m)];
+    unlock();
+}
+
+std::uint64_t SlotTable::in_use() const {
+    lock();
+    const std::uint64_t n = header_->in_use;
+    unlock();
+    return n;
+}
+
+std::uint64_t SlotTable::copies_on(std::size_t server) const {
+    if (server >= kMaxServers) return 0;
+    lock();
+    const std::uint64_t n = header_->copies[server];
+    unlock();
+    return n;
+}
+
+// --- keys and placement --------------------------------------------------------------------------
+
+std::string page_key(const std::string& prefix, std::uint64_t instance, std::uint64_t slot, std::uint32_t generation) {
+    return fmt::format("{}:{:x}:{:x}:{:x}", prefix, instance, slot, generation);
+}
+
+std::uint64_t random_instance() {
+    std::uint64_t v = 0;
+    if (getrandom(&v, sizeof v, 0) != sizeof v)
+        v = std::uint64_t(now_ns()) ^ (std::uint64_t(getpid()) << 32);  // no getrandom: still distinct per process
+    return v;
+}
+
+std::uint64_t mix64(std::uint64_t x) {  // splitmix64's finaliser
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ull;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+ServerMask choose_servers(std::uint64_t key, ServerMask candidates, std::size_t servers, unsigned copies) {
+    ServerMask chosen = 0;
+    for (unsigned c = 0; c < copies; ++c) {
+        std::uint64_t best = 0;
+        int best_server = -1;
+        for (std::size_t s = 0; s < servers; ++s) {
+            const ServerMask bit = ServerMask(1) << s;
+            if (!(candidates & bit) || (chosen & bit)) continue;
+            const std::uint64_t score = mix64(key ^ mix64(s + 1));
+            if (best_server < 0 || score > best) {
+                best = score;
+                best_server = int(s);
+            }
+        }
+        if (best_server < 0) break;
+        chosen |= ServerMask(1) << best_server;
+    }
+    return chosen;
+}
+
+// --- health --------------------------------------------------------------------------------------
+
+std::int64_t now_ns() {
+    timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return std::int64_t(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
+}
+
+Health::Health(std::size_t servers, unsigned backoff_ms)
+    : servers_(servers), backoff_ns_(std::int64_t(backoff_ms) * 1'000'000) {}
+
+bool Health::up(std::size_t s) const { return servers_[s].up.load(std::memory_order_relaxed); }
+
+bool Health::usable(std::size_t s) const {
+    return up(s) || now_ns() >= servers_[s].retry_at_ns.load(std::memory_order_relaxed);
+}
+
+void Health::succeeded(std::size_t s) {
+    servers_[s].failures.store(0, std::memory_order_relaxed);
+    servers_[s].up.store(true, std::memory_order_relaxed);
+}
+
+void Health::failed(std::size_t s) {
+    // Tried again after 20 backoffs, doubling with each failure in a row up to 64 times that.
+    const unsigned n = std::min(servers_[s].failures.fetch_add(1, std::memory_order_relaxed), 6u);
+    servers_[s].retry_at_ns.store(now_ns() + backoff_ns_ * 20 * (std::int64_t(1) << n), std::memory_order_relaxed);
+    servers_[s].up.store(false, std::memory_order_relaxed);
+}
+
+ServerMask Health::usable_mask() const {
+    ServerMask m = 0;
+    for (std::size_t s = 0; s < servers_.size(); ++s)
+        if (usable(s)) m |= ServerMask(1) << s;
+    return m;
+}
+
+// --- counters ------------------------------------------------------------------------------------
+
+void Counters::round_trip(std::int64_t ns) {
+    round_trips.fetch_add(1, std::memory_order_relaxed);
+    const std::uint64_t us = ns > 0 ? std::uint64_t(ns) / 1000 : 0;
+    const std::size_t b = std::min<std::size_t>(std::size_t(std::bit_width(us)), FarStats::kLatencyBuckets - 1);
+    latency[b].fetch_add(1, std::memory_order_relaxed);
+}
+
+void Counters::batch(std::size_t pages) {
+    std::uint64_t seen = largest_batch.load(std::memory_order_relaxed);
+    while (pages > seen && !largest_batch.compare_exchange_weak(seen, pages, std::memory_order_relaxed)) {
+    }
+}
+
+FarStats Counters::snapshot() const {
+    FarStats s;
+    const auto get = [](const std::atomic<std::uint64_t>& v) { return v.load(std::memory_order_relaxed); };
+    s.pages_sent = get(pages_sent);
+    s.bytes_sent = get(bytes_sent);
+    s.pages_received = get(pages_received);
+    s.bytes_received = get(bytes_received);
+    s.round_trips = get(round_trips);
+    s.write_batches = get(write_batches);
+    s.read_batches = get(read_batches);
+    s.largest_batch = get(largest_batch);
+    s.retries = get(retries);
+    s.failovers = get(failovers);
+    s.under_replicated = get(under_replicated);
+    s.write_errors = get(write_errors);
+    s.lost_pages = get(lost_pages);
+    s.keys_deleted = get(keys_deleted);
+    for (std::size_t i = 0; i < FarStats::kLatencyBuckets; ++i) s.latency[i] = get(latency[i]);
+    return s;
+}
+
+pid_t current_pid() { return getpid(); }
+
+DeleteQueue::DeleteQueue(std::size_t servers)
+    : owner_(current_pid()), lists_(new std::vector<std::vector<SlotTable::Dead>>(servers)), servers_(servers) {}
+
+void DeleteQueue::lock() {
+    const pid_t me = current_pid();
+    for (unsigned spins = 0;; ++spins) {
+        pid_t held = 0;
+        if (holder_.compare_exchange_weak(held, me, std::memory_order_acquire, std::memory_order_relaxed)) break;
+        // Held by a thread of the parent, copied into this child mid-change: not ours to finish.
+        if (held != 0 && held != me && holder_.compare_exchange_strong(held, me, std::memory_order_acquire)) break;
+        if (spins > 64) sched_yield();
+    }
+    if (owner_ != me) {  // first use in a child of fork(): the lists (maybe torn) stay the parent's
+        owner_ = me;
+        lists_ = new std::vector<std::vector<SlotTable::Dead>>(servers_);
+    }
+}
+
+void DeleteQueue::add(std::span<const SlotTable::Dead> dead) {
+    lock();
+    for (const SlotTable::Dead& d : dead)
+        for (ServerMask m = d.where; m; m &= m - 1) (*lists_)[std::size_t(std::countr_zero(m))].push_back(d);
+    unlock();
+}
+
+std::vector<SlotTable::Dead> DeleteQueue::take(std::size_t server) {
+    std::vector<SlotTable::Dead> out;
+    lock();
+    out.swap((*lists_)[server]);
+    unlock();
+    return out;
+}
+
+std::size_t DeleteQueue::waiting(std::size_t server) {
+    lock();
+    const std::size_t n = (*lists_)[server].size();
+    unlock();
+    return n;
+}
+
+}  // namespace usermm::far
+
+namespace usermm {
+
+std::uint64_t FarStats::latency_percentile_us(double q) const {
+    std::uint64_t total = 0;
+    for (const std::uint64_t n : latency) total += n;
+    if (!total) return 0;
+    const double want = q * double(total);
+    std::uint64_t seen = 0;
+    for (std::size_t i = 0; i < kLatencyBuckets; ++i) {
+        seen += latency[i];
+        if (double(seen) >= want) return std::uint64_t(1) << i;
+    }
+    return std::uint64_t(1) << (kLatencyBuckets - 1);
+}
+
+}  // namespace usermm
