@@ -7,10 +7,14 @@
 #include <sched.h>
 #include <unistd.h>
 
+#include <signal.h>
+
 #include <algorithm>
 #include <bit>
 #include <cerrno>
 #include <charconv>
+#include <cstdio>
+#include <mutex>
 
 namespace usermm::far {
 
@@ -31,12 +35,19 @@ Endpoint parse_endpoint(const char* call, const std::string& address) {
 
 // --- the slot table ------------------------------------------------------------------------------
 
+// Processes that shared a table at once, at most: past it a child is not registered, and the
+// table's last user cannot tell whether it is alone (it then leaves what is left).
+constexpr std::size_t kMaxUsers = 256;
+
 struct SlotTable::Header {
     pthread_mutex_t lock;
     std::uint64_t next_fresh;  // slots below it were handed out at least once
     std::uint64_t free_count;  // of free_[]
     std::uint64_t in_use;
     std::uint64_t copies[kMaxServers];
+    std::uint32_t users;
+    bool users_overflowed;
+    pid_t user[kMaxUsers];
 };
 
 struct SlotTable::Entry {
@@ -51,6 +62,74 @@ std::atomic_ref<T> at(T& v) {
     return std::atomic_ref<T>(v);
 }
 }  // namespace
+
+namespace {
+// The tables of this process, for the fork handler that registers a child with each. Taken by the
+// handler's prepare step and by a table's constructor and destructor only: no store call waits
+// for it, so holding it across fork() blocks nobody the fork waits for.
+std::mutex g_tables_lock;
+std::vector<SlotTable*>* g_tables = nullptr;
+std::once_flag g_fork_handler;
+}  // namespace
+
+void SlotTable::fork_prepare() { g_tables_lock.lock(); }
+void SlotTable::fork_parent() { g_tables_lock.unlock(); }
+void SlotTable::fork_child() {
+    const pid_t me = getpid();
+    if (g_tables)
+        for (SlotTable* t : *g_tables) t->add_user(me);
+    g_tables_lock.unlock();
+}
+
+void SlotTable::add_user(pid_t pid) {
+    lock();
+    if (header_->users < kMaxUsers)
+        header_->user[header_->users++] = pid;
+    else
+        header_->users_overflowed = true;
+    unlock();
+}
+
+bool SlotTable::last_user(std::vector<Dead>& dead) {
+    const pid_t me = getpid();
+    lock();
+    // Users that are gone are dropped; a zombie counts as gone (it will release nothing more).
+    std::uint32_t alive = 0;
+    bool others = header_->users_overflowed;
+    for (std::uint32_t i = 0; i < header_->users; ++i) {
+        const pid_t pid = header_->user[i];
+        bool live = pid == me;
+        if (!live && kill(pid, 0) == 0) {
+            char path[64], state = 'Z';
+            std::snprintf(path, sizeof path, "/proc/%d/stat", int(pid));
+            if (FILE* f = std::fopen(path, "r")) {
+                if (std::fscanf(f, "%*d (%*[^)]) %c", &state) != 1) state = 'R';
+                std::fclose(f);
+            }
+            live = state != 'Z' && state != 'X';
+        }
+        if (!live) continue;
+        others = others || pid != me;
+        header_->user[alive++] = pid;
+    }
+    header_->users = alive;
+    if (others) {
+        unlock();
+        return false;
+    }
+    for (std::uint64_t slot = 0; slot < header_->next_fresh; ++slot) {
+        Entry& e = entries_[slot];
+        if (!e.refs) continue;
+        e.refs = 0;
+        const ServerMask where = at(e.where).exchange(0, std::memory_order_relaxed);
+        for (ServerMask m = where; m; m &= m - 1) --header_->copies[std::countr_zero(m)];
+        dead.push_back({slot, e.generation, where});
+        free_[header_->free_count++] = slot;
+        --header_->in_use;
+    }
+    unlock();
+    return true;
+}
 
 SlotTable::SlotTable(const char* call, std::uint64_t capacity) : capacity_(capacity) {
     if (capacity == 0 || capacity > (std::uint64_t(1) << 36))
@@ -72,10 +151,20 @@ SlotTable::SlotTable(const char* call, std::uint64_t capacity) : capacity_(capac
     pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
     pthread_mutex_init(&header_->lock, &attr);
     pthread_mutexattr_destroy(&attr);
+    header_->user[header_->users++] = getpid();
+    std::call_once(g_fork_handler, [] { pthread_atfork(fork_prepare, fork_parent, fork_child); });
+    std::lock_guard guard(g_tables_lock);
+    if (!g_tables) g_tables = new std::vector<SlotTable*>;
+    g_tables->push_back(this);
 }
 
 SlotTable::~SlotTable() {
-    pthread_mutex_destroy(&header_->lock);
+    {
+        std::lock_guard guard(g_tables_lock);
+        std::erase(*g_tables, this);
+    }
+    // The lock stays initialised: another process may still use the table (it is destroyed with
+    // the last mapping).
     munmap(header_, bytes_);
 }
 

@@ -70,11 +70,22 @@ public:
     std::uint64_t in_use() const;
     std::uint64_t copies_on(std::size_t server) const;  // page copies server `server` holds
 
+    // The processes that share the table: the one that made it and every child forked since
+    // (registered in the child by a fork handler, before fork() returns there). A child that ends
+    // without releasing its references (exec, _exit, a crash) leaves them counted; the last
+    // process to let the table go takes them back: true, with every slot still in use appended
+    // to `dead` (and freed), when no other process that shared the table is alive.
+    bool last_user(std::vector<Dead>& dead);
+
 private:
     struct Header;
     struct Entry;
     void lock() const;
     void unlock() const;
+    void add_user(pid_t pid);
+    static void fork_prepare();
+    static void fork_parent();
+    static void fork_child();
     Header* header_ = nullptr;
     Entry* entries_ = nullptr;
     std::uint64_t* free_ = nullptr;
