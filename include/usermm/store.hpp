@@ -51,7 +51,8 @@ public:
     virtual int retain(std::span<const std::uint64_t> slots) = 0;
 
     // Writes and reads a batch; each page's `error` says how it went. Pages of one batch may be
-    // written or read in any order and at once. A write's `data` may be the page itself in the
+    // written or read in any order and at once; a read's first page is the one a fault waits for
+    // (the others are its readahead), so a store that must order them serves it first. A write's `data` may be the page itself in the
     // arena, readable for the call and no longer.
     virtual void write(std::span<PageIo> pages) = 0;
     virtual void read(std::span<PageIo> pages) = 0;

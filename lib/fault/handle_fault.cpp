@@ -522,11 +522,17 @@ FaultResult do_swap_page(vm_fault& vmf, pte_t cur) {
     const PageRange limit = whole ? vma : PageRange{vma.first, std::min(vma.last, page + window)};
     PageRange r = lock_in_cluster(arena, page, limit, whole, [](pte_t v) { return (v & kPteSwapped) != 0; });
     std::byte* buffer = swap_claim_buffer(s);
+    // The batch starts with the faulting page, then its readahead in order: a store that reads in
+    // the order given (one pipeline to a server) answers the page the program waits for first.
+    const std::size_t at = page - r.first, count = r.last - r.first;
+    PageIo ordered[kClusterPages];
+    for (std::size_t k = 0; k < count; ++k) {
+        const std::size_t i = r.first + (at + k) % count;
+        ordered[k] = {s.slots[i].load(kRelaxed) - 1, buffer + ((i - r.first) << g_page_shift), 0};
+    }
+    swap_store_read(s, ordered, count);
     PageIo io[kClusterPages];
-    for (std::size_t i = r.first; i < r.last; ++i)
-        io[i - r.first] = {s.slots[i].load(kRelaxed) - 1, buffer + ((i - r.first) << g_page_shift), 0};
-    swap_store_read(s, io, r.last - r.first);
-    const std::size_t at = page - r.first;
+    for (std::size_t k = 0; k < count; ++k) io[(at + k) % count] = ordered[k];
     if (io[at].error) {
         swap_release_buffer(s, buffer);
         return swap_bus_error(vmf, r, io[at].slot, io[at].error);
