@@ -172,12 +172,12 @@ double zipf_run(usermm::Store* store, std::size_t limit, std::size_t refs) {
     fill(p, pages, 3);
     if (store) arena.advise(p, pages * kPage, Advice::PageOut);
     usermm_refstring::Zipf z(std::uint32_t(pages), 0.99, 11, 0.1);
-    std::vector<usermm_refstring::Ref> string = usermm_refstring::take(z, refs);
+    const usermm_refstring::RefString string = usermm_refstring::take(z, refs);
     volatile std::uint64_t sink = 0;
     const std::uint64_t t0 = now_ns();
-    for (const usermm_refstring::Ref& r : string) {
-        auto* w = reinterpret_cast<volatile std::uint64_t*>(p + std::size_t(r.page) * kPage);
-        if (r.write)
+    for (std::size_t k = 0; k < string.pages.size(); ++k) {
+        auto* w = reinterpret_cast<volatile std::uint64_t*>(p + std::size_t(string.pages[k]) * kPage);
+        if (string.writes[k])
             w[1] = w[1] + 1;
         else
             sink = sink + w[0];
@@ -288,7 +288,7 @@ int main(int argc, char** argv) {
     if (limit < 2 * kCluster) die("the limit must be two clusters (64 pages) or more");
     std::vector<usermm_test::ServerProcess> pool;
     for (int i = 0; i < 3; ++i) pool.push_back(usermm_test::start_memcached(1024));
-    usermm_bench::warm_free_memory(limit * kPage * 16);
+    warm_free_memory(limit * kPage * 16);
     swap_in_latency(pool, limit, touches);
     eviction_throughput(pool, limit);
     zipf(pool, limit, refs);
