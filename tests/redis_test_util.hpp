@@ -4,6 +4,7 @@
 #pragma once
 
 #include <fcntl.h>
+#include <spawn.h>
 #include <stdlib.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -58,26 +59,33 @@ struct ProgramEnd {
     int status = -1;
     std::string out;
 };
+// posix_spawn, not fork: a fork runs usermm's fork handlers, which start an arena's threads again
+// in the child (refused by ThreadSanitizer after a multi-threaded fork), for a child that only execs.
 inline ProgramEnd run_program(std::vector<std::string> argv, bool errors_too = false) {
     int fds[2];
     if (pipe2(fds, O_CLOEXEC) != 0) throw std::runtime_error("pipe failed");
     std::vector<char*> raw;
     for (std::string& a : argv) raw.push_back(a.data());
     raw.push_back(nullptr);
-    std::fflush(nullptr);
-    const pid_t pid = fork();
-    if (pid < 0) throw std::runtime_error("fork failed");
-    if (pid == 0) {
-        dup2(fds[1], 1);
-        const int null = open("/dev/null", O_WRONLY);
-        dup2(errors_too ? fds[1] : null, 2);
-        execv(raw[0], raw.data());
-        _exit(127);
-    }
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_adddup2(&actions, fds[1], 1);
+    if (errors_too)
+        posix_spawn_file_actions_adddup2(&actions, fds[1], 2);
+    else
+        posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0);
+    pid_t pid = -1;
+    const int rc = posix_spawn(&pid, raw[0], &actions, nullptr, raw.data(), environ);
+    posix_spawn_file_actions_destroy(&actions);
     close(fds[1]);
+    if (rc != 0) {
+        close(fds[0]);
+        throw std::runtime_error("cannot run " + argv[0]);
+    }
     ProgramEnd end;
     char buf[4096];
-    for (ssize_t n; (n = read(fds[0], buf, sizeof buf)) > 0;) end.out.append(buf, std::size_t(n));
+    for (ssize_t n; (n = read(fds[0], buf, sizeof buf)) > 0 || (n < 0 && errno == EINTR);)
+        if (n > 0) end.out.append(buf, std::size_t(n));
     close(fds[0]);
     int status = 0;
     while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
