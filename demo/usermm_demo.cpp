@@ -9,6 +9,10 @@
 //                          a 4 GiB table under a 512 MiB resident limit on a SwapFile: Zipf lookups and
 //                          updates from 4 threads for 30 s, major faults next to exact LRU and OPT
 //                          (`64 8 2`: a smoke run)
+//   usermm-demo far [TABLE_MIB LIMIT_MIB TIER_MIB]
+//                          a 2 GiB table under a 256 MiB resident limit, its evicted pages in a 128 MiB
+//                          compressed tier in front of 3 memcached servers started on loopback (each
+//                          page on two); one server is killed halfway and every record still checks
 //   usermm-demo fibers [COUNT]
 //                          1,000,000 Boost.Context fibers on usermm stacks that grow by faults, each
 //                          recursing to a random depth and yielding; then one recurses without end and
@@ -46,6 +50,7 @@
 #include <usermm/store.hpp>
 #include <usermm/usermm.hpp>
 
+#include "far_demo.hpp"
 #include "offline_policies.hpp"
 #include "refstring.hpp"
 
@@ -1086,7 +1091,9 @@ int run(std::size_t count) {
 }  // namespace fiberdemo
 
 void usage() {
-    std::fprintf(stderr, "usage: usermm-demo lazy|snapshot|file|checkpoint [KEYS]|swap [TABLE_MIB LIMIT_MIB SECONDS]|fibers [COUNT]\n");
+    std::fprintf(stderr,
+                 "usage: usermm-demo lazy|snapshot|file|checkpoint [KEYS]|swap [TABLE_MIB LIMIT_MIB SECONDS]|far "
+                 "[TABLE_MIB LIMIT_MIB TIER_MIB]|fibers [COUNT]\n");
 }
 
 }  // namespace
@@ -1112,6 +1119,21 @@ int main(int argc, char** argv) {
             }
         }
     }
+#ifdef USERMM_DEMO_FAR
+    if (what == "far" && (argc == 2 || argc == 5)) {
+        const std::size_t table = argc == 5 ? std::strtoull(argv[2], nullptr, 10) : fardemo::kDefaultTableMib;
+        const std::size_t limit = argc == 5 ? std::strtoull(argv[3], nullptr, 10) : fardemo::kDefaultLimitMib;
+        const std::size_t tier = argc == 5 ? std::strtoull(argv[4], nullptr, 10) : fardemo::kDefaultTierMib;
+        if (limit >= 1 && tier >= 1 && table > limit && table <= (1ull << 18)) {
+            try {
+                return fardemo::run(table, limit, tier);
+            } catch (const std::exception& e) {
+                std::fprintf(stderr, "usermm-demo far: %s\n", e.what());
+                return 1;
+            }
+        }
+    }
+#endif
     if (what == "fibers" && argc <= 3) {
         const std::size_t count = argc == 3 ? std::strtoull(argv[2], nullptr, 10) : fiberdemo::kDefaultFibers;
         if (count >= 2 && count <= 4 * fiberdemo::kDefaultFibers) {

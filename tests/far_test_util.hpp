@@ -70,6 +70,7 @@ public:
             std::vector<char*> raw;
             for (std::string& a : args) raw.push_back(a.data());
             raw.push_back(nullptr);
+            std::fflush(nullptr);  // or the child's freopen writes the parent's buffered output again
             pid_ = fork();
             if (pid_ < 0) throw std::runtime_error("fork failed");
             if (pid_ == 0) {

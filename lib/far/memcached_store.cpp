@@ -453,8 +453,13 @@ void MemcachedStore::release(std::span<const std::uint64_t> slots) {
     if (dead.empty()) return;
     st.deletes.add(dead);
     try {
+        // A server that is down keeps its keys: usually it lost them (killed, restarted); if it
+        // was only cut off, they stay under keys nobody reads, until memcached restarts.
         for (std::size_t s = 0; s < st.servers.size(); ++s)
-            if (st.deletes.waiting(s) >= State::kDeleteBatch) st.flush_deletes(s);
+            if (!st.health.usable(s))
+                (void)st.deletes.take(s);
+            else if (st.deletes.waiting(s) >= State::kDeleteBatch)
+                st.flush_deletes(s);
     } catch (...) {  // out of memory formatting keys: they stay on the server, under keys nobody reads
     }
 }
