@@ -3,6 +3,7 @@
 #include <signal.h>
 
 #include <algorithm>
+#include <chrono>
 #include <bit>
 #include <memory>
 #include <utility>
@@ -559,6 +560,7 @@ void* Reclaimer::kswapd_main(void* self) {
 void* Reclaimer::io_main(void* self) {
     Reclaimer& r = *static_cast<Reclaimer*>(self);
     ArenaSwap& s = r.swap_;
+    auto last_work = std::chrono::steady_clock::now() - std::chrono::seconds(1);
     while (!r.stop_.load()) {
         const std::uint32_t seen = s.io_wake.load(std::memory_order_acquire);
         bool any = false;
@@ -586,7 +588,16 @@ void* Reclaimer::io_main(void* self) {
             q.state.store(kIoDone, std::memory_order_release);
             futex_wake(q.state);
         }
-        if (!any) futex_wait(s.io_wake, seen, kIdleNs);
+        if (any) {
+            last_work = std::chrono::steady_clock::now();
+            continue;
+        }
+        // Faults come in runs: for a while after the last request the thread watches for the next.
+        if (std::chrono::steady_clock::now() - last_work < std::chrono::nanoseconds(kIoSpinNs)) {
+            cpu_relax();
+            continue;
+        }
+        futex_wait(s.io_wake, seen, kIdleNs);
     }
     return nullptr;
 }

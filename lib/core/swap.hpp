@@ -39,6 +39,10 @@ struct SwapRequest {
     std::size_t count = 0;
 };
 inline constexpr std::size_t kSwapRequests = 16;
+// How long a faulting thread watches for its request's answer, and the I/O thread for the next
+// request, before each sleeps on its futex: a wake-up costs more than a loopback round trip's
+// share of it, and a fault on a far store waits about one round trip.
+inline constexpr std::int64_t kIoSpinNs = 100'000;
 // Buffers a fault reads a cluster into before the pages become accessible: claimed with a bit each.
 inline constexpr std::size_t kSwapBuffers = 8;
 // Victims the reclaimer chose ahead, for a fault's direct reclaim (and its own next batches).

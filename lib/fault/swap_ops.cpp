@@ -19,6 +19,12 @@ constexpr auto kRelaxed = std::memory_order_relaxed;
 
 std::uint32_t* futex_word(std::atomic<std::uint32_t>& word) { return reinterpret_cast<std::uint32_t*>(&word); }
 
+std::int64_t now_ns() {
+    timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return std::int64_t(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
 // Hands a batch to the I/O thread and waits for it; the batch's error for a write.
 int through_io_thread(ArenaSwap& s, PageIo* pages, std::size_t n, SwapOp op) {
     for (unsigned spins = 0;; ++spins) {
@@ -32,6 +38,11 @@ int through_io_thread(ArenaSwap& s, PageIo* pages, std::size_t n, SwapOp op) {
             r.state.store(kIoPosted, std::memory_order_release);
             s.io_wake.fetch_add(1, std::memory_order_release);
             futex_wake(s.io_wake);
+            // A far store answers in tens of microseconds: a thread that sleeps at once pays a
+            // wake-up on top (several µs on a VM), so it watches for the answer a while first.
+            for (const std::int64_t until = now_ns() + kIoSpinNs;
+                 r.state.load(std::memory_order_acquire) != kIoDone && now_ns() < until;)
+                cpu_relax();
             while (r.state.load(std::memory_order_acquire) != kIoDone) futex_wait(r.state, kIoPosted, 0);
             const int err = r.error;
             r.state.store(kIoFree, std::memory_order_release);
