@@ -89,15 +89,10 @@ void swap_in_latency(const std::vector<usermm_test::ServerProcess>& pool, std::s
     std::vector<std::size_t> order(pages);
     for (std::size_t i = 0; i < pages; ++i) order[i] = i;
     std::shuffle(order.begin(), order.end(), rng);
-    // Touches far apart, each a swap-in alone (no readahead: never the page after the last one).
-    std::vector<double> fault, get, read;
-    volatile std::uint64_t sink = 0;
-    for (std::size_t k = 0; k < touches; ++k) {
-        const std::uint64_t t0 = now_ns();
-        sink = sink + *reinterpret_cast<volatile std::uint64_t*>(p + order[k] * kPage);
-        fault.push_back(double(now_ns() - t0));
-    }
-    // The floor: libmemcached's get of a 4 KiB value on the same server.
+    // The floor: libmemcached's get of a 4 KiB value on the same server; and the store alone, a
+    // one-page read of a slot of its own. The three are timed in turn in one loop, so that the
+    // machine's moods (the floor here moves between ~15 and ~30 us from one run to the next) fall
+    // on all three alike.
     Libmemcached raw(pool[0].port());
     std::vector<char> value(kPage, 'x');
     for (std::size_t k = 0; k < 256; ++k) {
@@ -105,25 +100,28 @@ void swap_in_latency(const std::vector<usermm_test::ServerProcess>& pool, std::s
         if (memcached_set(raw.m, key.data(), key.size(), value.data(), kPage, 0, 0) != MEMCACHED_SUCCESS)
             die("libmemcached set failed");
     }
-    for (std::size_t k = 0; k < touches; ++k) {
-        const std::string key = fmt::format("floor:{}", k % 256);
-        std::size_t len = 0;
-        std::uint32_t flags = 0;
-        memcached_return_t rc;
-        const std::uint64_t t0 = now_ns();
-        char* v = memcached_get(raw.m, key.data(), key.size(), &len, &flags, &rc);
-        get.push_back(double(now_ns() - t0));
-        if (!v || len != kPage) die("libmemcached get failed");
-        std::free(v);
-    }
-    // The store alone: one page read of a slot of its own.
     std::uint64_t slot = 0;
     if (store.allocate({&slot, 1}) != 1) die("allocate failed");
     void* buf = std::aligned_alloc(kPage, kPage);
     usermm::PageIo io{slot, buf, 0};
     store.write({&io, 1});
+    // Touches far apart, each a swap-in alone (no readahead: never the page after the last one).
+    std::vector<double> fault, get, read;
+    volatile std::uint64_t sink = 0;
     for (std::size_t k = 0; k < touches; ++k) {
-        const std::uint64_t t0 = now_ns();
+        std::uint64_t t0 = now_ns();
+        sink = sink + *reinterpret_cast<volatile std::uint64_t*>(p + order[k] * kPage);
+        fault.push_back(double(now_ns() - t0));
+        const std::string key = fmt::format("floor:{}", k % 256);
+        std::size_t len = 0;
+        std::uint32_t flags = 0;
+        memcached_return_t rc;
+        t0 = now_ns();
+        char* v = memcached_get(raw.m, key.data(), key.size(), &len, &flags, &rc);
+        get.push_back(double(now_ns() - t0));
+        if (!v || len != kPage) die("libmemcached get failed");
+        std::free(v);
+        t0 = now_ns();
         store.read({&io, 1});
         read.push_back(double(now_ns() - t0));
         if (io.error) die("store read failed");

@@ -117,6 +117,9 @@ struct Conn {
             pos = 0;
         }
         char buf[64 << 10];
+        // Called when what is buffered does not hold the reply: the reply is usually still on its
+        // way, so wait for it first rather than try a recv that would find nothing.
+        if (const int err = wait(fd, POLLIN, deadline)) return err;
         for (;;) {
             const ssize_t n = recv(fd, buf, sizeof buf, 0);
             if (n > 0) {
