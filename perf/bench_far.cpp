@@ -204,12 +204,13 @@ void zipf(const std::vector<usermm_test::ServerProcess>& pool, std::size_t limit
 }
 
 // d: the tier's ratio and ns per page (write + read) against lz4 on the same pages.
-void compressed(const char* name, const std::vector<char>& heap) {
+void compressed(const char* name, const std::vector<char>& heap, usermm::Codec codec) {
     const std::size_t pages = heap.size() / kPage;
     const std::string path = fmt::format("/var/tmp/usermm-bench-far-tier-{}", getpid());
     usermm::SwapFile backing(path, 64 << 20);
     usermm::CompressedOptions o;
     o.budget = heap.size() * 2;
+    o.codec = codec;
     usermm::CompressedStore tier(backing, o);
     std::vector<std::uint64_t> slots(pages);
     if (tier.allocate(slots) != pages) die("tier allocate failed");
@@ -243,16 +244,16 @@ void compressed(const char* name, const std::vector<char>& heap) {
     for (std::size_t i = 0; i < pages; ++i)
         LZ4_decompress_safe(out.data() + i * std::size_t(LZ4_compressBound(int(kPage))), back.data(), sizes[i], int(kPage));
     const double lr = double(now_ns() - t0) / double(pages);
-    std::printf("   %-6s tier: ratio %5.2f, write %6.0f ns, read %6.0f ns per page (%llu tags, %llu rejected); "
+    std::printf("   %-4s %-4s tier: ratio %5.2f, write %6.0f ns, read %6.0f ns per page (%llu tags, %llu rejected); "
                 "lz4: ratio %5.2f, %6.0f + %6.0f ns; cost %.2fx lz4's\n",
-                name, s.ratio(), w, r, static_cast<unsigned long long>(s.same_filled),
+                name, codec == usermm::Codec::Lz4 ? "lz4" : "zstd", s.ratio(), w, r, static_cast<unsigned long long>(s.same_filled),
                 static_cast<unsigned long long>(s.rejected), double(heap.size()) / double(total), lw, lr,
                 (w + r) / (lw + lr));
     std::free(mem);
 }
 
 void compressed_tier(std::size_t pages) {
-    std::printf("d. compressed tier (lz4) on %zu pages, store level\n", pages);
+    std::printf("d. compressed tier on %zu pages, store level, against lz4 alone on the same pages\n", pages);
     std::vector<char> ints(pages * kPage);
     std::mt19937_64 rng(5);
     // A heap of 32-bit integers: ascending keys with small random steps, as a sorted index holds.
@@ -261,7 +262,8 @@ void compressed_tier(std::size_t pages) {
         v += std::uint32_t(rng() % 16);
         std::memcpy(ints.data() + i * 4, &v, 4);
     }
-    compressed("ints", ints);
+    compressed("ints", ints, usermm::Codec::Lz4);
+    compressed("ints", ints, usermm::Codec::Zstd);
     // Text: words drawn from a small vocabulary with Zipf-like weights.
     static const char* words[] = {"the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "as", "was", "with",
                                   "be", "by", "on", "not", "he", "this", "are", "or", "his", "from", "at", "which",
@@ -273,7 +275,8 @@ void compressed_tier(std::size_t pages) {
         for (const char* c = words[k]; *c && text.size() < pages * kPage; ++c) text.push_back(*c);
         if (text.size() < pages * kPage) text.push_back(rng() % 12 == 0 ? '\n' : ' ');
     }
-    compressed("text", text);
+    compressed("text", text, usermm::Codec::Lz4);
+    compressed("text", text, usermm::Codec::Zstd);
 }
 
 }  // namespace

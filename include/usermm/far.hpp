@@ -162,7 +162,8 @@ struct CompressedStats {
     std::uint64_t same_filled = 0;   // of which kept as a tag (a page of one repeated word)
     std::uint64_t compressed_bytes = 0;  // bytes the pool's compressed pages take
     std::uint64_t pages_in = 0;          // pages written to the tier, in total
-    std::uint64_t rejected = 0;          // incompressible: written to the store behind instead
+    std::uint64_t rejected = 0;          // written to the store behind at once: incompressible, or no room
+                                         // in the pool after a writeback
     std::uint64_t written_back = 0;      // moved from the pool to the store behind when it was full
     std::uint64_t pool_hits = 0;         // reads served from the pool
     std::uint64_t backing_reads = 0;     // reads served by the store behind

@@ -173,7 +173,7 @@ struct CompressedStore::State {
         write_behind(io, slots);
         std::vector<std::uint64_t> orphans;  // written back for a page released meanwhile
         std::size_t freed = 0;
-        std::lock_guard guard(lock);
+        std::unique_lock guard(lock);
         for (std::size_t i = 0; i < victims.size(); ++i) {
             Entry& e = entries[victims[i].slot];
             const bool same = e.kind == Kind::Pool && e.epoch == victims[i].epoch;
@@ -191,7 +191,8 @@ struct CompressedStore::State {
             e.value = slots[i];
             ++stats.written_back;
         }
-        if (!orphans.empty()) backing.release(orphans);  // SwapFile and the far stores take no lock of ours
+        guard.unlock();
+        if (!orphans.empty()) backing.release(orphans);
         return freed;
     }
 };
@@ -330,7 +331,7 @@ void CompressedStore::write(std::span<PageIo> pages) {
         std::vector<std::uint64_t> slots;
         st.write_behind(io, slots);
         std::vector<std::uint64_t> orphans;
-        std::lock_guard guard(st.lock);
+        std::unique_lock guard(st.lock);
         for (std::size_t k = 0; k < behind.size(); ++k) {
             PageIo& p = pages[behind[k]];
             if (io[k].error) {
@@ -349,6 +350,7 @@ void CompressedStore::write(std::span<PageIo> pages) {
             ++st.stats.pages_in;
             ++st.stats.rejected;
         }
+        guard.unlock();
         if (!orphans.empty()) st.backing.release(orphans);
     } catch (const std::bad_alloc&) {
         for (PageIo& p : pages)
