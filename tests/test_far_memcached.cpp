@@ -233,7 +233,7 @@ TEST_CASE("memcached: without replicas, the pages of a killed server are SIGBUS 
 }
 
 TEST_CASE("memcached: two processes on one pool, each with its own store, never overwrite each other" *
-          doctest::skip(!g_have_memcached || usermm_test::kSkipUnderTsan)) {
+          doctest::skip(!g_have_memcached)) {
     auto pool = start_pool(2);
     const std::vector<std::string> addrs = usermm_test::addresses(pool);
     constexpr std::size_t limit = 4 * kCluster, n = 4 * limit;
