@@ -900,9 +900,12 @@ RedisStore::RedisStore(std::vector<std::string> servers, RedisOptions options) {
 
 RedisStore::~RedisStore() {
     if (!state_) return;
-    // The keys of slots released since the last batch, best effort: one attempt per node up.
+    // The keys of slots released since the last batch, and of the slots children that are gone
+    // still held if this is the table's last process; best effort: one attempt per node up.
     try {
         State& st = *state_;
+        std::vector<far::SlotTable::Dead> dead;
+        if (st.table.last_user(dead)) st.deletes.add(dead);
         std::vector<Op> ops;
         st.take_deletes(st.health.usable_mask() & st.all(), ops, false);
         if (!ops.empty()) {
