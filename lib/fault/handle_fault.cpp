@@ -531,16 +531,17 @@ FaultResult do_swap_page(vm_fault& vmf, pte_t cur) {
         ordered[k] = {s.slots[i].load(kRelaxed) - 1, buffer + ((i - r.first) << g_page_shift), 0};
     }
     swap_store_read(s, ordered, count);
-    PageIo io[kClusterPages];
-    for (std::size_t k = 0; k < count; ++k) io[(at + k) % count] = ordered[k];
-    if (io[at].error) {
+    // Page j of the run (from r.first) is ordered[(j - at) mod count]; one array only, since this
+    // runs on the alternate signal stack.
+    const auto failed = [&](std::size_t j) { return ordered[(j + count - at) % count].error; };
+    if (ordered[0].error) {
         swap_release_buffer(s, buffer);
-        return swap_bus_error(vmf, r, io[at].slot, io[at].error);
+        return swap_bus_error(vmf, r, ordered[0].slot, ordered[0].error);
     }
     // The others are read ahead: the run shrinks to the pages around the faulting one the store gave.
     std::size_t lo = at, hi = at + 1;
-    while (lo > 0 && !io[lo - 1].error) --lo;
-    while (hi < r.last - r.first && !io[hi].error) ++hi;
+    while (lo > 0 && !failed(lo - 1)) --lo;
+    while (hi < count && !failed(hi)) ++hi;
     unlock_unchanged(arena, {r.first, r.first + lo});
     unlock_unchanged(arena, {r.first + hi, r.last});
     const std::size_t read = hi - lo;
