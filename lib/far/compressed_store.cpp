@@ -34,7 +34,7 @@ struct Entry {
     Kind kind = Kind::Free;
     std::uint32_t size = 0;     // Pool: compressed bytes
     std::uint64_t value = 0;    // a tag's word; Backing: the slot of the store behind
-    std::uint64_t epoch = 0;    // changes when the slot is released: a FIFO place of an older epoch is stale
+    std::uint64_t epoch = 0;    // changes at each write and release: a FIFO place or a writeback of an older one is stale
     std::unique_ptr<char[]> bytes;
 };
 
@@ -272,6 +272,7 @@ void CompressedStore::write(std::span<PageIo> pages) {
         std::vector<Packed> pool;
         std::vector<std::size_t> behind;  // pages for the store behind
         std::vector<char> out(st.bound);
+        std::vector<std::uint64_t> replaced;  // slots behind of pages this batch rewrote
         std::size_t need = 0;
         for (std::size_t i = 0; i < pages.size(); ++i) {
             pages[i].error = 0;
@@ -309,7 +310,9 @@ void CompressedStore::write(std::span<PageIo> pages) {
                     continue;
                 }
                 Entry& e = st.entries[slot];
+                if (e.kind == Kind::Backing) replaced.push_back(e.value);  // rewritten: the old copy goes
                 st.drop_pool_bytes(e);
+                ++e.epoch;  // a writeback of the old content under way must not land on the new
                 e.kind = Kind::Pool;
                 ++st.stats.stored_pages;
                 ++st.stats.pages_in;
@@ -325,7 +328,10 @@ void CompressedStore::write(std::span<PageIo> pages) {
                 }
             }
         }
-        if (behind.empty()) return;
+        if (behind.empty()) {
+            if (!replaced.empty()) st.backing.release(replaced);
+            return;
+        }
         std::vector<PageIo> io(behind.size());
         for (std::size_t k = 0; k < behind.size(); ++k) io[k].data = pages[behind[k]].data;
         std::vector<std::uint64_t> slots;
@@ -344,13 +350,16 @@ void CompressedStore::write(std::span<PageIo> pages) {
                 continue;
             }
             Entry& e = st.entries[p.slot];
+            if (e.kind == Kind::Backing) replaced.push_back(e.value);
             st.drop_pool_bytes(e);
+            ++e.epoch;
             e.kind = Kind::Backing;
             e.value = slots[k];
             ++st.stats.pages_in;
             ++st.stats.rejected;
         }
         guard.unlock();
+        orphans.insert(orphans.end(), replaced.begin(), replaced.end());
         if (!orphans.empty()) st.backing.release(orphans);
     } catch (const std::bad_alloc&) {
         for (PageIo& p : pages)
