@@ -10,7 +10,7 @@
 //  d. The compressed tier: its ratio and cost per page (write + read, store level) on a heap of
 //     integers and on text, against LZ4_compress_default + LZ4_decompress_safe of the same pages.
 // Usage: usermm-bench-far [limit pages (2048: 8 MiB)] [touches for a (2000)] [references for c
-//        (200000)]; `64 100 2000` is a smoke run.
+//        (200000)]; `64 200 2000` is a smoke run.
 #include <libmemcached/memcached.h>
 #include <lz4.h>
 
@@ -301,7 +301,8 @@ void compressed_tier(std::size_t pages) {
 int main(int argc, char** argv) {
     if (!usermm_test::g_have_memcached) die("memcached is not installed (/usr/bin/memcached)");
     const std::size_t limit = argc > 1 ? std::strtoull(argv[1], nullptr, 10) : 2048;
-    const std::size_t touches = argc > 2 ? std::strtoull(argv[2], nullptr, 10) : 2000;
+    // Part a times rounds of 100 touches of each kind: 200 at least.
+    const std::size_t touches = std::max<std::size_t>(argc > 2 ? std::strtoull(argv[2], nullptr, 10) : 2000, 200);
     const std::size_t refs = argc > 3 ? std::strtoull(argv[3], nullptr, 10) : 200000;
     if (limit < 2 * kCluster) die("the limit must be two clusters (64 pages) or more");
     std::vector<usermm_test::ServerProcess> pool;

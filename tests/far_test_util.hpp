@@ -6,6 +6,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -74,6 +75,10 @@ public:
             pid_ = fork();
             if (pid_ < 0) throw std::runtime_error("fork failed");
             if (pid_ == 0) {
+                // The server dies with its starter, even one killed by a signal (no destructor
+                // runs then): an orphan would hold the test's output pipe open, and its port.
+                prctl(PR_SET_PDEATHSIG, SIGKILL);
+                if (getppid() == 1) _exit(127);  // the starter died before the line above
                 // The server's output would interleave with the test's; errors still reach stderr.
                 if (FILE* f = std::freopen("/dev/null", "w", stdout)) (void)f;
                 execv(raw[0], raw.data());
