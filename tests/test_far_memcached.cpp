@@ -47,6 +47,24 @@ std::string ask(int port, const std::string& command) {
     return reply;
 }
 
+// A counter from the server's `stats` (0 if it has none).
+std::uint64_t stat_of(int port, const std::string& name) {
+    const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(std::uint16_t(port));
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    std::string all;
+    if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0 && send(fd, "stats\r\n", 7, MSG_NOSIGNAL) == 7) {
+        char buf[4096];
+        for (ssize_t n; all.find("END\r\n") == std::string::npos && (n = recv(fd, buf, sizeof buf, 0)) > 0;)
+            all.append(buf, std::size_t(n));
+    }
+    close(fd);
+    const std::size_t at = all.find("STAT " + name + " ");
+    return at == std::string::npos ? 0 : std::strtoull(all.c_str() + at + 6 + name.size(), nullptr, 10);
+}
+
 std::vector<ServerProcess> start_pool(std::size_t n, unsigned megabytes = 64) {
     std::vector<ServerProcess> pool;
     for (std::size_t i = 0; i < n; ++i) pool.push_back(start_memcached(megabytes));
@@ -371,4 +389,65 @@ TEST_CASE("memcached: errors: no server, a server that evicts, a server out of m
     CHECK(arena.stats().resident_pages > limit);
     CHECK(arena.stats().store_errors > 0);
     arena.unmap(p, n * page());
+}
+
+TEST_CASE("memcached: idle connections the server closed are not taken for a server down or a page lost" *
+          doctest::skip(!g_have_memcached)) {
+    // memcached closes connections idle for a second; the store's pool holds several after
+    // threads read at once.
+    ServerProcess server = start_memcached(64, {"-o", "idle_timeout=1"});
+    MemcachedStore store({server.address()});
+    constexpr std::size_t n = 8;
+    std::vector<std::uint64_t> slots(n);
+    REQUIRE(store.allocate(slots) == n);
+    void* mem = std::aligned_alloc(page(), n * page());
+    char* buf = static_cast<char*>(mem);
+    for (std::size_t i = 0; i < n; ++i) {
+        fill(buf + i * page(), i, 1);
+        PageIo io{slots[i], buf + i * page(), 0};
+        store.write({&io, 1});
+        REQUIRE(io.error == 0);
+    }
+    std::vector<std::thread> ts;
+    for (std::size_t t = 0; t < 4; ++t)
+        ts.emplace_back([&, t] {
+            for (int k = 0; k < 50; ++k) {
+                PageIo io{slots[t], buf + t * page(), 0};
+                store.read({&io, 1});
+            }
+        });
+    for (std::thread& t : ts) t.join();
+    // The handshake: the server says it has kicked the idle connections (its idle_kicks counter).
+    const std::uint64_t seen = stat_of(server.port(), "idle_kicks");
+    for (int i = 0; i < 5000 && stat_of(server.port(), "idle_kicks") < seen + 2; ++i) {
+        timespec ms{0, 1'000'000};
+        nanosleep(&ms, nullptr);
+    }
+    REQUIRE(stat_of(server.port(), "idle_kicks") >= seen + 2);
+    for (std::size_t i = 0; i < n; ++i) {
+        std::memset(buf + i * page(), 0, page());
+        PageIo io{slots[i], buf + i * page(), -1};
+        store.read({&io, 1});
+        CHECK(io.error == 0);
+        CHECK(holds(buf + i * page(), i, 1));
+    }
+    CHECK(store.stats().lost_pages == 0);
+    CHECK(store.servers()[0].up);
+    store.release(slots);
+    std::free(mem);
+}
+
+TEST_CASE("far stores refuse a key prefix a server would read as more than a key") {
+    for (const char* bad : {"my app", "line\r\nflush_all", "", "a{b}"}) {
+        CAPTURE(bad);
+        FarOptions o;
+        o.prefix = bad;
+        CHECK_THROWS_AS(MemcachedStore({"127.0.0.1:1"}, o), std::system_error);
+        RedisOptions r;
+        r.prefix = bad;
+        CHECK_THROWS_AS(RedisStore({"127.0.0.1:1"}, r), std::system_error);
+    }
+    FarOptions o;
+    o.prefix = std::string(208, 'p');
+    CHECK_THROWS_AS(MemcachedStore({"127.0.0.1:1"}, o), std::system_error);
 }

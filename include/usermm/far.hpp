@@ -72,7 +72,7 @@ struct FarServer {
 struct FarOptions {
     unsigned replicas = 0;  // copies of each page on other servers (at most servers - 1)
     std::uint64_t capacity = std::uint64_t(1) << 28;  // slots (pages) the store hands out at most
-    std::string prefix = "usermm";  // the keys' first part
+    std::string prefix = "usermm";  // the keys' first part: printable, no spaces or braces, 1..207 bytes
     unsigned timeout_ms = 1000;     // per exchange with a server; then the connection counts as lost
     unsigned retries = 2;           // reconnections per exchange before the server is marked down
     unsigned backoff_ms = 50;       // first wait before a retry, doubled each time; a server marked

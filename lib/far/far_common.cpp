@@ -262,6 +262,17 @@ std::string page_key(const std::string& prefix, std::uint64_t instance, std::uin
     return fmt::format("{}:{:x}:{:x}:{:x}", prefix, instance, slot, generation);
 }
 
+void check_prefix(const char* call, const std::string& prefix) {
+    constexpr std::size_t kMax = 250 - (16 + 16 + 8 + 3);  // instance, slot, generation in hex, colons
+    if (prefix.empty() || prefix.size() > kMax)
+        fail(EINVAL, "{}: key prefix of {} bytes: 1 to {} are allowed", call, prefix.size(), kMax);
+    for (const char c : prefix)
+        // Braces too: a Redis Cluster would hash every key by the part between them, to one slot.
+        if (std::uint8_t(c) <= 0x20 || std::uint8_t(c) >= 0x7f || c == '{' || c == '}')
+            fail(EINVAL, "{}: key prefix '{}' has a byte {:#04x}: only printable characters without spaces or braces",
+                 call, prefix, unsigned(std::uint8_t(c)));
+}
+
 std::uint64_t random_instance() {
     std::uint64_t v = 0;
     if (getrandom(&v, sizeof v, 0) != sizeof v)

@@ -96,6 +96,10 @@ private:
 // The key of a slot's page: "<prefix>:<instance>:<slot>:<generation>" (hexadecimal numbers).
 std::string page_key(const std::string& prefix, std::uint64_t instance, std::uint64_t slot, std::uint32_t generation);
 std::uint64_t random_instance();  // getrandom(2)
+// A key prefix every server's protocol takes as it is: printable, no spaces, short enough that a
+// key stays within memcached's 250 bytes (a command line with a space or a line break in its key
+// would make the server read the page that follows as commands). Throws EINVAL naming `call`.
+void check_prefix(const char* call, const std::string& prefix);
 
 // Rendezvous (highest random weight) hashing: the `copies` servers of `candidates` with the
 // highest score for `key`; a server's score for a key is fixed, so removing a server moves only
@@ -164,6 +168,11 @@ public:
                 delete c;
             }
         return nullptr;
+    }
+    // Every idle connection goes: one of them failed, and the others waited as long (a server
+    // that closes idle connections, or restarted, closed them all).
+    void clear() {
+        for (auto& p : places_) delete p.exchange(nullptr, std::memory_order_acquire);
     }
     void give(std::unique_ptr<Conn> c) {
         for (auto& p : places_) {

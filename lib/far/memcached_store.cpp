@@ -212,16 +212,18 @@ struct MemcachedStore::State {
     std::vector<std::size_t> ranked(std::uint64_t pk, ServerMask mask) const {
         std::vector<std::size_t> out;
         for (ServerMask m = mask; m; m &= m - 1) out.push_back(std::size_t(std::countr_zero(m)));
+        const ServerMask usable = health.usable_mask();  // one look: the comparator must not change its mind
         std::sort(out.begin(), out.end(), [&](std::size_t a, std::size_t b) {
-            const bool ua = health.usable(a), ub = health.usable(b);
+            const bool ua = usable >> a & 1, ub = usable >> b & 1;
             if (ua != ub) return ua;
             return far::mix64(pk ^ far::mix64(a + 1)) > far::mix64(pk ^ far::mix64(b + 1));
         });
         return out;
     }
 
-    int connect(std::size_t s, std::unique_ptr<Conn>* out) {
-        if ((*out = idle[s]->take())) return 0;
+    // An idle connection, or a new one; `fresh`: a new one (a retry: the idle ones may be stale).
+    int connect(std::size_t s, std::unique_ptr<Conn>* out, bool fresh = false) {
+        if (!fresh && (*out = idle[s]->take())) return 0;
         auto c = std::make_unique<Conn>();
         if (const int err = c->open(servers[s], deadline())) return err;
         *out = std::move(c);
@@ -269,9 +271,13 @@ struct MemcachedStore::State {
             } else if (starts(l, "SERVER_ERROR out of memory")) {
                 r.reply = Reply::Error;
                 r.error = ENOSPC;
-            } else if (starts(l, "SERVER_ERROR") || starts(l, "CLIENT_ERROR") || l == "ERROR") {
+            } else if (starts(l, "SERVER_ERROR")) {
                 r.reply = Reply::Error;
                 r.error = EIO;
+            } else if (starts(l, "CLIENT_ERROR") || l == "ERROR") {
+                // The server refused the command line and may read what followed it as commands:
+                // the stream is out of step, and the connection goes.
+                return EPROTO;
             } else {
                 return EPROTO;  // out of step with the server: the connection is dropped
             }
@@ -314,20 +320,27 @@ struct MemcachedStore::State {
                 idle[s]->give(std::move(conns[s]));
                 continue;
             }
+            // A connection that failed may have waited in the pool while the server closed idle
+            // ones (its idle timeout, a restart): the others did too. Retries open new ones.
             conns[s].reset();
+            idle[s]->clear();
             errors[s] = retry(s, per[s]);
         }
     }
 
+    // Attempt 0 at once on a new connection (the failed one may only have been stale), then
+    // options.retries more after a doubling backoff.
     int retry(std::size_t s, std::vector<Request>& reqs) {
         int err = 0;
-        for (unsigned attempt = 1; attempt <= options.retries; ++attempt) {
-            counters.retries.fetch_add(1, std::memory_order_relaxed);
-            const long ms = long(options.backoff_ms) << (attempt - 1);
-            timespec ts{ms / 1000, (ms % 1000) * 1'000'000};
-            nanosleep(&ts, nullptr);
+        for (unsigned attempt = 0; attempt <= options.retries; ++attempt) {
+            if (attempt) {
+                counters.retries.fetch_add(1, std::memory_order_relaxed);
+                const long ms = long(options.backoff_ms) << (attempt - 1);
+                timespec ts{ms / 1000, (ms % 1000) * 1'000'000};
+                nanosleep(&ts, nullptr);
+            }
             std::unique_ptr<Conn> c;
-            if ((err = connect(s, &c))) continue;
+            if ((err = connect(s, &c, true))) continue;
             const std::int64_t start = far::now_ns();
             for (std::size_t from = 0; from < reqs.size() && !err; from += kWindow) {
                 const std::size_t to = std::min(reqs.size(), from + kWindow);
@@ -408,6 +421,7 @@ MemcachedStore::MemcachedStore(std::vector<std::string> addresses, FarOptions op
     if (options.replicas >= addresses.size())
         far::fail(EINVAL, "{}: {} replicas need more than {} servers", call, options.replicas, addresses.size());
     if (options.timeout_ms == 0) far::fail(EINVAL, "{}: timeout_ms is 0", call);
+    far::check_prefix(call, options.prefix);
     state_ = std::make_unique<State>(std::move(endpoints), std::move(options));
     State& st = *state_;
     std::string answers;

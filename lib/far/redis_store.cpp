@@ -205,6 +205,7 @@ struct Pipeline {
     std::size_t answered = 0;  // replies read (a lost connection resends the others)
     std::unique_ptr<Conn> conn;
     bool pooled = false;  // the connection came from the pool (may have gone stale while idle)
+    bool fresh_only = false;  // after a pooled connection failed: new connections only
     int err = 0;
     std::string what;
     std::int64_t started = 0;
@@ -365,7 +366,7 @@ struct RedisStore::State {
 
     bool send(Pipeline& p, const std::vector<Op>& ops) {
         if (!p.conn) {
-            p.conn = node(p.node).pool.take();
+            if (!p.fresh_only) p.conn = node(p.node).pool.take();
             p.pooled = p.conn != nullptr;
             if (!p.conn) p.conn = connect(p.node, p.err, p.what);
             if (!p.conn) return false;
@@ -427,8 +428,11 @@ struct RedisStore::State {
             // a fresh one at once, not a retry.
             if (!ok[i] && p.pooled) {
                 p.pooled = false;
+                p.fresh_only = true;  // retries too: another pooled connection may be as stale
+                node(p.node).pool.clear();
                 ok[i] = send(p, ops) && receive(p, ops);
             }
+            p.fresh_only = true;
             const bool worth = patient && std::any_of(p.ops.begin(), p.ops.end(), [&](std::size_t k) { return ops[k].patient; });
             const unsigned retries = worth && health.up(p.node) ? options.retries : 0;
             for (unsigned a = 0; !ok[i] && a < retries; ++a) {
@@ -835,6 +839,7 @@ RedisStore::RedisStore(std::vector<std::string> servers, RedisOptions options) {
     if (!options.cluster && options.replicas >= servers.size())
         far::fail(EINVAL, "{}: replicas = {} needs more than {} server{}", kCall, options.replicas, servers.size(),
                   servers.size() == 1 ? "" : "s");
+    far::check_prefix(kCall, options.prefix);
     std::vector<far::Endpoint> endpoints;
     for (const std::string& s : servers) endpoints.push_back(far::parse_endpoint(kCall, s));
     state_ = std::make_unique<State>(std::move(servers), std::move(options));
