@@ -1014,7 +1014,8 @@ TEST_CASE("an overflow handler that overflows the alternate signal stack dies wi
     const usermm_test::ChildEnd end = usermm_test::run_in_child([] {
         // The promise is for usermm's own alternate stack, the one with a guard below it. A thread
         // that has a large enough one keeps it (ASan's runtime gives every thread 4 x SIGSTKSZ,
-        // 191 KiB on a CPU with AVX-512 state), and the recursion would run off its end unseen.
+        // 191 KiB on a CPU with AVX-512 state), and the recursion would run off its end unseen;
+        // on_stack_overflow gives the thread usermm's, or puts back the one an earlier case gave.
         stack_t off{};
         off.ss_flags = SS_DISABLE;
         REQUIRE(sigaltstack(&off, nullptr) == 0);
@@ -1029,6 +1030,22 @@ TEST_CASE("an overflow handler that overflows the alternate signal stack dies wi
     CHECK(end.signal == SIGSEGV);
     CHECK(end.err.find("alternate signal stack overflowed") != std::string::npos);
     CHECK(std::count(end.err.begin(), end.err.end(), '\n') == 1);
+}
+
+TEST_CASE("install_signal_stack puts usermm's stack back after the program disabled it") {
+    usermm::install_signal_stack();
+    stack_t off{};
+    off.ss_flags = SS_DISABLE;
+    REQUIRE(sigaltstack(&off, nullptr) == 0);
+    usermm::install_signal_stack();
+    stack_t cur{};
+    REQUIRE(sigaltstack(nullptr, &cur) == 0);
+    CHECK((cur.ss_flags & SS_DISABLE) == 0);
+    CHECK(cur.ss_size >= usermm::signal_stack_size());
+    usermm::install_signal_stack();  // the same stack again, not a second one
+    stack_t again{};
+    REQUIRE(sigaltstack(nullptr, &again) == 0);
+    CHECK(again.ss_sp == cur.ss_sp);
 }
 
 // --- 13. second review's cases ----------------------------------------------------------------------

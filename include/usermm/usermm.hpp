@@ -658,7 +658,8 @@ USERMM_API StackOverflowHandler on_stack_overflow(StackOverflowHandler handler);
 USERMM_API void watch_thread_stacks();
 // Gives the calling thread an alternate signal stack of max(SIGSTKSZ, AT_MINSIGSTKSZ, 64 KiB,
 // signal_stack_size()) bytes with a guard below it, freed at thread exit, unless it has one at
-// least that large. Idempotent and cheap when done.
+// least that large. Idempotent; a stack usermm gave the thread and the program disabled (or
+// replaced by a smaller one) is put back.
 USERMM_API void install_signal_stack();
 
 // Stacks of the whole process now.

@@ -38,6 +38,8 @@ using namespace detail;
 
 namespace {
 
+void ensure_signal_stack();
+
 constexpr auto kRelaxed = std::memory_order_relaxed;
 
 std::atomic<std::uint64_t> g_next_stack_id{1};
@@ -495,7 +497,7 @@ StackPool::~StackPool() {
 }
 
 Stack StackPool::acquire() {
-    install_signal_stack();
+    ensure_signal_stack();
     {
         std::lock_guard guard(state_->lock);
         if (!state_->idle.empty()) {
@@ -635,10 +637,16 @@ struct SignalStack {
 };
 thread_local SignalStack t_signal_stack;
 
+// install_signal_stack without its system call once usermm gave this thread a stack, for the calls
+// that promise none (StackPool::acquire): a program that takes that stack away again gets it back
+// at the next map_stack, on_stack_overflow or install_signal_stack.
+void ensure_signal_stack() {
+    if (!t_signal_stack.mem) install_signal_stack();
+}
+
 }  // namespace
 
 void install_signal_stack() {
-    if (t_signal_stack.mem) return;
     init_process();
     const unsigned long frame = getauxval(AT_MINSIGSTKSZ);
     const std::size_t want = round_pages(std::max({std::size_t(SIGSTKSZ), std::size_t(frame), std::size_t(64) << 10,
@@ -646,8 +654,23 @@ void install_signal_stack() {
     stack_t cur{};
     if (sigaltstack(nullptr, &cur) != 0) fail(errno, "usermm::install_signal_stack: sigaltstack failed");
     if (cur.ss_flags & SS_ONSTACK) return;  // running on it: it cannot change now
+    const std::size_t guard = g_page_size;
+    if (t_signal_stack.mem) {
+        void* const ours = static_cast<char*>(t_signal_stack.mem) + guard;
+        if (cur.ss_sp == ours && !(cur.ss_flags & SS_DISABLE)) return;
+        if ((cur.ss_flags & SS_DISABLE) || cur.ss_size < want) {
+            // The program took ours away (or put a smaller one in its place): the mapping is still
+            // the thread's, so it goes back.
+            stack_t ss{};
+            ss.ss_sp = ours;
+            ss.ss_size = t_signal_stack.len - guard;
+            if (sigaltstack(&ss, nullptr) != 0)
+                fail(errno, "usermm::install_signal_stack: sigaltstack of {} bytes at {} failed", ss.ss_size, ours);
+        }
+        return;
+    }
     if (!(cur.ss_flags & SS_DISABLE) && cur.ss_size >= want) return;
-    const std::size_t guard = g_page_size, len = guard + want;
+    const std::size_t len = guard + want;
     void* mem = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (mem == MAP_FAILED) fail(errno, "usermm::install_signal_stack: mmap of {:#x} bytes failed", len);
     if (page_guard_install(addr_of(mem), guard) != 0 && mprotect(mem, guard, PROT_NONE) != 0) {
