@@ -174,9 +174,12 @@ TEST_CASE("four threads over a working set four times the limit: VmRSS and resid
     // A fault that finds the arena at the limit evicts a batch itself (or, with none chosen yet,
     // waits for the reclaimer): each of the four threads may have brought one batch in (a swap-in
     // with its readahead) before it does. Measured here: the limit plus three pages.
-    const std::uint64_t slack = threads * kCluster;
+    // A fault that waited for the reclaimer in vain goes on over the limit (limit_overruns): a
+    // starved reclaimer (a loaded machine, TSan) is seen there, and each such fault may have
+    // granted up to a cluster.
+    const std::uint64_t slack = threads * kCluster + s.limit_overruns * kCluster;
     INFO("peak resident " << peak_resident.load() << ", limit " << limit << ", direct reclaims " << s.direct_reclaims
-                          << ", stalls " << s.reclaim_stalls);
+                          << ", stalls " << s.reclaim_stalls << ", overruns " << s.limit_overruns);
     CHECK(s.direct_reclaims > 0);
     CHECK(peak_resident.load() <= limit + slack);
     // The same bound on the kernel's count, plus 8 MiB: usermm's page-state table and policy
@@ -365,9 +368,11 @@ TEST_CASE("churn at a limit of a few batches: resident_pages never wraps and end
     progress.finish();
     churner.join();
     CHECK_NO_PROBLEMS(problems);
-    // The largest limit, plus two clusters for each faulting thread.
-    CHECK(peak.load() <= large + threads * 2 * kCluster);
+    // The largest limit, plus two clusters for each faulting thread and one for each fault that
+    // waited for the reclaimer in vain and went on over the limit.
     const Stats s = arena.stats();
+    INFO("peak " << peak.load() << ", stalls " << s.reclaim_stalls << ", overruns " << s.limit_overruns);
+    CHECK(peak.load() <= large + threads * 2 * kCluster + s.limit_overruns * kCluster);
     CHECK(s.pages_swapped_out > n);
     CHECK(s.pages_reclaimed >= s.pages_swapped_out);
     arena.verify();

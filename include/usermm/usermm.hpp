@@ -130,6 +130,7 @@ USERMM_API std::string to_string(Prot p);
     X(pages_reclaimed, "pages reclaimed: swapped out, or dropped without I/O (zero, or clean in the store)") \
     X(direct_reclaims, "faults that found the arena at its resident limit and evicted a batch themselves") \
     X(reclaim_stalls, "faults at the resident limit with no batch to evict, that waited for the reclaimer") \
+    X(limit_overruns, "of those, faults the reclaimer did not bring under the limit in time: they went on over it") \
     X(store_errors, "store writes or reads that failed (a failed write keeps its page resident)") \
     X(resident_pages, "anonymous pages that hold data in memory now (a gauge, not a count of events)") \
     X(stack_growth_faults, "faults that grew a stack (map_stack) below its committed part: minor faults of kind stack_grow") \

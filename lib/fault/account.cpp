@@ -20,6 +20,7 @@ std::size_t latency_bucket(std::uint64_t ns) {
 void count(Counters& c, const vm_fault& vmf, FaultResult result, std::uint64_t ns) {
     if (vmf.direct_reclaim) c.direct_reclaims.fetch_add(1, kRelaxed);  // before the fault, whatever it became
     if (vmf.stalled) c.reclaim_stalls.fetch_add(1, kRelaxed);
+    if (vmf.overran) c.limit_overruns.fetch_add(1, kRelaxed);
     switch (result) {
         case FaultResult::Resolved:
             (vmf.major ? c.major_faults : c.minor_faults).fetch_add(1, kRelaxed);

@@ -292,7 +292,7 @@ FaultResult direct_reclaim(vm_fault& vmf) {
     }
     if (!vmf.direct_reclaim && a.resident.load(kRelaxed) >= limit) {
         vmf.stalled = true;
-        swap_wait_for_reclaim(a);
+        vmf.overran = swap_wait_for_reclaim(a);
     }
     return FaultResult::Resolved;
 }

@@ -53,6 +53,7 @@ struct vm_fault {
     std::uint32_t swap_hits = 0;    // pages read ahead from the store that this fault mapped
     bool direct_reclaim = false;    // the fault found the arena at its resident limit and evicted a batch
     bool stalled = false;           // ... and found none to evict, and waited for the reclaimer
+    bool overran = false;           // ... which did not bring it under: the fault goes on over it
     // Store slots whose copies a write grant made stale, released once the install lock is let go.
     std::uint64_t stale_slots[8];
     std::uint32_t stale_count = 0;

@@ -166,7 +166,7 @@ bool swap_take_victim(ArenaSwap& s, std::uint32_t* cluster) {
     }
 }
 
-void swap_wait_for_reclaim(ArenaCore& a) {
+bool swap_wait_for_reclaim(ArenaCore& a) {
     ArenaSwap& s = *a.swap;
     const std::int64_t limit = std::int64_t(s.limit.load(kRelaxed));
     // A few rounds of the reclaimer's batches at most: a reclaimer that cannot make progress (the
@@ -177,6 +177,7 @@ void swap_wait_for_reclaim(ArenaCore& a) {
         futex_wake(s.wake);
         futex_wait(s.progress, seen, 2000000);
     }
+    return limit && a.resident.load(kRelaxed) >= limit;
 }
 
 }  // namespace usermm::detail

@@ -46,7 +46,8 @@ bool swap_take_victim(ArenaSwap& s, std::uint32_t* cluster);
 
 // Under the arena's read lock, when the arena is at its resident limit and nothing could be
 // evicted at once: wakes the reclaimer and waits for its progress, a bounded time (the read lock
-// held keeps the arena alive; a writer waiting meanwhile waits no longer than that).
-void swap_wait_for_reclaim(ArenaCore& a);
+// held keeps the arena alive; a writer waiting meanwhile waits no longer than that). Returns
+// whether the arena is still at its limit: the fault goes on over it.
+bool swap_wait_for_reclaim(ArenaCore& a);
 
 }  // namespace usermm::detail
