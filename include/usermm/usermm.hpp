@@ -144,8 +144,8 @@ inline constexpr std::size_t kLatencyBuckets = 16;
 // meaning, so that a program built against one release of usermm can tell what a Stats it gets
 // from another holds (Stats::version). 2: file VMAs on the kernel's page cache (issue 9). 3: reclaim
 // and swap (pages_swapped_out ... resident_pages; major_faults counts swap-ins too). 4: stacks
-// (stack_growth_faults, stack_pages_grown, stack_overflows).
-inline constexpr std::uint32_t kStatsVersion = 4;
+// (stack_growth_faults, stack_pages_grown, stack_overflows). 5: limit_overruns.
+inline constexpr std::uint32_t kStatsVersion = 5;
 
 struct USERMM_API Stats {
     std::uint32_t version = kStatsVersion;
