@@ -232,6 +232,7 @@ void detail::init_process() {
         if (const int err = install_fault_handlers()) fail(err, "usermm: cannot install the SIGSEGV/SIGBUS handlers");
         choose_tracking_engine();
         if (environment().stats_at_exit) std::atexit(print_stats_at_exit);
+        start_trace_from_environment();
     });
 }
 

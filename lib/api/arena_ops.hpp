@@ -89,6 +89,8 @@ private:
 
 // Once per process: page size, handlers, map budget, fork handlers, USERMM_STATS.
 void init_process();
+// USERMM_TRACE (lib/api/trace.cpp), at the end of init_process.
+void start_trace_from_environment();
 // A random identity for an arena's snapshot chain (getrandom), in image.cpp.
 std::array<std::uint64_t, 2> new_arena_identity();
 

@@ -15,6 +15,7 @@
 #include "file_vma.hpp"
 #include "find_vma.hpp"
 #include "map_budget.hpp"
+#include "probes.hpp"
 #include "snapshot_read.hpp"
 #include "reclaim.hpp"
 #include "write_tracking.hpp"
@@ -303,6 +304,8 @@ Snapshot Arena::take_snapshot(void* addr, std::size_t length, bool whole) {
     static constexpr const char* call = "usermm::Arena::snapshot";
     ArenaCore& a = live_arena(core_, call);
     const Range r = check_range(a, call, addr, length);
+    USERMM_PROBE(snapshot_begin, a.base, r.start, r.end - r.start);
+    ProbeAtExit probe_end{[&a, r, t0 = now_ns()] { USERMM_PROBE(snapshot_end, a.base, r.start, r.end - r.start, now_ns() - t0); }};
     require_self_mem(call);
     std::shared_ptr<SnapshotCore> snap = new_snapshot_core(a, r);
     snap->anonymous_only = whole;
@@ -376,6 +379,8 @@ void Arena::restore(const Snapshot& snapshot) {
     } done{a.restoring};
 
     const Range r{a.page_addr(s.first), a.page_addr(s.last)};
+    USERMM_PROBE(restore_begin, a.base, r.start, r.end - r.start);
+    ProbeAtExit probe_end{[&a, r, t0 = now_ns()] { USERMM_PROBE(restore_end, a.base, r.start, r.end - r.start, now_ns() - t0); }};
     std::vector<std::unique_ptr<Vma>> fresh;
     for (const auto& rec : s.vmas) {
         auto v = std::make_unique<Vma>();
@@ -602,6 +607,10 @@ DirtySet Arena::collect_dirty(void* addr, std::size_t length) {
     const Range r = check_range(a, call, addr, length);
     const std::size_t first = a.page_index(r.start), last = a.page_index(r.end);
     DirtySet out;
+    USERMM_PROBE(collect_dirty_begin, a.base, r.start, r.end - r.start);
+    ProbeAtExit probe_end{[&a, r, &out, t0 = now_ns()] {
+        USERMM_PROBE(collect_dirty_end, a.base, r.start, r.end - r.start, out.pages.size(), now_ns() - t0);
+    }};
     ApiGuard<std::lock_guard<RwSpinLock>> guard(a.lock);
     refuse_file_vmas(a, call, r);
     // Write access granted since the last collection marks a page; it was written if the kernel

@@ -4,6 +4,9 @@
 
 #include <bit>
 
+#include "probes.hpp"
+#include "trace.hpp"
+
 namespace usermm::detail {
 
 namespace {
@@ -89,11 +92,92 @@ std::uint64_t now_ns() {
     return std::uint64_t(ts.tv_sec) * 1000000000u + std::uint64_t(ts.tv_nsec);
 }
 
+FaultEvent fault_event(const vm_fault& vmf, FaultResult result) {
+    switch (result) {
+        case FaultResult::Resolved:
+            break;
+        case FaultResult::Spurious:
+            return FaultEvent::Spurious;
+        case FaultResult::Foreign:
+            return FaultEvent::Foreign;
+        case FaultResult::StackOverflow:
+            return FaultEvent::StackOverflow;
+        default:
+            return FaultEvent::AccessError;
+    }
+    if (vmf.copies) return FaultEvent::SnapshotCopy;
+    const bool write = vmf.access == Access::Write;
+    switch (vmf.kind) {
+        case FaultKind::Anonymous:
+            return write ? FaultEvent::AnonWrite : vmf.had_data ? FaultEvent::AnonRead : FaultEvent::ZeroRead;
+        case FaultKind::Upgrade:
+            if (vmf.vma->kind() == VmaKind::Anonymous) return FaultEvent::Upgrade;
+            [[fallthrough]];  // a write to a file page mapped read-only so far
+        case FaultKind::File:
+            if (!write) return vmf.major ? FaultEvent::FileReadMajor : FaultEvent::FileReadMinor;
+            return vmf.vma->kind() == VmaKind::FileShared ? FaultEvent::SharedWrite : FaultEvent::FileCow;
+        case FaultKind::WriteProtect:
+            return FaultEvent::WriteTrack;
+        case FaultKind::Swap:
+            return FaultEvent::SwapIn;
+        case FaultKind::SwapReadahead:
+            return FaultEvent::SwapHit;
+        case FaultKind::Hinting:
+            return FaultEvent::Hinting;
+        case FaultKind::StackGrow:
+            return FaultEvent::StackGrow;
+        case FaultKind::Degraded:
+        case FaultKind::None:
+            break;
+    }
+    return FaultEvent::Degraded;
+}
+
+namespace {
+// One probe per event, since a probe's name is fixed where it is compiled. The arguments of every
+// fault probe: address, VMA start, arena base, latency (ns), pages.
+void fire_probe(FaultEvent event, std::uint64_t addr, std::uint64_t vma, std::uint64_t arena, std::uint64_t ns,
+                std::uint64_t pages) {
+    switch (event) {
+#define USERMM_EVENT_PROBE(Event, name) \
+    case FaultEvent::Event:             \
+        USERMM_PROBE(name, addr, vma, arena, ns, pages); \
+        break;
+        USERMM_EVENT_PROBE(ZeroRead, zero_read)
+        USERMM_EVENT_PROBE(AnonRead, anon_read)
+        USERMM_EVENT_PROBE(AnonWrite, anon_write)
+        USERMM_EVENT_PROBE(Upgrade, upgrade)
+        USERMM_EVENT_PROBE(SnapshotCopy, cow)
+        USERMM_EVENT_PROBE(WriteTrack, write_track)
+        USERMM_EVENT_PROBE(FileReadMajor, file_read_major)
+        USERMM_EVENT_PROBE(FileReadMinor, file_read_minor)
+        USERMM_EVENT_PROBE(FileCow, file_cow)
+        USERMM_EVENT_PROBE(SharedWrite, shared_write)
+        USERMM_EVENT_PROBE(SwapIn, swap_in)
+        USERMM_EVENT_PROBE(SwapHit, swap_hit)
+        USERMM_EVENT_PROBE(Hinting, hinting)
+        USERMM_EVENT_PROBE(StackGrow, stack_grow)
+        USERMM_EVENT_PROBE(Degraded, degraded)
+        USERMM_EVENT_PROBE(Spurious, spurious)
+        USERMM_EVENT_PROBE(Foreign, foreign)
+        USERMM_EVENT_PROBE(AccessError, access_error)
+        USERMM_EVENT_PROBE(StackOverflow, stack_overflow)
+#undef USERMM_EVENT_PROBE
+    }
+}
+}  // namespace
+
 void account_fault(const vm_fault& vmf, FaultResult result) {
-    const std::uint64_t ns = vmf.start_ns ? now_ns() - vmf.start_ns : 0;
+    const std::uint64_t now = now_ns();
+    const std::uint64_t ns = vmf.start_ns ? now - vmf.start_ns : 0;
     if (vmf.vma) count(*vmf.vma->stats, vmf, result, ns);
     if (vmf.arena) count(vmf.arena->stats, vmf, result, ns);
     count(g_process, vmf, result, ns);
+    const FaultEvent event = fault_event(vmf, result);
+    const std::uint64_t vma = vmf.vma ? vmf.vma->start : 0, arena = vmf.arena ? vmf.arena->base : 0;
+    fire_probe(event, vmf.address, vma, arena, ns, vmf.pages);
+    if (vmf.direct_reclaim) USERMM_PROBE(direct_reclaim, vmf.address, arena, vmf.stalled, vmf.overran);
+    trace_fault(vmf, event, vmf.start_ns ? vmf.start_ns : now, ns);
 }
 
 namespace {
@@ -133,6 +217,7 @@ void account_writeback(ArenaCore& arena, Vma& vma, std::uint64_t pages, std::uin
 }
 
 void account_swap_out(ArenaCore& arena, Vma& vma, const SwapOut& out) {
+    USERMM_PROBE(evict, arena.base, vma.start, out.written, out.dropped);
     add(&arena, &vma, &Counters::pages_swapped_out, out.written);
     add(&arena, &vma, &Counters::swap_bytes_written, out.written << g_page_shift);
     add(&arena, &vma, &Counters::pages_reclaimed, out.dropped);

@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include <usermm/trace.hpp>
+
 #include "counters.hpp"
 #include "fault.hpp"
 #include "snapshot.hpp"
@@ -13,8 +15,11 @@ namespace usermm::detail {
 // Counters of the whole process, including arenas that no longer exist.
 Counters& process_counters();
 
-// Under the arena's read lock when vmf.arena is set (the VMA must still exist).
+// Under the arena's read lock when vmf.arena is set (the VMA must still exist). Also fires the
+// fault's probe (lib/core/probes.hpp) and records it into a trace that is on.
 void account_fault(const vm_fault& vmf, FaultResult result);
+// What the fault was, for probes and traces.
+FaultEvent fault_event(const vm_fault& vmf, FaultResult result);
 
 // For the API world: pages granted by prefault(); pages read into the page cache by advice or
 // prefault (all of them read ahead of any fault); read-ahead pages dropped unmapped (vma and arena
