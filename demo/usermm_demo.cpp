@@ -17,6 +17,8 @@
 //                          1,000,000 Boost.Context fibers on usermm stacks that grow by faults, each
 //                          recursing to a random depth and yielding; then one recurses without end and
 //                          its overflow is caught (COUNT lowers the number of fibers)
+// Any of them with --trace[=FILE] records every fault into FILE (default usermm-demo-WHAT.trace),
+// which `usermm-trace FILE` summarises and `usermm-trace plot FILE` draws.
 #include <fcntl.h>
 #include <setjmp.h>
 #include <sys/mman.h>
@@ -48,6 +50,7 @@
 
 #include <usermm/fmt.hpp>
 #include <usermm/store.hpp>
+#include <usermm/trace.hpp>
 #include <usermm/usermm.hpp>
 
 #include "far_demo.hpp"
@@ -1093,13 +1096,57 @@ int run(std::size_t count) {
 void usage() {
     std::fprintf(stderr,
                  "usage: usermm-demo lazy|snapshot|file|checkpoint [KEYS]|swap [TABLE_MIB LIMIT_MIB SECONDS]|far "
-                 "[TABLE_MIB LIMIT_MIB TIER_MIB]|fibers [COUNT]\n");
+                 "[TABLE_MIB LIMIT_MIB TIER_MIB]|fibers [COUNT] [--trace[=FILE]]\n");
 }
+
+// --trace: the demo's faults into a trace file, closed when the demo returns.
+class DemoTrace {
+public:
+    DemoTrace(std::string path) : path_(std::move(path)) {
+        // Rings of 2^18 records (12 MiB a thread, committed as they fill): the demos fault faster
+        // than a 16,384-record ring drains at its default pace.
+        usermm::start_trace(path_, {.ring_records = 1 << 18});
+    }
+    ~DemoTrace() {
+        try {
+            const usermm::TraceStats s = usermm::stop_trace();
+            fmt::print("trace: {} faults recorded in {}, {} dropped; `usermm-trace {}` summarises it, "
+                       "`usermm-trace plot {}` draws it\n",
+                       s.records, path_, s.dropped, path_, path_);
+        } catch (const std::exception& e) {
+            std::fprintf(stderr, "usermm-demo: %s\n", e.what());
+        }
+    }
+    DemoTrace(const DemoTrace&) = delete;
+    DemoTrace& operator=(const DemoTrace&) = delete;
+
+private:
+    std::string path_;
+};
 
 }  // namespace
 
 int main(int argc, char** argv) {
     if (argc >= 2 && std::string_view(argv[1]) == "checkpoint-restart") return checkpoint::restart(argc, argv);
+    // --trace[=FILE] may come anywhere after the demo's name; the demo sees its other arguments.
+    std::optional<std::string> trace_path;
+    for (int i = 2; i < argc; ++i) {
+        const std::string_view arg = argv[i];
+        if (arg != "--trace" && !arg.starts_with("--trace=")) continue;
+        trace_path = arg == "--trace" ? fmt::format("usermm-demo-{}.trace", argv[1]) : std::string(arg.substr(8));
+        std::copy(argv + i + 1, argv + argc + 1, argv + i);
+        --argc;
+        break;
+    }
+    std::optional<DemoTrace> trace;
+    if (trace_path) {
+        try {
+            trace.emplace(*trace_path);
+        } catch (const std::exception& e) {
+            std::fprintf(stderr, "usermm-demo: %s\n", e.what());
+            return 1;
+        }
+    }
     const std::string_view what = argc >= 2 ? argv[1] : "";
     if (what == "checkpoint" && argc <= 3) {
         // An even number of keys (each writer has half), at most one per record of the table.
