@@ -136,6 +136,7 @@ USERMM_API std::string to_string(Prot p);
     X(stack_growth_faults, "faults that grew a stack (map_stack) below its committed part: minor faults of kind stack_grow") \
     X(stack_pages_grown, "stack pages those faults (and Stack::ensure) committed")                \
     X(stack_overflows, "accesses past the end of a stack by the code running on it")             \
+    X(vma_names_dropped, "VMA names not shown in /proc/PID/maps: the mapping budget was short, or the kernel refused the name") \
     X(handler_ns, "nanoseconds spent in the fault handler")
 
 inline constexpr std::size_t kLatencyBuckets = 16;
@@ -144,8 +145,8 @@ inline constexpr std::size_t kLatencyBuckets = 16;
 // meaning, so that a program built against one release of usermm can tell what a Stats it gets
 // from another holds (Stats::version). 2: file VMAs on the kernel's page cache (issue 9). 3: reclaim
 // and swap (pages_swapped_out ... resident_pages; major_faults counts swap-ins too). 4: stacks
-// (stack_growth_faults, stack_pages_grown, stack_overflows). 5: limit_overruns.
-inline constexpr std::uint32_t kStatsVersion = 5;
+// (stack_growth_faults, stack_pages_grown, stack_overflows). 5: limit_overruns. 6: vma_names_dropped.
+inline constexpr std::uint32_t kStatsVersion = 6;
 
 struct USERMM_API Stats {
     std::uint32_t version = kStatsVersion;
@@ -174,10 +175,15 @@ public:
 };
 
 struct MapOptions {
-    // A name for usermm's diagnostics, vmas() and find_vma(); at most 39 bytes are kept. It is usermm's
-    // own: /proc/self/maps does not show it (an arena is anonymous memory there, a file VMA its
-    // file), since naming the kernel's VMAs (PR_SET_VMA_ANON_NAME) would split them and spend the
-    // mapping budget. A file VMA without a name takes its file's path.
+    // A name for usermm's diagnostics, vmas(), find_vma() and usermm-stat; at most 39 bytes are
+    // kept. A file VMA without a name takes its file's path. Where the kernel names anonymous
+    // memory (PR_SET_VMA_ANON_NAME, Linux 5.17 with CONFIG_ANON_VMA_NAME), an anonymous VMA's name
+    // also shows in /proc/PID/maps and smaps as [anon:NAME], so that pmap and perf see it; the name
+    // keeps the VMA's kernel mappings apart from the reservation around it, which the mapping
+    // budget pays for: when the budget is short, or the kernel refuses the name (it takes none of
+    // the characters [ ] \ $ ` and no control characters), the name is usermm's alone
+    // (Stats::vma_names_dropped).
+    // USERMM_VMA_NAMES=0 keeps every name usermm's own.
     std::string_view name = {};
     // Place the VMA here (page-aligned, inside the arena, not overlapping another VMA); nullptr lets
     // the arena choose.

@@ -62,6 +62,7 @@ struct Environment {
     long map_budget = 0;  // 0: the default
     EngineWanted engine = EngineWanted::Default;
     bool stats_at_exit = false;
+    bool vma_names = true;
 };
 
 Environment read_environment() {
@@ -91,6 +92,13 @@ Environment read_environment() {
         else
             bad("USERMM_ENGINE", v, "'mprotect' or 'uffd'");
     }
+    if (const char* v = value("USERMM_VMA_NAMES")) {
+        const std::string_view want = v;
+        if (want == "1" || want == "0")
+            env.vma_names = want == "1";
+        else
+            bad("USERMM_VMA_NAMES", v, "'0' or '1'");
+    }
     if (const char* v = value("USERMM_STATS")) {
         const std::string_view want = v;
         if (want == "1" || want == "0")
@@ -114,6 +122,28 @@ long initial_map_budget() {
     const long max = read_long_file("/proc/sys/vm/max_map_count", 65530);
     const long reserve = std::max(1024L, max / 8);
     return std::max(64L, max - long(kernel_mappings(0, UINTPTR_MAX, "usermm::Arena").size()) - reserve);
+}
+
+// Whether anonymous VMAs' names go to the kernel (MapOptions::name): asked once.
+bool kernel_vma_names() {
+    static const bool on = environment().vma_names && page_names_supported();
+    return on;
+}
+
+// Gives an anonymous VMA's name to the kernel for [start, start + len). The name keeps the range's
+// kernel mappings apart from their neighbours for as long as it is there, like MADV_HUGEPAGE: edge
+// marks, read from the kernel, and the budget pays for the (at most two) mappings more.
+void name_kernel_range(ArenaCore& a, std::uintptr_t start, std::size_t len, const char* name) {
+    if (!kernel_vma_names() || !*name) return;
+    if (map_budget_used() + 2 > map_budget_limit()) {
+        account_name_dropped(a);
+        return;
+    }
+    const std::size_t first = a.page_index(start), last = a.page_index(start + len);
+    const long before = long(mappings_around(a, first, last).size());
+    const int err = page_name_anon(start, len, name);
+    settle_edges(a, first, last, before, Across::Apart, Across::Apart);
+    if (err) account_name_dropped(a);
 }
 
 // USERMM_ENGINE=mprotect or =uffd forces an engine (uffd fails loudly where the kernel lacks it: a
@@ -449,6 +479,7 @@ void* Arena::map(std::size_t length, Prot prot, const MapOptions& options) {
         settle_edges(a, first, last, before, Across::Apart, Across::Apart);
         if (err) fail(err, "{}: MADV_HUGEPAGE on addr {:#x} length {:#x} failed", call, start, length);
     }
+    name_kernel_range(a, start, len, vma->name);
     insert_vma(a, vma.release(), start, len);
     return ptr_of(start);
 }
@@ -490,6 +521,17 @@ void Arena::unmap(void* addr, std::size_t length) {
     for (Vma* v : vmas) writeback_now(a, *v, {std::max(v->start, r.start), std::min(v->end, r.end)}, call);
     for (Vma* v : vmas) release_file_pages(a, *v, {std::max(v->start, r.start), std::min(v->end, r.end)}, call);
     discard_range(a, call, r);
+    // The reservation again: without the name the kernel was given (none for a file part).
+    if (kernel_vma_names() && std::any_of(vmas.begin(), vmas.end(), [](const Vma* v) { return !v->file && *v->name; })) {
+        const std::size_t first = a.page_index(r.start), last = a.page_index(r.end);
+        const long before = long(mappings_around(a, first, last).size());
+        for (const Vma* v : vmas)
+            if (!v->file && *v->name) {
+                const std::uintptr_t lo = std::max(v->start, r.start), hi = std::min(v->end, r.end);
+                page_name_anon(lo, hi - lo, nullptr);
+            }
+        settle_edges(a, first, last, before, Across::Apart, Across::Apart);
+    }
     split_range(a, r, spares);
     int file_err = 0;
     bool kept = false;

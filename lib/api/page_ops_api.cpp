@@ -7,6 +7,7 @@
 #include <linux/userfaultfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -101,6 +102,26 @@ void page_held(std::uintptr_t addr, std::size_t len, unsigned char* vec) {
 
 int page_advise_huge(std::uintptr_t addr, std::size_t len) {
     return result(madvise(reinterpret_cast<void*>(addr), len, MADV_HUGEPAGE));
+}
+
+// Debian 12's headers may lack them (Linux 5.17).
+#ifndef PR_SET_VMA
+#define PR_SET_VMA 0x53564d41
+#endif
+#ifndef PR_SET_VMA_ANON_NAME
+#define PR_SET_VMA_ANON_NAME 0
+#endif
+
+int page_name_anon(std::uintptr_t addr, std::size_t len, const char* name) {
+    return result(prctl(PR_SET_VMA, PR_SET_VMA_ANON_NAME, addr, len, name));
+}
+
+bool page_names_supported() {
+    void* p = mmap(nullptr, g_page_size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) return false;
+    const bool ok = page_name_anon(reinterpret_cast<std::uintptr_t>(p), g_page_size, "usermm-probe") == 0;
+    munmap(p, g_page_size);
+    return ok;
 }
 
 int page_read_file(int fd, void* buf, std::size_t len, std::uint64_t off, std::size_t* done) {

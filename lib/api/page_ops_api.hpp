@@ -24,6 +24,11 @@ int page_release(std::uintptr_t addr, std::size_t len);
 void page_held(std::uintptr_t addr, std::size_t len, unsigned char* vec);
 // Ask for transparent huge pages in the range (MADV_HUGEPAGE).
 int page_advise_huge(std::uintptr_t addr, std::size_t len);
+// The name /proc/PID/maps shows for anonymous memory in the range, "[anon:NAME]" (PR_SET_VMA_ANON_NAME);
+// nullptr removes it. EINVAL where the kernel lacks CONFIG_ANON_VMA_NAME, or for a name it refuses.
+int page_name_anon(std::uintptr_t addr, std::size_t len, const char* name);
+// Whether the running kernel names anonymous memory at all: a scratch mapping named once.
+bool page_names_supported();
 // Reads up to len bytes of the file at off into buf, as many as the file has: *done < len only at
 // the end of the file. Returns 0 or the errno of a failed read.
 int page_read_file(int fd, void* buf, std::size_t len, std::uint64_t off, std::size_t* done);

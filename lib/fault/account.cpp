@@ -241,6 +241,8 @@ void account_restore(ArenaCore& arena, SnapshotCore& snap, std::uint64_t pages) 
     add(&arena, nullptr, &Counters::pages_restored, pages);
 }
 
+void account_name_dropped(ArenaCore& arena) { add(&arena, nullptr, &Counters::vma_names_dropped, 1); }
+
 void account_dirty_collected(ArenaCore& arena, std::uint64_t pages) {
     add(&arena, nullptr, &Counters::dirty_pages_collected, pages);
 }
