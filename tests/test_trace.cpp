@@ -220,8 +220,14 @@ TEST_CASE("a forked child's faults are not written into its parent's trace") {
 
 TEST_CASE("USERMM_TRACE records a whole run of another program, one record for every fault it counted") {
     TempDir dir;
-    const std::string trace = dir.path + "/mix.trace", stats = dir.path + "/stats";
-    REQUIRE(run("USERMM_TRACE=" + trace + " " + USERMM_FAULT_MIX + " " + stats + " " + dir.path) == 0);
+    const std::string stats = dir.path + "/stats";
+    // "%p": the file is named for the process that wrote it.
+    REQUIRE(run("USERMM_TRACE=" + dir.path + "/mix-%p.trace " + USERMM_FAULT_MIX + " " + stats + " " + dir.path) == 0);
+    std::vector<std::string> traces;
+    for (const auto& e : std::filesystem::directory_iterator(dir.path))
+        if (e.path().extension() == ".trace") traces.push_back(e.path().string());
+    REQUIRE(traces.size() == 1);
+    const std::string trace = traces[0];
     std::map<std::string, std::uint64_t> counted;
     {
         std::ifstream in(stats);
@@ -230,6 +236,7 @@ TEST_CASE("USERMM_TRACE records a whole run of another program, one record for e
         while (in >> name >> v) counted[name] = v;
     }
     const Trace t = read_trace(trace);
+    CHECK(trace == dir.path + "/mix-" + std::to_string(t.header.pid) + ".trace");
     CHECK(t.header.closed == 1);
     CHECK(t.header.records == t.records.size());
     REQUIRE(t.header.dropped == 0);

@@ -1,6 +1,7 @@
 // Fault traces: every fault the handler sees, recorded into a file while the program runs.
 //
-// start_trace(path) (or USERMM_TRACE=path in the environment, read when usermm sets itself up)
+// start_trace(path) (or USERMM_TRACE=path in the environment, read when usermm sets itself up; a
+// "%p" in it becomes the pid, for programs that start other programs using usermm)
 // makes every fault append one record to a ring of its own thread; a background thread drains the
 // rings into the file. A fault never waits for the file: when its thread's ring is full, or no ring
 // is free, the record is dropped and counted (TraceStats::dropped, and the file's header).

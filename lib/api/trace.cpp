@@ -287,9 +287,13 @@ TraceStats trace_stats() {
 }
 
 // USERMM_TRACE=FILE: the whole run is traced, and the file closed at exit.
+// "%p" in the path becomes the process's pid: the programs a traced program starts inherit the
+// variable, and would each truncate the same file.
 void detail::start_trace_from_environment() {
-    const char* path = std::getenv("USERMM_TRACE");
-    if (!path || !*path) return;
+    const char* value = std::getenv("USERMM_TRACE");
+    if (!value || !*value) return;
+    std::string path = value;
+    for (std::size_t at; (at = path.find("%p")) != std::string::npos;) path.replace(at, 2, std::to_string(getpid()));
     try {
         start(path, {});
         std::atexit(stop_at_exit);
