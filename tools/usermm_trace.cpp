@@ -614,6 +614,7 @@ void replay(const Trace& t, std::uint64_t pages_per_unit, const std::optional<st
         for (const std::uint64_t m : misses[i]) fmt::print(" {:>10}", m);
         fmt::print("\n");
     }
+    fmt::print("\n");
     std::fflush(stdout);
 
     const Gnuplot gp;
