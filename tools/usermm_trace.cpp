@@ -24,6 +24,7 @@
 #include <string>
 #include <string_view>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -251,13 +252,13 @@ void print_summary(const Trace& t) {
     all.sort();
 
     const auto start = std::time_t(h.start_realtime_ns / 1000000000u);
-    fmt::print("trace {}: pid {}, page size {}, started {:%Y-%m-%d %H:%M:%S}, {}\n", t.path, h.pid, h.page_size,
+    fmt::print("trace {}: pid {}, page size {}, started {:%Y-%m-%d %H:%M:%S} (local time), {}\n", t.path, h.pid, h.page_size,
                fmt::localtime(start), h.closed ? "closed" : "not closed (read to its last whole record)");
     fmt::print("  duration   {:.6f} s (from the trace's start to its last fault)\n", double(t.duration_ns) / 1e9);
     fmt::print("  records    {}\n", n);
     fmt::print("  dropped    {} ({:.2f}% of the faults seen)\n", h.dropped, share(h.dropped, n + h.dropped));
     fmt::print("  threads    {}\n", threads.size());
-    fmt::print("  direct reclaim  {} faults evicted a batch first\n", direct_reclaims);
+    fmt::print("  reclaimed  {} faults evicted a batch first (direct reclaim)\n", direct_reclaims);
 
     fmt::print("\nfaults by event (latency in µs)\n");
     fmt::print("  {:<16} {:>10} {:>7} {:>10} {:>9} {:>9} {:>9} {:>9}\n", "event", "count", "share", "major", "p50",
@@ -536,12 +537,12 @@ ReferenceString reference_string(const Trace& t, const std::vector<TraceRecord>&
         }
     };
     std::unordered_map<std::pair<std::uint64_t, std::uint64_t>, std::uint32_t, KeyHash> number;
-    std::unordered_map<std::uint64_t, bool> arenas;
+    std::unordered_set<std::uint64_t> arenas;
     for (const TraceRecord& r : sorted) {
         if (!is_page_reference(r)) continue;
-        arenas[r.arena_base] = true;
-        const auto [it, fresh] =
-            number.try_emplace({r.arena_base, (r.address - r.arena_base) / unit_bytes}, std::uint32_t(number.size()));
+        arenas.insert(r.arena_base);
+        const auto it =
+            number.try_emplace({r.arena_base, (r.address - r.arena_base) / unit_bytes}, std::uint32_t(number.size())).first;
         rs.units.push_back(it->second);
     }
     rs.distinct = number.size();
@@ -588,9 +589,11 @@ std::vector<std::uint64_t> budgets_for(const std::optional<std::string>& list, s
 void replay(const Trace& t, std::uint64_t pages_per_unit, const std::optional<std::string>& budget_list,
             const std::string& prefix) {
     const ReferenceString rs = reference_string(t, by_time(t), pages_per_unit);
-    const std::string unit = pages_per_unit == 1 ? "page" : fmt::format("unit of {} pages", pages_per_unit);
-    fmt::print("replay of {}: {} references to {} distinct {}s in {} arenas\n", t.path, rs.units.size(), rs.distinct,
-               pages_per_unit == 1 ? "page" : "unit", rs.arenas);
+    const std::string_view unit = pages_per_unit == 1 ? "page" : "unit";
+    fmt::print("replay of {}: {} references to {} distinct {}s in {} arenas", t.path, rs.units.size(), rs.distinct, unit,
+               rs.arenas);
+    if (pages_per_unit > 1) fmt::print(" (a unit: {} aligned pages)", pages_per_unit);
+    fmt::print("\n");
     fmt::print("A fault trace sees the faults, not every access: these are the misses each policy would take on the\n"
                "string of pages usermm faulted on, not on the program's whole reference string.\n");
     if (rs.units.empty()) {
@@ -605,7 +608,7 @@ void replay(const Trace& t, std::uint64_t pages_per_unit, const std::optional<st
             row.push_back(usermm_offline::faults(p, rs.units, std::size_t(b)));
         misses.push_back(std::move(row));
     }
-    fmt::print("\nmisses by resident budget ({}s; share of the distinct ones)\n", pages_per_unit == 1 ? "page" : "unit");
+    fmt::print("\nmisses by resident budget ({}s; share of the distinct ones)\n", unit);
     fmt::print("  {:>10} {:>7}", "budget", "share");
     for (const usermm_offline::Policy p : usermm_offline::kPolicies) fmt::print(" {:>10}", usermm_offline::name(p));
     fmt::print("\n");
@@ -631,10 +634,10 @@ void replay(const Trace& t, std::uint64_t pages_per_unit, const std::optional<st
     std::string s = gp.preamble(output, 1000, 600);
     s += fmt::format("set title {}\n",
                      gp_string(fmt::format("{}: misses over the {} references usermm faulted on ({} distinct {}s)", t.path,
-                                        rs.units.size(), rs.distinct, pages_per_unit == 1 ? "page" : "unit")));
-    s += fmt::format("set xlabel 'resident budget ({}s)'\nset ylabel 'misses'\nset yrange [0:*]\nset grid\n"
-                     "set key top right\n",
-                     unit);
+                                        rs.units.size(), rs.distinct, unit)));
+    s += fmt::format("set xlabel 'resident budget ({})'\nset ylabel 'misses'\nset xrange [0:*]\nset yrange [0:*]\n"
+                     "set grid\nset key top right\n",
+                     pages_per_unit == 1 ? std::string("pages") : fmt::format("units of {} pages", pages_per_unit));
     s += "plot ";
     for (std::size_t i = 0; i < std::size(usermm_offline::kPolicies); ++i)
         s += fmt::format("{}{} using 1:{} with linespoints lw 2 title {}", i ? ", " : "", gp_string(dir.file("replay.dat")),
