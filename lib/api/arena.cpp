@@ -32,6 +32,7 @@
 #include "fault_entry.hpp"
 #include "file_vma.hpp"
 #include "find_vma.hpp"
+#include "live_stats.hpp"
 #include "map_budget.hpp"
 #include "page_ops_api.hpp"
 #include "snapshot.hpp"
@@ -232,6 +233,7 @@ void detail::init_process() {
         if (const int err = install_fault_handlers()) fail(err, "usermm: cannot install the SIGSEGV/SIGBUS handlers");
         choose_tracking_engine();
         if (environment().stats_at_exit) std::atexit(print_stats_at_exit);
+        start_live_stats();
     });
 }
 
