@@ -37,9 +37,9 @@ namespace usermm::detail {
 namespace {
 
 constexpr std::uint32_t kDefaultIntervalMs = 100;
-// A segment whose process is gone is removed by the next publisher that starts, once it has not
-// been updated for this long: long enough that a tool looking at a process just killed still
-// finds its segment and can say it is stale.
+// A segment whose process is gone is removed by the next publisher that starts, once it is this
+// old: long enough that a tool looking at a process just killed still finds its segment and can
+// say it is stale.
 constexpr std::uint64_t kSweepAfterNs = 10'000'000'000;
 
 struct LiveConfig {
@@ -98,9 +98,12 @@ std::uint64_t start_time_of(pid_t pid) {
 
 std::string shm_name(pid_t pid) { return fmt::format("/{}{}", kLivePrefix, pid); }
 
-// Segments of processes that are gone (or whose pid another process has now), left by a kill or
-// an _exit, and not updated for kSweepAfterNs. Only the owner may unlink in /dev/shm (sticky), so
-// other users' segments stay.
+// Segments of processes that are gone, left by a kill or an _exit (a forked child's, often),
+// created more than kSweepAfterNs ago. Only the owner may unlink in /dev/shm (sticky), so other
+// users' segments stay. A pid that another process has now keeps its segment: the reader tells it
+// by the start time, and that process replaces it if it publishes. Run by the thread that starts a
+// publisher, never by the publisher: a descriptor the program did not open, held while the
+// program runs, would change which descriptors its own calls get, and when they run out.
 void sweep_stale_segments() {
     DIR* dir = opendir("/dev/shm");
     if (!dir) return;
@@ -112,28 +115,11 @@ void sweep_stale_segments() {
         pid_t pid = 0;
         const auto [ptr, ec] = std::from_chars(name.data() + prefix.size(), name.data() + name.size(), pid);
         if (ec != std::errc() || ptr != name.data() + name.size() || pid <= 0) continue;
-        const int fd = openat(dirfd(dir), e->d_name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-        if (fd < 0) continue;
         struct stat st{};
-        void* map = fstat(fd, &st) == 0 && std::size_t(st.st_size) == sizeof(LiveSegment)
-                        ? mmap(nullptr, sizeof(LiveSegment), PROT_READ, MAP_SHARED, fd, 0)
-                        : MAP_FAILED;
-        close(fd);
-        if (map == MAP_FAILED) continue;
-        const auto& shm = *static_cast<const LiveSegment*>(map);
-        auto copy = std::make_unique<LiveSegment>();
-        std::uint64_t updated = std::uint64_t(st.st_ctim.tv_sec) * 1'000'000'000u + std::uint64_t(st.st_ctim.tv_nsec);
-        bool ours = true;  // a segment never published is judged by its creation time
-        if (live_sequence(shm) != 0) {
-            ours = false;
-            for (int tries = 0; tries < 100 && !ours; ++tries) ours = live_read(shm, *copy);
-            ours = ours && copy->magic == kLiveMagic && copy->pid == pid;
-            if (ours) updated = copy->updated_realtime_ns;
-        }
-        munmap(map, sizeof(LiveSegment));
-        if (!ours || now < updated || now - updated < kSweepAfterNs) continue;
-        const bool gone = kill(pid, 0) != 0 && errno == ESRCH;
-        if (gone || (copy->start_time && start_time_of(pid) != copy->start_time)) shm_unlink(shm_name(pid).c_str());
+        if (fstatat(dirfd(dir), e->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0) continue;
+        const std::uint64_t created = std::uint64_t(st.st_ctim.tv_sec) * 1'000'000'000u + std::uint64_t(st.st_ctim.tv_nsec);
+        if (now < created || now - created < kSweepAfterNs) continue;
+        if (kill(pid, 0) != 0 && errno == ESRCH) shm_unlink(shm_name(pid).c_str());
     }
     closedir(dir);
 }
@@ -215,11 +201,9 @@ void collect(Publisher& p) {
 void* publisher_main(void* arg) {
     Publisher& p = *static_cast<Publisher*>(arg);
     const long interval_ns = long(p.interval_ms) * 1'000'000;
-    bool swept = false;
     while (!p.stop.load(std::memory_order_acquire)) {
         collect(p);
         live_publish(*p.shm, *p.next);
-        if (!std::exchange(swept, true)) sweep_stale_segments();
         futex_wait(p.stop, 0, interval_ns);
     }
     return nullptr;
@@ -239,6 +223,7 @@ void start_publisher() {
     p->name = shm_name(p->pid);
     p->interval_ms = g_config.interval_ms;
     p->start_time = start_time_of(p->pid);
+    sweep_stale_segments();
     const std::string path = "/dev/shm" + p->name;
     int fd = shm_open(p->name.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0644);
     if (fd < 0 && errno == EEXIST) {
