@@ -32,6 +32,7 @@
 #include "fault_entry.hpp"
 #include "file_vma.hpp"
 #include "find_vma.hpp"
+#include "live_stats.hpp"
 #include "map_budget.hpp"
 #include "page_ops_api.hpp"
 #include "snapshot.hpp"
@@ -263,6 +264,7 @@ void detail::init_process() {
         choose_tracking_engine();
         if (environment().stats_at_exit) std::atexit(print_stats_at_exit);
         start_trace_from_environment();
+        start_live_stats();
     });
 }
 

@@ -1,0 +1,308 @@
+// Live counters: a segment in /dev/shm (lib/core/live_stats.hpp) that another process reads while
+// this one runs, rewritten every interval by a thread of usermm's own. The thread reads only what
+// any API call reads (relaxed counters, the trees under read locks), so a fault pays nothing for
+// it; it writes only the segment, so a reader costs this process nothing either.
+#include <dirent.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <charconv>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <string_view>
+#include <utility>
+
+#include <fmt/format.h>
+
+#include "account.hpp"
+#include "arena_ops.hpp"
+#include "find_vma.hpp"
+#include "live_stats.hpp"
+#include "swap_ops.hpp"
+
+namespace usermm::detail {
+
+namespace {
+
+constexpr std::uint32_t kDefaultIntervalMs = 100;
+// A segment whose process is gone is removed by the next publisher that starts, once it is this
+// old: long enough that a tool looking at a process just killed still finds its segment and can
+// say it is stale.
+constexpr std::uint64_t kSweepAfterNs = 10'000'000'000;
+
+struct LiveConfig {
+    bool enabled = true;
+    std::uint32_t interval_ms = kDefaultIntervalMs;
+};
+
+// The environment's rule is arena.cpp's: a value usermm cannot use gets one line on stderr and
+// the default; an empty value is no value.
+LiveConfig read_live_config() {
+    LiveConfig c;
+#if defined(__SANITIZE_THREAD__)
+    // ThreadSanitizer refuses to start a thread in the child of a process that has more than one,
+    // and the publisher would make every usermm process such a parent: under it publishing is
+    // asked for, never on by default.
+    c.enabled = false;
+#endif
+    auto value = [](const char* name) -> const char* {
+        const char* v = std::getenv(name);
+        return v && *v ? v : nullptr;
+    };
+    auto bad = [](const char* name, const char* v, const char* expected) {
+        std::fprintf(stderr, "usermm: %s is '%s'; it must be %s: the default applies\n", name, v, expected);
+    };
+    if (const char* v = value("USERMM_STAT")) {
+        const std::string_view want = v;
+        if (want == "0" || want == "1")
+            c.enabled = want == "1";
+        else
+            bad("USERMM_STAT", v, "'0' or '1'");
+    }
+    if (const char* v = value("USERMM_STAT_INTERVAL_MS")) {
+        const char* end = v + std::strlen(v);
+        std::uint32_t ms = 0;
+        const auto [ptr, ec] = std::from_chars(v, end, ms);
+        if (ec == std::errc() && ptr == end && ms > 0)
+            c.interval_ms = ms;
+        else
+            bad("USERMM_STAT_INTERVAL_MS", v, "a positive number of milliseconds");
+    }
+    return c;
+}
+
+std::uint64_t clock_ns(clockid_t clock) {
+    timespec ts{};
+    clock_gettime(clock, &ts);
+    return std::uint64_t(ts.tv_sec) * 1'000'000'000u + std::uint64_t(ts.tv_nsec);
+}
+
+std::uint64_t start_time_of(pid_t pid) {
+    std::ifstream in(fmt::format("/proc/{}/stat", pid));
+    std::stringstream line;
+    line << in.rdbuf();
+    return proc_stat_field(line.str(), 22).value_or(0);
+}
+
+std::string shm_name(pid_t pid) { return fmt::format("/{}{}", kLivePrefix, pid); }
+
+// Segments of processes that are gone, left by a kill or an _exit (a forked child's, often),
+// created more than kSweepAfterNs ago. Only the owner may unlink in /dev/shm (sticky), so other
+// users' segments stay. A pid that another process has now keeps its segment: the reader tells it
+// by the start time, and that process replaces it if it publishes. Run by the thread that starts a
+// publisher, never by the publisher: a descriptor the program did not open, held while the
+// program runs, would change which descriptors its own calls get, and when they run out.
+void sweep_stale_segments() {
+    DIR* dir = opendir("/dev/shm");
+    if (!dir) return;
+    const std::string_view prefix = kLivePrefix;
+    const std::uint64_t now = clock_ns(CLOCK_REALTIME);
+    while (const dirent* e = readdir(dir)) {
+        const std::string_view name = e->d_name;
+        if (!name.starts_with(prefix)) continue;
+        pid_t pid = 0;
+        const auto [ptr, ec] = std::from_chars(name.data() + prefix.size(), name.data() + name.size(), pid);
+        if (ec != std::errc() || ptr != name.data() + name.size() || pid <= 0) continue;
+        struct stat st{};
+        if (fstatat(dirfd(dir), e->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0) continue;
+        const std::uint64_t created = std::uint64_t(st.st_ctim.tv_sec) * 1'000'000'000u + std::uint64_t(st.st_ctim.tv_nsec);
+        if (now < created || now - created < kSweepAfterNs) continue;
+        if (kill(pid, 0) != 0 && errno == ESRCH) shm_unlink(shm_name(pid).c_str());
+    }
+    closedir(dir);
+}
+
+// This process's segment and the thread that rewrites it. A forked child inherits the object but
+// neither the thread nor the right to the segment: it makes its own (after_fork_child).
+struct Publisher {
+    pid_t pid = 0;
+    std::string name;  // for shm_open and shm_unlink: "/usermm.<pid>"
+    LiveSegment* shm = nullptr;
+    std::unique_ptr<LiveSegment> next = std::make_unique<LiveSegment>();  // built under the locks
+    std::uint32_t interval_ms = kDefaultIntervalMs;
+    std::uint64_t start_time = 0;
+    std::atomic<std::uint32_t> stop{0};  // futex: the thread sleeps on it between rounds
+    pthread_t thread{};
+};
+
+static_assert(LiveVmaKind(VmaKind::Anonymous) == LiveVmaKind::Anonymous &&
+              LiveVmaKind(VmaKind::FilePrivate) == LiveVmaKind::FilePrivate &&
+              LiveVmaKind(VmaKind::FileShared) == LiveVmaKind::FileShared);
+
+LiveConfig g_config;
+Publisher* g_publisher = nullptr;
+
+static_assert(kLiveNameBytes == kVmaNameMax, "a VMA's name, NUL included, is copied whole");
+
+// Under the registry's read lock, with each arena's read lock in turn, as a fault holds them: the
+// arenas cannot go away meanwhile, and their trees do not change.
+void collect(Publisher& p) {
+    LiveSegment& n = *p.next;
+    std::memset(&n, 0, sizeof n);
+    n.magic = kLiveMagic;
+    n.layout_version = kLiveLayoutVersion;
+    n.stats_version = kStatsVersion;
+    n.field_count = std::uint32_t(live_field::count);
+    n.latency_buckets = std::uint32_t(kLatencyBuckets);
+    n.pid = p.pid;
+    n.interval_ms = p.interval_ms;
+    n.start_time = p.start_time;
+    n.process = to_live(process_counters().load());
+    std::uint64_t resident = 0;
+    {
+        ArenaRegistry& reg = arena_registry();
+        ApiGuard<SharedGuard<RwSpinLock>> guard(reg.lock);
+        n.arenas_total = std::uint32_t(reg.count);
+        for (std::size_t i = 0; i < reg.count; ++i) {
+            ArenaCore& a = *reg.arenas[i];
+            const auto pages = std::uint64_t(std::max<std::int64_t>(0, a.resident.load(std::memory_order_relaxed)));
+            resident += pages;
+            if (i >= kLiveMaxArenas) continue;
+            LiveArena& la = n.arenas[n.arena_count++];
+            la.base = a.base;
+            la.end = a.end;
+            la.resident_pages = pages;
+            Stats s = a.stats.load();
+            s.resident_pages = pages;
+            la.counters = to_live(s);
+            SharedGuard<RwSpinLock> arena_guard(a.lock);
+            // The reclaimer is set under the arena's lock, and the swap state before it.
+            if (a.reclaimer && a.swap) la.resident_limit = a.swap->limit.load(std::memory_order_relaxed);
+            n.vmas_total += std::uint32_t(a.tree.size());
+            for (const Vma& v : a.tree) {
+                if (n.vma_count == kLiveMaxVmas) break;
+                LiveVma& lv = n.vmas[n.vma_count++];
+                lv.arena = std::uint32_t(i);
+                lv.kind = v.stack ? LiveVmaKind::Stack : LiveVmaKind(v.kind());
+                lv.start = v.start;
+                lv.end = v.end;
+                std::memcpy(lv.name, v.name, sizeof lv.name);
+                lv.counters = to_live(v.stats->load());
+            }
+        }
+    }
+    n.process.value[live_field::resident_pages] = resident;
+    n.updated_monotonic_ns = clock_ns(CLOCK_MONOTONIC);
+    n.updated_realtime_ns = clock_ns(CLOCK_REALTIME);
+}
+
+void* publisher_main(void* arg) {
+    Publisher& p = *static_cast<Publisher*>(arg);
+    const long interval_ns = long(p.interval_ms) * 1'000'000;
+    while (!p.stop.load(std::memory_order_acquire)) {
+        collect(p);
+        live_publish(*p.shm, *p.next);
+        futex_wait(p.stop, 0, interval_ns);
+    }
+    return nullptr;
+}
+
+void stop_publisher(Publisher& p) {
+    p.stop.store(1, std::memory_order_release);
+    futex_wake(p.stop);
+    pthread_join(p.thread, nullptr);
+}
+
+// Creates this process's segment and its thread; a failure is one line on stderr, and the process
+// runs unpublished.
+void start_publisher() {
+    auto p = std::make_unique<Publisher>();
+    p->pid = getpid();
+    p->name = shm_name(p->pid);
+    p->interval_ms = g_config.interval_ms;
+    p->start_time = start_time_of(p->pid);
+    sweep_stale_segments();
+    const std::string path = "/dev/shm" + p->name;
+    int fd = shm_open(p->name.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0644);
+    if (fd < 0 && errno == EEXIST) {
+        // Only this process writes a segment with its pid: one already there is a dead process's
+        // whose pid this one has now, or this process's own before an exec.
+        shm_unlink(p->name.c_str());
+        fd = shm_open(p->name.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0644);
+    }
+    if (fd < 0) {
+        std::fprintf(stderr, "usermm: live counters: shm_open of %s failed: %s; they are not published\n", path.c_str(),
+                     std::strerror(errno));
+        return;
+    }
+    void* map = MAP_FAILED;
+    const char* failed = "ftruncate";
+    if (ftruncate(fd, off_t(sizeof(LiveSegment))) == 0) {
+        failed = "mmap";
+        map = mmap(nullptr, sizeof(LiveSegment), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    }
+    const int err = errno;
+    close(fd);
+    if (map == MAP_FAILED) {
+        shm_unlink(p->name.c_str());
+        std::fprintf(stderr, "usermm: live counters: %s of %s (%zu bytes) failed: %s; they are not published\n", failed,
+                     path.c_str(), sizeof(LiveSegment), std::strerror(err));
+        return;
+    }
+    p->shm = static_cast<LiveSegment*>(map);
+    // Like the reclaimer's threads: it takes no signal meant for the program.
+    const sigset_t async = async_signals();
+    sigset_t old;
+    pthread_sigmask(SIG_SETMASK, &async, &old);
+    const int rc = pthread_create(&p->thread, nullptr, publisher_main, p.get());
+    pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    if (rc) {
+        munmap(map, sizeof(LiveSegment));
+        shm_unlink(p->name.c_str());
+        std::fprintf(stderr, "usermm: live counters: pthread_create for %s failed: %s; they are not published\n",
+                     path.c_str(), std::strerror(rc));
+        return;
+    }
+    pthread_setname_np(p->thread, "usermm-stat");
+    g_publisher = p.release();
+}
+
+// At exit the segment goes with the process; a forked child that exits removes its own, never the
+// parent's (the Publisher it inherited names the parent until after_fork_child replaces it).
+void at_exit() {
+    Publisher* p = g_publisher;
+    if (!p || p->pid != getpid()) return;
+    stop_publisher(*p);
+    shm_unlink(p->name.c_str());
+    munmap(p->shm, sizeof(LiveSegment));
+    g_publisher = nullptr;
+    delete p;
+}
+
+void after_fork_child() {
+    if (Publisher* inherited = std::exchange(g_publisher, nullptr)) {
+        munmap(inherited->shm, sizeof(LiveSegment));  // the parent's; its thread is not in the child
+        delete inherited;
+    }
+#if defined(__SANITIZE_THREAD__)
+    return;  // no thread may start here under ThreadSanitizer (see read_live_config)
+#else
+    start_publisher();
+#endif
+}
+
+}  // namespace
+
+void start_live_stats() {
+    g_config = read_live_config();
+    if (!g_config.enabled) return;
+    start_publisher();
+    std::atexit(at_exit);
+    // After usermm's own fork handler (registered when the library was loaded): the child's arenas
+    // are its own and the registry is unlocked when its publisher starts.
+    pthread_atfork(nullptr, nullptr, after_fork_child);
+}
+
+}  // namespace usermm::detail
