@@ -247,6 +247,7 @@ TEST_CASE("usermm-stat shows a child's known workload, lists it, and the segment
         CHECK(cols["swapin"] == std::to_string(reported.pages_swapped_in));
         CHECK(cols["swapout"] == std::to_string(reported.pages_swapped_out));
         CHECK(cols["cow"] == std::to_string(reported.cow_faults));
+        CHECK(cols["snaps"] == std::to_string(reported.snapshots_taken));
         const std::uint64_t kmin = std::stoull(cols.at("kminflt"));
         CHECK(kmin >= kmin_before);
         CHECK(kmin <= kmin_after);

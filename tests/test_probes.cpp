@@ -24,7 +24,7 @@ namespace {
 
 const std::vector<std::string> kApiProbes = {"snapshot_begin", "snapshot_end", "restore_begin", "restore_end",
                                              "collect_dirty_begin", "collect_dirty_end", "sync_begin", "sync_end",
-                                             "evict", "direct_reclaim"};
+                                             "evict", "direct_reclaim", "snapshot_copy", "major_fault"};
 
 std::vector<std::string> fault_probes() {
     std::vector<std::string> names;
@@ -166,7 +166,8 @@ TEST_CASE("perf counts each probe as often as usermm counts the faults it marks"
         if (n != "spurious" && n != "foreign" && n != "access_error" && n != "stack_overflow") resolved += perf.at(n);
     CHECK(resolved == u("minor_faults") + u("major_faults"));
     CHECK(p("zero_read") == u("zero_page_reads"));
-    CHECK(p("cow") == u("cow_faults"));
+    CHECK(p("snapshot_copy") == u("cow_faults"));
+    CHECK(p("major_fault") == u("major_faults"));
     CHECK(p("stack_grow") == u("stack_growth_faults"));
     CHECK(p("hinting") == u("hinting_faults"));
     CHECK(p("degraded") == u("degraded_faults"));
@@ -174,16 +175,15 @@ TEST_CASE("perf counts each probe as often as usermm counts the faults it marks"
     CHECK(p("foreign") == u("foreign_faults"));
     CHECK(p("access_error") == u("access_errors"));
     CHECK(p("stack_overflow") == u("stack_overflows"));
-    CHECK(p("swap_in") + p("file_read_major") == u("major_faults"));
-    CHECK(p("direct_reclaim") == u("direct_reclaims"));
+    CHECK(p("direct_reclaim") == u("direct_reclaims") + u("reclaim_stalls"));
     CHECK(p("snapshot_begin") == u("snapshots"));
     CHECK(p("snapshot_end") == u("snapshots"));
     CHECK(p("collect_dirty_begin") == u("collects"));
     CHECK(p("collect_dirty_end") == u("collects"));
     // The workload reaches every kind it means to: a probe that never fired compared equal to a
     // counter that stayed zero would prove nothing.
-    for (const char* name : {"zero_read", "anon_write", "upgrade", "cow", "file_read_major", "file_read_minor",
-                             "swap_in", "stack_grow"})
+    for (const char* name : {"zero_read", "anon_write", "upgrade", "snapshot_copy", "major_fault", "file_read_major",
+                             "file_read_minor", "swap_in", "stack_grow"})
         CHECK_MESSAGE(p(name) > 0, name, " never fired");
     CHECK(p("evict") > 0);
     CHECK(u("pages_swapped_out") > 0);

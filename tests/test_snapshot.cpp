@@ -1016,3 +1016,21 @@ TEST_CASE("for_each_page() skips pages never written") {
     CHECK(visited.size() == 1);
     CHECK(visited.front() == hit);
 }
+
+TEST_CASE("snapshots are counted with the time they held the arena's write lock; a refused one is not") {
+    const std::size_t ps = usermm::page_size();
+    usermm::Arena arena(64 * ps);
+    auto* p = static_cast<char*>(arena.map(32 * ps, Prot::ReadWrite, {.name = "counted"}));
+    std::memset(p, 1, 32 * ps);
+    const usermm::Stats before = arena.stats();
+    const usermm::Stats process_before = usermm::process_stats();
+    {
+        usermm::Snapshot a = arena.snapshot();
+        usermm::Snapshot b = arena.snapshot(p, 8 * ps);
+        CHECK_THROWS_AS(arena.snapshot(p, 100 * ps), usermm::Error);  // past the arena: refused
+    }
+    const usermm::Stats after = arena.stats();
+    CHECK(after.snapshots_taken == before.snapshots_taken + 2);
+    CHECK(after.snapshot_pause_ns > before.snapshot_pause_ns);
+    CHECK(usermm::process_stats().snapshots_taken == process_before.snapshots_taken + 2);
+}

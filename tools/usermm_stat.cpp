@@ -99,7 +99,14 @@ public:
             *error = fmt::format("pid {}: mmap of {} failed: {}", pid, path, std::strerror(err));
             return nullptr;
         }
-        return std::unique_ptr<Segment>(new Segment(static_cast<const LiveSegment*>(map)));
+        return std::unique_ptr<Segment>(new Segment(static_cast<const LiveSegment*>(map), pid, st.st_dev, st.st_ino));
+    }
+
+    // Whether the path names another file now: the process exec'd into a program that published
+    // anew, and the copy mapped here is the old image's, which nobody writes any more.
+    bool replaced() const {
+        struct stat st{};
+        return ::stat(segment_path(pid_).c_str(), &st) != 0 || st.st_dev != dev_ || st.st_ino != ino_;
     }
 
     // A consistent copy, or nullopt with *error set: never published yet, or a writer that kept
@@ -131,8 +138,11 @@ public:
     }
 
 private:
-    explicit Segment(const LiveSegment* map) : map_(map) {}
+    Segment(const LiveSegment* map, pid_t pid, dev_t dev, ino_t ino) : map_(map), pid_(pid), dev_(dev), ino_(ino) {}
     const LiveSegment* map_;
+    pid_t pid_;
+    dev_t dev_;
+    ino_t ino_;
 };
 
 // Why the segment no longer speaks for a live process, or nullopt if it does: the process is
@@ -224,6 +234,8 @@ constexpr Column kColumns[] = {
     {"swapin", field::pages_swapped_in, false, {}},
     {"swapout", field::pages_swapped_out, false, {}},
     {"cow", field::cow_faults, false, {}},
+    {"snaps", field::snapshots_taken, false, {}},
+    {"pause_us", field::snapshot_pause_ns, false, "microseconds snapshot() held an arena's write lock (snapshot_pause_ns / 1000)"},
 };
 
 std::uint64_t limit_pages(const LiveSegment& s) {
@@ -233,6 +245,7 @@ std::uint64_t limit_pages(const LiveSegment& s) {
 }
 
 std::uint64_t column_value(const Column& c, const Sample& s) {
+    if (c.field == field::snapshot_pause_ns) return s.seg.process.value[c.field] / 1000;
     if (c.field != kKernel) return s.seg.process.value[c.field];
     if (c.header == "kminflt") return s.kernel_minor;
     if (c.header == "kmajflt") return s.kernel_major;
@@ -368,6 +381,11 @@ int watch(const Options& o) {
         return kNoProcess;
     }
     auto sample = [&](Sample* out) {
+        if (segment->replaced()) {
+            error = fmt::format("pid {}: {} was made anew (the process exec'd): watch it again", o.pid,
+                                segment_path(o.pid));
+            return false;
+        }
         const auto seg = segment->read(o.pid, &error);
         if (!seg) return false;
         if (const auto why = stale_reason(o.pid, *seg)) {

@@ -87,16 +87,8 @@ struct Failure {
 
 [[noreturn]] void fail(int code, std::string message) { throw Failure{code, std::move(message)}; }
 
-// The probes' names in FaultEvent order: fault_event_name() lives in the library, which this tool
-// does not link.
-constexpr std::array<std::string_view, usermm::kFaultEventCount> kEventNames = {
-    "?",          "zero_read",    "anon_read",   "anon_write",      "upgrade",       "cow",
-    "write_track", "file_read_major", "file_read_minor", "file_cow", "shared_write", "swap_in",
-    "swap_hit",   "hinting",      "stack_grow",  "degraded",        "spurious",      "foreign",
-    "access_error", "stack_overflow"};
-
 std::string event_name(std::uint8_t e) {
-    if (e != 0 && e < kEventNames.size()) return std::string(kEventNames[e]);
+    if (e != 0 && e < usermm::kFaultEventCount) return usermm::fault_event_name(usermm::FaultEvent(e));
     return fmt::format("event_{}", e);
 }
 

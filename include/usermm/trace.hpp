@@ -21,32 +21,50 @@
 
 namespace usermm {
 
-// What a fault was. The probes of the same faults (README, "Observability") have these names.
+// What a fault was: one event per fault, from how it was resolved (or why not). The probes of the
+// same faults (README, "Observability") have these names. X(Enumerator, probe_name, description).
+#define USERMM_FAULT_EVENTS(X)                                                                          \
+    X(ZeroRead, zero_read, "a read of an untouched anonymous page, answered by the zero page")          \
+    X(AnonRead, anon_read, "a read of an anonymous page whose content a restore put back")              \
+    X(AnonWrite, anon_write, "the first access to an anonymous page is a write")                        \
+    X(Upgrade, upgrade, "a write (or fetch) to an anonymous page mapped with fewer rights (on the mprotect engine also a write to a write-tracked page)") \
+    X(SnapshotCopy, cow, "a write to a write-tracked page that copied it into live snapshots first (userfaultfd engine)") \
+    X(WriteTrack, write_track, "a write to a write-tracked page with no snapshot to copy into (userfaultfd engine)") \
+    X(FileReadMajor, file_read_major, "a read of a file page the page cache did not hold")              \
+    X(FileReadMinor, file_read_minor, "a read of a file page in the page cache")                        \
+    X(FileCow, file_cow, "a write to a private file page (the kernel copies it)")                       \
+    X(SharedWrite, shared_write, "a write to a shared file page, which becomes dirty")                  \
+    X(SwapIn, swap_in, "a page read back from the arena's store (major)")                               \
+    X(SwapHit, swap_hit, "a page read ahead from the store, mapped now (minor)")                        \
+    X(Hinting, hinting, "a page made inaccessible only to see whether it is used")                      \
+    X(StackGrow, stack_grow, "a stack grew below its committed part")                                   \
+    X(Degraded, degraded, "resolved coarsely to stay within the kernel's mapping budget")              \
+    X(Spurious, spurious, "another thread had already resolved the page")                              \
+    X(Foreign, foreign, "outside every arena (or sent by kill), passed on")                            \
+    X(AccessError, access_error, "an access the VMA forbids, or one usermm could not resolve")        \
+    X(StackOverflow, stack_overflow, "an access past a stack's end by the code running on it")
+
 enum class FaultEvent : std::uint8_t {
-    ZeroRead = 1,      // zero_read: a read of an untouched anonymous page, answered by the zero page
-    AnonRead,          // anon_read: a read of an anonymous page whose content a restore put back
-    AnonWrite,         // anon_write: the first access to an anonymous page is a write
-    Upgrade,           // upgrade: a write (or fetch) to an anonymous page mapped with fewer rights
-    SnapshotCopy,      // cow: a write that copied the old page into live snapshots first
-    WriteTrack,        // write_track: a write to a write-tracked page (collect_dirty), no copy
-    FileReadMajor,     // file_read_major: a file page the page cache did not hold
-    FileReadMinor,     // file_read_minor: a file page in the page cache
-    FileCow,           // file_cow: a write to a private file page (the kernel copies it)
-    SharedWrite,       // shared_write: a write to a shared file page, which becomes dirty
-    SwapIn,            // swap_in: a page read back from the arena's store (major)
-    SwapHit,           // swap_hit: a page read ahead from the store, mapped now (minor)
-    Hinting,           // hinting: a page made inaccessible only to see whether it is used
-    StackGrow,         // stack_grow: a stack grew below its committed part
-    Degraded,          // degraded: resolved coarsely to stay within the kernel's mapping budget
-    Spurious,          // spurious: another thread had already resolved the page
-    Foreign,           // foreign: outside every arena (or sent by kill), passed on
-    AccessError,       // access_error: an access the VMA forbids, or usermm could not resolve
-    StackOverflow,     // stack_overflow: an access past a stack's end by the code on it
+    None = 0,  // no event: never in a trace
+#define USERMM_FAULT_EVENT_ENUM(e, name, doc) e,
+    USERMM_FAULT_EVENTS(USERMM_FAULT_EVENT_ENUM)
+#undef USERMM_FAULT_EVENT_ENUM
 };
 inline constexpr unsigned kFaultEventCount = unsigned(FaultEvent::StackOverflow) + 1;
 
 // The probe's name of an event ("zero_read", ...); "?" for a value that is no event.
-USERMM_API const char* fault_event_name(FaultEvent e);
+constexpr const char* fault_event_name(FaultEvent e) {
+    switch (e) {
+#define USERMM_FAULT_EVENT_NAME(e, name, doc) \
+    case FaultEvent::e:                       \
+        return #name;
+        USERMM_FAULT_EVENTS(USERMM_FAULT_EVENT_NAME)
+#undef USERMM_FAULT_EVENT_NAME
+        case FaultEvent::None:
+            break;
+    }
+    return "?";
+}
 
 inline constexpr char kTraceMagic[8] = {'U', 'S', 'M', 'M', 'T', 'R', 'C', '1'};
 inline constexpr std::uint32_t kTraceVersion = 1;
@@ -70,6 +88,8 @@ static_assert(sizeof(TraceHeader) == 64);
 inline constexpr std::uint8_t kTraceMajor = 1;           // the fault waited for I/O
 inline constexpr std::uint8_t kTraceAccessMask = 6;      // (flags & mask) >> 1: 0 read, 1 write, 2 exec, 3 unknown
 inline constexpr std::uint8_t kTraceDirectReclaim = 8;   // the fault evicted a batch first (resident limit)
+inline constexpr std::uint8_t kTraceStalled = 16;        // ... or found none to evict, and waited for the reclaimer
+inline constexpr std::uint8_t kTraceCopied = 32;         // the fault copied pages into live snapshots
 
 struct TraceRecord {
     std::uint64_t time_ns;     // when the handler was entered, since TraceHeader::start_ns

@@ -136,6 +136,8 @@ USERMM_API std::string to_string(Prot p);
     X(stack_growth_faults, "faults that grew a stack (map_stack) below its committed part: minor faults of kind stack_grow") \
     X(stack_pages_grown, "stack pages those faults (and Stack::ensure) committed")                \
     X(stack_overflows, "accesses past the end of a stack by the code running on it")             \
+    X(snapshots_taken, "snapshots taken (snapshot())")                                           \
+    X(snapshot_pause_ns, "nanoseconds snapshot() held the arena's write lock: the arena's faults wait that long") \
     X(vma_names_dropped, "VMA names not shown in /proc/PID/maps: the mapping budget was short, or the kernel refused the name") \
     X(handler_ns, "nanoseconds spent in the fault handler")
 
@@ -145,7 +147,8 @@ inline constexpr std::size_t kLatencyBuckets = 16;
 // meaning, so that a program built against one release of usermm can tell what a Stats it gets
 // from another holds (Stats::version). 2: file VMAs on the kernel's page cache (issue 9). 3: reclaim
 // and swap (pages_swapped_out ... resident_pages; major_faults counts swap-ins too). 4: stacks
-// (stack_growth_faults, stack_pages_grown, stack_overflows). 5: limit_overruns. 6: vma_names_dropped.
+// (stack_growth_faults, stack_pages_grown, stack_overflows). 5: limit_overruns. 6: snapshots_taken,
+// snapshot_pause_ns, vma_names_dropped.
 inline constexpr std::uint32_t kStatsVersion = 6;
 
 struct USERMM_API Stats {

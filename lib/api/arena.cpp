@@ -131,9 +131,22 @@ bool kernel_vma_names() {
     return on;
 }
 
-// Gives an anonymous VMA's name to the kernel for [start, start + len). The name keeps the range's
-// kernel mappings apart from their neighbours for as long as it is there, like MADV_HUGEPAGE: edge
-// marks, read from the kernel, and the budget pays for the (at most two) mappings more.
+// How the kernel treats the boundary at `addr` (the first page past a range, or the last before
+// it) once the range's anonymous memory is named `name` ("" for none): anonymous mappings merge
+// only when their names agree, file mappings never with anonymous memory. A neighbour's name is
+// taken to be the kernel's, dropped or not (vma_names_dropped: then the mapping count may be off
+// by one at that boundary); the reservation between VMAs has none.
+Across across_names(ArenaCore& a, std::uintptr_t addr, const char* name) {
+    const Vma* n = addr >= a.base && addr < a.end ? find_vma(a, addr) : nullptr;
+    if (!n || n->start > addr) return *name ? Across::Apart : Across::Same;
+    if (n->file) return Across::Apart;
+    return std::strcmp(n->name, name) == 0 ? Across::Same : Across::Apart;
+}
+
+// Gives an anonymous VMA's name to the kernel for [start, start + len), before the VMA is in the
+// tree. The name keeps the range's kernel mappings apart from neighbours named otherwise, for as
+// long as it is there: edge marks, read from the kernel (as for MADV_HUGEPAGE), and the budget
+// pays for the (at most two) mappings more.
 void name_kernel_range(ArenaCore& a, std::uintptr_t start, std::size_t len, const char* name) {
     if (!kernel_vma_names() || !*name) return;
     if (map_budget_used() + 2 > map_budget_limit()) {
@@ -142,9 +155,26 @@ void name_kernel_range(ArenaCore& a, std::uintptr_t start, std::size_t len, cons
     }
     const std::size_t first = a.page_index(start), last = a.page_index(start + len);
     const long before = long(mappings_around(a, first, last).size());
-    const int err = page_name_anon(start, len, name);
-    settle_edges(a, first, last, before, Across::Apart, Across::Apart);
-    if (err) account_name_dropped(a);
+    if (page_name_anon(start, len, name) != 0) {  // the kernel changed nothing
+        account_name_dropped(a);
+        return;
+    }
+    settle_edges(a, first, last, before, across_names(a, start - g_page_size, name), across_names(a, start + len, name));
+}
+
+// Takes the names of the anonymous VMAs among `vmas` back from the kernel over `r`, which is
+// leaving the tree (an unmap): the reservation again, which has none.
+void unname_kernel_range(ArenaCore& a, const std::vector<Vma*>& vmas, Range r) {
+    if (!kernel_vma_names() || std::none_of(vmas.begin(), vmas.end(), [](const Vma* v) { return !v->file && *v->name; }))
+        return;
+    const std::size_t first = a.page_index(r.start), last = a.page_index(r.end);
+    const long before = long(mappings_around(a, first, last).size());
+    for (const Vma* v : vmas)
+        if (!v->file && *v->name) {
+            const std::uintptr_t lo = std::max(v->start, r.start), hi = std::min(v->end, r.end);
+            page_name_anon(lo, hi - lo, nullptr);
+        }
+    settle_edges(a, first, last, before, across_names(a, r.start - g_page_size, ""), across_names(a, r.end, ""));
 }
 
 // USERMM_ENGINE=mprotect or =uffd forces an engine (uffd fails loudly where the kernel lacks it: a
@@ -251,6 +281,23 @@ void print_stats_at_exit() {
 }
 
 }  // namespace
+
+void detail::renew_kernel_names(ArenaCore& a, Range r, const std::vector<Range>& gone) {
+    if (!kernel_vma_names()) return;
+    const std::size_t first = a.page_index(r.start), last = a.page_index(r.end);
+    const long before = long(mappings_around(a, first, last).size());
+    for (const Range& g : gone) page_name_anon(g.start, g.end - g.start, nullptr);
+    const char* lo_name = "";
+    const char* hi_name = "";
+    for (auto it = a.tree.upper_bound(r.start); it != a.tree.end() && it->start < r.end; ++it) {
+        if (it->file || it->stack) continue;
+        const std::uintptr_t lo = std::max(it->start, r.start), hi = std::min(it->end, r.end);
+        if (lo == r.start) lo_name = it->name;
+        if (hi == r.end) hi_name = it->name;
+        if (page_name_anon(lo, hi - lo, *it->name ? it->name : nullptr) != 0 && *it->name) account_name_dropped(a);
+    }
+    settle_edges(a, first, last, before, across_names(a, r.start - g_page_size, lo_name), across_names(a, r.end, hi_name));
+}
 
 void detail::init_process() {
     static std::once_flag once;
@@ -523,17 +570,7 @@ void Arena::unmap(void* addr, std::size_t length) {
     for (Vma* v : vmas) writeback_now(a, *v, {std::max(v->start, r.start), std::min(v->end, r.end)}, call);
     for (Vma* v : vmas) release_file_pages(a, *v, {std::max(v->start, r.start), std::min(v->end, r.end)}, call);
     discard_range(a, call, r);
-    // The reservation again: without the name the kernel was given (none for a file part).
-    if (kernel_vma_names() && std::any_of(vmas.begin(), vmas.end(), [](const Vma* v) { return !v->file && *v->name; })) {
-        const std::size_t first = a.page_index(r.start), last = a.page_index(r.end);
-        const long before = long(mappings_around(a, first, last).size());
-        for (const Vma* v : vmas)
-            if (!v->file && *v->name) {
-                const std::uintptr_t lo = std::max(v->start, r.start), hi = std::min(v->end, r.end);
-                page_name_anon(lo, hi - lo, nullptr);
-            }
-        settle_edges(a, first, last, before, Across::Apart, Across::Apart);
-    }
+    unname_kernel_range(a, vmas, r);  // the reservation again: without names
     split_range(a, r, spares);
     int file_err = 0;
     bool kept = false;

@@ -472,7 +472,7 @@ void Arena::sync(void* addr, std::size_t length) {
     ArenaCore& a = live_arena(core_, call);
     const Range r = check_range(a, call, addr, length);
     USERMM_PROBE(sync_begin, a.base, r.start, r.end - r.start);
-    ProbeAtExit probe_end{[&a, r, t0 = now_ns()] { USERMM_PROBE(sync_end, a.base, r.start, r.end - r.start, now_ns() - t0); }};
+    AtScopeExit probe_end{[&a, r, t0 = now_ns()] { USERMM_PROBE(sync_end, a.base, r.start, r.end - r.start, now_ns() - t0); }};
     std::vector<FileSync> pending;
     // Keeps the pages of the write-backs whose fdatasync failed, under the write lock.
     auto keep = [&a](const std::vector<const FileSync*>& failed) {

@@ -117,6 +117,10 @@ struct Range {
     std::uintptr_t start;
     std::uintptr_t end;
 };
+// Where the kernel names anonymous memory (MapOptions::name): after restore() rebuilt the VMAs of
+// `r`, the names of `gone` (anonymous VMAs it removed) are taken back and those of the VMAs now
+// there given (arena.cpp).
+void renew_kernel_names(ArenaCore& a, Range r, const std::vector<Range>& gone);
 
 std::size_t round_up_length(const char* call, std::size_t length, std::uintptr_t addr, const char* name = "length");
 Range check_range(const ArenaCore& a, const char* call, const void* addr, std::size_t length);

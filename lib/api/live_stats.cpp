@@ -130,7 +130,7 @@ struct Publisher {
     pid_t pid = 0;
     std::string name;  // for shm_open and shm_unlink: "/usermm.<pid>"
     LiveSegment* shm = nullptr;
-    std::unique_ptr<LiveSegment> next = std::make_unique<LiveSegment>();  // built under the locks
+    std::unique_ptr<LiveSegment> next = std::make_unique_for_overwrite<LiveSegment>();  // built under the locks
     std::uint32_t interval_ms = kDefaultIntervalMs;
     std::uint64_t start_time = 0;
     std::atomic<std::uint32_t> stop{0};  // futex: the thread sleeps on it between rounds
@@ -150,7 +150,8 @@ static_assert(kLiveNameBytes == kVmaNameMax, "a VMA's name, NUL included, is cop
 // arenas cannot go away meanwhile, and their trees do not change.
 void collect(Publisher& p) {
     LiveSegment& n = *p.next;
-    std::memset(&n, 0, sizeof n);
+    // The header; each entry is cleared as it is filled: the tables' unused pages stay untouched.
+    std::memset(&n, 0, offsetof(LiveSegment, arenas));
     n.magic = kLiveMagic;
     n.layout_version = kLiveLayoutVersion;
     n.stats_version = kStatsVersion;
@@ -169,8 +170,13 @@ void collect(Publisher& p) {
             ArenaCore& a = *reg.arenas[i];
             const auto pages = std::uint64_t(std::max<std::int64_t>(0, a.resident.load(std::memory_order_relaxed)));
             resident += pages;
-            if (i >= kLiveMaxArenas) continue;
+            if (i >= kLiveMaxArenas) {
+                SharedGuard<RwSpinLock> arena_guard(a.lock);
+                n.vmas_total += std::uint32_t(a.tree.size());
+                continue;
+            }
             LiveArena& la = n.arenas[n.arena_count++];
+            la = LiveArena{};
             la.base = a.base;
             la.end = a.end;
             la.resident_pages = pages;
@@ -184,6 +190,7 @@ void collect(Publisher& p) {
             for (const Vma& v : a.tree) {
                 if (n.vma_count == kLiveMaxVmas) break;
                 LiveVma& lv = n.vmas[n.vma_count++];
+                lv = LiveVma{};
                 lv.arena = std::uint32_t(i);
                 lv.kind = v.stack ? LiveVmaKind::Stack : LiveVmaKind(v.kind());
                 lv.start = v.start;
@@ -217,13 +224,15 @@ void stop_publisher(Publisher& p) {
 
 // Creates this process's segment and its thread; a failure is one line on stderr, and the process
 // runs unpublished.
-void start_publisher() {
+// A forked child does not sweep: its parent did when it started, and a program that forks often
+// would scan /dev/shm at every fork.
+void start_publisher(bool sweep) {
     auto p = std::make_unique<Publisher>();
     p->pid = getpid();
     p->name = shm_name(p->pid);
     p->interval_ms = g_config.interval_ms;
     p->start_time = start_time_of(p->pid);
-    sweep_stale_segments();
+    if (sweep) sweep_stale_segments();
     const std::string path = "/dev/shm" + p->name;
     int fd = shm_open(p->name.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0644);
     if (fd < 0 && errno == EEXIST) {
@@ -289,7 +298,7 @@ void after_fork_child() {
 #if defined(__SANITIZE_THREAD__)
     return;  // no thread may start here under ThreadSanitizer (see read_live_config)
 #else
-    start_publisher();
+    start_publisher(false);
 #endif
 }
 
@@ -298,7 +307,7 @@ void after_fork_child() {
 void start_live_stats() {
     g_config = read_live_config();
     if (!g_config.enabled) return;
-    start_publisher();
+    start_publisher(true);
     std::atexit(at_exit);
     // After usermm's own fork handler (registered when the library was loaded): the child's arenas
     // are its own and the registry is unlocked when its publisher starts.

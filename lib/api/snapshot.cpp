@@ -305,7 +305,7 @@ Snapshot Arena::take_snapshot(void* addr, std::size_t length, bool whole) {
     ArenaCore& a = live_arena(core_, call);
     const Range r = check_range(a, call, addr, length);
     USERMM_PROBE(snapshot_begin, a.base, r.start, r.end - r.start);
-    ProbeAtExit probe_end{[&a, r, t0 = now_ns()] { USERMM_PROBE(snapshot_end, a.base, r.start, r.end - r.start, now_ns() - t0); }};
+    AtScopeExit probe_end{[&a, r, t0 = now_ns()] { USERMM_PROBE(snapshot_end, a.base, r.start, r.end - r.start, now_ns() - t0); }};
     require_self_mem(call);
     std::shared_ptr<SnapshotCore> snap = new_snapshot_core(a, r);
     snap->anonymous_only = whole;
@@ -313,6 +313,11 @@ Snapshot Arena::take_snapshot(void* addr, std::size_t length, bool whole) {
     a.history.reserve(a.history.size() + 1);
 
     ApiGuard<std::lock_guard<RwSpinLock>> guard(a.lock);
+    // The pause the arena's faults see: until the guard is let go (this runs just before it).
+    bool taken = false;
+    AtScopeExit pause{[&a, &taken, t0 = now_ns()] {
+        if (taken) account_snapshot_taken(a, now_ns() - t0);
+    }};
     if (!whole) refuse_file_vmas(a, call, r);
     if (a.snapshot_count == kMaxSnapshots)
         fail(EMFILE, "{}: the arena already has {} live snapshots (addr {:#x})", call, kMaxSnapshots, r.start);
@@ -360,6 +365,7 @@ Snapshot Arena::take_snapshot(void* addr, std::size_t length, bool whole) {
     a.snapshots[a.snapshot_count++] = snap.get();
     // The stacks' content now (see arm_write_tracking_but_stacks).
     if (stacks) for_each_stack_part(a, r, [&](Range part) { preserve_range(a, call, part); });
+    taken = true;
     return Snapshot(std::move(snap));
 }
 
@@ -380,7 +386,7 @@ void Arena::restore(const Snapshot& snapshot) {
 
     const Range r{a.page_addr(s.first), a.page_addr(s.last)};
     USERMM_PROBE(restore_begin, a.base, r.start, r.end - r.start);
-    ProbeAtExit probe_end{[&a, r, t0 = now_ns()] { USERMM_PROBE(restore_end, a.base, r.start, r.end - r.start, now_ns() - t0); }};
+    AtScopeExit probe_end{[&a, r, t0 = now_ns()] { USERMM_PROBE(restore_end, a.base, r.start, r.end - r.start, now_ns() - t0); }};
     std::vector<std::unique_ptr<Vma>> fresh;
     for (const auto& rec : s.vmas) {
         auto v = std::make_unique<Vma>();
@@ -540,11 +546,13 @@ void Arena::restore(const Snapshot& snapshot) {
     split_at(a, r.start, lower_spare);
     split_at(a, r.end, upper_spare);
     auto heir = fresh.begin();
+    std::vector<Range> gone;
     for (auto it = a.tree.upper_bound(r.start); it != a.tree.end() && it->start < r.end;) {
         if (it->file) {
             ++it;
             continue;
         }
+        if (*it->name) gone.push_back({it->start, it->end});
         while (heir != fresh.end() && std::next(heir) != fresh.end() && (*std::next(heir))->start < it->end) ++heir;
         if (heir != fresh.end() && (*heir)->start < it->end && (*heir)->end > it->start)
             (*heir)->stats->add(it->stats->load());
@@ -555,6 +563,7 @@ void Arena::restore(const Snapshot& snapshot) {
     for (auto& v : fresh) a.tree.insert(*v.release());
     merge_range(a, r.start, r.end);
     a.last_hit.store(nullptr, kRelaxed);
+    renew_kernel_names(a, r, gone);
     // The content as it was.
     std::uint64_t restored = 0;
     std::vector<const std::byte*> copies;
@@ -608,7 +617,7 @@ DirtySet Arena::collect_dirty(void* addr, std::size_t length) {
     const std::size_t first = a.page_index(r.start), last = a.page_index(r.end);
     DirtySet out;
     USERMM_PROBE(collect_dirty_begin, a.base, r.start, r.end - r.start);
-    ProbeAtExit probe_end{[&a, r, &out, t0 = now_ns()] {
+    AtScopeExit probe_end{[&a, r, &out, t0 = now_ns()] {
         USERMM_PROBE(collect_dirty_end, a.base, r.start, r.end - r.start, out.pages.size(), now_ns() - t0);
     }};
     ApiGuard<std::lock_guard<RwSpinLock>> guard(a.lock);

@@ -26,16 +26,6 @@
 
 namespace usermm {
 
-const char* fault_event_name(FaultEvent e) {
-    static constexpr const char* names[kFaultEventCount] = {
-        "?",           "zero_read", "anon_read", "anon_write",  "upgrade",    "cow",
-        "write_track", "file_read_major", "file_read_minor", "file_cow", "shared_write", "swap_in",
-        "swap_hit",    "hinting",   "stack_grow", "degraded",   "spurious",   "foreign",
-        "access_error", "stack_overflow"};
-    const auto i = unsigned(e);
-    return i > 0 && i < kFaultEventCount ? names[i] : "?";
-}
-
 namespace {
 
 using detail::fail;
@@ -48,8 +38,11 @@ std::uint64_t realtime_ns() {
     return std::uint64_t(ts.tv_sec) * 1000000000u + std::uint64_t(ts.tv_nsec);
 }
 
-// The trace being recorded. One at a time; `lock` orders start, stop and the drainer's writes.
+// The trace being recorded. One at a time. `control` is held across a whole start or stop, so
+// that neither runs while the other waits for the drainer; `lock` orders them with the drainer's
+// writes, and is let go while stop joins it.
 struct Writer {
+    std::mutex control;
     std::mutex lock;
     std::condition_variable wake;
     bool stopping = false;
@@ -157,15 +150,20 @@ void stop_at_exit() {
 }
 
 // The child of fork has no drainer, and the file is its parent's: the trace stops there, silently.
-// The lock may have been held by a thread the child does not have, and the drainer's handle names
-// one: both are made anew in place, forgetting the parent's (destroying them would act on threads
-// that are not here).
+// The locks may have been held by a thread the child does not have, and the drainer's handle names
+// one: they are made anew in place, forgetting the parent's (destroying them would act on threads
+// that are not here). The rings too: a thread the child does not have may have been in the middle of a record (busy).
 void fork_child() {
     TraceState& t = trace_state();
     Writer& w = writer();
+    new (&w.control) std::mutex;
     new (&w.lock) std::mutex;
     new (&w.wake) std::condition_variable;
     if (w.drainer.joinable()) new (&w.drainer) std::thread;
+    for (detail::TraceRing& ring : t.rings) {
+        ring.owner.store(0, std::memory_order_relaxed);
+        ring.busy.store(0, std::memory_order_relaxed);
+    }
     if (!t.on.load(std::memory_order_relaxed)) return;
     t.on.store(false, std::memory_order_relaxed);
     ::close(w.fd);
@@ -182,6 +180,7 @@ void start(const std::string& path, const TraceOptions& options) {
     if (options.drain_interval_ms == 0)
         fail(EINVAL, "{}: drain_interval_ms 0 (path {}) must be positive", call, path);
     Writer& w = writer();
+    std::lock_guard<std::mutex> control(w.control);
     std::lock_guard<std::mutex> guard(w.lock);
     TraceState& t = trace_state();
     if (t.on.load(std::memory_order_relaxed))
@@ -255,6 +254,7 @@ void start_trace(const std::string& path, const TraceOptions& options) {
 
 TraceStats stop_trace() {
     Writer& w = writer();
+    std::lock_guard<std::mutex> control(w.control);
     std::unique_lock<std::mutex> guard(w.lock);
     TraceState& t = trace_state();
     if (!t.on.load(std::memory_order_relaxed)) return {};

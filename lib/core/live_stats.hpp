@@ -122,11 +122,30 @@ static_assert(std::atomic_ref<std::uint64_t>::is_always_lock_free);
 
 namespace live_detail {
 inline std::atomic_ref<std::uint64_t> word(const LiveSegment& s, std::size_t i) {
-    // Loads of a read-only mapping: an atomic 8-byte load on x86-64 is a plain load, it never writes.
+    // Loads of a read-only mapping: an 8-byte atomic load is a plain load on every 64-bit target
+    // (is_always_lock_free, asserted above), it never writes.
     return std::atomic_ref<std::uint64_t>(const_cast<std::uint64_t*>(reinterpret_cast<const std::uint64_t*>(&s))[i]);
 }
-inline constexpr std::size_t kWords = sizeof(LiveSegment) / sizeof(std::uint64_t);
 inline constexpr std::size_t kSequenceWord = offsetof(LiveSegment, sequence) / sizeof(std::uint64_t);
+inline constexpr std::size_t kArenasWord = offsetof(LiveSegment, arenas) / sizeof(std::uint64_t);
+inline constexpr std::size_t kVmasWord = offsetof(LiveSegment, vmas) / sizeof(std::uint64_t);
+static_assert(sizeof(LiveArena) % sizeof(std::uint64_t) == 0 && sizeof(LiveVma) % sizeof(std::uint64_t) == 0);
+static_assert(offsetof(LiveSegment, arenas) % sizeof(std::uint64_t) == 0 &&
+              offsetof(LiveSegment, vmas) % sizeof(std::uint64_t) == 0);
+
+// The words in use: the header and the process's counters, then the arena and VMA entries the
+// counts say, as [first, last) word ranges. A publication writes only these and a reader copies
+// only these, so the segment's other pages are never touched and cost no memory: a process with
+// one arena and a few VMAs holds two or three pages of shmem, not 170 KiB (test_file_cache checks
+// that the system's Shmem does not grow while other tests run).
+template <typename F>
+void for_each_used_range(std::uint32_t arena_count, std::uint32_t vma_count, F f) {
+    const std::size_t arenas = std::min<std::size_t>(arena_count, kLiveMaxArenas);
+    const std::size_t vmas = std::min<std::size_t>(vma_count, kLiveMaxVmas);
+    f(std::size_t(0), kArenasWord);
+    f(kArenasWord, kArenasWord + arenas * sizeof(LiveArena) / sizeof(std::uint64_t));
+    f(kVmasWord, kVmasWord + vmas * sizeof(LiveVma) / sizeof(std::uint64_t));
+}
 }  // namespace live_detail
 
 // The writer, the only one of its segment: `next` (whose own sequence is ignored) becomes the content.
@@ -137,8 +156,10 @@ inline void live_publish(LiveSegment& shm, const LiveSegment& next) {
     // Release stores (plain stores on x86-64), rather than a fence ThreadSanitizer cannot follow: a
     // reader whose acquire load sees one of them then sees the odd sequence stored before it.
     const auto* from = reinterpret_cast<const std::uint64_t*>(&next);
-    for (std::size_t i = 0; i < kWords; ++i)
-        if (i != kSequenceWord) word(shm, i).store(from[i], std::memory_order_release);
+    for_each_used_range(next.arena_count, next.vma_count, [&](std::size_t first, std::size_t last) {
+        for (std::size_t i = first; i < last; ++i)
+            if (i != kSequenceWord) word(shm, i).store(from[i], std::memory_order_release);
+    });
     word(shm, kSequenceWord).store(seq + 2, std::memory_order_release);
 }
 
@@ -154,7 +175,11 @@ inline bool live_read(const LiveSegment& shm, LiveSegment& out) {
     const std::uint64_t before = word(shm, kSequenceWord).load(std::memory_order_acquire);
     if (before == 0 || (before & 1)) return false;
     auto* to = reinterpret_cast<std::uint64_t*>(&out);
-    for (std::size_t i = 0; i < kWords; ++i) to[i] = word(shm, i).load(std::memory_order_acquire);
+    // The header first: its counts (clamped, since a racing copy may be torn) say what else to copy.
+    for (std::size_t i = 0; i < kArenasWord; ++i) to[i] = word(shm, i).load(std::memory_order_acquire);
+    for_each_used_range(out.arena_count, out.vma_count, [&](std::size_t first, std::size_t last) {
+        for (std::size_t i = std::max(first, kArenasWord); i < last; ++i) to[i] = word(shm, i).load(std::memory_order_acquire);
+    });
     return word(shm, kSequenceWord).load(std::memory_order_relaxed) == before;
 }
 

@@ -18,13 +18,14 @@
 
 namespace usermm::detail {
 
-// Runs `end` when the scope is left, also by an exception: an API call's *_end probe.
+// Runs `end` when the scope is left, also by an exception: an API call's *_end probe, and what
+// measures the time a call holds a lock.
 template <typename End>
-struct ProbeAtExit {
+struct AtScopeExit {
     End end;
-    ~ProbeAtExit() { end(); }
+    ~AtScopeExit() { end(); }
 };
 template <typename End>
-ProbeAtExit(End) -> ProbeAtExit<End>;
+AtScopeExit(End) -> AtScopeExit<End>;
 
 }  // namespace usermm::detail

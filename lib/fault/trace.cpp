@@ -13,8 +13,10 @@ constinit TraceState g_trace;
 [[gnu::tls_model("initial-exec")]] constinit thread_local std::uint64_t t_generation = 0;
 [[gnu::tls_model("initial-exec")]] constinit thread_local std::uint32_t t_tid = 0;
 
+// The tid is asked at every claim (claims are rare): a forked child's thread inherits its parent's
+// thread-locals, tid included.
 TraceRing* claim_ring() {
-    if (!t_tid) t_tid = std::uint32_t(syscall(SYS_gettid));
+    t_tid = std::uint32_t(syscall(SYS_gettid));
     for (TraceRing& ring : g_trace.rings) {
         std::uint32_t free = 0;
         if (ring.owner.load(std::memory_order_relaxed) == 0 &&
@@ -23,16 +25,11 @@ TraceRing* claim_ring() {
     }
     return nullptr;
 }
-
-std::uint8_t flags_of(const vm_fault& vmf) {
-    const auto access = std::uint8_t(vmf.access);
-    return std::uint8_t((vmf.major ? kTraceMajor : 0) | (access << 1) | (vmf.direct_reclaim ? kTraceDirectReclaim : 0));
-}
 }  // namespace
 
 TraceState& trace_state() { return g_trace; }
 
-void trace_fault(const vm_fault& vmf, FaultEvent event, std::uint64_t when, std::uint64_t ns) {
+void trace_fault(const vm_fault& vmf, FaultEvent event, std::uint8_t flags, std::uint64_t when, std::uint64_t ns) {
     if (!g_trace.on.load(std::memory_order_acquire)) return;
     const std::uint64_t generation = g_trace.generation.load(std::memory_order_relaxed);
     if (t_generation != generation) {
@@ -46,11 +43,13 @@ void trace_fault(const vm_fault& vmf, FaultEvent event, std::uint64_t when, std:
         g_trace.dropped.fetch_add(1, std::memory_order_relaxed);
         return;
     }
-    ring->busy.store(1, std::memory_order_seq_cst);
+    // A count, not a flag: a thread whose ring was given to another thread by a stop and a start
+    // meanwhile touches it once more here, and must not end the new owner's busy time.
+    ring->busy.fetch_add(1, std::memory_order_seq_cst);
     // Stopped meanwhile, or stopped and started again (the ring may be another thread's now).
     if (!g_trace.on.load(std::memory_order_seq_cst) ||
         g_trace.generation.load(std::memory_order_relaxed) != generation) {
-        ring->busy.store(0, std::memory_order_release);
+        ring->busy.fetch_sub(1, std::memory_order_release);
         return;
     }
     const std::uint64_t head = ring->head.load(std::memory_order_relaxed);
@@ -67,11 +66,11 @@ void trace_fault(const vm_fault& vmf, FaultEvent event, std::uint64_t when, std:
         r.tid = t_tid;
         r.pages = vmf.pages > UINT16_MAX ? UINT16_MAX : std::uint16_t(vmf.pages);
         r.event = std::uint8_t(event);
-        r.flags = flags_of(vmf);
+        r.flags = flags;
         r.reserved = 0;
         ring->head.store(head + 1, std::memory_order_release);
     }
-    ring->busy.store(0, std::memory_order_release);
+    ring->busy.fetch_sub(1, std::memory_order_release);
 }
 
 }  // namespace usermm::detail

@@ -8,7 +8,7 @@
 // drops the record and counts it.
 //
 // Stopping a trace and a fault that is writing meet through `busy` (Dekker-style, both sides
-// sequentially consistent): the fault sets busy and then reads `on`; stop clears `on` and then
+// sequentially consistent): the fault raises busy and then reads `on`; stop clears `on` and then
 // waits until no ring is busy. Either the fault sees the trace off, or stop sees the fault and
 // waits for it, so buffers are never freed under a writer. `generation` tells a thread that the
 // ring it claimed belongs to an earlier trace.
@@ -26,12 +26,14 @@ namespace usermm::detail {
 
 struct alignas(64) TraceRing {
     std::atomic<std::uint32_t> owner{0};  // the thread (tid) writing it; 0: free
-    std::atomic<std::uint32_t> busy{0};   // its thread is between the check of `on` and its last write
+    std::atomic<std::uint32_t> busy{0};   // faults between their check of `on` and their last write
     std::atomic<std::uint64_t> head{0};   // records written (the producer's)
     std::atomic<std::uint64_t> tail{0};   // records drained (the drainer's)
 };
 
 struct TraceState {
+    // Threads that fault while a trace is on, at once; the faults of a thread beyond them are
+    // dropped (counted) until the drainer frees the ring of a thread that ended.
     static constexpr std::size_t kRings = 128;
     std::atomic<bool> on{false};
     std::atomic<std::uint64_t> generation{0};
@@ -45,6 +47,6 @@ struct TraceState {
 TraceState& trace_state();
 
 // Appends the fault's record if a trace is on: it began at `when` (CLOCK_MONOTONIC) and took `ns`.
-void trace_fault(const vm_fault& vmf, FaultEvent event, std::uint64_t when, std::uint64_t ns);
+void trace_fault(const vm_fault& vmf, FaultEvent event, std::uint8_t flags, std::uint64_t when, std::uint64_t ns);
 
 }  // namespace usermm::detail
