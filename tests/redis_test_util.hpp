@@ -17,28 +17,9 @@
 #include <vector>
 
 #include "far_test_util.hpp"
+#include "test_util.hpp"
 
 namespace usermm_test {
-
-// A directory of its own under /tmp, removed with the object.
-class TempDir {
-public:
-    TempDir() {
-        char name[] = "/tmp/usermm-redis-XXXXXX";
-        if (!mkdtemp(name)) throw std::runtime_error("mkdtemp failed");
-        path_ = name;
-    }
-    ~TempDir() {
-        std::error_code ec;
-        std::filesystem::remove_all(path_, ec);
-    }
-    TempDir(const TempDir&) = delete;
-    TempDir& operator=(const TempDir&) = delete;
-    const std::string& path() const { return path_; }
-
-private:
-    std::string path_;
-};
 
 // redis-server on 127.0.0.1 that neither saves nor evicts unless `extra` says otherwise (a later
 // option overrides an earlier one).

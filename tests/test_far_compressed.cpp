@@ -39,27 +39,7 @@ using usermm::CompressedStore;
 using usermm::PageIo;
 using usermm::Stats;
 using usermm::SwapFile;
-
-// The swap files live on a disk (/var/tmp: a tmpfs would hold the "evicted" pages in memory), in a
-// directory of the test's own that goes with it even when a check fails.
-class TempDir {
-public:
-    TempDir() {
-        char name[] = "/var/tmp/usermm-compressed-XXXXXX";
-        if (!mkdtemp(name)) std::abort();
-        path_ = name;
-    }
-    ~TempDir() {
-        std::error_code ec;
-        std::filesystem::remove_all(path_, ec);
-    }
-    TempDir(const TempDir&) = delete;
-    TempDir& operator=(const TempDir&) = delete;
-    std::string file(const char* name) const { return path_ + "/" + name; }
-
-private:
-    std::string path_;
-};
+using usermm_test::TempDir;
 
 CompressedOptions tier_options(std::uint64_t budget, Codec codec = Codec::Lz4) {
     CompressedOptions o;
@@ -187,7 +167,7 @@ private:
 TEST_CASE("store level: a zero and a same-filled page are tags, text is compressed, random bytes go behind") {
     for (Codec codec : {Codec::Lz4, Codec::Zstd}) {
         CAPTURE(name(codec));
-        TempDir dir;
+        TempDir dir("/var/tmp");
         SwapFile backing(dir.file("swap"), 16 << 20);
         CompressedStore tier(backing, tier_options(1 << 20, codec));
         CHECK(tier.describe() ==
@@ -262,7 +242,7 @@ TEST_CASE("store level: a zero and a same-filled page are tags, text is compress
 TEST_CASE("a small budget: the oldest pages are written back in batches, the pool never over budget, all intact") {
     for (Codec codec : {Codec::Lz4, Codec::Zstd}) {
         CAPTURE(name(codec));
-        TempDir dir;
+        TempDir dir("/var/tmp");
         SwapFile backing(dir.file("swap"), 16 << 20);
         constexpr std::uint64_t budget = 64 << 10;
         CompressedStore tier(backing, tier_options(budget, codec));
@@ -307,7 +287,7 @@ TEST_CASE("a small budget: the oldest pages are written back in batches, the poo
 }
 
 TEST_CASE("threads writing, reading and releasing at once over a small budget: every page reads back its own") {
-    TempDir dir;
+    TempDir dir("/var/tmp");
     SwapFile backing(dir.file("swap"), 16 << 20);
     constexpr std::uint64_t budget = 32 << 10;
     CompressedStore tier(backing, tier_options(budget));
@@ -358,7 +338,7 @@ TEST_CASE("threads writing, reading and releasing at once over a small budget: e
 TEST_CASE("an arena four times its resident limit on the tier, four threads, both codecs: content intact") {
     for (Codec codec : {Codec::Lz4, Codec::Zstd}) {
         CAPTURE(name(codec));
-        TempDir dir;
+        TempDir dir("/var/tmp");
         SwapFile backing(dir.file("swap"), 64 << 20);
         // Room for about a hundred text pages: writeback runs too, concurrently with hits.
         CompressedStore tier(backing, tier_options(256 << 10, codec));
@@ -415,7 +395,7 @@ TEST_CASE("an arena four times its resident limit on the tier, four threads, bot
 }
 
 TEST_CASE("the store behind full: the tier's writes fail with ENOSPC, the arena's pages stay resident and intact") {
-    TempDir dir;
+    TempDir dir("/var/tmp");
     // Four pages behind, 8 KiB of pool: a cluster of 32 text pages cannot all go anywhere.
     SwapFile backing(dir.file("swap"), 4 * page());
     constexpr std::uint64_t budget = 8 << 10;
@@ -491,7 +471,7 @@ TEST_CASE("the store behind full: the tier's writes fail with ENOSPC, the arena'
 }
 
 TEST_CASE("a read the store behind fails is an error for its page alone") {
-    TempDir dir;
+    TempDir dir("/var/tmp");
     SwapFile inner(dir.file("swap"), 4 << 20);
     ReadFailStore backing(inner);
     CompressedStore tier(backing, tier_options(1 << 20));
@@ -522,7 +502,7 @@ TEST_CASE("a read the store behind fails is an error for its page alone") {
 // multi-threaded fork.
 TEST_CASE("fork with an arena on the tier: its pages come back before the child exists, which reads them all" *
           doctest::skip(usermm_test::kSkipUnderTsan)) {
-    TempDir dir;
+    TempDir dir("/var/tmp");
     SwapFile backing(dir.file("swap"), 16 << 20);
     CompressedStore tier(backing, tier_options(128 << 10));
     constexpr std::size_t limit = 2 * kCluster, n = 8 * limit;

@@ -9,7 +9,6 @@
 
 #include <cstdio>
 #include <cstdlib>
-#include <filesystem>
 #include <fstream>
 #include <map>
 #include <set>
@@ -42,12 +41,6 @@ std::string run_capture(const std::string& command, int* status) {
         *status = -1;
     }
     return out;
-}
-
-std::string temp_dir() {
-    char tmpl[] = "/tmp/usermm-probes-XXXXXX";
-    REQUIRE(mkdtemp(tmpl) != nullptr);
-    return tmpl;
 }
 
 // The probes perf can count: added once for the whole file, removed at exit.
@@ -143,7 +136,8 @@ TEST_CASE("the library holds a probe for every fault event and for reclaim, snap
 }
 
 TEST_CASE("perf counts each probe as often as usermm counts the faults it marks" * doctest::skip(!g_perf_ready)) {
-    const std::string dir = temp_dir();
+    const usermm_test::TempDir tmp;
+    const std::string& dir = tmp.path();
     const std::string stats = dir + "/stats", csv = dir + "/perf.csv";
     std::string events;
     for (const std::string& n : fault_probes()) events += (events.empty() ? "" : ",") + ("sdt_usermm:" + n);
@@ -187,5 +181,4 @@ TEST_CASE("perf counts each probe as often as usermm counts the faults it marks"
         CHECK_MESSAGE(p(name) > 0, name, " never fired");
     CHECK(p("evict") > 0);
     CHECK(u("pages_swapped_out") > 0);
-    std::filesystem::remove_all(dir);
 }

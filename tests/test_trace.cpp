@@ -24,16 +24,7 @@ namespace {
 using usermm::FaultEvent;
 using usermm::TraceHeader;
 using usermm::TraceRecord;
-
-struct TempDir {
-    std::string path;
-    TempDir() {
-        char tmpl[] = "/tmp/usermm-trace-XXXXXX";
-        REQUIRE(mkdtemp(tmpl) != nullptr);
-        path = tmpl;
-    }
-    ~TempDir() { std::filesystem::remove_all(path); }
-};
+using usermm_test::TempDir;
 
 struct Trace {
     TraceHeader header{};
@@ -79,7 +70,7 @@ TEST_CASE("a trace of a known workload holds exactly its faults, in order, with 
     const std::size_t page = usermm::page_size();
     constexpr std::size_t kPages = 200;
     TempDir dir;
-    const std::string path = dir.path + "/known.trace";
+    const std::string path = dir.path() + "/known.trace";
     usermm::Arena arena(16 << 20);
     auto* p = static_cast<volatile char*>(
         arena.map(kPages * page, usermm::Prot::ReadWrite, {.name = "known", .fault_around_pages = 1}));
@@ -121,7 +112,7 @@ TEST_CASE("a slow reader drops records, counted, and never holds up the faulting
     const std::size_t page = usermm::page_size();
     constexpr std::size_t kPages = 1000, kRing = 64;
     TempDir dir;
-    const std::string path = dir.path + "/slow.trace";
+    const std::string path = dir.path() + "/slow.trace";
     usermm::Arena arena(16 << 20);
     auto* p = static_cast<volatile char*>(
         arena.map(kPages * page, usermm::Prot::ReadWrite, {.fault_around_pages = 1}));
@@ -145,7 +136,7 @@ TEST_CASE("threads record into rings of their own; every fault of every thread i
     const std::size_t page = usermm::page_size();
     constexpr std::size_t kThreads = 4, kPages = 2000;
     TempDir dir;
-    const std::string path = dir.path + "/threads.trace";
+    const std::string path = dir.path() + "/threads.trace";
     usermm::Arena arena(64 << 20);
     auto* p = static_cast<volatile char*>(
         arena.map(kThreads * kPages * page, usermm::Prot::ReadWrite, {.fault_around_pages = 1}));
@@ -185,21 +176,21 @@ TEST_CASE("threads record into rings of their own; every fault of every thread i
 TEST_CASE("start_trace refuses a second trace and a path it cannot create; stop without a trace is a no-op") {
     TempDir dir;
     CHECK(usermm::stop_trace().records == 0);
-    CHECK_THROWS_WITH_AS(usermm::start_trace(dir.path + "/no/such/dir/x.trace"),
+    CHECK_THROWS_WITH_AS(usermm::start_trace(dir.path() + "/no/such/dir/x.trace"),
                          doctest::Contains("usermm::start_trace: cannot create"), usermm::Error);
-    CHECK_THROWS_WITH_AS(usermm::start_trace(dir.path + "/x.trace", {.ring_records = 0}),
+    CHECK_THROWS_WITH_AS(usermm::start_trace(dir.path() + "/x.trace", {.ring_records = 0}),
                          doctest::Contains("ring_records 0"), usermm::Error);
-    usermm::start_trace(dir.path + "/a.trace");
-    CHECK_THROWS_WITH_AS(usermm::start_trace(dir.path + "/b.trace"), doctest::Contains("already being recorded"),
+    usermm::start_trace(dir.path() + "/a.trace");
+    CHECK_THROWS_WITH_AS(usermm::start_trace(dir.path() + "/b.trace"), doctest::Contains("already being recorded"),
                          usermm::Error);
     CHECK(usermm::stop_trace().dropped == 0);
-    CHECK_FALSE(std::filesystem::exists(dir.path + "/b.trace"));
+    CHECK_FALSE(std::filesystem::exists(dir.path() + "/b.trace"));
 }
 
 TEST_CASE("a forked child's faults are not written into its parent's trace") {
     const std::size_t page = usermm::page_size();
     TempDir dir;
-    const std::string path = dir.path + "/fork.trace";
+    const std::string path = dir.path() + "/fork.trace";
     usermm::Arena arena(16 << 20);
     auto* p = static_cast<volatile char*>(arena.map(64 * page, usermm::Prot::ReadWrite, {.fault_around_pages = 1}));
     usermm::start_trace(path);
@@ -220,11 +211,11 @@ TEST_CASE("a forked child's faults are not written into its parent's trace") {
 
 TEST_CASE("USERMM_TRACE records a whole run of another program, one record for every fault it counted") {
     TempDir dir;
-    const std::string stats = dir.path + "/stats";
+    const std::string stats = dir.path() + "/stats";
     // "%p": the file is named for the process that wrote it.
-    REQUIRE(run("USERMM_TRACE=" + dir.path + "/mix-%p.trace " + USERMM_FAULT_MIX + " " + stats + " " + dir.path) == 0);
+    REQUIRE(run("USERMM_TRACE=" + dir.path() + "/mix-%p.trace " + USERMM_FAULT_MIX + " " + stats + " " + dir.path()) == 0);
     std::vector<std::string> traces;
-    for (const auto& e : std::filesystem::directory_iterator(dir.path))
+    for (const auto& e : std::filesystem::directory_iterator(dir.path()))
         if (e.path().extension() == ".trace") traces.push_back(e.path().string());
     REQUIRE(traces.size() == 1);
     const std::string trace = traces[0];
@@ -236,7 +227,7 @@ TEST_CASE("USERMM_TRACE records a whole run of another program, one record for e
         while (in >> name >> v) counted[name] = v;
     }
     const Trace t = read_trace(trace);
-    CHECK(trace == dir.path + "/mix-" + std::to_string(t.header.pid) + ".trace");
+    CHECK(trace == dir.path() + "/mix-" + std::to_string(t.header.pid) + ".trace");
     CHECK(t.header.closed == 1);
     CHECK(t.header.records == t.records.size());
     REQUIRE(t.header.dropped == 0);
@@ -263,7 +254,7 @@ TEST_CASE("USERMM_TRACE records a whole run of another program, one record for e
 
 #ifdef USERMM_TRACE_BIN
     // usermm-trace draws the trace: real PNG files of a real size.
-    const std::string prefix = dir.path + "/mix";
+    const std::string prefix = dir.path() + "/mix";
     // gnuplot is one of the test command's dependencies (scripts/install-deps.sh): its absence fails here.
     REQUIRE(run(std::string(USERMM_TRACE_BIN) + " plot " + trace + " --out " + prefix + " > /dev/null") == 0);
     for (const char* suffix : {"-address.png", "-latency.png"}) {

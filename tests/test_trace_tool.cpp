@@ -25,11 +25,14 @@
 #include <doctest/doctest.h>
 #include <usermm/trace.hpp>
 
+#include "test_util.hpp"
+
 extern char** environ;
 
 using usermm::FaultEvent;
 using usermm::TraceHeader;
 using usermm::TraceRecord;
+using usermm_test::TempDir;
 
 namespace {
 
@@ -50,25 +53,6 @@ const bool g_have_gnuplot = [] {
     int status = 0;
     return spawned && waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0;
 }();
-
-class TempDir {
-public:
-    TempDir() {
-        std::string pattern = (std::filesystem::temp_directory_path() / "test_trace_tool.XXXXXX").string();
-        REQUIRE(mkdtemp(pattern.data()) != nullptr);
-        path_ = pattern;
-    }
-    TempDir(const TempDir&) = delete;
-    TempDir& operator=(const TempDir&) = delete;
-    ~TempDir() {
-        std::error_code ec;
-        std::filesystem::remove_all(path_, ec);
-    }
-    std::string file(const std::string& name) const { return (path_ / name).string(); }
-
-private:
-    std::filesystem::path path_;
-};
 
 std::string slurp(const std::string& path) {
     std::ifstream in(path, std::ios::binary);

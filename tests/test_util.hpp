@@ -12,10 +12,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <filesystem>
 #include <functional>
 #include <initializer_list>
 #include <string>
 #include <string_view>
+#include <system_error>
 
 #include <doctest/doctest.h>
 #include <usermm/usermm.hpp>
@@ -34,6 +36,28 @@ inline constexpr bool kSkipUnderTsan = true;
 #else
 inline constexpr bool kSkipUnderTsan = false;
 #endif
+
+// A directory of the test's own, removed with the object even when a check fails. Under /tmp by
+// default; /var/tmp for files that must be on a disk (a tmpfs would hold "evicted" pages in memory).
+class TempDir {
+public:
+    explicit TempDir(const char* parent = "/tmp") {
+        std::string pattern = std::string(parent) + "/usermm-test-XXXXXX";
+        if (!mkdtemp(pattern.data())) std::abort();
+        path_ = pattern;
+    }
+    ~TempDir() {
+        std::error_code ec;
+        std::filesystem::remove_all(path_, ec);
+    }
+    TempDir(const TempDir&) = delete;
+    TempDir& operator=(const TempDir&) = delete;
+    const std::string& path() const { return path_; }
+    std::string file(std::string_view name) const { return path_ + "/" + std::string(name); }
+
+private:
+    std::string path_;
+};
 
 // How a forked child ended, with everything it wrote to stderr.
 struct ChildEnd {

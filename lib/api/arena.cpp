@@ -55,9 +55,7 @@ long read_long_file(const char* path, long fallback) {
     return v;
 }
 
-// The environment, read once. One rule for every variable: a value usermm cannot use gets a
-// one-line diagnostic on stderr and the default, as the kernel treats a bad boot parameter; an
-// empty value is no value.
+// The environment, read once, by the rule of environment_value and environment_refused.
 enum class EngineWanted { Default, Mprotect, Uffd };
 struct Environment {
     long map_budget = 0;  // 0: the default
@@ -68,13 +66,8 @@ struct Environment {
 
 Environment read_environment() {
     Environment env;
-    auto value = [](const char* name) -> const char* {
-        const char* v = std::getenv(name);
-        return v && *v ? v : nullptr;
-    };
-    auto bad = [](const char* name, const char* v, const char* expected) {
-        std::fprintf(stderr, "usermm: %s is '%s'; it must be %s: the default applies\n", name, v, expected);
-    };
+    const auto value = environment_value;
+    const auto bad = environment_refused;
     if (const char* v = value("USERMM_MAP_BUDGET")) {
         const char* end = v + std::strlen(v);
         long n = 0;

@@ -10,6 +10,8 @@
 #include <fmt/format.h>
 
 #include <array>
+#include <cstdio>
+#include <cstdlib>
 #include <cstdint>
 #include <memory>
 #include <new>
@@ -86,6 +88,17 @@ private:
     AsyncSignalsBlocked blocked_;  // restored after the lock is released
     Guard guard_;
 };
+
+// The environment's one rule for every USERMM_* variable: an empty value is no value, and a value
+// usermm cannot use gets a one-line diagnostic on stderr and the default, as the kernel treats a
+// bad boot parameter.
+inline const char* environment_value(const char* name) {
+    const char* v = std::getenv(name);
+    return v && *v ? v : nullptr;
+}
+inline void environment_refused(const char* name, const char* value, const char* expected) {
+    std::fprintf(stderr, "usermm: %s is '%s'; it must be %s: the default applies\n", name, value, expected);
+}
 
 // Once per process: page size, handlers, map budget, fork handlers, USERMM_STATS.
 void init_process();

@@ -47,8 +47,7 @@ struct LiveConfig {
     std::uint32_t interval_ms = kDefaultIntervalMs;
 };
 
-// The environment's rule is arena.cpp's: a value usermm cannot use gets one line on stderr and
-// the default; an empty value is no value.
+// The environment's rule (environment_value, environment_refused).
 LiveConfig read_live_config() {
     LiveConfig c;
 #if defined(__SANITIZE_THREAD__)
@@ -57,13 +56,8 @@ LiveConfig read_live_config() {
     // asked for, never on by default.
     c.enabled = false;
 #endif
-    auto value = [](const char* name) -> const char* {
-        const char* v = std::getenv(name);
-        return v && *v ? v : nullptr;
-    };
-    auto bad = [](const char* name, const char* v, const char* expected) {
-        std::fprintf(stderr, "usermm: %s is '%s'; it must be %s: the default applies\n", name, v, expected);
-    };
+    const auto value = environment_value;
+    const auto bad = environment_refused;
     if (const char* v = value("USERMM_STAT")) {
         const std::string_view want = v;
         if (want == "0" || want == "1")
