@@ -1,11 +1,16 @@
 // Snapshots against fork(): the pause of taking one, the cost of the first write to a page after
 // it, and the memory it costs, for resident heaps of 256 MiB, 1 GiB and 4 GiB, side by side in one
-// run. The engine is the default one (userfaultfd where the kernel has it); USERMM_ENGINE=mprotect
-// measures the other.
+// run, with the floor of the mechanism beside them (a bare handler that copies and gives write access
+// back). The store pool carries released snapshots' pages from one round to the next. The engine is
+// the default one (userfaultfd where the kernel has it); USERMM_ENGINE=mprotect measures the other.
 // Usage: usermm-bench-snapshot [heap MiB]   (one heap of that size instead of the three; 4 is a
 // smoke run)
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
 #include <signal.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -73,11 +78,89 @@ ForkResult fork_once(char* heap, const std::vector<std::size_t>& order) {
     return {pause, write};
 }
 
+// The mechanism's floor: a handler that copies the page into a store page that is already there and
+// gives write access back (UFFDIO_WRITEPROTECT, or mprotect for the mprotect engine), and nothing
+// else: no lookup, no locks, no accounting. It runs in a forked child with a heap of its own, so
+// that its SIGBUS/SIGSEGV handler replaces usermm's there only.
+namespace bare {
+
+int g_uffd = -1;
+char* g_store = nullptr;
+std::size_t g_used = 0;
+
+void on_fault(int, siginfo_t* si, void*) {
+    char* page = reinterpret_cast<char*>(reinterpret_cast<std::uintptr_t>(si->si_addr) & ~(kPage - 1));
+    std::memcpy(g_store + g_used++ * kPage, page, kPage);
+    if (g_uffd < 0) {
+        mprotect(page, kPage, PROT_READ | PROT_WRITE);
+        return;
+    }
+    uffdio_writeprotect wp{};
+    wp.range.start = reinterpret_cast<std::uintptr_t>(page);
+    wp.range.len = kPage;
+    ioctl(g_uffd, UFFDIO_WRITEPROTECT, &wp);
+}
+
+// In the child: ns per first write to the pages of `order` of a written, write-protected heap.
+double first_write(std::size_t bytes, bool huge, bool uffd, const std::vector<std::size_t>& order) {
+    char* heap = static_cast<char*>(mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+    g_store = static_cast<char*>(mmap(nullptr, order.size() * kPage, PROT_READ | PROT_WRITE,
+                                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0));
+    if (heap == MAP_FAILED || g_store == MAP_FAILED) std::abort();
+    madvise(heap, bytes, huge ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
+    for (std::size_t p = 0; p < bytes / kPage; ++p) *reinterpret_cast<std::uint64_t*>(heap + p * kPage) = p;
+    struct sigaction sa{};
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO;
+    sigaction(uffd ? SIGBUS : SIGSEGV, &sa, nullptr);
+    if (uffd) {
+        g_uffd = int(syscall(SYS_userfaultfd, O_CLOEXEC | UFFD_USER_MODE_ONLY));
+        uffdio_api api{};
+        api.api = UFFD_API;
+        api.features = UFFD_FEATURE_SIGBUS | UFFD_FEATURE_PAGEFAULT_FLAG_WP;
+        uffdio_register reg{};
+        reg.range.start = reinterpret_cast<std::uintptr_t>(heap);
+        reg.range.len = bytes;
+        reg.mode = UFFDIO_REGISTER_MODE_WP;
+        uffdio_writeprotect wp{};
+        wp.range = reg.range;
+        wp.mode = UFFDIO_WRITEPROTECT_MODE_WP;
+        if (g_uffd < 0 || ioctl(g_uffd, UFFDIO_API, &api) || ioctl(g_uffd, UFFDIO_REGISTER, &reg) ||
+            ioctl(g_uffd, UFFDIO_WRITEPROTECT, &wp))
+            std::abort();
+    } else if (mprotect(heap, bytes, PROT_READ) != 0) {
+        std::abort();
+    }
+    return write_pages(heap, order, 5);
+}
+
+// The same, from the parent: the child's answer over a pipe.
+double first_write_in_child(std::size_t bytes, bool huge, bool uffd, const std::vector<std::size_t>& order) {
+    int fds[2];
+    if (pipe(fds) != 0) std::abort();
+    const pid_t pid = fork();
+    if (pid == 0) {
+        const double ns = first_write(bytes, huge, uffd, order);
+        if (write(fds[1], &ns, sizeof ns) != sizeof ns) _exit(1);
+        _exit(0);
+    }
+    close(fds[1]);
+    double ns = 0;
+    if (read(fds[0], &ns, sizeof ns) != sizeof ns) std::abort();
+    close(fds[0]);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    return ns;
+}
+
+}  // namespace bare
+
 struct SnapshotResult {
     double pause_ms;
     double first_write_ns;
     double repeat_pause_ms;  // the next checkpoint, after 1% of the heap changed
     std::uint64_t copied_bytes;
+    std::uint64_t recycled_pages;  // of those copies, onto pages of a pooled store
 };
 
 // A checkpoint loop as a database would run it: the previous snapshot lives until the next one is
@@ -89,6 +172,7 @@ SnapshotResult snapshot_once(usermm::Arena& arena, char* heap, std::size_t pages
     const double pause = double(now_ns() - t0) / 1e6;
     const double write = write_pages(heap, order, 9);
     const std::uint64_t copied = previous->stats().cow_bytes_copied;
+    const std::uint64_t recycled = previous->stats().snapshot_pages_recycled;
     previous = arena.snapshot(heap, pages * kPage);  // re-arms what the timed writes changed
     std::vector<std::size_t> one_percent(pages / 100);
     for (auto& p : one_percent) p = rng() % pages;
@@ -96,7 +180,7 @@ SnapshotResult snapshot_once(usermm::Arena& arena, char* heap, std::size_t pages
     t0 = now_ns();
     usermm::Snapshot next = arena.snapshot(heap, pages * kPage);
     const double repeat = double(now_ns() - t0) / 1e6;
-    return {pause, write, repeat, copied};
+    return {pause, write, repeat, copied, recycled};
 }
 
 // A heap of `bytes`, every page written, in a fresh arena (so that huge pages split by an earlier
@@ -129,7 +213,9 @@ void heap_row(std::size_t bytes, bool huge) {
     std::mt19937_64 rng(bytes);
     std::vector<std::size_t> all(pages);
     std::iota(all.begin(), all.end(), 0);
-    std::vector<double> fork_pause, fork_write, snap_pause, snap_write, snap_repeat;
+    std::vector<double> fork_pause, fork_write, bare_write, snap_pause, snap_write, snap_repeat;
+    const bool uffd = usermm::detail::tracking_engine() == usermm::detail::TrackingEngine::Uffd;
+    std::uint64_t recycled = 0;
     std::uint64_t copied = 0;
     std::size_t huge_mib = 0;
     for (int r = 0; r < kRounds; ++r) {
@@ -140,6 +226,8 @@ void heap_row(std::size_t bytes, bool huge) {
             fork_pause.push_back(f.pause_ms);
             fork_write.push_back(f.first_write_ns);
         }
+        std::shuffle(all.begin(), all.end(), rng);
+        bare_write.push_back(bare::first_write_in_child(bytes, huge, uffd, {all.begin(), all.begin() + std::min(kWrites, pages)}));
         Heap heap(bytes, huge);
         huge_mib = huge_resident_mib();
         std::shuffle(all.begin(), all.end(), rng);
@@ -149,14 +237,17 @@ void heap_row(std::size_t bytes, bool huge) {
         snap_write.push_back(s.first_write_ns);
         snap_repeat.push_back(s.repeat_pause_ms);
         copied = s.copied_bytes;
+        recycled = s.recycled_pages;
     }
-    const double fp = median(fork_pause), fw = median(fork_write), sp = median(snap_pause),
+    const double fp = median(fork_pause), fw = median(fork_write), bw = median(bare_write), sp = median(snap_pause),
                  sw = median(snap_write), sr = median(snap_repeat);
     fmt::print("{:>5} MiB {} ({:>4} MiB huge)  fork pause {:7.2f} ms | snapshot {:7.2f} ms = {:4.2f}x  repeat (1% "
-               "changed) {:6.2f} ms = {:5.3f}x | first write: fork {:5.0f} ns, snapshot {:5.0f} ns = {:4.2f}x | copied "
-               "{} pages for {} written\n",
+               "changed) {:6.2f} ms = {:5.3f}x | first write: fork {:5.0f} ns, bare handler {:5.0f} ns = {:4.2f}x, "
+               "snapshot {:5.0f} ns = {:4.2f}x ({:4.2f}x the bare handler) | copied {} pages for {} written, {} onto "
+               "pooled pages\n",
                bytes >> 20, huge ? fmt::format("{}M", kHuge >> 20) : fmt::format("{}K", kPage >> 10), huge_mib, fp,
-               sp, sp / fp, sr, sr / fp, fw, sw, sw / fw, copied / kPage, std::min(kWrites, pages));
+               sp, sp / fp, sr, sr / fp, fw, bw, bw / fw, sw, sw / fw, sw / bw, copied / kPage,
+               std::min(kWrites, pages), recycled);
 }
 
 // The VM backs guest memory lazily; touch more than the largest heap so no variant pays for it.
@@ -176,6 +267,8 @@ int main(int argc, char** argv) {
     fmt::print("usermm snapshot vs fork(): median of {} rounds, {} first writes to random pages, engine {}\n", kRounds,
                kWrites, uffd ? "uffd" : "mprotect");
     fmt::print("targets: snapshot pause <= 0.25x fork's; first write <= 1.5x fork's; copied = pages written\n");
+    fmt::print("store pool: up to {} MiB of released snapshots' pages (the first round has none)\n",
+               usermm::snapshot_store_pool().limit_bytes >> 20);
     const std::size_t largest = *std::max_element(sizes.begin(), sizes.end());
     warm_up(largest + std::min<std::size_t>(largest, 1ull << 30));
     for (bool huge : {false, true})

@@ -568,6 +568,7 @@ TEST_CASE("memory: a snapshot of a fully written 64 MiB arena costs only the pag
     char* const base = static_cast<char*>(arena.map(pages * ps, Prot::ReadWrite, {.name = "heap"}));
     for (std::size_t i = 0; i < pages; ++i) write_u64(base + i * ps, i + 1);
 
+    const NoStorePool no_pool;
     usermm::Snapshot snap = arena.snapshot();
     const usermm::Stats before = arena.stats();
     std::vector<std::size_t> order(pages);

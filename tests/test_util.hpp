@@ -37,6 +37,19 @@ inline constexpr bool kSkipUnderTsan = true;
 inline constexpr bool kSkipUnderTsan = false;
 #endif
 
+// The store pool emptied and off while the object lives: a test of what snapshot copies cost in
+// memory sees every copy commit a page of its own, whatever earlier cases released.
+class NoStorePool {
+public:
+    NoStorePool() : limit_(usermm::set_snapshot_store_pool(0)) {}
+    ~NoStorePool() { usermm::set_snapshot_store_pool(limit_); }
+    NoStorePool(const NoStorePool&) = delete;
+    NoStorePool& operator=(const NoStorePool&) = delete;
+
+private:
+    std::size_t limit_;
+};
+
 // A directory of the test's own, removed with the object even when a check fails. Under /tmp by
 // default; /var/tmp for files that must be on a disk (a tmpfs would hold "evicted" pages in memory).
 class TempDir {

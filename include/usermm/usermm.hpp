@@ -138,6 +138,7 @@ USERMM_API std::string to_string(Prot p);
     X(stack_overflows, "accesses past the end of a stack by the code running on it")             \
     X(snapshots_taken, "snapshots taken (snapshot())")                                           \
     X(snapshot_pause_ns, "nanoseconds snapshot() held the arena's write lock: the arena's faults wait that long") \
+    X(snapshot_pages_recycled, "snapshot copies onto store pages kept from released snapshots (the store pool): nothing to allocate or zero") \
     X(vma_names_dropped, "VMA names not shown in /proc/PID/maps: the mapping budget was short, or the kernel refused the name") \
     X(handler_ns, "nanoseconds spent in the fault handler")
 
@@ -148,8 +149,8 @@ inline constexpr std::size_t kLatencyBuckets = 16;
 // from another holds (Stats::version). 2: file VMAs on the kernel's page cache (issue 9). 3: reclaim
 // and swap (pages_swapped_out ... resident_pages; major_faults counts swap-ins too). 4: stacks
 // (stack_growth_faults, stack_pages_grown, stack_overflows). 5: limit_overruns. 6: snapshots_taken,
-// snapshot_pause_ns, vma_names_dropped.
-inline constexpr std::uint32_t kStatsVersion = 6;
+// snapshot_pause_ns, vma_names_dropped. 7: snapshot_pages_recycled (the store pool).
+inline constexpr std::uint32_t kStatsVersion = 7;
 
 struct USERMM_API Stats {
     std::uint32_t version = kStatsVersion;
@@ -309,6 +310,19 @@ private:
     explicit Snapshot(std::shared_ptr<detail::SnapshotCore> core);
     std::shared_ptr<detail::SnapshotCore> core_;
 };
+
+// The store pool: the stores of released snapshots are kept for the copies of later snapshots (of
+// any arena), so that a copy lands on a page that is already there instead of one the kernel must
+// allocate and zero first. Kept pages are freeable (MADV_FREE): under memory pressure the kernel
+// takes them before anything else, and a copy onto a page it took pays the zeroing again. At most
+// `bytes` of copied pages are kept (256 MiB to begin with; 0 keeps none and releases what is kept
+// now), in at most four stores, the newest first. Returns the previous limit.
+USERMM_API std::size_t set_snapshot_store_pool(std::size_t bytes);
+struct StorePool {
+    std::size_t limit_bytes;  // set_snapshot_store_pool's
+    std::size_t kept_bytes;   // copied pages kept now (the kernel may have taken some of them since)
+};
+USERMM_API StorePool snapshot_store_pool();
 
 // Pages written since the previous collect_dirty() of the range (or since they were mapped).
 struct USERMM_API DirtySet {

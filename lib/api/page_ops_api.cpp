@@ -83,6 +83,10 @@ int page_alloc_table(std::size_t len, void** out) {
 
 int page_release(std::uintptr_t addr, std::size_t len) { return result(munmap(reinterpret_cast<void*>(addr), len)); }
 
+int page_free_lazily(std::uintptr_t addr, std::size_t len) {
+    return result(madvise(reinterpret_cast<void*>(addr), len, MADV_FREE));
+}
+
 void page_held(std::uintptr_t addr, std::size_t len, unsigned char* vec) {
     constexpr std::uint64_t kHeld = (std::uint64_t(1) << 63) | (std::uint64_t(1) << 62);  // present, swapped
     const std::size_t pages = len >> g_page_shift;

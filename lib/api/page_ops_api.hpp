@@ -17,6 +17,9 @@ int page_reserve_at(std::uintptr_t addr, std::size_t len);
 // Anonymous read-write memory the kernel fills with zeros on demand (for metadata tables).
 int page_alloc_table(std::size_t len, void** out);
 int page_release(std::uintptr_t addr, std::size_t len);
+// Lets the kernel take the range's pages whenever it needs memory (MADV_FREE): until then they stay,
+// and a write keeps one; once taken, the next touch faults in a zeroed page.
+int page_free_lazily(std::uintptr_t addr, std::size_t len);
 // Which pages of the range hold data of their own: present or swapped out, as /proc/self/pagemap
 // says (mincore says "not resident" for a swapped-out page, whose data is not lost). A page granted
 // write access but never touched holds nothing, whatever usermm's populated bit says. vec gets one

@@ -17,6 +17,7 @@
 #include "map_budget.hpp"
 #include "probes.hpp"
 #include "snapshot_read.hpp"
+#include "store_pool.hpp"
 #include "reclaim.hpp"
 #include "write_tracking.hpp"
 
@@ -46,7 +47,8 @@ void release_snapshot(SnapshotCore* s) {
         std::erase_if(a->history, [oldest](const ChangeRecord& r) { return r.sequence <= oldest; });
         give_back_write_access(*a, s->first, s->last);
     }
-    page_release(addr_of(s->store), (s->last - s->first) << g_page_shift);
+    const std::size_t copied = std::min<std::size_t>(s->used.load(kRelaxed), s->last - s->first);
+    store_release({s->store, s->store_pages, std::max(copied, s->store_backed)});
     page_release(addr_of(s->slots), s->last - s->first);
     page_release(addr_of(s->index), (s->last - s->first) * sizeof(std::uint32_t));
     delete s;
@@ -92,18 +94,18 @@ void give_back_write_access(ArenaCore& a, std::size_t first, std::size_t last) {
 std::shared_ptr<SnapshotCore> new_snapshot_core(ArenaCore& a, Range r) {
     static constexpr const char* call = "usermm::Arena::snapshot";
     const std::size_t pages = (r.end - r.start) >> g_page_shift;
-    void* store = nullptr;
+    StoreSpan store;
     void* slots = nullptr;
     void* index = nullptr;
     if (pages > UINT32_MAX) fail(EINVAL, "{}: length {:#x} at addr {:#x} is above 2^32 pages", call, r.end - r.start, r.start);
-    if (const int err = page_alloc_table(pages << g_page_shift, &store))
+    if (const int err = store_reserve(pages, &store))
         fail(err, "{}: cannot reserve {:#x} bytes of store for addr {:#x}", call, pages << g_page_shift, r.start);
     if (const int err = page_alloc_table(pages, &slots)) {
-        page_release(addr_of(store), pages << g_page_shift);
+        store_release(store);
         fail(err, "{}: cannot reserve the slot table for addr {:#x}", call, r.start);
     }
     if (const int err = page_alloc_table(pages * sizeof(std::uint32_t), &index)) {
-        page_release(addr_of(store), pages << g_page_shift);
+        store_release(store);
         page_release(addr_of(slots), pages);
         fail(err, "{}: cannot reserve the store index for addr {:#x}", call, r.start);
     }
@@ -114,7 +116,9 @@ std::shared_ptr<SnapshotCore> new_snapshot_core(ArenaCore& a, Range r) {
     s->arena_size = a.end - a.base;
     s->first = a.page_index(r.start);
     s->last = a.page_index(r.end);
-    s->store = static_cast<std::byte*>(store);
+    s->store = store.base;
+    s->store_pages = store.pages;
+    s->store_backed = store.backed;
     s->slots = static_cast<std::atomic<slot_t>*>(slots);
     s->index = static_cast<std::uint32_t*>(index);
     return std::shared_ptr<SnapshotCore>(s, release_snapshot);

@@ -16,7 +16,8 @@
 // The store is a log: address space reserved with MAP_NORESERVE for one page per covered page,
 // filled from the start in the order pages are copied, so that only pages actually copied cost
 // memory, and so that the log can be populated a chunk ahead of the copies (one kernel call per
-// kStoreChunk copies instead of a page fault each). Store, index and slots exist before the
+// kStoreChunk copies instead of a page fault each). A store may come from the store pool, its first
+// pages still there from the snapshot that used it before: those need no populating. Store, index and slots exist before the
 // snapshot is visible to any fault.
 #pragma once
 
@@ -58,7 +59,11 @@ struct SnapshotCore {
     // A whole-arena snapshot: the anonymous VMAs only. The pages of file VMAs are zero slots from the
     // start, so nothing copies them, and restore() leaves file VMAs as they are.
     bool anonymous_only = false;
-    std::byte* store = nullptr;  // (last - first) pages, MAP_NORESERVE
+    std::byte* store = nullptr;  // (last - first) pages at least (store_pages), MAP_NORESERVE
+    std::size_t store_pages = 0;
+    // The store's first pages, written by the copies of a released snapshot whose store this one
+    // reuses (store_pool.hpp): a copy there needs no page populated.
+    std::size_t store_backed = 0;
     std::uint32_t* index = nullptr;  // per covered page: where in the store its copy is
     std::atomic<std::uint32_t> used{0};  // store pages handed out
     std::atomic<slot_t>* slots = nullptr;

@@ -231,9 +231,13 @@ void account_swap_in(ArenaCore& arena, std::uint64_t pages) {
     add(&arena, nullptr, &Counters::swap_bytes_read, pages << g_page_shift);
 }
 
-void account_snapshot_copy(SnapshotCore& snap) {
+void account_snapshot_copy(SnapshotCore& snap, bool recycled) {
     snap.stats.cow_faults.fetch_add(1, kRelaxed);
     snap.stats.cow_bytes_copied.fetch_add(g_page_size, kRelaxed);
+    if (recycled) {
+        snap.stats.snapshot_pages_recycled.fetch_add(1, kRelaxed);
+        add(snap.arena, nullptr, &Counters::snapshot_pages_recycled, 1);
+    }
 }
 
 void account_restore(ArenaCore& arena, SnapshotCore& snap, std::uint64_t pages) {

@@ -42,8 +42,9 @@ void account_swap_out(ArenaCore& arena, Vma& vma, const SwapOut& out);
 void account_store_error(ArenaCore& arena);
 void account_swap_in(ArenaCore& arena, std::uint64_t pages);  // read back by the API world (prefault)
 // A snapshot's own counters (its VMA, arena and process count the fault that copied, through
-// vm_fault::copies): one page it took before a write.
-void account_snapshot_copy(SnapshotCore& snap);
+// vm_fault::copies): one page it took before a write; `recycled`, onto a page of a pooled store
+// (counted at the arena and the process too).
+void account_snapshot_copy(SnapshotCore& snap, bool recycled);
 // Pages written back into the arena by a restore of `snap`; pages reported by collect_dirty.
 void account_restore(ArenaCore& arena, SnapshotCore& snap, std::uint64_t pages);
 void account_dirty_collected(ArenaCore& arena, std::uint64_t pages);
