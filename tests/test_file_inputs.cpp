@@ -58,27 +58,6 @@ std::string tmp_base() {
     return dir && *dir ? dir : "/tmp";
 }
 
-// A temporary directory, removed with everything in it. Its path is canonical, as the kernel names
-// files in /proc/self/fd and /proc/self/maps.
-class TempDir {
-public:
-    explicit TempDir(const std::string& base = tmp_base()) {
-        std::string tmpl = base + "/usermm-test-XXXXXX";
-        if (!mkdtemp(tmpl.data())) std::abort();
-        path_ = std::filesystem::canonical(tmpl).string();
-    }
-    ~TempDir() {
-        std::error_code ec;
-        std::filesystem::remove_all(path_, ec);
-    }
-    TempDir(const TempDir&) = delete;
-    TempDir& operator=(const TempDir&) = delete;
-    const std::string& path() const { return path_; }
-
-private:
-    std::string path_;
-};
-
 // Creates `path` holding TempFile's pattern: `size` bytes, each a function of its offset.
 void write_pattern(const std::string& path, std::uint64_t size) {
     const int fd = open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
@@ -242,7 +221,7 @@ const bool g_dev_shm = dev_shm_is_tmpfs();
 // once (open(O_RDONLY) of such a FIFO blocks until a writer comes; the trial's map_file blocked
 // forever), and map_file(fd) of a FIFO fails as mmap(2) does.
 TEST_CASE("map_file of a FIFO fails with ENODEV at once, by path and by descriptor") {
-    TempDir dir;
+    const usermm_test::TempDir dir(tmp_base());
     const std::string fifo = dir.path() + "/fifo";
     REQUIRE(mkfifo(fifo.c_str(), 0600) == 0);
     const WatchedEnd w = run_watched(
@@ -326,7 +305,7 @@ TEST_CASE("map_file refuses /proc, sysfs and character-device files with mmap's 
 // longer), /proc/self/maps shows the whole path over the VMA, and a relative path of 255 bytes is
 // kept whole.
 TEST_CASE("basenames of 243, 250 and 255 characters map, read their file and are named") {
-    TempDir dir;
+    const usermm_test::TempDir dir(tmp_base());
     const std::size_t size = 4 * kPage;
     for (const std::size_t length : {std::size_t(243), std::size_t(250), std::size_t(255)}) {
         CAPTURE(length);
@@ -586,7 +565,7 @@ TEST_CASE("one page at 4 TiB - 4 KiB of a sparse file is cheap, and 8 such files
 
 // Protects: a file in /dev/shm (tmpfs) maps private and shared, and shared writes reach it.
 TEST_CASE("map_file maps a file in /dev/shm" * doctest::skip(!g_dev_shm)) {
-    TempDir dir("/dev/shm");
+    const usermm_test::TempDir dir("/dev/shm");
     const std::string path = dir.path() + "/data";
     const std::size_t size = 8 * kPage;
     write_pattern(path, size);

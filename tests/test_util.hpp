@@ -52,12 +52,13 @@ private:
 
 // A directory of the test's own, removed with the object even when a check fails. Under /tmp by
 // default; /var/tmp for files that must be on a disk (a tmpfs would hold "evicted" pages in memory).
+// Its path is canonical, as the kernel names files in /proc/self/fd and /proc/self/maps.
 class TempDir {
 public:
-    explicit TempDir(const char* parent = "/tmp") {
-        std::string pattern = std::string(parent) + "/usermm-test-XXXXXX";
+    explicit TempDir(const std::string& parent = "/tmp") {
+        std::string pattern = parent + "/usermm-test-XXXXXX";
         if (!mkdtemp(pattern.data())) std::abort();
-        path_ = pattern;
+        path_ = std::filesystem::canonical(pattern).string();
     }
     ~TempDir() {
         std::error_code ec;

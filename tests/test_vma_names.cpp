@@ -11,15 +11,9 @@
 
 #include "test_util.hpp"
 
-#ifndef PR_SET_VMA
-#define PR_SET_VMA 0x53564d41
-#endif
-#ifndef PR_SET_VMA_ANON_NAME
-#define PR_SET_VMA_ANON_NAME 0
-#endif
-
 namespace {
 
+using usermm_test::check_survived;
 using usermm_test::ChildEnd;
 using usermm_test::run_in_child;
 
@@ -70,9 +64,7 @@ TEST_CASE("an anonymous VMA's name shows in /proc/self/maps over its whole range
         arena.verify();
         if (usermm::process_stats().vma_names_dropped != 0) _exit(7);
     });
-    INFO(end.err);
-    CHECK(end.exited);
-    CHECK(end.exit_code == 0);
+    check_survived(end);
 }
 
 TEST_CASE("a name the kernel refuses stays usermm's own, counted" * doctest::skip(!g_names)) {
@@ -86,32 +78,28 @@ TEST_CASE("a name the kernel refuses stays usermm's own, counted" * doctest::ski
         if (!arena.find_vma("cache[1]")) _exit(5);
         arena.verify();
     });
-    INFO(end.err);
-    CHECK(end.exited);
-    CHECK(end.exit_code == 0);
+    check_survived(end);
 }
+
+namespace {
+
+// In a child whose environment says `variable=value`: an 8-page VMA named `name` has its name
+// dropped `dropped` times, and /proc/self/maps shows no name for it.
+ChildEnd name_with_environment(const char* variable, const char* value, const char* name, std::uint64_t dropped) {
+    return run_in_child([=] {
+        setenv(variable, value, 1);
+        const std::size_t page = usermm::page_size();
+        usermm::Arena arena(16 << 20);
+        auto* p = static_cast<char*>(arena.map(8 * page, usermm::Prot::ReadWrite, {.name = name}));
+        if (arena.stats().vma_names_dropped != dropped) _exit(3);
+        if (bytes_labelled(p, p + 8 * page, std::string("[anon:") + name + "]") != 0) _exit(4);
+    });
+}
+
+}  // namespace
 
 TEST_CASE("names are dropped, counted, when the mapping budget is short; USERMM_VMA_NAMES=0 keeps them all" *
           doctest::skip(!g_names)) {
-    const ChildEnd short_budget = run_in_child([] {
-        setenv("USERMM_MAP_BUDGET", "2", 1);
-        const std::size_t page = usermm::page_size();
-        usermm::Arena arena(16 << 20);
-        auto* p = static_cast<char*>(arena.map(8 * page, usermm::Prot::ReadWrite, {.name = "tight"}));
-        if (arena.stats().vma_names_dropped != 1) _exit(3);
-        if (bytes_labelled(p, p + 8 * page, "[anon:tight]") != 0) _exit(4);
-    });
-    INFO(short_budget.err);
-    CHECK(short_budget.exited);
-    CHECK(short_budget.exit_code == 0);
-    const ChildEnd off = run_in_child([] {
-        setenv("USERMM_VMA_NAMES", "0", 1);
-        const std::size_t page = usermm::page_size();
-        usermm::Arena arena(16 << 20);
-        auto* p = static_cast<char*>(arena.map(8 * page, usermm::Prot::ReadWrite, {.name = "quiet"}));
-        if (arena.stats().vma_names_dropped != 0) _exit(3);
-        if (bytes_labelled(p, p + 8 * page, "[anon:quiet]") != 0) _exit(4);
-    });
-    CHECK(off.exited);
-    CHECK(off.exit_code == 0);
+    check_survived(name_with_environment("USERMM_MAP_BUDGET", "2", "tight", 1));
+    check_survived(name_with_environment("USERMM_VMA_NAMES", "0", "quiet", 0));
 }

@@ -108,14 +108,6 @@ int page_advise_huge(std::uintptr_t addr, std::size_t len) {
     return result(madvise(reinterpret_cast<void*>(addr), len, MADV_HUGEPAGE));
 }
 
-// Debian 12's headers may lack them (Linux 5.17).
-#ifndef PR_SET_VMA
-#define PR_SET_VMA 0x53564d41
-#endif
-#ifndef PR_SET_VMA_ANON_NAME
-#define PR_SET_VMA_ANON_NAME 0
-#endif
-
 int page_name_anon(std::uintptr_t addr, std::size_t len, const char* name) {
     return result(prctl(PR_SET_VMA, PR_SET_VMA_ANON_NAME, addr, len, name));
 }
