@@ -6,7 +6,9 @@
 
 #include <signal.h>
 
+#include <atomic>
 #include <string>
+#include <thread>
 
 #include "find_vma.hpp"
 #include "lock_order.hpp"
@@ -76,4 +78,35 @@ TEST_CASE("the registry's lock taken while holding an arena's is caught" * docte
     INFO("child stderr: ", end.err);
     CHECK(end.signal == SIGABRT);
     CHECK(end.err.find("registry") != std::string::npos);
+}
+
+TEST_CASE("try_lock_shared: at once beside readers, never while a writer holds or waits for the lock") {
+    usermm::Arena arena(1 << 20);
+    usermm::detail::RwSpinLock& lock = ArenaAccess::core(arena).lock;
+    REQUIRE(lock.try_lock_shared());
+    REQUIRE(lock.try_lock_shared());  // readers share
+    lock.unlock_shared();
+    // A writer that waits for the last reader already keeps new readers out.
+    std::atomic<bool> writer_in{false};
+    std::thread writer([&] {
+        lock.lock();
+        writer_in.store(true);
+        lock.unlock();
+    });
+    bool refused_while_waiting = false;
+    for (unsigned spins = 0; !refused_while_waiting && !writer_in.load(); ++spins) {
+        if (!lock.try_lock_shared()) {
+            refused_while_waiting = true;
+            break;
+        }
+        lock.unlock_shared();
+        usermm::detail::spin_backoff(spins);
+    }
+    CHECK(refused_while_waiting);
+    CHECK_FALSE(writer_in.load());  // it waits for the reader this thread still holds
+    lock.unlock_shared();
+    writer.join();
+    CHECK(writer_in.load());
+    REQUIRE(lock.try_lock_shared());
+    lock.unlock_shared();
 }

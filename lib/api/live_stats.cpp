@@ -140,9 +140,27 @@ Publisher* g_publisher = nullptr;
 
 static_assert(kLiveNameBytes == kVmaNameMax, "a VMA's name, NUL included, is copied whole");
 
+// An arena's read side, taken at once or not at all, unless `wait`.
+class ReadSide {
+public:
+    ReadSide(RwSpinLock& lock, bool wait) : lock_(lock), held_(wait ? (lock.lock_shared(), true) : lock.try_lock_shared()) {}
+    ~ReadSide() {
+        if (held_) lock_.unlock_shared();
+    }
+    ReadSide(const ReadSide&) = delete;
+    ReadSide& operator=(const ReadSide&) = delete;
+    explicit operator bool() const { return held_; }
+
+private:
+    RwSpinLock& lock_;
+    bool held_;
+};
+
 // Under the registry's read lock, with each arena's read lock in turn, as a fault holds them: the
-// arenas cannot go away meanwhile, and their trees do not change.
-void collect(Publisher& p) {
+// arenas cannot go away meanwhile, and their trees do not change. Unless `wait`, an arena whose
+// writer holds or wants its lock (a snapshot's pause, a map) ends the round at once, false: the
+// publisher comes back later rather than spin on a CPU the writer may need, holding the registry.
+bool collect(Publisher& p, bool wait) {
     LiveSegment& n = *p.next;
     // The header; each entry is cleared as it is filled: the tables' unused pages stay untouched.
     std::memset(&n, 0, offsetof(LiveSegment, arenas));
@@ -165,7 +183,8 @@ void collect(Publisher& p) {
             const auto pages = std::uint64_t(std::max<std::int64_t>(0, a.resident.load(std::memory_order_relaxed)));
             resident += pages;
             if (i >= kLiveMaxArenas) {
-                SharedGuard<RwSpinLock> arena_guard(a.lock);
+                const ReadSide arena_guard(a.lock, wait);
+                if (!arena_guard) return false;
                 n.vmas_total += std::uint32_t(a.tree.size());
                 continue;
             }
@@ -177,7 +196,8 @@ void collect(Publisher& p) {
             Stats s = a.stats.load();
             s.resident_pages = pages;
             la.counters = to_live(s);
-            SharedGuard<RwSpinLock> arena_guard(a.lock);
+            const ReadSide arena_guard(a.lock, wait);
+            if (!arena_guard) return false;
             // The reclaimer is set under the arena's lock, and the swap state before it.
             if (a.reclaimer && a.swap) la.resident_limit = a.swap->limit.load(std::memory_order_relaxed);
             n.vmas_total += std::uint32_t(a.tree.size());
@@ -197,14 +217,21 @@ void collect(Publisher& p) {
     n.process.value[live_field::resident_pages] = resident;
     n.updated_monotonic_ns = clock_ns(CLOCK_MONOTONIC);
     n.updated_realtime_ns = clock_ns(CLOCK_REALTIME);
+    return true;
 }
 
 void* publisher_main(void* arg) {
     Publisher& p = *static_cast<Publisher*>(arg);
     const long interval_ns = long(p.interval_ms) * 1'000'000;
+    // Writers hold an arena's lock for milliseconds at most (a snapshot of gigabytes: tens); after an
+    // interval's worth of tries the publisher waits its turn like a fault.
+    constexpr long kRetryNs = 1'000'000;
+    const long tries = std::max(1L, interval_ns / kRetryNs);
     while (!p.stop.load(std::memory_order_acquire)) {
-        collect(p);
-        live_publish(*p.shm, *p.next);
+        bool collected = false;
+        for (long t = 1; !(collected = collect(p, t >= tries)) && !p.stop.load(std::memory_order_acquire); ++t)
+            futex_wait(p.stop, 0, kRetryNs);
+        if (collected) live_publish(*p.shm, *p.next);
         futex_wait(p.stop, 0, interval_ns);
     }
     return nullptr;

@@ -38,6 +38,17 @@ public:
         state_.fetch_sub(1, std::memory_order_release);
         lock_order_release(this);
     }
+    // The read side if no writer holds or waits for it; false at once otherwise (for an observer
+    // that would rather come back later than spin through a writer's section).
+    bool try_lock_shared() {
+        std::uint32_t s = state_.load(std::memory_order_relaxed);
+        while (!(s & kWriter))
+            if (state_.compare_exchange_weak(s, s + 1, std::memory_order_acquire)) {
+                lock_order_acquire(this, rank_, key_);
+                return true;
+            }
+        return false;
+    }
 
     void lock() {
         lock_order_acquire(this, rank_, key_);
