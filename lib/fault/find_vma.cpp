@@ -49,10 +49,14 @@ Vma* find_vma(ArenaCore& arena, std::uintptr_t addr) {
             }
         }
     }
-    auto it = arena.tree.upper_bound(addr);
-    if (it == arena.tree.end()) return nullptr;
-    Vma* vma = &*it;
-    if (vma->start <= addr) arena.last_hit.store(vma, std::memory_order_relaxed);
+    Vma* vma;
+    if (arena.vma_index.usable()) {
+        vma = arena.vma_index.find(addr);
+    } else {
+        auto it = arena.tree.upper_bound(addr);
+        vma = it == arena.tree.end() ? nullptr : &*it;
+    }
+    if (vma && vma->start <= addr) arena.last_hit.store(vma, std::memory_order_relaxed);
     return vma;
 }
 

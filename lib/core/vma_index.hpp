@@ -1,0 +1,75 @@
+// The VMA index: the arena's VMAs again, by end, in a B+tree of wide nodes, so that find_vma at
+// 10^5 VMAs reads three nodes (the upper two stay in the cache) instead of seventeen tree links.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace usermm::detail {
+
+struct Vma;
+
+// One node: a leaf holds VMA ends and their VMAs, an inner node its children's largest keys and the
+// children. A lookup scans all of a node's keys: the loads do not depend on one another, so the
+// node's four lines of keys cost one miss, where a binary search would wait for each line in turn.
+struct VmaIndexNode {
+    static constexpr std::uint32_t kSlots = 32;
+    static constexpr std::uintptr_t kNoKey = UINTPTR_MAX;  // past count: above every address
+    alignas(64) std::uintptr_t keys[kSlots];               // ascending
+    void* slots[kSlots];                                   // Vma* in a leaf, VmaIndexNode* above
+    std::uint32_t count;
+
+    // How many keys are at or below x.
+    std::uint32_t rank(std::uintptr_t x) const {
+        std::uint32_t r = 0;
+        for (std::uint32_t i = 0; i < kSlots; ++i) r += keys[i] <= x;
+        return r;
+    }
+};
+
+// Read under the arena's read lock (the fault world) or its write lock; changed only by the API
+// world under the write lock, by vma_link and vma_unlink (api/arena_ops.cpp), with the tree. Its
+// nodes are allocated there too. An insertion that finds no memory for a node leaves the index
+// unusable, with no node, and find_vma walks the tree until a later vma_link builds it again.
+class VmaIndex {
+public:
+    VmaIndex() = default;
+    VmaIndex(const VmaIndex&) = delete;
+    VmaIndex& operator=(const VmaIndex&) = delete;
+    ~VmaIndex();
+
+    bool usable() const { return usable_; }
+    std::size_t size() const { return size_; }
+
+    // The first VMA whose end is above addr, or nullptr: the tree's upper_bound.
+    Vma* find(std::uintptr_t addr) const {
+        const VmaIndexNode* n = root_;
+        if (!n) return nullptr;
+        std::uint32_t p = n->rank(addr);
+        if (p == n->count) return nullptr;
+        for (std::uint32_t level = 1; level < height_; ++level) {
+            n = static_cast<const VmaIndexNode*>(n->slots[p]);
+            p = n->rank(addr);
+        }
+        return static_cast<Vma*>(n->slots[p]);
+    }
+
+    // API world, under the write lock. insert returns false, the index unchanged, if it had no
+    // memory for the nodes a split needs; erase and clear never allocate.
+    bool insert(Vma& v);
+    void erase(const Vma& v);
+    void clear();
+    void set_usable(bool usable) { usable_ = usable; }
+
+private:
+    // Far above the height of any arena's index: a root splits only when full, and a tree built in
+    // address order (as vma_link rebuilds one) is full, log32 of the VMAs high.
+    static constexpr std::uint32_t kMaxHeight = 24;
+
+    VmaIndexNode* root_ = nullptr;
+    std::uint32_t height_ = 0;  // levels, the leaves' included
+    bool usable_ = true;
+    std::size_t size_ = 0;
+};
+
+}  // namespace usermm::detail
