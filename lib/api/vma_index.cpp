@@ -76,6 +76,7 @@ void append(Node* left, const Node* right) {
 VmaIndex::~VmaIndex() { clear(); }
 
 void VmaIndex::clear() {
+    last_leaf_.store(nullptr, std::memory_order_relaxed);
     if (root_) free_subtree(root_, height_);
     root_ = nullptr;
     height_ = 0;
@@ -84,6 +85,7 @@ void VmaIndex::clear() {
 
 bool VmaIndex::insert(Vma& v) {
     const std::uintptr_t key = v.end;
+    last_leaf_.store(nullptr, std::memory_order_relaxed);
     if (!root_) {
         Node* n = node_new();
         if (!n) return false;
@@ -166,6 +168,7 @@ bool VmaIndex::insert(Vma& v) {
 
 void VmaIndex::erase(const Vma& v) {
     const std::uintptr_t key = v.end;
+    last_leaf_.store(nullptr, std::memory_order_relaxed);
     // Below the first child whose largest key is at or above the key: the one that holds it.
     Node* path[kMaxHeight];
     std::uint32_t pos[kMaxHeight];

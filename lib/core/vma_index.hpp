@@ -2,6 +2,7 @@
 // 10^5 VMAs reads three nodes (the upper two stay in the cache) instead of seventeen tree links.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 
@@ -45,8 +46,15 @@ public:
     bool usable() const { return usable_; }
     std::size_t size() const { return size_; }
 
-    // The first VMA whose end is above addr, or nullptr: the tree's upper_bound.
+    // The first VMA whose end is above addr, or nullptr: the tree's upper_bound. The leaf of the
+    // previous answer answers first, for a scan that faults from one VMA into the next: it holds a
+    // run of consecutive ends, so an address above its first and below its last has its answer
+    // there.
     Vma* find(std::uintptr_t addr) const {
+        if (const VmaIndexNode* leaf = last_leaf_.load(std::memory_order_relaxed)) {
+            const std::uint32_t p = leaf->rank(addr);
+            if (p > 0 && p < leaf->count) return static_cast<Vma*>(leaf->slots[p]);
+        }
         const VmaIndexNode* n = root_;
         if (!n) return nullptr;
         std::uint32_t p = n->rank(addr);
@@ -55,6 +63,7 @@ public:
             n = static_cast<const VmaIndexNode*>(n->slots[p]);
             p = n->rank(addr);
         }
+        last_leaf_.store(n, std::memory_order_relaxed);
         return static_cast<Vma*>(n->slots[p]);
     }
 
@@ -71,6 +80,9 @@ private:
     static constexpr std::uint32_t kMaxHeight = 24;
 
     VmaIndexNode* root_ = nullptr;
+    // Written by lookups under the read lock (a hint: any leaf it names is alive until the write
+    // lock is taken); forgotten by every change.
+    mutable std::atomic<const VmaIndexNode*> last_leaf_{nullptr};
     std::uint32_t height_ = 0;  // levels, the leaves' included
     bool usable_ = true;
     std::size_t size_ = 0;
