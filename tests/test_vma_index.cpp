@@ -71,9 +71,8 @@ void check_near(usermm::Arena& arena, std::uintptr_t from, std::uintptr_t to, st
     for (std::uintptr_t at = from >= a.base + 2 * ps ? from - 2 * ps : a.base; at < std::min(to + 2 * ps, a.end); at += ps / 2)
         addrs.push_back(at);
     for (int i = 0; i < 64; ++i) addrs.push_back(a.base + rng() % (a.end - a.base));
-    if (!a.tree.empty()) {
-        auto it = a.tree.begin();
-        std::advance(it, rng() % a.tree.size());
+    {
+        auto it = a.tree.upper_bound(a.base + rng() % (a.end - a.base));
         for (int i = 0; i < 8 && it != a.tree.end(); ++i, ++it)
             for (const std::uintptr_t at : {it->start - 1, it->start, it->end - 1, it->end}) addrs.push_back(at);
     }

@@ -20,14 +20,15 @@ struct VmaIndexNode {
     void* slots[kSlots];                                   // Vma* in a leaf, VmaIndexNode* above
     std::uint32_t count;
 
-    // How many keys are at or below x (a user address, below 2^63 as every key is): the keys above
+    // How many keys are at or below x (a user address, in the lower half of the address space as
+    // every key is): the keys above
     // it are those whose difference from it is negative, a count without compares or branches that
     // the compiler turns into vector arithmetic. The slots are fetched meanwhile: the one read
     // next waits for the keys only.
     std::uint32_t rank(std::uintptr_t x) const {
         for (std::uint32_t i = 0; i < kSlots; i += 64 / sizeof(void*)) __builtin_prefetch(slots + i);
         std::uintptr_t above = 0;
-        for (std::uint32_t i = 0; i < kSlots; ++i) above += (x - keys[i]) >> 63;
+        for (std::uint32_t i = 0; i < kSlots; ++i) above += (x - keys[i]) >> (sizeof x * 8 - 1);
         return kSlots - std::uint32_t(above);
     }
 };
@@ -35,7 +36,8 @@ struct VmaIndexNode {
 // Read under the arena's read lock (the fault world) or its write lock; changed only by the API
 // world under the write lock, by vma_link and vma_unlink (api/arena_ops.cpp), with the tree. Its
 // nodes are allocated there too. An insertion that finds no memory for a node leaves the index
-// unusable, with no node, and find_vma walks the tree until a later vma_link builds it again.
+// unusable, with no node, and find_vma walks the tree until a vma_link finds the memory to build
+// it again.
 class VmaIndex {
 public:
     VmaIndex() = default;
