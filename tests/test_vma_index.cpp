@@ -7,7 +7,10 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <new>
 #include <random>
 #include <vector>
 
@@ -23,44 +26,68 @@ using usermm::detail::ArenaCore;
 using usermm::detail::Vma;
 
 namespace {
+std::atomic<bool> g_refuse_aligned{false};
+std::size_t round_to(std::size_t n, std::align_val_t al) {
+    const auto a = std::size_t(al);
+    return (n + a - 1) / a * a;
+}
+}  // namespace
+
+// The index's nodes are its program's only aligned allocations that may fail (std::nothrow): the
+// test refuses them at will. The other aligned forms are replaced with them, so that every pair
+// allocates and frees alike.
+void* operator new(std::size_t n, std::align_val_t al, const std::nothrow_t&) noexcept {
+    if (g_refuse_aligned.load(std::memory_order_relaxed)) return nullptr;
+    return std::aligned_alloc(std::size_t(al), round_to(n, al));
+}
+void* operator new(std::size_t n, std::align_val_t al) {
+    if (void* p = std::aligned_alloc(std::size_t(al), round_to(n, al))) return p;
+    throw std::bad_alloc();
+}
+void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+void operator delete(void* p, std::align_val_t, const std::nothrow_t&) noexcept { std::free(p); }
+
+namespace {
 
 const Vma* tree_answer(const ArenaCore& a, std::uintptr_t at) {
     const auto it = a.tree.upper_bound(at);
     return it == a.tree.end() ? nullptr : &*it;
 }
 
-// The index's answer for each address (and find_vma's) is the tree's; the count agrees.
-void check_addresses(usermm::Arena& arena, const std::vector<std::uintptr_t>& addrs) {
+// The index's answer for each address (and find_vma's) is the tree's; the count agrees. Without
+// the index (`indexed` false: it could not have its memory), find_vma's alone.
+void check_addresses(usermm::Arena& arena, const std::vector<std::uintptr_t>& addrs, bool indexed = true) {
     ArenaCore& a = ArenaAccess::core(arena);
     a.lock.lock_shared();
     const bool usable = a.vma_index.usable();
-    const std::size_t indexed = a.vma_index.size(), vmas = a.tree.size();
+    const std::size_t in_index = a.vma_index.size(), vmas = a.tree.size();
     std::uintptr_t wrong = 0;
     const Vma *got = nullptr, *want = nullptr;
     for (const std::uintptr_t at : addrs) {
         want = tree_answer(a, at);
-        got = a.vma_index.find(at);
+        got = indexed ? a.vma_index.find(at) : want;
         if (got != want || usermm::detail::find_vma(a, at) != want) {
             wrong = at;
             break;
         }
     }
     a.lock.unlock_shared();
-    REQUIRE(usable);
-    REQUIRE(indexed == vmas);
+    REQUIRE(usable == indexed);
+    if (indexed) REQUIRE(in_index == vmas);
     INFO("address ", wrong, " index ", got ? got->end : 0, " tree ", want ? want->end : 0);
     REQUIRE(wrong == 0);
 }
 
 // Every VMA's first and last byte, the bytes around it (holes, neighbours), the arena's edges and
 // random addresses.
-void check_all(usermm::Arena& arena, std::mt19937_64& rng) {
+void check_all(usermm::Arena& arena, std::mt19937_64& rng, bool indexed = true) {
     ArenaCore& a = ArenaAccess::core(arena);
     std::vector<std::uintptr_t> addrs{a.base, a.base + 1, a.end - 1, a.end, a.base - 1};
     for (const Vma& v : a.tree)
         for (const std::uintptr_t at : {v.start - 1, v.start, v.start + 1, v.end - 1, v.end}) addrs.push_back(at);
     for (int i = 0; i < 256; ++i) addrs.push_back(a.base + rng() % (a.end - a.base));
-    check_addresses(arena, addrs);
+    check_addresses(arena, addrs, indexed);
 }
 
 // The addresses around a changed range, and a sample of the rest.
@@ -241,5 +268,34 @@ TEST_CASE("stacks and file VMAs come and go in the index") {
     stacks.erase(stacks.begin(), stacks.begin() + 20);
     check_all(arena, rng);
     CHECK(a.tree.size() == vmas - 40);
+    arena.verify();
+}
+
+TEST_CASE("without memory for a node the index goes, find_vma walks the tree, and a later map builds it again") {
+    std::mt19937_64 rng(17);
+    const std::size_t ps = usermm::page_size();
+    usermm::Arena arena(4096 * ps);
+    ArenaCore& a = ArenaAccess::core(arena);
+    auto* base = static_cast<char*>(arena.base());
+    auto map_page = [&](std::size_t page) {
+        arena.map(ps, page % 2 ? Prot::Read : Prot::ReadWrite, {.address = base + page * ps, .fault_around_pages = 1});
+    };
+    // One full leaf: the next VMA needs a node.
+    for (std::size_t page = 0; page < usermm::detail::VmaIndexNode::kSlots; ++page) map_page(page);
+    check_all(arena, rng);
+    g_refuse_aligned = true;
+    map_page(100);
+    check_all(arena, rng, false);
+    CHECK(a.vma_index.size() == 0);
+    // Changes go on without it, and so do faults.
+    for (std::size_t page = 200; page < 300; ++page) map_page(page);
+    arena.protect(base + 210 * ps, 20 * ps, Prot::Read);
+    arena.unmap(base + 250 * ps, 10 * ps);
+    write_byte(base + 202 * ps, 1);
+    check_all(arena, rng, false);
+    arena.verify();
+    g_refuse_aligned = false;
+    map_page(400);
+    check_all(arena, rng);
     arena.verify();
 }

@@ -376,8 +376,8 @@ void set_name(Vma& v, std::string_view name) {
 void vma_link(ArenaCore& a, Vma& v) {
     a.tree.insert(v);
     if (a.vma_index.usable() && a.vma_index.insert(v)) return;
-    // Without memory for a node the index goes, and find_vma walks the tree until a later link
-    // finds the memory to build it again, in address order (which fills its nodes).
+    // Without memory for a node the index goes, and find_vma walks the tree until a link finds the
+    // memory to build it again, in address order (which fills its nodes).
     a.vma_index.clear();
     a.vma_index.set_usable(false);
     for (Vma& each : a.tree)
