@@ -206,7 +206,8 @@ void vma_lookup() {
         {fmt::format("{} VMAs, random", g_many), [&] { return lookups(many, many_random); }, {}},
         {"10 VMAs, in address order", [&] { return lookups(few, few_ordered); }, {}},
         {fmt::format("{} VMAs, in address order", g_many), [&] { return lookups(many, many_ordered); }, {}},
-        {fmt::format("{} VMAs, random, VMA node only", g_many), [&] { return node_reads<false>(many, many_random); }, {}},
+        {fmt::format("{} VMAs, random, VMA node only", g_many),
+         [&] { return node_reads<false>(many, many_random); }, {}},
         {"  the same, one miss at a time", [&] { return node_reads<true>(many, many_random); }, {}},
     };
     const auto m = run_interleaved(rows);

@@ -95,8 +95,8 @@ void check_near(usermm::Arena& arena, std::uintptr_t from, std::uintptr_t to, st
     ArenaCore& a = ArenaAccess::core(arena);
     const std::size_t ps = usermm::page_size();
     std::vector<std::uintptr_t> addrs;
-    for (std::uintptr_t at = from >= a.base + 2 * ps ? from - 2 * ps : a.base; at < std::min(to + 2 * ps, a.end); at += ps / 2)
-        addrs.push_back(at);
+    const std::uintptr_t low = from >= a.base + 2 * ps ? from - 2 * ps : a.base, high = std::min(to + 2 * ps, a.end);
+    for (std::uintptr_t at = low; at < high; at += ps / 2) addrs.push_back(at);
     for (int i = 0; i < 64; ++i) addrs.push_back(a.base + rng() % (a.end - a.base));
     {
         auto it = a.tree.upper_bound(a.base + rng() % (a.end - a.base));
