@@ -1,4 +1,4 @@
-// VMAs, arenas and the tree that connects them.
+// VMAs, arenas, and the tree and the index (vma_index.hpp) that connect them.
 #pragma once
 
 #include <boost/intrusive/set.hpp>
