@@ -469,6 +469,7 @@ Arena::~Arena() {
     page_release(a.base, a.end - a.base);
     page_release(addr_of(a.pte), a.pte_bytes);
     page_release(addr_of(a.changed_groups), a.changed_group_bytes);
+    a.vma_index.clear();
     a.tree.clear_and_dispose([](Vma* v) { vma_free(v); });
     a.lock.unlock();
 }
@@ -579,7 +580,7 @@ void Arena::unmap(void* addr, std::size_t length) {
         // A file mapping the kernel would not replace stays a VMA (PROT_NONE, written back,
         // discarded): else anonymous memory placed there later would be the file's.
         if (!replaced) continue;
-        a.tree.erase(a.tree.iterator_to(*v));
+        vma_unlink(a, *v);
         vma_free(v);
     }
     a.last_hit.store(nullptr, std::memory_order_relaxed);
@@ -679,6 +680,23 @@ void Arena::verify() const {
             fail(EFAULT, "{}: VMA '{}' [{:#x}, {:#x}) is misplaced (previous ends at {:#x})", call, v.name, v.start,
                  v.end, prev_end);
         prev_end = v.end;
+    }
+    // The index: the tree's VMAs, each found from its first and last page and from the hole below.
+    if (a.vma_index.usable()) {
+        if (a.vma_index.size() != a.tree.size())
+            fail(EFAULT, "{}: the VMA index holds {} VMAs, the tree {}", call, a.vma_index.size(), a.tree.size());
+        std::uintptr_t below = a.base;
+        for (const Vma& v : a.tree) {
+            for (const std::uintptr_t at : {below, v.start, v.end - 1})
+                if (const Vma* found = a.vma_index.find(at); found != &v)
+                    fail(EFAULT, "{}: the VMA index finds {} for {:#x}, the tree '{}' [{:#x}, {:#x})", call,
+                         found ? fmt::format("[{:#x}, {:#x})", found->start, found->end) : "no VMA", at, v.name,
+                         v.start, v.end);
+            below = v.end;
+        }
+        if (const Vma* found = a.vma_index.find(below); found)
+            fail(EFAULT, "{}: the VMA index finds [{:#x}, {:#x}) above the last VMA's end {:#x}", call, found->start,
+                 found->end, below);
     }
 
     // Per page: not locked, and within what its VMA allows (nothing outside a VMA). Pages whose

@@ -373,6 +373,26 @@ void set_name(Vma& v, std::string_view name) {
     v.name[n] = 0;
 }
 
+void vma_link(ArenaCore& a, Vma& v) {
+    a.tree.insert(v);
+    if (a.vma_index.usable() && a.vma_index.insert(v)) return;
+    // Without memory for a node the index goes, and find_vma walks the tree until a link finds the
+    // memory to build it again, in address order (which fills its nodes).
+    a.vma_index.clear();
+    a.vma_index.set_usable(false);
+    for (Vma& each : a.tree)
+        if (!a.vma_index.insert(each)) {
+            a.vma_index.clear();
+            return;
+        }
+    a.vma_index.set_usable(true);
+}
+
+VmaTree::iterator vma_unlink(ArenaCore& a, Vma& v) {
+    if (a.vma_index.usable()) a.vma_index.erase(v);
+    return a.tree.erase(a.tree.iterator_to(v));
+}
+
 // Splits the VMA containing `at` (if `at` is inside it, not at its start) into [start, at) and
 // [at, end). The upper part keeps the node, its key and its counters; `spare` becomes the lower.
 void split_at(ArenaCore& a, std::uintptr_t at, std::unique_ptr<Vma>& spare) {
@@ -384,7 +404,7 @@ void split_at(ArenaCore& a, std::uintptr_t at, std::unique_ptr<Vma>& spare) {
     vma_copy_attrs(*lower, *it);
     if (it->file) it->pgoff = it->file_page(at);
     it->start = at;
-    a.tree.insert(*lower);
+    vma_link(a, *lower);
 }
 
 void split_range(ArenaCore& a, Range r, SplitSpares& spares) {
@@ -415,7 +435,7 @@ void merge_range(ArenaCore& a, std::uintptr_t start, std::uintptr_t end) {
             next->stats->add(it->stats->load());
             next->pgoff = it->pgoff;
             Vma* dead = &*it;
-            it = a.tree.erase(it);
+            it = vma_unlink(a, *dead);
             vma_free(dead);
         } else {
             it = next;
@@ -437,7 +457,7 @@ std::uintptr_t place_vma(ArenaCore& a, const char* call, std::uintptr_t want, st
 void insert_vma(ArenaCore& a, Vma* vma, std::uintptr_t start, std::size_t len) {
     vma->start = start;
     vma->end = start + len;
-    a.tree.insert(*vma);
+    vma_link(a, *vma);
     a.next_hint = start + len;
     merge_range(a, start, start + len);
     a.last_hit.store(nullptr, std::memory_order_relaxed);

@@ -208,6 +208,11 @@ void preserve_range(ArenaCore& a, const char* call, Range r);
 std::size_t unmark_tracked(ArenaCore& a, const char* call, Range r);
 
 void set_name(Vma& v, std::string_view name);
+// The only changes of an arena's set of VMAs: each puts a VMA into, or takes it out of, both the
+// tree and the index (vma_index.hpp), so that neither is ever stale while the write lock is
+// released. A VMA's end must not change between the two. vma_unlink returns the VMA after it.
+void vma_link(ArenaCore& a, Vma& v);
+VmaTree::iterator vma_unlink(ArenaCore& a, Vma& v);
 void split_at(ArenaCore& a, std::uintptr_t at, std::unique_ptr<Vma>& spare);
 void merge_range(ArenaCore& a, std::uintptr_t start, std::uintptr_t end);
 

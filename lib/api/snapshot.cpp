@@ -561,10 +561,10 @@ void Arena::restore(const Snapshot& snapshot) {
         if (heir != fresh.end() && (*heir)->start < it->end && (*heir)->end > it->start)
             (*heir)->stats->add(it->stats->load());
         Vma* dead = &*it;
-        it = a.tree.erase(it);
+        it = vma_unlink(a, *dead);
         vma_free(dead);
     }
-    for (auto& v : fresh) a.tree.insert(*v.release());
+    for (auto& v : fresh) vma_link(a, *v.release());
     merge_range(a, r.start, r.end);
     a.last_hit.store(nullptr, kRelaxed);
     renew_kernel_names(a, r, gone);

@@ -130,7 +130,7 @@ void destroy_stack(ArenaCore& a, StackCore* s, const char* call) {
     discard_range(a, call, r);
     if (markers) page_guard_remove(r.start, r.end - r.start);
     Vma* v = find_vma(a, r.start);
-    a.tree.erase(a.tree.iterator_to(*v));
+    vma_unlink(a, *v);
     vma_free(v);
     a.last_hit.store(nullptr, kRelaxed);
     --a.stack_count;

@@ -1,4 +1,4 @@
-// VMAs, arenas and the tree that connects them.
+// VMAs, arenas, and the tree and the index (vma_index.hpp) that connect them.
 #pragma once
 
 #include <boost/intrusive/set.hpp>
@@ -16,6 +16,7 @@
 #include "pte.hpp"
 #include "rwspin.hpp"
 #include "swap.hpp"
+#include "vma_index.hpp"
 
 namespace usermm::detail {
 
@@ -91,7 +92,11 @@ struct Vma : bi::set_base_hook<bi::link_mode<bi::normal_link>, bi::optimize_size
 };
 
 // The tree is keyed by end, so that "the first VMA whose end is above addr" (the kernel's find_vma)
-// is a single upper_bound.
+// is a single upper_bound. It is the VMAs' order for the API world's walks; find_vma asks the
+// arena's VmaIndex (vma_index.hpp), which holds the same VMAs by end in a few wide nodes: a walk
+// down this tree at 10^5 VMAs misses the cache at most of its seventeen levels. vma_link and
+// vma_unlink (api/arena_ops.cpp) change both; a VMA's end never changes while it is in them (a
+// split gives the lower part a new node, a merge keeps the upper one, a stack grows down).
 struct VmaEndKey {
     using type = std::uintptr_t;
     type operator()(const Vma& v) const { return v.end; }
@@ -140,6 +145,7 @@ struct ArenaCore {
 
     RwSpinLock lock{LockRank::Arena};  // write side: API calls that change the tree or protections
     VmaTree tree;
+    VmaIndex vma_index;                      // the tree's VMAs again, for find_vma
     std::atomic<Vma*> last_hit{nullptr};  // find_vma's cache; reset by every tree change
     std::atomic<long> kernel_maps{0};     // kernel VMAs this arena consists of (see map_budget)
     // Held by a fault from counting the kernel VMAs its change makes until it is published, so that

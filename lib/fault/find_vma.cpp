@@ -1,7 +1,6 @@
 #include "find_vma.hpp"
 
 #include <algorithm>
-#include <iterator>
 
 namespace usermm::detail {
 
@@ -37,22 +36,15 @@ ArenaCore* find_arena_lock_shared(std::uintptr_t addr, bool* self_deadlock) {
 
 Vma* find_vma(ArenaCore& arena, std::uintptr_t addr) {
     Vma* hit = arena.last_hit.load(std::memory_order_relaxed);
-    if (hit) {
-        if (hit->start <= addr && addr < hit->end) return hit;
-        // A scan through memory faults its way from one VMA into the next: try the successor
-        // before a walk from the root.
-        if (addr >= hit->end) {
-            auto next = std::next(VmaTree::s_iterator_to(*hit));
-            if (next != arena.tree.end() && next->start <= addr && addr < next->end) {
-                arena.last_hit.store(&*next, std::memory_order_relaxed);
-                return &*next;
-            }
-        }
+    if (hit && hit->start <= addr && addr < hit->end) return hit;
+    Vma* vma;
+    if (arena.vma_index.usable()) {
+        vma = arena.vma_index.find(addr);
+    } else {
+        auto it = arena.tree.upper_bound(addr);
+        vma = it == arena.tree.end() ? nullptr : &*it;
     }
-    auto it = arena.tree.upper_bound(addr);
-    if (it == arena.tree.end()) return nullptr;
-    Vma* vma = &*it;
-    if (vma->start <= addr) arena.last_hit.store(vma, std::memory_order_relaxed);
+    if (vma && vma->start <= addr) arena.last_hit.store(vma, std::memory_order_relaxed);
     return vma;
 }
 
