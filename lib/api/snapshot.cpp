@@ -12,6 +12,7 @@
 
 #include "account.hpp"
 #include "arena_ops.hpp"
+#include "dirty_async.hpp"
 #include "file_vma.hpp"
 #include "find_vma.hpp"
 #include "map_budget.hpp"
@@ -321,6 +322,9 @@ Snapshot Arena::take_snapshot(void* addr, std::size_t length, bool whole) {
     if (!whole) refuse_file_vmas(a, call, r);
     if (a.snapshot_count == kMaxSnapshots)
         fail(EMFILE, "{}: the arena already has {} live snapshots (addr {:#x})", call, kMaxSnapshots, r.start);
+    // Copy-before-write needs every write seen: the range's writes the kernel tracked become the
+    // PTEs' marks, and the synchronous engine takes it back (dirty_async.cpp).
+    async_leave(a, call, r);
     for (auto it = a.tree.upper_bound(r.start); it != a.tree.end() && it->start < r.end; ++it) {
         if (it->file) {
             for (std::size_t i = a.page_index(it->start); i < a.page_index(it->end); ++i)
@@ -622,12 +626,25 @@ DirtySet Arena::collect_dirty(void* addr, std::size_t length) {
     }};
     ApiGuard<std::lock_guard<RwSpinLock>> guard(a.lock);
     refuse_file_vmas(a, call, r);
+    std::vector<std::size_t> dirty;
+    // Where nothing else needs to see each write, the kernel resolves the write faults itself and
+    // says which pages were written (dirty_async.cpp); elsewhere write tracking does, and a range the
+    // kernel tracked goes back to it first.
+    const bool async = async_eligible(a, r);
+    if (!async) async_leave(a, call, r);
+    // Where the kernel tracked writes since the previous collection, its answer is the whole of it
+    // (a mark there is a grant, and what the grant let through the kernel saw): uffd-wp markers read
+    // as swapped in pagemap, so residency would call a granted page that was never touched written.
+    const std::vector<PageSpan> by_kernel = async ? async_spans(a, first, last) : std::vector<PageSpan>{};
+    auto kernel_tracked = [&by_kernel, it = by_kernel.begin()](std::size_t i) mutable {  // ascending pages
+        while (it != by_kernel.end() && it->last <= i) ++it;
+        return it != by_kernel.end() && it->first <= i;
+    };
     // Write access granted since the last collection marks a page; it was written if the kernel
     // holds it (fault-around grants write to neighbours that may never be touched). Discarded
     // pages changed too, though nothing wrote them. Residency (present or swapped out) is asked only for groups of pages
     // with a mark, and the answer holds only the pages found: its cost follows what was written.
     constexpr std::size_t kGroup = ArenaCore::kGroupPages;
-    std::vector<std::size_t> dirty;
     for (const PageSpan& span : pte_spans(a, first, last)) {  // an untouched page has no mark
         for (std::size_t g = span.first; g < span.last;) {
             const std::size_t next = std::min(span.last, (g / kGroup + 1) * kGroup);
@@ -642,7 +659,8 @@ DirtySet Arena::collect_dirty(void* addr, std::size_t length) {
             for (std::size_t i = k; i < next; ++i) {
                 const pte_t v = a.pte[i].load(kRelaxed);
                 if (!(v & kPteDirtyCollect)) continue;
-                if ((v & kPtePopulated) && ((v & kPteSwapped) || (held[i - g] & 1))) dirty.push_back(i);
+                if ((v & kPtePopulated) && ((v & kPteSwapped) || (held[i - g] & 1)) && !kernel_tracked(i))
+                    dirty.push_back(i);
                 // A stack's page is not write-tracked: it counts as written at every collection.
                 if (!(a.stack_count && (v & kPtePopulated) && in_stack(a, i)))
                     a.pte[i].store(pte_t(v & ~kPteDirtyCollect), kRelaxed);
@@ -650,6 +668,7 @@ DirtySet Arena::collect_dirty(void* addr, std::size_t length) {
             g = next;
         }
     }
+    if (async) async_collect(a, call, r, dirty);
     std::vector<std::pair<std::size_t, std::size_t>> kept;
     for (const auto& [lo, hi] : a.discarded) {
         for (std::size_t i = std::max(lo, first); i < std::min(hi, last); ++i) dirty.push_back(i);
@@ -660,7 +679,7 @@ DirtySet Arena::collect_dirty(void* addr, std::size_t length) {
     dirty.erase(std::unique(dirty.begin(), dirty.end()), dirty.end());
     a.discarded = std::move(kept);
     a.collect_armed = true;
-    arm_write_tracking_but_stacks(a, call, r);
+    if (!async) arm_write_tracking_but_stacks(a, call, r);
     out.pages.reserve(dirty.size());
     for (std::size_t i : dirty) out.pages.push_back(ptr_of(a.page_addr(i)));
     account_dirty_collected(a, out.pages.size());
