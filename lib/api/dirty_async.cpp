@@ -297,7 +297,9 @@ void async_leave(ArenaCore& a, const char* call, Range r) {
 
 void async_fold_before_fork(ArenaCore& a) noexcept {
     for (const auto& [lo, hi] : a.async_ranges) {
-        const int err = scan_written(a, lo, hi, true, [&a](std::size_t i, std::size_t j) {
+        // Not protected again: the parent's next scan reports them too (its marks there are the
+        // kernel's to tell, see collect_dirty), and the child, which has no scan, its marks.
+        const int err = scan_written(a, lo, hi, false, [&a](std::size_t i, std::size_t j) {
             fold_written(a, i, j, kPteDirty, [](std::size_t) {});
         });
         if (err)
