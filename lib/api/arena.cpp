@@ -219,7 +219,8 @@ void fork_prepare() {
                                  "child; pages swapped out may read wrong in one of them\n",
                          static_cast<unsigned long>(reg.arenas[i]->base), static_cast<unsigned long>(reg.arenas[i]->end));
     // The writes the kernel let through in ranges it tracks (dirty_async.cpp) become the PTEs'
-    // marks, which the child inherits: the child's registrations and the kernel's bits are gone there.
+    // marks, which the child inherits (its registrations and the kernel's bits are gone there),
+    // behind a read-only guard that holds back later writes until the parent's handler.
     for (std::size_t i = 0; i < reg.count; ++i) async_fold_before_fork(*reg.arenas[i]);
     vma_counters_lock_for_fork();
 }
@@ -230,6 +231,13 @@ void fork_release() {
     for (std::size_t i = 0; i < reg.count; ++i) reg.arenas[i]->lock.unlock();
     reg.lock.unlock();
     pthread_sigmask(SIG_SETMASK, &t_mask_before_fork, nullptr);
+}
+
+// The parent's handler: the asynchronous ranges' guard goes (dirty_async.cpp), then the locks.
+void fork_parent() {
+    ArenaRegistry& reg = arena_registry();
+    for (std::size_t i = 0; i < reg.count; ++i) async_after_fork_parent(*reg.arenas[i]);
+    fork_release();
 }
 
 // The child's copy of every arena is complete (no fault was in flight); what changes is how the
@@ -283,7 +291,7 @@ void fork_child() {
 // so usermm's prepare runs last, just before the kernel copies the address space, and its parent
 // and child handlers first. The program's own fork handlers then run with no usermm lock held and
 // may touch arena memory (in the child, after usermm has made the arenas the child's own).
-[[gnu::constructor]] void register_fork_handlers() { pthread_atfork(fork_prepare, fork_release, fork_child); }
+[[gnu::constructor]] void register_fork_handlers() { pthread_atfork(fork_prepare, fork_parent, fork_child); }
 
 void print_stats_at_exit() {
     const std::string table = format_stats(process_stats());

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <utility>
 
 #include "account.hpp"
 #include "page_ops_api.hpp"
@@ -295,18 +296,52 @@ void async_leave(ArenaCore& a, const char* call, Range r) {
     for (const PageSpan& p : async_parts(a, a.page_index(r.start), a.page_index(r.end))) leave(a, call, p.first, p.last);
 }
 
+// The guard first, so that no write lands between the fold and fork's copy of the page tables
+// (the child, which cannot ask the kernel, would never see it): writes by other threads fault into
+// usermm and wait for the arena's lock, which fork holds. The child keeps the guard as its
+// mprotect tracking; the parent takes it away after the fork.
 void async_fold_before_fork(ArenaCore& a) noexcept {
+    bool guarded = true;
+    try {
+        std::vector<Run> runs;
+        for (const auto& [lo, hi] : a.async_ranges) {
+            const std::vector<Run> part = writable_runs(a, lo, hi);
+            runs.insert(runs.end(), part.begin(), part.end());
+        }
+        std::size_t done = 0;
+        if (guard(a, runs, true, &done) != 0) {
+            guarded = false;
+            guard(std::as_const(a), std::vector<Run>(runs.begin(), runs.begin() + std::ptrdiff_t(done)), false, &done);
+        }
+    } catch (...) {
+        guarded = false;
+    }
     for (const auto& [lo, hi] : a.async_ranges) {
         // Not protected again: the parent's next scan reports them too (its marks there are the
         // kernel's to tell, see collect_dirty), and the child, which has no scan, its marks.
         const int err = scan_written(a, lo, hi, false, [&a](std::size_t i, std::size_t j) {
             fold_written(a, i, j, kPteDirty, [](std::size_t) {});
         });
-        if (err)
+        if (err || !guarded)
             std::fprintf(stderr,
-                         "usermm: fork: PAGEMAP_SCAN of [%#lx, %#lx) failed (errno %d); the child's collect_dirty may "
-                         "miss pages written before the fork\n",
-                         static_cast<unsigned long>(a.page_addr(lo)), static_cast<unsigned long>(a.page_addr(hi)), err);
+                         "usermm: fork: %s [%#lx, %#lx) failed (errno %d); the child's collect_dirty may miss pages "
+                         "written just before the fork\n",
+                         err ? "PAGEMAP_SCAN of" : "the read-only guard of", static_cast<unsigned long>(a.page_addr(lo)),
+                         static_cast<unsigned long>(a.page_addr(hi)), err ? err : ENOMEM);
+    }
+}
+
+void async_after_fork_parent(ArenaCore& a) noexcept {
+    for (const auto& [lo, hi] : a.async_ranges) {
+        try {
+            std::size_t done = 0;
+            if (const int err = guard(a, writable_runs(a, lo, hi), false, &done))
+                std::fprintf(stderr, "usermm: fork: giving write access back to [%#lx, %#lx) failed (errno %d)\n",
+                             static_cast<unsigned long>(a.page_addr(lo)), static_cast<unsigned long>(a.page_addr(hi)), err);
+        } catch (...) {
+            std::fprintf(stderr, "usermm: fork: out of memory giving write access back to [%#lx, %#lx)\n",
+                         static_cast<unsigned long>(a.page_addr(lo)), static_cast<unsigned long>(a.page_addr(hi)));
+        }
     }
 }
 

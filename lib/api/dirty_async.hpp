@@ -41,10 +41,12 @@ std::vector<PageSpan> async_spans(const ArenaCore& a, std::size_t first, std::si
 // written becomes dirty-collect and dirty-snapshot marks, and the clean writable pages are
 // write-tracked as collect_dirty would have left them.
 void async_leave(ArenaCore& a, const char* call, Range r);
-// fork's prepare handler, every lock held: the written bits become the PTEs' marks (no allocation).
+// fork's prepare handler, every lock held: the ranges' writable pages made read-only, then the
+// written bits become the PTEs' marks. After the fork, the parent gives write access back.
 void async_fold_before_fork(ArenaCore& a) noexcept;
-// In the child, which keeps no registration nor mark: the asynchronous ranges' writable pages are
-// write-tracked by the mprotect engine, and the ranges forgotten.
+void async_after_fork_parent(ArenaCore& a) noexcept;
+// In the child, which keeps no registration nor mark: the asynchronous ranges' writable pages (read-only
+// in the kernel already, the guard) are write-tracked by the mprotect engine, and the ranges forgotten.
 void async_after_fork_child(ArenaCore& a);
 
 }  // namespace usermm::detail

@@ -11,6 +11,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 
 #include "pte.hpp"
@@ -211,7 +212,7 @@ constexpr std::uint64_t kPageIsWritten = 1u << 1;
 
 int g_async_uffd = -1;   // set once by the probe (before any arena exists), closed in a fork child
 int g_pagemap = -1;      // /proc/self/pagemap, which PAGEMAP_SCAN is asked on
-bool g_async = false;
+std::atomic<bool> g_async{false};  // the mode may be used (probed, allowed, not a fork child)
 
 int async_register(int fd, std::uintptr_t addr, std::size_t len) {
     uffdio_register reg{};
@@ -307,7 +308,9 @@ int uffd_async_probe() {
     return 0;
 }
 
-bool uffd_async_available() { return g_async; }
+bool uffd_async_available() { return g_async.load(std::memory_order_relaxed); }
+
+void uffd_async_allow(bool on) { g_async.store(on && g_async_uffd >= 0, std::memory_order_relaxed); }
 
 void uffd_async_forget() {
     g_async = false;

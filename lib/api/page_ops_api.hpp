@@ -65,6 +65,10 @@ int uffd_probe();
 // 0, or the errno that leaves collect_dirty on the synchronous path.
 int uffd_async_probe();
 bool uffd_async_available();
+// For benchmarks and tests that compare both paths in one process: collect_dirty uses the
+// asynchronous mode only while allowed (and available); ranges it holds go back at their next
+// collection. Under no arena's lock; set between API calls.
+void uffd_async_allow(bool on);
 // In a forked child: the descriptors refer to the parent's context and memory. Closed; the child
 // never uses the asynchronous mode.
 void uffd_async_forget();
