@@ -109,6 +109,7 @@ int main(int argc, char** argv) {
     const std::size_t len = mib << 20, npages = len / kPage;
     const std::size_t written = std::min<std::size_t>(npages, argc > 2 ? std::strtoull(argv[2], nullptr, 10) : npages / 10);
     const int rounds = int(argc > 3 ? std::strtoull(argv[3], nullptr, 10) : env_or("USERMM_BENCH_ROUNDS", 5));
+    const bool with_sync = env_or("USERMM_BENCH_DIRTY_SYNC", 1) != 0;  // 0: the asynchronous path alone (profiling)
     (void)usermm::page_size();
     if (usermm::engine() != usermm::Engine::Uffd || !usermm::detail::uffd_async_available()) {
         std::printf("dirty: the kernel lacks userfaultfd WP_ASYNC or PAGEMAP_SCAN (or USERMM_ENGINE=mprotect / "
@@ -126,11 +127,11 @@ int main(int argc, char** argv) {
     BareRegion bare(len);
     usermm::Arena arena(len);
     char* const base = static_cast<char*>(arena.map(len, usermm::Prot::ReadWrite, {.name = "dirty"}));
-    arena.prefault(base, len, usermm::Prot::ReadWrite);
+    for (std::size_t i = 0; i < npages; ++i) base[i * kPage] = 1;  // every page present, as the bare region's
     (void)arena.collect_dirty(base, len);
     (void)bare.scan();
 
-    std::vector<double> w_bare, w_async, w_sync, c_bare, c_async, c_sync;
+    std::vector<double> w_bare, w_async, w_sync, c_bare, c_async, c_sync, e_bare, e_async;
     std::size_t got_bare = 0, got_async = 0, got_sync = 0;
     for (int r = 0; r < rounds; ++r) {
         const std::uint8_t v = std::uint8_t(r + 1);
@@ -141,6 +142,9 @@ int main(int argc, char** argv) {
         t0 = now_ns();
         got_bare = bare.scan();
         c_bare.push_back(double(now_ns() - t0) / 1e6);
+        t0 = now_ns();
+        (void)bare.scan();  // nothing written since
+        e_bare.push_back(double(now_ns() - t0) / 1e6);
         // usermm, asynchronous: the range moved to the kernel at the first collection; each
         // collection afterwards is a scan.
         usermm::detail::uffd_async_allow(true);
@@ -151,7 +155,16 @@ int main(int argc, char** argv) {
         t0 = now_ns();
         got_async = arena.collect_dirty(base, len).size();
         c_async.push_back(double(now_ns() - t0) / 1e6);
+        t0 = now_ns();
+        (void)arena.collect_dirty(base, len);
+        e_async.push_back(double(now_ns() - t0) / 1e6);
         // usermm, synchronous: the same range on write tracking (a SIGBUS per first write).
+        if (!with_sync) {
+            w_sync.push_back(0);
+            c_sync.push_back(0);
+            got_sync = written;
+            continue;
+        }
         usermm::detail::uffd_async_allow(false);
         (void)arena.collect_dirty(base, len);  // takes the range back from the kernel, armed
         t0 = now_ns();
@@ -173,6 +186,8 @@ int main(int argc, char** argv) {
     std::printf("  (b) collect + re-arm:                bare PAGEMAP_SCAN %.3f ms   usermm async %.3f ms (%.2fx)   "
                 "usermm sync %.3f ms (%.2fx)\n",
                 cb, ca, ca / cb, cs, cs / cb);
+    std::printf("  (b) with nothing written:           bare PAGEMAP_SCAN %.3f ms   usermm async %.3f ms (%.2fx)\n",
+                median(e_bare), median(e_async), median(e_async) / median(e_bare));
     std::printf("  async write + collect per round: %.3f ms, sync: %.3f ms (%.2fx)\n", wa * double(written) / 1e6 + ca,
                 ws * double(written) / 1e6 + cs, (ws * double(written) / 1e6 + cs) / (wa * double(written) / 1e6 + ca));
     return 0;

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <span>
 #include <utility>
 
 #include "account.hpp"
@@ -75,23 +76,30 @@ void remove_range(ArenaCore& a, std::size_t first, std::size_t last) {
     a.async_ranges = std::move(kept);
 }
 
-// Every PAGEMAP_SCAN answer for [first, last), the written regions in pieces of a fixed buffer (no
-// allocation: fork's prepare handler calls it), as page ranges fn(i, j). 0 or the errno.
+// Every PAGEMAP_SCAN answer for [first, last), the written regions in pieces of `buffer`, as page
+// ranges fn(i, j). 0 or the errno. Each call walks from where the last stopped, and costs a setup of
+// its own: scattered writes want a buffer of thousands of regions (a thread's own, kept: a fresh
+// one would cost its first touches at every collection), fork's prepare handler its fixed one.
 template <typename Fn>
-int scan_written(const ArenaCore& a, std::size_t first, std::size_t last, bool rearm, Fn fn) noexcept {
-    WrittenRegion regions[256];
+int scan_written(const ArenaCore& a, std::size_t first, std::size_t last, bool rearm, std::span<WrittenRegion> buffer,
+                 Fn fn) noexcept {
     std::uintptr_t at = a.page_addr(first);
     const std::uintptr_t end = a.page_addr(last);
     while (at < end) {
         std::size_t n = 0;
         std::uintptr_t walk_end = end;
-        if (const int err = pagemap_scan_written(at, end - at, rearm, regions, std::size(regions), &n, &walk_end))
+        if (const int err = pagemap_scan_written(at, end - at, rearm, buffer.data(), buffer.size(), &n, &walk_end))
             return err;
-        for (std::size_t k = 0; k < n; ++k) fn(a.page_index(regions[k].start), a.page_index(regions[k].end));
+        for (std::size_t k = 0; k < n; ++k) fn(a.page_index(buffer[k].start), a.page_index(buffer[k].end));
         if (walk_end <= at) return EIO;  // no progress: never expected of the kernel
         at = walk_end;
     }
     return 0;
+}
+
+std::span<WrittenRegion> scan_buffer() {
+    thread_local std::vector<WrittenRegion> buffer(16384);
+    return buffer;
 }
 
 // The pages the kernel let a write through since they were protected: populated (see the top).
@@ -218,7 +226,11 @@ void leave(ArenaCore& a, const char* call, std::size_t first, std::size_t last) 
     const long before = long(mappings_around(a, first, last).size());
     const std::vector<Run> runs = writable_runs(a, first, last);
     guard_or_fail(a, call, runs);
-    const int scanned = scan_written(a, first, last, false, [&a](std::size_t i, std::size_t j) {
+    // The marks collect_dirty left here are grants, whose writes the kernel saw: its written bits
+    // become the marks.
+    for (const PageSpan& span : pte_spans(a, first, last))
+        for (std::size_t i = span.first; i < span.last; ++i) a.pte[i].fetch_and(pte_t(~kPteDirtyCollect), kRelaxed);
+    const int scanned = scan_written(a, first, last, false, scan_buffer(), [&a](std::size_t i, std::size_t j) {
         fold_written(a, i, j, kPteDirty, [](std::size_t) {});
     });
     if (scanned) {
@@ -284,7 +296,7 @@ void async_collect(ArenaCore& a, const char* call, Range r, std::vector<std::siz
     for (const PageSpan& p : other_parts(a, first, last)) enter(a, call, p.first, p.last);
     // The written pages, protected again in the same call; a write that lands after the walk passed
     // its page is the next collection's.
-    if (const int err = scan_written(a, first, last, true, [&](std::size_t i, std::size_t j) {
+    if (const int err = scan_written(a, first, last, true, scan_buffer(), [&](std::size_t i, std::size_t j) {
             fold_written(a, i, j, kPteDirtySnapshot, [&dirty](std::size_t k) { dirty.push_back(k); });
         }))
         fail(err, "{}: PAGEMAP_SCAN of [{:#x}, {:#x}) for written pages (and write-protecting them again) failed", call,
@@ -319,7 +331,8 @@ void async_fold_before_fork(ArenaCore& a) noexcept {
     for (const auto& [lo, hi] : a.async_ranges) {
         // Not protected again: the parent's next scan reports them too (its marks there are the
         // kernel's to tell, see collect_dirty), and the child, which has no scan, its marks.
-        const int err = scan_written(a, lo, hi, false, [&a](std::size_t i, std::size_t j) {
+        WrittenRegion regions[256];
+        const int err = scan_written(a, lo, hi, false, regions, [&a](std::size_t i, std::size_t j) {
             fold_written(a, i, j, kPteDirty, [](std::size_t) {});
         });
         if (err || !guarded)

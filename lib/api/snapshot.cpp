@@ -632,20 +632,20 @@ DirtySet Arena::collect_dirty(void* addr, std::size_t length) {
     // kernel tracked goes back to it first.
     const bool async = async_eligible(a, r);
     if (!async) async_leave(a, call, r);
-    // Where the kernel tracked writes since the previous collection, its answer is the whole of it
-    // (a mark there is a grant, and what the grant let through the kernel saw): uffd-wp markers read
-    // as swapped in pagemap, so residency would call a granted page that was never touched written.
-    const std::vector<PageSpan> by_kernel = async ? async_spans(a, first, last) : std::vector<PageSpan>{};
-    auto kernel_tracked = [&by_kernel, it = by_kernel.begin()](std::size_t i) mutable {  // ascending pages
-        while (it != by_kernel.end() && it->last <= i) ++it;
-        return it != by_kernel.end() && it->first <= i;
-    };
+    // Where the kernel tracked writes since the previous collection, its answer is the whole of it (a
+    // mark there is a grant, and what the grant let through the kernel saw), and the marks are not
+    // read (uffd-wp markers read as swapped in pagemap, so residency would call a granted page that
+    // was never touched written) nor cleared: leaving the mode clears them (dirty_async.cpp). So a
+    // collection of a range the kernel tracks walks no PTE.
+    const std::vector<PageSpan> by_usermm = async ? sync_parts(a, first, last) : std::vector<PageSpan>{{first, last}};
+    const std::vector<PageSpan> marked =
+        by_usermm.empty() ? by_usermm : span_intersection(pte_spans(a, first, last), by_usermm);
     // Write access granted since the last collection marks a page; it was written if the kernel
     // holds it (fault-around grants write to neighbours that may never be touched). Discarded
     // pages changed too, though nothing wrote them. Residency (present or swapped out) is asked only for groups of pages
     // with a mark, and the answer holds only the pages found: its cost follows what was written.
     constexpr std::size_t kGroup = ArenaCore::kGroupPages;
-    for (const PageSpan& span : pte_spans(a, first, last)) {  // an untouched page has no mark
+    for (const PageSpan& span : marked) {  // an untouched page has no mark
         for (std::size_t g = span.first; g < span.last;) {
             const std::size_t next = std::min(span.last, (g / kGroup + 1) * kGroup);
             std::size_t k = g;
@@ -659,8 +659,7 @@ DirtySet Arena::collect_dirty(void* addr, std::size_t length) {
             for (std::size_t i = k; i < next; ++i) {
                 const pte_t v = a.pte[i].load(kRelaxed);
                 if (!(v & kPteDirtyCollect)) continue;
-                if ((v & kPtePopulated) && ((v & kPteSwapped) || (held[i - g] & 1)) && !kernel_tracked(i))
-                    dirty.push_back(i);
+                if ((v & kPtePopulated) && ((v & kPteSwapped) || (held[i - g] & 1))) dirty.push_back(i);
                 // A stack's page is not write-tracked: it counts as written at every collection.
                 if (!(a.stack_count && (v & kPtePopulated) && in_stack(a, i)))
                     a.pte[i].store(pte_t(v & ~kPteDirtyCollect), kRelaxed);
@@ -668,14 +667,18 @@ DirtySet Arena::collect_dirty(void* addr, std::size_t length) {
             g = next;
         }
     }
+    // Each part ascending: the marks', the kernel's, the discarded ranges' (sorted only if any).
+    const std::size_t from_marks = dirty.size();
     if (async) async_collect(a, call, r, dirty);
+    std::inplace_merge(dirty.begin(), dirty.begin() + std::ptrdiff_t(from_marks), dirty.end());
     std::vector<std::pair<std::size_t, std::size_t>> kept;
+    const std::size_t before_discarded = dirty.size();
     for (const auto& [lo, hi] : a.discarded) {
         for (std::size_t i = std::max(lo, first); i < std::min(hi, last); ++i) dirty.push_back(i);
         if (lo < first) kept.push_back({lo, std::min(hi, first)});
         if (hi > last) kept.push_back({std::max(lo, last), hi});
     }
-    std::sort(dirty.begin(), dirty.end());
+    if (dirty.size() != before_discarded) std::sort(dirty.begin(), dirty.end());
     dirty.erase(std::unique(dirty.begin(), dirty.end()), dirty.end());
     a.discarded = std::move(kept);
     a.collect_armed = true;
