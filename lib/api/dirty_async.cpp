@@ -203,13 +203,20 @@ void enter(ArenaCore& a, const char* call, std::size_t first, std::size_t last) 
     }
     if (const int err = uffd_async_register(at, len)) undo(err, "UFFDIO_REGISTER with the asynchronous userfaultfd");
     int failed = 0;
-    std::uintptr_t failed_at = 0;
+    std::size_t failed_first = 0, failed_last = 0;
     for_each_populated_run(a, first, last, [&](std::size_t i, std::size_t j) {
-        if (!failed && (failed = uffd_async_write_protect(a.page_addr(i), (j - i) << g_page_shift))) failed_at = a.page_addr(i);
+        if (!failed && (failed = uffd_async_write_protect(a.page_addr(i), (j - i) << g_page_shift))) {
+            failed_first = i;
+            failed_last = j;
+        }
     });
     if (failed) {
         uffd_async_unregister(at, len);
-        undo(failed, failed_at ? "UFFDIO_WRITEPROTECT (asynchronous) at the populated run" : "UFFDIO_WRITEPROTECT");
+        uffd_register(at, len);
+        rearm_tracked(a, first, last);
+        unguard(a, call, runs, runs.size());
+        fail(failed, "{}: UFFDIO_WRITEPROTECT (asynchronous userfaultfd) of [{:#x}, {:#x}) failed", call,
+             a.page_addr(failed_first), a.page_addr(failed_last));
     }
     unguard(a, call, runs, runs.size());
     // Tracked by the kernel now, not by usermm.
