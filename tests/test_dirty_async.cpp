@@ -315,3 +315,37 @@ TEST_CASE("a stack VMA in the range keeps the collection on usermm's tracking, w
     CHECK(heap_part() == std::vector<void*>{heap + 7 * ps});
     arena.verify();
 }
+
+// map_file where the kernel tracked writes: that part goes back first (a file mapping has no
+// userfaultfd context); unmapping the file gives the arena a fresh reservation of its own.
+TEST_CASE("a file mapped and unmapped inside a range the kernel tracked") {
+    const bool async = expect_async();
+    const std::size_t ps = usermm::page_size();
+    TempDir dir;
+    const std::string path = dir.file("f");
+    {
+        FILE* f = std::fopen(path.c_str(), "w");
+        REQUIRE(f);
+        std::vector<char> bytes(16 * ps, 'x');
+        REQUIRE(std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size());
+        std::fclose(f);
+    }
+    usermm::Arena arena(256 * ps);
+    char* const lo = static_cast<char*>(arena.base());
+    char* heap = static_cast<char*>(arena.map(64 * ps, Prot::ReadWrite, {.name = "heap", .fault_around_pages = 1}));
+    for (std::size_t i = 0; i < 64; ++i) write_byte(heap + i * ps, 1);
+    (void)arena.collect_dirty(lo, arena.size());  // the whole arena, unmapped space included
+    write_byte(heap + 3 * ps, 2);
+    char* file = static_cast<char*>(arena.map_file(path, 0, 16 * ps, Prot::Read, usermm::Share::Private));
+    CHECK(read_byte(file) == 'x');
+    write_byte(heap + 4 * ps, 3);
+    CHECK(arena.collect_dirty(heap, 64 * ps).pages == std::vector<void*>{heap + 3 * ps, heap + 4 * ps});
+    arena.verify();
+    arena.unmap(file, 16 * ps);
+    write_byte(heap + 5 * ps, 4);
+    CHECK(arena.collect_dirty(lo, arena.size()).pages == std::vector<void*>{heap + 5 * ps});
+    write_byte(heap + 6 * ps, 5);
+    CHECK(arena.collect_dirty(lo, arena.size()).pages == std::vector<void*>{heap + 6 * ps});
+    CHECK((arena.stats().dirty_async_collects > 0) == async);
+    arena.verify();
+}
