@@ -336,6 +336,14 @@ void async_fold_before_fork(ArenaCore& a) noexcept {
         guarded = false;
     }
     for (const auto& [lo, hi] : a.async_ranges) {
+        // The marks there are stale (grants whose writes the kernel saw, see collect_dirty): the
+        // child must inherit only what was written since the last collection.
+        try {
+            for (const PageSpan& span : pte_spans(a, lo, hi))
+                for (std::size_t i = span.first; i < span.last; ++i) a.pte[i].fetch_and(pte_t(~kPteDirtyCollect), kRelaxed);
+        } catch (...) {
+            for (std::size_t i = lo; i < hi; ++i) a.pte[i].fetch_and(pte_t(~kPteDirtyCollect), kRelaxed);
+        }
         // Not protected again: the parent's next scan reports them too (its marks there are the
         // kernel's to tell, see collect_dirty), and the child, which has no scan, its marks.
         WrittenRegion regions[256];
