@@ -19,6 +19,7 @@
 #include "file_vma.hpp"
 #include "filemap.hpp"
 #include "map_budget.hpp"
+#include "page_ops_api.hpp"
 #include "pte.hpp"
 #include "test_util.hpp"
 #include "vma.hpp"
@@ -505,6 +506,24 @@ TEST_CASE("collect_dirty clears dirty-collect and arms write tracking") {
     usermm_test::write_byte(p, 1);
     const usermm::DirtySet d = t.arena.collect_dirty(p, 2 * t.ps);
     CHECK(d.contains(p));
+    if (usermm::detail::uffd_async_available() && uffd()) {
+        // The kernel tracks the range (dirty_async.cpp): present writable, not write-tracked; the
+        // next write neither faults nor changes the PTE, and the next collection reports it.
+        CHECK(t.at(p) == pte_t(kPop | kPteDirtySnapshot | kPteDirtyFile | RW));
+        usermm_test::write_byte(p, 2);
+        CHECK(t.at(p) == pte_t(kPop | kPteDirtySnapshot | kPteDirtyFile | RW));
+        CHECK(t.arena.collect_dirty(p, 2 * t.ps).pages == std::vector<void*>{p});
+        t.arena.verify();
+        // A snapshot takes the range back: what the kernel saw written became marks, and the clean
+        // page is write-tracked.
+        usermm_test::write_byte(p, 3);
+        {
+            const usermm::Snapshot s = t.arena.snapshot();
+            CHECK((t.at(p) & kPteWriteTracked) != 0);
+        }
+        CHECK(t.arena.collect_dirty(p, 2 * t.ps).pages == std::vector<void*>{p});
+        return;
+    }
     CHECK(t.at(p) == pte_t(kPteWriteTracked | kPop | kPteDirtySnapshot | kPteDirtyFile | (uffd() ? RW : R)));
     usermm_test::write_byte(p, 2);
     CHECK(t.at(p) == kWritten);

@@ -118,7 +118,7 @@ TEST_CASE("the full form shows every counter in order and every latency bucket, 
 
 TEST_CASE("the full form of all-zero counters still shows every row") {
     const std::string table = usermm::format_stats(Stats{}, StatsFormat::Full);
-    CHECK(check_aligned(table).size() == std::size_t(47) + usermm::kLatencyBuckets);
+    CHECK(check_aligned(table).size() == std::size_t(48) + usermm::kLatencyBuckets);
     CHECK(table.find("  0.0%") != std::string::npos);
 }
 

@@ -111,6 +111,7 @@ USERMM_API std::string to_string(Prot p);
     X(cow_bytes_copied, "bytes copied into snapshots before writes")                           \
     X(pages_restored, "pages written back into the arena by restore()")                        \
     X(dirty_pages_collected, "pages reported by collect_dirty()")                              \
+    X(dirty_async_collects, "collect_dirty() calls whose range the kernel tracked (userfaultfd WP_ASYNC, no fault per write)") \
     X(file_pages_read, "file pages the kernel read for usermm: not in its page cache when asked for") \
     X(file_bytes_read, "bytes of those pages (the part of a last page past the end excluded)") \
     X(readahead_pages, "pages read besides the one a fault needed (readahead, WillNeed, prefault)") \
@@ -149,7 +150,8 @@ inline constexpr std::size_t kLatencyBuckets = 16;
 // from another holds (Stats::version). 2: file VMAs on the kernel's page cache (issue 9). 3: reclaim
 // and swap (pages_swapped_out ... resident_pages; major_faults counts swap-ins too). 4: stacks
 // (stack_growth_faults, stack_pages_grown, stack_overflows). 5: limit_overruns. 6: snapshots_taken,
-// snapshot_pause_ns, vma_names_dropped. 7: snapshot_pages_recycled (the store pool).
+// snapshot_pause_ns, vma_names_dropped. 7: snapshot_pages_recycled (the store pool),
+// dirty_async_collects.
 inline constexpr std::uint32_t kStatsVersion = 7;
 
 struct USERMM_API Stats {

@@ -29,6 +29,7 @@
 
 #include "account.hpp"
 #include "arena_ops.hpp"
+#include "dirty_async.hpp"
 #include "fault_entry.hpp"
 #include "file_vma.hpp"
 #include "find_vma.hpp"
@@ -62,6 +63,7 @@ struct Environment {
     EngineWanted engine = EngineWanted::Default;
     bool stats_at_exit = false;
     bool vma_names = true;
+    bool dirty_async = true;  // collect_dirty may hand write tracking to the kernel (dirty_async.cpp)
 };
 
 Environment read_environment() {
@@ -92,6 +94,13 @@ Environment read_environment() {
             env.vma_names = want == "1";
         else
             bad("USERMM_VMA_NAMES", v, "'0' or '1'");
+    }
+    if (const char* v = value("USERMM_DIRTY_ASYNC")) {
+        const std::string_view want = v;
+        if (want == "1" || want == "0")
+            env.dirty_async = want == "1";
+        else
+            bad("USERMM_DIRTY_ASYNC", v, "'0' or '1'");
     }
     if (const char* v = value("USERMM_STATS")) {
         const std::string_view want = v;
@@ -177,9 +186,12 @@ void choose_tracking_engine() {
     const EngineWanted want = environment().engine;
     if (want == EngineWanted::Mprotect) return;
     const int err = uffd_probe();
-    if (err == 0)
+    if (err == 0) {
         set_tracking_engine(TrackingEngine::Uffd);
-    else if (want == EngineWanted::Uffd)
+        // USERMM_DIRTY_ASYNC=0 keeps collect_dirty on the synchronous path; a kernel without
+        // WP_ASYNC or PAGEMAP_SCAN does too, without a word (the answers are the same).
+        if (environment().dirty_async) uffd_async_probe();
+    } else if (want == EngineWanted::Uffd)
         fail(err, "usermm::Arena: USERMM_ENGINE=uffd, but userfaultfd write-protect in SIGBUS mode is not available");
 }
 
@@ -206,6 +218,10 @@ void fork_prepare() {
             std::fprintf(stderr, "usermm: fork: the store of arena [%#lx, %#lx) refused to share its slots with the "
                                  "child; pages swapped out may read wrong in one of them\n",
                          static_cast<unsigned long>(reg.arenas[i]->base), static_cast<unsigned long>(reg.arenas[i]->end));
+    // The writes the kernel let through in ranges it tracks (dirty_async.cpp) become the PTEs'
+    // marks, which the child inherits (its registrations and the kernel's bits are gone there),
+    // behind a read-only guard that holds back later writes until the parent's handler.
+    for (std::size_t i = 0; i < reg.count; ++i) async_fold_before_fork(*reg.arenas[i]);
     vma_counters_lock_for_fork();
 }
 
@@ -217,6 +233,13 @@ void fork_release() {
     pthread_sigmask(SIG_SETMASK, &t_mask_before_fork, nullptr);
 }
 
+// The parent's handler: the asynchronous ranges' guard goes (dirty_async.cpp), then the locks.
+void fork_parent() {
+    ArenaRegistry& reg = arena_registry();
+    for (std::size_t i = 0; i < reg.count; ++i) async_after_fork_parent(*reg.arenas[i]);
+    fork_release();
+}
+
 // The child's copy of every arena is complete (no fault was in flight); what changes is how the
 // kernel will merge its pieces. glibc makes malloc usable in the child before this runs.
 void fork_child() {
@@ -225,6 +248,7 @@ void fork_child() {
     if (page_forget_self_mem()) page_self_mem();
     const WriteTracker& inherited = write_tracker();
     uffd_forget();
+    uffd_async_forget();
     ArenaRegistry& reg = arena_registry();
     // The kernel gave each inherited private VMA an anon_vma of its own, so they never merge again:
     // their boundaries become edge marks. Pieces split off one of them later share its anon_vma
@@ -246,6 +270,7 @@ void fork_child() {
         a.identity = new_arena_identity();  // the child's snapshots start a chain of their own
         forget_saved_after_fork(a);
         inherited.after_fork(a);
+        async_after_fork_child(a);
         if (a.reclaimer) a.reclaimer->after_fork_child();
         // Slots held by readers, and a restore in progress, belong to threads the child does not have.
         // A held slot was written, so it lies in a touched page of its table.
@@ -266,7 +291,7 @@ void fork_child() {
 // so usermm's prepare runs last, just before the kernel copies the address space, and its parent
 // and child handlers first. The program's own fork handlers then run with no usermm lock held and
 // may touch arena memory (in the child, after usermm has made the arenas the child's own).
-[[gnu::constructor]] void register_fork_handlers() { pthread_atfork(fork_prepare, fork_release, fork_child); }
+[[gnu::constructor]] void register_fork_handlers() { pthread_atfork(fork_prepare, fork_parent, fork_child); }
 
 void print_stats_at_exit() {
     const std::string table = format_stats(process_stats());

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "account.hpp"
+#include "dirty_async.hpp"
 #include "file_vma.hpp"
 #include "filemap.hpp"
 #include "find_vma.hpp"
@@ -446,6 +447,7 @@ void* Arena::map_file_as(int fd, const std::string& path, std::uint64_t offset, 
             fail(EBUSY, "{}: range [{:#x}, {:#x}) is inside live snapshot {}; snapshots cover anonymous memory only",
                  call, start, start + len, a.snapshots[k]->sequence);
     preserve_range(a, call, {start, start + len});  // whole-arena snapshots read zeros there
+    async_leave(a, call, {start, start + len});      // the file's mapping has no userfaultfd context
     const long before = long(mappings_around(a, first, last).size());
     void* moving = std::exchange(prepared, nullptr);  // page_place_file_mapping takes it, or unmaps it
     if (const int err = page_place_file_mapping(start, len, file->fd, offset, share == Share::Shared, moving)) {

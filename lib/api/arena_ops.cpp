@@ -14,6 +14,7 @@
 #include <limits>
 #include <string>
 
+#include "dirty_async.hpp"
 #include "file_vma.hpp"
 #include "procmap.hpp"
 #include "find_vma.hpp"
@@ -318,8 +319,12 @@ std::size_t unmark_tracked(ArenaCore& a, const char* call, Range r) {
     // Write access granted by change_pages() cleared the tracked flag of pages that lacked it, but
     // not their marks; so the whole range is unmarked, after snapshots took what they need of it.
     preserve_range(a, call, r);
-    if (const int err = write_tracker().clear_marks(r.start, r.end - r.start))
-        fail(err, "{}: cannot clear write-protection of [{:#x}, {:#x})", call, r.start, r.end);
+    // Ranges the kernel tracks itself (dirty_async.cpp) have no tracked page, and a write lands there.
+    for (const PageSpan& p : sync_parts(a, a.page_index(r.start), a.page_index(r.end))) {
+        const std::uintptr_t lo = a.page_addr(p.first), hi = a.page_addr(p.last);
+        if (const int err = write_tracker().clear_marks(lo, hi - lo))
+            fail(err, "{}: cannot clear write-protection of [{:#x}, {:#x})", call, lo, hi);
+    }
     std::size_t changed = 0;
     for (std::size_t i = a.page_index(r.start), last = a.page_index(r.end); i < last; ++i) {
         const pte_t v = a.pte[i].load(std::memory_order_relaxed);

@@ -11,6 +11,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 
 #include "pte.hpp"
@@ -178,6 +179,156 @@ int uffd_probe() {
     }
     uffd_adopt(fd);
     return 0;
+}
+
+// --- The asynchronous context and PAGEMAP_SCAN -----------------------------------------------------
+// Debian 12's headers (linux-libc-dev 6.1) have none of this (Linux 6.7, include/uapi/linux/fs.h and
+// userfaultfd.h); the layout is the kernel's ABI, and the probe asks the running kernel.
+namespace {
+constexpr std::uint64_t kFeatureWpAsync = 1ull << 15;
+struct PmScanArg {
+    std::uint64_t size;
+    std::uint64_t flags;
+    std::uint64_t start;
+    std::uint64_t end;
+    std::uint64_t walk_end;
+    std::uint64_t vec;
+    std::uint64_t vec_len;
+    std::uint64_t max_pages;
+    std::uint64_t category_inverted;
+    std::uint64_t category_mask;
+    std::uint64_t category_anyof_mask;
+    std::uint64_t return_mask;
+};
+static_assert(sizeof(PmScanArg) == 96 && sizeof(WrittenRegion) == 24);
+constexpr unsigned long kPagemapScan = _IOWR('f', 16, PmScanArg);
+constexpr std::uint64_t kScanWpMatching = 1u << 0;
+constexpr std::uint64_t kScanCheckWpAsync = 1u << 1;
+constexpr std::uint64_t kPageIsWritten = 1u << 1;
+
+int g_async_uffd = -1;   // set once by the probe (before any arena exists), closed in a fork child
+int g_pagemap = -1;      // /proc/self/pagemap, which PAGEMAP_SCAN is asked on
+std::atomic<bool> g_async{false};  // the mode may be used (probed, allowed, not a fork child)
+
+int async_register(int fd, std::uintptr_t addr, std::size_t len) {
+    uffdio_register reg{};
+    reg.range.start = addr;
+    reg.range.len = len;
+    reg.mode = UFFDIO_REGISTER_MODE_WP;
+    return result(ioctl(fd, UFFDIO_REGISTER, &reg));
+}
+
+int async_protect(int fd, std::uintptr_t addr, std::size_t len) {
+    uffdio_writeprotect wp{};
+    wp.range.start = addr;
+    wp.range.len = len;
+    wp.mode = UFFDIO_WRITEPROTECT_MODE_WP;
+    return result(ioctl(fd, UFFDIO_WRITEPROTECT, &wp));
+}
+
+int scan(int pagemap, std::uintptr_t addr, std::size_t len, bool rearm, WrittenRegion* out, std::size_t capacity,
+         std::size_t* regions, std::uintptr_t* walk_end) {
+    PmScanArg arg{};
+    arg.size = sizeof arg;
+    arg.flags = kScanCheckWpAsync | (rearm ? kScanWpMatching : 0);
+    arg.start = addr;
+    arg.end = addr + len;
+    arg.vec = reinterpret_cast<std::uintptr_t>(out);
+    arg.vec_len = capacity;
+    arg.category_mask = kPageIsWritten;
+    arg.return_mask = kPageIsWritten;
+    const int n = ioctl(pagemap, kPagemapScan, &arg);
+    if (n < 0) return errno;
+    *regions = std::size_t(n);
+    *walk_end = std::uintptr_t(arg.walk_end);
+    return 0;
+}
+
+// What the kernel must do for collect_dirty to trust it, on two scratch pages: a written page that
+// is write-protected reads as not written, a write lands without a signal and reads as written
+// (that page alone), and the scan that reported it protected it again.
+int probe_scan(int fd, int pagemap) {
+    const std::size_t len = 2 * g_page_size;
+    void* p = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return errno;
+    auto* bytes = static_cast<volatile char*>(p);
+    const std::uintptr_t at = reinterpret_cast<std::uintptr_t>(p);
+    int err = async_register(fd, at, len);
+    if (!err) {
+        bytes[0] = 1;
+        err = async_protect(fd, at, len);
+    }
+    WrittenRegion r[2];
+    std::size_t n = 0;
+    std::uintptr_t end = 0;
+    if (!err) err = scan(pagemap, at, len, true, r, 2, &n, &end);
+    if (!err && (n != 0 || end != at + len)) err = EOPNOTSUPP;
+    if (!err) {
+        bytes[g_page_size] = 1;
+        err = scan(pagemap, at, len, true, r, 2, &n, &end);
+    }
+    if (!err && (n != 1 || r[0].start != at + g_page_size || r[0].end != at + len)) err = EOPNOTSUPP;
+    if (!err) err = scan(pagemap, at, len, false, r, 2, &n, &end);
+    if (!err && n != 0) err = EOPNOTSUPP;
+    munmap(p, len);
+    return err;
+}
+}  // namespace
+
+int uffd_async_probe() {
+    const int fd = int(syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY));
+    if (fd < 0) return errno;
+    uffdio_api api{};
+    api.api = UFFD_API;
+    // SIGBUS: a fault the context would hand to a reader (none should be) fails rather than waits.
+    api.features = UFFD_FEATURE_SIGBUS | UFFD_FEATURE_PAGEFAULT_FLAG_WP | kFeatureWpUnpopulated | kFeatureWpAsync;
+    if (ioctl(fd, UFFDIO_API, &api) != 0) {
+        const int err = errno;
+        close(fd);
+        return err == EINVAL ? EOPNOTSUPP : err;
+    }
+    const int pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    if (pagemap < 0) {
+        const int err = errno;
+        close(fd);
+        return err;
+    }
+    if (const int err = probe_scan(fd, pagemap)) {
+        close(pagemap);
+        close(fd);
+        return err == EINVAL || err == ENOTTY ? EOPNOTSUPP : err;  // a kernel before 6.7
+    }
+    g_async_uffd = fd;
+    g_pagemap = pagemap;
+    g_async = true;
+    return 0;
+}
+
+bool uffd_async_available() { return g_async.load(std::memory_order_relaxed); }
+
+void uffd_async_allow(bool on) { g_async.store(on && g_async_uffd >= 0, std::memory_order_relaxed); }
+
+void uffd_async_forget() {
+    g_async = false;
+    if (g_async_uffd >= 0) close(g_async_uffd);
+    if (g_pagemap >= 0) close(g_pagemap);
+    g_async_uffd = g_pagemap = -1;
+}
+
+int uffd_async_register(std::uintptr_t addr, std::size_t len) { return async_register(g_async_uffd, addr, len); }
+
+int uffd_async_unregister(std::uintptr_t addr, std::size_t len) {
+    uffdio_range range{};
+    range.start = addr;
+    range.len = len;
+    return result(ioctl(g_async_uffd, UFFDIO_UNREGISTER, &range));
+}
+
+int uffd_async_write_protect(std::uintptr_t addr, std::size_t len) { return async_protect(g_async_uffd, addr, len); }
+
+int pagemap_scan_written(std::uintptr_t addr, std::size_t len, bool rearm, WrittenRegion* out, std::size_t capacity,
+                         std::size_t* regions, std::uintptr_t* walk_end) {
+    return scan(g_pagemap, addr, len, rearm, out, capacity, regions, walk_end);
 }
 
 }  // namespace usermm::detail

@@ -59,4 +59,35 @@ int page_reserve_fixed(std::uintptr_t addr, std::size_t len, bool uffd, bool* re
 // touched). Returns 0, or the errno that makes the uffd engine unusable here.
 int uffd_probe();
 
+// The second userfaultfd, for collect_dirty (dirty_async.cpp): write-protect faults the kernel
+// resolves itself (UFFD_FEATURE_WP_ASYNC, Linux 6.7), whose written pages PAGEMAP_SCAN on
+// /proc/self/pagemap reports and write-protects again in one call. A property of a whole
+// userfaultfd context, and a kernel VMA is registered with one context at a time: so a context of
+// its own beside uffd_probe's. uffd_async_probe opens it and checks, on a scratch mapping, that
+// write-protect, a write and PAGEMAP_SCAN with write-protect matching behave as documented;
+// 0, or the errno that leaves collect_dirty on the synchronous path.
+int uffd_async_probe();
+bool uffd_async_available();
+// For benchmarks and tests that compare both paths in one process: collect_dirty uses the
+// asynchronous mode only while allowed (and available); ranges it holds go back at their next
+// collection. Under no arena's lock; set between API calls.
+void uffd_async_allow(bool on);
+// In a forked child: the descriptors refer to the parent's context and memory. Closed; the child
+// never uses the asynchronous mode.
+void uffd_async_forget();
+int uffd_async_register(std::uintptr_t addr, std::size_t len);
+int uffd_async_unregister(std::uintptr_t addr, std::size_t len);
+int uffd_async_write_protect(std::uintptr_t addr, std::size_t len);
+// One PAGEMAP_SCAN of [addr, addr + len) for pages written since their write-protection (the kernel's
+// PAGE_IS_WRITTEN), write-protecting them again if `rearm`, into out[0, capacity): *regions filled,
+// *walk_end where the walk stopped (the caller asks again from there while it is below the end).
+// Checks that every VMA walked is registered with the asynchronous context (EPERM otherwise).
+struct WrittenRegion {
+    std::uint64_t start;
+    std::uint64_t end;
+    std::uint64_t categories;
+};
+int pagemap_scan_written(std::uintptr_t addr, std::size_t len, bool rearm, WrittenRegion* out, std::size_t capacity,
+                         std::size_t* regions, std::uintptr_t* walk_end);
+
 }  // namespace usermm::detail

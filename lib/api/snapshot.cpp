@@ -12,6 +12,7 @@
 
 #include "account.hpp"
 #include "arena_ops.hpp"
+#include "dirty_async.hpp"
 #include "file_vma.hpp"
 #include "find_vma.hpp"
 #include "map_budget.hpp"
@@ -325,6 +326,9 @@ Snapshot Arena::take_snapshot(void* addr, std::size_t length, bool whole) {
     if (!whole) refuse_file_vmas(a, call, r);
     if (a.snapshot_count == kMaxSnapshots)
         fail(EMFILE, "{}: the arena already has {} live snapshots (addr {:#x})", call, kMaxSnapshots, r.start);
+    // Copy-before-write needs every write seen: the range's writes the kernel tracked become the
+    // PTEs' marks, and the synchronous engine takes it back (dirty_async.cpp).
+    async_leave(a, call, r);
     for (auto it = a.tree.upper_bound(r.start); it != a.tree.end() && it->start < r.end; ++it) {
         if (it->file) {
             for (std::size_t i = a.page_index(it->start); i < a.page_index(it->end); ++i)
@@ -626,13 +630,26 @@ DirtySet Arena::collect_dirty(void* addr, std::size_t length) {
     }};
     ApiGuard<std::lock_guard<RwSpinLock>> guard(a.lock);
     refuse_file_vmas(a, call, r);
+    std::vector<std::size_t> dirty;
+    // Where nothing else needs to see each write, the kernel resolves the write faults itself and
+    // says which pages were written (dirty_async.cpp); elsewhere write tracking does, and a range the
+    // kernel tracked goes back to it first.
+    const bool async = async_eligible(a, r);
+    if (!async) async_leave(a, call, r);
+    // Where the kernel tracked writes since the previous collection, its answer is the whole of it (a
+    // mark there is a grant, and what the grant let through the kernel saw), and the marks are not
+    // read (uffd-wp markers read as swapped in pagemap, so residency would call a granted page that
+    // was never touched written) nor cleared: leaving the mode clears them (dirty_async.cpp). So a
+    // collection of a range the kernel tracks walks no PTE.
+    const std::vector<PageSpan> by_usermm = async ? sync_parts(a, first, last) : std::vector<PageSpan>{{first, last}};
+    const std::vector<PageSpan> marked =
+        by_usermm.empty() ? by_usermm : span_intersection(pte_spans(a, first, last), by_usermm);
     // Write access granted since the last collection marks a page; it was written if the kernel
     // holds it (fault-around grants write to neighbours that may never be touched). Discarded
     // pages changed too, though nothing wrote them. Residency (present or swapped out) is asked only for groups of pages
     // with a mark, and the answer holds only the pages found: its cost follows what was written.
     constexpr std::size_t kGroup = ArenaCore::kGroupPages;
-    std::vector<std::size_t> dirty;
-    for (const PageSpan& span : pte_spans(a, first, last)) {  // an untouched page has no mark
+    for (const PageSpan& span : marked) {  // an untouched page has no mark
         for (std::size_t g = span.first; g < span.last;) {
             const std::size_t next = std::min(span.last, (g / kGroup + 1) * kGroup);
             std::size_t k = g;
@@ -654,17 +671,22 @@ DirtySet Arena::collect_dirty(void* addr, std::size_t length) {
             g = next;
         }
     }
+    // Each part ascending: the marks', the kernel's, the discarded ranges' (sorted only if any).
+    const std::size_t from_marks = dirty.size();
+    if (async) async_collect(a, call, r, dirty);
+    std::inplace_merge(dirty.begin(), dirty.begin() + std::ptrdiff_t(from_marks), dirty.end());
     std::vector<std::pair<std::size_t, std::size_t>> kept;
+    const std::size_t before_discarded = dirty.size();
     for (const auto& [lo, hi] : a.discarded) {
         for (std::size_t i = std::max(lo, first); i < std::min(hi, last); ++i) dirty.push_back(i);
         if (lo < first) kept.push_back({lo, std::min(hi, first)});
         if (hi > last) kept.push_back({std::max(lo, last), hi});
     }
-    std::sort(dirty.begin(), dirty.end());
+    if (dirty.size() != before_discarded) std::sort(dirty.begin(), dirty.end());
     dirty.erase(std::unique(dirty.begin(), dirty.end()), dirty.end());
     a.discarded = std::move(kept);
     a.collect_armed = true;
-    arm_write_tracking_but_stacks(a, call, r);
+    if (!async) arm_write_tracking_but_stacks(a, call, r);
     out.pages.reserve(dirty.size());
     for (std::size_t i : dirty) out.pages.push_back(ptr_of(a.page_addr(i)));
     account_dirty_collected(a, out.pages.size());

@@ -24,6 +24,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "dirty_async.hpp"
 #include "account.hpp"
 #include "arena_ops.hpp"
 #include "expand_stack.hpp"
@@ -223,6 +224,7 @@ Stack Arena::map_stack(std::size_t size, const StackOptions& options) {
     const std::uintptr_t start = place_vma(a, call, 0, guard + len, guard + len);
     const std::uintptr_t end = start + guard + len, low = end - headroom;
     const std::size_t first = a.page_index(start), mid = a.page_index(low), last = a.page_index(end);
+    async_leave(a, call, {start, end});  // a stack's writes are never tracked (dirty_async.cpp)
     // The kernel's part first, all of it before any PTE changes: a refusal leaves nothing behind.
     // Markers go on while the range is still PROT_NONE, so that no page is ever open unguarded.
     const std::uintptr_t open_from = core->markers ? start : low;

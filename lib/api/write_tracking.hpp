@@ -3,7 +3,9 @@
 // anything else away, and gives it back. uffd: a userfaultfd write-protect mark; the protection
 // keeps Write, a write is a SIGBUS in the writing thread (do_wp_page). mprotect: the protection
 // loses Write; a write is a SIGSEGV (do_upgrade_fault). The fault world's side of it is
-// handle_bus_fault's test for a write-protect fault; everything else is here.
+// handle_bus_fault's test for a write-protect fault; everything else is here. collect_dirty has a
+// third way on the uffd engine, outside this table: ranges whose write-protect faults the kernel
+// resolves itself (dirty_async.cpp), never write-tracked in the PTEs.
 #pragma once
 
 #include <cstddef>

@@ -168,6 +168,10 @@ struct ArenaCore {
     std::size_t stack_count = 0;  // stack VMAs (map_stack)
     std::vector<ChangeRecord> history;
     std::vector<std::pair<std::size_t, std::size_t>> discarded;  // page ranges, since collect_dirty
+    // Page ranges (sorted, apart) registered with the asynchronous userfaultfd: the kernel resolves
+    // their write-protect faults and PAGEMAP_SCAN tells collect_dirty what was written
+    // (api/dirty_async.cpp). Changed under the write lock; the fault world never reads it.
+    std::vector<std::pair<std::size_t, std::size_t>> async_ranges;
 
     std::size_t page_index(std::uintptr_t addr) const;
     std::uintptr_t page_addr(std::size_t index) const;

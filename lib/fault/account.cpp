@@ -256,4 +256,6 @@ void account_dirty_collected(ArenaCore& arena, std::uint64_t pages) {
     add(&arena, nullptr, &Counters::dirty_pages_collected, pages);
 }
 
+void account_dirty_async(ArenaCore& arena) { add(&arena, nullptr, &Counters::dirty_async_collects, 1); }
+
 }  // namespace usermm::detail

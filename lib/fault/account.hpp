@@ -48,6 +48,7 @@ void account_snapshot_copy(SnapshotCore& snap, bool recycled);
 // Pages written back into the arena by a restore of `snap`; pages reported by collect_dirty.
 void account_restore(ArenaCore& arena, SnapshotCore& snap, std::uint64_t pages);
 void account_dirty_collected(ArenaCore& arena, std::uint64_t pages);
+void account_dirty_async(ArenaCore& arena);
 // One snapshot, which held the arena's write lock for `pause_ns`.
 void account_snapshot_taken(ArenaCore& arena, std::uint64_t pause_ns);
 // A VMA's name the kernel was not given (map budget short) or refused.

@@ -190,6 +190,13 @@ int uffd_register(std::uintptr_t addr, std::size_t len) {
     return ioctl_result(ioctl(g_uffd.load(std::memory_order_relaxed), UFFDIO_REGISTER, &reg));
 }
 
+int uffd_unregister(std::uintptr_t addr, std::size_t len) {
+    uffdio_range range{};
+    range.start = addr;
+    range.len = len;
+    return ioctl_result(ioctl(g_uffd.load(std::memory_order_relaxed), UFFDIO_UNREGISTER, &range));
+}
+
 int uffd_write_protect(std::uintptr_t addr, std::size_t len, bool protect) {
     uffdio_writeprotect wp{};
     wp.range.start = addr;

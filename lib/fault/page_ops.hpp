@@ -68,6 +68,9 @@ TrackingEngine tracking_engine();
 void set_tracking_engine(TrackingEngine e);
 // Registers an arena's reservation for write-protect faults.
 int uffd_register(std::uintptr_t addr, std::size_t len);
+// Takes a range away from it (API world: collect_dirty hands the range to the kernel's own
+// write-protect resolution, dirty_async.cpp). The kernel drops the range's write-protect marks.
+int uffd_unregister(std::uintptr_t addr, std::size_t len);
 // Sets or clears userfaultfd write-protection on a range.
 int uffd_write_protect(std::uintptr_t addr, std::size_t len, bool protect);
 // Fills pages of a registered range that are not in memory with a copy of src, atomically per page

@@ -1,0 +1,391 @@
+// collect_dirty through the kernel's asynchronous write-protection (see dirty_async.hpp).
+//
+// What the kernel does, read from fs/userfaultfd.c, fs/proc/task_mmu.c (pagemap_scan_*) and
+// mm/memory.c (Linux 6.7 on): in a VMA registered for write-protect with a WP_ASYNC context, a
+// write to a protected page is resolved in the fault (the mark dropped, no message, no signal);
+// PAGEMAP_SCAN's PAGE_IS_WRITTEN is "present or swapped, without the mark"; PM_SCAN_WP_MATCHING
+// puts the mark back on the pages it reports; PM_SCAN_CHECK_WPASYNC refuses (EPERM) a VMA that is
+// not registered so. A page table hole, or a none entry without a marker, is not written, and a
+// scan does not mark it: a page whose content is discarded (MADV_DONTNEED drops an anonymous
+// page's marker too) and then mapped again is unprotected, which is why usermm counts a kernel
+// report only for a populated page (a write needs write access, which usermm grants only with P;
+// a discarded page loses P and goes through ArenaCore::discarded instead; the zero page a read
+// maps there reads as written, and P tells it apart).
+#include "dirty_async.hpp"
+
+#include <algorithm>
+#include <cstdio>
+#include <span>
+#include <utility>
+
+#include "account.hpp"
+#include "page_ops_api.hpp"
+#include "snapshot.hpp"
+#include "write_tracking.hpp"
+
+namespace usermm::detail {
+
+namespace {
+
+constexpr auto kRelaxed = std::memory_order_relaxed;
+using Ranges = std::vector<std::pair<std::size_t, std::size_t>>;
+
+// The parts of [first, last) inside (or outside) the asynchronous ranges.
+std::vector<PageSpan> async_parts(const ArenaCore& a, std::size_t first, std::size_t last) {
+    std::vector<PageSpan> out;
+    for (const auto& [lo, hi] : a.async_ranges)
+        if (lo < last && hi > first) out.push_back({std::max(lo, first), std::min(hi, last)});
+    return out;
+}
+
+std::vector<PageSpan> other_parts(const ArenaCore& a, std::size_t first, std::size_t last) {
+    std::vector<PageSpan> out;
+    std::size_t at = first;
+    for (const PageSpan& p : async_parts(a, first, last)) {
+        if (p.first > at) out.push_back({at, p.first});
+        at = p.last;
+    }
+    if (at < last) out.push_back({at, last});
+    return out;
+}
+
+void add_range(ArenaCore& a, std::size_t first, std::size_t last) {
+    Ranges& r = a.async_ranges;
+    r.emplace_back(first, last);
+    std::sort(r.begin(), r.end());
+    Ranges merged;
+    for (const auto& p : r) {
+        if (!merged.empty() && merged.back().second >= p.first)
+            merged.back().second = std::max(merged.back().second, p.second);
+        else
+            merged.push_back(p);
+    }
+    r = std::move(merged);
+}
+
+void remove_range(ArenaCore& a, std::size_t first, std::size_t last) {
+    Ranges kept;
+    for (const auto& [lo, hi] : a.async_ranges) {
+        if (hi <= first || lo >= last) {
+            kept.emplace_back(lo, hi);
+            continue;
+        }
+        if (lo < first) kept.emplace_back(lo, first);
+        if (hi > last) kept.emplace_back(last, hi);
+    }
+    a.async_ranges = std::move(kept);
+}
+
+// Every PAGEMAP_SCAN answer for [first, last), the written regions in pieces of `buffer`, as page
+// ranges fn(i, j). 0 or the errno. Each call walks from where the last stopped, and costs a setup of
+// its own: scattered writes want a buffer of thousands of regions (a thread's own, kept: a fresh
+// one would cost its first touches at every collection), fork's prepare handler its fixed one.
+template <typename Fn>
+int scan_written(const ArenaCore& a, std::size_t first, std::size_t last, bool rearm, std::span<WrittenRegion> buffer,
+                 Fn fn) noexcept {
+    std::uintptr_t at = a.page_addr(first);
+    const std::uintptr_t end = a.page_addr(last);
+    while (at < end) {
+        std::size_t n = 0;
+        std::uintptr_t walk_end = end;
+        if (const int err = pagemap_scan_written(at, end - at, rearm, buffer.data(), buffer.size(), &n, &walk_end))
+            return err;
+        for (std::size_t k = 0; k < n; ++k) fn(a.page_index(buffer[k].start), a.page_index(buffer[k].end));
+        if (walk_end <= at) return EIO;  // no progress: never expected of the kernel
+        at = walk_end;
+    }
+    return 0;
+}
+
+std::span<WrittenRegion> scan_buffer() {
+    thread_local std::vector<WrittenRegion> buffer(16384);
+    return buffer;
+}
+
+// The pages the kernel let a write through since they were protected: populated (see the top).
+// Marked changed for snapshots (and for collect_dirty with `collect`), reported to `out` if given.
+template <typename Out>
+void fold_written(ArenaCore& a, std::size_t i, std::size_t j, pte_t marks, Out out) noexcept {
+    for (std::size_t k = i; k < j; ++k) {
+        const pte_t v = a.pte[k].load(kRelaxed);
+        if (!(v & kPtePopulated) || (v & kPteGuard)) continue;
+        a.pte[k].store(pte_t(v | marks), kRelaxed);
+        a.note_changed(k);
+        out(k);
+    }
+}
+
+// The runs of writable pages of [first, last), by protection: made read-only while a range has no
+// write-protection (see dirty_async.hpp), then given their protection back.
+struct Run {
+    std::size_t first;
+    std::size_t last;
+    Prot prot;
+};
+std::vector<Run> writable_runs(const ArenaCore& a, std::size_t first, std::size_t last) {
+    std::vector<Run> runs;
+    auto key = [&a](std::size_t i) {
+        const pte_t v = a.pte[i].load(kRelaxed);
+        return (v & to_pte(Prot::Write)) && !(v & kPteGuard) ? int(pte_prot(v)) : kNoRun;
+    };
+    for (const PageSpan& span : pte_spans(a, first, last))
+        for_each_run(span.first, span.last, key,
+                     [&](std::size_t i, std::size_t j, int prot) { runs.push_back({i, j, pte_to_prot(pte_t(prot))}); });
+    return runs;
+}
+
+// Both directions only change protections that the kernel had already (the runs are maximal, so
+// they split no kernel mapping), without the map budget's charge: a guard lasts one call.
+int guard(const ArenaCore& a, const std::vector<Run>& runs, bool on, std::size_t* done) {
+    for (*done = 0; *done < runs.size(); ++*done) {
+        const Run& r = runs[*done];
+        if (const int err =
+                page_protect(a.page_addr(r.first), (r.last - r.first) << g_page_shift, on ? r.prot & ~Prot::Write : r.prot))
+            return err;
+    }
+    return 0;
+}
+
+void unguard(const ArenaCore& a, const char* call, const std::vector<Run>& runs, std::size_t count) {
+    std::size_t done = 0;
+    const std::vector<Run> part(runs.begin(), runs.begin() + std::ptrdiff_t(count));
+    if (const int err = guard(a, part, false, &done))
+        fail(err, "{}: mprotect({:#x}, {:#x}, {}) giving write access back after a userfaultfd switch failed", call,
+             a.page_addr(part[done].first), (part[done].last - part[done].first) << g_page_shift,
+             to_string(part[done].prot));
+}
+
+void guard_or_fail(const ArenaCore& a, const char* call, const std::vector<Run>& runs) {
+    std::size_t done = 0;
+    if (const int err = guard(a, runs, true, &done)) {
+        const Run& r = runs[done];
+        unguard(a, call, runs, done);
+        fail(err, "{}: mprotect({:#x}, {:#x}, {}) before a userfaultfd switch failed", call, a.page_addr(r.first),
+             (r.last - r.first) << g_page_shift, to_string(r.prot & ~Prot::Write));
+    }
+}
+
+// Pages [first, last) as runs of populated pages: what the asynchronous context must protect when
+// it takes a range over (the others fault into usermm at their next write, or hold nothing).
+template <typename Fn>
+void for_each_populated_run(const ArenaCore& a, std::size_t first, std::size_t last, Fn fn) {
+    auto key = [&a](std::size_t i) {
+        const pte_t v = a.pte[i].load(kRelaxed);
+        return (v & kPtePopulated) && !(v & kPteGuard) ? 1 : kNoRun;
+    };
+    for (const PageSpan& span : pte_spans(a, first, last)) for_each_run(span.first, span.last, key, [&](std::size_t i, std::size_t j, int) { fn(i, j); });
+}
+
+// Write-protects (synchronous engine) the runs of write-tracked pages of [first, last) again.
+void rearm_tracked(ArenaCore& a, std::size_t first, std::size_t last) {
+    auto key = [&a](std::size_t i) { return a.pte[i].load(kRelaxed) & kPteWriteTracked ? 1 : kNoRun; };
+    for (const PageSpan& span : pte_spans(a, first, last))
+        for_each_run(span.first, span.last, key, [&](std::size_t i, std::size_t j, int) {
+            uffd_write_protect(a.page_addr(i), (j - i) << g_page_shift, true);
+        });
+}
+
+// Pages [first, last), none asynchronous, go to the asynchronous context.
+void enter(ArenaCore& a, const char* call, std::size_t first, std::size_t last) {
+    const std::uintptr_t at = a.page_addr(first), len = (last - first) << g_page_shift;
+    const long before = long(mappings_around(a, first, last).size());
+    const std::vector<Run> runs = writable_runs(a, first, last);
+    guard_or_fail(a, call, runs);
+    auto undo = [&](int err, const char* what) {
+        uffd_register(at, len);
+        rearm_tracked(a, first, last);
+        unguard(a, call, runs, runs.size());
+        fail(err, "{}: {} of [{:#x}, {:#x}) failed", call, what, at, at + len);
+    };
+    if (const int err = uffd_unregister(at, len)) {
+        unguard(a, call, runs, runs.size());
+        fail(err, "{}: UFFDIO_UNREGISTER of [{:#x}, {:#x}) from the synchronous userfaultfd failed", call, at, at + len);
+    }
+    if (const int err = uffd_async_register(at, len)) undo(err, "UFFDIO_REGISTER with the asynchronous userfaultfd");
+    int failed = 0;
+    std::size_t failed_first = 0, failed_last = 0;
+    for_each_populated_run(a, first, last, [&](std::size_t i, std::size_t j) {
+        if (!failed && (failed = uffd_async_write_protect(a.page_addr(i), (j - i) << g_page_shift))) {
+            failed_first = i;
+            failed_last = j;
+        }
+    });
+    if (failed) {
+        uffd_async_unregister(at, len);
+        uffd_register(at, len);
+        rearm_tracked(a, first, last);
+        unguard(a, call, runs, runs.size());
+        fail(failed, "{}: UFFDIO_WRITEPROTECT (asynchronous userfaultfd) of [{:#x}, {:#x}) failed", call,
+             a.page_addr(failed_first), a.page_addr(failed_last));
+    }
+    unguard(a, call, runs, runs.size());
+    // Tracked by the kernel now, not by usermm.
+    for (const PageSpan& span : pte_spans(a, first, last))
+        for (std::size_t i = span.first; i < span.last; ++i) a.pte[i].fetch_and(pte_t(~kPteWriteTracked), kRelaxed);
+    // The range's ends are kernel mappings apart now (one userfaultfd context each side).
+    settle_edges(a, first, last, before);
+    add_range(a, first, last);
+}
+
+// Pages [first, last), all asynchronous, go back to the synchronous context.
+void leave(ArenaCore& a, const char* call, std::size_t first, std::size_t last) {
+    const std::uintptr_t at = a.page_addr(first), len = (last - first) << g_page_shift;
+    const long before = long(mappings_around(a, first, last).size());
+    const std::vector<Run> runs = writable_runs(a, first, last);
+    guard_or_fail(a, call, runs);
+    // The marks collect_dirty left here are grants, whose writes the kernel saw: its written bits
+    // become the marks.
+    for (const PageSpan& span : pte_spans(a, first, last))
+        for (std::size_t i = span.first; i < span.last; ++i) a.pte[i].fetch_and(pte_t(~kPteDirtyCollect), kRelaxed);
+    const int scanned = scan_written(a, first, last, false, scan_buffer(), [&a](std::size_t i, std::size_t j) {
+        fold_written(a, i, j, kPteDirty, [](std::size_t) {});
+    });
+    if (scanned) {
+        unguard(a, call, runs, runs.size());
+        fail(scanned, "{}: PAGEMAP_SCAN of [{:#x}, {:#x}) for written pages failed", call, at, at + len);
+    }
+    if (const int err = uffd_async_unregister(at, len)) {
+        unguard(a, call, runs, runs.size());
+        fail(err, "{}: UFFDIO_UNREGISTER of [{:#x}, {:#x}) from the asynchronous userfaultfd failed", call, at, at + len);
+    }
+    remove_range(a, first, last);
+    if (const int err = uffd_register(at, len)) {
+        unguard(a, call, runs, runs.size());
+        fail(err, "{}: UFFDIO_REGISTER of [{:#x}, {:#x}) with the synchronous userfaultfd failed", call, at, at + len);
+    }
+    // The clean writable pages are tracked as collect_dirty leaves them on the synchronous engine;
+    // the others are dirty-collect already, and dirty-snapshot in a changed group for the next
+    // snapshot, which arms them.
+    const WriteTracker& tracker = write_tracker();
+    auto clean = [&a](std::size_t i) {
+        const pte_t v = a.pte[i].load(kRelaxed);
+        return (v & to_pte(Prot::Write)) && !(v & (kPteDirtyCollect | kPteWriteTracked | kPteGuard)) ? int(pte_prot(v))
+                                                                                                        : kNoRun;
+    };
+    for (const PageSpan& span : pte_spans(a, first, last))
+        for_each_run(span.first, span.last, clean, [&](std::size_t i, std::size_t j, int prot) {
+            if (const int err = tracker.arm(a, i, j, pte_to_prot(pte_t(prot)))) {
+                unguard(a, call, runs, runs.size());
+                fail(err, "{}: UFFDIO_WRITEPROTECT of [{:#x}, {:#x}) failed", call, a.page_addr(i), a.page_addr(j));
+            }
+            for (std::size_t k = i; k < j; ++k) {
+                const pte_t v = a.pte[k].load(kRelaxed);
+                a.pte[k].store(pte_t((v & kPteFlags) | kPteWriteTracked | tracker.armed_prot(pte_prot(v))), kRelaxed);
+            }
+        });
+    unguard(a, call, runs, runs.size());
+    settle_edges(a, first, last, before);
+}
+
+}  // namespace
+
+std::vector<PageSpan> sync_parts(const ArenaCore& a, std::size_t first, std::size_t last) {
+    return other_parts(a, first, last);
+}
+
+std::vector<PageSpan> async_spans(const ArenaCore& a, std::size_t first, std::size_t last) {
+    return async_parts(a, first, last);
+}
+
+bool async_eligible(const ArenaCore& a, Range r) {
+    if (!uffd_async_available() || tracking_engine() != TrackingEngine::Uffd || a.swap || a.reclaimer) return false;
+    const std::size_t first = a.page_index(r.start), last = a.page_index(r.end);
+    for (std::size_t i = 0; i < a.snapshot_count; ++i)
+        if (a.snapshots[i]->first < last && a.snapshots[i]->last > first) return false;
+    if (a.stack_count)
+        for (auto it = a.tree.upper_bound(r.start); it != a.tree.end() && it->start < r.end; ++it)
+            if (it->stack) return false;
+    return true;
+}
+
+void async_collect(ArenaCore& a, const char* call, Range r, std::vector<std::size_t>& dirty) {
+    const std::size_t first = a.page_index(r.start), last = a.page_index(r.end);
+    for (const PageSpan& p : other_parts(a, first, last)) enter(a, call, p.first, p.last);
+    // The written pages, protected again in the same call; a write that lands after the walk passed
+    // its page is the next collection's.
+    if (const int err = scan_written(a, first, last, true, scan_buffer(), [&](std::size_t i, std::size_t j) {
+            fold_written(a, i, j, kPteDirtySnapshot, [&dirty](std::size_t k) { dirty.push_back(k); });
+        }))
+        fail(err, "{}: PAGEMAP_SCAN of [{:#x}, {:#x}) for written pages (and write-protecting them again) failed", call,
+             r.start, r.end);
+    account_dirty_async(a);
+}
+
+void async_leave(ArenaCore& a, const char* call, Range r) {
+    for (const PageSpan& p : async_parts(a, a.page_index(r.start), a.page_index(r.end))) leave(a, call, p.first, p.last);
+}
+
+// The guard first, so that no write lands between the fold and fork's copy of the page tables
+// (the child, which cannot ask the kernel, would never see it): writes by other threads fault into
+// usermm and wait for the arena's lock, which fork holds. The child keeps the guard as its
+// mprotect tracking; the parent takes it away after the fork.
+void async_fold_before_fork(ArenaCore& a) noexcept {
+    bool guarded = true;
+    try {
+        std::vector<Run> runs;
+        for (const auto& [lo, hi] : a.async_ranges) {
+            const std::vector<Run> part = writable_runs(a, lo, hi);
+            runs.insert(runs.end(), part.begin(), part.end());
+        }
+        std::size_t done = 0;
+        if (guard(a, runs, true, &done) != 0) {
+            guarded = false;
+            guard(std::as_const(a), std::vector<Run>(runs.begin(), runs.begin() + std::ptrdiff_t(done)), false, &done);
+        }
+    } catch (...) {
+        guarded = false;
+    }
+    for (const auto& [lo, hi] : a.async_ranges) {
+        // The marks there are stale (grants whose writes the kernel saw, see collect_dirty): the
+        // child must inherit only what was written since the last collection.
+        try {
+            for (const PageSpan& span : pte_spans(a, lo, hi))
+                for (std::size_t i = span.first; i < span.last; ++i) a.pte[i].fetch_and(pte_t(~kPteDirtyCollect), kRelaxed);
+        } catch (...) {
+            for (std::size_t i = lo; i < hi; ++i) a.pte[i].fetch_and(pte_t(~kPteDirtyCollect), kRelaxed);
+        }
+        // Not protected again: the parent's next scan reports them too (its marks there are the
+        // kernel's to tell, see collect_dirty), and the child, which has no scan, its marks.
+        WrittenRegion regions[256];
+        const int err = scan_written(a, lo, hi, false, regions, [&a](std::size_t i, std::size_t j) {
+            fold_written(a, i, j, kPteDirty, [](std::size_t) {});
+        });
+        if (err || !guarded)
+            std::fprintf(stderr,
+                         "usermm: fork: %s [%#lx, %#lx) failed (errno %d); the child's collect_dirty may miss pages "
+                         "written just before the fork\n",
+                         err ? "PAGEMAP_SCAN of" : "the read-only guard of", static_cast<unsigned long>(a.page_addr(lo)),
+                         static_cast<unsigned long>(a.page_addr(hi)), err ? err : ENOMEM);
+    }
+}
+
+void async_after_fork_parent(ArenaCore& a) noexcept {
+    for (const auto& [lo, hi] : a.async_ranges) {
+        try {
+            std::size_t done = 0;
+            if (const int err = guard(a, writable_runs(a, lo, hi), false, &done))
+                std::fprintf(stderr, "usermm: fork: giving write access back to [%#lx, %#lx) failed (errno %d)\n",
+                             static_cast<unsigned long>(a.page_addr(lo)), static_cast<unsigned long>(a.page_addr(hi)), err);
+        } catch (...) {
+            std::fprintf(stderr, "usermm: fork: out of memory giving write access back to [%#lx, %#lx)\n",
+                         static_cast<unsigned long>(a.page_addr(lo)), static_cast<unsigned long>(a.page_addr(hi)));
+        }
+    }
+}
+
+void async_after_fork_child(ArenaCore& a) {
+    for (const auto& [lo, hi] : a.async_ranges) {
+        for (const Run& run : writable_runs(a, lo, hi)) {
+            const Prot next = run.prot & ~Prot::Write;
+            if (reprotect_run(a, run.first, run.last, next) != 0) {
+                std::fprintf(stderr, "usermm: fork: the child cannot write-protect [%#lx, %#lx); its collect_dirty may miss writes there\n",
+                             static_cast<unsigned long>(a.page_addr(run.first)), static_cast<unsigned long>(a.page_addr(run.last)));
+                continue;
+            }
+            for (std::size_t k = run.first; k < run.last; ++k) a.pte[k].fetch_or(kPteWriteTracked, kRelaxed);
+        }
+    }
+    a.async_ranges.clear();
+}
+
+}  // namespace usermm::detail
