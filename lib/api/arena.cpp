@@ -88,27 +88,9 @@ Environment read_environment() {
         else
             bad("USERMM_ENGINE", v, "'mprotect' or 'uffd'");
     }
-    if (const char* v = value("USERMM_VMA_NAMES")) {
-        const std::string_view want = v;
-        if (want == "1" || want == "0")
-            env.vma_names = want == "1";
-        else
-            bad("USERMM_VMA_NAMES", v, "'0' or '1'");
-    }
-    if (const char* v = value("USERMM_DIRTY_ASYNC")) {
-        const std::string_view want = v;
-        if (want == "1" || want == "0")
-            env.dirty_async = want == "1";
-        else
-            bad("USERMM_DIRTY_ASYNC", v, "'0' or '1'");
-    }
-    if (const char* v = value("USERMM_STATS")) {
-        const std::string_view want = v;
-        if (want == "1" || want == "0")
-            env.stats_at_exit = want == "1";
-        else
-            bad("USERMM_STATS", v, "'0' or '1'");
-    }
+    environment_switch("USERMM_VMA_NAMES", &env.vma_names);
+    environment_switch("USERMM_DIRTY_ASYNC", &env.dirty_async);
+    environment_switch("USERMM_STATS", &env.stats_at_exit);
     return env;
 }
 

@@ -99,6 +99,15 @@ inline const char* environment_value(const char* name) {
 inline void environment_refused(const char* name, const char* value, const char* expected) {
     std::fprintf(stderr, "usermm: %s is '%s'; it must be %s: the default applies\n", name, value, expected);
 }
+// A switch: "1" or "0" sets *on, anything else is refused and leaves it.
+inline void environment_switch(const char* name, bool* on) {
+    const char* v = environment_value(name);
+    if (!v) return;
+    if ((v[0] == '0' || v[0] == '1') && v[1] == '\0')
+        *on = v[0] == '1';
+    else
+        environment_refused(name, v, "'0' or '1'");
+}
 
 // Once per process: page size, handlers, map budget, fork handlers, USERMM_STATS.
 void init_process();

@@ -58,13 +58,7 @@ LiveConfig read_live_config() {
 #endif
     const auto value = environment_value;
     const auto bad = environment_refused;
-    if (const char* v = value("USERMM_STAT")) {
-        const std::string_view want = v;
-        if (want == "0" || want == "1")
-            c.enabled = want == "1";
-        else
-            bad("USERMM_STAT", v, "'0' or '1'");
-    }
+    environment_switch("USERMM_STAT", &c.enabled);
     if (const char* v = value("USERMM_STAT_INTERVAL_MS")) {
         const char* end = v + std::strlen(v);
         std::uint32_t ms = 0;
