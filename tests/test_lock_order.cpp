@@ -83,9 +83,18 @@ TEST_CASE("the registry's lock taken while holding an arena's is caught" * docte
 TEST_CASE("try_lock_shared: at once beside readers, never while a writer holds or waits for the lock") {
     usermm::Arena arena(1 << 20);
     usermm::detail::RwSpinLock& lock = ArenaAccess::core(arena).lock;
+    // Each attempt on a thread of its own: a thread that already holds the lock may not take it
+    // again (the order check of debug builds says so).
+    auto try_elsewhere = [&lock] {
+        bool got = false;
+        std::thread([&] {
+            got = lock.try_lock_shared();
+            if (got) lock.unlock_shared();
+        }).join();
+        return got;
+    };
     REQUIRE(lock.try_lock_shared());
-    REQUIRE(lock.try_lock_shared());  // readers share
-    lock.unlock_shared();
+    CHECK(try_elsewhere());  // readers share
     // A writer that waits for the last reader already keeps new readers out.
     std::atomic<bool> writer_in{false};
     std::thread writer([&] {
@@ -93,20 +102,12 @@ TEST_CASE("try_lock_shared: at once beside readers, never while a writer holds o
         writer_in.store(true);
         lock.unlock();
     });
-    bool refused_while_waiting = false;
-    for (unsigned spins = 0; !refused_while_waiting && !writer_in.load(); ++spins) {
-        if (!lock.try_lock_shared()) {
-            refused_while_waiting = true;
-            break;
-        }
-        lock.unlock_shared();
-        usermm::detail::spin_backoff(spins);
-    }
-    CHECK(refused_while_waiting);
+    bool refused = false;
+    for (unsigned spins = 0; !(refused = !try_elsewhere()); ++spins) usermm::detail::spin_backoff(spins);
+    CHECK(refused);
     CHECK_FALSE(writer_in.load());  // it waits for the reader this thread still holds
     lock.unlock_shared();
     writer.join();
     CHECK(writer_in.load());
-    REQUIRE(lock.try_lock_shared());
-    lock.unlock_shared();
+    CHECK(try_elsewhere());
 }
