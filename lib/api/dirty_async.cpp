@@ -302,7 +302,8 @@ void async_collect(ArenaCore& a, const char* call, Range r, std::vector<std::siz
     const std::size_t first = a.page_index(r.start), last = a.page_index(r.end);
     for (const PageSpan& p : other_parts(a, first, last)) enter(a, call, p.first, p.last);
     // The written pages, protected again in the same call; a write that lands after the walk passed
-    // its page is the next collection's.
+    // its page is the next collection's. If a later call fails, the pages found by the earlier ones
+    // are in `dirty` already, which collect_dirty keeps for the next collection.
     if (const int err = scan_written(a, first, last, true, scan_buffer(), [&](std::size_t i, std::size_t j) {
             fold_written(a, i, j, kPteDirtySnapshot, [&dirty](std::size_t k) { dirty.push_back(k); });
         }))

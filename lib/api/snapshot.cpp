@@ -671,9 +671,19 @@ DirtySet Arena::collect_dirty(void* addr, std::size_t length) {
             g = next;
         }
     }
+    // A collection that fails part way loses nothing: the pages it has taken from the marks or from
+    // the kernel (whose written bits it has cleared) are the next collection's, as discarded pages are.
+    auto keep_for_next = [&a, &dirty] {
+        for (const std::size_t i : dirty) a.discarded.push_back({i, i + 1});
+    };
     // Each part ascending: the marks', the kernel's, the discarded ranges' (sorted only if any).
     const std::size_t from_marks = dirty.size();
-    if (async) async_collect(a, call, r, dirty);
+    try {
+        if (async) async_collect(a, call, r, dirty);
+    } catch (...) {
+        keep_for_next();
+        throw;
+    }
     std::inplace_merge(dirty.begin(), dirty.begin() + std::ptrdiff_t(from_marks), dirty.end());
     std::vector<std::pair<std::size_t, std::size_t>> kept;
     const std::size_t before_discarded = dirty.size();
@@ -686,7 +696,12 @@ DirtySet Arena::collect_dirty(void* addr, std::size_t length) {
     dirty.erase(std::unique(dirty.begin(), dirty.end()), dirty.end());
     a.discarded = std::move(kept);
     a.collect_armed = true;
-    if (!async) arm_write_tracking_but_stacks(a, call, r);
+    try {
+        if (!async) arm_write_tracking_but_stacks(a, call, r);
+    } catch (...) {
+        keep_for_next();
+        throw;
+    }
     out.pages.reserve(dirty.size());
     for (std::size_t i : dirty) out.pages.push_back(ptr_of(a.page_addr(i)));
     account_dirty_collected(a, out.pages.size());
