@@ -146,16 +146,26 @@ int guard(const ArenaCore& a, const std::vector<Run>& runs, bool on, std::size_t
     return 0;
 }
 
-void unguard(const ArenaCore& a, const char* call, const std::vector<Run>& runs, std::size_t count) {
-    std::size_t done = 0;
-    const std::vector<Run> part(runs.begin(), runs.begin() + std::ptrdiff_t(count));
-    if (const int err = guard(a, part, false, &done))
-        fail(err, "{}: mprotect({:#x}, {:#x}, {}) giving write access back after a userfaultfd switch failed", call,
-             a.page_addr(part[done].first), (part[done].last - part[done].first) << g_page_shift,
-             to_string(part[done].prot));
+// Giving write access back splits a kernel mapping where a guarded run merged with a read-only
+// neighbour, which the kernel may refuse (ENOMEM at its mapping limit): the PTEs of the runs left
+// then take the kernel's protection, so that their next write is an upgrade fault usermm resolves
+// (and sees) rather than a fault on a page it believes writable.
+void settle_unguarded(ArenaCore& a, const std::vector<Run>& runs, std::size_t from) {
+    for (std::size_t k = from; k < runs.size(); ++k) resync_ptes(a, runs[k].first, runs[k].last);
 }
 
-void guard_or_fail(const ArenaCore& a, const char* call, const std::vector<Run>& runs) {
+void unguard(ArenaCore& a, const char* call, const std::vector<Run>& runs, std::size_t count) {
+    std::size_t done = 0;
+    const std::vector<Run> part(runs.begin(), runs.begin() + std::ptrdiff_t(count));
+    if (const int err = guard(a, part, false, &done)) {
+        const Run failed = part[done];
+        settle_unguarded(a, part, done);
+        fail(err, "{}: mprotect({:#x}, {:#x}, {}) giving write access back after a userfaultfd switch failed", call,
+             a.page_addr(failed.first), (failed.last - failed.first) << g_page_shift, to_string(failed.prot));
+    }
+}
+
+void guard_or_fail(ArenaCore& a, const char* call, const std::vector<Run>& runs) {
     std::size_t done = 0;
     if (const int err = guard(a, runs, true, &done)) {
         const Run& r = runs[done];
@@ -364,9 +374,12 @@ void async_after_fork_parent(ArenaCore& a) noexcept {
     for (const auto& [lo, hi] : a.async_ranges) {
         try {
             std::size_t done = 0;
-            if (const int err = guard(a, writable_runs(a, lo, hi), false, &done))
+            const std::vector<Run> runs = writable_runs(a, lo, hi);
+            if (const int err = guard(a, runs, false, &done)) {
+                settle_unguarded(a, runs, done);
                 std::fprintf(stderr, "usermm: fork: giving write access back to [%#lx, %#lx) failed (errno %d)\n",
                              static_cast<unsigned long>(a.page_addr(lo)), static_cast<unsigned long>(a.page_addr(hi)), err);
+            }
         } catch (...) {
             std::fprintf(stderr, "usermm: fork: out of memory giving write access back to [%#lx, %#lx)\n",
                          static_cast<unsigned long>(a.page_addr(lo)), static_cast<unsigned long>(a.page_addr(hi)));
