@@ -4,7 +4,7 @@
 // back). The store pool carries released snapshots' pages from one round to the next. The engine is
 // the default one (userfaultfd where the kernel has it); USERMM_ENGINE=mprotect measures the other.
 // Usage: usermm-bench-snapshot [heap MiB]   (one heap of that size instead of the three; 4 is a
-// smoke run)
+// smoke run); USERMM_BENCH_STORE_POOL=0 turns the store pool off.
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
 #include <signal.h>
@@ -295,6 +295,9 @@ int main(int argc, char** argv) {
     std::vector<std::size_t> sizes = {256ull << 20, 1ull << 30, 4ull << 30};
     if (argc > 1) sizes = {std::strtoull(argv[1], nullptr, 10) << 20};
     usermm::page_size();
+    // USERMM_BENCH_STORE_POOL=0: every copy on a fresh store page (the pool's saving, by difference).
+    if (const char* v = std::getenv("USERMM_BENCH_STORE_POOL"); v && std::strcmp(v, "0") == 0)
+        usermm::set_snapshot_store_pool(0);
     const bool uffd = usermm::detail::tracking_engine() == usermm::detail::TrackingEngine::Uffd;
     fmt::print("usermm snapshot vs fork(): median of {} rounds, {} first writes to random pages, engine {}\n", kRounds,
                kWrites, uffd ? "uffd" : "mprotect");

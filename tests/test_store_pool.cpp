@@ -230,5 +230,13 @@ TEST_CASE("a forked child starts with an empty pool, and the parent keeps its ow
     CHECK(usermm::snapshot_store_pool().kept_bytes == kPages * ps());
     usermm::Snapshot again = arena.snapshot(heap, kPages * ps());
     for (std::size_t p = 0; p < kPages; ++p) fill(heap + p * ps(), tag_of(p, 4));
+    // The pooled pages were the child's too until it exited: the parent's copies onto them are exact.
     CHECK(again.stats().snapshot_pages_recycled == kPages);
+    std::vector<char> page(ps());
+    std::size_t wrong = 0;
+    for (std::size_t p = 0; p < kPages; ++p) {
+        again.read(heap + p * ps(), page.data(), ps());
+        wrong += !holds(page, p, 2);
+    }
+    CHECK(wrong == 0);
 }

@@ -25,6 +25,9 @@ struct Pool {
     std::size_t limit = kDefaultLimit;  // bytes of backed pages kept at most
     std::size_t kept_pages = 0;         // backed pages of the stores kept
     std::array<StoreSpan, kMaxKept> kept{};  // oldest first
+    // Per kept store: a fork has shared its pages with a child since it was kept, so that the
+    // first write to each would be a copy-on-write fault of its own.
+    std::array<bool, kMaxKept> forked{};
     std::size_t count = 0;
 };
 
@@ -32,12 +35,23 @@ constinit Pool g_pool;
 
 std::uintptr_t addr_of(const void* p) { return reinterpret_cast<std::uintptr_t>(p); }
 
+// Under the pool's lock: forgets kept store i.
+StoreSpan take(Pool& p, std::size_t i) {
+    const StoreSpan s = p.kept[i];
+    for (std::size_t k = i + 1; k < p.count; ++k) {
+        p.kept[k - 1] = p.kept[k];
+        p.forked[k - 1] = p.forked[k];
+    }
+    --p.count;
+    p.kept[p.count] = StoreSpan{};
+    p.forked[p.count] = false;
+    p.kept_pages -= s.backed;
+    return s;
+}
+
 // Under the pool's lock: unmaps the oldest kept store.
 void drop_oldest(Pool& p) {
-    const StoreSpan s = p.kept[0];
-    for (std::size_t i = 1; i < p.count; ++i) p.kept[i - 1] = p.kept[i];
-    p.kept[--p.count] = StoreSpan{};
-    p.kept_pages -= s.backed;
+    const StoreSpan s = take(p, 0);
     page_release(addr_of(s.base), s.pages << g_page_shift);
 }
 
@@ -49,7 +63,10 @@ void trim(Pool& p) {
 // starts with none kept: the pages are shared with the parent, so a copy onto one would cost the
 // child a copy-on-write fault rather than save it a zeroing.
 void fork_prepare() { g_pool.lock.lock(); }
-void fork_parent() { g_pool.lock.unlock(); }
+void fork_parent() {
+    g_pool.forked.fill(true);
+    g_pool.lock.unlock();
+}
 void fork_child() {
     while (g_pool.count) drop_oldest(g_pool);
     g_pool.lock.unlock();
@@ -59,6 +76,7 @@ void fork_child() {
 }  // namespace
 
 int store_reserve(std::size_t pages, StoreSpan* out) {
+    bool found = false, forked = false;
     {
         std::lock_guard guard(g_pool.lock);
         std::size_t best = g_pool.count;
@@ -66,12 +84,17 @@ int store_reserve(std::size_t pages, StoreSpan* out) {
             if (g_pool.kept[i].pages >= pages && (best == g_pool.count || g_pool.kept[i].backed > g_pool.kept[best].backed))
                 best = i;
         if (best != g_pool.count) {
-            *out = g_pool.kept[best];
-            for (std::size_t i = best + 1; i < g_pool.count; ++i) g_pool.kept[i - 1] = g_pool.kept[i];
-            g_pool.kept[--g_pool.count] = StoreSpan{};
-            g_pool.kept_pages -= out->backed;
-            return 0;
+            found = true;
+            forked = g_pool.forked[best];
+            *out = take(g_pool, best);
         }
+    }
+    if (found) {
+        // Shared with a child since: each page's copy-on-write is taken here, in one call, before the
+        // snapshot exists (the kernel reuses a page no child still maps), not in the faults that copy
+        // onto it. A refusal only leaves those faults to pay it.
+        if (forked) page_populate(addr_of(out->base), out->backed << g_page_shift);
+        return 0;
     }
     void* p = nullptr;
     if (const int err = page_alloc_table(pages << g_page_shift, &p)) return err;
@@ -85,6 +108,7 @@ void store_release(StoreSpan s) {
         std::lock_guard guard(g_pool.lock);
         if ((s.backed << g_page_shift) <= g_pool.limit) {
             if (g_pool.count == kMaxKept) drop_oldest(g_pool);
+            g_pool.forked[g_pool.count] = false;
             g_pool.kept[g_pool.count++] = s;
             g_pool.kept_pages += s.backed;
             trim(g_pool);  // the oldest go first, the newest stays
