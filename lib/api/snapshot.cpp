@@ -49,7 +49,7 @@ void release_snapshot(SnapshotCore* s) {
         give_back_write_access(*a, s->first, s->last);
     }
     const std::size_t copied = std::min<std::size_t>(s->used.load(kRelaxed), s->last - s->first);
-    store_release({s->store, s->store_pages, std::max(copied, s->store_backed)});
+    store_release({s->store, s->store_pages, std::max(copied, s->store_backed), s->store_shared, s->store_forks});
     page_release(addr_of(s->slots), s->last - s->first);
     page_release(addr_of(s->index), (s->last - s->first) * sizeof(std::uint32_t));
     delete s;
@@ -120,6 +120,8 @@ std::shared_ptr<SnapshotCore> new_snapshot_core(ArenaCore& a, Range r) {
     s->store = store.base;
     s->store_pages = store.pages;
     s->store_backed = store.backed;
+    s->store_shared = store.shared;
+    s->store_forks = store.forks;
     s->slots = static_cast<std::atomic<slot_t>*>(slots);
     s->index = static_cast<std::uint32_t*>(index);
     return std::shared_ptr<SnapshotCore>(s, release_snapshot);

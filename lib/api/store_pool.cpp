@@ -25,10 +25,8 @@ struct Pool {
     std::size_t limit = kDefaultLimit;  // bytes of backed pages kept at most
     std::size_t kept_pages = 0;         // backed pages of the stores kept
     std::array<StoreSpan, kMaxKept> kept{};  // oldest first
-    // Per kept store: a fork has shared its pages with a child since it was kept, so that the
-    // first write to each would be a copy-on-write fault of its own.
-    std::array<bool, kMaxKept> forked{};
     std::size_t count = 0;
+    std::uint64_t forks = 0;  // fork()s of this process so far
 };
 
 constinit Pool g_pool;
@@ -38,13 +36,8 @@ std::uintptr_t addr_of(const void* p) { return reinterpret_cast<std::uintptr_t>(
 // Under the pool's lock: forgets kept store i.
 StoreSpan take(Pool& p, std::size_t i) {
     const StoreSpan s = p.kept[i];
-    for (std::size_t k = i + 1; k < p.count; ++k) {
-        p.kept[k - 1] = p.kept[k];
-        p.forked[k - 1] = p.forked[k];
-    }
-    --p.count;
-    p.kept[p.count] = StoreSpan{};
-    p.forked[p.count] = false;
+    for (std::size_t k = i + 1; k < p.count; ++k) p.kept[k - 1] = p.kept[k];
+    p.kept[--p.count] = StoreSpan{};
     p.kept_pages -= s.backed;
     return s;
 }
@@ -64,7 +57,7 @@ void trim(Pool& p) {
 // child a copy-on-write fault rather than save it a zeroing.
 void fork_prepare() { g_pool.lock.lock(); }
 void fork_parent() {
-    g_pool.forked.fill(true);
+    ++g_pool.forks;
     g_pool.lock.unlock();
 }
 void fork_child() {
@@ -76,7 +69,6 @@ void fork_child() {
 }  // namespace
 
 int store_reserve(std::size_t pages, StoreSpan* out) {
-    bool found = false, forked = false;
     {
         std::lock_guard guard(g_pool.lock);
         std::size_t best = g_pool.count;
@@ -84,21 +76,16 @@ int store_reserve(std::size_t pages, StoreSpan* out) {
             if (g_pool.kept[i].pages >= pages && (best == g_pool.count || g_pool.kept[i].backed > g_pool.kept[best].backed))
                 best = i;
         if (best != g_pool.count) {
-            found = true;
-            forked = g_pool.forked[best];
             *out = take(g_pool, best);
+            out->shared |= out->forks != g_pool.forks;
+            out->forks = g_pool.forks;
+            return 0;
         }
-    }
-    if (found) {
-        // Shared with a child since: each page's copy-on-write is taken here, in one call, before the
-        // snapshot exists (the kernel reuses a page no child still maps), not in the faults that copy
-        // onto it. A refusal only leaves those faults to pay it.
-        if (forked) page_populate(addr_of(out->base), out->backed << g_page_shift);
-        return 0;
     }
     void* p = nullptr;
     if (const int err = page_alloc_table(pages << g_page_shift, &p)) return err;
-    *out = StoreSpan{static_cast<std::byte*>(p), pages, 0};
+    std::lock_guard guard(g_pool.lock);
+    *out = StoreSpan{static_cast<std::byte*>(p), pages, 0, false, g_pool.forks};
     return 0;
 }
 
@@ -108,7 +95,8 @@ void store_release(StoreSpan s) {
         std::lock_guard guard(g_pool.lock);
         if ((s.backed << g_page_shift) <= g_pool.limit) {
             if (g_pool.count == kMaxKept) drop_oldest(g_pool);
-            g_pool.forked[g_pool.count] = false;
+            s.shared |= s.forks != g_pool.forks;
+            s.forks = g_pool.forks;
             g_pool.kept[g_pool.count++] = s;
             g_pool.kept_pages += s.backed;
             trim(g_pool);  // the oldest go first, the newest stays

@@ -6,15 +6,21 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 namespace usermm::detail {
 
 // A store reservation: `pages` pages of MAP_NORESERVE address space, of which the first `backed`
 // were written by copies before the pool kept it (the kernel may have taken some since: MADV_FREE).
+// `shared`: a fork may have shared the backed pages with a child since they were written, so that
+// the first write to each is a copy-on-write fault (the kernel reuses a page no child maps any
+// more); `forks` is the number of forks the pool had seen when that was last decided.
 struct StoreSpan {
     std::byte* base = nullptr;
     std::size_t pages = 0;
     std::size_t backed = 0;
+    bool shared = false;
+    std::uint64_t forks = 0;
 };
 
 // A store of at least `pages` pages: the kept one with the most pages backed, if one is that large,

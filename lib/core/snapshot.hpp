@@ -62,8 +62,12 @@ struct SnapshotCore {
     std::byte* store = nullptr;  // (last - first) pages at least (store_pages), MAP_NORESERVE
     std::size_t store_pages = 0;
     // The store's first pages, written by the copies of a released snapshot whose store this one
-    // reuses (store_pool.hpp): a copy there needs no page populated.
+    // reuses (store_pool.hpp): a copy there needs no page populated, unless a fork shared them with
+    // a child since (store_shared): then they are populated ahead as fresh ones are, which takes
+    // their copy-on-write in one call per chunk instead of a fault per copy.
     std::size_t store_backed = 0;
+    bool store_shared = false;
+    std::uint64_t store_forks = 0;  // store_pool.hpp's count when the store was taken
     std::uint32_t* index = nullptr;  // per covered page: where in the store its copy is
     std::atomic<std::uint32_t> used{0};  // store pages handed out
     std::atomic<slot_t>* slots = nullptr;

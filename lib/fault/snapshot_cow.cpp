@@ -70,7 +70,7 @@ int preserve_for_snapshots(ArenaCore& arena, std::size_t page, pte_t pte, std::u
         // Past the pages a pooled store brings, the store is populated ahead of the copies in steps
         // that double up to kStoreChunk (at 0, 1, 2, 4, ..., then every kStoreChunk), so that a
         // snapshot given few copies commits few pages.
-        const std::size_t backed = snap.store_backed;
+        const std::size_t backed = snap.store_shared ? 0 : snap.store_backed;
         if (at >= backed && (at == backed || (at < kStoreChunk ? (at & (at - 1)) == 0 : at % kStoreChunk == 0))) {
             const std::size_t step = at < kStoreChunk ? std::max<std::size_t>(at, 1) : kStoreChunk;
             const std::size_t n = std::min<std::size_t>(step, snap.last - snap.first - at);
@@ -89,7 +89,7 @@ int preserve_for_snapshots(ArenaCore& arena, std::size_t page, pte_t pte, std::u
         }
         snap.index[page - snap.first] = at;
         slot.store(kSlotCopied, std::memory_order_release);
-        account_snapshot_copy(snap, at < backed);
+        account_snapshot_copy(snap, at < snap.store_backed);
         ++*copies;
     }
     return 0;
