@@ -143,15 +143,47 @@ std::size_t next_changed_group(const ArenaCore& a, std::size_t g, std::size_t en
 // proportion to what changed since. One kernel call per run of such pages; runs separated by pages
 // that are tracked already are joined, since re-arming those is harmless and one call over a span
 // costs less than a call per run. Measured here (2 vCPUs): a tracked page inside a span costs
-// ~20 ns, a call ~2.2 µs with userfaultfd and ~9 µs with mprotect on a quiet machine, and ~9 µs
+// ~20-70 ns, a call ~1-2 µs with userfaultfd and ~9 µs with mprotect on a quiet machine, and ~9 µs
 // with either once the writers sleep between bursts, since each call's TLB shootdown then wakes
-// the other vCPU: a bridge pays up to ~450 pages. perf/run pause (8 GiB sparse table, sleeping
-// writers, 16-20% of its pages changed per checkpoint): the pause against fork's was 4.0x (uffd)
-// and 3.2x (mprotect) with bridges of up to 128 pages, 1.1x and 1.8x with 512, no better with 2048.
+// the other vCPU. No fixed bridge suits both: perf/run pause (8 GiB sparse table, sleeping
+// writers) wants ~512 pages (4.0x fork's pause with 128), perf/run snapshot (1 GiB, 1% of it
+// changed, scattered) wants a call per run (17.7 ms bridged against 2.2 ms). So the bridge is what
+// the thread's own calls say a call costs in pages (ArmCost).
 // A bridge never crosses a page of another protection: that is another kernel VMA, which costs a
 // shootdown of its own inside the same call.
+// What a call costs, fitted to the calls this thread has made: ns = per_call + per_page * pages,
+// by least squares over decayed sums (the last few hundred calls count), since the cost of a call
+// depends on who else runs (a sleeping vCPU woken by each shootdown) and that of a page on what its
+// PTE holds. A bridge is worth joining while its pages cost less than the call it saves.
+class ArmCost {
+public:
+    void add(std::size_t pages, std::uint64_t ns) {
+        constexpr double kKeep = 0.995;
+        const double x = double(pages), y = double(ns);
+        n_ = n_ * kKeep + 1;
+        sx_ = sx_ * kKeep + x;
+        sy_ = sy_ * kKeep + y;
+        sxx_ = sxx_ * kKeep + x * x;
+        sxy_ = sxy_ * kKeep + x * y;
+    }
+    // The longest bridge worth joining; 512 until the calls seen tell.
+    std::size_t max_bridge() const {
+        constexpr std::size_t kUntold = 512, kLeast = 16, kMost = 2048;
+        const double var = n_ * sxx_ - sx_ * sx_;
+        if (n_ < 32 || var <= n_ * n_) return kUntold;  // too few calls, or all of one length
+        const double per_page = (n_ * sxy_ - sx_ * sy_) / var;
+        const double per_call = (sy_ - per_page * sx_) / n_;
+        if (per_page <= 0 || per_call <= 0) return kUntold;
+        return std::clamp(std::size_t(per_call / per_page), kLeast, kMost);
+    }
+
+private:
+    double n_ = 0, sx_ = 0, sy_ = 0, sxx_ = 0, sxy_ = 0;
+};
+
 void arm_write_tracking(ArenaCore& a, const char* call, Range r) {
-    constexpr std::size_t kMaxBridge = 512;
+    thread_local ArmCost cost;
+    const std::size_t max_bridge = cost.max_bridge();
     const WriteTracker& tracker = write_tracker();
     const pte_t write = to_pte(Prot::Write);
     const std::size_t last = a.page_index(r.end);
@@ -181,16 +213,18 @@ void arm_write_tracking(ArenaCore& a, const char* call, Range r) {
         for (;;) {
             while (j < last && candidate(j, prot)) ++j;
             std::size_t k = j;
-            while (k < last && k - j < kMaxBridge && bridgeable(k, prot)) ++k;
+            while (k < last && k - j < max_bridge && bridgeable(k, prot)) ++k;
             if (k == j || k == last || !candidate(k, prot)) break;
             j = k;
         }
         const std::uintptr_t at = a.page_addr(i);
         const std::size_t len = (j - i) << g_page_shift;
         const Prot next = pte_to_prot(prot) & ~Prot::Write;
+        const std::uint64_t t0 = now_ns();
         if (const int err = tracker.arm(a, i, j, pte_to_prot(prot)))
             fail(err, "{}: withholding write access from [{:#x}, {:#x}) ({} engine, protection {}) failed", call, at,
                  at + len, tracker.engine == Engine::Uffd ? "UFFDIO_WRITEPROTECT" : "mprotect", to_string(next));
+        cost.add(j - i, now_ns() - t0);
         for (std::size_t k = i; k < j; ++k) {
             const pte_t v = value(k);
             a.pte[k].store(pte_t((v & kPteFlags) | kPteWriteTracked | tracker.armed_prot(pte_prot(v))), kRelaxed);
