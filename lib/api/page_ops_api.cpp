@@ -210,22 +210,6 @@ int g_async_uffd = -1;   // set once by the probe (before any arena exists), clo
 int g_pagemap = -1;      // /proc/self/pagemap, which PAGEMAP_SCAN is asked on
 std::atomic<bool> g_async{false};  // the mode may be used (probed, allowed, not a fork child)
 
-int async_register(int fd, std::uintptr_t addr, std::size_t len) {
-    uffdio_register reg{};
-    reg.range.start = addr;
-    reg.range.len = len;
-    reg.mode = UFFDIO_REGISTER_MODE_WP;
-    return result(ioctl(fd, UFFDIO_REGISTER, &reg));
-}
-
-int async_protect(int fd, std::uintptr_t addr, std::size_t len) {
-    uffdio_writeprotect wp{};
-    wp.range.start = addr;
-    wp.range.len = len;
-    wp.mode = UFFDIO_WRITEPROTECT_MODE_WP;
-    return result(ioctl(fd, UFFDIO_WRITEPROTECT, &wp));
-}
-
 int scan(int pagemap, std::uintptr_t addr, std::size_t len, bool rearm, WrittenRegion* out, std::size_t capacity,
          std::size_t* regions, std::uintptr_t* walk_end) {
     PmScanArg arg{};
@@ -253,10 +237,10 @@ int probe_scan(int fd, int pagemap) {
     if (p == MAP_FAILED) return errno;
     auto* bytes = static_cast<volatile char*>(p);
     const std::uintptr_t at = reinterpret_cast<std::uintptr_t>(p);
-    int err = async_register(fd, at, len);
+    int err = uffd_register_on(fd, at, len);
     if (!err) {
         bytes[0] = 1;
-        err = async_protect(fd, at, len);
+        err = uffd_write_protect_on(fd, at, len, true);
     }
     WrittenRegion r[2];
     std::size_t n = 0;
@@ -315,16 +299,13 @@ void uffd_async_forget() {
     g_async_uffd = g_pagemap = -1;
 }
 
-int uffd_async_register(std::uintptr_t addr, std::size_t len) { return async_register(g_async_uffd, addr, len); }
+int uffd_async_register(std::uintptr_t addr, std::size_t len) { return uffd_register_on(g_async_uffd, addr, len); }
 
-int uffd_async_unregister(std::uintptr_t addr, std::size_t len) {
-    uffdio_range range{};
-    range.start = addr;
-    range.len = len;
-    return result(ioctl(g_async_uffd, UFFDIO_UNREGISTER, &range));
+int uffd_async_unregister(std::uintptr_t addr, std::size_t len) { return uffd_unregister_on(g_async_uffd, addr, len); }
+
+int uffd_async_write_protect(std::uintptr_t addr, std::size_t len) {
+    return uffd_write_protect_on(g_async_uffd, addr, len, true);
 }
-
-int uffd_async_write_protect(std::uintptr_t addr, std::size_t len) { return async_protect(g_async_uffd, addr, len); }
 
 int pagemap_scan_written(std::uintptr_t addr, std::size_t len, bool rearm, WrittenRegion* out, std::size_t capacity,
                          std::size_t* regions, std::uintptr_t* walk_end) {

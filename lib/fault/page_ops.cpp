@@ -182,27 +182,39 @@ void uffd_adopt(int fd) { g_uffd.store(fd); }
 TrackingEngine tracking_engine() { return g_engine.load(std::memory_order_relaxed); }
 void set_tracking_engine(TrackingEngine e) { g_engine.store(e, std::memory_order_relaxed); }
 
-int uffd_register(std::uintptr_t addr, std::size_t len) {
+int uffd_register_on(int fd, std::uintptr_t addr, std::size_t len) {
     uffdio_register reg{};
     reg.range.start = addr;
     reg.range.len = len;
     reg.mode = UFFDIO_REGISTER_MODE_WP;
-    return ioctl_result(ioctl(g_uffd.load(std::memory_order_relaxed), UFFDIO_REGISTER, &reg));
+    return ioctl_result(ioctl(fd, UFFDIO_REGISTER, &reg));
 }
 
-int uffd_unregister(std::uintptr_t addr, std::size_t len) {
+int uffd_unregister_on(int fd, std::uintptr_t addr, std::size_t len) {
     uffdio_range range{};
     range.start = addr;
     range.len = len;
-    return ioctl_result(ioctl(g_uffd.load(std::memory_order_relaxed), UFFDIO_UNREGISTER, &range));
+    return ioctl_result(ioctl(fd, UFFDIO_UNREGISTER, &range));
 }
 
-int uffd_write_protect(std::uintptr_t addr, std::size_t len, bool protect) {
+int uffd_write_protect_on(int fd, std::uintptr_t addr, std::size_t len, bool protect) {
     uffdio_writeprotect wp{};
     wp.range.start = addr;
     wp.range.len = len;
     wp.mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0;
-    return ioctl_result(ioctl(g_uffd.load(std::memory_order_relaxed), UFFDIO_WRITEPROTECT, &wp));
+    return ioctl_result(ioctl(fd, UFFDIO_WRITEPROTECT, &wp));
+}
+
+int uffd_register(std::uintptr_t addr, std::size_t len) {
+    return uffd_register_on(g_uffd.load(std::memory_order_relaxed), addr, len);
+}
+
+int uffd_unregister(std::uintptr_t addr, std::size_t len) {
+    return uffd_unregister_on(g_uffd.load(std::memory_order_relaxed), addr, len);
+}
+
+int uffd_write_protect(std::uintptr_t addr, std::size_t len, bool protect) {
+    return uffd_write_protect_on(g_uffd.load(std::memory_order_relaxed), addr, len, protect);
 }
 
 int uffd_copy(std::uintptr_t dst, const void* src, std::size_t len) {

@@ -73,6 +73,10 @@ int uffd_register(std::uintptr_t addr, std::size_t len);
 int uffd_unregister(std::uintptr_t addr, std::size_t len);
 // Sets or clears userfaultfd write-protection on a range.
 int uffd_write_protect(std::uintptr_t addr, std::size_t len, bool protect);
+// The same three on another userfaultfd (the asynchronous one of dirty_async.cpp, or a probe's).
+int uffd_register_on(int fd, std::uintptr_t addr, std::size_t len);
+int uffd_unregister_on(int fd, std::uintptr_t addr, std::size_t len);
+int uffd_write_protect_on(int fd, std::uintptr_t addr, std::size_t len, bool protect);
 // Fills pages of a registered range that are not in memory with a copy of src, atomically per page
 // and whatever their protection (UFFDIO_COPY): cheaper than /proc/self/mem, which makes the kernel
 // zero each page before the copy. EEXIST if a page is in memory already.
