@@ -752,13 +752,6 @@ TEST_CASE("fork: parent and child write and read beyond the first GiB of a share
 namespace {
 
 constexpr int kRandomPages = 200000;
-// The sanitizers' allocators map memory of their own as they go, where malloc falls back to brk:
-// in a process at vm.max_map_count their allocations fail (ENOMEM).
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-constexpr bool kSanitized = true;
-#else
-constexpr bool kSanitized = false;
-#endif
 constexpr std::uint64_t kMarkedEvery = 4096;  // pages with the pattern in the sparse file
 
 // Contract 9, in a child so that a death is reported: random single-page accesses over a 1.5 GiB
@@ -828,7 +821,7 @@ TEST_CASE("mapping budget: 200,000 random page writes to a 1.5 GiB shared file V
 // pages of its own, alternately readable and not so that none merge), leaving a few hundred; then
 // random reads and writes, and syncs between them.
 TEST_CASE("mapping budget: with the mappings taken behind usermm's back, file faults degrade and never die" *
-          doctest::skip(kSanitized)) {
+          doctest::skip(usermm_test::kSkipAtTheMappingLimit)) {
     SparseFile file(kGiB + kGiB / 2);
     const std::uint64_t pages = file.size() / kPage;
     for (std::uint64_t page = 0; page < pages; page += kMarkedEvery)

@@ -72,26 +72,6 @@ TEST_CASE("the count stays exact in a forked child, where pieces split after the
 
 namespace {
 
-// Maps single pages of the program's own, alternately readable and not so that none merge, until
-// the kernel refuses one (vm.max_map_count); then gives `spare` of them back. The vector is
-// reserved first: growing it later would take mappings itself.
-std::vector<void*> use_up_mappings(std::size_t spare) {
-    const std::size_t ps = usermm::page_size();
-    std::vector<void*> mine;
-    mine.reserve(std::size_t(max_map_count()) + 16);
-    for (;;) {
-        void* m = mmap(nullptr, ps, mine.size() % 2 ? PROT_READ : PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (m == MAP_FAILED) {
-            if (errno != ENOMEM) std::_Exit(20);
-            break;
-        }
-        mine.push_back(m);
-    }
-    // Unmapping a single page between two others leaves one mapping fewer.
-    for (std::size_t i = 0; i < spare; ++i) munmap(mine[mine.size() / 2 + 2 * i], ps);
-    return mine;
-}
-
 // Scattered reads and writes over the VMA, each page's value derived from its index; then all
 // are checked. Exits 3 on wrong data. `written` has room for `touches` entries already (with no
 // mapping to spare, growing it could fail).

@@ -3,10 +3,12 @@
 #pragma once
 
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -18,6 +20,7 @@
 #include <string>
 #include <string_view>
 #include <system_error>
+#include <vector>
 
 #include <doctest/doctest.h>
 #include <usermm/usermm.hpp>
@@ -35,6 +38,15 @@ inline std::size_t os_page_size() { return std::size_t(sysconf(_SC_PAGESIZE)); }
 inline constexpr bool kSkipUnderTsan = true;
 #else
 inline constexpr bool kSkipUnderTsan = false;
+#endif
+
+// The sanitizers' allocators map memory of their own as they go, where malloc falls back to brk:
+// in a process at vm.max_map_count their allocations fail (ENOMEM), and they die of it. Tests
+// that allocate there are skipped under them.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+inline constexpr bool kSkipAtTheMappingLimit = true;
+#else
+inline constexpr bool kSkipAtTheMappingLimit = false;
 #endif
 
 // The store pool emptied and off while the object lives: a test of what snapshot copies cost in
@@ -133,6 +145,26 @@ inline long max_map_count() {
         std::fclose(f);
     }
     return v;
+}
+
+// Maps single pages of the program's own, alternately readable and not so that none merge, until
+// the kernel refuses one (vm.max_map_count); then gives `spare` of them back. The vector is
+// reserved first: growing it later would take mappings itself.
+inline std::vector<void*> use_up_mappings(std::size_t spare) {
+    const std::size_t ps = os_page_size();
+    std::vector<void*> mine;
+    mine.reserve(std::size_t(max_map_count()) + 16);
+    for (;;) {
+        void* m = mmap(nullptr, ps, mine.size() % 2 ? PROT_READ : PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) {
+            if (errno != ENOMEM) std::_Exit(20);
+            break;
+        }
+        mine.push_back(m);
+    }
+    // Unmapping a single page between two others leaves one mapping fewer.
+    for (std::size_t i = 0; i < spare; ++i) munmap(mine[mine.size() / 2 + 2 * i], ps);
+    return mine;
 }
 
 // Kernel mappings of the process (lines of /proc/self/maps).

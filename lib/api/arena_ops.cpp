@@ -346,6 +346,14 @@ int protect_run(ArenaCore& a, std::size_t first, std::size_t last, Prot prot) {
     const long delta = map_count_delta(a, first, last, prot);
     if (const int err = page_protect(a.page_addr(first), (last - first) << g_page_shift, prot)) {
         resync_ptes(a, first, last);
+        // Splitting the mappings at the range's ends comes before changing them, so a refusal can
+        // leave a split with the same protection on both sides, which the kernel keeps apart.
+        for (const KernelMapping& m : mappings_around(a, first, last)) {
+            const std::size_t page = a.page_index(m.from);
+            if (page < std::max<std::size_t>(first, 1) || page > last || page >= a.page_index(a.end)) continue;
+            const pte_t lo = a.pte[page - 1].load(std::memory_order_relaxed), hi = a.pte[page].load(std::memory_order_relaxed);
+            if (pte_prot(lo) == pte_prot(hi)) set_edge(a, page, true);
+        }
         map_budget_recount(a, long(kernel_mappings(a.base, a.end).size()));
         return err;
     }

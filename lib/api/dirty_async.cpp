@@ -134,8 +134,9 @@ std::vector<Run> writable_runs(const ArenaCore& a, std::size_t first, std::size_
     return runs;
 }
 
-// Both directions only change protections that the kernel had already (the runs are maximal, so
-// they split no kernel mapping), without the map budget's charge: a guard lasts one call.
+// Both directions only change protections, without the map budget's charge: a guard lasts one
+// call, and the kernel mappings it splits where a run ends inside one (a range that is part of a
+// VMA) merge again when it goes. What the switch leaves split, settle_edges counts.
 int guard(const ArenaCore& a, const std::vector<Run>& runs, bool on, std::size_t* done) {
     for (*done = 0; *done < runs.size(); ++*done) {
         const Run& r = runs[*done];
@@ -154,6 +155,33 @@ void settle_unguarded(ArenaCore& a, const std::vector<Run>& runs, std::size_t fr
     for (std::size_t k = from; k < runs.size(); ++k) resync_ptes(a, runs[k].first, runs[k].last);
 }
 
+// Counts the kernel mappings a failed step left split or merged. Across the range's ends lies
+// another userfaultfd context where the switch was made (Apart), or the same one where it was
+// undone as far as the kernel let it (Same).
+void settle_after_failure(ArenaCore& a, std::size_t first, std::size_t last, long before, Across ends) noexcept {
+    try {
+        settle_edges(a, first, last, before, ends, ends);
+    } catch (...) {
+        // The count stays off until a refused protection change recounts it (protect_run); verify() says so.
+    }
+}
+
+// A switch that failed part way keeps the guard, which every run has: the pages stay read-only,
+// in their PTEs too, and untracked, so that every later write is an upgrade fault that usermm
+// resolves and marks, whatever userfaultfd registrations and marks the failure left or took. (A
+// mark left on such a page costs its first write one more fault, do_wp_page's stale-mark case.)
+// The pages written before keep their marks, or got them from the kernel's written bits: none is
+// lost.
+void keep_guard(ArenaCore& a, std::size_t first, std::size_t last, long before, const std::vector<Run>& runs) noexcept {
+    for (const Run& r : runs)
+        for (std::size_t i = r.first; i < r.last; ++i) {
+            const pte_t v = a.pte[i].load(kRelaxed);
+            a.pte[i].store(pte_t(pte_with_prot(v, r.prot & ~Prot::Write) & ~kPteWriteTracked), kRelaxed);
+            a.note_changed(i);
+        }
+    settle_after_failure(a, first, last, before, Across::Same);
+}
+
 void unguard(ArenaCore& a, const char* call, const std::vector<Run>& runs, std::size_t count) {
     std::size_t done = 0;
     const std::vector<Run> part(runs.begin(), runs.begin() + std::ptrdiff_t(count));
@@ -165,14 +193,36 @@ void unguard(ArenaCore& a, const char* call, const std::vector<Run>& runs, std::
     }
 }
 
-void guard_or_fail(ArenaCore& a, const char* call, const std::vector<Run>& runs) {
+// The guard over [first, last), or an error with nothing changed but the kernel mappings that the
+// refused call split (counted: `before` is mappings_around's count before the guard).
+void guard_or_fail(ArenaCore& a, const char* call, std::size_t first, std::size_t last, long before,
+                   const std::vector<Run>& runs) {
     std::size_t done = 0;
     if (const int err = guard(a, runs, true, &done)) {
         const Run& r = runs[done];
-        unguard(a, call, runs, done);
+        try {
+            unguard(a, call, runs, done);
+        } catch (...) {
+            settle_after_failure(a, first, last, before, Across::Same);
+            throw;
+        }
+        settle_after_failure(a, first, last, before, Across::Same);
         fail(err, "{}: mprotect({:#x}, {:#x}, {}) before a userfaultfd switch failed", call, a.page_addr(r.first),
              (r.last - r.first) << g_page_shift, to_string(r.prot & ~Prot::Write));
     }
+}
+
+// Gives write access back at the end of a switch that succeeded, and counts the kernel mappings
+// it changed; a refusal there leaves those runs read-only (settle_unguarded), which loses nothing.
+void finish_switch(ArenaCore& a, const char* call, std::size_t first, std::size_t last, long before,
+                   const std::vector<Run>& runs) {
+    try {
+        unguard(a, call, runs, runs.size());
+    } catch (...) {
+        settle_after_failure(a, first, last, before, Across::Apart);
+        throw;
+    }
+    settle_edges(a, first, last, before);
 }
 
 // Pages [first, last) as runs of populated pages: what the asynchronous context must protect when
@@ -186,55 +236,47 @@ void for_each_populated_run(const ArenaCore& a, std::size_t first, std::size_t l
     for (const PageSpan& span : pte_spans(a, first, last)) for_each_run(span.first, span.last, key, [&](std::size_t i, std::size_t j, int) { fn(i, j); });
 }
 
-// Write-protects (synchronous engine) the runs of write-tracked pages of [first, last) again.
-void rearm_tracked(ArenaCore& a, std::size_t first, std::size_t last) {
-    auto key = [&a](std::size_t i) { return a.pte[i].load(kRelaxed) & kPteWriteTracked ? 1 : kNoRun; };
-    for (const PageSpan& span : pte_spans(a, first, last))
-        for_each_run(span.first, span.last, key, [&](std::size_t i, std::size_t j, int) {
-            uffd_write_protect(a.page_addr(i), (j - i) << g_page_shift, true);
-        });
-}
-
 // Pages [first, last), none asynchronous, go to the asynchronous context.
 void enter(ArenaCore& a, const char* call, std::size_t first, std::size_t last) {
     const std::uintptr_t at = a.page_addr(first), len = (last - first) << g_page_shift;
     const long before = long(mappings_around(a, first, last).size());
     const std::vector<Run> runs = writable_runs(a, first, last);
-    guard_or_fail(a, call, runs);
-    auto undo = [&](int err, const char* what) {
-        uffd_register(at, len);
-        rearm_tracked(a, first, last);
-        unguard(a, call, runs, runs.size());
-        fail(err, "{}: {} of [{:#x}, {:#x}) failed", call, what, at, at + len);
-    };
-    if (const int err = uffd_unregister(at, len)) {
-        unguard(a, call, runs, runs.size());
-        fail(err, "{}: UFFDIO_UNREGISTER of [{:#x}, {:#x}) from the synchronous userfaultfd failed", call, at, at + len);
-    }
-    if (const int err = uffd_async_register(at, len)) undo(err, "UFFDIO_REGISTER with the asynchronous userfaultfd");
-    int failed = 0;
-    std::size_t failed_first = 0, failed_last = 0;
-    for_each_populated_run(a, first, last, [&](std::size_t i, std::size_t j) {
-        if (!failed && (failed = uffd_async_write_protect(a.page_addr(i), (j - i) << g_page_shift))) {
-            failed_first = i;
-            failed_last = j;
-        }
-    });
-    if (failed) {
+    guard_or_fail(a, call, first, last, before, runs);
+    // Each step that fails is undone as far as the kernel lets it, and the guard stays (keep_guard).
+    int err = 0;
+    const char* what = nullptr;
+    std::uintptr_t err_at = at, err_end = at + len;
+    if ((err = uffd_unregister(at, len))) {
+        what = "UFFDIO_UNREGISTER from the synchronous userfaultfd";
+        uffd_register(at, len);  // the part it unregistered before the refusal
+    } else if ((err = uffd_async_register(at, len))) {
+        what = "UFFDIO_REGISTER with the asynchronous userfaultfd";
         uffd_async_unregister(at, len);
         uffd_register(at, len);
-        rearm_tracked(a, first, last);
-        unguard(a, call, runs, runs.size());
-        fail(failed, "{}: UFFDIO_WRITEPROTECT (asynchronous userfaultfd) of [{:#x}, {:#x}) failed", call,
-             a.page_addr(failed_first), a.page_addr(failed_last));
+    } else {
+        for_each_populated_run(a, first, last, [&](std::size_t i, std::size_t j) {
+            if (!err && (err = uffd_async_write_protect(a.page_addr(i), (j - i) << g_page_shift))) {
+                what = "UFFDIO_WRITEPROTECT with the asynchronous userfaultfd";
+                err_at = a.page_addr(i);
+                err_end = a.page_addr(j);
+            }
+        });
+        if (err) {
+            uffd_async_unregister(at, len);
+            uffd_register(at, len);
+        }
     }
-    unguard(a, call, runs, runs.size());
-    // Tracked by the kernel now, not by usermm.
+    if (err) {
+        keep_guard(a, first, last, before, runs);
+        fail(err, "{}: {} of [{:#x}, {:#x}) failed; the range's pages stay read-only until written", call, what, err_at,
+             err_end);
+    }
+    // Tracked by the kernel now, not by usermm; the range's ends are kernel mappings apart now (one
+    // userfaultfd context each side).
     for (const PageSpan& span : pte_spans(a, first, last))
         for (std::size_t i = span.first; i < span.last; ++i) a.pte[i].fetch_and(pte_t(~kPteWriteTracked), kRelaxed);
-    // The range's ends are kernel mappings apart now (one userfaultfd context each side).
-    settle_edges(a, first, last, before);
     add_range(a, first, last);
+    finish_switch(a, call, first, last, before, runs);
 }
 
 // Pages [first, last), all asynchronous, go back to the synchronous context.
@@ -242,7 +284,7 @@ void leave(ArenaCore& a, const char* call, std::size_t first, std::size_t last) 
     const std::uintptr_t at = a.page_addr(first), len = (last - first) << g_page_shift;
     const long before = long(mappings_around(a, first, last).size());
     const std::vector<Run> runs = writable_runs(a, first, last);
-    guard_or_fail(a, call, runs);
+    guard_or_fail(a, call, first, last, before, runs);
     // The marks collect_dirty left here are grants, whose writes the kernel saw: its written bits
     // become the marks.
     for (const PageSpan& span : pte_spans(a, first, last))
@@ -250,19 +292,22 @@ void leave(ArenaCore& a, const char* call, std::size_t first, std::size_t last) 
     const int scanned = scan_written(a, first, last, false, scan_buffer(), [&a](std::size_t i, std::size_t j) {
         fold_written(a, i, j, kPteDirty, [](std::size_t) {});
     });
-    if (scanned) {
-        unguard(a, call, runs, runs.size());
+    if (scanned) {  // still asynchronous, the kernel's written bits as they were
+        finish_switch(a, call, first, last, before, runs);
         fail(scanned, "{}: PAGEMAP_SCAN of [{:#x}, {:#x}) for written pages failed", call, at, at + len);
     }
-    if (const int err = uffd_async_unregister(at, len)) {
-        unguard(a, call, runs, runs.size());
-        fail(err, "{}: UFFDIO_UNREGISTER of [{:#x}, {:#x}) from the asynchronous userfaultfd failed", call, at, at + len);
-    }
+    // From here the marks hold every write so far: a step that fails leaves the range synchronous
+    // as far as the kernel lets it, and guarded (keep_guard).
     remove_range(a, first, last);
-    if (const int err = uffd_register(at, len)) {
-        unguard(a, call, runs, runs.size());
-        fail(err, "{}: UFFDIO_REGISTER of [{:#x}, {:#x}) with the synchronous userfaultfd failed", call, at, at + len);
+    auto fall_back = [&](int err, const char* what, std::uintptr_t from, std::uintptr_t to) {
+        keep_guard(a, first, last, before, runs);
+        fail(err, "{}: {} of [{:#x}, {:#x}) failed; the range's pages stay read-only until written", call, what, from, to);
+    };
+    if (const int err = uffd_async_unregister(at, len)) {
+        uffd_register(at, len);  // the part unregistered before the refusal
+        fall_back(err, "UFFDIO_UNREGISTER from the asynchronous userfaultfd", at, at + len);
     }
+    if (const int err = uffd_register(at, len)) fall_back(err, "UFFDIO_REGISTER with the synchronous userfaultfd", at, at + len);
     // The clean writable pages are tracked as collect_dirty leaves them on the synchronous engine;
     // the others are dirty-collect already, and dirty-snapshot in a changed group for the next
     // snapshot, which arms them.
@@ -274,17 +319,14 @@ void leave(ArenaCore& a, const char* call, std::size_t first, std::size_t last) 
     };
     for (const PageSpan& span : pte_spans(a, first, last))
         for_each_run(span.first, span.last, clean, [&](std::size_t i, std::size_t j, int prot) {
-            if (const int err = tracker.arm(a, i, j, pte_to_prot(pte_t(prot)))) {
-                unguard(a, call, runs, runs.size());
-                fail(err, "{}: UFFDIO_WRITEPROTECT of [{:#x}, {:#x}) failed", call, a.page_addr(i), a.page_addr(j));
-            }
+            if (const int err = tracker.arm(a, i, j, pte_to_prot(pte_t(prot))))
+                fall_back(err, "UFFDIO_WRITEPROTECT", a.page_addr(i), a.page_addr(j));
             for (std::size_t k = i; k < j; ++k) {
                 const pte_t v = a.pte[k].load(kRelaxed);
                 a.pte[k].store(pte_t((v & kPteFlags) | kPteWriteTracked | tracker.armed_prot(pte_prot(v))), kRelaxed);
             }
         });
-    unguard(a, call, runs, runs.size());
-    settle_edges(a, first, last, before);
+    finish_switch(a, call, first, last, before, runs);
 }
 
 }  // namespace

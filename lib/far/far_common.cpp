@@ -90,6 +90,16 @@ void SlotTable::add_user(pid_t pid) {
     unlock();
 }
 
+// Under the lock: `slot`, whose last reference went, is free again, and its copies are `dead`.
+void SlotTable::free_slot(std::uint64_t slot, std::vector<Dead>& dead) {
+    Entry& e = entries_[slot];
+    const ServerMask where = at(e.where).exchange(0, std::memory_order_relaxed);
+    for (ServerMask m = where; m; m &= m - 1) --header_->copies[std::countr_zero(m)];
+    dead.push_back({slot, e.generation, where});
+    free_[header_->free_count++] = slot;
+    --header_->in_use;
+}
+
 bool SlotTable::last_user(std::vector<Dead>& dead) {
     const pid_t me = getpid();
     lock();
@@ -118,14 +128,9 @@ bool SlotTable::last_user(std::vector<Dead>& dead) {
         return false;
     }
     for (std::uint64_t slot = 0; slot < header_->next_fresh; ++slot) {
-        Entry& e = entries_[slot];
-        if (!e.refs) continue;
-        e.refs = 0;
-        const ServerMask where = at(e.where).exchange(0, std::memory_order_relaxed);
-        for (ServerMask m = where; m; m &= m - 1) --header_->copies[std::countr_zero(m)];
-        dead.push_back({slot, e.generation, where});
-        free_[header_->free_count++] = slot;
-        --header_->in_use;
+        if (!entries_[slot].refs) continue;
+        entries_[slot].refs = 0;
+        free_slot(slot, dead);
     }
     unlock();
     return true;
@@ -202,13 +207,7 @@ void SlotTable::release(std::span<const std::uint64_t> slots, std::vector<Dead>&
     lock();
     for (const std::uint64_t slot : slots) {
         if (slot >= capacity_ || entries_[slot].refs == 0) continue;  // not ours to drop: nothing changes
-        Entry& e = entries_[slot];
-        if (--e.refs) continue;
-        const ServerMask where = at(e.where).exchange(0, std::memory_order_relaxed);
-        for (ServerMask m = where; m; m &= m - 1) --header_->copies[std::countr_zero(m)];
-        dead.push_back({slot, e.generation, where});
-        free_[header_->free_count++] = slot;
-        --header_->in_use;
+        if (--entries_[slot].refs == 0) free_slot(slot, dead);
     }
     unlock();
 }

@@ -83,6 +83,7 @@ private:
     void lock() const;
     void unlock() const;
     void add_user(pid_t pid);
+    void free_slot(std::uint64_t slot, std::vector<Dead>& dead);
     static void fork_prepare();
     static void fork_parent();
     static void fork_child();
