@@ -304,7 +304,16 @@ void leave(ArenaCore& a, const char* call, std::size_t first, std::size_t last) 
         fail(err, "{}: {} of [{:#x}, {:#x}) failed; the range's pages stay read-only until written", call, what, from, to);
     };
     if (const int err = uffd_async_unregister(at, len)) {
-        uffd_register(at, len);  // the part unregistered before the refusal
+        // The mappings it let go of before the refusal go back, which splits nothing (the kernel
+        // refuses an unregistration through the other context, and a registration over a mapping
+        // of the other): the range stays asynchronous. Its pages there lost their marks, so the
+        // next scan reports them as written, which loses nothing.
+        if (uffd_async_register(at, len) == 0) {
+            add_range(a, first, last);
+            finish_switch(a, call, first, last, before, runs);
+            fail(err, "{}: UFFDIO_UNREGISTER from the asynchronous userfaultfd of [{:#x}, {:#x}) failed", call, at,
+                 at + len);
+        }
         fall_back(err, "UFFDIO_UNREGISTER from the asynchronous userfaultfd", at, at + len);
     }
     if (const int err = uffd_register(at, len)) fall_back(err, "UFFDIO_REGISTER with the synchronous userfaultfd", at, at + len);
