@@ -147,44 +147,64 @@ std::size_t next_changed_group(const ArenaCore& a, std::size_t g, std::size_t en
 // with either once the writers sleep between bursts, since each call's TLB shootdown then wakes
 // the other vCPU. No fixed bridge suits both: perf/run pause (8 GiB sparse table, sleeping
 // writers) wants ~512 pages (4.0x fork's pause with 128), perf/run snapshot (1 GiB, 1% of it
-// changed, scattered) wants a call per run (17.7 ms bridged against 2.2 ms). So the bridge is what
-// the thread's own calls say a call costs in pages (ArmCost).
+// changed, scattered) wants a call per run (17.7 ms bridged against 2.2 ms). So with userfaultfd
+// the bridge is what the thread's own calls say a call costs in pages (ArmCost). mprotect passes
+// over a kernel VMA that has the protection already, so there a bridge costs the call nothing and
+// spans all it can: perf/run rearm (1 GiB, 1% / 10% changed) 6.7-6.9 / 60-64 ms, against 10-11 /
+// 79-90 ms with ArmCost's bridges.
 // A bridge never crosses a page of another protection: that is another kernel VMA, which costs a
 // shootdown of its own inside the same call.
-// What a call costs, fitted to the calls this thread has made: ns = per_call + per_page * pages,
-// by least squares over decayed sums (the last few hundred calls count), since the cost of a call
-// depends on who else runs (a sleeping vCPU woken by each shootdown) and that of a page on what its
-// PTE holds. A bridge is worth joining while its pages cost less than the call it saves.
+// What a userfaultfd call costs, from the calls this thread has made: ns = per_call + per_own *
+// own pages + per_bridged * bridged pages, each a decayed mean (the last few hundred calls of its
+// kind count), since the cost of a call depends on who else runs (a sleeping vCPU woken by each
+// shootdown) and that of a page on what its PTE holds. A bridge is worth joining while its pages
+// cost less than the call it saves. Own pages (those gaining the protection) cost the same however
+// the calls are cut. Each part is told by the calls that have little else (per_call by calls over a
+// page or two, per_own by long calls without a bridge, per_bridged by calls with long bridges), net
+// of the others, rather than by a least-squares line through all calls: the cost is not linear
+// (x86 flushes each page of a call over up to 33 pages, the whole TLB past that), and a line
+// through all calls let the few long calls' noise decide per_call, negative as often as not for
+// perf/run rearm's 1% changed, where the bridge then stayed 512 and one call spanned nearly the
+// whole heap.
 class ArmCost {
 public:
-    void add(std::size_t pages, std::uint64_t ns) {
-        constexpr double kKeep = 0.995;
-        const double x = double(pages), y = double(ns);
-        n_ = n_ * kKeep + 1;
-        sx_ = sx_ * kKeep + x;
-        sy_ = sy_ * kKeep + y;
-        sxx_ = sxx_ * kKeep + x * x;
-        sxy_ = sxy_ * kKeep + x * y;
+    void add(std::size_t own, std::size_t bridged, std::uint64_t ns) {
+        const double t = double(ns);
+        if (bridged == 0 && own <= kShort)
+            keep(calls_, call_ns_, t - per_own() * double(own));
+        else if (bridged == 0 && own >= kLong)
+            keep(owns_, own_ns_, (t - per_call()) / double(own));
+        else if (bridged >= kLong)
+            keep(bridges_, bridged_ns_, (t - per_call() - per_own() * double(own)) / double(bridged));
     }
     // The longest bridge worth joining; 512 until the calls seen tell.
     std::size_t max_bridge() const {
-        constexpr std::size_t kUntold = 512, kLeast = 16, kMost = 2048;
-        const double var = n_ * sxx_ - sx_ * sx_;
-        if (n_ < 32 || var <= n_ * n_) return kUntold;  // too few calls, or all of one length
-        const double per_page = (n_ * sxy_ - sx_ * sy_) / var;
-        const double per_call = (sy_ - per_page * sx_) / n_;
-        if (per_page <= 0 || per_call <= 0) return kUntold;
-        return std::clamp(std::size_t(per_call / per_page), kLeast, kMost);
+        constexpr std::size_t kUntold = 512, kMost = 2048;
+        if (calls_ < 4 || bridges_ == 0) return kUntold;
+        const double per_bridged = bridged_ns_ / bridges_;
+        if (per_call() <= 0) return 0;
+        if (per_bridged <= 0) return kMost;
+        return std::min(std::size_t(per_call() / per_bridged), kMost);
     }
 
 private:
-    double n_ = 0, sx_ = 0, sy_ = 0, sxx_ = 0, sxy_ = 0;
+    static constexpr std::size_t kShort = 2, kLong = 64;
+    static void keep(double& n, double& sum, double x) {
+        constexpr double kKeep = 0.995;
+        n = n * kKeep + 1;
+        sum = sum * kKeep + x;
+    }
+    double per_call() const { return calls_ ? call_ns_ / calls_ : 0; }
+    double per_own() const { return owns_ ? own_ns_ / owns_ : 0; }
+    double calls_ = 0, call_ns_ = 0, owns_ = 0, own_ns_ = 0, bridges_ = 0, bridged_ns_ = 0;
 };
 
 void arm_write_tracking(ArenaCore& a, const char* call, Range r) {
     thread_local ArmCost cost;
-    const std::size_t max_bridge = cost.max_bridge();
     const WriteTracker& tracker = write_tracker();
+    // Where a bridged page costs the call nothing, one call spans all it can.
+    const bool fitted = tracker.rearm_rewrites;
+    std::size_t max_bridge = fitted ? cost.max_bridge() : SIZE_MAX;
     const pte_t write = to_pte(Prot::Write);
     const std::size_t last = a.page_index(r.end);
     auto value = [&](std::size_t i) { return a.pte[i].load(kRelaxed); };
@@ -193,10 +213,14 @@ void arm_write_tracking(ArenaCore& a, const char* call, Range r) {
         return pte_prot(v) == prot && !(v & (kPteWriteTracked | kPteGuard));  // a stack's guard holds nothing
     };
     // A page tracked already, which arming it again (with the same call) leaves as it is.
-    auto bridgeable = [&](std::size_t i, pte_t prot) {
+    auto bridgeable = [&](std::size_t i, pte_t armed) {
         const pte_t v = value(i);
-        return (v & kPteWriteTracked) && pte_prot(v) == tracker.armed_prot(prot);
+        return (v & kPteWriteTracked) && pte_prot(v) == armed;
     };
+    // The first runs of each pass are armed alone, so that ArmCost always has calls over few pages
+    // to tell per_call by: without them, bridges long enough make every call a long one.
+    constexpr std::size_t kAlone = 8;
+    std::size_t calls = 0;
     constexpr std::size_t kGroup = ArenaCore::kGroupPages;
     const std::size_t end_group = (last + kGroup - 1) / kGroup;
     for (std::size_t i = a.page_index(r.start); i < last;) {
@@ -209,26 +233,31 @@ void arm_write_tracking(ArenaCore& a, const char* call, Range r) {
             ++i;
             continue;
         }
-        std::size_t j = i + 1;
+        // Every page of the call has prot or armed, and leaves it with armed.
+        const pte_t armed = tracker.armed_prot(prot);
+        std::size_t j = i + 1, bridged = 0;
         for (;;) {
             while (j < last && candidate(j, prot)) ++j;
+            if (fitted && calls < kAlone) break;
             std::size_t k = j;
-            while (k < last && k - j < max_bridge && bridgeable(k, prot)) ++k;
+            while (k < last && k - j < max_bridge && bridgeable(k, armed)) ++k;
             if (k == j || k == last || !candidate(k, prot)) break;
+            bridged += k - j;
             j = k;
         }
         const std::uintptr_t at = a.page_addr(i);
         const std::size_t len = (j - i) << g_page_shift;
         const Prot next = pte_to_prot(prot) & ~Prot::Write;
-        const std::uint64_t t0 = now_ns();
+        const std::uint64_t t0 = fitted ? now_ns() : 0;
         if (const int err = tracker.arm(a, i, j, pte_to_prot(prot)))
             fail(err, "{}: withholding write access from [{:#x}, {:#x}) ({} engine, protection {}) failed", call, at,
                  at + len, tracker.engine == Engine::Uffd ? "UFFDIO_WRITEPROTECT" : "mprotect", to_string(next));
-        cost.add(j - i, now_ns() - t0);
-        for (std::size_t k = i; k < j; ++k) {
-            const pte_t v = value(k);
-            a.pte[k].store(pte_t((v & kPteFlags) | kPteWriteTracked | tracker.armed_prot(pte_prot(v))), kRelaxed);
+        if (fitted) {
+            cost.add(j - i - bridged, bridged, now_ns() - t0);
+            max_bridge = cost.max_bridge();  // the first pass's bridges need not wait for the next
         }
+        ++calls;
+        for (std::size_t k = i; k < j; ++k) a.pte[k].store(pte_t((value(k) & kPteFlags) | kPteWriteTracked | armed), kRelaxed);
         i = j;
     }
 }

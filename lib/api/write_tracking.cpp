@@ -96,12 +96,12 @@ int mprotect_clear_marks(std::uintptr_t, std::size_t) { return 0; }
 void mprotect_verify(const ArenaCore&, const char*, std::span<const PageSpan>) {}  // the protections say it all
 void mprotect_after_fork(ArenaCore&) {}
 
-constexpr WriteTracker kUffd{Engine::Uffd,       true,       uffd_enrol,       uffd_armed_prot, uffd_arm,
-                             uffd_withheld_only, uffd_disarm, true,            uffd_clear_marks, uffd_verify,
-                             uffd_after_fork};
-constexpr WriteTracker kMprotect{Engine::Mprotect,       false,           mprotect_enrol, mprotect_armed_prot,
-                                 mprotect_arm,           mprotect_withheld_only, mprotect_disarm, false,
-                                 mprotect_clear_marks,   mprotect_verify, mprotect_after_fork};
+constexpr WriteTracker kUffd{Engine::Uffd,   true,        uffd_enrol,       uffd_armed_prot,
+                             uffd_arm,       true,        uffd_withheld_only, uffd_disarm,
+                             true,           uffd_clear_marks, uffd_verify,  uffd_after_fork};
+constexpr WriteTracker kMprotect{Engine::Mprotect, false,                  mprotect_enrol,  mprotect_armed_prot,
+                                 mprotect_arm,     false,                  mprotect_withheld_only, mprotect_disarm,
+                                 false,            mprotect_clear_marks,   mprotect_verify, mprotect_after_fork};
 
 }  // namespace
 

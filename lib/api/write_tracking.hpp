@@ -33,6 +33,10 @@ struct WriteTracker {
     pte_t (*armed_prot)(pte_t prot);
     // Withholds write access from pages [i, j), all of protection `prot` (with Write): 0 or errno.
     int (*arm)(ArenaCore& a, std::size_t i, std::size_t j, Prot prot);
+    // Whether arming pages that are armed already costs the kernel their PTEs' rewrite, as with
+    // userfaultfd. mprotect passes over a kernel VMA that has the protection already: a page bridged
+    // there costs nothing in the call (a heap re-armed in one call costs a quarter of its first arming).
+    bool rearm_rewrites;
     // Whether the tracked page i (PTE v) lacks write access only for tracking: the VMA allows it.
     bool (*withheld_only)(ArenaCore& a, std::size_t i, pte_t v);
     // Gives write access back to tracked pages [i, j) whose PTE protection is `prot`: 0 or errno.
