@@ -89,14 +89,6 @@ double usermm_touch(usermm::Arena& arena, std::size_t fault_around, bool write) 
     return ns;
 }
 
-// The VM backs guest memory lazily; touch more than any pass uses so that no variant pays for it.
-void warm_up() {
-    const std::size_t len = 8 * g_pages * kPage;
-    void* p = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    std::memset(p, 1, len);
-    munmap(p, len);
-}
-
 struct Row {
     std::string name;
     std::function<double()> run;
@@ -251,7 +243,7 @@ int main() {
     g_many = std::max<std::size_t>(10, env_or("USERMM_BENCH_CORE_VMAS", g_many)) / 10 * 10;  // the whole-fault rows split its span in ten
     g_rounds = std::max<std::size_t>(1, env_or("USERMM_BENCH_ROUNDS", g_rounds));
     usermm::Arena arena(64ull << 30);
-    warm_up();
+    warm_free_memory(8 * g_pages * kPage);  // the VM backs guest memory lazily
     fmt::print("usermm core benchmark: {} KiB pages, median of {} interleaved rounds\n", kPage >> 10, g_rounds);
     first_touch(arena, true);
     first_touch(arena, false);

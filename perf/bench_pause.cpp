@@ -199,14 +199,6 @@ void usermm_round(const Config& c, const std::vector<std::size_t>& offsets, Row&
 
 double max_of(const std::vector<double>& v) { return *std::max_element(v.begin(), v.end()); }
 
-// The VM backs guest memory lazily; touch more than the benchmark uses so no variant pays for it.
-void warm_up(std::size_t bytes) {
-    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) return;
-    std::memset(p, 1, bytes);
-    munmap(p, bytes);
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -229,7 +221,7 @@ int main(int argc, char** argv) {
                c.vma_bytes >> 20, c.records, kRecord, kWriters, c.rate, double(c.interval_ns()) / 1e6, c.rounds,
                uffd ? "uffd" : "mprotect");
     fmt::print("target: snapshot pause <= fork's pause of the same table in plain mmap memory\n");
-    warm_up(std::min<std::size_t>(c.records * kPage * 3, 2ull << 30));
+    warm_free_memory(std::min<std::size_t>(c.records * kPage * 3, 2ull << 30));
     Row row;
     for (int round = 0; round < 2; ++round) {  // alternating, so that drift of the shared VM hits both
         plain_round(c, offsets, row);

@@ -217,14 +217,6 @@ void report(unsigned percent, const Figures& f) {
                b * 1e3 / double(f.runs), u / floor, kTarget, median(f.release));
 }
 
-// The VM backs guest memory lazily; touch more than a round uses so no variant pays for it.
-void warm_up(std::size_t bytes) {
-    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) return;
-    std::memset(p, 1, bytes);
-    munmap(p, bytes);
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -246,7 +238,7 @@ int main(int argc, char** argv) {
                "with {}\n",
                bytes >> 20, kPage >> 10, rounds, kCheckpoints, rounds, uffd ? "uffd" : "mprotect",
                uffd ? "UFFDIO_WRITEPROTECT" : "mprotect(PROT_READ)");
-    warm_up(2 * bytes + (bytes / 5));
+    warm_free_memory(2 * bytes + (bytes / 5));
     std::mt19937_64 rng(bytes);
     std::vector<Figures> figures(percents.size());
     for (int r = 0; r < rounds; ++r) {

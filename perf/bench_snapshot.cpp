@@ -282,13 +282,6 @@ void heap_row(std::size_t bytes, bool huge) {
                sw / bw, copied / kPage, std::min(kWrites, pages), recycled);
 }
 
-// The VM backs guest memory lazily; touch more than the largest heap so no variant pays for it.
-void warm_up(std::size_t bytes) {
-    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    std::memset(p, 1, bytes);
-    munmap(p, bytes);
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -305,7 +298,7 @@ int main(int argc, char** argv) {
     fmt::print("store pool: up to {} MiB of released snapshots' pages (the first round has none)\n",
                usermm::snapshot_store_pool().limit_bytes >> 20);
     const std::size_t largest = *std::max_element(sizes.begin(), sizes.end());
-    warm_up(largest + std::min<std::size_t>(largest, 1ull << 30));
+    warm_free_memory(largest + std::min<std::size_t>(largest, 1ull << 30));
     for (bool huge : {false, true})
         for (std::size_t s : sizes) heap_row(s, huge);
     return 0;
