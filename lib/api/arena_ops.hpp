@@ -268,9 +268,9 @@ void for_each_run(std::size_t first, std::size_t last, Key key, Fn fn) {
 }
 
 // Asks the kernel for `prot` on pages [first, last) and charges the map budget for it. On a
-// refusal (which may have changed a prefix of the range) the PTEs and the arena's kernel-mapping
-// count are re-read from the kernel; the PTEs of a success are the caller's to update. Returns 0
-// or the errno.
+// refusal (which may have changed a prefix of the range, or split a mapping it then left as it
+// was) the PTEs, the edge marks of such splits and the arena's kernel-mapping count are re-read
+// from the kernel; the PTEs of a success are the caller's to update. Returns 0 or the errno.
 int protect_run(ArenaCore& a, std::size_t first, std::size_t last, Prot prot);
 // protect_run, and on success the PTEs of the run take `prot`, keeping their flags (no dirty or
 // populated bits set, unlike change_pages: for taking write access away).
