@@ -853,17 +853,7 @@ TEST_CASE("mapping budget: with the mappings taken behind usermm's back, file fa
             std::vector<std::uint64_t> written;
             written.reserve(std::size_t(limit));
             touch(200, written);
-            std::vector<void*> mine;
-            mine.reserve(std::size_t(limit));
-            // Each new page is one more mapping, or none where it merges with a neighbour: count again.
-            for (long now; (now = usermm_test::process_mappings()) < limit - 300;) {
-                for (long i = now; i < limit - 300; ++i) {
-                    void* m = mmap(nullptr, kPage, mine.size() % 2 ? PROT_READ : PROT_NONE,
-                                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-                    CHILD_CHECK(m != MAP_FAILED);
-                    mine.push_back(m);
-                }
-            }
+            const std::vector<void*> mine = usermm_test::use_up_mappings(300);
             const long taken = usermm_test::process_mappings();
             touch(20000, written);
             // sync write-protects the dirty pages, one run at a time, with no mapping to spare; the
