@@ -416,6 +416,47 @@ TEST_CASE("eight live snapshots with interleaved writes, released in random orde
     arena.verify();
 }
 
+// A snapshot re-arms only the pages that changed since the last one, as told by a bit per page
+// (below a bit per group of 64): a snapshot of part of a group must leave the rest of it changed
+// for the next snapshot of another range. Ranges here start and end anywhere in a group.
+TEST_CASE("snapshots of ranges that cut groups of 64 pages, taken in turn, each equal to its model") {
+    const std::size_t ps = usermm::page_size();
+    constexpr std::size_t kPages = 320;
+    constexpr std::size_t kLive = 6;
+    usermm::Arena arena(kPages * ps);
+    char* const base = static_cast<char*>(arena.map(kPages * ps, Prot::ReadWrite, {.name = "heap"}));
+    Model now(base, kPages);
+    std::mt19937_64 rng(0x5eed0011);
+    std::uint64_t next_tag = 1;
+    struct Live {
+        usermm::Snapshot snap;
+        std::size_t first;
+        Bytes want;
+    };
+    std::vector<Live> live;
+    auto take = [&] {
+        const std::size_t first = rng() % (kPages - 1), pages = 1 + rng() % (kPages - first);
+        Bytes want(now.bytes.begin() + std::ptrdiff_t(first * ps), now.bytes.begin() + std::ptrdiff_t((first + pages) * ps));
+        live.push_back({arena.snapshot(base + first * ps, pages * ps), first, std::move(want)});
+    };
+    for (int round = 0; round < 60; ++round) {
+        // Writes clustered in one group or scattered, so that groups hold one change or many.
+        const std::size_t group = rng() % (kPages / 64);
+        for (std::size_t n = 1 + rng() % 12; n > 0; --n) {
+            const std::size_t page = rng() % 2 ? group * 64 + rng() % 64 : rng() % kPages;
+            now.tag(base + page * ps, next_tag++);
+        }
+        if (live.size() == kLive || (!live.empty() && rng() % 4 == 0)) live.erase(live.begin() + std::ptrdiff_t(rng() % live.size()));
+        take();
+        INFO("round ", round);
+        for (const Live& l : live) {
+            INFO("snapshot ", l.snap.sequence(), " of pages [", l.first, ", ", l.first + l.want.size() / ps, ")");
+            check_pages(snapshot_bytes(l.snap), l.want, "read()");
+        }
+    }
+    arena.verify();
+}
+
 TEST_CASE("restore(): copies back only changed pages, restores the VMA layout, and can be repeated") {
     const std::size_t ps = usermm::page_size();
     constexpr std::size_t kPages = 128;

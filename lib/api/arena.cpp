@@ -379,6 +379,7 @@ Arena::Arena(std::size_t size, void* at) {
     auto undo = [&a, len] {
         if (a.base) page_release(a.base, len);
         if (a.pte) page_release(addr_of(a.pte), a.pte_bytes);
+        if (a.changed_pages) page_release(addr_of(a.changed_pages), a.changed_page_bytes);
         if (a.changed_groups) page_release(addr_of(a.changed_groups), a.changed_group_bytes);
     };
     void* base = at;
@@ -393,11 +394,15 @@ Arena::Arena(std::size_t size, void* at) {
     const std::size_t npages = len >> g_page_shift;
     a.pte_bytes = npages * sizeof(Pte);
     const std::size_t groups = (npages + ArenaCore::kGroupPages - 1) / ArenaCore::kGroupPages;
+    a.changed_page_bytes = groups * sizeof(std::uint64_t);
     a.changed_group_bytes = (groups + 63) / 64 * sizeof(std::uint64_t);
     void* table = nullptr;
+    void* changed = nullptr;
     void* summary = nullptr;
     int err = page_alloc_table(a.pte_bytes, &table);
     if (!err) a.pte = static_cast<Pte*>(table);
+    if (!err) err = page_alloc_table(a.changed_page_bytes, &changed);
+    if (!err) a.changed_pages = static_cast<std::atomic<std::uint64_t>*>(changed);
     if (!err) err = page_alloc_table(a.changed_group_bytes, &summary);
     if (!err) a.changed_groups = static_cast<std::atomic<std::uint64_t>*>(summary);
     if (err) {
@@ -475,6 +480,7 @@ Arena::~Arena() {
     map_budget_charge(a, -a.kernel_maps.load());
     page_release(a.base, a.end - a.base);
     page_release(addr_of(a.pte), a.pte_bytes);
+    page_release(addr_of(a.changed_pages), a.changed_page_bytes);
     page_release(addr_of(a.changed_groups), a.changed_group_bytes);
     a.vma_index.clear();
     a.tree.clear_and_dispose([](Vma* v) { vma_free(v); });

@@ -138,6 +138,18 @@ std::size_t next_changed_group(const ArenaCore& a, std::size_t g, std::size_t en
     return end;
 }
 
+// The first page in [i, last) whose change bit is set, or `last`.
+std::size_t next_changed_page(const ArenaCore& a, std::size_t i, std::size_t last) {
+    constexpr std::size_t kGroup = ArenaCore::kGroupPages;
+    const std::size_t end_group = (last + kGroup - 1) / kGroup;
+    while (i < last) {
+        const std::uint64_t word = a.changed_in(i / kGroup) >> (i % kGroup);
+        if (word) return std::min(last, i + std::size_t(std::countr_zero(word)));
+        i = next_changed_group(a, i / kGroup + 1, end_group) * kGroup;
+    }
+    return last;
+}
+
 // Withholds write access from the pages of r that have it, so that the next write to each is seen.
 // Pages still tracked since an earlier snapshot need nothing, so a snapshot after one costs in
 // proportion to what changed since. One kernel call per run of such pages; runs separated by pages
@@ -221,16 +233,11 @@ void arm_write_tracking(ArenaCore& a, const char* call, Range r) {
     // to tell per_call by: without them, bridges long enough make every call a long one.
     constexpr std::size_t kAlone = 8;
     std::size_t calls = 0;
-    constexpr std::size_t kGroup = ArenaCore::kGroupPages;
-    const std::size_t end_group = (last + kGroup - 1) / kGroup;
-    for (std::size_t i = a.page_index(r.start); i < last;) {
-        if (!a.group_changed(i / kGroup)) {  // nothing gained write access there since it was armed
-            i = std::min(last, next_changed_group(a, i / kGroup + 1, end_group) * kGroup);
-            continue;
-        }
+    // A page without its change bit has not gained write access since it was armed.
+    for (std::size_t i = next_changed_page(a, a.page_index(r.start), last); i < last;) {
         const pte_t prot = pte_prot(value(i));
         if (!(prot & write) || !candidate(i, prot)) {
-            ++i;
+            i = next_changed_page(a, i + 1, last);
             continue;
         }
         // Every page of the call has prot or armed, and leaves it with armed.
@@ -258,7 +265,7 @@ void arm_write_tracking(ArenaCore& a, const char* call, Range r) {
         }
         ++calls;
         for (std::size_t k = i; k < j; ++k) a.pte[k].store(pte_t((value(k) & kPteFlags) | kPteWriteTracked | armed), kRelaxed);
-        i = j;
+        i = next_changed_page(a, j, last);
     }
 }
 
@@ -409,28 +416,28 @@ Snapshot Arena::take_snapshot(void* addr, std::size_t length, bool whole) {
     for (const SnapshotCore::VmaRecord& v : snap->vmas) arm_write_tracking_but_stacks(a, call, {v.start, v.end});
     bool stacks = false;
     if (a.stack_count) for_each_stack_part(a, r, [&](Range) { stacks = true; });
+    // Armed and recorded: the changed pages of the range have nothing new until they change again,
+    // but for a stack's committed pages, which stay changed.
     constexpr std::size_t kGroup = ArenaCore::kGroupPages;
     const std::size_t end_group = (snap->last + kGroup - 1) / kGroup;
-    for (std::size_t i = snap->first; i < snap->last;) {
-        const std::size_t group = i / kGroup, group_end = std::min(snap->last, (group + 1) * kGroup);
-        if (!a.group_changed(group)) {
-            i = std::min(snap->last, next_changed_group(a, group + 1, end_group) * kGroup);
-            continue;
-        }
-        bool untracked = false;  // a stack's committed page, which stays changed
-        for (; i < group_end; ++i) {
+    for (std::size_t g = next_changed_group(a, snap->first / kGroup, end_group); g < end_group;
+         g = next_changed_group(a, g + 1, end_group)) {
+        const std::size_t lo = std::max(snap->first, g * kGroup) - g * kGroup;
+        const std::size_t hi = std::min(snap->last, (g + 1) * kGroup) - g * kGroup;
+        const std::uint64_t in_range = (hi == kGroup ? ~std::uint64_t(0) : (std::uint64_t(1) << hi) - 1) &
+                                       ~((std::uint64_t(1) << lo) - 1);
+        std::uint64_t done = 0;
+        for (std::uint64_t bits = a.changed_in(g) & in_range; bits; bits &= bits - 1) {
+            const std::size_t i = g * kGroup + std::size_t(std::countr_zero(bits));
             const pte_t v = a.pte[i].load(kRelaxed);
-            if (!(v & kPteDirtySnapshot) || (v & kPteFile)) continue;
-            record.mark(i);
-            if (stacks && (v & kPtePopulated) && in_stack(a, i)) {
-                untracked = true;
-                continue;
+            if ((v & kPteDirtySnapshot) && !(v & kPteFile)) {
+                record.mark(i);
+                if (stacks && (v & kPtePopulated) && in_stack(a, i)) continue;
+                a.pte[i].store(pte_t(v & ~kPteDirtySnapshot), kRelaxed);
             }
-            a.pte[i].store(pte_t(v & ~kPteDirtySnapshot), kRelaxed);
+            done |= bits & (~bits + 1);
         }
-        // Armed and recorded: the group has nothing new until a page of it changes again. A group
-        // the range covers only in part keeps its mark for the pages outside.
-        if (!untracked && group * kGroup >= snap->first && (group + 1) * kGroup <= snap->last) a.clear_group(group);
+        a.clear_changed(g, done);
     }
     snap->arena = &a;
     snap->sequence = record.sequence = ++a.snapshot_sequence;
