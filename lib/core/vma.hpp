@@ -89,6 +89,10 @@ struct Vma : bi::set_base_hook<bi::link_mode<bi::normal_link>, bi::optimize_size
     VmaCounters stats;
 
     std::uint64_t file_page(std::uintptr_t addr) const;  // the file page shown at addr
+
+    // VMA nodes live in usermm's node pool (api/node_pool.hpp), on huge pages: API world only.
+    static void* operator new(std::size_t size);
+    static void operator delete(void* p) noexcept;
 };
 
 // The tree is keyed by end, so that "the first VMA whose end is above addr" (the kernel's find_vma)
