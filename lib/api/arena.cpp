@@ -716,6 +716,7 @@ void Arena::verify() const {
     // part of the PTE table was never touched are untouched themselves (zero PTEs): all checks
     // skip them.
     auto it = a.tree.begin();
+    auto async = a.async_ranges.begin();
     const std::size_t npages = a.page_index(a.end);
     const std::vector<PageSpan> spans = pte_spans(a, 0, npages);
     for (const PageSpan& span : spans) {
@@ -734,8 +735,25 @@ void Arena::verify() const {
             if (!allows(it->prot, pte_to_prot(v)))
                 fail(EFAULT, "{}: page {:#x} has protection {} beyond its VMA's {}", call, at, to_string(pte_to_prot(v)),
                      to_string(it->prot));
+            // A page that can be written without usermm seeing it carries its change bit, or the
+            // next snapshot would not arm it: anonymous pages outside stacks and outside the ranges
+            // the kernel tracks (whose pages leave T without a note; leaving the mode notes them).
+            while (async != a.async_ranges.end() && async->second <= i) ++async;
+            const bool kernel_tracked = async != a.async_ranges.end() && async->first <= i;
+            if (allows(pte_to_prot(v), Prot::Write) && !(v & (kPteWriteTracked | kPteGuard | kPteFile)) && !it->stack &&
+                !kernel_tracked && !(a.changed_in(i / ArenaCore::kGroupPages) >> (i % ArenaCore::kGroupPages) & 1))
+                fail(EFAULT, "{}: page {:#x} is writable and untracked, but not marked changed for the next snapshot",
+                     call, at);
         }
     }
+    // A group's summary bit is set exactly while one of its pages' bits is (a page is noted only
+    // after its PTE is written: outside the touched parts of the PTE table both are clear).
+    constexpr std::size_t kGroup = ArenaCore::kGroupPages;
+    for (const PageSpan& span : spans)
+        for (std::size_t g = span.first / kGroup; g < (span.last + kGroup - 1) / kGroup; ++g)
+            if ((a.changed_in(g) != 0) != bool(a.changed_groups[g / 64].load(std::memory_order_relaxed) >> (g % 64) & 1))
+                fail(EFAULT, "{}: the change summary of pages [{:#x}, {:#x}) disagrees with their bits", call,
+                     a.page_addr(g * kGroup), a.page_addr(std::min(npages, (g + 1) * kGroup)));
 
     // The kernel: its mappings must cover the arena without a gap, each page with its PTE's
     // protection and backing (the VMA's file at the VMA's offset for file pages, anonymous memory

@@ -318,7 +318,7 @@ void leave(ArenaCore& a, const char* call, std::size_t first, std::size_t last) 
     }
     if (const int err = uffd_register(at, len)) fall_back(err, "UFFDIO_REGISTER with the synchronous userfaultfd", at, at + len);
     // The clean writable pages are tracked as collect_dirty leaves them on the synchronous engine;
-    // the others are dirty-collect already, and dirty-snapshot in a changed group for the next
+    // the others are dirty-collect already, and dirty-snapshot with their change bits set for the next
     // snapshot, which arms them.
     const WriteTracker& tracker = write_tracker();
     auto clean = [&a](std::size_t i) {

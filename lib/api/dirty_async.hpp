@@ -30,7 +30,7 @@ bool async_eligible(const ArenaCore& a, Range r);
 // collect_dirty's part for an eligible r: the parts of r not yet asynchronous become so (their
 // write-tracked pages lose T), then the pages the kernel saw written in r since the previous
 // collection are appended to `dirty` (page indices) and protected again. They are also marked
-// dirty-snapshot (and their groups changed), which the next snapshot needs.
+// dirty-snapshot (and their change bits set), which the next snapshot needs.
 void async_collect(ArenaCore& a, const char* call, Range r, std::vector<std::size_t>& dirty);
 // The parts of [first, last) that are not asynchronous (registered with the synchronous userfaultfd,
 // whose calls refuse the others).

@@ -5,6 +5,7 @@
 #include <new>
 #include <thread>
 
+#include "page_ops.hpp"
 #include "page_ops_api.hpp"
 #include "vma.hpp"
 
@@ -14,16 +15,22 @@ namespace {
 
 #if defined(__SANITIZE_ADDRESS__)
 constexpr bool kOwnRange = false;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+constexpr bool kOwnRange = false;
+#else
+constexpr bool kOwnRange = true;
+#endif
 #else
 constexpr bool kOwnRange = true;
 #endif
 
-constexpr std::size_t kHuge = std::size_t(2) << 20;
-
 constinit NodePool g_vma_nodes(sizeof(Vma));
 
+// A fork waits for the pool's lock, so that the child's pool is whole: the holder never waits for
+// anything else meanwhile (a system call at most), whichever other locks the forking thread holds.
 [[gnu::constructor]] void register_fork_handler() {
-    pthread_atfork(nullptr, nullptr, [] { g_vma_nodes.after_fork_child(); });
+    pthread_atfork([] { g_vma_nodes.lock(); }, [] { g_vma_nodes.unlock(); }, [] { g_vma_nodes.unlock(); });
 }
 
 }  // namespace
@@ -35,27 +42,35 @@ void NodePool::lock() noexcept {
         while (locked_.load(std::memory_order_relaxed)) std::this_thread::yield();
 }
 
+void NodePool::reserve() noexcept {
+    // PROT_NONE, so that it counts against neither RLIMIT_DATA nor the commit limit until a part
+    // is made writable; reserved with room to start on a huge page's boundary, the rest given back.
+    void* p = nullptr;
+    if (page_reserve(kRange + kStep, &p) != 0) return;
+    const auto at = reinterpret_cast<std::uintptr_t>(p);
+    const std::uintptr_t aligned = (at + kStep - 1) & ~(kStep - 1);
+    if (aligned > at) page_release(at, aligned - at);
+    page_release(aligned + kRange, at + kStep - aligned);
+    page_advise_huge(aligned + kStep, kRange - kStep);  // without huge pages, nodes still work
+    base_ = next_ = writable_ = aligned;
+}
+
 void* NodePool::allocate() noexcept {
     lock();
     if (!tried_ && kOwnRange) {
         tried_ = true;
-        // Reserved with room to start on a huge page's boundary; the rest goes back.
-        void* p = nullptr;
-        if (page_alloc_table(kRange + kHuge, &p) == 0) {
-            const auto at = reinterpret_cast<std::uintptr_t>(p);
-            const std::uintptr_t aligned = (at + kHuge - 1) & ~(kHuge - 1);
-            if (aligned > at) page_release(at, aligned - at);
-            page_release(aligned + kRange, at + kHuge - aligned);
-            page_advise_huge(aligned + kSmall, kRange - kSmall);  // without huge pages, nodes still work
-            base_ = next_ = aligned;
-        }
+        reserve();
     }
     void* node = free_;
     if (node) {
         free_ = *static_cast<void**>(node);
     } else if (base_ && next_ + size_ <= base_ + kRange) {
-        node = reinterpret_cast<void*>(next_);
-        next_ += size_;
+        // At RLIMIT_DATA or the commit limit this node comes from the heap, and the next asks again.
+        if (next_ + size_ > writable_ && page_protect(writable_, kStep, Prot::ReadWrite) == 0) writable_ += kStep;
+        if (next_ + size_ <= writable_) {
+            node = reinterpret_cast<void*>(next_);
+            next_ += size_;
+        }
     }
     unlock();
     return node ? node : ::operator new(size_, std::nothrow);

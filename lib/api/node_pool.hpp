@@ -14,25 +14,27 @@
 namespace usermm::detail {
 
 // Nodes of one size, API world only. Freed nodes are kept for the next allocation, as the kernel's
-// slab caches keep theirs: the range holds the peak number of nodes. Once it is used up, or if the
-// kernel refused it (at vm.max_map_count, say), nodes come from the global heap; under
-// AddressSanitizer they always do, so that a node used after it was freed is still caught.
+// slab caches keep theirs: the range holds the peak number of nodes. Once it is used up, or where
+// the kernel refuses it or its next writable part (at vm.max_map_count, RLIMIT_DATA or the commit
+// limit), nodes come from the global heap; under AddressSanitizer they always do, so that a node
+// used after it was freed is still caught.
 class NodePool {
 public:
     explicit constexpr NodePool(std::size_t node_size) : size_((node_size + 63) / 64 * 64) {}
     // nullptr if no memory is left.
     void* allocate() noexcept;
     void deallocate(void* p) noexcept;
-    // In a forked child: the thread that held the lock is gone. What it was doing is a single store
-    // of a free list's head or of the next free node, so the worst a fork can leave is a lost node.
-    void after_fork_child() noexcept { locked_.store(false, std::memory_order_relaxed); }
+    // Taken around fork() (prepare, then parent and child), and inside allocate and deallocate.
+    void lock() noexcept;
+    void unlock() noexcept { locked_.store(false, std::memory_order_release); }
 
 private:
     static constexpr std::size_t kRange = std::size_t(1) << 30;
-    static constexpr std::size_t kSmall = std::size_t(2) << 20;  // a program with few VMAs holds no huge page
+    // The range becomes writable 2 MiB at a time, a huge page each but for the first, so that a
+    // program with few VMAs holds no huge page for them.
+    static constexpr std::size_t kStep = std::size_t(2) << 20;
 
-    void lock() noexcept;
-    void unlock() noexcept { locked_.store(false, std::memory_order_release); }
+    void reserve() noexcept;
     bool mine(const void* p) const {
         const auto at = reinterpret_cast<std::uintptr_t>(p);
         return base_ && at >= base_ && at < base_ + kRange;
@@ -40,10 +42,11 @@ private:
 
     std::size_t size_;
     std::atomic<bool> locked_{false};
-    bool tried_ = false;     // the range was asked for (once)
+    bool tried_ = false;           // the range was asked for (once)
     std::uintptr_t base_ = 0;
-    std::uintptr_t next_ = 0;  // the first node never handed out
-    void* free_ = nullptr;     // freed nodes, each holding the next
+    std::uintptr_t next_ = 0;      // the first node never handed out
+    std::uintptr_t writable_ = 0;  // the end of the part made writable
+    void* free_ = nullptr;         // freed nodes, each holding the next
 };
 
 NodePool& vma_node_pool();
