@@ -35,6 +35,7 @@
 #include "find_vma.hpp"
 #include "live_stats.hpp"
 #include "map_budget.hpp"
+#include "node_pool.hpp"
 #include "page_ops_api.hpp"
 #include "snapshot.hpp"
 #include "reclaim.hpp"
@@ -205,6 +206,7 @@ void fork_prepare() {
     // behind a read-only guard that holds back later writes until the parent's handler.
     for (std::size_t i = 0; i < reg.count; ++i) async_fold_before_fork(*reg.arenas[i]);
     vma_counters_lock_for_fork();
+    vma_node_pool().lock();  // last: a thread with an arena's write lock may be waiting for it
 }
 
 void fork_release() {
@@ -217,6 +219,7 @@ void fork_release() {
 
 // The parent's handler: the asynchronous ranges' guard goes (dirty_async.cpp), then the locks.
 void fork_parent() {
+    vma_node_pool().unlock();
     ArenaRegistry& reg = arena_registry();
     for (std::size_t i = 0; i < reg.count; ++i) async_after_fork_parent(*reg.arenas[i]);
     fork_release();
@@ -225,6 +228,7 @@ void fork_parent() {
 // The child's copy of every arena is complete (no fault was in flight); what changes is how the
 // kernel will merge its pieces. glibc makes malloc usable in the child before this runs.
 void fork_child() {
+    vma_node_pool().unlock();
     // The inherited descriptor refers to the parent's memory: it goes before anything can use it.
     // If no descriptor of the child's own can be had now, calls that need one fail (and try again).
     if (page_forget_self_mem()) page_self_mem();

@@ -1,7 +1,5 @@
 #include "node_pool.hpp"
 
-#include <pthread.h>
-
 #include <new>
 #include <thread>
 
@@ -26,12 +24,6 @@ constexpr bool kOwnRange = true;
 #endif
 
 constinit NodePool g_vma_nodes(sizeof(Vma));
-
-// A fork waits for the pool's lock, so that the child's pool is whole: the holder never waits for
-// anything else meanwhile (a system call at most), whichever other locks the forking thread holds.
-[[gnu::constructor]] void register_fork_handler() {
-    pthread_atfork([] { g_vma_nodes.lock(); }, [] { g_vma_nodes.unlock(); }, [] { g_vma_nodes.unlock(); });
-}
 
 }  // namespace
 

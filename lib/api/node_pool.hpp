@@ -24,7 +24,9 @@ public:
     // nullptr if no memory is left.
     void* allocate() noexcept;
     void deallocate(void* p) noexcept;
-    // Taken around fork() (prepare, then parent and child), and inside allocate and deallocate.
+    // Taken inside allocate and deallocate, and by usermm's fork handlers (api/arena.cpp) after
+    // every arena's lock, so that the child's pool is whole. A leaf: its holder waits for nothing
+    // else (a system call at most), while a thread holding an arena's write lock may wait for it.
     void lock() noexcept;
     void unlock() noexcept { locked_.store(false, std::memory_order_release); }
 

@@ -190,11 +190,17 @@ struct ArenaCore {
     // The group's bit is set by whoever sets the first page bit of its word: both are cleared only
     // under the write lock, when no fault runs, so a reader under it sees the group's bit wherever a
     // page bit is set.
-    void note_changed(std::size_t page) const {
-        const std::size_t group = page / kGroupPages;
-        const std::uint64_t bit = std::uint64_t(1) << (page % kGroupPages);
-        if (changed_pages[group].fetch_or(bit, std::memory_order_relaxed) == 0)
-            changed_groups[group / 64].fetch_or(std::uint64_t(1) << (group % 64), std::memory_order_relaxed);
+    void note_changed(std::size_t page) const { note_changed(page, page + 1); }
+    // The pages [first, last): one update of each group's word, as a fault-around window needs.
+    void note_changed(std::size_t first, std::size_t last) const {
+        while (first < last) {
+            const std::size_t group = first / kGroupPages, to = std::min(last, (group + 1) * kGroupPages);
+            const std::size_t lo = first % kGroupPages, n = to - first;
+            const std::uint64_t bits = (n == kGroupPages ? ~std::uint64_t(0) : (std::uint64_t(1) << n) - 1) << lo;
+            if (changed_pages[group].fetch_or(bits, std::memory_order_relaxed) == 0)
+                changed_groups[group / 64].fetch_or(std::uint64_t(1) << (group % 64), std::memory_order_relaxed);
+            first = to;
+        }
     }
     // Keeps `resident` with a PTE that changes from `old` to `now`.
     void note_resident(pte_t old, pte_t now) {

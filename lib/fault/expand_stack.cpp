@@ -111,8 +111,8 @@ int stack_commit(ArenaCore& arena, StackCore& s, std::uintptr_t low, std::uint32
         const pte_t now = pte_with_prot(old, Prot::ReadWrite);
         arena.note_resident(old, now);
         arena.pte[i].store(now, kRelease);
-        arena.note_changed(i);
     }
+    arena.note_changed(first, last);
     s.committed_low.store(low, kRelease);
     lower_to(s.lowest, low);
     g_stack_gauges.committed_pages.fetch_add(std::int64_t(last - first), kRelaxed);

@@ -110,8 +110,8 @@ void publish(vm_fault& vmf, PageRange r, Prot prot) {
         }
         arena.note_resident(old, now);
         arena.pte[i].store(now, kRelease);
-        if (allows(prot, Prot::Write)) arena.note_changed(i);
     }
+    if (allows(prot, Prot::Write)) arena.note_changed(r.first, r.last);
 }
 
 // Unlocks PTEs of the range as they were.
