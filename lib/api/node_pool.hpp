@@ -2,9 +2,9 @@
 // address space, nodes handed out in order, whose pages past the first 2 MiB the kernel backs with
 // transparent huge pages. 10^5 VMA nodes are 16 MB, 4,000 small pages, more than the TLB holds: on
 // the heap a random lookup missed the TLB as well as the cache, and a scan in address order found
-// its nodes scattered (perf/run core, same session: random 16.3x the 10-VMA case on the heap, 12.3-13.1x
-// here; in address order 2.10x, 1.17-1.23x). The index's own nodes (1.8 MB at 10^5 VMAs) measured
-// the same either way and stay on the heap.
+// its nodes scattered (perf/run core, same session: random 16.3x the 10-VMA case on the heap,
+// 12.0-13.5x here; in address order 2.10x, 1.15-1.34x). The index's own nodes (1.8 MB at 10^5 VMAs)
+// measured the same either way and stay on the heap.
 #pragma once
 
 #include <atomic>
