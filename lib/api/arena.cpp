@@ -745,7 +745,7 @@ void Arena::verify() const {
             while (async != a.async_ranges.end() && async->second <= i) ++async;
             const bool kernel_tracked = async != a.async_ranges.end() && async->first <= i;
             if (allows(pte_to_prot(v), Prot::Write) && !(v & (kPteWriteTracked | kPteGuard | kPteFile)) && !it->stack &&
-                !kernel_tracked && !(a.changed_in(i / ArenaCore::kGroupPages) >> (i % ArenaCore::kGroupPages) & 1))
+                !kernel_tracked && !a.page_changed(i))
                 fail(EFAULT, "{}: page {:#x} is writable and untracked, but not marked changed for the next snapshot",
                      call, at);
         }
@@ -755,7 +755,7 @@ void Arena::verify() const {
     constexpr std::size_t kGroup = ArenaCore::kGroupPages;
     for (const PageSpan& span : spans)
         for (std::size_t g = span.first / kGroup; g < (span.last + kGroup - 1) / kGroup; ++g)
-            if ((a.changed_in(g) != 0) != bool(a.changed_groups[g / 64].load(std::memory_order_relaxed) >> (g % 64) & 1))
+            if ((a.changed_in(g) != 0) != a.group_changed(g))
                 fail(EFAULT, "{}: the change summary of pages [{:#x}, {:#x}) disagrees with their bits", call,
                      a.page_addr(g * kGroup), a.page_addr(std::min(npages, (g + 1) * kGroup)));
 

@@ -1,7 +1,6 @@
 #include "node_pool.hpp"
 
 #include <new>
-#include <thread>
 
 #include "page_ops.hpp"
 #include "page_ops_api.hpp"
@@ -13,12 +12,6 @@ namespace {
 
 #if defined(__SANITIZE_ADDRESS__)
 constexpr bool kOwnRange = false;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-constexpr bool kOwnRange = false;
-#else
-constexpr bool kOwnRange = true;
-#endif
 #else
 constexpr bool kOwnRange = true;
 #endif
@@ -28,11 +21,6 @@ constinit NodePool g_vma_nodes(sizeof(Vma));
 }  // namespace
 
 NodePool& vma_node_pool() { return g_vma_nodes; }
-
-void NodePool::lock() noexcept {
-    while (locked_.exchange(true, std::memory_order_acquire))
-        while (locked_.load(std::memory_order_relaxed)) std::this_thread::yield();
-}
 
 void NodePool::reserve() noexcept {
     // PROT_NONE, so that it counts against neither RLIMIT_DATA nor the commit limit until a part
@@ -48,7 +36,7 @@ void NodePool::reserve() noexcept {
 }
 
 void* NodePool::allocate() noexcept {
-    lock();
+    std::unique_lock guard(lock_);
     if (!tried_ && kOwnRange) {
         tried_ = true;
         reserve();
@@ -64,17 +52,15 @@ void* NodePool::allocate() noexcept {
             next_ += size_;
         }
     }
-    unlock();
+    guard.unlock();
     return node ? node : ::operator new(size_, std::nothrow);
 }
 
 void NodePool::deallocate(void* p) noexcept {
-    if (!p) return;
     if (!mine(p)) return ::operator delete(p);
-    lock();
+    std::lock_guard guard(lock_);
     *static_cast<void**>(p) = free_;
     free_ = p;
-    unlock();
 }
 
 void* Vma::operator new(std::size_t) {

@@ -7,9 +7,9 @@
 // measured the same either way and stay on the heap.
 #pragma once
 
-#include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <mutex>
 
 namespace usermm::detail {
 
@@ -27,8 +27,8 @@ public:
     // Taken inside allocate and deallocate, and by usermm's fork handlers (api/arena.cpp) after
     // every arena's lock, so that the child's pool is whole. A leaf: its holder waits for nothing
     // else (a system call at most), while a thread holding an arena's write lock may wait for it.
-    void lock() noexcept;
-    void unlock() noexcept { locked_.store(false, std::memory_order_release); }
+    void lock() { lock_.lock(); }
+    void unlock() { lock_.unlock(); }
 
 private:
     static constexpr std::size_t kRange = std::size_t(1) << 30;
@@ -43,7 +43,7 @@ private:
     }
 
     std::size_t size_;
-    std::atomic<bool> locked_{false};
+    std::mutex lock_;
     bool tried_ = false;           // the range was asked for (once)
     std::uintptr_t base_ = 0;
     std::uintptr_t next_ = 0;      // the first node never handed out

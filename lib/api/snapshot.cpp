@@ -422,12 +422,9 @@ Snapshot Arena::take_snapshot(void* addr, std::size_t length, bool whole) {
     const std::size_t end_group = (snap->last + kGroup - 1) / kGroup;
     for (std::size_t g = next_changed_group(a, snap->first / kGroup, end_group); g < end_group;
          g = next_changed_group(a, g + 1, end_group)) {
-        const std::size_t lo = std::max(snap->first, g * kGroup) - g * kGroup;
-        const std::size_t hi = std::min(snap->last, (g + 1) * kGroup) - g * kGroup;
-        const std::uint64_t in_range = (hi == kGroup ? ~std::uint64_t(0) : (std::uint64_t(1) << hi) - 1) &
-                                       ~((std::uint64_t(1) << lo) - 1);
         std::uint64_t done = 0;
-        for (std::uint64_t bits = a.changed_in(g) & in_range; bits; bits &= bits - 1) {
+        for (std::uint64_t bits = a.changed_in(g) & ArenaCore::group_bits(g, snap->first, snap->last); bits;
+             bits &= bits - 1) {
             const std::size_t i = g * kGroup + std::size_t(std::countr_zero(bits));
             const pte_t v = a.pte[i].load(kRelaxed);
             if ((v & kPteDirtySnapshot) && !(v & kPteFile)) {

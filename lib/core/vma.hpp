@@ -77,7 +77,7 @@ struct VmaBounds {
     std::uintptr_t end = 0;    // exclusive, page-aligned
 };
 
-struct Vma : bi::set_base_hook<bi::link_mode<bi::normal_link>, bi::optimize_size<true>>, VmaBounds, VmaAttrs {
+struct Vma final : bi::set_base_hook<bi::link_mode<bi::normal_link>, bi::optimize_size<true>>, VmaBounds, VmaAttrs {
     std::uint64_t pgoff = 0;   // file VMAs: the file page that `start` shows
     // Readahead state, a heuristic that faults update without a lock: where the last readahead
     // ended (the file page a sequential reader faults on next) and how large it was.
@@ -193,14 +193,17 @@ struct ArenaCore {
     void note_changed(std::size_t page) const { note_changed(page, page + 1); }
     // The pages [first, last): one update of each group's word, as a fault-around window needs.
     void note_changed(std::size_t first, std::size_t last) const {
-        while (first < last) {
-            const std::size_t group = first / kGroupPages, to = std::min(last, (group + 1) * kGroupPages);
-            const std::size_t lo = first % kGroupPages, n = to - first;
-            const std::uint64_t bits = (n == kGroupPages ? ~std::uint64_t(0) : (std::uint64_t(1) << n) - 1) << lo;
-            if (changed_pages[group].fetch_or(bits, std::memory_order_relaxed) == 0)
+        if (first >= last) return;
+        for (std::size_t group = first / kGroupPages; group <= (last - 1) / kGroupPages; ++group)
+            if (changed_pages[group].fetch_or(group_bits(group, first, last), std::memory_order_relaxed) == 0)
                 changed_groups[group / 64].fetch_or(std::uint64_t(1) << (group % 64), std::memory_order_relaxed);
-            first = to;
-        }
+    }
+    // The bits of a group's word for those of its pages that lie in [first, last), which must
+    // reach into the group.
+    static std::uint64_t group_bits(std::size_t group, std::size_t first, std::size_t last) {
+        const std::size_t lo = std::max(first, group * kGroupPages) - group * kGroupPages;
+        const std::size_t hi = std::min(last, (group + 1) * kGroupPages) - group * kGroupPages;
+        return (hi == kGroupPages ? ~std::uint64_t(0) : (std::uint64_t(1) << hi) - 1) & ~((std::uint64_t(1) << lo) - 1);
     }
     // Keeps `resident` with a PTE that changes from `old` to `now`.
     void note_resident(pte_t old, pte_t now) {
@@ -208,6 +211,10 @@ struct ArenaCore {
     }
     // The changed pages of a group, bit k for page group * kGroupPages + k.
     std::uint64_t changed_in(std::size_t group) const { return changed_pages[group].load(std::memory_order_relaxed); }
+    bool page_changed(std::size_t page) const { return changed_in(page / kGroupPages) >> (page % kGroupPages) & 1; }
+    bool group_changed(std::size_t group) const {
+        return changed_groups[group / 64].load(std::memory_order_relaxed) >> (group % 64) & 1;
+    }
     // Under the write lock: the pages `bits` of the group have nothing new until they change again.
     void clear_changed(std::size_t group, std::uint64_t bits) const {
         if (bits && (changed_pages[group].fetch_and(~bits, std::memory_order_relaxed) & ~bits) == 0)
